@@ -1,0 +1,1 @@
+"""Benchmarks behind `chaos bench`; each prints JSON, none asserts on time."""

@@ -1,0 +1,58 @@
+"""The `chaos` command: one entry point for every role (plan, run, worker, bench, ...).
+
+Each subcommand lives in `chaos_operator.commands.<name>` and exposes
+`register(subparsers)`; heavy imports (torch, kopf) happen inside the command's handler so
+that `chaos --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from chaos_operator.errors import UserError
+
+COMMANDS = ("plan", "bench")
+
+
+def _version() -> str:
+    try:
+        return version("chaos-train")
+    except PackageNotFoundError:  # running from a source tree without installation
+        return "0+unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="chaos",
+        description="Elastic, self-healing PyTorch training across parties.",
+    )
+    parser.add_argument("--version", action="version", version=f"chaos {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"chaos_operator.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"chaos {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"chaos {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything (scripts/install.sh --test), lint, and run the whole test suite.
+# Extra arguments go to pytest, e.g. scripts/test.sh -m unit
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh --test
+.venv/bin/ruff check .
+.venv/bin/ruff format --check planner worker operator tests
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,1 @@
+"""Chaos data plane: training loop, collective, membership, replication and monitoring."""
