@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from chaos_operator.errors import UserError
-
-COMMANDS = ("plan", "bench")
 
 
 def _version() -> str:
@@ -22,6 +21,13 @@ def _version() -> str:
         return version("chaos-train")
     except PackageNotFoundError:  # running from a source tree without installation
         return "0+unknown"
+
+
+def command_names() -> list[str]:
+    """Every module in `chaos_operator.commands` is one subcommand."""
+    from chaos_operator import commands
+
+    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"chaos {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in command_names():
         importlib.import_module(f"chaos_operator.commands.{name}").register(sub)
     return parser
 

@@ -1,7 +1,7 @@
 """`chaos bench <what>`: benchmarks that print JSON on stdout.
 
-Each benchmark is a module `chaos_operator.benches.<what>` with `add_arguments(parser)` and
-`run(args) -> dict`.
+Each benchmark is a module `chaos_operator.benches.<what>` whose docstring's first line is its
+help, with `add_arguments(parser)` and `run(args) -> dict`.
 """
 
 from __future__ import annotations
@@ -9,19 +9,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import pkgutil
 import sys
-
-BENCHES = {
-    "planner": "solve times of the greedy and MILP shard planners",
-}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bench", help="run a benchmark and print JSON")
     inner = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for name, help_text in BENCHES.items():
-        bench_parser = inner.add_parser(name, help=help_text)
-        module = importlib.import_module(f"chaos_operator.benches.{name}")
+    from chaos_operator import benches
+
+    for info in sorted(pkgutil.iter_modules(benches.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"chaos_operator.benches.{info.name}")
+        help_text = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None
+        bench_parser = inner.add_parser(info.name, help=help_text)
         module.add_arguments(bench_parser)
         bench_parser.set_defaults(handler=_runner(module))
 
