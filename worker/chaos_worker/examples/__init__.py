@@ -1,0 +1,13 @@
+"""Bundled training factories, usable as ``--train <entry>`` or through :data:`EXAMPLES`.
+
+Each entry is a ``module:factory`` string for :func:`chaos_worker.trainspec.load_trainspec`:
+
+- ``digits``: a 64-64-10 MLP on scikit-learn's 8x8 digits (SGD with momentum).
+- ``chartransformer``: a 2-layer character-level transformer on a bundled public-domain
+  corpus (Adam).
+"""
+
+EXAMPLES: dict[str, str] = {
+    "digits": "chaos_worker.examples.digits:factory",
+    "chartransformer": "chaos_worker.examples.chartransformer:factory",
+}
