@@ -1,0 +1,120 @@
+"""Run report: what happened during a job (loss, membership, churn events) as JSON and PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+EventType = Literal["join", "leave", "crash", "link_down", "link_up", "partition", "heal"]
+
+_EVENT_COLORS: dict[str, str] = {
+    "join": "tab:green",
+    "leave": "tab:orange",
+    "crash": "tab:red",
+    "link_down": "tab:purple",
+    "link_up": "tab:cyan",
+    "partition": "tab:brown",
+    "heal": "tab:olive",
+}
+
+
+class Event(BaseModel):
+    """One membership or network event and what handling it cost."""
+
+    type: EventType
+    worker: str
+    step: int
+    handling_ms: float
+    incumbent_stall_s: float
+    steps_lost: int
+    scale_out_delay_s: float | None = None
+    detail: str = ""
+
+
+class Report(BaseModel):
+    """Summary of a training run."""
+
+    steps: int
+    global_batch: int
+    final_loss: float
+    loss_curve: list[tuple[int, float]]
+    events: list[Event]
+    members_curve: list[tuple[int, int]] = Field(default_factory=list)
+    samples_per_s: float | None = None
+    example: str = ""
+    workers: int = 0
+    dtype: str = ""
+
+
+def write_report(report: Report, path: str | Path) -> Path:
+    """Write ``report`` as indented JSON; returns the path."""
+    path = Path(path)
+    path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_report(path: str | Path) -> Report:
+    """Load a report written by :func:`write_report`."""
+    return Report.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def _title(report: Report) -> str:
+    parts = [f"Chaos: {report.example or 'training'}", f"G={report.global_batch}"]
+    if report.workers:
+        parts.append(f"{report.workers} workers")
+    if report.dtype:
+        parts.append(report.dtype)
+    parts.append(f"{report.steps} steps, final loss {report.final_loss:.4g}")
+    if report.samples_per_s is not None:
+        parts.append(f"{report.samples_per_s:.0f} samples/s")
+    return ", ".join(parts)
+
+
+def plot_report(report: Report, png_path: str | Path) -> Path:
+    """Draw loss and membership against step, events as labelled vertical lines; save PNG.
+
+    Uses the Agg canvas directly, so no display and no global pyplot state are involved.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 6))
+    FigureCanvasAgg(fig)
+    loss_ax, members_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    if report.loss_curve:
+        steps, losses = zip(*report.loss_curve, strict=True)
+        loss_ax.plot(steps, losses, color="tab:blue", linewidth=1.2)
+    loss_ax.set_ylabel("loss")
+    loss_ax.grid(alpha=0.3)
+    if report.members_curve:
+        steps, members = map(list, zip(*report.members_curve, strict=True))
+        if report.loss_curve and report.loss_curve[-1][0] > steps[-1]:
+            steps.append(report.loss_curve[-1][0])  # hold the last count to the end
+            members.append(members[-1])
+        members_ax.step(steps, members, where="post", color="tab:gray")
+        members_ax.set_ylim(0, max(members) + 1)
+    members_ax.set_ylabel("members")
+    members_ax.set_xlabel("step")
+    members_ax.grid(alpha=0.3)
+    for event in report.events:
+        color = _EVENT_COLORS.get(event.type, "black")
+        for ax in (loss_ax, members_ax):
+            ax.axvline(event.step, color=color, linestyle="--", linewidth=0.9, alpha=0.8)
+        loss_ax.text(
+            event.step,
+            0.98,
+            f" {event.type} {event.worker}",
+            transform=loss_ax.get_xaxis_transform(),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+            color=color,
+        )
+    fig.suptitle(_title(report), fontsize=10)
+    fig.tight_layout()
+    path = Path(png_path)
+    fig.savefig(path, dpi=120)
+    return path
