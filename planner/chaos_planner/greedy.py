@@ -54,9 +54,8 @@ def _greedy_in_order(
             limit = source.shard_limit(shards)
             if limit:
                 cost = shard_seconds(source, state_bytes, shards)
-                negative_bandwidth, source_id = tie_order(source)
-                entry = (source.ready_s + cost, negative_bandwidth, source_id, 1, limit)
-                heapq.heappush(heap, (*entry, source.ready_s, cost))
+                first = source.ready_s + 1 * cost  # finish_time(source, 1, ...)
+                heapq.heappush(heap, (first, *tie_order(source), 1, limit, source.ready_s, cost))
         if not heap:
             return None
         finish, negative_bandwidth, source_id, count, limit, ready, cost = heap[0]
@@ -64,8 +63,9 @@ def _greedy_in_order(
             return None
         counts[source_id] = count
         if count < limit:
-            next_entry = (ready + (count + 1) * cost, negative_bandwidth, source_id, count + 1)
-            heapq.heapreplace(heap, (*next_entry, limit, ready, cost))
+            after_next = ready + (count + 1) * cost  # finish_time(source, count + 1, ...)
+            entry = (after_next, negative_bandwidth, source_id, count + 1, limit, ready, cost)
+            heapq.heapreplace(heap, entry)
         else:
             heapq.heappop(heap)
     return counts
