@@ -1,0 +1,44 @@
+"""Configuration of one worker process (`chaos worker --config FILE`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+
+class WorkerConfig(BaseModel):
+    """Everything one member needs; the launcher or the operator writes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    listen: str = Field("127.0.0.1:0", description="host:port to accept peers on")
+    entry: str = Field(description="module:factory of the training job")
+    seed: int = 0
+    global_batch: PositiveInt = 64
+    steps: PositiveInt = 100
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    micro_batch: PositiveInt = 64
+    heartbeat_interval_s: PositiveFloat = 0.1
+    failure_timeout_s: PositiveFloat = 1.0
+    bucket_bytes: PositiveInt = 4 << 20
+    members: dict[str, str] = Field(
+        default_factory=dict, description="initial members id -> host:port (empty to join)"
+    )
+    overlay: dict[str, float] | None = Field(
+        None, description="link 'a|b' -> bandwidth; default: every pair of members"
+    )
+    join: str | None = Field(None, description="host:port of a member to join through")
+    control: str | None = Field(None, description="host:port of the launcher")
+
+    @model_validator(mode="after")
+    def _members_or_join(self) -> WorkerConfig:
+        if not self.members and not self.join:
+            raise ValueError("either members (initial worker) or join (newcomer) is required")
+        if self.members and self.id not in self.members:
+            raise ValueError(f"members must include this worker's id {self.id!r}")
+        if self.heartbeat_interval_s >= self.failure_timeout_s:
+            raise ValueError("heartbeat_interval_s must be smaller than failure_timeout_s")
+        return self

@@ -1,0 +1,275 @@
+"""Local process backend of `chaos run`: N workers on loopback with injected churn.
+
+The launcher starts one `chaos worker` process per member, listens for their reports on a
+control socket, injects the churn schedule (commands for leave and link events, signals for
+crashes, new processes for joins), shows live progress and writes the report. Worker
+processes die with the launcher (PR_SET_PDEATHSIG) and are always reaped on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chaos_worker.churn import ChurnEvent
+from chaos_worker.config import WorkerConfig
+from chaos_worker.report import Report
+from chaos_worker.timeline import Fired, Timeline
+
+
+GRACE_S = 3.0
+
+
+class LaunchError(Exception):
+    """The job could not start or a worker failed; the message says why."""
+
+
+@dataclass
+class JobOptions:
+    entry: str
+    workers: int = 4
+    steps: int = 200
+    global_batch: int = 64
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    churn: list[ChurnEvent] = field(default_factory=list)
+    base_port: int = 0
+    heartbeat_interval_s: float = 0.1
+    failure_timeout_s: float = 1.0
+    example: str = ""
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen
+    stderr: Path
+    address: str = ""
+    killed: bool = False
+    stopped: bool = False
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def free_ports(count: int, base: int) -> list[int]:
+    """`count` ports to listen on: `base`, `base+1`, ... checked free, or any free ones."""
+    ports = []
+    for i in range(count):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", base + i if base else 0))
+            except OSError:
+                raise LaunchError(f"port {base + i} on 127.0.0.1 is taken") from None
+            ports.append(sock.getsockname()[1])
+    return ports
+
+
+class LocalJob:
+    """One `chaos run`: see the module docstring."""
+
+    def __init__(self, options: JobOptions, on_update=None) -> None:
+        self.opts = options
+        self.timeline = Timeline()
+        self.procs: dict[str, _Proc] = {}
+        self.max_step = -1
+        self.last_event = ""
+        self.members = options.workers
+        self.samples_per_s = 0.0
+        self.join_progress: dict[str, str] = {}
+        self._on_update = on_update
+        self._writers: dict[str, asyncio.StreamWriter] = {}
+        self._tmp = Path(tempfile.mkdtemp(prefix="chaos-run-"))
+        self._control = ""
+        self._pending = list(options.churn)
+        self._started = time.monotonic()
+        self._done_at: float | None = None
+
+    async def run(self) -> Report:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._control = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            ports = free_ports(self.opts.workers, self.opts.base_port)
+            members = {f"w{i}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+            for name, address in members.items():
+                self._spawn(name, listen=address, members=members)
+            await self._supervise()
+        finally:
+            server.close()
+            self._reap()
+        return self._report()
+
+    def _spawn(self, name: str, *, listen: str, members=None, join=None) -> None:
+        config = WorkerConfig(
+            id=name,
+            listen=listen,
+            entry=self.opts.entry,
+            seed=self.opts.seed,
+            global_batch=self.opts.global_batch,
+            steps=self.opts.steps,
+            dtype=self.opts.dtype,
+            device=self.opts.device,
+            heartbeat_interval_s=self.opts.heartbeat_interval_s,
+            failure_timeout_s=self.opts.failure_timeout_s,
+            members=members or {},
+            join=join,
+            control=self._control,
+        )
+        path = self._tmp / f"{name}.json"
+        path.write_text(config.model_dump_json())
+        stderr = self._tmp / f"{name}.stderr"
+        cmd = [sys.executable, "-m", "chaos_operator.cli", "worker", "--config", str(path)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with stderr.open("wb") as err:
+            popen = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        self.procs[name] = _Proc(name, popen, stderr)
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            self._fire_due()
+            failed = [
+                p for p in self.procs.values() if p.popen.poll() not in (None, 0) and not p.killed
+            ]
+            if failed:
+                proc = failed[0]
+                tail = proc.stderr.read_text(errors="replace").strip().splitlines()[-3:]
+                raise LaunchError(
+                    f"worker {proc.name} exited with code {proc.popen.returncode}: "
+                    + (" | ".join(tail) or "no output")
+                )
+            running = [p for p in self.procs.values() if p.popen.poll() is None]
+            if not running:
+                return
+            done = self.max_step >= self.opts.steps - 1 and not self._pending
+            if done and all(self._idle(p) for p in running):
+                return
+            if done and self._done_at is None:
+                self._done_at = time.monotonic()
+            if self._done_at is not None and time.monotonic() - self._done_at > GRACE_S:
+                return  # stragglers (a join still in flight, a paused side) are stopped
+            if self._on_update:
+                self._on_update(self)
+
+    def _idle(self, proc: _Proc) -> bool:
+        """A process that will never finish on its own: stopped or paused in a minority."""
+        paused = {r["worker"] for r in self.timeline.of("paused")}
+        installed = {r["worker"] for r in self.timeline.of("installed") if not r.get("paused")}
+        return proc.stopped or (proc.name in paused and proc.name not in installed)
+
+    def _fire_due(self) -> None:
+        while self._pending and self._pending[0].step <= self.max_step:
+            event = self._pending.pop(0)
+            self._fire(event)
+
+    def _fire(self, event: ChurnEvent) -> None:
+        now = time.monotonic()
+        self.timeline.fired.append(Fired(event, now, self.max_step))
+        self.last_event = f"{event.label} (step {self.max_step})"
+        proc = self.procs.get(event.worker)
+        if event.kind == "leave":
+            self._command(event.worker, {"cmd": "leave"})
+        elif event.kind == "crash" and proc:
+            proc.killed = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGKILL)
+        elif event.kind == "hang" and proc:
+            proc.killed = proc.stopped = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGSTOP)
+        elif event.kind in ("link-down", "link-up"):
+            cmd = event.kind.replace("-", "_")
+            for a, b in ((event.worker, event.peer), (event.peer, event.worker)):
+                address = self.procs[b].address if b in self.procs else ""
+                self._command(a, {"cmd": cmd, "peer": b, "address": address})
+        elif event.kind == "join":
+            seed = self._live_member()
+            (port,) = free_ports(1, 0)
+            self._spawn(event.worker, listen=f"127.0.0.1:{port}", join=seed)
+
+    def _live_member(self) -> str:
+        gone = {e.event.worker for e in self.timeline.fired if e.event.kind != "join"}
+        for name, proc in sorted(self.procs.items()):
+            if proc.address and proc.popen.poll() is None and name not in gone:
+                return proc.address
+        raise LaunchError("no live member left to join through")
+
+    def _command(self, worker: str, command: dict) -> None:
+        writer = self._writers.get(worker)
+        if writer is not None and not writer.is_closing():
+            writer.write(json.dumps(command).encode() + b"\n")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            worker = str(record.get("worker", ""))
+            self._writers.setdefault(worker, writer)
+            self._record(worker, record)
+
+    def _record(self, worker: str, record: dict) -> None:
+        self.timeline.add(record)
+        kind = record.get("kind")
+        if kind == "ready" and worker in self.procs:
+            self.procs[worker].address = record["address"]
+        elif kind == "progress":
+            self.max_step = max(self.max_step, int(record["step"]))
+            self.members = int(record["members"])
+            if record.get("samples_per_s"):
+                self.samples_per_s = float(record["samples_per_s"])
+        elif kind == "paused":
+            self.last_event = f"{worker} paused: {record.get('reason', '')}"
+
+    def _reap(self) -> None:
+        for proc in self.procs.values():
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.send_signal(signal.SIGCONT)
+                    proc.popen.terminate()
+        deadline = time.monotonic() + 3
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
+            if proc.popen.poll() is None:
+                proc.popen.kill()
+                proc.popen.wait()
+
+    def _report(self) -> Report:
+        curve = self.timeline.loss_curve()
+        elapsed = time.monotonic() - self._started
+        return Report(
+            steps=len(curve),
+            global_batch=self.opts.global_batch,
+            final_loss=curve[-1][1] if curve else float("nan"),
+            loss_curve=curve,
+            events=self.timeline.events(),
+            members_curve=self.timeline.members_curve(),
+            samples_per_s=len(curve) * self.opts.global_batch / elapsed if curve else None,
+            example=self.opts.example or self.opts.entry,
+            workers=self.opts.workers,
+            dtype=self.opts.dtype,
+        )

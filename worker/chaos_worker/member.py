@@ -1,0 +1,731 @@
+"""One member of an elastic job: the training loop and the membership protocol.
+
+Protocol (every change takes effect at a step boundary):
+
+* Liveness: every member floods a heartbeat each `heartbeat_interval_s`; a member not
+  heard from (over any path) for `failure_timeout_s`, or whose connection closes without a
+  goodbye, is suspected crashed. A link whose direct traffic stops while the peer is still
+  heard through others is reported down.
+* Planned changes (leave, join, link up, link down off the tree) are proposals flooded to
+  everybody; the epoch's root decides them into the next view with an effective step `T`
+  from the switch-step rule and floods the decision. Decisions and the down-pass of every
+  all-reduce travel the same FIFO links from the root, so each member holds the decision
+  before it can finish step `T - 1`.
+* Immediate changes (crash, link down on the tree) abort the all-reduce in flight. Every
+  member floods its last completed step; the recovery coordinator (the smallest id not
+  suspected on its side) decides the next view. If some member already holds the total of
+  the aborted step, a member that holds it becomes root and sends it down the new tree;
+  otherwise the step is redone with the same sample ids. No step is lost.
+* Partition: only the side with the majority of the previous epoch's throughput goes on;
+  the other side pauses, says so, and rejoins as newcomers when a link heals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import itertools
+import logging
+import statistics
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from chaos_planner import switch_step
+
+from chaos_worker.collective import TreeAllReduce
+from chaos_worker.compute import apply_flat_grads, flatten_grads, gradient_sum
+from chaos_worker.config import WorkerConfig
+from chaos_worker.control import ControlLink
+from chaos_worker.sampling import split_by_throughput, step_sample_ids
+from chaos_worker.trainspec import TrainSpec
+from chaos_worker.transport import Transport
+from chaos_worker.view import Change, View, full_mesh, initial_view, link_key, next_view
+from chaos_worker.wire import (
+    Chunk,
+    Decision,
+    Heartbeat,
+    MemberStatus,
+    Message,
+    Ping,
+    Pong,
+    Proposal,
+    StateTransfer,
+    _Msg,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Recovery:
+    """What this member knows about the recovery round of its current epoch."""
+
+    statuses: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    decided: bool = False
+
+
+class Member:
+    """A worker process's membership state machine and training loop."""
+
+    def __init__(self, config: WorkerConfig, spec: TrainSpec, device: torch.device) -> None:
+        self.cfg = config
+        self.me = config.id
+        self.spec = spec
+        self.device = device
+        self.transport = Transport(
+            self.me, self._on_message, self._on_disconnect, max_payload=1 << 34
+        )
+        self.collective = TreeAllReduce(
+            self.me, self.transport.send, bucket_bytes=config.bucket_bytes
+        )
+        self.control = ControlLink(config.control, self._on_command)
+        self.view: View | None = None
+        self.step = 0
+        self.completed = -1
+        self.last_total: np.ndarray | None = None
+        self.address = config.listen
+        self._seen: set[str] = set()
+        self._seq = itertools.count()
+        self._heard: dict[str, float] = {}
+        self._link_heard: dict[str, float] = {}
+        self._speeds: dict[str, float] = {}
+        self._open: dict[str, Proposal] = {}
+        self._pending: Decision | None = None
+        self._suspects: set[str] = set()
+        self._recovery: _Recovery | None = None
+        self._decided: asyncio.Event = asyncio.Event()
+        self._immediate: Decision | None = None
+        self._floor_epoch = 0
+        self._op: asyncio.Task | None = None
+        self._aborting = False
+        self._leaving = False
+        self._state_bytes: tuple[int, bytes] | None = None
+        self._state_event = asyncio.Event()
+        self._step_times: deque[float] = deque(maxlen=10)
+        self._rtts: deque[float] = deque(maxlen=20)
+        self._samples_per_s = 0.0
+        self._tasks: list[asyncio.Task] = []
+        self._like = flatten_grads(spec.model).detach().cpu().numpy()
+        self.loss_curve: list[tuple[int, float]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Join or start the job, train until the last step, then leave cleanly."""
+        host = self.cfg.listen.rpartition(":")[0]
+        port = await self.transport.listen(host, int(self.cfg.listen.rpartition(":")[2]))
+        self.address = f"{host}:{port}"
+        await self.control.open()
+        self._report("ready", address=self.address)
+        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._watch())]
+        if self.cfg.members:
+            members = {**self.cfg.members, self.me: self.address}
+            self.view = initial_view(members, self.cfg.overlay or full_mesh(members))
+            self._heard = dict.fromkeys(members, now)
+            self._sync_links()
+        else:
+            await self._join()
+        try:
+            await self._train()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            self._report("exit", step=self.step, completed=self.completed)
+            await self.transport.close()
+            await self.control.close()
+
+    async def _join(self) -> None:
+        """Ask a member to admit us; wait for the decision and the state copy."""
+        proposal = Proposal(
+            id=uuid.uuid4().hex,
+            origin=self.me,
+            kind="join",
+            subject=self.me,
+            address=self.address,
+            detected_at=time.monotonic(),
+            epoch=-1,
+        )
+        self.transport.connect("_seed", self.cfg.join)
+        self._seen.add(proposal.id)
+        self.transport.send("_seed", proposal)
+        self._report("join_requested", t=proposal.detected_at)
+        while self._pending is None:
+            await self._wait_change()
+        await self._take_state()
+        self.transport.disconnect("_seed")
+        self._open.clear()
+        self._install(self._pending, send_state=False)
+
+    async def _take_state(self) -> None:
+        """Wait for the full-state copy of a join and load it."""
+        await self._state_event.wait()
+        self._state_event.clear()
+        step, blob = self._state_bytes
+        self._load_state(blob)
+        self.step = step
+        self.completed = step - 1
+
+    # ------------------------------------------------------------------ training
+
+    async def _train(self) -> None:
+        while True:
+            if self._aborting:
+                await self._recover()
+                continue
+            if await self._at_boundary():
+                return
+            if self.step >= self.cfg.steps:
+                return
+            started = time.perf_counter()
+            ids = step_sample_ids(
+                self.cfg.seed, self.step, self.cfg.global_batch, len(self.spec.dataset)
+            )
+            mine = split_by_throughput(ids, self.view.speeds).get(self.me, [])
+            log.debug("step %d epoch %d: %d samples", self.step, self.view.epoch, len(mine))
+            loss = await asyncio.to_thread(
+                gradient_sum, self.spec, mine, micro_batch=self.cfg.micro_batch
+            )
+            compute_s = time.perf_counter() - started
+            if mine:
+                self._samples_per_s = len(mine) / max(compute_s, 1e-6)
+            if self._aborting:
+                continue
+            flat = flatten_grads(self.spec.model).detach().cpu().numpy()
+            buf = np.concatenate([flat, np.array([loss, len(mine)], dtype=flat.dtype)])
+            self._op = asyncio.ensure_future(self.collective.allreduce(self.view, self.step, buf))
+            try:
+                total = await self._op
+            except asyncio.CancelledError:
+                if not self._aborting:
+                    raise
+                continue
+            finally:
+                self._op = None
+            self._apply(total)
+            self._step_times.append(time.perf_counter() - started)
+
+    def _apply(self, total: np.ndarray) -> None:
+        """Divide the reduced sum by the global batch and step the optimizer."""
+        grads = torch.from_numpy(total[:-2].copy()).to(self.device)
+        apply_flat_grads(self.spec.model, grads, 1.0 / self.cfg.global_batch)
+        self.spec.optimizer.step()
+        loss = float(total[-2]) / self.cfg.global_batch
+        if round(float(total[-1])) != self.cfg.global_batch:
+            raise RuntimeError(
+                f"step {self.step} reduced {total[-1]} samples, expected {self.cfg.global_batch}"
+            )
+        self.last_total = total
+        self.completed = self.step
+        self.loss_curve.append((self.step, loss))
+        self._report(
+            "progress",
+            step=self.step,
+            loss=loss,
+            epoch=self.view.epoch,
+            members=len(self.view.members),
+            root=self.view.root,
+            samples_per_s=self._samples_per_s,
+            t=time.monotonic(),
+        )
+        self.step += 1
+
+    async def _at_boundary(self) -> bool:
+        """Install what takes effect at this step; True when this member must stop."""
+        while True:
+            if self._aborting:
+                return False
+            pending = self._pending
+            if pending is not None and not self.view.paused and pending.effective_step <= self.step:
+                self._install(pending)
+            if self._leaving_now():
+                return True
+            if not self.view.paused:
+                self._maybe_decide()
+                return False
+            await self._wait_change()
+
+    def _leaving_now(self) -> bool:
+        return self.me not in self.view.members
+
+    async def _wait_change(self, timeout: float = 0.05) -> None:
+        self._decided.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._decided.wait(), timeout)
+
+    # ------------------------------------------------------------------ decisions
+
+    def _install(self, decision: Decision, *, send_state: bool = True) -> None:
+        """Adopt the view of a planned decision at its effective step."""
+        old = self.view
+        self.view = View.model_validate(decision.view)
+        self._pending = None
+        for cause in decision.causes:
+            self._open.pop(cause["id"], None)
+        now = time.monotonic()
+        joiners = [m for m in self.view.members if old is None or m not in old.members]
+        for member in joiners:
+            self._heard[member] = now
+        if send_state and joiners and self.me == self._state_source(old):
+            blob = self._save_state()
+            digest = hashlib.sha256(blob).hexdigest()
+            for joiner in joiners:
+                self.transport.send(
+                    joiner, StateTransfer(sender=self.me, step=self.step, sha256=digest), blob
+                )
+        self._sync_links()
+        self._report(
+            "installed",
+            decision=decision.id,
+            epoch=self.view.epoch,
+            step=self.step,
+            members=len(self.view.members),
+            paused=self.view.paused,
+            t=time.monotonic(),
+        )
+
+    def _state_source(self, old: View) -> str:
+        return self.view.root if self.view.root in old.members else min(old.members)
+
+    def _maybe_decide(self) -> None:
+        """As root, turn open planned proposals into the next view."""
+        if self.view.root != self.me or self._pending is not None or self._aborting:
+            return
+        proposals = [p for p in self._open.values() if self._relevant(p)]
+        if not proposals:
+            return
+        changes = [_change(p) for p in proposals]
+        outcome = next_view(self.view, changes, side_of=self.me, speeds=self._speed_table())
+        mean_step = statistics.fmean(self._step_times) if self._step_times else 0.0
+        rtt = max(self._rtts) if self._rtts else 0.0
+        effective = switch_step(self.step, mean_step, rtt)
+        decision = Decision(
+            id=uuid.uuid4().hex,
+            origin=self.me,
+            view=outcome.view.model_dump(),
+            effective_step=effective,
+            immediate=False,
+            causes=[_cause(p) for p in proposals],
+        )
+        self._accept_decision(decision)
+
+    def _relevant(self, proposal: Proposal) -> bool:
+        """Planned proposals that still change something in the current view."""
+        if proposal.kind == "join":
+            return proposal.subject not in self.view.members
+        if proposal.kind == "leave":
+            return proposal.subject in self.view.members
+        is_down = link_key(proposal.subject, proposal.peer) in self.view.down
+        if proposal.kind == "link_up":
+            return is_down
+        if proposal.kind == "link_down":
+            ends = proposal.subject in self.view.members and proposal.peer in self.view.members
+            return ends and not is_down
+        return False
+
+    def _speed_table(self) -> dict[str, float]:
+        speeds = dict(self.view.speeds)
+        speeds.update({m: s for m, s in self._speeds.items() if s > 0})
+        if self._samples_per_s > 0:
+            speeds[self.me] = self._samples_per_s
+        return speeds
+
+    def _accept_decision(self, decision: Decision) -> None:
+        """Take a decision in (once), forward it, and schedule or start it."""
+        if decision.id in self._seen:
+            return
+        self._seen.add(decision.id)
+        view = View.model_validate(decision.view)
+        stale = self.view is not None and view.epoch <= self.view.epoch and not self.view.paused
+        if stale and not decision.immediate:
+            return
+        for member, address in view.members.items():
+            if member != self.me and member in view.neighbours(self.me):
+                self.transport.connect(member, address)
+        self._flood(decision)
+        self._report(
+            "agreed",
+            decision=decision.id,
+            epoch=view.epoch,
+            members=sorted(view.members),
+            t=time.monotonic(),
+        )
+        if decision.immediate:
+            if self.view is None or view.epoch > self.view.epoch:
+                self._immediate = decision
+        else:
+            self._pending = decision
+        self._decided.set()
+
+    # ------------------------------------------------------------------ recovery
+
+    def _suspect(self, member: str, detected_at: float) -> None:
+        """A member looks dead: tell everybody and abort the step in flight."""
+        if self.view is None or member not in self.view.members or member in self._suspects:
+            return
+        proposal = Proposal(
+            id=f"crash:{member}:{self.view.epoch}",
+            origin=self.me,
+            kind="crash",
+            subject=member,
+            detected_at=detected_at,
+            epoch=self.view.epoch,
+        )
+        self._report("detected", event="crash", subject=member, t=detected_at)
+        self._on_proposal(proposal)
+
+    def _begin_abort(self) -> None:
+        if not self._aborting:
+            self._aborting = True
+            self._recovery = _Recovery()
+        if self._op is not None:
+            self._op.cancel()
+        self._decided.set()
+
+    async def _recover(self) -> None:
+        """Report progress to the coordinator and wait for the recovery decision."""
+        epoch = self.view.epoch
+        status = MemberStatus(
+            id=f"status:{self.me}:{epoch}:{len(self._suspects)}",
+            origin=self.me,
+            epoch=epoch,
+            round=len(self._suspects),
+            completed=self.completed,
+        )
+        self._on_status(status)
+        while self._immediate is None or View.model_validate(self._immediate.view).epoch <= epoch:
+            self._try_decide_recovery()
+            await self._wait_change()
+        decision = self._immediate
+        self._immediate = None
+        view = View.model_validate(decision.view)
+        for cause in decision.causes:
+            self._open.pop(cause["id"], None)
+        self._suspects.clear()
+        self._pending = None
+        self._recovery = None
+        self._aborting = False
+        self._floor_epoch = view.epoch
+        self.view = view
+        self._sync_links()
+        if self.me in view.members and decision.replay_step is not None and not view.paused:
+            like = np.zeros(self._like.size + 2, dtype=self._like.dtype)
+            total = await self.collective.broadcast(
+                view, decision.replay_step, self.last_total, like
+            )
+            if self.completed < decision.replay_step:
+                self._apply(total)
+        if self.me in view.members:
+            self.step = decision.effective_step
+        self._report(
+            "installed",
+            decision=decision.id,
+            epoch=view.epoch,
+            step=self.step,
+            members=len(view.members),
+            paused=view.paused,
+            t=time.monotonic(),
+        )
+        if view.paused:
+            self._report(
+                "paused",
+                reason="partition minority",
+                members=sorted(view.members),
+                t=time.monotonic(),
+            )
+
+    def _on_status(self, status: MemberStatus) -> None:
+        if status.id in self._seen:
+            return
+        self._seen.add(status.id)
+        self._flood(status)
+        if self.view is None or status.epoch < self._floor_epoch:
+            return
+        if self._recovery is None:
+            self._recovery = _Recovery()
+        self._recovery.statuses[status.origin] = status.completed
+        self._decided.set()
+
+    def _side(self, view: View) -> set[str]:
+        """Members of `view` reachable from here over live links, suspects excluded."""
+        alive = [m for m in view.members if m not in self._suspects]
+        down = set(view.down) | {
+            link_key(p.subject, p.peer) for p in self._open.values() if p.kind == "link_down"
+        }
+        adjacency: dict[str, set[str]] = {m: set() for m in alive}
+        for key in view.overlay:
+            a, _, b = key.partition("|")
+            if key not in down and a in adjacency and b in adjacency:
+                adjacency[a].add(b)
+                adjacency[b].add(a)
+        seen, todo = {self.me}, [self.me]
+        while todo:
+            for nxt in adjacency.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    def _try_decide_recovery(self) -> None:
+        """As coordinator, decide the recovery view once every live member has reported."""
+        if self._recovery is None or self.view is None or self._recovery.decided:
+            return
+        statuses = self._recovery.statuses
+        base, done = self._recovery_base(max(statuses.values(), default=self.completed))
+        side = self._side(base)
+        if min(side) != self.me:
+            return
+        missing = [m for m in side if m not in statuses]
+        if missing:
+            if time.monotonic() - self._recovery.started > self.cfg.failure_timeout_s:
+                for member in missing:
+                    self._suspect(member, time.monotonic())
+            return
+        latest = max(statuses[m] for m in side)
+        holders = [m for m in side if statuses[m] == latest]
+        lagging = any(statuses[m] < latest for m in side)
+        proposals = [p for p in self._open.values() if p.kind != "join" and p.id not in done]
+        changes = [_change(p) for p in proposals]
+        changes += [Change("crash", m) for m in self._suspects if m in base.members]
+        outcome = next_view(
+            base,
+            changes,
+            side_of=self.me,
+            speeds=self._speed_table(),
+            root_candidates=holders,
+        )
+        decision = Decision(
+            id=uuid.uuid4().hex,
+            origin=self.me,
+            view=outcome.view.model_dump(),
+            effective_step=latest + 1,
+            immediate=True,
+            replay_step=latest if lagging else None,
+            causes=[_cause(p) for p in proposals],
+        )
+        self._recovery.decided = True
+        self._accept_decision(decision)
+
+    def _recovery_base(self, latest: int) -> tuple[View, set[str]]:
+        """The view in force for step `latest + 1`, and the proposals it already covers.
+
+        A planned decision effective at or before that step has been installed by the
+        members that got there, so the recovery builds on it rather than on the older view.
+        """
+        pending = self._pending
+        if pending is not None and pending.effective_step <= latest + 1:
+            return View.model_validate(pending.view), {c["id"] for c in pending.causes}
+        return self.view, set()
+
+    # ------------------------------------------------------------------ messages
+
+    def _on_message(self, sender: str, message: Message, payload: bytes) -> None:
+        now = time.monotonic()
+        self._link_heard[sender] = now
+        self._heard[sender] = now
+        if isinstance(message, Chunk):
+            self.collective.deliver(sender, message, payload)
+        elif isinstance(message, Heartbeat):
+            self._on_heartbeat(message)
+        elif isinstance(message, Ping):
+            self.transport.send(sender, Pong(sender=self.me, echo=message.sent_at))
+        elif isinstance(message, Pong):
+            self._rtts.append(now - message.echo)
+        elif isinstance(message, Proposal):
+            self._on_proposal(message)
+        elif isinstance(message, MemberStatus):
+            self._on_status(message)
+        elif isinstance(message, Decision):
+            self._accept_decision(message)
+        elif isinstance(message, StateTransfer):
+            if hashlib.sha256(payload).hexdigest() != message.sha256:
+                log.warning("state from %s failed its checksum; ignored", sender)
+                return
+            self._state_bytes = (message.step, payload)
+            self._state_event.set()
+
+    def _on_heartbeat(self, beat: Heartbeat) -> None:
+        key = f"hb:{beat.origin}:{beat.seq}"
+        if key in self._seen or beat.origin == self.me:
+            return
+        self._seen.add(key)
+        self._heard[beat.origin] = time.monotonic()
+        self._speeds[beat.origin] = beat.samples_per_s
+        self._flood(beat)
+
+    def _on_proposal(self, proposal: Proposal) -> None:
+        if proposal.id in self._seen:
+            return
+        self._seen.add(proposal.id)
+        if proposal.kind == "join" and proposal.address:
+            self.transport.connect(proposal.subject, proposal.address)
+        self._flood(proposal)
+        if self.view is None:
+            return
+        self._open[proposal.id] = proposal
+        if proposal.kind == "crash":
+            self._suspects.add(proposal.subject)
+            self._begin_abort()
+        elif proposal.kind == "link_down" and self._on_tree(proposal.subject, proposal.peer):
+            self._begin_abort()
+        elif proposal.kind == "link_up" and self.view.paused:
+            self._rejoin()
+        elif not self.view.paused:
+            self._maybe_decide()
+        self._decided.set()
+
+    def _on_tree(self, a: str, b: str) -> bool:
+        parent = self.view.parent
+        return parent.get(a) == b or parent.get(b) == a
+
+    def _on_disconnect(self, peer: str, graceful: bool) -> None:
+        if not graceful and self.view is not None and peer in self.view.members:
+            self._suspect(peer, time.monotonic())
+
+    def _on_command(self, command: dict) -> None:
+        kind = command.get("cmd")
+        peer = str(command.get("peer", ""))
+        now = time.monotonic()
+        if kind == "leave" and self.view is not None and not self._leaving:
+            self._leaving = True
+            self._propose("leave", self.me, now)
+        elif kind == "link_down" and peer:
+            self.transport.block(peer)
+            self._propose("link_down", self.me, now, peer=peer)
+        elif kind == "link_up" and peer:
+            self.transport.unblock(peer)
+            address = str(command.get("address", ""))
+            if address:
+                self.transport.connect(peer, address)
+            self._propose("link_up", self.me, now, peer=peer)
+
+    def _propose(self, kind: str, subject: str, now: float, *, peer: str = "") -> None:
+        proposal = Proposal(
+            id=f"{kind}:{subject}:{peer}:{uuid.uuid4().hex[:8]}",
+            origin=self.me,
+            kind=kind,
+            subject=subject,
+            peer=peer,
+            detected_at=now,
+            epoch=self.view.epoch if self.view else -1,
+        )
+        self._report("detected", event=kind, subject=subject, peer=peer, t=now, id=proposal.id)
+        self._on_proposal(proposal)
+
+    def _rejoin(self) -> None:
+        """A paused minority member asks the other side to admit it again."""
+        proposal = Proposal(
+            id=f"join:{self.me}:{uuid.uuid4().hex[:8]}",
+            origin=self.me,
+            kind="join",
+            subject=self.me,
+            address=self.address,
+            detected_at=time.monotonic(),
+            epoch=self.view.epoch,
+        )
+        self._seen.add(proposal.id)
+        self._flood(proposal)
+        self._report("join_requested", t=proposal.detected_at)
+        asyncio.get_running_loop().create_task(self._rejoin_wait())
+
+    async def _rejoin_wait(self) -> None:
+        while self._pending is None or self.me not in self._pending.view["members"]:
+            await asyncio.sleep(0.01)
+        await self._take_state()
+        self._install(self._pending, send_state=False)
+
+    def _flood(self, message: _Msg) -> None:
+        for peer in self.transport.peers():
+            self.transport.send(peer, message)
+
+    def _sync_links(self) -> None:
+        """Keep outgoing links to exactly the overlay neighbours of the current view."""
+        wanted = {m: self.view.members[m] for m in self.view.neighbours(self.me)}
+        if self._pending is not None:
+            pending = View.model_validate(self._pending.view)
+            wanted.update({m: pending.members[m] for m in pending.neighbours(self.me)})
+        for peer in self.transport.peers():
+            if peer not in wanted and peer != "_seed":
+                self.transport.disconnect(peer, goodbye=True)
+        for peer, address in wanted.items():
+            if not self.transport.is_blocked(peer):
+                self.transport.connect(peer, address)
+
+    # ------------------------------------------------------------------ background
+
+    async def _heartbeats(self) -> None:
+        while True:
+            now = time.monotonic()
+            beat = Heartbeat(
+                origin=self.me,
+                seq=next(self._seq),
+                epoch=self.view.epoch if self.view else -1,
+                step=self.step,
+                samples_per_s=self._samples_per_s,
+                sent_at=now,
+            )
+            self._flood(beat)
+            if beat.seq % 5 == 0:
+                for peer in self.transport.peers():
+                    self.transport.send(peer, Ping(sender=self.me, sent_at=now))
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    async def _watch(self) -> None:
+        """Failure detector: members not heard from within the timeout are suspected."""
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval_s / 2)
+            now = time.monotonic()
+            if self.view is None or self.view.paused:
+                continue
+            for member in self.view.members:
+                if member == self.me or member in self._suspects:
+                    continue
+                if now - self._heard.get(member, now) > self.cfg.failure_timeout_s:
+                    self._suspect(member, now)
+            if self._aborting:
+                self._try_decide_recovery()
+
+    # ------------------------------------------------------------------ state
+
+    def _save_state(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "model": self.spec.model.state_dict(),
+                "optimizer": self.spec.optimizer.state_dict(),
+                "step": self.step,
+            },
+            buffer,
+        )
+        return buffer.getvalue()
+
+    def _load_state(self, blob: bytes) -> None:
+        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
+        self.spec.model.load_state_dict(state["model"])
+        self.spec.optimizer.load_state_dict(state["optimizer"])
+
+    def _report(self, record: str, **fields) -> None:
+        log.info("%s %s", record, fields)
+        self.control.report({"kind": record, "worker": self.me, **fields})
+
+
+def _change(proposal: Proposal) -> Change:
+    return Change(proposal.kind, proposal.subject, proposal.peer, proposal.address)
+
+
+def _cause(proposal: Proposal) -> dict:
+    return {
+        "id": proposal.id,
+        "kind": proposal.kind,
+        "subject": proposal.subject,
+        "peer": proposal.peer,
+        "detected_at": proposal.detected_at,
+    }

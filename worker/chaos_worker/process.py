@@ -1,0 +1,50 @@
+"""Entry point of one worker process: load the job, bind, and run the member."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import sys
+
+from chaos_worker.config import WorkerConfig
+
+log = logging.getLogger("chaos_worker")
+
+
+def pick_device(name: str):
+    """`auto` means CUDA when present, else CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_worker(config: WorkerConfig) -> int:
+    """Run one member until the job's last step; returns the exit code."""
+    import torch
+
+    from chaos_worker.member import Member
+    from chaos_worker.trainspec import FactoryError, load_trainspec
+
+    logging.basicConfig(
+        level=os.environ.get("CHAOS_LOG_LEVEL", "WARNING").upper(), format=f"%(asctime)s {config.id} %(levelname)s %(message)s"
+    )
+    torch.set_num_threads(1)
+    device = pick_device(config.device)
+    dtype = getattr(torch, config.dtype)
+    try:
+        spec = load_trainspec(config.entry, seed=config.seed, dtype=dtype, device=device)
+    except FactoryError as exc:
+        print(f"chaos worker {config.id}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(Member(config, spec, device).run())
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"chaos worker {config.id}: error: {config.listen} is taken", file=sys.stderr)
+            return 2
+        raise
+    return 0

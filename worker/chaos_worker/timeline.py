@@ -1,0 +1,165 @@
+"""Turn the records workers send to the launcher into the run report (pure functions).
+
+Workers stamp records with `time.monotonic()`, which on Linux is one clock for every
+process of the machine, so times from different workers can be compared directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from dataclasses import dataclass, field
+
+from chaos_worker.churn import ChurnEvent
+from chaos_worker.report import Event
+
+TYPE_OF = {
+    "leave": "leave",
+    "crash": "crash",
+    "hang": "crash",
+    "link-down": "link_down",
+    "link-up": "link_up",
+    "join": "join",
+}
+PROPOSAL_KIND = {"leave": "leave", "link-down": "link_down", "link-up": "link_up"}
+
+
+@dataclass
+class Fired:
+    """A churn event as the launcher injected it."""
+
+    event: ChurnEvent
+    at: float
+    step: int
+
+
+@dataclass
+class Timeline:
+    """Everything the launcher heard, in arrival order."""
+
+    records: list[dict] = field(default_factory=list)
+    fired: list[Fired] = field(default_factory=list)
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+
+    def of(self, kind: str) -> list[dict]:
+        return [r for r in self.records if r.get("kind") == kind]
+
+    def loss_curve(self) -> list[tuple[int, float]]:
+        """Loss of every completed step (first report wins; members agree exactly)."""
+        curve: dict[int, float] = {}
+        for record in self.of("progress"):
+            curve.setdefault(int(record["step"]), float(record["loss"]))
+        return sorted(curve.items())
+
+    def step_times(self) -> dict[int, float]:
+        """When each step was first reported complete."""
+        times: dict[int, float] = {}
+        for record in self.of("progress"):
+            times.setdefault(int(record["step"]), float(record["t"]))
+        return times
+
+    def members_curve(self) -> list[tuple[int, int]]:
+        members: dict[int, int] = {}
+        for record in self.of("progress"):
+            members.setdefault(int(record["step"]), int(record["members"]))
+        return sorted(members.items())
+
+    def events(self) -> list[Event]:
+        return [self._event(f) for f in self.fired]
+
+    def _event(self, fired: Fired) -> Event:
+        kind = fired.event.kind
+        detected = self._detected(fired)
+        decision = self._decision_for(fired, detected)
+        agreed = [r["t"] for r in self.of("agreed") if decision and r["decision"] == decision]
+        handling_ms = (max(agreed) - detected) * 1e3 if agreed and detected else float("nan")
+        stall = self._stall_after(fired.at)
+        delay = None
+        detail = ""
+        if kind == "join":
+            delay, detail = self._join_delay(fired.event.worker)
+        if kind in ("crash", "hang"):
+            resumed = self._first_progress_after(max(agreed) if agreed else fired.at)
+            if resumed is not None:
+                detail = f"detected after {detected - fired.at:.3f}s, resumed after " + (
+                    f"{resumed - fired.at:.3f}s" if detected else "?"
+                )
+        if kind == "link-down" and self._paused_after(fired.at):
+            detail = "partition: minority side paused"
+        return Event(
+            type=TYPE_OF[kind],
+            worker=fired.event.worker
+            if not fired.event.peer
+            else f"{fired.event.worker}-{fired.event.peer}",
+            step=fired.step,
+            handling_ms=round(handling_ms, 3),
+            incumbent_stall_s=round(stall, 4),
+            steps_lost=self.steps_lost(),
+            scale_out_delay_s=None if delay is None else round(delay, 4),
+            detail=detail,
+        )
+
+    def _detected(self, fired: Fired) -> float | None:
+        kind = fired.event.kind
+        if kind in ("crash", "hang"):
+            times = [
+                r["t"]
+                for r in self.of("detected")
+                if r.get("subject") == fired.event.worker and r["t"] >= fired.at - 1e-3
+            ]
+            return min(times) if times else None
+        if kind == "join":
+            times = [r["t"] for r in self.of("join_requested") if r["worker"] == fired.event.worker]
+            return min(times) if times else None
+        times = [
+            r["t"]
+            for r in self.of("detected")
+            if r.get("event") == PROPOSAL_KIND[kind] and r.get("subject") == fired.event.worker
+        ] + [
+            r["t"]
+            for r in self.of("detected")
+            if r.get("event") == PROPOSAL_KIND[kind] and r.get("subject") == fired.event.peer
+        ]
+        times = [t for t in times if t >= fired.at - 1e-3]
+        return min(times) if times else None
+
+    def _decision_for(self, fired: Fired, detected: float | None) -> str | None:
+        """The first decision agreed after the event was detected."""
+        if detected is None:
+            return None
+        later = [r for r in self.of("agreed") if r["t"] >= detected]
+        if fired.event.kind == "join":
+            later = [r for r in later if fired.event.worker in r.get("members", [])]
+        return later[0]["decision"] if later else None
+
+    def _first_progress_after(self, t: float) -> float | None:
+        times = [r["t"] for r in self.of("progress") if r["t"] > t]
+        return min(times) if times else None
+
+    def _paused_after(self, t: float) -> bool:
+        return any(r.get("t", t) >= t for r in self.of("paused"))
+
+    def _join_delay(self, worker: str) -> tuple[float | None, str]:
+        requested = [r["t"] for r in self.of("join_requested") if r["worker"] == worker]
+        first = [r["t"] for r in self.of("progress") if r["worker"] == worker]
+        if not requested or not first:
+            return None, "join did not complete"
+        return min(first) - min(requested), "full-state copy from one member"
+
+    def _stall_after(self, t: float, window: int = 3) -> float:
+        """Time lost by the incumbents after `t`: slow steps minus the median step."""
+        times = self.step_times()
+        steps = sorted(times)
+        gaps = {s: times[s] - times[p] for p, s in itertools.pairwise(steps)}
+        if not gaps:
+            return 0.0
+        typical = statistics.median(gaps.values())
+        after = [s for s in steps if times[s] >= t and s in gaps][:window]
+        return sum(max(0.0, gaps[s] - typical) for s in after)
+
+    def steps_lost(self) -> int:
+        """Steps between the first and last completed step that never completed."""
+        steps = [s for s, _ in self.loss_curve()]
+        return (steps[-1] - steps[0] + 1 - len(steps)) if steps else 0

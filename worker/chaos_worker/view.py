@@ -1,0 +1,180 @@
+"""Membership views and the pure rules that turn observed changes into the next view.
+
+A view is everything a member needs to run epoch `epoch`: who the members are, their
+addresses and measured speeds, the overlay (links that may carry traffic) and the
+aggregation tree. Every member of an epoch holds the same view, so every split of work
+and every route is computed identically everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from chaos_planner.tree import Tree, connected_components, maximum_spanning_tree, repair_tree
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def link_key(a: str, b: str) -> str:
+    """Canonical name of the undirected link between `a` and `b`."""
+    return "|".join(sorted((a, b)))
+
+
+def link_ends(key: str) -> tuple[str, str]:
+    a, _, b = key.partition("|")
+    return a, b
+
+
+class View(BaseModel):
+    """One membership epoch, identical on every member."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = 0
+    members: dict[str, str]
+    speeds: dict[str, float]
+    overlay: dict[str, float] = Field(description="link key -> bandwidth estimate (bytes/s)")
+    down: list[str] = Field(default_factory=list, description="link keys that are down")
+    root: str
+    parent: dict[str, str | None]
+    paused: bool = False
+
+    def tree(self) -> Tree:
+        return Tree(root=self.root, parent=dict(self.parent))
+
+    def live_edges(self) -> dict[tuple[str, str], float]:
+        """Overlay links between members that are up."""
+        down = set(self.down)
+        edges = {}
+        for key, bandwidth in self.overlay.items():
+            a, b = link_ends(key)
+            if key not in down and a in self.members and b in self.members:
+                edges[(a, b)] = bandwidth
+        return edges
+
+    def neighbours(self, member: str) -> list[str]:
+        """Members that `member` has a live overlay link to."""
+        return sorted({b if a == member else a for a, b in self.live_edges() if member in (a, b)})
+
+
+@dataclass(frozen=True)
+class Change:
+    """One observed change: `kind` in leave, crash, join, link_down, link_up."""
+
+    kind: str
+    subject: str
+    peer: str = ""
+    address: str = ""
+
+
+def initial_view(members: Mapping[str, str], overlay: Mapping[str, float]) -> View:
+    """Epoch 0: every member equally fast, the tree rooted at the smallest id."""
+    speeds = dict.fromkeys(members, 1.0)
+    root = min(members)
+    view = View(members=dict(members), speeds=speeds, overlay=dict(overlay), root=root, parent={})
+    tree = maximum_spanning_tree(list(members), view.live_edges(), root)
+    return view.model_copy(update={"parent": dict(tree.parent)})
+
+
+def full_mesh(members: Iterable[str], bandwidth: float = 1.0) -> dict[str, float]:
+    """An overlay where every pair of members may talk."""
+    ids = sorted(members)
+    return {link_key(a, b): bandwidth for i, a in enumerate(ids) for b in ids[i + 1 :]}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The next view seen from one side, and whether that side may go on training."""
+
+    view: View
+    majority: bool
+    removed: frozenset[str]
+
+
+def next_view(
+    view: View,
+    changes: Iterable[Change],
+    *,
+    side_of: str,
+    speeds: Mapping[str, float] | None = None,
+    root_candidates: Iterable[str] | None = None,
+) -> Outcome:
+    """Apply `changes` to `view` and return the view of the component holding `side_of`.
+
+    Crashed and leaving members are dropped; joiners are added with links to every
+    member unless the overlay already says otherwise. If the links that are down split the
+    members, only the component holding more than half of the previous epoch's throughput
+    (crashed members not counted; ties go to the side holding the smallest id) may go on:
+    `majority` is False on the other side. The tree is repaired, keeping every tree edge
+    that is still valid; the root stays unless it is gone (then the fastest of
+    `root_candidates`, or of the component, takes over).
+    """
+    changes = list(changes)
+    members = dict(view.members)
+    overlay = dict(view.overlay)
+    down = set(view.down)
+    gone: set[str] = set()
+    for change in changes:
+        if change.kind in ("leave", "crash"):
+            gone.add(change.subject)
+        elif change.kind == "join":
+            members[change.subject] = change.address
+            for other in members:
+                if other != change.subject:
+                    overlay.setdefault(link_key(other, change.subject), 1.0)
+        elif change.kind == "link_down":
+            down.add(link_key(change.subject, change.peer))
+        elif change.kind == "link_up":
+            down.discard(link_key(change.subject, change.peer))
+    for member in gone:
+        members.pop(member, None)
+    new_speeds = {
+        m: float((speeds or view.speeds).get(m, view.speeds.get(m, 1.0))) for m in members
+    }
+    edges = {
+        (a, b): bw
+        for key, bw in overlay.items()
+        if key not in down
+        for a, b in [link_ends(key)]
+        if a in members and b in members
+    }
+    components = connected_components(list(members), edges)
+    side = next(c for c in components if side_of in c)
+    counted = {m: view.speeds.get(m, 0.0) for m in view.members if m not in _crashed(changes)}
+    total = sum(counted.values()) or 1.0
+    share = sum(counted.get(m, 0.0) for m in side) / total
+    smallest = min(counted) if counted else side_of
+    majority = share > 0.5 or (share == 0.5 and smallest in side)
+    side_members = {m: members[m] for m in sorted(side)}
+    candidates = [m for m in (root_candidates or side) if m in side] or sorted(side)
+    if view.root in side and view.root in candidates:
+        root = view.root
+    else:
+        root = max(candidates, key=lambda m: (new_speeds.get(m, 0.0), _neg_id(m)))
+    side_edges = {e: bw for e, bw in edges.items() if e[0] in side and e[1] in side}
+    old_tree = view.tree()
+    kept_nodes = [m for m in side_members if m in old_tree.nodes]
+    if kept_nodes and view.parent:
+        tree = repair_tree(old_tree, list(side_members), side_edges, root)
+    else:
+        tree = maximum_spanning_tree(list(side_members), side_edges, root)
+    new = View(
+        epoch=view.epoch + 1,
+        members=side_members,
+        speeds={m: new_speeds[m] for m in side_members},
+        overlay=overlay,
+        down=sorted(down),
+        root=root,
+        parent=dict(tree.parent),
+        paused=not majority,
+    )
+    return Outcome(view=new, majority=majority, removed=frozenset(view.members) - set(side))
+
+
+def _crashed(changes: list[Change]) -> set[str]:
+    return {c.subject for c in changes if c.kind == "crash"}
+
+
+def _neg_id(member: str) -> tuple[int, ...]:
+    """Sort key that prefers smaller ids when used with max()."""
+    return tuple(-ord(ch) for ch in member)

@@ -1,0 +1,164 @@
+"""Wire format between workers: length-prefixed frames of a JSON header plus raw bytes.
+
+A frame is `!II` (header length, payload length), a UTF-8 JSON header validated against
+the `Message` union, then the payload (tensor bytes, possibly empty). Lengths are bounded
+and every header is validated before use: bytes from a peer are never trusted.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+FRAME = struct.Struct("!II")
+MAX_HEADER_BYTES = 1 << 20
+MAX_PAYLOAD_BYTES = (1 << 32) - 1
+
+
+class WireError(Exception):
+    """A peer sent a frame that does not parse or breaks a limit."""
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hello(_Msg):
+    """First frame on every connection: who is speaking."""
+
+    type: Literal["hello"] = "hello"
+    sender: str
+
+
+class Goodbye(_Msg):
+    """Sent before a graceful close so the peer does not suspect a crash."""
+
+    type: Literal["goodbye"] = "goodbye"
+    sender: str
+
+
+class Heartbeat(_Msg):
+    """Flooded liveness beacon of `origin`; also carries its progress and speed."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    origin: str
+    seq: int
+    epoch: int
+    step: int
+    samples_per_s: float
+    sent_at: float
+
+
+class Ping(_Msg):
+    """Per-link liveness and round-trip probe; answered by `Pong` on the same link."""
+
+    type: Literal["ping"] = "ping"
+    sender: str
+    sent_at: float
+
+
+class Pong(_Msg):
+    type: Literal["pong"] = "pong"
+    sender: str
+    echo: float
+
+
+class Proposal(_Msg):
+    """A membership or overlay change observed by `origin`, flooded to everybody."""
+
+    type: Literal["proposal"] = "proposal"
+    id: str
+    origin: str
+    kind: Literal["leave", "crash", "link_down", "link_up", "join"]
+    subject: str
+    peer: str = ""
+    address: str = ""
+    detected_at: float
+    epoch: int
+
+
+class MemberStatus(_Msg):
+    """A member's progress, sent to the recovery coordinator after an abort."""
+
+    type: Literal["status"] = "status"
+    id: str
+    origin: str
+    epoch: int
+    round: int
+    completed: int
+
+
+class Decision(_Msg):
+    """A new view, effective at `effective_step`, flooded from the deciding node."""
+
+    type: Literal["decision"] = "decision"
+    id: str
+    origin: str
+    view: dict
+    effective_step: int
+    immediate: bool
+    replay_step: int | None = None
+    causes: list[dict] = Field(default_factory=list)
+
+
+class Chunk(_Msg):
+    """One bucket of a tree all-reduce (`up`: partial sums, `down`: totals)."""
+
+    type: Literal["chunk"] = "chunk"
+    sender: str
+    epoch: int
+    step: int
+    phase: Literal["up", "down"]
+    index: int
+    count: int
+
+
+class StateTransfer(_Msg):
+    """Full training state for a newcomer (payload: torch.save bytes, weights only)."""
+
+    type: Literal["state"] = "state"
+    sender: str
+    step: int
+    sha256: str
+
+
+Message = Annotated[
+    Hello
+    | Goodbye
+    | Heartbeat
+    | Ping
+    | Pong
+    | Proposal
+    | MemberStatus
+    | Decision
+    | Chunk
+    | StateTransfer,
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def encode(message: _Msg, payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
+    """The buffers of one frame, ready for `writelines`."""
+    header = message.model_dump_json().encode()
+    return [FRAME.pack(len(header), memoryview(payload).nbytes), header, payload]
+
+
+def parse_lengths(prefix: bytes, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[int, int]:
+    """Header and payload lengths from a frame prefix, checked against the limits."""
+    header_len, payload_len = FRAME.unpack(prefix)
+    if not 0 < header_len <= MAX_HEADER_BYTES:
+        raise WireError(f"header length {header_len} out of range")
+    if payload_len > max_payload:
+        raise WireError(f"payload length {payload_len} exceeds {max_payload}")
+    return header_len, payload_len
+
+
+def decode_header(raw: bytes) -> Message:
+    """Validate a JSON header against the message union."""
+    try:
+        return _ADAPTER.validate_json(raw)
+    except ValidationError as exc:
+        raise WireError(f"invalid message: {exc.errors()[0]['msg']}") from None
