@@ -32,10 +32,13 @@ class WorkerConfig(BaseModel):
     )
     join: str | None = Field(None, description="host:port of a member to join through")
     control: str | None = Field(None, description="host:port of the launcher")
+    standby: bool = Field(
+        False, description="start up, then wait for the launcher's join command (local runs)"
+    )
 
     @model_validator(mode="after")
     def _members_or_join(self) -> WorkerConfig:
-        if not self.members and not self.join:
+        if not self.members and not self.join and not (self.standby and self.control):
             raise ValueError("either members (initial worker) or join (newcomer) is required")
         if self.members and self.id not in self.members:
             raise ValueError(f"members must include this worker's id {self.id!r}")

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,6 @@ from chaos_worker.churn import ChurnEvent
 from chaos_worker.config import WorkerConfig
 from chaos_worker.report import Report
 from chaos_worker.timeline import Fired, Timeline
-
 
 GRACE_S = 3.0
 
@@ -108,13 +108,17 @@ class LocalJob:
             members = {f"w{i}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
             for name, address in members.items():
                 self._spawn(name, listen=address, members=members)
+            for event in self.opts.churn:
+                if event.kind == "join":  # started now, admitted at its step: start-up apart
+                    (port,) = free_ports(1, 0)
+                    self._spawn(event.worker, listen=f"127.0.0.1:{port}", standby=True)
             await self._supervise()
         finally:
             server.close()
             self._reap()
         return self._report()
 
-    def _spawn(self, name: str, *, listen: str, members=None, join=None) -> None:
+    def _spawn(self, name: str, *, listen: str, members=None, standby=False) -> None:
         config = WorkerConfig(
             id=name,
             listen=listen,
@@ -127,7 +131,7 @@ class LocalJob:
             heartbeat_interval_s=self.opts.heartbeat_interval_s,
             failure_timeout_s=self.opts.failure_timeout_s,
             members=members or {},
-            join=join,
+            standby=standby,
             control=self._control,
         )
         path = self._tmp / f"{name}.json"
@@ -174,13 +178,18 @@ class LocalJob:
                 self._on_update(self)
 
     def _idle(self, proc: _Proc) -> bool:
-        """A process that will never finish on its own: stopped or paused in a minority."""
+        """A process that will never finish on its own: stopped, paused, or not admitted."""
         paused = {r["worker"] for r in self.timeline.of("paused")}
         installed = {r["worker"] for r in self.timeline.of("installed") if not r.get("paused")}
-        return proc.stopped or (proc.name in paused and proc.name not in installed)
+        joining = {r["worker"] for r in self.timeline.of("standby")}
+        waiting = proc.name in paused or proc.name in joining
+        return proc.stopped or (waiting and proc.name not in installed)
 
     def _fire_due(self) -> None:
+        standby = {r["worker"] for r in self.timeline.of("standby")}
         while self._pending and self._pending[0].step <= self.max_step:
+            if self._pending[0].kind == "join" and self._pending[0].worker not in standby:
+                return  # the newcomer is still starting up
             event = self._pending.pop(0)
             self._fire(event)
 
@@ -205,9 +214,7 @@ class LocalJob:
                 address = self.procs[b].address if b in self.procs else ""
                 self._command(a, {"cmd": cmd, "peer": b, "address": address})
         elif event.kind == "join":
-            seed = self._live_member()
-            (port,) = free_ports(1, 0)
-            self._spawn(event.worker, listen=f"127.0.0.1:{port}", join=seed)
+            self._command(event.worker, {"cmd": "join", "seed": self._live_member()})
 
     def _live_member(self) -> str:
         gone = {e.event.worker for e in self.timeline.fired if e.event.kind != "join"}
@@ -222,14 +229,15 @@ class LocalJob:
             writer.write(json.dumps(command).encode() + b"\n")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while line := await reader.readline():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            worker = str(record.get("worker", ""))
-            self._writers.setdefault(worker, writer)
-            self._record(worker, record)
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            while line := await reader.readline():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                worker = str(record.get("worker", ""))
+                self._writers.setdefault(worker, writer)
+                self._record(worker, record)
 
     def _record(self, worker: str, record: dict) -> None:
         self.timeline.add(record)
@@ -261,6 +269,7 @@ class LocalJob:
     def _report(self) -> Report:
         curve = self.timeline.loss_curve()
         elapsed = time.monotonic() - self._started
+        gaps = self.timeline.step_gaps()
         return Report(
             steps=len(curve),
             global_batch=self.opts.global_batch,
@@ -272,4 +281,9 @@ class LocalJob:
             example=self.opts.example or self.opts.entry,
             workers=self.opts.workers,
             dtype=self.opts.dtype,
+            step_time_s=statistics.median(gaps) if gaps else None,
+            processes=[
+                {"name": p.name, "pid": p.popen.pid, "exit_code": p.popen.returncode}
+                for p in self.procs.values()
+            ],
         )

@@ -28,7 +28,6 @@ import hashlib
 import io
 import itertools
 import logging
-import statistics
 import time
 import uuid
 from collections import deque
@@ -36,7 +35,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from chaos_planner import switch_step
 
 from chaos_worker.collective import TreeAllReduce
 from chaos_worker.compute import apply_flat_grads, flatten_grads, gradient_sum
@@ -60,6 +58,12 @@ from chaos_worker.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+# Decisions leave the root ahead of the down-pass of the step it is in, on the same FIFO
+# links, so every member holds a decision before it can finish that step or the next: two
+# steps ahead is always in time. (The planner's `switch_step`, which budgets round trips
+# from step time and RTT, is for decisions that travel outside the data path.)
+FIFO_SWITCH_MARGIN = 2
 
 
 @dataclass
@@ -108,6 +112,8 @@ class Member:
         self._leaving = False
         self._state_bytes: tuple[int, bytes] | None = None
         self._state_event = asyncio.Event()
+        self._join_order = asyncio.Event()
+        self._seed = config.join
         self._step_times: deque[float] = deque(maxlen=10)
         self._rtts: deque[float] = deque(maxlen=20)
         self._samples_per_s = 0.0
@@ -133,6 +139,9 @@ class Member:
             self._heard = dict.fromkeys(members, now)
             self._sync_links()
         else:
+            if self.cfg.standby:
+                self._report("standby", t=time.monotonic())
+                await self._join_order.wait()
             await self._join()
         try:
             await self._train()
@@ -154,7 +163,7 @@ class Member:
             detected_at=time.monotonic(),
             epoch=-1,
         )
-        self.transport.connect("_seed", self.cfg.join)
+        self.transport.connect("_seed", self._seed)
         self._seen.add(proposal.id)
         self.transport.send("_seed", proposal)
         self._report("join_requested", t=proposal.detected_at)
@@ -304,9 +313,7 @@ class Member:
             return
         changes = [_change(p) for p in proposals]
         outcome = next_view(self.view, changes, side_of=self.me, speeds=self._speed_table())
-        mean_step = statistics.fmean(self._step_times) if self._step_times else 0.0
-        rtt = max(self._rtts) if self._rtts else 0.0
-        effective = switch_step(self.step, mean_step, rtt)
+        effective = self.step + FIFO_SWITCH_MARGIN
         decision = Decision(
             id=uuid.uuid4().hex,
             origin=self.me,
@@ -355,6 +362,7 @@ class Member:
             "agreed",
             decision=decision.id,
             epoch=view.epoch,
+            effective_step=decision.effective_step,
             members=sorted(view.members),
             t=time.monotonic(),
         )
@@ -594,7 +602,10 @@ class Member:
         kind = command.get("cmd")
         peer = str(command.get("peer", ""))
         now = time.monotonic()
-        if kind == "leave" and self.view is not None and not self._leaving:
+        if kind == "join" and self.view is None and command.get("seed"):
+            self._seed = str(command["seed"])
+            self._join_order.set()
+        elif kind == "leave" and self.view is not None and not self._leaving:
             self._leaving = True
             self._propose("leave", self.me, now)
         elif kind == "link_down" and peer:

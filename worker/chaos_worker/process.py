@@ -30,7 +30,8 @@ def run_worker(config: WorkerConfig) -> int:
     from chaos_worker.trainspec import FactoryError, load_trainspec
 
     logging.basicConfig(
-        level=os.environ.get("CHAOS_LOG_LEVEL", "WARNING").upper(), format=f"%(asctime)s {config.id} %(levelname)s %(message)s"
+        level=os.environ.get("CHAOS_LOG_LEVEL", "WARNING").upper(),
+        format=f"%(asctime)s {config.id} %(levelname)s %(message)s",
     )
     torch.set_num_threads(1)
     device = pick_device(config.device)

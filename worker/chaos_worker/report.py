@@ -46,6 +46,10 @@ class Report(BaseModel):
     example: str = ""
     workers: int = 0
     dtype: str = ""
+    step_time_s: float | None = None
+    processes: list[dict] = Field(
+        default_factory=list, description="every worker process started: name, pid, exit code"
+    )
 
 
 def write_report(report: Report, path: str | Path) -> Path:

@@ -148,11 +148,19 @@ class Timeline:
             return None, "join did not complete"
         return min(first) - min(requested), "full-state copy from one member"
 
+    def step_gaps(self) -> list[float]:
+        """Wall time between consecutive completed steps."""
+        return list(self._gaps().values())
+
+    def _gaps(self) -> dict[int, float]:
+        times = self.step_times()
+        return {s: times[s] - times[p] for p, s in itertools.pairwise(sorted(times))}
+
     def _stall_after(self, t: float, window: int = 3) -> float:
         """Time lost by the incumbents after `t`: slow steps minus the median step."""
         times = self.step_times()
         steps = sorted(times)
-        gaps = {s: times[s] - times[p] for p, s in itertools.pairwise(steps)}
+        gaps = self._gaps()
         if not gaps:
             return 0.0
         typical = statistics.median(gaps.values())

@@ -31,6 +31,24 @@ log = logging.getLogger(__name__)
 
 OnMessage = Callable[[str, Message, bytes], None]
 OnDisconnect = Callable[[str, bool], None]
+# Payloads above this size are written and read in pieces: `writelines` would join the
+# whole frame into a new buffer and `readexactly` grows (and recopies) one buffer to the
+# full payload; a piece at a time keeps both copies small and cache-hot.
+_PIECE = 1 << 20
+
+
+async def _write_frame(writer: asyncio.StreamWriter, frame: list[bytes | memoryview]) -> None:
+    """Write one encoded frame; a large payload goes a piece at a time, never copied whole."""
+    prefix, header, payload = frame
+    view = memoryview(payload)
+    if view.nbytes <= _PIECE:
+        writer.writelines(frame)
+        return
+    view = view.cast("B")
+    writer.write(bytes(prefix) + bytes(header))
+    for start in range(0, view.nbytes, _PIECE):
+        writer.write(view[start : start + _PIECE])
+        await writer.drain()
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -98,7 +116,10 @@ class Transport:
             out.task.cancel()
 
     def send(self, peer: str, message: _Msg, payload: bytes | memoryview = b"") -> bool:
-        """Queue one frame for `peer`; False when there is no usable link."""
+        """Queue one frame for `peer`; False when there is no usable link.
+
+        The payload is not copied: leave it unchanged until the frame has been written.
+        """
         out = self._out.get(peer)
         if out is None or peer in self._blocked:
             return False
@@ -158,7 +179,7 @@ class Transport:
                 frame = await out.queue.get()
                 if frame is None:
                     break
-                writer.writelines(frame)
+                await _write_frame(writer, frame)
                 out.sent_bytes += sum(memoryview(b).nbytes for b in frame)
                 if out.queue.empty():
                     await writer.drain()
@@ -195,7 +216,7 @@ class Transport:
                     self._on_message(sender, message, payload)
                 except Exception:
                     log.exception("handling %s from %s failed", message.type, sender)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.CancelledError):
             pass
         except WireError as exc:
             log.warning("dropping connection from %s: %s", sender or "unknown peer", exc)
@@ -214,5 +235,19 @@ class Transport:
             await reader.readexactly(FRAME.size), self._max_payload
         )
         message = decode_header(await reader.readexactly(header_len))
-        payload = await reader.readexactly(payload_len) if payload_len else b""
-        return message, payload
+        return message, await _read_payload(reader, payload_len)
+
+
+async def _read_payload(reader: asyncio.StreamReader, size: int) -> bytes:
+    """Exactly `size` bytes from `reader`; large payloads as pieces joined once."""
+    if size <= _PIECE:
+        return await reader.readexactly(size) if size else b""
+    pieces = []
+    left = size
+    while left:
+        piece = await reader.read(min(left, _PIECE))
+        if not piece:
+            raise asyncio.IncompleteReadError(b"".join(pieces), size)
+        pieces.append(piece)
+        left -= len(piece)
+    return b"".join(pieces)

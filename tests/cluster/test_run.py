@@ -1,0 +1,176 @@
+"""`chaos run` end to end: real worker processes on loopback, real torch training, churn."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+CHURN = "leave:w4@8,crash:w1@16,link-down:w0-w2@24,link-up:w0-w2@30"
+
+
+def chaos(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "chaos_operator.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def run_job(tmp_path: Path, name: str, *extra: str) -> dict:
+    report = tmp_path / f"{name}.json"
+    result = chaos("run", "--quiet", "--report", str(report), *extra, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(report.read_text())
+
+
+def leftover_workers() -> list[str]:
+    """Command lines of worker processes started by a `chaos run` that are still alive."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "chaos-run-" in cmdline and " worker " in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def assert_same_losses(a: list, b: list, rel: float = 1e-9) -> None:
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (step, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= rel * max(abs(x), abs(y)), f"step {step}: {x!r} != {y!r}"
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("baseline")
+    return run_job(
+        tmp, "none", "--workers", "5", "--steps", "40", "--dtype", "float64", "--churn", "none"
+    )
+
+
+def test_churn_gives_the_same_losses_without_lost_steps_or_restarts(baseline, tmp_path):
+    churned = run_job(
+        tmp_path,
+        "churn",
+        "--workers",
+        "5",
+        "--steps",
+        "40",
+        "--dtype",
+        "float64",
+        "--churn",
+        CHURN,
+    )
+    assert churned["steps"] == baseline["steps"] == 40
+    assert [s for s, _ in churned["loss_curve"]] == list(range(40)), "a step was lost"
+    assert_same_losses(churned["loss_curve"], baseline["loss_curve"])
+    assert [e["type"] for e in churned["events"]] == ["leave", "crash", "link_down", "link_up"]
+    assert all(e["steps_lost"] == 0 for e in churned["events"])
+    # No survivor was restarted: exactly the five initial processes ever ran, and every
+    # one of them but the crashed one exited cleanly after the last step.
+    names = [p["name"] for p in churned["processes"]]
+    assert sorted(names) == ["w0", "w1", "w2", "w3", "w4"]
+    codes = {p["name"]: p["exit_code"] for p in churned["processes"]}
+    assert codes.pop("w1") != 0
+    assert set(codes.values()) == {0}
+    assert churned["members_curve"][-1][1] == 3
+    assert (tmp_path / "churn.png").stat().st_size > 10_000
+    assert leftover_workers() == []
+
+
+def test_join_copies_state_and_keeps_the_trajectory(baseline, tmp_path):
+    joined = run_job(
+        tmp_path,
+        "join",
+        "--workers",
+        "5",
+        "--steps",
+        "40",
+        "--dtype",
+        "float64",
+        "--churn",
+        "join@10",
+    )
+    assert_same_losses(joined["loss_curve"], baseline["loss_curve"])
+    (event,) = joined["events"]
+    assert event["type"] == "join" and event["worker"] == "w5"
+    assert event["scale_out_delay_s"] is not None and event["scale_out_delay_s"] > 0
+    assert joined["members_curve"][-1][1] == 6
+
+
+def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
+    hung = run_job(
+        tmp_path,
+        "hang",
+        "--workers",
+        "5",
+        "--steps",
+        "40",
+        "--dtype",
+        "float64",
+        "--churn",
+        "hang:w3@12",
+        "--failure-timeout",
+        "0.5",
+    )
+    assert_same_losses(hung["loss_curve"], baseline["loss_curve"])
+    (event,) = hung["events"]
+    assert event["type"] == "crash" and event["detail"].startswith("detected after")
+    assert leftover_workers() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--churn", "crash:w9@3"], "w9"),
+        (["--churn", "explode:w1@3"], "explode"),
+        (["--churn", "crash:w1@500", "--steps", "10"], "before the last step"),
+        (["--entry", "tests.unit.badfactories:raises"], "raise"),
+        (["--entry", "no_such_module_xyz:factory"], "no_such_module_xyz"),
+        (["--example", "nope"], "nope"),
+        (["--workers", "0"], "--workers"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_leaves_nothing(args, needle, tmp_path):
+    result = chaos("run", "--quiet", "--steps", "10", *args, cwd=Path.cwd())
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert leftover_workers() == []
+
+
+def test_taken_port_is_reported(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = chaos(
+            "run",
+            "--quiet",
+            "--workers",
+            "2",
+            "--steps",
+            "5",
+            "--base-port",
+            str(port),
+            cwd=tmp_path,
+        )
+    assert result.returncode == 2
+    assert f"port {port}" in result.stderr and "taken" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert leftover_workers() == []
