@@ -28,7 +28,7 @@ from chaos_worker.config import WorkerConfig
 from chaos_worker.report import Report
 from chaos_worker.timeline import Fired, Timeline
 
-GRACE_S = 3.0
+GRACE_S = 10.0
 
 
 class LaunchError(Exception):

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 # steps ahead is always in time. (The planner's `switch_step`, which budgets round trips
 # from step time and RTT, is for decisions that travel outside the data path.)
 FIFO_SWITCH_MARGIN = 2
+STARTUP_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -113,6 +114,8 @@ class Member:
         self._state_bytes: tuple[int, bytes] | None = None
         self._state_event = asyncio.Event()
         self._join_order = asyncio.Event()
+        self._rejoining = False
+        self._born = time.monotonic()
         self._seed = config.join
         self._step_times: deque[float] = deque(maxlen=10)
         self._rtts: deque[float] = deque(maxlen=20)
@@ -130,13 +133,11 @@ class Member:
         self.address = f"{host}:{port}"
         await self.control.open()
         self._report("ready", address=self.address)
-        now = time.monotonic()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._watch())]
         if self.cfg.members:
             members = {**self.cfg.members, self.me: self.address}
             self.view = initial_view(members, self.cfg.overlay or full_mesh(members))
-            self._heard = dict.fromkeys(members, now)
             self._sync_links()
         else:
             if self.cfg.standby:
@@ -632,7 +633,10 @@ class Member:
         self._on_proposal(proposal)
 
     def _rejoin(self) -> None:
-        """A paused minority member asks the other side to admit it again."""
+        """A paused minority member asks the other side to admit it again (once)."""
+        if self._rejoining:
+            return
+        self._rejoining = True
         proposal = Proposal(
             id=f"join:{self.me}:{uuid.uuid4().hex[:8]}",
             origin=self.me,
@@ -650,8 +654,10 @@ class Member:
     async def _rejoin_wait(self) -> None:
         while self._pending is None or self.me not in self._pending.view["members"]:
             await asyncio.sleep(0.01)
+        decision = self._pending
         await self._take_state()
-        self._install(self._pending, send_state=False)
+        self._install(decision, send_state=False)
+        self._rejoining = False
 
     def _flood(self, message: _Msg) -> None:
         for peer in self.transport.peers():
@@ -699,7 +705,12 @@ class Member:
             for member in self.view.members:
                 if member == self.me or member in self._suspects:
                     continue
-                if now - self._heard.get(member, now) > self.cfg.failure_timeout_s:
+                # A member never heard from is still starting (importing torch, loading
+                # the job): it gets the start-up allowance instead of the failure timeout.
+                heard = self._heard.get(member)
+                silent = now - (heard if heard is not None else self._born)
+                limit = self.cfg.failure_timeout_s if heard is not None else STARTUP_TIMEOUT_S
+                if silent > limit:
                     self._suspect(member, now)
             if self._aborting:
                 self._try_decide_recovery()

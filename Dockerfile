@@ -1,0 +1,12 @@
+# One image for every role; the entry point is the `chaos` command
+# (chaos worker, chaos run, chaos plan, chaos bench; chaos operator once it lands).
+FROM python:3.12-slim
+WORKDIR /opt/chaos
+COPY pyproject.toml README.md ./
+COPY planner planner
+COPY worker worker
+COPY operator operator
+RUN pip install --no-cache-dir . && useradd --uid 10001 --no-create-home chaos
+USER 10001
+ENTRYPOINT ["chaos"]
+CMD ["--help"]
