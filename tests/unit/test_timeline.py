@@ -313,12 +313,6 @@ def test_steps_lost_is_reported_on_every_event() -> None:
 # ---------------------------------------------------------------------------- known bugs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="Timeline._event formats `detected - fired.at` for a crash even when no member "
-    "reported detecting it (detected is None) while training went on: TypeError",
-)
 def test_a_crash_nobody_detected_still_gives_an_event() -> None:
     # e.g. default_churn(3, ...) crashes w1 after w1 has already left
     records = steady(["w0", "w2"], range(10))

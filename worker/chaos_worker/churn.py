@@ -45,6 +45,8 @@ def default_churn(workers: int, steps: int) -> str:
     """A schedule that shows every event kind once, scaled to the job's length."""
     if workers < 3:
         return "none"
+    if workers == 3:  # too few to lose two members and keep a link to cut
+        return f"crash:w1@{max(1, steps * 2 // 5)},join@{max(2, steps * 4 // 5)}"
     at = [max(1, steps * k // 10) for k in (2, 4, 5, 6, 8)]
     last = f"w{workers - 1}"
     return (

@@ -4,8 +4,8 @@ Protocol (every change takes effect at a step boundary):
 
 * Liveness: every member floods a heartbeat each `heartbeat_interval_s`; a member not
   heard from (over any path) for `failure_timeout_s`, or whose connection closes without a
-  goodbye, is suspected crashed. A link whose direct traffic stops while the peer is still
-  heard through others is reported down.
+  goodbye, is suspected crashed. Links are reported down by their ends
+  (in local runs, on the launcher's command).
 * Planned changes (leave, join, link up, link down off the tree) are proposals flooded to
   everybody; the epoch's root decides them into the next view with an effective step `T`
   from the switch-step rule and floods the decision. Decisions and the down-pass of every
@@ -313,7 +313,10 @@ class Member:
         if not proposals:
             return
         changes = [_change(p) for p in proposals]
-        outcome = next_view(self.view, changes, side_of=self.me, speeds=self._speed_table())
+        leaving = {c.subject for c in changes if c.kind == "leave"}
+        staying = [m for m in sorted(self.view.members) if m not in leaving] or [self.me]
+        side_of = self.me if self.me in staying else staying[0]
+        outcome = next_view(self.view, changes, side_of=side_of, speeds=self._speed_table())
         effective = self.step + FIFO_SWITCH_MARGIN
         decision = Decision(
             id=uuid.uuid4().hex,

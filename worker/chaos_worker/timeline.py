@@ -83,8 +83,11 @@ class Timeline:
         if kind in ("crash", "hang"):
             resumed = self._first_progress_after(max(agreed) if agreed else fired.at)
             if resumed is not None:
-                detail = f"detected after {detected - fired.at:.3f}s, resumed after " + (
-                    f"{resumed - fired.at:.3f}s" if detected else "?"
+                detail = (
+                    f"detected after {detected - fired.at:.3f}s, "
+                    f"resumed after {resumed - fired.at:.3f}s"
+                    if detected is not None
+                    else "not detected (the worker had already left)"
                 )
         if kind == "link-down" and self._paused_after(fired.at):
             detail = "partition: minority side paused"

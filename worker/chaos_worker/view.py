@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 from chaos_planner.tree import Tree, connected_components, maximum_spanning_tree, repair_tree
 from pydantic import BaseModel, ConfigDict, Field
@@ -104,7 +105,8 @@ def next_view(
     Crashed and leaving members are dropped; joiners are added with links to every
     member unless the overlay already says otherwise. If the links that are down split the
     members, only the component holding more than half of the previous epoch's throughput
-    (crashed members not counted; ties go to the side holding the smallest id) may go on:
+    (crashed and leaving members not counted, exact arithmetic; ties go to the side holding
+    the smallest id) may go on:
     `majority` is False on the other side. The tree is repaired, keeping every tree edge
     that is still valid; the root stays unless it is gone (then the fastest of
     `root_candidates`, or of the component, takes over).
@@ -140,17 +142,17 @@ def next_view(
     }
     components = connected_components(list(members), edges)
     side = next(c for c in components if side_of in c)
-    counted = {m: view.speeds.get(m, 0.0) for m in view.members if m not in _crashed(changes)}
-    total = sum(counted.values()) or 1.0
-    share = sum(counted.get(m, 0.0) for m in side) / total
+    counted = {m: Fraction(view.speeds.get(m, 0.0)) for m in view.members if m not in gone}
+    total = sum(counted.values(), Fraction(0))
+    held = sum((counted.get(m, Fraction(0)) for m in side), Fraction(0))
     smallest = min(counted) if counted else side_of
-    majority = share > 0.5 or (share == 0.5 and smallest in side)
+    majority = total == 0 or 2 * held > total or (2 * held == total and smallest in side)
     side_members = {m: members[m] for m in sorted(side)}
     candidates = [m for m in (root_candidates or side) if m in side] or sorted(side)
     if view.root in side and view.root in candidates:
         root = view.root
     else:
-        root = max(candidates, key=lambda m: (new_speeds.get(m, 0.0), _neg_id(m)))
+        root = min(candidates, key=lambda m: (-new_speeds.get(m, 0.0), m))
     side_edges = {e: bw for e, bw in edges.items() if e[0] in side and e[1] in side}
     old_tree = view.tree()
     kept_nodes = [m for m in side_members if m in old_tree.nodes]
@@ -169,12 +171,3 @@ def next_view(
         paused=not majority,
     )
     return Outcome(view=new, majority=majority, removed=frozenset(view.members) - set(side))
-
-
-def _crashed(changes: list[Change]) -> set[str]:
-    return {c.subject for c in changes if c.kind == "crash"}
-
-
-def _neg_id(member: str) -> tuple[int, ...]:
-    """Sort key that prefers smaller ids when used with max()."""
-    return tuple(-ord(ch) for ch in member)

@@ -1,0 +1,185 @@
+"""Wire format: frame round trips, length limits, and hostile headers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from chaos_worker.wire import (
+    FRAME,
+    MAX_HEADER_BYTES,
+    Chunk,
+    Decision,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    MemberStatus,
+    Ping,
+    Pong,
+    Proposal,
+    StateTransfer,
+    WireError,
+    _Msg,
+    decode_header,
+    encode,
+    parse_lengths,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.unit
+
+MESSAGES: list[_Msg] = [
+    Hello(sender="w0"),
+    Goodbye(sender="w0"),
+    Heartbeat(origin="w1", seq=7, epoch=2, step=40, samples_per_s=123.5, sent_at=1.25),
+    Ping(sender="w2", sent_at=3.5),
+    Pong(sender="w3", echo=3.5),
+    Proposal(
+        id="p1",
+        origin="w1",
+        kind="join",
+        subject="w4",
+        address="127.0.0.1:9000",
+        detected_at=2.0,
+        epoch=3,
+    ),
+    MemberStatus(id="s1", origin="w2", epoch=3, round=5, completed=4),
+    Decision(
+        id="d1",
+        origin="w0",
+        view={"epoch": 4, "members": ["w0", "w1"]},
+        effective_step=12,
+        immediate=False,
+        replay_step=11,
+        causes=[{"kind": "crash", "subject": "w2"}],
+    ),
+    Chunk(sender="w1", epoch=4, step=12, phase="down", index=2, count=8),
+    StateTransfer(sender="w0", step=12, sha256="ab" * 32),
+]
+
+
+def _split(frame: list[bytes | memoryview]) -> tuple[bytes, bytes, bytes]:
+    """Parse a whole encoded frame the way a reader would."""
+    data = b"".join(bytes(part) for part in frame)
+    header_len, payload_len = parse_lengths(data[: FRAME.size])
+    header = data[FRAME.size : FRAME.size + header_len]
+    payload = data[FRAME.size + header_len :]
+    assert len(payload) == payload_len
+    return data[: FRAME.size], header, payload
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.type)
+def test_round_trip_every_message_type(message: _Msg) -> None:
+    payload = bytes(range(256)) * 3 if isinstance(message, Chunk | StateTransfer) else b""
+    _, header, got_payload = _split(encode(message, payload))
+    decoded = decode_header(header)
+    assert type(decoded) is type(message)
+    assert decoded == message
+    assert got_payload == payload
+
+
+def test_covers_every_message_type() -> None:
+    from chaos_worker.wire import _ADAPTER
+
+    union = _ADAPTER.json_schema()["discriminator"]["mapping"]
+    assert {m.type for m in MESSAGES} == set(union)
+
+
+def test_memoryview_payload_is_counted_in_bytes() -> None:
+    import array
+
+    floats = array.array("d", [1.0, 2.0, 3.0])
+    frame = encode(
+        Chunk(sender="w", epoch=0, step=0, phase="up", index=0, count=1), memoryview(floats)
+    )
+    _, _, payload = _split(frame)
+    assert payload == floats.tobytes()
+
+
+def test_lengths_within_limits_are_accepted() -> None:
+    assert parse_lengths(FRAME.pack(MAX_HEADER_BYTES, 10), max_payload=10) == (MAX_HEADER_BYTES, 10)
+    assert parse_lengths(FRAME.pack(1, 0), max_payload=0) == (1, 0)
+
+
+@pytest.mark.parametrize("header_len", [0, MAX_HEADER_BYTES + 1, (1 << 32) - 1])
+def test_bad_header_length_is_rejected(header_len: int) -> None:
+    with pytest.raises(WireError, match="header length"):
+        parse_lengths(FRAME.pack(header_len, 0))
+
+
+def test_oversize_payload_is_rejected() -> None:
+    with pytest.raises(WireError, match="payload length"):
+        parse_lengths(FRAME.pack(10, 1025), max_payload=1024)
+    with pytest.raises(WireError):
+        parse_lengths(FRAME.pack(10, 1), max_payload=0)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b"not json",
+        b"[]",
+        b"null",
+        b'{"type": "hello"',
+        b'"hello"',
+        b"\xff\xfe\x00",
+    ],
+)
+def test_malformed_json_is_rejected(raw: bytes) -> None:
+    with pytest.raises(WireError):
+        decode_header(raw)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"type": "launch_missiles", "sender": "w0"},
+        {"sender": "w0"},
+        {"type": None, "sender": "w0"},
+        {"type": "hello"},
+        {"type": "hello", "sender": "w0", "extra": 1},
+        {"type": "chunk", "sender": "w0", "epoch": 0, "step": 0, "phase": "sideways"},
+        {"type": "ping", "sender": "w0", "sent_at": "yesterday"},
+    ],
+)
+def test_unknown_type_and_bad_fields_are_rejected(header: dict) -> None:
+    with pytest.raises(WireError):
+        decode_header(json.dumps(header).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_only_ever_raise_wire_error(raw: bytes) -> None:
+    with contextlib.suppress(WireError):
+        decode_header(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.sampled_from(["type", "sender", "seq", "view"]), children)
+        ),
+        max_leaves=12,
+    )
+)
+def test_random_json_only_ever_raises_wire_error(value: object) -> None:
+    with contextlib.suppress(WireError):
+        decode_header(json.dumps(value).encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=FRAME.size, max_size=FRAME.size), st.integers(0, 1 << 32))
+def test_random_prefixes_only_ever_raise_wire_error(prefix: bytes, max_payload: int) -> None:
+    try:
+        header_len, payload_len = parse_lengths(prefix, max_payload)
+    except WireError:
+        return
+    assert 0 < header_len <= MAX_HEADER_BYTES
+    assert payload_len <= max_payload
