@@ -292,6 +292,10 @@ class Member:
                     joiner, StateTransfer(sender=self.me, step=self.step, sha256=digest), blob
                 )
         self._sync_links()
+        self._report_installed(decision)
+
+    def _report_installed(self, decision: Decision) -> None:
+        """Tell the launcher that the view of `decision` is now in force here."""
         self._report(
             "installed",
             decision=decision.id,
@@ -437,15 +441,7 @@ class Member:
                 self._apply(total)
         if self.me in view.members:
             self.step = decision.effective_step
-        self._report(
-            "installed",
-            decision=decision.id,
-            epoch=view.epoch,
-            step=self.step,
-            members=len(view.members),
-            paused=view.paused,
-            t=time.monotonic(),
-        )
+        self._report_installed(decision)
         if view.paused:
             self._report(
                 "paused",

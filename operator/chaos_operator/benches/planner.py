@@ -13,11 +13,13 @@ import statistics
 import time
 from collections.abc import Callable
 
+from chaos_operator.argtypes import positive_int, positive_ints
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sources",
-        type=_positive_ints,
+        type=positive_ints,
         default=[10, 100, 1000],
         metavar="N,N,...",
         help="instance sizes (default 10,100,1000)",
@@ -29,10 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest shard count of the chain 1|2|4|...; a power of two (default 4096)",
     )
     parser.add_argument(
-        "--repeats", type=_positive_int, default=5, help="greedy runs per size (default 5)"
+        "--repeats", type=positive_int, default=5, help="greedy runs per size (default 5)"
     )
     parser.add_argument(
-        "--milp-repeats", type=_positive_int, default=1, help="MILP runs per size (default 1)"
+        "--milp-repeats", type=positive_int, default=1, help="MILP runs per size (default 1)"
     )
     parser.add_argument(
         "--milp-max-sources",
@@ -110,22 +112,8 @@ def _median_ms(solve: Callable[[], object], repeats: int):
     return statistics.median(times), result
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_ints(text: str) -> list[int]:
-    try:
-        return [_positive_int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N,N,..., got {text!r}") from None
-
-
 def _power_of_two(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value & (value - 1):
         raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
     return value

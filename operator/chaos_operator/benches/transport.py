@@ -25,6 +25,8 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
+from chaos_operator.argtypes import positive_int, positive_ints
+
 MB = 1 << 20
 _LENGTH = struct.Struct("!Q")
 _MAX_PAYLOAD = 1 << 34
@@ -33,13 +35,13 @@ _MAX_PAYLOAD = 1 << 34
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes",
-        type=_positive_ints,
+        type=positive_ints,
         default=[1, 4, 16, 64, 256],
         metavar="MB,MB,...",
         help="message sizes in MiB (default 1,4,16,64,256)",
     )
     parser.add_argument(
-        "--repeats", type=_positive_int, default=3, help="messages per size and path (default 3)"
+        "--repeats", type=positive_int, default=3, help="messages per size and path (default 3)"
     )
 
 
@@ -216,17 +218,3 @@ def _recv_exactly(conn: socket.socket, view: memoryview) -> bool:
             return False
         got += n
     return True
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_ints(text: str) -> list[int]:
-    try:
-        return [_positive_int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N,N,..., got {text!r}") from None
