@@ -29,7 +29,7 @@ fi
 # A Python >= 3.11 for the virtualenv.
 py=""
 for cand in python3.12 python3.11 python3; do
-  if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  if command -v "$cand" >/dev/null && "$cand" 2>/dev/null -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     py=$cand; break
   fi
 done
