@@ -127,16 +127,7 @@ def test_default_churn_needs_three_workers(workers: int) -> None:
     assert parse_churn(default_churn(workers, 200), workers) == []
 
 
-@pytest.mark.xfail(
-    strict=False, reason="expectation under review after the view fixes of this change"
-)
-@pytest.mark.parametrize(
-    "workers",
-    [
-        3,
-        *range(4, 9),
-    ],
-)
+@pytest.mark.parametrize("workers", range(4, 9))
 def test_default_churn_crashes_a_worker_that_is_still_there(workers: int) -> None:
     events = parse_churn(default_churn(workers, 200), workers)
     leave = next(e for e in events if e.kind == "leave")
@@ -144,3 +135,8 @@ def test_default_churn_crashes_a_worker_that_is_still_there(workers: int) -> Non
     assert crash.worker != leave.worker
     link = next(e for e in events if e.kind == "link-down")
     assert {leave.worker, crash.worker}.isdisjoint({link.worker, link.peer})
+
+
+def test_three_worker_default_churn_crashes_a_worker_and_admits_a_new_one() -> None:
+    events = parse_churn(default_churn(3, 200), 3)
+    assert [(e.kind, e.worker) for e in events] == [("crash", "w1"), ("join", "w3")]
