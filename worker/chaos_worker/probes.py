@@ -1,0 +1,192 @@
+"""Bounded active bandwidth probes (pure, no I/O; `now` is always passed in).
+
+Links without a fresh bandwidth figure are measured by sending a probe of `probe_bytes`
+from `src` to `dst`. Two probes that share a member would compete for its NIC and measure
+each other, so probes run in **rounds** in which no member takes part in two probes: the
+rounds are an edge colouring of the (directed) stale links, built greedily, one maximal
+matching per round, busiest members first. A round also stays within a byte budget, so
+probing never floods the network; links that do not fit wait for a later round.
+
+`schedule_probes` is the pure schedule. `LinkMonitor` is the glue a member uses: it runs the
+rounds at step boundaries (every member holds the same view and the same step numbers, so
+every member computes the same schedule and starts its own probes of round `r` at the same
+step), keeps the probes in flight, and turns the answers into `LinkTable` figures.
+
+A probe is a `Ping` frame carrying `probe_bytes` of payload; the peer answers with a
+`Pong` as soon as it has read the whole frame. Its round trip is one base RTT plus the
+transfer time, so the transfer time is taken as `rtt_probe - rtt_base` (the link's RTT
+EWMA), but never less than half the probe's round trip: when jitter makes the difference
+meaningless the estimate errs low (at most a factor of two), never towards infinity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from chaos_worker.linktable import MIN_TRANSFER_BYTES, Link, LinkTable
+
+PROBE_BYTES = 256 * 1024
+ROUND_BUDGET_BYTES = 4 * 1024 * 1024
+STEPS_PER_ROUND = 2
+PROBE_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Send `nbytes` from `src` to `dst` and time the answer."""
+
+    src: str
+    dst: str
+    nbytes: int
+
+
+def schedule_probes(
+    links: Iterable[Link],
+    *,
+    probe_bytes: int = PROBE_BYTES,
+    round_budget_bytes: int = ROUND_BUDGET_BYTES,
+) -> list[list[Probe]]:
+    """Rounds of probes: every link exactly once, no member twice in a round, within budget.
+
+    `links` are directed `(src, dst)` pairs (duplicates are probed once). Deterministic:
+    the same set of links gives the same rounds whatever their order.
+    """
+    if probe_bytes < MIN_TRANSFER_BYTES:
+        raise ValueError(
+            f"probe_bytes {probe_bytes} is below {MIN_TRANSFER_BYTES}: the link table "
+            "would ignore the measurement"
+        )
+    if round_budget_bytes < probe_bytes:
+        raise ValueError("round_budget_bytes must hold at least one probe")
+    todo = set()
+    for src, dst in links:
+        if src == dst:
+            raise ValueError(f"link {src!r} -> {dst!r} is a loop")
+        todo.add((src, dst))
+    per_round = round_budget_bytes // probe_bytes
+    rounds: list[list[Probe]] = []
+    while todo:
+        degree: dict[str, int] = {}
+        for src, dst in todo:
+            degree[src] = degree.get(src, 0) + 1
+            degree[dst] = degree.get(dst, 0) + 1
+        order = sorted(todo, key=lambda link: (-max(degree[link[0]], degree[link[1]]), link))
+        busy: set[str] = set()
+        this_round: list[Probe] = []
+        for src, dst in order:
+            if len(this_round) == per_round:
+                break
+            if src in busy or dst in busy:
+                continue
+            busy.update((src, dst))
+            this_round.append(Probe(src, dst, probe_bytes))
+            todo.discard((src, dst))
+        rounds.append(sorted(this_round, key=lambda p: (p.src, p.dst)))
+    return rounds
+
+
+def directed(overlay_keys: Iterable[str], down: Iterable[str] = ()) -> list[Link]:
+    """Both directions of every live overlay link `"a|b"` of a view."""
+    dead = set(down)
+    links = []
+    for key in overlay_keys:
+        if key in dead:
+            continue
+        a, _, b = key.partition("|")
+        links += [(a, b), (b, a)]
+    return sorted(links)
+
+
+class LinkMonitor:
+    """One member's measurements: pongs and probes into a `LinkTable` (see module doc)."""
+
+    def __init__(
+        self,
+        me: str,
+        table: LinkTable | None = None,
+        *,
+        probe_bytes: int = PROBE_BYTES,
+        round_budget_bytes: int = ROUND_BUDGET_BYTES,
+        steps_per_round: int = STEPS_PER_ROUND,
+        timeout_s: float = PROBE_TIMEOUT_S,
+    ) -> None:
+        if steps_per_round < 1:
+            raise ValueError("steps_per_round must be at least 1")
+        self.me = me
+        self.table = table if table is not None else LinkTable()
+        self.probe_bytes = probe_bytes
+        self.round_budget_bytes = round_budget_bytes
+        self.steps_per_round = steps_per_round
+        self.timeout_s = timeout_s
+        self._schedule_for: frozenset[Link] | None = None
+        self._rounds: list[list[Probe]] = []
+        self._in_flight: dict[tuple[str, float], Probe] = {}
+        self._started: dict[tuple[str, float], float] = {}
+
+    def rounds(self, links: Iterable[Link]) -> list[list[Probe]]:
+        """The schedule over `links` (all live links of the view), cached per link set."""
+        key = frozenset(links)
+        if key != self._schedule_for:
+            self._schedule_for = key
+            self._rounds = schedule_probes(
+                key, probe_bytes=self.probe_bytes, round_budget_bytes=self.round_budget_bytes
+            )
+        return self._rounds
+
+    def due(self, links: Iterable[Link], step: int, now: float) -> list[Probe]:
+        """Probes this member should start at the boundary before `step`.
+
+        The schedule is built over every live link (the same everywhere), so members agree
+        on the rounds whatever each one knows; each member then starts only its own probes
+        of the round, only for links without a fresh figure, and never while a probe of its
+        own is still in flight.
+        """
+        self._expire(now)
+        rounds = self.rounds(links)
+        if not rounds or step % self.steps_per_round:
+            return []
+        if any(probe.src == self.me for probe in self._in_flight.values()):
+            return []
+        current = rounds[(step // self.steps_per_round) % len(rounds)]
+        return [
+            p
+            for p in current
+            if p.src == self.me and self.table.bandwidth_of(p.src, p.dst, now) is None
+        ]
+
+    def start(self, probe: Probe, now: float) -> float:
+        """Record that `probe` leaves now; returns the `sent_at` to put in its `Ping`."""
+        sent_at = now
+        while (probe.dst, sent_at) in self._in_flight:
+            sent_at = math.nextafter(sent_at, math.inf)
+        self._in_flight[(probe.dst, sent_at)] = probe
+        self._started[(probe.dst, sent_at)] = now
+        return sent_at
+
+    def on_pong(self, peer: str, echo: float, now: float) -> None:
+        """A `Pong` from `peer` echoing `echo`: an RTT sample, or a probe's answer."""
+        rtt = now - echo
+        if not math.isfinite(rtt) or rtt < 0:
+            return
+        probe = self._in_flight.pop((peer, echo), None)
+        self._started.pop((peer, echo), None)
+        if probe is None:
+            self.table.observe_rtt(self.me, peer, rtt, now)
+            return
+        base = self.table.rtt(self.me, peer, now)
+        base_s = 0.0 if base is None or base.stale else base.value
+        transfer_s = max(rtt - base_s, rtt / 2)
+        if transfer_s > 0:
+            self.table.observe_transfer(self.me, peer, probe.nbytes, transfer_s, now)
+
+    def in_flight(self) -> list[Probe]:
+        return list(self._in_flight.values())
+
+    def _expire(self, now: float) -> None:
+        """Forget probes never answered (link down, peer gone) after `timeout_s`."""
+        for key, started in list(self._started.items()):
+            if now - started > self.timeout_s:
+                del self._started[key]
+                self._in_flight.pop(key, None)
