@@ -1,0 +1,270 @@
+"""`ChaosJob`: the workers one party contributes to a federated training job."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field, WithJsonSchema, model_validator
+
+from chaos_operator.api.meta import (
+    API_VERSION,
+    ApiModel,
+    Condition,
+    ObjectMeta,
+    conditions_field,
+)
+
+#: `module:factory`, e.g. `chaos_worker.examples.digits:factory` (see examples/README.md).
+ENTRY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+#: A DNS-1123 label: usable as a label value and inside object names.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: A Kubernetes resource quantity such as `500m`, `2`, `4Gi` or `1e3`.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
+        raise ValueError(f"must be a resource quantity such as 500m, 2 or 4Gi, not {value!r}")
+    return value
+
+
+#: A resource quantity: an integer or a string such as `500m` (int-or-string in the CRD).
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_quantity),
+    WithJsonSchema(
+        {
+            "description": "A resource quantity, e.g. 500m, 2 or 4Gi.",
+            "x-kubernetes-int-or-string": True,
+            "pattern": QUANTITY_PATTERN,
+        }
+    ),
+]
+
+#: Human summary of a job's state; the conditions carry the details.
+Phase = Literal["Pending", "Running", "Scaling", "Recovering", "Paused", "Succeeded", "Failed"]
+
+
+def immutable(field: str) -> dict[str, Any]:
+    """Schema extras for a CEL transition rule that refuses changes of `field`."""
+    return {
+        "x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": f"{field} is immutable once the job exists"}
+        ]
+    }
+
+
+class ResourceRequirements(ApiModel):
+    """Compute resources of each worker pod, as in a container's `resources`."""
+
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Resources each worker is guaranteed, e.g. {cpu: 2, memory: 4Gi}.",
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Most resources each worker may use, e.g. {memory: 8Gi, nvidia.com/gpu: 1}.",
+    )
+
+
+class AutoscalingPolicy(ApiModel):
+    """When this party adds or removes its own workers between minReplicas and maxReplicas."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!self.enabled || has(self.targetGoodputPerWorker)",
+                    "message": "targetGoodputPerWorker is required when autoscaling is enabled",
+                    "fieldPath": ".targetGoodputPerWorker",
+                    "reason": "FieldValueRequired",
+                }
+            ]
+        }
+    )
+
+    enabled: bool = Field(
+        False,
+        description="Let the operator change spec.replicas within [minReplicas, maxReplicas].",
+    )
+    target_goodput_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Training samples per second that each worker should still contribute: the "
+            "operator adds workers while the job's goodput per worker stays at or above this, "
+            "and removes workers when it falls below. Required when enabled."
+        ),
+    )
+    cooldown_seconds: int = Field(
+        60,
+        ge=0,
+        le=86400,
+        description="Least time between two scaling decisions, in seconds.",
+    )
+
+    @model_validator(mode="after")
+    def _target_when_enabled(self) -> AutoscalingPolicy:
+        if self.enabled and self.target_goodput_per_worker is None:
+            raise ValueError("targetGoodputPerWorker is required when autoscaling is enabled")
+        return self
+
+
+class ChaosJobSpec(ApiModel):
+    """Desired state of this party's part of a federated training job."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.minReplicas <= self.maxReplicas",
+                    "messageExpression": '"minReplicas (" + string(self.minReplicas)'
+                    ' + ") must not exceed maxReplicas (" + string(self.maxReplicas) + ")"',
+                    "fieldPath": ".minReplicas",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "self.minReplicas <= self.replicas"
+                    " && self.replicas <= self.maxReplicas",
+                    "messageExpression": '"replicas (" + string(self.replicas)'
+                    ' + ") must lie within [minReplicas, maxReplicas] = ["'
+                    ' + string(self.minReplicas) + ", " + string(self.maxReplicas) + "]"',
+                    "fieldPath": ".replicas",
+                    "reason": "FieldValueInvalid",
+                },
+            ]
+        }
+    )
+
+    federation: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=NAME_PATTERN,
+        description=(
+            "Name of the federated job this ChaosJob contributes workers to; every party uses "
+            "the same name for the same job. Immutable."
+        ),
+        json_schema_extra=immutable("federation"),
+    )
+    image: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="Container image of the workers, e.g. registry.example/chaos-train:0.1.0.",
+    )
+    entry: str = Field(
+        max_length=512,
+        pattern=ENTRY_PATTERN,
+        description=(
+            "Training factory as module:factory, e.g. chaos_worker.examples.digits:factory; "
+            "every worker imports the module and calls the factory. Immutable."
+        ),
+        json_schema_extra=immutable("entry"),
+    )
+    global_batch: int = Field(
+        ge=1,
+        description=(
+            "Samples per training step over all parties (G); fixed for the whole job so that "
+            "the trajectory does not depend on who computes which sample. Immutable."
+        ),
+        json_schema_extra=immutable("globalBatch"),
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seed of the model initialisation and the sample order. Immutable.",
+        json_schema_extra=immutable("seed"),
+    )
+    replicas: int = Field(
+        1,
+        ge=0,
+        description=(
+            "Number of workers this party runs for the job; must lie within "
+            "[minReplicas, maxReplicas]. Changed by `kubectl scale` or by the autoscaler."
+        ),
+    )
+    min_replicas: int = Field(
+        1, ge=0, description="Fewest workers this party runs (lower bound of replicas)."
+    )
+    max_replicas: int = Field(
+        ge=1, description="Most workers this party runs (upper bound of replicas)."
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements,
+        description="Compute resources of each worker pod.",
+        json_schema_extra={"default": {}},
+    )
+    autoscaling: AutoscalingPolicy = Field(
+        default_factory=AutoscalingPolicy,
+        description="Automatic scaling of this party's workers; off by default.",
+        json_schema_extra={"default": {}},
+    )
+
+    @model_validator(mode="after")
+    def _replicas_within_bounds(self) -> ChaosJobSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) must not exceed "
+                f"maxReplicas ({self.max_replicas})"
+            )
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(
+                f"replicas ({self.replicas}) must lie within [minReplicas, maxReplicas] = "
+                f"[{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+
+class ChaosJobStatus(ApiModel):
+    """Observed state of this party's part of the job, written by the operator."""
+
+    phase: Phase | None = Field(None, description="Summary of the job's state for humans.")
+    conditions: list[Condition] = conditions_field("job")
+    observed_generation: int | None = Field(
+        None, ge=0, description="The metadata.generation the operator last acted on."
+    )
+    replicas: int | None = Field(
+        None, ge=0, description="Worker pods of this party that currently exist for the job."
+    )
+    selector: str | None = Field(
+        None,
+        max_length=1024,
+        description="Label selector of this job's worker pods (used by the scale subresource).",
+    )
+    local_members: int | None = Field(
+        None, ge=0, description="Members of the current training view run by this party."
+    )
+    remote_members: int | None = Field(
+        None, ge=0, description="Members of the current training view run by other parties."
+    )
+    current_step: int | None = Field(
+        None, ge=0, description="Latest training step the job has completed."
+    )
+    last_scale_out_delay_seconds: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Seconds the latest joining worker took from start to contributing to training."
+        ),
+    )
+    last_scale_time: datetime | None = Field(
+        None, description="When the operator last changed the number of workers."
+    )
+
+
+class ChaosJob(ApiModel):
+    """This party's workers in a federated, elastic PyTorch training job."""
+
+    api_version: Literal["chaos.training.dev/v1alpha1"] = Field(
+        API_VERSION, description="chaos.training.dev/v1alpha1."
+    )
+    kind: Literal["ChaosJob"] = Field("ChaosJob", description="ChaosJob.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Object metadata.")
+    spec: ChaosJobSpec = Field(description="Desired state, written by the user.")
+    status: ChaosJobStatus | None = Field(
+        None, description="Observed state, written by the operator."
+    )
