@@ -100,6 +100,7 @@ def test_bad_schedules_are_refused(kwargs):
 def test_directed_gives_both_directions_of_live_links():
     overlay = ["a|b", "a|c", "b|c"]
     assert directed(overlay, down=["a|c"]) == [("a", "b"), ("b", "a"), ("b", "c"), ("c", "b")]
+    assert directed(overlay, members=["a", "b"]) == [("a", "b"), ("b", "a")]
 
 
 # ---------------------------------------------------------------- LinkMonitor

@@ -87,14 +87,17 @@ def schedule_probes(
     return rounds
 
 
-def directed(overlay_keys: Iterable[str], down: Iterable[str] = ()) -> list[Link]:
-    """Both directions of every live overlay link `"a|b"` of a view."""
+def directed(
+    overlay_keys: Iterable[str], down: Iterable[str] = (), members: Iterable[str] | None = None
+) -> list[Link]:
+    """Both directions of every live overlay link `"a|b"` of a view (between `members`)."""
     dead = set(down)
+    alive = None if members is None else set(members)
     links = []
     for key in overlay_keys:
-        if key in dead:
-            continue
         a, _, b = key.partition("|")
+        if key in dead or (alive is not None and not {a, b} <= alive):
+            continue
         links += [(a, b), (b, a)]
     return sorted(links)
 
