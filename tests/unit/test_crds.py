@@ -119,7 +119,7 @@ def test_crd_shape() -> None:
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert "self.minReplicas <= self.replicas && self.replicas <= self.maxReplicas" in rules
-    assert spec["properties"]["autoscaling"]["default"] == {}
+    assert spec["properties"]["autoscaling"]["default"] == {"enabled": False, "cooldownSeconds": 60}
     assert spec["properties"]["replicas"]["default"] == 1
     peer_spec = peers["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert peer_spec["x-kubernetes-validations"][0]["rule"] == (
@@ -142,9 +142,13 @@ def test_valid_job_round_trips_with_defaults() -> None:
 @pytest.mark.parametrize(
     ("spec", "field", "words"),
     [
-        ({"replicas": 5}, "spec", "replicas (5) must lie within [minReplicas, maxReplicas]"),
-        ({"replicas": 0}, "spec", "replicas (0) must lie within"),
-        ({"minReplicas": 5}, "spec", "minReplicas (5) must not exceed maxReplicas"),
+        (
+            {"replicas": 5},
+            "spec",
+            "replicas must lie within [minReplicas, maxReplicas] = [1, 4], got 5",
+        ),
+        ({"replicas": 0}, "spec", "got 0"),
+        ({"minReplicas": 5}, "spec", "minReplicas must not exceed maxReplicas, got 5 > 4"),
         ({"entry": "digits"}, "spec.entry", "must match pattern"),
         ({"entry": "a.b:c:d"}, "spec.entry", "must match pattern"),
         ({"globalBatch": 0}, "spec.globalBatch", "greater than or equal to 1"),

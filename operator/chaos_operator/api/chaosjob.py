@@ -123,17 +123,14 @@ class ChaosJobSpec(ApiModel):
             "x-kubernetes-validations": [
                 {
                     "rule": "self.minReplicas <= self.maxReplicas",
-                    "messageExpression": '"minReplicas (" + string(self.minReplicas)'
-                    ' + ") must not exceed maxReplicas (" + string(self.maxReplicas) + ")"',
+                    "message": "minReplicas must not exceed maxReplicas",
                     "fieldPath": ".minReplicas",
                     "reason": "FieldValueInvalid",
                 },
                 {
                     "rule": "self.minReplicas <= self.replicas"
                     " && self.replicas <= self.maxReplicas",
-                    "messageExpression": '"replicas (" + string(self.replicas)'
-                    ' + ") must lie within [minReplicas, maxReplicas] = ["'
-                    ' + string(self.minReplicas) + ", " + string(self.maxReplicas) + "]"',
+                    "message": "replicas must lie within [minReplicas, maxReplicas]",
                     "fieldPath": ".replicas",
                     "reason": "FieldValueInvalid",
                 },
@@ -201,20 +198,22 @@ class ChaosJobSpec(ApiModel):
     autoscaling: AutoscalingPolicy = Field(
         default_factory=AutoscalingPolicy,
         description="Automatic scaling of this party's workers; off by default.",
-        json_schema_extra={"default": {}},
+        # The whole default, not {}: the API server checks a default against the CEL rules
+        # without applying the nested defaults first.
+        json_schema_extra={"default": AutoscalingPolicy().to_k8s()},
     )
 
     @model_validator(mode="after")
     def _replicas_within_bounds(self) -> ChaosJobSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError(
-                f"minReplicas ({self.min_replicas}) must not exceed "
-                f"maxReplicas ({self.max_replicas})"
+                f"minReplicas must not exceed maxReplicas, got {self.min_replicas} > "
+                f"{self.max_replicas}"
             )
         if not self.min_replicas <= self.replicas <= self.max_replicas:
             raise ValueError(
-                f"replicas ({self.replicas}) must lie within [minReplicas, maxReplicas] = "
-                f"[{self.min_replicas}, {self.max_replicas}]"
+                "replicas must lie within [minReplicas, maxReplicas] = "
+                f"[{self.min_replicas}, {self.max_replicas}], got {self.replicas}"
             )
         return self
 

@@ -74,7 +74,7 @@ class ChaosPeerSpec(ApiModel):
     policy: PeerPolicy = Field(
         default_factory=PeerPolicy,
         description="What the remote party may do in this party's jobs.",
-        json_schema_extra={"default": {}},
+        json_schema_extra={"default": PeerPolicy().to_k8s()},
     )
 
     @model_validator(mode="after")
