@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check planner worker operator tests
+bash scripts/build-k8s.sh  # kube-apiserver, kubectl, ... for tests/controlplane (cached)
 exec .venv/bin/python -m pytest "$@"
