@@ -111,7 +111,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 pkgs=()
 for b in "${BINARIES[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
-log "go build -p $jobs ${BINARIES[*]} (cold: tens of minutes on 2 cores)"
+log "go build -p $jobs ${BINARIES[*]} (~10 min on 2 cores with cold Go caches, seconds when warm)"
 nice -n 10 go build -p "$jobs" -trimpath -ldflags "-s -w$stamp" -o "$OUT/bin.partial/" "${pkgs[@]}" \
   || die "go build failed"
 

@@ -15,8 +15,10 @@ pytestmark = pytest.mark.controlplane
 def test_namespace_deletion_and_garbage_collection(control_plane_factory) -> None:
     plane = control_plane_factory("/party-gc")
     try:
-        plane.start_controller_manager()
+        # CRDs first: the garbage collector discovers resource types at start and then only
+        # every 30 s, so a CRD installed later is collected only after that resync.
         install_crds(plane)
+        plane.start_controller_manager()
         plane.kubectl("create", "namespace", "gc")
         job = {
             "apiVersion": "chaos.training.dev/v1alpha1",
