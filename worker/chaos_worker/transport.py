@@ -3,7 +3,8 @@
 One outgoing connection per peer carries this worker's frames to it in FIFO order (the
 membership protocol relies on that order); incoming connections deliver the peer's frames
 to `on_message` in arrival order. Links can be blocked to emulate a link going down: a
-blocked link neither sends nor accepts frames.
+blocked link neither sends nor accepts frames. Outgoing links may be shaped (rate and added
+delay, see `chaos_worker.shaping`) and incoming bytes may share one downlink bucket.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from chaos_worker.shaping import LinkShape, TokenBucket
 from chaos_worker.wire import (
     FRAME,
     Goodbye,
@@ -37,17 +40,30 @@ OnDisconnect = Callable[[str, bool], None]
 _PIECE = 1 << 20
 
 
-async def _write_frame(writer: asyncio.StreamWriter, frame: list[bytes | memoryview]) -> None:
-    """Write one encoded frame; a large payload goes a piece at a time, never copied whole."""
+async def _write_frame(
+    writer: asyncio.StreamWriter, frame: list[bytes | memoryview], bucket: TokenBucket | None
+) -> None:
+    """Write one encoded frame; a large payload goes a piece at a time, never copied whole.
+
+    With a `bucket`, every piece waits for its tokens first (shaped link).
+    """
     prefix, header, payload = frame
     view = memoryview(payload)
-    if view.nbytes <= _PIECE:
+    piece = _PIECE if bucket is None else min(_PIECE, int(bucket.burst))
+    if view.nbytes <= piece:
+        if bucket is not None:
+            await bucket.consume(len(prefix) + len(header) + view.nbytes)
         writer.writelines(frame)
         return
     view = view.cast("B")
+    if bucket is not None:
+        await bucket.consume(len(prefix) + len(header))
     writer.write(bytes(prefix) + bytes(header))
-    for start in range(0, view.nbytes, _PIECE):
-        writer.write(view[start : start + _PIECE])
+    for start in range(0, view.nbytes, piece):
+        chunk = view[start : start + piece]
+        if bucket is not None:
+            await bucket.consume(chunk.nbytes)
+        writer.write(chunk)
         await writer.drain()
 
 
@@ -62,9 +78,19 @@ def parse_address(address: str) -> tuple[str, int]:
 @dataclass
 class _Outgoing:
     address: str
+    shape: LinkShape = field(default_factory=LinkShape)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     task: asyncio.Task | None = None
     sent_bytes: int = 0
+    bucket: TokenBucket | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape.rate_bytes_per_s is not None:
+            self.bucket = TokenBucket(self.shape.rate_bytes_per_s)
+
+    def put(self, frame: list[bytes | memoryview] | None) -> None:
+        """Queue a frame (None closes the link) with the time it may leave."""
+        self.queue.put_nowait((time.monotonic() + self.shape.delay_s, frame))
 
 
 class Transport:
@@ -77,8 +103,12 @@ class Transport:
         on_disconnect: OnDisconnect,
         *,
         max_payload: int,
+        shape: Callable[[str], LinkShape] | None = None,
+        downlink: TokenBucket | None = None,
     ) -> None:
         self.me = me
+        self._shape = shape or (lambda _peer: LinkShape())
+        self._downlink = downlink
         self._on_message = on_message
         self._on_disconnect = on_disconnect
         self._max_payload = max_payload
@@ -100,7 +130,7 @@ class Transport:
             return
         if out is not None and out.task:
             out.task.cancel()
-        out = _Outgoing(address)
+        out = _Outgoing(address, self._shape(peer))
         out.task = asyncio.get_running_loop().create_task(self._pump(peer, out))
         self._out[peer] = out
 
@@ -110,8 +140,8 @@ class Transport:
         if out is None or out.task is None:
             return
         if goodbye:
-            out.queue.put_nowait(encode(Goodbye(sender=self.me)))
-            out.queue.put_nowait(None)
+            out.put(encode(Goodbye(sender=self.me)))
+            out.put(None)
         else:
             out.task.cancel()
 
@@ -123,7 +153,7 @@ class Transport:
         out = self._out.get(peer)
         if out is None or peer in self._blocked:
             return False
-        out.queue.put_nowait(encode(message, payload))
+        out.put(encode(message, payload))
         return True
 
     def peers(self) -> list[str]:
@@ -176,10 +206,13 @@ class Transport:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             writer.writelines(encode(Hello(sender=self.me)))
             while True:
-                frame = await out.queue.get()
+                due, frame = await out.queue.get()
                 if frame is None:
                     break
-                await _write_frame(writer, frame)
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                await _write_frame(writer, frame, out.bucket)
                 out.sent_bytes += sum(memoryview(b).nbytes for b in frame)
                 if out.queue.empty():
                     await writer.drain()
@@ -235,19 +268,29 @@ class Transport:
             await reader.readexactly(FRAME.size), self._max_payload
         )
         message = decode_header(await reader.readexactly(header_len))
-        return message, await _read_payload(reader, payload_len)
+        if self._downlink is not None:
+            await self._downlink.consume(FRAME.size + header_len)
+        return message, await _read_payload(reader, payload_len, self._downlink)
 
 
-async def _read_payload(reader: asyncio.StreamReader, size: int) -> bytes:
-    """Exactly `size` bytes from `reader`; large payloads as pieces joined once."""
-    if size <= _PIECE:
+async def _read_payload(
+    reader: asyncio.StreamReader, size: int, bucket: TokenBucket | None = None
+) -> bytes:
+    """Exactly `size` bytes from `reader`; large payloads as pieces joined once.
+
+    With a `bucket` (the receiver's shaped downlink), each piece waits for its tokens.
+    """
+    if size <= _PIECE and bucket is None:
         return await reader.readexactly(size) if size else b""
+    step = _PIECE if bucket is None else min(_PIECE, int(bucket.burst))
     pieces = []
     left = size
     while left:
-        piece = await reader.read(min(left, _PIECE))
+        piece = await reader.read(min(left, step))
         if not piece:
             raise asyncio.IncompleteReadError(b"".join(pieces), size)
+        if bucket is not None:
+            await bucket.consume(len(piece))
         pieces.append(piece)
         left -= len(piece)
     return b"".join(pieces)
