@@ -1,0 +1,320 @@
+"""Per-step in-memory snapshots of the training state, double-buffered and shardable.
+
+After every optimizer step a member publishes snapshot `s` (the state in force at the start
+of step `s`: parameters, buffers, optimizer state). The tensors are copied into one flat
+byte buffer laid out by a `Layout`; the copy runs in a thread while the next step computes
+and is awaited only before the next optimizer step changes the tensors, so publishing costs
+little of the step time. Two slots alternate; a slot holding a snapshot that a join is
+pulling is pinned and left alone until the join is over. With a directory (memory-backed in
+a pod, e.g. /dev/shm) the slots are files that `chaos replicator` in another process serves.
+
+A snapshot is split into `K` shards by byte range (`shard_bounds`); their SHA-256 digests
+are computed on demand by the member that produced the snapshot and checked by the newcomer.
+Sampler and RNG state need no saving: sample ids and randomness are pure functions of
+`(seed, step, sample id)`, and the step is part of the snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+_ALIGN = 64
+
+
+class Slot(BaseModel):
+    """Where one tensor lives in the flat buffer; `key` is its path in the state dicts."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: list[str | int]
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+
+
+class Layout(BaseModel):
+    """How a flat snapshot buffer maps back to `model.state_dict()` and the optimizer's."""
+
+    model_config = ConfigDict(frozen=True)
+
+    slots: list[Slot]
+    param_groups: list[dict]
+    scalars: list[tuple[list[str | int], float | int | bool | None]]
+    total_bytes: int
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """(key, value) for every entry of the model and optimizer state, in a fixed order."""
+    for name, tensor in model.state_dict().items():
+        yield ["model", name], tensor
+    opt = optimizer.state_dict()
+    for index in sorted(opt["state"]):
+        for name in sorted(opt["state"][index]):
+            yield ["optim", int(index), name], opt["state"][index][name]
+
+
+def layout_of(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[Layout, list[torch.Tensor]]:
+    """The layout of the current state and its tensors in layout order."""
+    slots: list[Slot] = []
+    tensors: list[torch.Tensor] = []
+    scalars: list[tuple[list[str | int], float | int | bool | None]] = []
+    offset = 0
+    for key, value in _tensors(model, optimizer):
+        if not isinstance(value, torch.Tensor):
+            scalars.append((key, value))
+            continue
+        nbytes = value.numel() * value.element_size()
+        slots.append(
+            Slot(
+                key=key,
+                dtype=_dtype_name(value.dtype),
+                shape=list(value.shape),
+                offset=offset,
+                nbytes=nbytes,
+            )
+        )
+        tensors.append(value)
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    groups = json.loads(json.dumps(optimizer.state_dict()["param_groups"], default=list))
+    return Layout(slots=slots, param_groups=groups, scalars=scalars, total_bytes=offset), tensors
+
+
+def copy_into(buffer: memoryview | np.ndarray, layout: Layout, tensors: list[torch.Tensor]) -> None:
+    """Copy `tensors` into `buffer` at their slots (releases the GIL for the data)."""
+    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=layout.total_bytes)
+    for slot, tensor in zip(layout.slots, tensors, strict=True):
+        if slot.nbytes:
+            src = tensor.detach().reshape(-1).view(torch.uint8)
+            flat[slot.offset : slot.offset + slot.nbytes].copy_(src)
+
+
+def load_from(
+    buffer: bytes | bytearray | memoryview,
+    layout: Layout,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> None:
+    """Load a snapshot buffer into `model` and `optimizer` (the inverse of `copy_into`)."""
+    flat = torch.frombuffer(
+        bytearray(buffer) if isinstance(buffer, bytes) else buffer,
+        dtype=torch.uint8,
+        count=layout.total_bytes,
+    )
+    model_state: dict[str, torch.Tensor] = {}
+    optim_state: dict[int, dict] = {}
+    for slot in layout.slots:
+        dtype = getattr(torch, slot.dtype)
+        raw = flat[slot.offset : slot.offset + slot.nbytes].clone()
+        tensor = raw.view(dtype).reshape(slot.shape).to(device)
+        if slot.key[0] == "model":
+            model_state[str(slot.key[1])] = tensor
+        else:
+            optim_state.setdefault(int(slot.key[1]), {})[str(slot.key[2])] = (
+                tensor.cpu() if tensor.dim() == 0 and slot.key[2] == "step" else tensor
+            )
+    for key, value in layout.scalars:
+        if key[0] == "optim":
+            optim_state.setdefault(int(key[1]), {})[str(key[2])] = value
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict({"state": optim_state, "param_groups": layout.param_groups})
+
+
+def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """SHA-256 of the flat state: equal on two members exactly when their states are equal."""
+    layout, tensors = layout_of(model, optimizer)
+    buffer = bytearray(layout.total_bytes)
+    copy_into(memoryview(buffer), layout, tensors)
+    digest = hashlib.sha256(buffer)
+    digest.update(layout.model_dump_json().encode())
+    return digest.hexdigest()
+
+
+def shard_bounds(total_bytes: int, shards: int, index: int) -> tuple[int, int]:
+    """Byte range [start, end) of shard `index` of `shards`."""
+    return index * total_bytes // shards, (index + 1) * total_bytes // shards
+
+
+@dataclass
+class Snapshot:
+    """One published snapshot: read-only while its slot is pinned."""
+
+    step: int
+    layout: Layout
+    data: memoryview
+    hashes: dict[int, list[str]] = field(default_factory=dict)
+
+    def shard(self, shards: int, index: int) -> memoryview:
+        start, end = shard_bounds(self.layout.total_bytes, shards, index)
+        return self.data[start:end]
+
+    def shard_hashes(self, shards: int) -> list[str]:
+        """SHA-256 of every shard for a split into `shards` (computed once per split)."""
+        if shards not in self.hashes:
+            self.hashes[shards] = [
+                hashlib.sha256(self.shard(shards, i)).hexdigest() for i in range(shards)
+            ]
+        return self.hashes[shards]
+
+
+class _Buffer:
+    """One slot's bytes: a file mapping in a directory, or anonymous memory."""
+
+    def __init__(self, size: int, path: Path | None) -> None:
+        self.size = size
+        self.path = path
+        if path is None:
+            self.array = np.zeros(max(size, 1), dtype=np.uint8)
+        else:
+            with open(path, "wb") as handle:
+                handle.truncate(max(size, 1))
+            self.array = np.memmap(path, dtype=np.uint8, mode="r+", shape=(max(size, 1),))
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.array)[: self.size]
+
+
+class SnapshotStore:
+    """Two snapshot slots of one member; see the module docstring."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        self._buffers: list[_Buffer | None] = [None, None]
+        self._meta: list[tuple[int, Layout] | None] = [None, None]
+        self._snapshots: dict[int, Snapshot] = {}
+        self._pinned: set[int] = set()
+        self._wanted: dict[int, int | None] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------- trainer side
+
+    def want(self, step: int, shards: int | None = None) -> None:
+        """Pin snapshot `step` as soon as it is published (a join will pull it).
+
+        With `shards`, also hash its shards ahead of the manifest request (in a thread).
+        """
+        with self._lock:
+            self._wanted[step] = shards
+            held = self._holds(step)
+            if held:
+                self._pinned.add(step)
+        if held and shards:
+            threading.Thread(target=self._prehash, args=(step,), daemon=True).start()
+
+    def release(self, step: int) -> None:
+        """The join that pulled `step` is over: its slot may be reused."""
+        with self._lock:
+            self._wanted.pop(step, None)
+            self._pinned.discard(step)
+
+    def publish(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Copy the current state into a free slot as snapshot `step` (call from a thread)."""
+        layout, tensors = layout_of(model, optimizer)
+        with self._lock:
+            index = self._free_slot()
+            if index is None:
+                return
+            self._meta[index] = None
+            buffer = self._buffers[index]
+            if buffer is None or buffer.size != layout.total_bytes:
+                path = None if self.directory is None else self.directory / f"slot-{index}.bin"
+                buffer = self._buffers[index] = _Buffer(layout.total_bytes, path)
+            self._write_meta(index, None)
+        copy_into(buffer.view, layout, tensors)
+        with self._lock:
+            self._meta[index] = (step, layout)
+            self._snapshots = {s: v for s, v in self._snapshots.items() if self._holds(s)}
+            self._snapshots[step] = Snapshot(step, layout, buffer.view.toreadonly())
+            wanted = step in self._wanted
+            if wanted:
+                self._pinned.add(step)
+            self._write_meta(index, (step, layout))
+        if wanted and self._wanted.get(step):
+            self._prehash(step)
+
+    def _prehash(self, step: int) -> None:
+        snap = self.get(step)
+        shards = self._wanted.get(step)
+        if snap is not None and shards:
+            snap.shard_hashes(shards)
+
+    def _free_slot(self) -> int | None:
+        """The slot to overwrite: not pinned, and not the newest unless the other is pinned."""
+        steps = [meta[0] if meta else -1 for meta in self._meta]
+        free = [i for i in (0, 1) if steps[i] not in self._pinned or steps[i] < 0]
+        if not free:
+            return None
+        return min(free, key=lambda i: steps[i])
+
+    def _holds(self, step: int) -> bool:
+        return any(meta and meta[0] == step for meta in self._meta)
+
+    def _write_meta(self, index: int, meta: tuple[int, Layout] | None) -> None:
+        if self.directory is None:
+            return
+        path = self.directory / f"slot-{index}.json"
+        tmp = path.with_suffix(".tmp")
+        body = {"step": meta[0], "layout": meta[1].model_dump()} if meta else {"step": None}
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------- server side
+
+    def get(self, step: int) -> Snapshot | None:
+        """Snapshot `step` if a slot holds it."""
+        with self._lock:
+            if self._is_reader():
+                return self._read_from_directory(step)
+            return self._snapshots.get(step) if self._holds(step) else None
+
+    def latest_step(self) -> int | None:
+        """The newest published step, if any."""
+        if self._is_reader():
+            steps = [meta["step"] for _, meta in self._directory_metas()]
+        else:
+            steps = [meta[0] for meta in self._meta if meta]
+        return max(steps) if steps else None
+
+    def _is_reader(self) -> bool:
+        """True in a separate replicator process: slots are files another process writes."""
+        return self.directory is not None and self._buffers == [None, None]
+
+    def _directory_metas(self) -> list[tuple[int, dict]]:
+        metas = []
+        for index in (0, 1):
+            try:
+                meta = json.loads((self.directory / f"slot-{index}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta.get("step"), int):
+                metas.append((index, meta))
+        return metas
+
+    def _read_from_directory(self, step: int) -> Snapshot | None:
+        """Map the slot file that holds `step`, if any."""
+        for index, meta in self._directory_metas():
+            if meta["step"] == step:
+                layout = Layout.model_validate(meta["layout"])
+                path = self.directory / f"slot-{index}.bin"
+                array = np.memmap(path, dtype=np.uint8, mode="r")
+                return Snapshot(step, layout, memoryview(array)[: layout.total_bytes])
+        return None
