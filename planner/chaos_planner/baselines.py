@@ -75,10 +75,18 @@ def solve_single(request: PlanRequest) -> Plan:
 
 
 def solve_equal(request: PlanRequest) -> Plan:
-    """Shards split as equally as the caps allow over all sources, best K of the chain."""
-    return search_chain(
-        request, "equal", lambda shards, _bound: apportion(request.sources, shards, equal_weight)
-    )
+    """Shards split as equally as the caps allow over all sources, best K of the chain.
+
+    Only K of at least one shard per source are tried (where the chain has one), so that
+    every source takes part, as in a naive equal split; otherwise a K smaller than the
+    number of sources would quietly leave the slowest out.
+    """
+    everyone = min(len(request.sources), request.shard_counts[-1])
+
+    def assign(shards: int, _bound: float | None) -> dict[str, int] | None:
+        return apportion(request.sources, shards, equal_weight) if shards >= everyone else None
+
+    return search_chain(request, "equal", assign)
 
 
 def solve_proportional(request: PlanRequest) -> Plan:
