@@ -14,10 +14,16 @@ from chaos_worker.wire import (
     Goodbye,
     Heartbeat,
     Hello,
+    JoinPlan,
     MemberStatus,
+    ObservedTotal,
     Ping,
     Pong,
     Proposal,
+    ShardData,
+    SnapshotGone,
+    SnapshotManifest,
+    SnapshotRequest,
     StateTransfer,
     WireError,
     _Msg,
@@ -57,6 +63,25 @@ MESSAGES: list[_Msg] = [
     ),
     Chunk(sender="w1", epoch=4, step=12, phase="down", index=2, count=8),
     StateTransfer(sender="w0", step=12, sha256="ab" * 32),
+    JoinPlan(
+        id="j1",
+        origin="w0",
+        joiner="w4",
+        joiner_address="127.0.0.1:9000",
+        step=12,
+        shards=4,
+        assignment={"w0": [0, 1, 2], "w1": [3]},
+        replicators={"w0": "127.0.0.1:9100", "w1": "127.0.0.1:9101"},
+        bandwidths={"w0": 3e7, "w1": 1e7},
+        manifest_from="w0",
+        predicted_s=0.5,
+        strategy="greedy",
+    ),
+    ObservedTotal(sender="w0", step=12, dtype="<f8"),
+    SnapshotRequest(sender="w4", reply_to="127.0.0.1:9200", step=12, shards=4, index=3),
+    SnapshotManifest(sender="w0", step=12, shards=1, layout={"slots": []}, sha256=["cd" * 32]),
+    ShardData(sender="w1", step=12, shards=4, index=3),
+    SnapshotGone(sender="w1", step=12, reason="overwritten"),
 ]
 
 
@@ -72,7 +97,11 @@ def _split(frame: list[bytes | memoryview]) -> tuple[bytes, bytes, bytes]:
 
 @pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.type)
 def test_round_trip_every_message_type(message: _Msg) -> None:
-    payload = bytes(range(256)) * 3 if isinstance(message, Chunk | StateTransfer) else b""
+    payload = (
+        bytes(range(256)) * 3
+        if isinstance(message, Chunk | StateTransfer | ShardData | ObservedTotal)
+        else b""
+    )
     _, header, got_payload = _split(encode(message, payload))
     decoded = decode_header(header)
     assert type(decoded) is type(message)

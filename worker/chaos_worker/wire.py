@@ -49,6 +49,7 @@ class Heartbeat(_Msg):
     step: int
     samples_per_s: float
     sent_at: float
+    replicator: str = ""
 
 
 class Ping(_Msg):
@@ -77,6 +78,7 @@ class Proposal(_Msg):
     address: str = ""
     detected_at: float
     epoch: int
+    mode: Literal["observe", "copy", "ready"] = "copy"
 
 
 class MemberStatus(_Msg):
@@ -124,6 +126,74 @@ class StateTransfer(_Msg):
     sha256: str
 
 
+class JoinPlan(_Msg):
+    """The root's shard plan for a newcomer, flooded so every source pins snapshot `step`."""
+
+    type: Literal["join_plan"] = "join_plan"
+    id: str
+    origin: str
+    joiner: str
+    joiner_address: str
+    step: int
+    shards: int
+    assignment: dict[str, list[int]]
+    replicators: dict[str, str]
+    bandwidths: dict[str, float]
+    manifest_from: str
+    predicted_s: float
+    strategy: str
+
+
+class ObservedTotal(_Msg):
+    """The reduced gradient sum of `step`, streamed to an observer (payload: the total)."""
+
+    type: Literal["observed"] = "observed"
+    sender: str
+    step: int
+    dtype: str
+
+
+class SnapshotRequest(_Msg):
+    """Newcomer -> replicator: the manifest (`index` None) or one shard of snapshot `step`."""
+
+    type: Literal["snap_req"] = "snap_req"
+    sender: str
+    reply_to: str
+    step: int
+    shards: int = Field(gt=0, le=1 << 20)
+    index: int | None = None
+
+
+class SnapshotManifest(_Msg):
+    """What snapshot `step` holds: its layout and the SHA-256 of each of `shards` shards."""
+
+    type: Literal["snap_manifest"] = "snap_manifest"
+    sender: str
+    step: int
+    shards: int
+    layout: dict
+    sha256: list[str]
+
+
+class ShardData(_Msg):
+    """Shard `index` of `shards` of snapshot `step` (payload: its bytes)."""
+
+    type: Literal["shard"] = "shard"
+    sender: str
+    step: int
+    shards: int
+    index: int
+
+
+class SnapshotGone(_Msg):
+    """The replicator cannot serve snapshot `step` (overwritten, or never published)."""
+
+    type: Literal["snap_gone"] = "snap_gone"
+    sender: str
+    step: int
+    reason: str
+
+
 Message = Annotated[
     Hello
     | Goodbye
@@ -134,7 +204,13 @@ Message = Annotated[
     | MemberStatus
     | Decision
     | Chunk
-    | StateTransfer,
+    | StateTransfer
+    | JoinPlan
+    | ObservedTotal
+    | SnapshotRequest
+    | SnapshotManifest
+    | ShardData
+    | SnapshotGone,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

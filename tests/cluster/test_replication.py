@@ -1,0 +1,173 @@
+"""Replication over real sockets: replicators serve a snapshot, a newcomer pulls it.
+
+The flipped byte is fault injection (`Replicator(corrupt_once=True)`): a corrupted shard
+cannot be caused otherwise on loopback. Everything else is real: sockets, token buckets,
+torch state, checksums.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+import torch
+from chaos_planner.models import PlanRequest, Source
+from chaos_planner.solve import solve
+from chaos_worker.replication import Puller, Replicator
+from chaos_worker.shaping import LinkShape
+from chaos_worker.snapshot import SnapshotStore, load_from, state_digest
+from chaos_worker.wire import JoinPlan
+
+pytestmark = pytest.mark.cluster
+
+
+def _job(seed: int = 0, steps: int = 1, width: int = 256):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.Linear(width, 64))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        model(torch.randn(8, 64)).square().sum().backward()
+        opt.step()
+    return model, opt
+
+
+def _plan(replicators: dict[str, Replicator], total: int, rates: dict[str, float]) -> JoinPlan:
+    sources = [Source(id=s, bandwidth_bytes_per_s=rates[s]) for s in replicators]
+    plan = solve(PlanRequest(state_bytes=total, shard_counts=[8], sources=sources), "equal")
+    assignment, first = {}, 0
+    for sid in sorted(plan.assignment):
+        assignment[sid] = list(range(first, first + plan.assignment[sid]))
+        first += plan.assignment[sid]
+    return JoinPlan(
+        id="plan",
+        origin="s0",
+        joiner="new",
+        joiner_address="",
+        step=3,
+        shards=plan.shards,
+        assignment=assignment,
+        replicators={s: r.address for s, r in replicators.items()},
+        bandwidths=rates,
+        manifest_from="s0",
+        predicted_s=plan.makespan_s,
+        strategy="equal",
+    )
+
+
+async def _serve(model, opt, rates, corrupt: str = ""):
+    replicators = {}
+    for sid, rate in rates.items():
+        store = SnapshotStore()
+        store.publish(3, model, opt)
+        replicator = Replicator(
+            sid, store, shape=lambda _p, r=rate: LinkShape(r), corrupt_once=sid == corrupt
+        )
+        await replicator.start("127.0.0.1")
+        replicators[sid] = replicator
+    return replicators
+
+
+def test_a_flipped_byte_is_rejected_and_fetched_from_another_source() -> None:
+    model, opt = _job()
+
+    async def main():
+        rates = {"s0": 50e6, "s1": 50e6, "s2": 50e6}
+        replicators = await _serve(model, opt, rates, corrupt="s1")
+        total = replicators["s0"].store.get(3).layout.total_bytes
+        result = await Puller("new", _plan(replicators, total, rates)).run()
+        for replicator in replicators.values():
+            await replicator.close()
+        return result
+
+    result = asyncio.run(main())
+    assert result.rejected == 1 and result.replans >= 1
+    fresh_model, fresh_opt = _job(seed=5, steps=0)
+    load_from(result.data, result.layout, fresh_model, fresh_opt, torch.device("cpu"))
+    assert state_digest(fresh_model, fresh_opt) == state_digest(model, opt)
+    # the corrupted shard came from someone else, so s1 delivered one shard fewer
+    assert result.bytes_per_source["s1"] < result.bytes_per_source["s0"]
+
+
+REPLICATOR_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from chaos_worker.snapshot import SnapshotStore
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+model(torch.randn(8, 64)).square().sum().backward()
+opt.step()
+SnapshotStore(Path(sys.argv[1])).publish(3, model, opt)
+"""
+
+
+def test_a_separate_replicator_process_serves_a_trainers_snapshot_dir(tmp_path) -> None:
+    """`chaos replicator` (the sidecar) serves what a trainer wrote into its directory."""
+    subprocess.run([sys.executable, "-c", REPLICATOR_SCRIPT, str(tmp_path)], check=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chaos_operator.cli",
+            "replicator",
+            "--id",
+            "s0",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        address = line.rsplit(" ", 1)[-1].strip()
+        assert line.startswith("serving"), line
+
+        async def main():
+            plan = JoinPlan(
+                id="p",
+                origin="s0",
+                joiner="new",
+                joiner_address="",
+                step=3,
+                shards=4,
+                assignment={"s0": [0, 1, 2, 3]},
+                replicators={"s0": address},
+                bandwidths={"s0": 1e9},
+                manifest_from="s0",
+                predicted_s=0.0,
+                strategy="single",
+            )
+            return await Puller("new", plan).run()
+
+        result = asyncio.run(main())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    model, opt = _job()
+    fresh_model, fresh_opt = _job(seed=5, steps=0)
+    load_from(result.data, result.layout, fresh_model, fresh_opt, torch.device("cpu"))
+    assert state_digest(fresh_model, fresh_opt) == state_digest(model, opt)
+
+
+def test_a_source_that_goes_silent_is_replaced() -> None:
+    """A source whose link stalls (1 byte/s after its burst) loses its shards to the others."""
+    model, opt = _job(width=4096)  # 6 MB: a shard is larger than the token bucket's burst
+
+    async def main():
+        rates = {"s0": 50e6, "s1": 50e6, "s2": 1.0}
+        replicators = await _serve(model, opt, rates)
+        total = replicators["s0"].store.get(3).layout.total_bytes
+        plan = _plan(replicators, total, {"s0": 50e6, "s1": 50e6, "s2": 50e6})
+        result = await Puller("new", plan, stall_timeout_s=0.5).run()
+        for replicator in replicators.values():
+            await replicator.close()
+        return result
+
+    result = asyncio.run(main())
+    assert result.bytes_per_source["s2"] == 0 and result.replans >= 1
+    fresh_model, fresh_opt = _job(seed=5, steps=0, width=4096)
+    load_from(result.data, result.layout, fresh_model, fresh_opt, torch.device("cpu"))
+    assert state_digest(fresh_model, fresh_opt) == state_digest(model, opt)
