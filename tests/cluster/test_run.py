@@ -58,7 +58,7 @@ def assert_same_losses(a: list, b: list, rel: float = 1e-9) -> None:
 def baseline(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("baseline")
     return run_job(
-        tmp, "none", "--workers", "5", "--steps", "40", "--dtype", "float64", "--churn", "none"
+        tmp, "none", "--workers", "5", "--steps", "80", "--dtype", "float64", "--churn", "none"
     )
 
 
@@ -69,14 +69,14 @@ def test_churn_gives_the_same_losses_without_lost_steps_or_restarts(baseline, tm
         "--workers",
         "5",
         "--steps",
-        "40",
+        "80",
         "--dtype",
         "float64",
         "--churn",
         CHURN,
     )
-    assert churned["steps"] == baseline["steps"] == 40
-    assert [s for s, _ in churned["loss_curve"]] == list(range(40)), "a step was lost"
+    assert churned["steps"] == baseline["steps"] == 80
+    assert [s for s, _ in churned["loss_curve"]] == list(range(80)), "a step was lost"
     assert_same_losses(churned["loss_curve"], baseline["loss_curve"])
     assert [e["type"] for e in churned["events"]] == ["leave", "crash", "link_down", "link_up"]
     assert all(e["steps_lost"] == 0 for e in churned["events"])
@@ -92,24 +92,68 @@ def test_churn_gives_the_same_losses_without_lost_steps_or_restarts(baseline, tm
     assert not [p for p in churned["processes"] if Path(f"/proc/{p['pid']}").exists()]
 
 
-def test_join_copies_state_and_keeps_the_trajectory(baseline, tmp_path):
+def live_digests(report: dict) -> dict[str, str]:
+    """Final state SHA-256 of every worker that trained to the end."""
+    return {p["name"]: p["state_sha256"] for p in report["processes"] if p["state_sha256"]}
+
+
+@pytest.mark.parametrize("mode", ["observe", "copy"])
+def test_join_keeps_the_trajectory_and_the_state_bit_identical(baseline, tmp_path, mode):
     joined = run_job(
         tmp_path,
         "join",
         "--workers",
         "5",
         "--steps",
-        "40",
+        "80",
         "--dtype",
         "float64",
         "--churn",
         "join@10",
+        "--join-mode",
+        mode,
     )
     assert_same_losses(joined["loss_curve"], baseline["loss_curve"])
     (event,) = joined["events"]
     assert event["type"] == "join" and event["worker"] == "w5"
     assert event["scale_out_delay_s"] is not None and event["scale_out_delay_s"] > 0
     assert joined["members_curve"][-1][1] == 6
+    (join,) = joined["joins"]
+    assert join["path"] == {"observe": "observer", "copy": "stop-and-copy"}[mode]
+    if mode == "observe":
+        assert sum(join["bytes_per_source"].values()) > 0
+        assert len([n for n in join["bytes_per_source"].values() if n]) > 1  # several sources
+    digests = live_digests(joined)
+    assert set(digests) == {f"w{i}" for i in range(6)}
+    assert len(set(digests.values())) == 1
+
+
+def test_join_survives_a_source_crash_mid_transfer(baseline, tmp_path):
+    """w1's link to the newcomer is slow, so its share is still in flight when it dies."""
+    joined = run_job(
+        tmp_path,
+        "crash-mid-join",
+        "--workers",
+        "5",
+        "--steps",
+        "80",
+        "--dtype",
+        "float64",
+        "--churn",
+        "join@10,crash:w1@16",
+        "--links",
+        "w1-w5=8KB/s",
+        "--join-strategy",
+        "equal",
+    )
+    assert_same_losses(joined["loss_curve"], baseline["loss_curve"])
+    (join,) = joined["joins"]
+    assert join["path"] == "observer"
+    assert join["replans"] >= 1
+    assert join["bytes_per_source"]["w1"] == 0  # w1's shards came from the others
+    digests = live_digests(joined)
+    assert set(digests) == {"w0", "w2", "w3", "w4", "w5"}
+    assert len(set(digests.values())) == 1
 
 
 def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
@@ -119,7 +163,7 @@ def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
         "--workers",
         "5",
         "--steps",
-        "40",
+        "80",
         "--dtype",
         "float64",
         "--churn",

@@ -258,7 +258,7 @@ def test_join_scale_out_delay_is_from_request_to_the_joiners_first_step() -> Non
     assert event.type == "join" and event.worker == "w3"
     assert event.scale_out_delay_s == pytest.approx(0.78)
     assert event.handling_ms == pytest.approx(130.0)
-    assert event.detail == "full-state copy from one member"
+    assert event.detail.startswith("stop-and-copy")
 
 
 def test_a_join_that_never_trained_has_no_delay() -> None:

@@ -35,6 +35,36 @@ class WorkerConfig(BaseModel):
     standby: bool = Field(
         False, description="start up, then wait for the launcher's join command (local runs)"
     )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve Prometheus /metrics here (0: any port; None: off)"
+    )
+
+    links: str = Field(
+        "", description="emulated link shapes, e.g. 'w0-w3=20MB/s+40ms,*=100MB/s' (shaping.py)"
+    )
+    downlink_bytes_per_s: PositiveFloat | None = Field(
+        None, description="emulated downlink of this worker (all incoming bytes share it)"
+    )
+    snapshot_dir: str | None = Field(
+        None, description="memory-backed directory for snapshots (a separate replicator)"
+    )
+    join_mode: Literal["observe", "copy"] = Field(
+        "observe",
+        description="observe: pull a snapshot from several members while replaying the "
+        "gradient stream; copy: full-state copy from one member at the switch step",
+    )
+    join_strategy: Literal["greedy", "single", "equal", "proportional"] = Field(
+        "greedy", description="how the root splits a join's snapshot among the sources"
+    )
+    shard_overhead_s: float = Field(
+        5e-4, ge=0, description="per-shard cost the planner adds to each source (seconds)"
+    )
+    stall_timeout_s: PositiveFloat = Field(
+        5.0, description="a source that sends nothing for this long is replaced mid-join"
+    )
+    observer_max_backlog: PositiveInt = Field(
+        200, description="observed steps a newcomer may lag before it falls back to a copy"
+    )
 
     @model_validator(mode="after")
     def _members_or_join(self) -> WorkerConfig:

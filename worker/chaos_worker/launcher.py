@@ -49,6 +49,11 @@ class JobOptions:
     heartbeat_interval_s: float = 0.1
     failure_timeout_s: float = 1.0
     example: str = ""
+    metrics: bool = False  # every worker serves Prometheus /metrics on a free port
+    links: str = ""  # emulated link shapes (chaos_worker.shaping)
+    downlinks: dict[str, float] = field(default_factory=dict)  # worker -> downlink bytes/s
+    join_mode: str = "observe"
+    join_strategy: str = "greedy"
 
 
 @dataclass
@@ -99,6 +104,8 @@ class LocalJob:
         self._pending = list(options.churn)
         self._started = time.monotonic()
         self._done_at: float | None = None
+        self.metrics_ports: dict[str, int] = {}  # worker -> its /metrics port (metrics on)
+        self.digests: dict[str, str] = {}  # worker -> SHA-256 of its final training state
 
     async def run(self) -> Report:
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -133,7 +140,14 @@ class LocalJob:
             members=members or {},
             standby=standby,
             control=self._control,
+            metrics_port=free_ports(1, 0)[0] if self.opts.metrics else None,
+            links=self.opts.links,
+            downlink_bytes_per_s=self.opts.downlinks.get(name),
+            join_mode=self.opts.join_mode,
+            join_strategy=self.opts.join_strategy,
         )
+        if config.metrics_port is not None:
+            self.metrics_ports[name] = config.metrics_port
         path = self._tmp / f"{name}.json"
         path.write_text(config.model_dump_json())
         stderr = self._tmp / f"{name}.stderr"
@@ -244,6 +258,8 @@ class LocalJob:
         kind = record.get("kind")
         if kind == "ready" and worker in self.procs:
             self.procs[worker].address = record["address"]
+            if record.get("metrics_port"):
+                self.metrics_ports[worker] = int(record["metrics_port"])
         elif kind == "progress":
             self.max_step = max(self.max_step, int(record["step"]))
             self.members = int(record["members"])
@@ -251,6 +267,11 @@ class LocalJob:
                 self.samples_per_s = float(record["samples_per_s"])
         elif kind == "paused":
             self.last_event = f"{worker} paused: {record.get('reason', '')}"
+        elif kind == "join_progress":
+            pulled = ", ".join(f"{m} {n >> 10} KiB" for m, n in sorted(record["bytes"].items()))
+            self.last_event = f"{worker} pulling {record['done']}/{record['shards']}: {pulled}"
+        elif kind == "exit" and record.get("state_sha256"):
+            self.digests[worker] = str(record["state_sha256"])
 
     def _reap(self) -> None:
         for proc in self.procs.values():
@@ -282,8 +303,15 @@ class LocalJob:
             workers=self.opts.workers,
             dtype=self.opts.dtype,
             step_time_s=statistics.median(gaps) if gaps else None,
+            joins=self.timeline.joins(),
             processes=[
-                {"name": p.name, "pid": p.popen.pid, "exit_code": p.popen.returncode}
+                {
+                    "name": p.name,
+                    "pid": p.popen.pid,
+                    "exit_code": p.popen.returncode,
+                    "state_sha256": self.digests.get(p.name),
+                }
+                | ({"metrics_port": self.metrics_ports.get(p.name)} if self.opts.metrics else {})
                 for p in self.procs.values()
             ],
         )

@@ -23,6 +23,7 @@ Protocol (every change takes effect at a step boundary):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -32,15 +33,23 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from chaos_planner.models import PlanRequest, Source
+from chaos_planner.solve import solve
 
 from chaos_worker.collective import TreeAllReduce
 from chaos_worker.compute import apply_flat_grads, flatten_grads, gradient_sum
 from chaos_worker.config import WorkerConfig
 from chaos_worker.control import ControlLink
+from chaos_worker.metrics import WorkerMetrics
+from chaos_worker.probes import LinkMonitor, directed
+from chaos_worker.replication import JoinFailed, Puller, Replicator
 from chaos_worker.sampling import split_by_throughput, step_sample_ids
+from chaos_worker.shaping import TokenBucket, parse_links, shape_for
+from chaos_worker.snapshot import SnapshotStore, load_from, state_digest
 from chaos_worker.trainspec import TrainSpec
 from chaos_worker.transport import Transport
 from chaos_worker.view import Change, View, full_mesh, initial_view, link_key, next_view
@@ -48,8 +57,10 @@ from chaos_worker.wire import (
     Chunk,
     Decision,
     Heartbeat,
+    JoinPlan,
     MemberStatus,
     Message,
+    ObservedTotal,
     Ping,
     Pong,
     Proposal,
@@ -65,6 +76,8 @@ log = logging.getLogger(__name__)
 # from step time and RTT, is for decisions that travel outside the data path.)
 FIFO_SWITCH_MARGIN = 2
 STARTUP_TIMEOUT_S = 60.0
+DEFAULT_BANDWIDTH = 1e9
+"""Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
 
 
 @dataclass
@@ -84,9 +97,31 @@ class Member:
         self.me = config.id
         self.spec = spec
         self.device = device
+        shapes = parse_links(config.links)
+        downlink = config.downlink_bytes_per_s
         self.transport = Transport(
-            self.me, self._on_message, self._on_disconnect, max_payload=1 << 34
+            self.me,
+            self._on_message,
+            self._on_disconnect,
+            max_payload=1 << 34,
+            shape=lambda peer: shape_for(shapes, self.me, peer),
+            downlink=TokenBucket(downlink) if downlink else None,
         )
+        self.store = SnapshotStore(Path(config.snapshot_dir) if config.snapshot_dir else None)
+        self.replicator = Replicator(
+            self.me,
+            self.store,
+            shape=lambda peer: shape_for(shapes, self.me, peer),
+        )
+        self._shapes = shapes
+        self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
+        self._publishing: concurrent.futures.Future | None = None
+        self._publish_s = 0.0
+        self._replicators: dict[str, str] = {}
+        self._observers: dict[str, JoinPlan] = {}
+        self._join_plan: JoinPlan | None = None
+        self._join_decision: Decision | None = None
+        self._observed: dict[int, np.ndarray] = {}
         self.collective = TreeAllReduce(
             self.me, self.transport.send, bucket_bytes=config.bucket_bytes
         )
@@ -123,6 +158,8 @@ class Member:
         self._tasks: list[asyncio.Task] = []
         self._like = flatten_grads(spec.model).detach().cpu().numpy()
         self.loss_curve: list[tuple[int, float]] = []
+        self.monitor = LinkMonitor(self.me)
+        self.metrics = WorkerMetrics(self.me) if config.metrics_port is not None else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,8 +168,10 @@ class Member:
         host = self.cfg.listen.rpartition(":")[0]
         port = await self.transport.listen(host, int(self.cfg.listen.rpartition(":")[2]))
         self.address = f"{host}:{port}"
+        self._replicators[self.me] = await self.replicator.start(host)
         await self.control.open()
-        self._report("ready", address=self.address)
+        metrics_port = self.metrics.serve(host, self.cfg.metrics_port) if self.metrics else None
+        self._report("ready", address=self.address, metrics_port=metrics_port)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._watch())]
         if self.cfg.members:
@@ -149,12 +188,34 @@ class Member:
         finally:
             for task in self._tasks:
                 task.cancel()
-            self._report("exit", step=self.step, completed=self.completed)
+            self._settle_publish()
+            self._publisher.shutdown()
+            digest = state_digest(self.spec.model, self.spec.optimizer)
+            self._report("exit", step=self.step, completed=self.completed, state_sha256=digest)
+            await self.replicator.close()
             await self.transport.close()
             await self.control.close()
 
     async def _join(self) -> None:
-        """Ask a member to admit us; wait for the decision and the state copy."""
+        """Ask a member to admit us, then catch up as an observer or by a full copy."""
+        self.transport.connect("_seed", self._seed)
+        self._report("join_requested", t=time.monotonic(), mode=self.cfg.join_mode)
+        if self.cfg.join_mode == "observe":
+            self._ask_to_join("observe")
+            try:
+                await self._join_as_observer()
+                return
+            except JoinFailed as exc:
+                self._report("join_fallback", reason=str(exc), t=time.monotonic())
+        self._ask_to_join("copy")
+        decision = await self._joining_decision()
+        await self._take_state()
+        self.transport.disconnect("_seed")
+        self._open.clear()
+        self._install(decision, send_state=False)
+        self._report("joined", path="stop-and-copy", t=time.monotonic())
+
+    def _ask_to_join(self, mode: str) -> None:
         proposal = Proposal(
             id=uuid.uuid4().hex,
             origin=self.me,
@@ -163,17 +224,81 @@ class Member:
             address=self.address,
             detected_at=time.monotonic(),
             epoch=-1,
+            mode=mode,
         )
-        self.transport.connect("_seed", self._seed)
         self._seen.add(proposal.id)
-        self.transport.send("_seed", proposal)
-        self._report("join_requested", t=proposal.detected_at)
-        while self._pending is None:
+        self._flood(proposal)
+
+    async def _joining_decision(self) -> Decision:
+        """The first decision that makes this newcomer a member."""
+        while self._join_decision is None:
             await self._wait_change()
-        await self._take_state()
-        self.transport.disconnect("_seed")
-        self._open.clear()
-        self._install(self._pending, send_state=False)
+        return self._join_decision
+
+    async def _join_as_observer(self) -> None:
+        """Pull the planned snapshot from several members, replay the observed totals, and
+        ask to contribute once current; incumbents never wait for the transfer."""
+        while self._join_plan is None:
+            await self._wait_change()
+        plan = self._join_plan
+        started = time.monotonic()
+        last = [0.0]
+
+        def progress(received: dict[str, int], done: int, shards: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.2 or done == shards:
+                last[0] = now
+                self._report("join_progress", bytes=received, done=done, shards=shards, t=now)
+
+        downlink = self.cfg.downlink_bytes_per_s
+        puller = Puller(
+            self.me,
+            plan,
+            host=self.address.rpartition(":")[0],
+            downlink=TokenBucket(downlink) if downlink else None,
+            stall_timeout_s=self.cfg.stall_timeout_s,
+            on_progress=progress,
+        )
+        result = await puller.run()
+        load_from(result.data, result.layout, self.spec.model, self.spec.optimizer, self.device)
+        self.step = plan.step
+        self.completed = plan.step - 1
+        self._report(
+            "state_loaded",
+            step=plan.step,
+            bytes_per_source=result.bytes_per_source,
+            replans=result.replans,
+            rejected=result.rejected,
+            pull_s=time.monotonic() - started,
+            strategy=plan.strategy,
+            t=time.monotonic(),
+        )
+        await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        """Replay observed totals until the decision that admits this member takes effect."""
+        ready = False
+        while True:
+            while self.step in self._observed:
+                self._apply(self._observed.pop(self.step), observed=True)
+            for step in [s for s in self._observed if s < self.step]:
+                del self._observed[step]
+            decision = self._join_decision
+            if decision is not None and decision.effective_step <= self.step:
+                self.transport.disconnect("_seed")
+                self._open.clear()
+                self._install(decision, send_state=False)
+                self._report("joined", path="observer", t=time.monotonic())
+                return
+            if len(self._observed) > self.cfg.observer_max_backlog:
+                raise JoinFailed(
+                    f"the gradient stream ran {len(self._observed)} steps ahead of replay"
+                )
+            if not ready:
+                ready = True
+                self._ask_to_join("ready")
+                self._report("caught_up", step=self.step, t=time.monotonic())
+            await self._wait_change()
 
     async def _take_state(self) -> None:
         """Wait for the full-state copy of a join and load it."""
@@ -195,6 +320,7 @@ class Member:
                 return
             if self.step >= self.cfg.steps:
                 return
+            self._probe_links()
             started = time.perf_counter()
             ids = step_sample_ids(
                 self.cfg.seed, self.step, self.cfg.global_batch, len(self.spec.dataset)
@@ -222,11 +348,14 @@ class Member:
                 self._op = None
             self._apply(total)
             self._step_times.append(time.perf_counter() - started)
+            self._observe_step(len(mine), compute_s, self._step_times[-1])
 
-    def _apply(self, total: np.ndarray) -> None:
-        """Divide the reduced sum by the global batch and step the optimizer."""
+    def _apply(self, total: np.ndarray, *, observed: bool = False) -> None:
+        """Divide the reduced sum by the global batch, step the optimizer, publish the
+        snapshot of the next step, and stream the total to observers (as root)."""
         grads = torch.from_numpy(total[:-2].copy()).to(self.device)
         apply_flat_grads(self.spec.model, grads, 1.0 / self.cfg.global_batch)
+        self._settle_publish()
         self.spec.optimizer.step()
         loss = float(total[-2]) / self.cfg.global_batch
         if round(float(total[-1])) != self.cfg.global_batch:
@@ -236,6 +365,13 @@ class Member:
         self.last_total = total
         self.completed = self.step
         self.loss_curve.append((self.step, loss))
+        self._stream_to_observers(total)
+        self._publishing = self._publisher.submit(
+            self.store.publish, self.step + 1, self.spec.model, self.spec.optimizer
+        )
+        if observed:
+            self.step += 1
+            return
         self._report(
             "progress",
             step=self.step,
@@ -244,9 +380,27 @@ class Member:
             members=len(self.view.members),
             root=self.view.root,
             samples_per_s=self._samples_per_s,
+            publish_s=self._publish_s,
             t=time.monotonic(),
         )
         self.step += 1
+
+    def _settle_publish(self) -> None:
+        """Wait for the snapshot copy in flight (before the tensors change); time the wait."""
+        if self._publishing is not None:
+            started = time.perf_counter()
+            self._publishing.result()
+            self._publish_s = time.perf_counter() - started
+            self._publishing = None
+
+    def _stream_to_observers(self, total: np.ndarray) -> None:
+        """As root, send the total of this step to every newcomer replaying from before it."""
+        if self.view is None or self.view.root != self.me:
+            return
+        for joiner, plan in self._observers.items():
+            if self.step >= plan.step:
+                message = ObservedTotal(sender=self.me, step=self.step, dtype=total.dtype.str)
+                self.transport.send(joiner, message, total)
 
     async def _at_boundary(self) -> bool:
         """Install what takes effect at this step; True when this member must stop."""
@@ -284,10 +438,17 @@ class Member:
         joiners = [m for m in self.view.members if old is None or m not in old.members]
         for member in joiners:
             self._heard[member] = now
-        if send_state and joiners and self.me == self._state_source(old):
+            plan = self._observers.pop(member, None)
+            if plan is not None:
+                self.store.release(plan.step)
+        copying = [
+            c["subject"] for c in decision.causes if c["kind"] == "join" and c["mode"] == "copy"
+        ]
+        copying = [m for m in joiners if m in copying]
+        if send_state and copying and self.me == self._state_source(old):
             blob = self._save_state()
             digest = hashlib.sha256(blob).hexdigest()
-            for joiner in joiners:
+            for joiner in copying:
                 self.transport.send(
                     joiner, StateTransfer(sender=self.me, step=self.step, sha256=digest), blob
                 )
@@ -296,6 +457,7 @@ class Member:
 
     def _report_installed(self, decision: Decision) -> None:
         """Tell the launcher that the view of `decision` is now in force here."""
+        self._observe_decision(decision)
         self._report(
             "installed",
             decision=decision.id,
@@ -310,8 +472,11 @@ class Member:
         return self.view.root if self.view.root in old.members else min(old.members)
 
     def _maybe_decide(self) -> None:
-        """As root, turn open planned proposals into the next view."""
-        if self.view.root != self.me or self._pending is not None or self._aborting:
+        """As root, plan joins and turn open planned proposals into the next view."""
+        if self.view.root != self.me or self._aborting:
+            return
+        self._plan_joins()
+        if self._pending is not None:
             return
         proposals = [p for p in self._open.values() if self._relevant(p)]
         if not proposals:
@@ -332,10 +497,103 @@ class Member:
         )
         self._accept_decision(decision)
 
+    def _plan_joins(self) -> None:
+        """As root, give every newcomer that asked to observe a shard plan (once)."""
+        for key, proposal in list(self._open.items()):
+            if proposal.kind != "join" or proposal.mode != "observe":
+                continue
+            if proposal.subject in self.view.members or proposal.subject in self._observers:
+                del self._open[key]
+                continue
+            plan = self._make_join_plan(proposal)
+            if plan is None:
+                return
+            del self._open[key]
+            self._on_join_plan(plan)
+
+    def _make_join_plan(self, proposal: Proposal) -> JoinPlan | None:
+        """Shards of snapshot `self.step` per source, from the planner and link figures.
+
+        The root has not finished step `self.step`, so it streams that step's total and
+        every later one; every source still holds or will publish that snapshot. Its size
+        is taken from the newest snapshot published here.
+        """
+        latest = self.store.latest_step()
+        snap = None if latest is None else self.store.get(latest)
+        if snap is None:
+            return None
+        leaving = {p.subject for p in self._open.values() if p.kind == "leave"}
+        sources = [
+            Source(
+                id=m,
+                bandwidth_bytes_per_s=self._bandwidth(m, proposal.subject),
+                latency_s=self.cfg.shard_overhead_s,
+            )
+            for m in sorted(self.view.members)
+            if m in self._replicators and m not in leaving
+        ]
+        request = PlanRequest(state_bytes=max(1, snap.layout.total_bytes), sources=sources)
+        plan = solve(request, self.cfg.join_strategy)
+        assignment: dict[str, list[int]] = {}
+        first = 0
+        for source in sorted(plan.assignment, key=lambda m: (-plan.assignment[m], m)):
+            count = plan.assignment[source]
+            if count:
+                assignment[source] = list(range(first, first + count))
+                first += count
+        return JoinPlan(
+            id=uuid.uuid4().hex,
+            origin=self.me,
+            joiner=proposal.subject,
+            joiner_address=proposal.address,
+            step=self.step,
+            shards=plan.shards,
+            assignment=assignment,
+            replicators={m: self._replicators[m] for m in assignment},
+            bandwidths={s.id: s.bandwidth_bytes_per_s for s in sources},
+            manifest_from=next(iter(assignment)),
+            predicted_s=plan.makespan_s,
+            strategy=self.cfg.join_strategy,
+        )
+
+    def _bandwidth(self, source: str, joiner: str) -> float:
+        """Best figure for source -> joiner: the shaped rate in local runs, else a default.
+
+        (The monitor's measured link table refines this where it has a fresh figure.)
+        """
+        rate = shape_for(self._shapes, source, joiner).rate_bytes_per_s
+        return float(rate) if rate else DEFAULT_BANDWIDTH
+
+    def _on_join_plan(self, plan: JoinPlan) -> None:
+        """Learn of a join: pin the snapshot it pulls, stream to the observer, pass it on."""
+        if plan.id in self._seen:
+            return
+        self._seen.add(plan.id)
+        self._flood(plan)
+        if plan.joiner == self.me:
+            if self._join_plan is None:
+                self._join_plan = plan
+                self._decided.set()
+            return
+        if self.me in plan.assignment:
+            self.store.want(plan.step, plan.shards if self.me == plan.manifest_from else None)
+        self._observers[plan.joiner] = plan
+        self.transport.connect(plan.joiner, plan.joiner_address)
+        if plan.origin == self.me:
+            self._report(
+                "join_planned",
+                joiner=plan.joiner,
+                step=plan.step,
+                shards=plan.shards,
+                assignment={m: len(v) for m, v in plan.assignment.items()},
+                predicted_s=plan.predicted_s,
+                t=time.monotonic(),
+            )
+
     def _relevant(self, proposal: Proposal) -> bool:
         """Planned proposals that still change something in the current view."""
         if proposal.kind == "join":
-            return proposal.subject not in self.view.members
+            return proposal.subject not in self.view.members and proposal.mode != "observe"
         if proposal.kind == "leave":
             return proposal.subject in self.view.members
         is_down = link_key(proposal.subject, proposal.peer) in self.view.down
@@ -374,6 +632,8 @@ class Member:
             members=sorted(view.members),
             t=time.monotonic(),
         )
+        if self.view is None and self.me in view.members and self._join_decision is None:
+            self._join_decision = decision
         if decision.immediate:
             if self.view is None or view.epoch > self.view.epoch:
                 self._immediate = decision
@@ -547,12 +807,19 @@ class Member:
             self.transport.send(sender, Pong(sender=self.me, echo=message.sent_at))
         elif isinstance(message, Pong):
             self._rtts.append(now - message.echo)
+            self.monitor.on_pong(sender, message.echo, now)
         elif isinstance(message, Proposal):
             self._on_proposal(message)
         elif isinstance(message, MemberStatus):
             self._on_status(message)
         elif isinstance(message, Decision):
             self._accept_decision(message)
+        elif isinstance(message, JoinPlan):
+            self._on_join_plan(message)
+        elif isinstance(message, ObservedTotal):
+            if self.view is None and message.step >= self.step:
+                self._observed[message.step] = np.frombuffer(payload, dtype=message.dtype).copy()
+                self._decided.set()
         elif isinstance(message, StateTransfer):
             if hashlib.sha256(payload).hexdigest() != message.sha256:
                 log.warning("state from %s failed its checksum; ignored", sender)
@@ -567,6 +834,8 @@ class Member:
         self._seen.add(key)
         self._heard[beat.origin] = time.monotonic()
         self._speeds[beat.origin] = beat.samples_per_s
+        if beat.replicator:
+            self._replicators[beat.origin] = beat.replicator
         self._flood(beat)
 
     def _on_proposal(self, proposal: Proposal) -> None:
@@ -578,6 +847,10 @@ class Member:
         self._flood(proposal)
         if self.view is None:
             return
+        if proposal.kind == "join" and proposal.mode == "ready":
+            plan = self._observers.get(proposal.subject)
+            if plan is not None:
+                self.store.release(plan.step)
         self._open[proposal.id] = proposal
         if proposal.kind == "crash":
             self._suspects.add(proposal.subject)
@@ -665,6 +938,7 @@ class Member:
     def _sync_links(self) -> None:
         """Keep outgoing links to exactly the overlay neighbours of the current view."""
         wanted = {m: self.view.members[m] for m in self.view.neighbours(self.me)}
+        wanted.update({j: plan.joiner_address for j, plan in self._observers.items()})
         if self._pending is not None:
             pending = View.model_validate(self._pending.view)
             wanted.update({m: pending.members[m] for m in pending.neighbours(self.me)})
@@ -687,11 +961,14 @@ class Member:
                 step=self.step,
                 samples_per_s=self._samples_per_s,
                 sent_at=now,
+                replicator=self._replicators.get(self.me, ""),
             )
             self._flood(beat)
             if beat.seq % 5 == 0:
                 for peer in self.transport.peers():
                     self.transport.send(peer, Ping(sender=self.me, sent_at=now))
+            if self.metrics is not None:
+                self.metrics.update_links(self.monitor.table, now)
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
     async def _watch(self) -> None:
@@ -713,6 +990,34 @@ class Member:
                     self._suspect(member, now)
             if self._aborting:
                 self._try_decide_recovery()
+
+    # ------------------------------------------------------------------ monitoring
+
+    def _probe_links(self) -> None:
+        """Start this member's bandwidth probes of the current round (see `probes.py`)."""
+        if self.view is None or self.view.paused:
+            return
+        links = directed(self.view.overlay, self.view.down, self.view.members)
+        for probe in self.monitor.due(links, self.step, time.monotonic()):
+            if probe.dst in self.transport.peers():
+                ping = Ping(sender=self.me, sent_at=self.monitor.start(probe, time.monotonic()))
+                self.transport.send(probe.dst, ping, bytes(probe.nbytes))
+
+    def _observe_step(self, samples: int, compute_s: float, step_s: float) -> None:
+        self.monitor.table.observe_step(self.me, samples, compute_s, time.monotonic())
+        if self.metrics is not None:
+            loss = self.loss_curve[-1][1]
+            self.metrics.observe_step(step_s, loss, samples, len(self.view.members))
+
+    def _observe_decision(self, decision: Decision) -> None:
+        """Count the causes of an applied decision; handling time from their detection."""
+        if self.metrics is None:
+            return
+        now = time.monotonic()
+        for cause in decision.causes:
+            detected = cause.get("detected_at")
+            handling = now - detected if isinstance(detected, int | float) else float("nan")
+            self.metrics.observe_event(str(cause.get("kind", "")), handling)
 
     # ------------------------------------------------------------------ state
 
@@ -746,6 +1051,7 @@ def _cause(proposal: Proposal) -> dict:
     return {
         "id": proposal.id,
         "kind": proposal.kind,
+        "mode": proposal.mode,
         "subject": proposal.subject,
         "peer": proposal.peer,
         "detected_at": proposal.detected_at,

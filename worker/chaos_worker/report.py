@@ -48,7 +48,13 @@ class Report(BaseModel):
     dtype: str = ""
     step_time_s: float | None = None
     processes: list[dict] = Field(
-        default_factory=list, description="every worker process started: name, pid, exit code"
+        default_factory=list,
+        description="every worker process started: name, pid, exit code, final state SHA-256",
+    )
+    joins: list[dict] = Field(
+        default_factory=list,
+        description="per join: path (observer or stop-and-copy), snapshot step, bytes per "
+        "source, re-plans, rejected shards, pull seconds, strategy",
     )
 
 

@@ -149,7 +149,37 @@ class Timeline:
         first = [r["t"] for r in self.of("progress") if r["worker"] == worker]
         if not requested or not first:
             return None, "join did not complete"
-        return min(first) - min(requested), "full-state copy from one member"
+        return min(first) - min(requested), self._join_detail(worker)
+
+    def joins(self) -> list[dict]:
+        """What each completed join did: its path and, for a pull, what came from where."""
+        out = []
+        for joined in self.of("joined"):
+            worker = joined["worker"]
+            pulled = next((r for r in self.of("state_loaded") if r["worker"] == worker), {})
+            keep = ("step", "bytes_per_source", "replans", "rejected", "pull_s", "strategy")
+            out.append(
+                {"worker": worker, "path": joined["path"]}
+                | {k: pulled[k] for k in keep if k in pulled}
+            )
+        return out
+
+    def _join_detail(self, worker: str) -> str:
+        """Which path a join took and, for a multi-source pull, the bytes per source."""
+        joined = [r for r in self.of("joined") if r["worker"] == worker]
+        if not joined or joined[0].get("path") != "observer":
+            return "stop-and-copy: full state from one member at the switch step"
+        loaded = [r for r in self.of("state_loaded") if r["worker"] == worker]
+        if not loaded:
+            return "observer"
+        pulled = loaded[0]
+        sources = ", ".join(
+            f"{m} {_size(n)}" for m, n in sorted(pulled["bytes_per_source"].items())
+        )
+        return (
+            f"observer: pulled snapshot {pulled['step']} in {pulled['pull_s']:.3f}s "
+            f"({pulled['strategy']}: {sources}), replayed to the switch step"
+        )
 
     def step_gaps(self) -> list[float]:
         """Wall time between consecutive completed steps."""
@@ -174,3 +204,7 @@ class Timeline:
         """Steps between the first and last completed step that never completed."""
         steps = [s for s, _ in self.loss_curve()]
         return (steps[-1] - steps[0] + 1 - len(steps)) if steps else 0
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"

@@ -43,7 +43,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--report", default="chaos-report.json", help="report JSON path")
     parser.add_argument("--plot", help="PNG path (default: the report path with .png)")
     parser.add_argument("--quiet", action="store_true", help="no live view")
+    parser.add_argument(
+        "--metrics", action="store_true", help="workers serve Prometheus /metrics (ports: report)"
+    )
+    parser.add_argument(
+        "--links",
+        default="",
+        help="emulated WAN links on loopback: 'w0-w3=20MB/s+40ms,*=100MB/s' (rate per "
+        "direction, added one-way delay; default: unshaped)",
+    )
+    parser.add_argument(
+        "--downlink",
+        action="append",
+        default=[],
+        metavar="WORKER=RATE",
+        help="shape a worker's downlink, e.g. w4=50MB/s (repeatable)",
+    )
+    parser.add_argument(
+        "--join-mode",
+        choices=["observe", "copy"],
+        default="observe",
+        help="observe: multi-source snapshot pull while replaying gradients (default); "
+        "copy: stop-and-copy of the full state from one member",
+    )
+    parser.add_argument(
+        "--join-strategy",
+        choices=["greedy", "single", "equal", "proportional"],
+        default="greedy",
+        help="shard plan for joins: greedy (planned, default) or a baseline",
+    )
     parser.set_defaults(handler=handle)
+
+
+def _downlinks(items: list[str]) -> dict[str, float]:
+    from chaos_worker.shaping import ShapeError, parse_rate
+
+    out = {}
+    for item in items:
+        worker, eq, rate = item.partition("=")
+        if not eq or not worker:
+            raise UserError(f"--downlink {item!r} is not WORKER=RATE, e.g. w4=50MB/s")
+        try:
+            out[worker] = parse_rate(rate)
+        except ShapeError as exc:
+            raise UserError(f"--downlink: {exc}") from None
+    return out
 
 
 def options_from(args: argparse.Namespace):
@@ -72,6 +116,12 @@ def options_from(args: argparse.Namespace):
         raise UserError(str(exc)) from None
     if any(e.step >= args.steps for e in churn):
         raise UserError(f"--churn: every event must come before the last step ({args.steps})")
+    from chaos_worker.shaping import ShapeError, parse_links
+
+    try:
+        parse_links(args.links)
+    except ShapeError as exc:
+        raise UserError(str(exc)) from None
     return JobOptions(
         entry=entry,
         workers=args.workers,
@@ -85,6 +135,11 @@ def options_from(args: argparse.Namespace):
         heartbeat_interval_s=args.heartbeat_interval,
         failure_timeout_s=args.failure_timeout,
         example=args.entry or args.example,
+        metrics=args.metrics,
+        links=args.links,
+        downlinks=_downlinks(args.downlink),
+        join_mode=args.join_mode,
+        join_strategy=args.join_strategy,
     )
 
 
