@@ -91,3 +91,28 @@ def test_a_directory_store_is_readable_by_another_store(tmp_path) -> None:
     assert snap is not None
     assert bytes(snap.data) == bytes(writer.get(9).data)
     assert layout_of(model, opt)[0] == snap.layout
+
+
+def test_frozen_tensors_are_copied_once_per_slot_and_trained_ones_every_time() -> None:
+    model, opt = _job("sgd")
+    frozen = torch.nn.Parameter(torch.arange(12.0), requires_grad=False)
+    model.register_parameter("table", frozen)
+    store = SnapshotStore()
+    for step in (1, 2):
+        store.publish(step, model, opt)
+    weight = model[0].weight
+    # changes that bypass the version counter: seen for a trained tensor, not a frozen one
+    frozen.data.view(-1)[0] = -1.0
+    weight.data.view(-1)[0] = 123.0
+    store.publish(3, model, opt)
+    snap = store.get(3)
+    data = torch.frombuffer(bytearray(snap.data), dtype=torch.float32)
+    slots = {tuple(s.key): s for s in snap.layout.slots}
+    assert data[slots["model", "table"].offset // 4] == 0.0  # reused: same version held
+    assert data[slots["model", "0.weight"].offset // 4] == 123.0  # always copied
+    # a tracked in-place change of the frozen tensor is copied
+    with torch.no_grad():
+        frozen.add_(1.0)
+    store.publish(4, model, opt)
+    data = torch.frombuffer(bytearray(store.get(4).data), dtype=torch.float32)
+    assert data[slots["model", "table"].offset // 4 + 1] == 2.0

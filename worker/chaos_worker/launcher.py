@@ -54,6 +54,8 @@ class JobOptions:
     downlinks: dict[str, float] = field(default_factory=dict)  # worker -> downlink bytes/s
     join_mode: str = "observe"
     join_strategy: str = "greedy"
+    # end the job once every newcomer has contributed this many steps (benchmarks)
+    stop_after_join_steps: int | None = None
 
 
 @dataclass
@@ -106,6 +108,7 @@ class LocalJob:
         self._done_at: float | None = None
         self.metrics_ports: dict[str, int] = {}  # worker -> its /metrics port (metrics on)
         self.digests: dict[str, str] = {}  # worker -> SHA-256 of its final training state
+        self.spawned_at: dict[str, float] = {}  # worker -> when its process was started
 
     async def run(self) -> Report:
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -152,6 +155,7 @@ class LocalJob:
         path.write_text(config.model_dump_json())
         stderr = self._tmp / f"{name}.stderr"
         cmd = [sys.executable, "-m", "chaos_operator.cli", "worker", "--config", str(path)]
+        self.spawned_at[name] = time.monotonic()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with stderr.open("wb") as err:
             popen = subprocess.Popen(
@@ -181,6 +185,8 @@ class LocalJob:
             running = [p for p in self.procs.values() if p.popen.poll() is None]
             if not running:
                 return
+            if self._joins_settled():
+                return
             done = self.max_step >= self.opts.steps - 1 and not self._pending
             if done and all(self._idle(p) for p in running):
                 return
@@ -190,6 +196,18 @@ class LocalJob:
                 return  # stragglers (a join still in flight, a paused side) are stopped
             if self._on_update:
                 self._on_update(self)
+
+    def _joins_settled(self) -> bool:
+        """With `stop_after_join_steps`: every newcomer has contributed that many steps."""
+        wanted = self.opts.stop_after_join_steps
+        joiners = {e.worker for e in self.opts.churn if e.kind == "join"}
+        if wanted is None or not joiners or self._pending:
+            return False
+        counts = {j: 0 for j in joiners}
+        for record in self.timeline.of("progress"):
+            if record["worker"] in counts:
+                counts[record["worker"]] += 1
+        return min(counts.values()) >= wanted
 
     def _idle(self, proc: _Proc) -> bool:
         """A process that will never finish on its own: stopped, paused, or not admitted."""

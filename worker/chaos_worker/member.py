@@ -210,7 +210,7 @@ class Member:
         self._ask_to_join("copy")
         decision = await self._joining_decision()
         await self._take_state()
-        self.transport.disconnect("_seed")
+        self.transport.disconnect("_seed", goodbye=True)
         self._open.clear()
         self._install(decision, send_state=False)
         self._report("joined", path="stop-and-copy", t=time.monotonic())
@@ -260,6 +260,9 @@ class Member:
             on_progress=progress,
         )
         result = await puller.run()
+        # Replaying is much faster than training, so ask for the switch step now: loading
+        # and replaying overlap the two steps the root leaves before it.
+        self._ask_to_join("ready")
         load_from(result.data, result.layout, self.spec.model, self.spec.optimizer, self.device)
         self.step = plan.step
         self.completed = plan.step - 1
@@ -277,7 +280,7 @@ class Member:
 
     async def _catch_up(self) -> None:
         """Replay observed totals until the decision that admits this member takes effect."""
-        ready = False
+        reported = False
         while True:
             while self.step in self._observed:
                 self._apply(self._observed.pop(self.step), observed=True)
@@ -285,7 +288,7 @@ class Member:
                 del self._observed[step]
             decision = self._join_decision
             if decision is not None and decision.effective_step <= self.step:
-                self.transport.disconnect("_seed")
+                self.transport.disconnect("_seed", goodbye=True)
                 self._open.clear()
                 self._install(decision, send_state=False)
                 self._report("joined", path="observer", t=time.monotonic())
@@ -294,9 +297,8 @@ class Member:
                 raise JoinFailed(
                     f"the gradient stream ran {len(self._observed)} steps ahead of replay"
                 )
-            if not ready:
-                ready = True
-                self._ask_to_join("ready")
+            if not reported:
+                reported = True
                 self._report("caught_up", step=self.step, t=time.monotonic())
             await self._wait_change()
 
@@ -851,6 +853,8 @@ class Member:
             plan = self._observers.get(proposal.subject)
             if plan is not None:
                 self.store.release(plan.step)
+        if proposal.kind == "crash" and proposal.subject == self.me:
+            return  # falsely suspected: the others' recovery view leaves us out, and we stop
         self._open[proposal.id] = proposal
         if proposal.kind == "crash":
             self._suspects.add(proposal.subject)

@@ -83,6 +83,9 @@ class Replicator:
     def _on_message(self, sender: str, message: Message, _payload: bytes) -> None:
         if not isinstance(message, SnapshotRequest):
             return
+        if message.index is None:  # a manifest is small but needs hashing: do not queue it
+            asyncio.get_running_loop().create_task(self._answer(sender, message))
+            return
         queue = self._queues.setdefault(sender, asyncio.Queue())
         queue.put_nowait(message)
         task = self._workers.get(sender)
@@ -99,26 +102,26 @@ class Replicator:
     async def _serve(self, peer: str) -> None:
         queue = self._queues[peer]
         while True:
-            request = await queue.get()
-            self.transport.connect(peer, request.reply_to)
-            snap = await self._snapshot(request.step)
-            if snap is None:
-                gone = SnapshotGone(sender=self.me, step=request.step, reason="not held here")
-                self.transport.send(peer, gone)
-                continue
-            if request.index is None:
-                hashes = await asyncio.to_thread(snap.shard_hashes, request.shards)
-                manifest = SnapshotManifest(
-                    sender=self.me,
-                    step=snap.step,
-                    shards=request.shards,
-                    layout=snap.layout.model_dump(),
-                    sha256=hashes,
-                )
-                self.transport.send(peer, manifest)
-                continue
-            if not 0 <= request.index < request.shards:
-                continue
+            await self._answer(peer, await queue.get())
+
+    async def _answer(self, peer: str, request: SnapshotRequest) -> None:
+        """Send the manifest or the shard that `request` asks for."""
+        self.transport.connect(peer, request.reply_to)
+        snap = await self._snapshot(request.step)
+        if snap is None:
+            gone = SnapshotGone(sender=self.me, step=request.step, reason="not held here")
+            self.transport.send(peer, gone)
+        elif request.index is None:
+            hashes = await asyncio.to_thread(snap.shard_hashes, request.shards)
+            manifest = SnapshotManifest(
+                sender=self.me,
+                step=snap.step,
+                shards=request.shards,
+                layout=snap.layout.model_dump(),
+                sha256=hashes,
+            )
+            self.transport.send(peer, manifest)
+        elif 0 <= request.index < request.shards:
             data: memoryview | bytes = snap.shard(request.shards, request.index)
             if self._corrupt and len(data):
                 self._corrupt = False
@@ -208,22 +211,29 @@ class Puller:
         self.rejected = 0
         self._bad: dict[int, set[str]] = {}
         self._failure: JoinFailed | None = None
+        self._early: list[tuple[_SourceState, ShardData, bytes]] = []
         self._wake = asyncio.Event()
 
     async def run(self) -> PullResult:
-        """Pull every shard; raises JoinFailed when no source can serve what is missing."""
+        """Pull every shard; raises JoinFailed when no source can serve what is missing.
+
+        Shards are requested together with the manifest; those that arrive before it wait
+        for it to be checked.
+        """
         port = await self.transport.listen(self.host, 0)
         self.address = f"{self.host}:{port}"
         try:
-            await self._get_manifest()
             now = time.monotonic()
             for source in self.sources.values():
                 source.started = source.last_heard = now
+            asked = self._ask_manifest(self.plan.manifest_from)
             for sid, indices in self.plan.assignment.items():
                 for index in indices:
                     self._request(sid, index)
             while len(self.done) < self.plan.shards:
                 await self._nap()
+                if self.manifest is None and not self.sources[asked].alive:
+                    asked = self._ask_manifest(self._next_manifest_source())
                 self._check_stalls(time.monotonic())
                 if self._failure is not None:
                     raise self._failure
@@ -239,34 +249,22 @@ class Puller:
         finally:
             await self.transport.close()
 
-    async def _get_manifest(self) -> None:
-        """Ask the plan's manifest source, then the others by share, until one answers."""
-        first = self.plan.manifest_from
-        shares = {s: len(self.plan.assignment.get(s, [])) for s in self.sources}
-        order = sorted(self.sources, key=lambda s: (s != first, -shares[s]))
-        for sid in order:
-            source = self.sources[sid]
-            if not source.alive:
-                continue
-            self.transport.connect(sid, source.address)
-            self.transport.send(
-                sid,
-                SnapshotRequest(
-                    sender=self.me,
-                    reply_to=self.address,
-                    step=self.plan.step,
-                    shards=self.plan.shards,
-                ),
-            )
-            deadline = time.monotonic() + self.stall_timeout_s + 30.0
-            while self.manifest is None and source.alive and time.monotonic() < deadline:
-                await self._nap()
-            if self.manifest is not None:
-                layout = Layout.model_validate(self.manifest.layout)
-                self.data = bytearray(layout.total_bytes)
-                return
-            source.alive = False
-        raise JoinFailed("no source could send the snapshot's manifest")
+    def _ask_manifest(self, sid: str) -> str:
+        source = self.sources[sid]
+        source.last_heard = time.monotonic()
+        self.transport.connect(sid, source.address)
+        request = SnapshotRequest(
+            sender=self.me, reply_to=self.address, step=self.plan.step, shards=self.plan.shards
+        )
+        self.transport.send(sid, request)
+        return sid
+
+    def _next_manifest_source(self) -> str:
+        """The live source with the largest share, to ask for the manifest instead."""
+        alive = [s for s in self.sources.values() if s.alive]
+        if not alive:
+            raise JoinFailed("no source could send the snapshot's manifest")
+        return max(alive, key=lambda s: (len(self.plan.assignment.get(s.id, [])), s.id)).id
 
     async def _nap(self) -> None:
         """Wait for a message or a tenth of a second."""
@@ -302,6 +300,10 @@ class Puller:
             )
             if self.manifest is None and valid:
                 self.manifest = message
+                self.data = bytearray(Layout.model_validate(message.layout).total_bytes)
+                early, self._early = self._early, []
+                for source_state, shard, data in early:
+                    self._on_shard(source_state, shard, data)
         elif isinstance(message, ShardData):
             self._on_shard(source, message, payload)
         elif isinstance(message, SnapshotGone):
@@ -319,13 +321,22 @@ class Puller:
             or index not in source.queued
         ):
             return
+        if self.manifest is None:
+            self._early.append((source, message, payload))
+            return
         source.queued.remove(index)
         if index in self.done:
             return
+        asyncio.get_running_loop().create_task(self._check(source, index, payload))
+
+    async def _check(self, source: _SourceState, index: int, payload: bytes) -> None:
+        """Verify a shard against the manifest (hashing in a thread), then keep or refetch."""
         start, end = shard_bounds(len(self.data), self.plan.shards, index)
-        if len(payload) != end - start or (
-            hashlib.sha256(payload).hexdigest() != self.manifest.sha256[index]
-        ):
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(payload).hexdigest())
+        self._wake.set()
+        if index in self.done:
+            return
+        if len(payload) != end - start or digest != self.manifest.sha256[index]:
             self.rejected += 1
             self._bad.setdefault(index, set()).add(source.id)
             log.warning("shard %d from %s failed its checksum; fetching it again", index, source.id)

@@ -95,13 +95,44 @@ def layout_of(
     return Layout(slots=slots, param_groups=groups, scalars=scalars, total_bytes=offset), tensors
 
 
-def copy_into(buffer: memoryview | np.ndarray, layout: Layout, tensors: list[torch.Tensor]) -> None:
-    """Copy `tensors` into `buffer` at their slots (releases the GIL for the data)."""
+def _identity(tensor: torch.Tensor) -> tuple[int, int]:
+    """Storage address and in-place version: equal exactly when the data has not changed."""
+    return tensor.data_ptr(), tensor._version
+
+
+def copy_into(
+    buffer: memoryview | np.ndarray,
+    layout: Layout,
+    tensors: list[torch.Tensor],
+    held: list[tuple[int, int] | None] | None = None,
+    always: frozenset[int] = frozenset(),
+) -> list[tuple[int, int]]:
+    """Copy `tensors` into `buffer` at their slots (releases the GIL for the data).
+
+    `held` lists what the buffer already holds per tensor (from an earlier call on the same
+    buffer): tensors unchanged since then (frozen weights, buffers) are not copied again,
+    except those whose storage address is in `always` (trainable parameters and optimizer
+    state, which an optimizer may change through `.data` without a version bump).
+    Returns the identities now held.
+    """
     flat = torch.frombuffer(buffer, dtype=torch.uint8, count=layout.total_bytes)
-    for slot, tensor in zip(layout.slots, tensors, strict=True):
-        if slot.nbytes:
+    now = []
+    for i, (slot, tensor) in enumerate(zip(layout.slots, tensors, strict=True)):
+        identity = _identity(tensor)
+        now.append(identity)
+        fresh = held is not None and held[i] == identity and identity[0] not in always
+        if slot.nbytes and not fresh:
             src = tensor.detach().reshape(-1).view(torch.uint8)
             flat[slot.offset : slot.offset + slot.nbytes].copy_(src)
+    return now
+
+
+def _always_copied(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> frozenset[int]:
+    """Storage addresses of trainable parameters and optimizer state tensors."""
+    addresses = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+    for state in optimizer.state.values():
+        addresses.update(v.data_ptr() for v in state.values() if isinstance(v, torch.Tensor))
+    return frozenset(addresses)
 
 
 def load_from(
@@ -199,6 +230,7 @@ class SnapshotStore:
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
         self._buffers: list[_Buffer | None] = [None, None]
+        self._held: list[list[tuple[int, int]] | None] = [None, None]
         self._meta: list[tuple[int, Layout] | None] = [None, None]
         self._snapshots: dict[int, Snapshot] = {}
         self._pinned: set[int] = set()
@@ -233,14 +265,19 @@ class SnapshotStore:
             index = self._free_slot()
             if index is None:
                 return
+            old = self._meta[index]
             self._meta[index] = None
             buffer = self._buffers[index]
+            held = self._held[index] if old is not None and old[1] == layout else None
             if buffer is None or buffer.size != layout.total_bytes:
                 path = None if self.directory is None else self.directory / f"slot-{index}.bin"
                 buffer = self._buffers[index] = _Buffer(layout.total_bytes, path)
+                held = None
+            self._held[index] = None
             self._write_meta(index, None)
-        copy_into(buffer.view, layout, tensors)
+        held = copy_into(buffer.view, layout, tensors, held, _always_copied(model, optimizer))
         with self._lock:
+            self._held[index] = held
             self._meta[index] = (step, layout)
             self._snapshots = {s: v for s, v in self._snapshots.items() if self._holds(s)}
             self._snapshots[step] = Snapshot(step, layout, buffer.view.toreadonly())

@@ -80,6 +80,8 @@ class Timeline:
         detail = ""
         if kind == "join":
             delay, detail = self._join_delay(fired.event.worker)
+            if delay is not None:  # the whole join, from the request to the first shared steps
+                stall = self._stall_after(fired.at, until=fired.at + delay)
         if kind in ("crash", "hang"):
             resumed = self._first_progress_after(max(agreed) if agreed else fired.at)
             if resumed is not None:
@@ -146,7 +148,10 @@ class Timeline:
 
     def _join_delay(self, worker: str) -> tuple[float | None, str]:
         requested = [r["t"] for r in self.of("join_requested") if r["worker"] == worker]
-        first = [r["t"] for r in self.of("progress") if r["worker"] == worker]
+        # the newcomer starts its first contributing step when it installs the join's view
+        first = [r["t"] for r in self.of("joined") if r["worker"] == worker] or [
+            r["t"] for r in self.of("progress") if r["worker"] == worker
+        ]
         if not requested or not first:
             return None, "join did not complete"
         return min(first) - min(requested), self._join_detail(worker)
@@ -189,15 +194,18 @@ class Timeline:
         times = self.step_times()
         return {s: times[s] - times[p] for p, s in itertools.pairwise(sorted(times))}
 
-    def _stall_after(self, t: float, window: int = 3) -> float:
-        """Time lost by the incumbents after `t`: slow steps minus the median step."""
+    def _stall_after(self, t: float, window: int = 3, until: float | None = None) -> float:
+        """Time lost by the incumbents after `t`: slow steps minus the median step, over
+        the steps finished by `until` (if given) and `window` more."""
         times = self.step_times()
         steps = sorted(times)
         gaps = self._gaps()
         if not gaps:
             return 0.0
         typical = statistics.median(gaps.values())
-        after = [s for s in steps if times[s] >= t and s in gaps][:window]
+        later = [s for s in steps if times[s] >= t and s in gaps]
+        during = [s for s in later if until is not None and times[s] <= until]
+        after = later[: len(during) + window]
         return sum(max(0.0, gaps[s] - typical) for s in after)
 
     def steps_lost(self) -> int:

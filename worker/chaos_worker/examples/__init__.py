@@ -5,9 +5,12 @@ Each entry is a ``module:factory`` string for :func:`chaos_worker.trainspec.load
 - ``digits``: a 64-64-10 MLP on scikit-learn's 8x8 digits (SGD with momentum).
 - ``chartransformer``: a 2-layer character-level transformer on a bundled public-domain
   corpus (Adam).
+- ``bigstate``: the digits MLP with a large frozen table (``CHAOS_STATE_MB``), for the
+  scale-out benchmark: big state, small gradient.
 """
 
 EXAMPLES: dict[str, str] = {
     "digits": "chaos_worker.examples.digits:factory",
     "chartransformer": "chaos_worker.examples.chartransformer:factory",
+    "bigstate": "chaos_worker.examples.bigstate:factory",
 }
