@@ -88,3 +88,14 @@ class Plan(BaseModel):
     shard_bytes: float
     assignment: dict[str, int]
     makespan_s: float
+
+    def shard_indices(self) -> dict[str, list[int]]:
+        """Which shards each sending source sends: contiguous runs, largest share first."""
+        out: dict[str, list[int]] = {}
+        first = 0
+        for source in sorted(self.assignment, key=lambda s: (-self.assignment[s], s)):
+            count = self.assignment[source]
+            if count:
+                out[source] = list(range(first, first + count))
+                first += count
+        return out

@@ -36,16 +36,14 @@ def _job(seed: int = 0, steps: int = 1, width: int = 256):
 def _plan(replicators: dict[str, Replicator], total: int, rates: dict[str, float]) -> JoinPlan:
     sources = [Source(id=s, bandwidth_bytes_per_s=rates[s]) for s in replicators]
     plan = solve(PlanRequest(state_bytes=total, shard_counts=[8], sources=sources), "equal")
-    assignment, first = {}, 0
-    for sid in sorted(plan.assignment):
-        assignment[sid] = list(range(first, first + plan.assignment[sid]))
-        first += plan.assignment[sid]
+    assignment = plan.shard_indices()
     return JoinPlan(
         id="plan",
         origin="s0",
         joiner="new",
         joiner_address="",
         step=3,
+        state_bytes=total,
         shards=plan.shards,
         assignment=assignment,
         replicators={s: r.address for s, r in replicators.items()},
@@ -132,6 +130,7 @@ def test_a_separate_replicator_process_serves_a_trainers_snapshot_dir(tmp_path) 
                 joiner="new",
                 joiner_address="",
                 step=3,
+                state_bytes=1 << 20,
                 shards=4,
                 assignment={"s0": [0, 1, 2, 3]},
                 replicators={"s0": address},

@@ -26,6 +26,9 @@ def chaos(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+LIKE_BASELINE = ("--workers", "5", "--steps", "80", "--dtype", "float64")
+
+
 def run_job(tmp_path: Path, name: str, *extra: str) -> dict:
     report = tmp_path / f"{name}.json"
     result = chaos("run", "--quiet", "--report", str(report), *extra, cwd=tmp_path)
@@ -57,21 +60,14 @@ def assert_same_losses(a: list, b: list, rel: float = 1e-9) -> None:
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("baseline")
-    return run_job(
-        tmp, "none", "--workers", "5", "--steps", "80", "--dtype", "float64", "--churn", "none"
-    )
+    return run_job(tmp, "none", *LIKE_BASELINE, "--churn", "none")
 
 
 def test_churn_gives_the_same_losses_without_lost_steps_or_restarts(baseline, tmp_path):
     churned = run_job(
         tmp_path,
         "churn",
-        "--workers",
-        "5",
-        "--steps",
-        "80",
-        "--dtype",
-        "float64",
+        *LIKE_BASELINE,
         "--churn",
         CHURN,
     )
@@ -102,12 +98,7 @@ def test_join_keeps_the_trajectory_and_the_state_bit_identical(baseline, tmp_pat
     joined = run_job(
         tmp_path,
         "join",
-        "--workers",
-        "5",
-        "--steps",
-        "80",
-        "--dtype",
-        "float64",
+        *LIKE_BASELINE,
         "--churn",
         "join@10",
         "--join-mode",
@@ -133,12 +124,7 @@ def test_join_survives_a_source_crash_mid_transfer(baseline, tmp_path):
     joined = run_job(
         tmp_path,
         "crash-mid-join",
-        "--workers",
-        "5",
-        "--steps",
-        "80",
-        "--dtype",
-        "float64",
+        *LIKE_BASELINE,
         "--churn",
         "join@10,crash:w1@16",
         "--links",
@@ -160,12 +146,7 @@ def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
     hung = run_job(
         tmp_path,
         "hang",
-        "--workers",
-        "5",
-        "--steps",
-        "80",
-        "--dtype",
-        "float64",
+        *LIKE_BASELINE,
         "--churn",
         "hang:w3@12",
         "--failure-timeout",

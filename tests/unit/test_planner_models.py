@@ -122,3 +122,16 @@ def test_transfer_time_overflow_is_a_planning_error() -> None:
     )
     with pytest.raises(PlanningError, match="bandwidth_bytes_per_s"):
         solve(tiny)
+
+
+def test_shard_indices_are_contiguous_runs_largest_share_first() -> None:
+    from chaos_planner.models import Plan
+
+    plan = Plan(
+        solver="greedy",
+        shards=6,
+        shard_bytes=1.0,
+        assignment={"b": 1, "a": 3, "c": 0, "d": 2},
+        makespan_s=1.0,
+    )
+    assert plan.shard_indices() == {"a": [0, 1, 2], "d": [3, 4], "b": [5]}

@@ -69,6 +69,7 @@ MESSAGES: list[_Msg] = [
         joiner="w4",
         joiner_address="127.0.0.1:9000",
         step=12,
+        state_bytes=4096,
         shards=4,
         assignment={"w0": [0, 1, 2], "w1": [3]},
         replicators={"w0": "127.0.0.1:9100", "w1": "127.0.0.1:9101"},

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -29,6 +30,8 @@ from chaos_worker.report import Report
 from chaos_worker.timeline import Fired, Timeline
 
 GRACE_S = 10.0
+KEEP_RUN_DIR = "CHAOS_KEEP_RUN_DIR"
+"""Set (to anything) to keep the run's directory of worker configs and stderr logs."""
 
 
 class LaunchError(Exception):
@@ -126,6 +129,8 @@ class LocalJob:
         finally:
             server.close()
             self._reap()
+            if not os.environ.get(KEEP_RUN_DIR):
+                shutil.rmtree(self._tmp, ignore_errors=True)
         return self._report()
 
     def _spawn(self, name: str, *, listen: str, members=None, standby=False) -> None:

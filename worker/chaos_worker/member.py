@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from chaos_planner.models import PlanRequest, Source
+from chaos_planner.models import DEFAULT_SHARD_COUNTS, PlanRequest, Source
 from chaos_planner.solve import solve
 
 from chaos_worker.collective import TreeAllReduce
@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 # from step time and RTT, is for decisions that travel outside the data path.)
 FIFO_SWITCH_MARGIN = 2
 STARTUP_TIMEOUT_S = 60.0
+MAX_SHARD_BYTES = 16 << 20
 DEFAULT_BANDWIDTH = 1e9
 """Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
 
@@ -122,6 +123,7 @@ class Member:
         self._join_plan: JoinPlan | None = None
         self._join_decision: Decision | None = None
         self._observed: dict[int, np.ndarray] = {}
+        self._join_requested_at = 0.0
         self.collective = TreeAllReduce(
             self.me, self.transport.send, bucket_bytes=config.bucket_bytes
         )
@@ -199,7 +201,8 @@ class Member:
     async def _join(self) -> None:
         """Ask a member to admit us, then catch up as an observer or by a full copy."""
         self.transport.connect("_seed", self._seed)
-        self._report("join_requested", t=time.monotonic(), mode=self.cfg.join_mode)
+        self._join_requested_at = time.monotonic()
+        self._report("join_requested", t=self._join_requested_at, mode=self.cfg.join_mode)
         if self.cfg.join_mode == "observe":
             self._ask_to_join("observe")
             try:
@@ -260,6 +263,9 @@ class Member:
             on_progress=progress,
         )
         result = await puller.run()
+        if self.metrics is not None:
+            for source, nbytes in result.bytes_per_source.items():
+                self.metrics.add_replication_bytes(source, "received", nbytes)
         # Replaying is much faster than training, so ask for the switch step now: loading
         # and replaying overlap the two steps the root leaves before it.
         self._ask_to_join("ready")
@@ -292,6 +298,8 @@ class Member:
                 self._open.clear()
                 self._install(decision, send_state=False)
                 self._report("joined", path="observer", t=time.monotonic())
+                if self.metrics is not None:
+                    self.metrics.observe_scale_out(time.monotonic() - self._join_requested_at)
                 return
             if len(self._observed) > self.cfg.observer_max_backlog:
                 raise JoinFailed(
@@ -368,12 +376,12 @@ class Member:
         self.completed = self.step
         self.loss_curve.append((self.step, loss))
         self._stream_to_observers(total)
+        if observed:  # replaying: nobody pulls from an observer, so publish nothing yet
+            self.step += 1
+            return
         self._publishing = self._publisher.submit(
             self.store.publish, self.step + 1, self.spec.model, self.spec.optimizer
         )
-        if observed:
-            self.step += 1
-            return
         self._report(
             "progress",
             step=self.step,
@@ -534,21 +542,23 @@ class Member:
             for m in sorted(self.view.members)
             if m in self._replicators and m not in leaving
         ]
-        request = PlanRequest(state_bytes=max(1, snap.layout.total_bytes), sources=sources)
+        state_bytes = max(1, snap.layout.total_bytes)
+        # shards of at most MAX_SHARD_BYTES: progress, stall detection and re-plans per shard
+        counts = [k for k in DEFAULT_SHARD_COUNTS if state_bytes / k <= MAX_SHARD_BYTES]
+        request = PlanRequest(
+            state_bytes=state_bytes,
+            shard_counts=counts or [DEFAULT_SHARD_COUNTS[-1]],
+            sources=sources,
+        )
         plan = solve(request, self.cfg.join_strategy)
-        assignment: dict[str, list[int]] = {}
-        first = 0
-        for source in sorted(plan.assignment, key=lambda m: (-plan.assignment[m], m)):
-            count = plan.assignment[source]
-            if count:
-                assignment[source] = list(range(first, first + count))
-                first += count
+        assignment = plan.shard_indices()
         return JoinPlan(
             id=uuid.uuid4().hex,
             origin=self.me,
             joiner=proposal.subject,
             joiner_address=proposal.address,
             step=self.step,
+            state_bytes=state_bytes,
             shards=plan.shards,
             assignment=assignment,
             replicators={m: self._replicators[m] for m in assignment},

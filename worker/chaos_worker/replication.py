@@ -362,7 +362,9 @@ class Puller:
 
     def _check_stalls(self, now: float) -> None:
         for source in self.sources.values():
-            if source.alive and source.queued and now - source.last_heard > self.stall_timeout_s:
+            # a shard arrives whole: allow three times its planned transfer time
+            patience = max(self.stall_timeout_s, 3 * self._shard_bytes() / source.bandwidth)
+            if source.alive and source.queued and now - source.last_heard > patience:
                 log.warning("source %s stalled; re-planning its shards", source.id)
                 self._drop(source)
 
@@ -373,6 +375,11 @@ class Puller:
         self.transport.disconnect(source.id)
         self._replan(missing)
 
+    def _shard_bytes(self) -> int:
+        """Bytes per shard (a guess from the plan until the manifest says)."""
+        total = len(self.data) if self.data is not None else self.plan.state_bytes
+        return max(1, total // self.plan.shards)
+
     def _replan(self, missing: list[int]) -> None:
         """Give `missing` shards to the live sources the greedy says finish them first."""
         missing = [i for i in missing if i not in self.done]
@@ -380,7 +387,7 @@ class Puller:
             return
         self.replans += 1
         now = time.monotonic()
-        shard_bytes = max(1, len(self.data) // self.plan.shards)
+        shard_bytes = self._shard_bytes()
         for index in sorted(missing):
             allowed = [
                 s

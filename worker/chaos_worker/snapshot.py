@@ -142,7 +142,11 @@ def load_from(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
 ) -> None:
-    """Load a snapshot buffer into `model` and `optimizer` (the inverse of `copy_into`)."""
+    """Load a snapshot buffer into `model` and `optimizer` (the inverse of `copy_into`).
+
+    Tensors are views of `buffer` (no copy here: `load_state_dict` copies model tensors into
+    place, and optimizer state may keep the views), so do not reuse `buffer` afterwards.
+    """
     flat = torch.frombuffer(
         bytearray(buffer) if isinstance(buffer, bytes) else buffer,
         dtype=torch.uint8,
@@ -152,7 +156,7 @@ def load_from(
     optim_state: dict[int, dict] = {}
     for slot in layout.slots:
         dtype = getattr(torch, slot.dtype)
-        raw = flat[slot.offset : slot.offset + slot.nbytes].clone()
+        raw = flat[slot.offset : slot.offset + slot.nbytes]
         tensor = raw.view(dtype).reshape(slot.shape).to(device)
         if slot.key[0] == "model":
             model_state[str(slot.key[1])] = tensor

@@ -135,6 +135,7 @@ class JoinPlan(_Msg):
     joiner: str
     joiner_address: str
     step: int
+    state_bytes: int
     shards: int
     assignment: dict[str, list[int]]
     replicators: dict[str, str]

@@ -17,6 +17,7 @@ import asyncio
 import io
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from chaos_worker.launcher import LaunchError
+
     from chaos_operator.errors import UserError
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -92,14 +95,26 @@ def run(args: argparse.Namespace) -> dict:
                 bandwidths = list(PROFILES[profile][:neighbours])
                 startup: list[float] = []
                 for strategy in [s for s in strategies if s != "checkpoint"]:
-                    result = _join_run(size, bandwidths, strategy, args)
+                    label = f"{size} MB, {neighbours} x {profile}, {strategy}"
+                    print(f"scaleout: {label}", file=sys.stderr, flush=True)
+                    try:
+                        result = _join_run(size, bandwidths, strategy, args)
+                    except LaunchError as exc:  # one failed run must not lose the others
+                        runs.append(
+                            {
+                                "state_mb": size,
+                                "neighbours": neighbours,
+                                "strategy": strategy,
+                                "error": str(exc),
+                            }
+                        )
+                        continue
                     startup.append(result["startup_s"])
                     runs.append(result | {"profile": profile})
                 if "checkpoint" in strategies:
                     restart = statistics.median(startup) if startup else _startup_s(size)
                     runs.append(
-                        _checkpoint(size, bandwidths, args.downlink, restart)
-                        | {"profile": profile}
+                        _checkpoint(size, bandwidths, args.downlink, restart) | {"profile": profile}
                     )
     return {"join_step": JOIN_STEP, "downlink_bytes_per_s": args.downlink, "runs": runs}
 
@@ -134,6 +149,9 @@ def _join_run(
         downlinks={newcomer: downlink},
         join_strategy=SOLVER[strategy],
         stop_after_join_steps=10,
+        # five processes share two cores while hundreds of MB move: a 1 s timeout would
+        # take a busy member for a crashed one (TorchFT's default is 5 s)
+        failure_timeout_s=5.0,
     )
     job = LocalJob(options)
     report = asyncio.run(job.run())
@@ -141,6 +159,7 @@ def _join_run(
     pulled = report.joins[0] if report.joins else {}
     per_source = pulled.get("bytes_per_source", {})
     state_bytes = sum(per_source.values()) or int(size_mb * 1e6)
+    publish = [r["publish_s"] for r in job.timeline.of("progress") if "publish_s" in r]
     ready = {r["worker"]: r["t"] for r in job.timeline.of("standby")}
     startup = ready.get(newcomer, 0.0) - job.spawned_at.get(newcomer, 0.0)
     return {
@@ -156,13 +175,13 @@ def _join_run(
         "bytes_per_source": per_source,
         "path": pulled.get("path"),
         "pull_s": round(pulled["pull_s"], 4) if "pull_s" in pulled else None,
+        "snapshot_publish_s": round(statistics.median(publish), 6) if publish else None,
     }
 
 
 def _startup_s(size_mb: int) -> float:
     """Start-up of one worker process of the job (import, build, first snapshot)."""
     import subprocess
-    import sys
 
     from chaos_worker.examples.bigstate import ENV
 
