@@ -1,0 +1,111 @@
+"""`chaos operator`: run the Kubernetes operator (kopf, standalone) for ChaosJobs."""
+
+from __future__ import annotations
+
+import argparse
+
+from chaos_operator.errors import UserError
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "operator",
+        help="run the operator that turns ChaosJobs into worker pods",
+        description="Reconcile ChaosJobs into worker pods and a headless Service, keep their "
+        "status, post Events. Runs standalone (no kopf peering): run one per party and "
+        "namespace set. Uses the in-cluster service account, else KUBECONFIG / ~/.kube/config.",
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        metavar="NS",
+        help="watch this namespace (repeatable)",
+    )
+    where.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    parser.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        metavar="URL",
+        help="liveness endpoint (default http://0.0.0.0:8080/healthz; 'off' for none)",
+    )
+    parser.add_argument(
+        "--resync",
+        type=positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds between full resyncs, which also read the step from the members (default 10)",
+    )
+    parser.add_argument(
+        "--pod-host",
+        metavar="HOST",
+        help="address every member on this host (a test pod runner on one machine); "
+        "default: each pod's DNS name under the job's headless Service",
+    )
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=7070,
+        metavar="PORT",
+        help="first member port; member n uses PORT+3n .. PORT+3n+2 (default 7070)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=1_000_000_000,
+        metavar="N",
+        help="training steps of every worker (default: train until the job is deleted)",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's details")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import kopf
+    from kubernetes import client, config
+
+    from chaos_operator.kopf_handlers import Context, registry
+    from chaos_operator.reconcile import Options
+
+    if not 1 <= args.base_port <= 65535 - 3000:
+        raise UserError("--base-port must lie in 1..62535")
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    kopf.configure(verbose=args.verbose)  # logging of kopf and of the handlers
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            raise UserError(f"no Kubernetes configuration: {exc}") from None
+    namespaces = tuple(args.namespace or ())
+    ctx = Context(
+        api=client.ApiClient(),
+        options=Options(pod_host=args.pod_host, base_port=args.base_port, steps=args.steps),
+        namespaces=namespaces,
+        resync_s=args.resync,
+    )
+    liveness = None if args.liveness == "off" else args.liveness
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=args.all_namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=liveness,
+            memo=kopf.Memo(ctx=ctx),
+        )
+    )
+    return 0
