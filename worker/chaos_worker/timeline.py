@@ -195,8 +195,9 @@ class Timeline:
         return {s: times[s] - times[p] for p, s in itertools.pairwise(sorted(times))}
 
     def _stall_after(self, t: float, window: int = 3, until: float | None = None) -> float:
-        """Time lost by the incumbents after `t`: slow steps minus the median step, over
-        the steps finished by `until` (if given) and `window` more."""
+        """Time lost by the incumbents after `t`: the steps finished by `until` (if given)
+        and `window` more, minus as many median steps (at least 0). Fast and slow steps
+        cancel out, so jitter alone does not add up to a stall."""
         times = self.step_times()
         steps = sorted(times)
         gaps = self._gaps()
@@ -206,7 +207,7 @@ class Timeline:
         later = [s for s in steps if times[s] >= t and s in gaps]
         during = [s for s in later if until is not None and times[s] <= until]
         after = later[: len(during) + window]
-        return sum(max(0.0, gaps[s] - typical) for s in after)
+        return max(0.0, sum(gaps[s] - typical for s in after))
 
     def steps_lost(self) -> int:
         """Steps between the first and last completed step that never completed."""
