@@ -90,8 +90,7 @@ def observe_pod(pod: client.V1Pod) -> ObservedPod:
 def scrape_step(pods: Iterable[client.V1Pod], timeout_s: float) -> int | None:
     """The latest completed step any running member reports on `/metrics`, if any answers.
 
-    `chaos_train_steps_total` counts the steps a member completed; the step number is one
-    less for a member that trained from step 0, which the oldest running member usually did.
+    Members export the number of their last completed step as `chaos_train_step`.
     """
     best: int | None = None
     for pod in pods:
@@ -105,10 +104,8 @@ def scrape_step(pods: Iterable[client.V1Pod], timeout_s: float) -> int | None:
         except (OSError, ValueError):
             continue
         for line in text.splitlines():
-            if line.startswith("chaos_train_steps_total "):
-                steps = int(float(line.split()[1]))
-                if steps > 0:
-                    best = max(best or 0, steps - 1)
+            if line.startswith("chaos_train_step "):
+                best = max(best or 0, int(float(line.split()[1])))
     return best
 
 

@@ -234,6 +234,9 @@ def test_operator_runs_a_job_through_loss_scale_up_and_deletion(
             raise AssertionError(f"{exc}\n{diagnose()}") from None
         assert "MemberRemoved" in job.events()
         poll(lambda: not {"digits-w3", "digits-w4"} & set(runner.alive()), "removed stopped")
+        # SIGTERM made them leave at an agreed step and exit cleanly, not die mid-step
+        assert runner.exits["digits-w4"]["trainer"] == 0, runner.exits
+        assert runner.exits["digits-w3"]["trainer"] == 0, runner.exits
 
         # Deleting the job: the garbage collector removes the pods, the runner their processes.
         plane.kubectl("delete", "chaosjob", "digits", "-n", ns, "--wait=false")

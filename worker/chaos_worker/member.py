@@ -29,6 +29,7 @@ import hashlib
 import io
 import itertools
 import logging
+import signal
 import time
 import uuid
 from collections import deque
@@ -176,6 +177,8 @@ class Member:
         self._report("ready", address=self.address, metrics_port=metrics_port)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._watch())]
+        if self.cfg.control is None:  # in a pod: deletion (SIGTERM) is a graceful leave
+            loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         if self.cfg.members:
             members = {**self.cfg.members, self.me: self.address}
             self.view = initial_view(members, self.cfg.overlay or full_mesh(members))
@@ -905,6 +908,21 @@ class Member:
                 self.transport.connect(peer, address)
             self._propose("link_up", self.me, now, peer=peer)
 
+    def _on_sigterm(self) -> None:
+        """Leave at an agreed step when others train on; stop at once otherwise, or when the
+        leave is not done within five failure timeouts (a second SIGTERM also stops)."""
+        view = self.view
+        training = view is not None and not view.paused and self.me in view.members
+        if training and len(view.members) > 1 and not self._leaving:
+            self._on_command({"cmd": "leave"})
+            delay = 5 * self.cfg.failure_timeout_s
+            asyncio.get_running_loop().call_later(delay, self._stop_now)
+        else:
+            self._stop_now()
+
+    def _stop_now(self) -> None:
+        raise SystemExit(0)
+
     def _propose(self, kind: str, subject: str, now: float, *, peer: str = "") -> None:
         proposal = Proposal(
             id=f"{kind}:{subject}:{peer}:{uuid.uuid4().hex[:8]}",
@@ -1021,7 +1039,9 @@ class Member:
         self.monitor.table.observe_step(self.me, samples, compute_s, time.monotonic())
         if self.metrics is not None:
             loss = self.loss_curve[-1][1]
-            self.metrics.observe_step(step_s, loss, samples, len(self.view.members))
+            self.metrics.observe_step(
+                step_s, loss, samples, len(self.view.members), step=self.completed
+            )
 
     def _observe_decision(self, decision: Decision) -> None:
         """Count the causes of an applied decision; handling time from their detection."""

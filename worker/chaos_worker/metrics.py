@@ -114,6 +114,9 @@ class WorkerMetrics:
         self.members = Gauge(
             "chaos_members", "Members in the view of the last completed step.", registry=r
         )
+        self.step = Gauge(
+            "chaos_train_step", "Number of the last training step completed here.", registry=r
+        )
         self.events = Counter(
             "chaos_membership_events",
             "Membership decisions applied on this worker, by cause type.",
@@ -163,8 +166,13 @@ class WorkerMetrics:
 
     # ------------------------------------------------------------------ runtime hooks
 
-    def observe_step(self, duration_s: float, loss: float, samples: int, members: int) -> None:
-        """One completed step: its duration, loss, this worker's samples, the view's size."""
+    def observe_step(
+        self, duration_s: float, loss: float, samples: int, members: int, step: int = -1
+    ) -> None:
+        """One completed step: its duration, loss, this worker's samples, the view's size
+        and (if known) its number."""
+        if step >= 0:
+            self.step.set(step)
         self.step_duration.observe(duration_s)
         self.loss.set(loss)
         self.samples.inc(samples)
