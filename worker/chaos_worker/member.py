@@ -1026,8 +1026,9 @@ class Member:
     # ------------------------------------------------------------------ monitoring
 
     def _probe_links(self) -> None:
-        """Start this member's bandwidth probes of the current round (see `probes.py`)."""
-        if self.view is None or self.view.paused:
+        """Start this member's bandwidth probes of the current round (see `probes.py`);
+        none while a membership change is pending, so probes never load its switch steps."""
+        if self.view is None or self.view.paused or self._pending is not None:
             return
         links = directed(self.view.overlay, self.view.down, self.view.members)
         for probe in self.monitor.due(links, self.step, time.monotonic()):
