@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Build the `helm` binary of one pinned Helm v3 release with `go install` from its published Go
+# module (docs/operator.md, "Installing with Helm"); the chart tests use it. Never downloads
+# prebuilt binaries. helm.sh/helm/v3 has no replace directives, so `go install pkg@version` works.
+#
+#   scripts/build-helm.sh                 build (exits at once when the binary already exists)
+#   scripts/build-helm.sh --print-bin-dir print the directory the binary lives in, build nothing
+#
+# Output: ${CHAOS_HELM_CACHE:-$HOME/.cache/chaos-train/helm}/v<version>/bin/helm, published
+# atomically. Environment: CHAOS_HELM_BUILD_JOBS (go build -p, default 1); the build runs under
+# `nice`. GOMODCACHE/GOCACHE are Go's own (outside the repository).
+set -euo pipefail
+
+HELM_VERSION=3.18.6 # pinned release; built against Kubernetes 1.33 client modules
+K8S_MINOR=33        # what helm's own Makefile stamps from its k8s.io/client-go (v0.33.x)
+
+CACHE_ROOT="${CHAOS_HELM_CACHE:-$HOME/.cache/chaos-train/helm}"
+OUT="$CACHE_ROOT/v$HELM_VERSION"
+BIN="$OUT/bin"
+
+if [[ "${1:-}" == "--print-bin-dir" ]]; then
+  echo "$BIN"
+  exit 0
+elif [[ $# -gt 0 ]]; then
+  echo "usage: $0 [--print-bin-dir]" >&2
+  exit 2
+fi
+
+log() { echo "build-helm: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+[[ -x "$BIN/helm" ]] && exit 0
+
+command -v go >/dev/null || die "Go is required (Helm $HELM_VERSION needs Go >= 1.24)"
+mkdir -p "$OUT"
+
+# One build at a time: a second caller waits here, then finds the binary and exits.
+exec 9>"$OUT/.lock"
+if ! flock -n 9; then
+  log "another build of helm v$HELM_VERSION is running; waiting for it"
+  flock 9
+fi
+[[ -x "$BIN/helm" ]] && exit 0
+
+start=$(date +%s)
+jobs="${CHAOS_HELM_BUILD_JOBS:-1}"
+export CGO_ENABLED=0 GOFLAGS="-buildvcs=false" GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+
+# The version stamps helm's Makefile sets for a tagged release (the Kubernetes version is what
+# `helm template` reports as .Capabilities.KubeVersion without a cluster).
+v=helm.sh/helm/v3/internal/version
+stamp="-X $v.version=v$HELM_VERSION -X $v.metadata= -X $v.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  stamp+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$K8S_MINOR"
+done
+
+rm -rf "$OUT/bin.partial"
+mkdir -p "$OUT/bin.partial"
+log "go install -p $jobs helm.sh/helm/v3/cmd/helm@v$HELM_VERSION with $(go version | cut -d' ' -f3)" \
+  "(a few minutes on 2 cores with cold Go caches)"
+GOBIN="$OUT/bin.partial" nice -n 10 go install -p "$jobs" -trimpath -ldflags "-s -w $stamp" \
+  "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION" \
+  || die "go install failed (is the Go module proxy reachable?)"
+
+"$OUT/bin.partial/helm" version >&2
+rm -rf "$BIN"
+mv "$OUT/bin.partial" "$BIN"
+log "done in $(($(date +%s) - start)) s: $BIN"
