@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -24,22 +22,13 @@ import pytest
 from chaos_worker.examples import EXAMPLES
 from chaos_worker.launcher import JobOptions, LocalJob, free_ports
 
+from tests.tools import prometheus_binary
+
 pytestmark = pytest.mark.cluster
 
 DEADLINE_S = 300.0
 WORKERS = ["w0", "w1", "w2"]
 PAIRS = set(itertools.permutations(WORKERS, 2))
-
-
-def binary(name: str) -> str:
-    """Path of a Prometheus binary; under CI=true its absence fails, otherwise it skips."""
-    path = shutil.which(name)
-    if path is None:
-        reason = f"{name} not found (Debian package 'prometheus', see scripts/apt-packages.txt)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
 
 
 def write_config(path: Path, ports: dict[str, int]) -> None:
@@ -72,8 +61,8 @@ def links(result: list[dict]) -> set[tuple[str, str]]:
 
 
 def test_prometheus_scrapes_link_matrix_and_training_counters(tmp_path):
-    prometheus = binary("prometheus")
-    promtool = binary("promtool")
+    prometheus = prometheus_binary("prometheus")
+    promtool = prometheus_binary("promtool")
     options = JobOptions(
         entry=EXAMPLES["digits"], workers=3, steps=10_000_000, churn=[], metrics=True
     )

@@ -1,0 +1,49 @@
+"""External tools the tests need (promtool, prometheus, helm): found, else skipped with the
+reason, or a failure under CI (`CI` set and not false/0/no), like the control-plane tier."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(reason: str) -> None:
+    """Skip the test with `reason`, or fail it under CI."""
+    if in_ci():
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def prometheus_binary(name: str) -> str:
+    """Path of `prometheus` or `promtool` (Debian package 'prometheus')."""
+    path = shutil.which(name)
+    if path is None:
+        missing(f"{name} not found (Debian package 'prometheus', see scripts/apt-packages.txt)")
+    return str(path)
+
+
+def helm_binary() -> str:
+    """Path of `helm`: CHAOS_HELM, else what scripts/build-helm.sh built (it prints where)."""
+    if os.environ.get("CHAOS_HELM"):
+        path = Path(os.environ["CHAOS_HELM"])
+    else:
+        out = subprocess.run(
+            ["bash", str(REPO / "scripts" / "build-helm.sh"), "--print-bin-dir"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        path = Path(out.stdout.strip()) / "helm"
+    if not os.access(path, os.X_OK):
+        missing(f"helm not found at {path}; build it with `bash scripts/build-helm.sh`")
+    return str(path)
