@@ -18,28 +18,14 @@ CACHE_ROOT="${CHAOS_HELM_CACHE:-$HOME/.cache/chaos-train/helm}"
 OUT="$CACHE_ROOT/v$HELM_VERSION"
 BIN="$OUT/bin"
 
-if [[ "${1:-}" == "--print-bin-dir" ]]; then
-  echo "$BIN"
-  exit 0
-elif [[ $# -gt 0 ]]; then
-  echo "usage: $0 [--print-bin-dir]" >&2
-  exit 2
-fi
-
-log() { echo "build-helm: $*" >&2; }
-die() { log "$*"; exit 1; }
-
+source "$(dirname "$0")/build-lib.sh"
+build_args build-helm "$BIN" "$@"
 [[ -x "$BIN/helm" ]] && exit 0
 
 command -v go >/dev/null || die "Go is required (Helm $HELM_VERSION needs Go >= 1.24)"
-mkdir -p "$OUT"
 
 # One build at a time: a second caller waits here, then finds the binary and exits.
-exec 9>"$OUT/.lock"
-if ! flock -n 9; then
-  log "another build of helm v$HELM_VERSION is running; waiting for it"
-  flock 9
-fi
+build_lock "$OUT" "helm v$HELM_VERSION"
 [[ -x "$BIN/helm" ]] && exit 0
 
 start=$(date +%s)
