@@ -47,3 +47,18 @@ def helm_binary() -> str:
     if not os.access(path, os.X_OK):
         missing(f"helm not found at {path}; build it with `bash scripts/build-helm.sh`")
     return str(path)
+
+
+def promtool(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run `promtool ARGS...` (stdin `input`)."""
+    return subprocess.run(
+        [prometheus_binary("promtool"), *args], input=input, capture_output=True, timeout=60
+    )
+
+
+def assert_promtool_accepts(exposition: bytes) -> None:
+    """`promtool check metrics` accepts the text exposition without a single lint warning."""
+    result = promtool("check", "metrics", input=exposition)
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0, output
+    assert not output.strip(), f"promtool printed lint warnings:\n{output}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from chaos_operator.metrics import OperatorMetrics
 from chaos_worker.metrics import WorkerMetrics
 
 from tests.helmchart import CHART
-from tests.tools import prometheus_binary
+from tests.tools import promtool
 
 pytestmark = pytest.mark.unit
 
@@ -157,14 +156,9 @@ def test_every_query_is_valid_promql(tmp_path: Path):
             assert panel["title"]
     file = tmp_path / "rules.yaml"
     file.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
-    result = subprocess.run(
-        [prometheus_binary("promtool"), "check", "rules", str(file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+    result = promtool("check", "rules", str(file))
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout.decode()
 
 
 def test_promtool_rejects_a_broken_query(tmp_path: Path):
@@ -172,10 +166,4 @@ def test_promtool_rejects_a_broken_query(tmp_path: Path):
     file = tmp_path / "rules.yaml"
     bad = {"record": "x:y", "expr": "sum by (le (rate(chaos_train_loss[5m]))"}
     file.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [bad]}]}))
-    result = subprocess.run(
-        [prometheus_binary("promtool"), "check", "rules", str(file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
+    assert promtool("check", "rules", str(file)).returncode != 0
