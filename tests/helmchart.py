@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import yaml
 from tests.tools import REPO, helm_binary
 
 CHART = REPO / "helm" / "chaos"
+DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
 
 # (api group, resource, verbs) the operator needs in every watched namespace: docs/operator.md,
 # "Permissions it needs". The chart must grant exactly these.
@@ -65,3 +68,25 @@ def granted(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
             for resource in rule.get("resources", []):
                 out.setdefault((group, resource), set()).update(rule.get("verbs", []))
     return out
+
+
+def load(dashboard: Path) -> dict[str, Any]:
+    return json.loads(dashboard.read_text())
+
+
+def targets(board: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(panel, target) of every query of a dashboard, panels inside rows included."""
+    out = []
+    for panel in board["panels"]:
+        for inner in [panel, *panel.get("panels", [])]:
+            out += [(inner, t) for t in inner.get("targets", [])]
+    return out
+
+
+def substitute(expr: str, values: dict[str, str] | None = None, interval: str = "5m") -> str:
+    """A query with Grafana's variables replaced, as Grafana does before sending it:
+    `$__rate_interval`, `$__interval`, `$__range` by `interval`, others from `values`
+    (default `x`)."""
+    values = values or {}
+    expr = re.sub(r"\$__(rate_interval|interval|range)\b", interval, expr)
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), "x"), expr)

@@ -3,9 +3,13 @@ reason, or a failure under CI (`CI` set and not false/0/no), like the control-pl
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -62,3 +66,32 @@ def assert_promtool_accepts(exposition: bytes) -> None:
     output = (result.stdout + result.stderr).decode()
     assert result.returncode == 0, output
     assert not output.strip(), f"promtool printed lint warnings:\n{output}"
+
+
+def start_prometheus(config: Path, workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    """A real Prometheus with `config` on 127.0.0.1:`port`, data and log in `workdir`;
+    the caller terminates it."""
+    with (workdir / "prometheus.log").open("wb") as out:
+        return subprocess.Popen(
+            [
+                prometheus_binary("prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def prometheus_query(base: str, promql: str) -> list[dict]:
+    """Instant query at Prometheus `base` URL; [] while it is not up yet."""
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            body = json.load(reply)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return []
+    assert body["status"] == "success", body
+    return body["data"]["result"]

@@ -3,45 +3,23 @@ and that every metric they query exists in the worker's or the operator's regist
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from chaos_operator.metrics import OperatorMetrics
 from chaos_worker.metrics import WorkerMetrics
 
-from tests.helmchart import CHART
+from tests.helmchart import CHART, DASHBOARDS, load, substitute, targets
 from tests.tools import promtool
 
 pytestmark = pytest.mark.unit
 
-FILES = sorted((CHART / "dashboards").glob("*.json"))
 DATASOURCE = "${datasource}"
 # PromQL words that are not metric names.
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
 KEYWORDS |= {"and", "or", "unless", "inf", "nan"}
-
-
-def load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
-def targets(board: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(panel, target) of every query, panels inside rows included."""
-    out = []
-    for panel in board["panels"]:
-        for inner in [panel, *panel.get("panels", [])]:
-            out += [(inner, t) for t in inner.get("targets", [])]
-    return out
-
-
-def substitute(expr: str) -> str:
-    """Grafana's variables replaced by concrete values, as Grafana would before querying."""
-    expr = re.sub(r"\$__(rate_interval|interval|range)\b", "5m", expr)
-    return re.sub(r"\$\{?(\w+)\}?", "x", expr)
 
 
 def metric_names(expr: str) -> set[str]:
@@ -72,10 +50,10 @@ def exported() -> set[str]:
 
 
 def test_there_are_a_job_and_an_operator_dashboard():
-    assert {p.name for p in FILES} == {"chaos-job.json", "chaos-operator.json"}
+    assert {p.name for p in DASHBOARDS} == {"chaos-job.json", "chaos-operator.json"}
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_structure(path: Path):
     board = load(path)
     for key in ("uid", "title", "schemaVersion", "panels", "templating"):
@@ -106,8 +84,8 @@ def test_structure(path: Path):
 
 
 def test_uids_are_unique_and_configmaps_stay_small():
-    assert len({load(p)["uid"] for p in FILES}) == len(FILES)
-    for path in FILES:
+    assert len({load(p)["uid"] for p in DASHBOARDS}) == len(DASHBOARDS)
+    for path in DASHBOARDS:
         assert path.stat().st_size < 512 * 1024  # a ConfigMap holds at most 1 MiB
 
 
@@ -132,7 +110,7 @@ def test_job_dashboard_covers_what_the_issue_asks():
 
 def test_every_metric_queried_exists_in_a_registry():
     known = exported()
-    for path in FILES:
+    for path in DASHBOARDS:
         board = load(path)
         queries = [t["expr"] for _, t in targets(board)]
         queries += [v["definition"] for v in board["templating"]["list"] if v["type"] == "query"]
@@ -149,7 +127,7 @@ def test_metric_name_parser():
 
 def test_every_query_is_valid_promql(tmp_path: Path):
     rules = []
-    for path in FILES:
+    for path in DASHBOARDS:
         for n, (panel, target) in enumerate(targets(load(path))):
             record = f"dashboard:{path.stem.replace('-', '_')}:{n}"
             rules.append({"record": record, "expr": substitute(target["expr"])})
