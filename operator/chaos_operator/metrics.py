@@ -2,9 +2,8 @@
 
 The handlers call `reconciling()` around each reconcile, `observe_phase()` with its result,
 count `pods_created`/`pods_deleted` for each change that actually happened, and call
-`keep_jobs()` with the jobs a resync listed. The
-phase gauge is rendered at scrape time from the last phase of every job still known, so a
-deleted job leaves no stale series behind.
+`keep_jobs()` with the jobs a resync listed. The phase gauge is rendered at scrape time from
+the last phase of every job still known, so a deleted job leaves no stale series behind.
 """
 
 from __future__ import annotations
