@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,12 @@ def test_operator_runs_standalone_once_with_args_the_cli_accepts(default):
     assert args.namespace == ["team-a"]
     assert args.metrics_port == 8081
     assert args.liveness == "http://0.0.0.0:8080/healthz"
+
+
+def test_app_version_is_the_package_version():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    package = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert chart["appVersion"] == package  # the image tag the chart runs by default
 
 
 def test_security_context_is_non_root_with_the_image_user(default):
