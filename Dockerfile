@@ -1,5 +1,7 @@
 # One image for every role; the entry point is the `chaos` command
-# (chaos worker, chaos run, chaos plan, chaos bench; chaos operator once it lands).
+# (chaos operator in the Helm chart's Deployment, chaos worker and chaos replicator in the
+# worker pods; chaos run, chaos plan, chaos bench). Runs as uid 10001, which the chart's
+# securityContext names.
 FROM python:3.12-slim
 WORKDIR /opt/chaos
 COPY pyproject.toml README.md ./

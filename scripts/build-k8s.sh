@@ -23,16 +23,8 @@ CACHE_ROOT="${CHAOS_K8S_CACHE:-$HOME/.cache/chaos-train/k8s}"
 OUT="$CACHE_ROOT/v$K8S_VERSION"
 BIN="$OUT/bin"
 
-if [[ "${1:-}" == "--print-bin-dir" ]]; then
-  echo "$BIN"
-  exit 0
-elif [[ $# -gt 0 ]]; then
-  echo "usage: $0 [--print-bin-dir]" >&2
-  exit 2
-fi
-
-log() { echo "build-k8s: $*" >&2; }
-die() { log "$*"; exit 1; }
+source "$(dirname "$0")/build-lib.sh"
+build_args build-k8s "$BIN" "$@"
 
 have_all() {
   local b
@@ -42,14 +34,9 @@ have_all() {
 have_all && exit 0
 
 command -v go >/dev/null || die "Go is required (Kubernetes $K8S_VERSION needs Go >= 1.24)"
-mkdir -p "$OUT"
 
 # One build at a time: a second caller waits here, then finds the binaries and exits.
-exec 9>"$OUT/.lock"
-if ! flock -n 9; then
-  log "another build of v$K8S_VERSION is running; waiting for it (log: $OUT/build.log if any)"
-  flock 9
-fi
+build_lock "$OUT" "Kubernetes v$K8S_VERSION"
 have_all && exit 0
 
 start=$(date +%s)

@@ -7,4 +7,5 @@ bash scripts/install.sh --test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check planner worker operator tests
 bash scripts/build-k8s.sh  # kube-apiserver, kubectl, ... for tests/controlplane (cached)
+bash scripts/build-helm.sh  # helm for the chart tests (cached)
 exec .venv/bin/python -m pytest "$@"

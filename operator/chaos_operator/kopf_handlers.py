@@ -34,6 +34,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from chaos_operator.api import GROUP, VERSION, ChaosJob
+from chaos_operator.metrics import OperatorMetrics
 from chaos_operator.reconcile import (
     ANN_METRICS,
     ANN_NEXT_MEMBER,
@@ -60,6 +61,7 @@ class Context:
     """Watched namespaces; empty: all."""
     resync_s: float = 10.0
     scrape_timeout_s: float = 1.0
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -193,10 +195,12 @@ def reconcile_job(ctx: Context, namespace: str, name: str, *, scrape: bool = Fal
         for pod in plan.create:
             pod_name = pod["metadata"]["name"]
             if _ignore(409, core.create_namespaced_pod, namespace, pod):
+                ctx.metrics.pods_created.inc()
                 event = plan.events[pod_name]
                 post_event(core, body, event.reason, event.message, event.type)
         for pod_name in plan.delete:
             if _ignore(404, core.delete_namespaced_pod, pod_name, namespace):
+                ctx.metrics.pods_deleted.inc()
                 event = plan.events[pod_name]
                 post_event(core, body, event.reason, event.message, event.type)
         if plan.status != (job.status.to_k8s() if job.status else {}):
@@ -269,9 +273,18 @@ async def stop_resync(memo: Any, **_: Any) -> None:
             await task
 
 
+def measured_reconcile(ctx: Context, namespace: str, name: str, *, scrape: bool = False) -> None:
+    """`reconcile_job`, timed and counted in the operator's metrics."""
+    with ctx.metrics.reconciling(namespace, name) as rec:
+        plan = reconcile_job(ctx, namespace, name, scrape=scrape)
+        rec.gone = plan is None
+        if plan is not None:
+            ctx.metrics.observe_phase(namespace, name, plan.status.get("phase"))
+
+
 def _run(ctx: Context, namespace: str, name: str, logger: logging.Logger) -> None:
     try:
-        reconcile_job(ctx, namespace, name)
+        measured_reconcile(ctx, namespace, name)
     except ApiException as exc:
         if exc.status == 409:  # a concurrent write; the next event or resync retries
             logger.info("conflict while reconciling %s/%s; will retry", namespace, name)
@@ -297,8 +310,9 @@ async def _resync(memo: Any) -> None:
         try:
             jobs = await asyncio.to_thread(_list_jobs, ctx)
             memo.jobs_seen = len(jobs)
+            ctx.metrics.keep_jobs(jobs)
             for namespace, name in jobs:
-                await asyncio.to_thread(reconcile_job, ctx, namespace, name, scrape=True)
+                await asyncio.to_thread(measured_reconcile, ctx, namespace, name, scrape=True)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # keep resyncing whatever one round met

@@ -11,35 +11,21 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
-import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 from chaos_worker.examples import EXAMPLES
 from chaos_worker.launcher import JobOptions, LocalJob, free_ports
 
+from tests.tools import prometheus_binary, prometheus_query, start_prometheus
+
 pytestmark = pytest.mark.cluster
 
 DEADLINE_S = 300.0
 WORKERS = ["w0", "w1", "w2"]
 PAIRS = set(itertools.permutations(WORKERS, 2))
-
-
-def binary(name: str) -> str:
-    """Path of a Prometheus binary; under CI=true its absence fails, otherwise it skips."""
-    path = shutil.which(name)
-    if path is None:
-        reason = f"{name} not found (Debian package 'prometheus', see scripts/apt-packages.txt)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
 
 
 def write_config(path: Path, ports: dict[str, int]) -> None:
@@ -55,25 +41,12 @@ def write_config(path: Path, ports: dict[str, int]) -> None:
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
 
 
-def query(base: str, promql: str) -> list[dict]:
-    """Instant query; [] while Prometheus is not up yet."""
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            body = json.load(reply)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return []
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
 def links(result: list[dict]) -> set[tuple[str, str]]:
     return {(r["metric"]["src"], r["metric"]["dst"]) for r in result}
 
 
 def test_prometheus_scrapes_link_matrix_and_training_counters(tmp_path):
-    prometheus = binary("prometheus")
-    promtool = binary("promtool")
+    promtool = prometheus_binary("promtool")
     options = JobOptions(
         entry=EXAMPLES["digits"], workers=3, steps=10_000_000, churn=[], metrics=True
     )
@@ -85,10 +58,10 @@ def test_prometheus_scrapes_link_matrix_and_training_counters(tmp_path):
 
     def wanted() -> dict[str, list[dict]]:
         return {
-            "rtt": query(base, "chaos_link_rtt_seconds"),
-            "bandwidth": query(base, "chaos_link_bandwidth_bytes_per_second"),
-            "samples": query(base, "chaos_train_samples_total > 0"),
-            "members": query(base, "chaos_members"),
+            "rtt": prometheus_query(base, "chaos_link_rtt_seconds"),
+            "bandwidth": prometheus_query(base, "chaos_link_bandwidth_bytes_per_second"),
+            "samples": prometheus_query(base, "chaos_train_samples_total > 0"),
+            "members": prometheus_query(base, "chaos_members"),
         }
 
     def complete(got: dict[str, list[dict]]) -> bool:
@@ -110,18 +83,7 @@ def test_prometheus_scrapes_link_matrix_and_training_counters(tmp_path):
                 [promtool, "check", "config", str(config)], capture_output=True, timeout=60
             )
             assert check.returncode == 0, check.stdout + check.stderr
-            with log.open("wb") as out:
-                server = subprocess.Popen(
-                    [
-                        prometheus,
-                        f"--config.file={config}",
-                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                        f"--web.listen-address=127.0.0.1:{web_port}",
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
+            server = start_prometheus(config, tmp_path, web_port)
             deadline = time.monotonic() + DEADLINE_S
             got: dict[str, list[dict]] = {}
             while time.monotonic() < deadline:

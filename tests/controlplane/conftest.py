@@ -6,7 +6,6 @@ with the reason, except under CI (`CI` set and not false/0), where that is a fai
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.controlplane.plane import (
     install_crds,
     start_control_plane,
 )
+from tests.tools import missing
 
 HERE = Path(__file__).parent
 
@@ -32,19 +32,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.controlplane)
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture(scope="session")
 def k8s_binaries() -> tuple[Path, Path]:
     """(Kubernetes bin dir, etcd); skips, or fails under CI, when they are missing."""
     try:
         return find_binaries()
     except ControlPlaneUnavailable as exc:
-        if _in_ci():
-            pytest.fail(f"control-plane binaries missing under CI: {exc}", pytrace=False)
-        pytest.skip(f"control-plane binaries missing: {exc}")
+        missing(f"control-plane binaries missing: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,15 @@ def _free_range(count: int) -> int:
     raise RuntimeError("no free port range")
 
 
+def operator_metric(port: int, series: str) -> float:
+    """The value of one series on the operator's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(f"{series} "):
+                return float(line.split()[1])
+    raise AssertionError(f"{series} not on the operator's /metrics")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -113,7 +122,7 @@ def test_operator_runs_a_job_through_loss_scale_up_and_deletion(
     plane.kubectl("create", "namespace", ns)
 
     runner = PodRunner(plane.kubeconfig, ns, tmp_path / "pods").start()
-    liveness = _free_port()
+    liveness, metrics = _free_port(), _free_port()
     log_path = tmp_path / "operator.log"
     env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig)}
     with log_path.open("wb") as log:
@@ -131,6 +140,10 @@ def test_operator_runs_a_job_through_loss_scale_up_and_deletion(
                 "2",
                 "--liveness",
                 f"http://127.0.0.1:{liveness}/healthz",
+                "--metrics-host",
+                "127.0.0.1",
+                "--metrics-port",
+                str(metrics),
             ],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -237,6 +250,11 @@ def test_operator_runs_a_job_through_loss_scale_up_and_deletion(
         # SIGTERM made them leave at an agreed step and exit cleanly, not die mid-step
         assert runner.exits["digits-w4"]["trainer"] == 0, runner.exits
         assert runner.exits["digits-w3"]["trainer"] == 0, runner.exits
+        # The operator's own metrics saw all of it: w0..w4 created, w3 and w4 deleted.
+        assert operator_metric(metrics, "chaos_operator_pods_created_total") == 5
+        assert operator_metric(metrics, "chaos_operator_pods_deleted_total") >= 2
+        assert operator_metric(metrics, 'chaos_operator_jobs{phase="Running"}') == 1
+        assert operator_metric(metrics, 'chaos_operator_reconcile_total{result="ok"}') > 5
 
         # Deleting the job: the garbage collector removes the pods, the runner their processes.
         plane.kubectl("delete", "chaosjob", "digits", "-n", ns, "--wait=false")

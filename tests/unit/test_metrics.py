@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import urllib.request
 
 import pytest
@@ -12,6 +9,8 @@ from chaos_worker.linktable import LinkTable
 from chaos_worker.metrics import WorkerMetrics
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.tools import assert_promtool_accepts
 
 pytestmark = pytest.mark.unit
 
@@ -33,17 +32,6 @@ NAMES = [
     "chaos_member_info",
 ]
 MiB = 1 << 20
-
-
-def promtool() -> str:
-    """Path of promtool; under CI=true its absence fails the test, otherwise it skips."""
-    path = shutil.which("promtool")
-    if path is None:
-        reason = "promtool not found (Debian package 'prometheus', see scripts/apt-packages.txt)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
 
 
 def busy_metrics() -> WorkerMetrics:
@@ -155,14 +143,7 @@ def test_each_instance_has_its_own_registry():
 
 @pytest.mark.parametrize("make", [lambda: WorkerMetrics("w0"), busy_metrics])
 def test_promtool_accepts_the_exposition(make):
-    result = subprocess.run(
-        [promtool(), "check", "metrics"],
-        input=make().render(),
-        capture_output=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr).decode()
-    assert not (result.stdout + result.stderr).strip(), "promtool printed lint warnings"
+    assert_promtool_accepts(make().render())
 
 
 def test_serve_on_port_zero_returns_the_bound_port():

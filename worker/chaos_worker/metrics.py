@@ -89,12 +89,54 @@ class _LinkCollector(Collector):
         return [bandwidth, rtt, age]
 
 
-class WorkerMetrics:
+class Exporter:
+    """A registry of its own with its text exposition and an optional `/metrics` server.
+
+    The base of the worker's and the operator's metrics (`chaos_operator.metrics`).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def add_build_info(self, component: str, version: str | None) -> None:
+        """`chaos_build_info{version}` = 1, the installed version unless `version` is given."""
+        Gauge(
+            "chaos_build_info",
+            f"Version of the chaos-train {component} (always 1).",
+            ["version"],
+            registry=self.registry,
+        ).labels(version or chaos_version()).set(1)
+
+    def render(self) -> bytes:
+        """The text exposition of every metric (what a scrape gets)."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve `/metrics` on `host:port` (0: any free port) in a daemon thread; the port."""
+        if self._server is not None:
+            raise RuntimeError("metrics are already served")
+        started = start_http_server(port, addr=host, registry=self.registry)
+        if not started:  # prometheus-client < 0.20 returns nothing
+            raise RuntimeError("prometheus-client >= 0.20 is required to serve metrics")
+        self._server, self._thread = started
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        """Stop serving (idempotent)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class WorkerMetrics(Exporter):
     """The metrics one worker exports; the runtime calls the `observe_*`/`add_*` methods."""
 
     def __init__(self, member: str, *, version: str | None = None) -> None:
+        super().__init__()
         self.member = member
-        self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.step_duration = Histogram(
             "chaos_step_duration_seconds",
@@ -147,12 +189,7 @@ class WorkerMetrics:
             ["peer", "direction"],
             registry=r,
         )
-        Gauge(
-            "chaos_build_info",
-            "Version of the chaos-train worker (always 1).",
-            ["version"],
-            registry=r,
-        ).labels(version or chaos_version()).set(1)
+        self.add_build_info("worker", version)
         Gauge(
             "chaos_member_info",
             "Member id of this worker (always 1); join on the target labels.",
@@ -161,8 +198,6 @@ class WorkerMetrics:
         ).labels(member).set(1)
         self._links = _LinkCollector()
         r.register(self._links)
-        self._server = None
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ runtime hooks
 
@@ -202,26 +237,3 @@ class WorkerMetrics:
         """Publish this member's link figures (rows with `src` = this member)."""
         now = time.monotonic() if now is None else now
         self._links.rows = tuple(r for r in linktable.readings(now) if r.src == self.member)
-
-    # ------------------------------------------------------------------ exposition
-
-    def render(self) -> bytes:
-        """The text exposition of every metric (what a scrape gets)."""
-        return generate_latest(self.registry)
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve `/metrics` on `host:port` (0: any free port) in a daemon thread; the port."""
-        if self._server is not None:
-            raise RuntimeError("metrics are already served")
-        started = start_http_server(port, addr=host, registry=self.registry)
-        if not started:  # prometheus-client < 0.20 returns nothing
-            raise RuntimeError("prometheus-client >= 0.20 is required to serve metrics")
-        self._server, self._thread = started
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        """Stop serving (idempotent)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -65,6 +65,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="training steps of every worker (default: train until the job is deleted)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8081,
+        metavar="PORT",
+        help="serve the operator's Prometheus metrics on PORT at /metrics (default 8081; 0: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address the metrics server binds (default 0.0.0.0)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's details")
     parser.set_defaults(handler=handle)
 
@@ -82,6 +95,8 @@ def handle(args: argparse.Namespace) -> int:
         raise UserError("--base-port must lie in 1..62535")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if not 0 <= args.metrics_port <= 65535:
+        raise UserError("--metrics-port must lie in 0..65535 (0: off)")
     kopf.configure(verbose=args.verbose)  # logging of kopf and of the handlers
     try:
         config.load_incluster_config()
@@ -97,6 +112,14 @@ def handle(args: argparse.Namespace) -> int:
         namespaces=namespaces,
         resync_s=args.resync,
     )
+    if args.metrics_port:
+        try:
+            ctx.metrics.serve(args.metrics_host, args.metrics_port)
+        except OSError as exc:
+            raise UserError(
+                f"--metrics-port: cannot listen on {args.metrics_host}:{args.metrics_port}: "
+                f"{exc.strerror or exc}"
+            ) from None
     liveness = None if args.liveness == "off" else args.liveness
     asyncio.run(
         kopf.operator(
