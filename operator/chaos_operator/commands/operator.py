@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from chaos_operator.errors import UserError
 
@@ -65,6 +66,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="training steps of every worker (default: train until the job is deleted)",
     )
+    parser.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="measure the goodput of autoscaled jobs with instant queries to this Prometheus "
+        "(http[s]://host:port); default: from two scrapes of the members' /metrics",
+    )
+    parser.add_argument(
+        "--prometheus-query",
+        metavar="PROMQL",
+        help="the goodput query, $namespace and $job substituted (default: the sum of "
+        'rate(chaos_train_samples_total[1m]) of series labelled namespace="$namespace" and '
+        'pod=~"$job-w[0-9]+")',
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's details")
     parser.set_defaults(handler=handle)
 
@@ -75,6 +89,7 @@ def handle(args: argparse.Namespace) -> int:
     import kopf
     from kubernetes import client, config
 
+    from chaos_operator.autoscaler import PROMETHEUS_QUERY, Autoscaler
     from chaos_operator.kopf_handlers import Context, registry
     from chaos_operator.reconcile import Options
 
@@ -82,6 +97,9 @@ def handle(args: argparse.Namespace) -> int:
         raise UserError("--base-port must lie in 1..62535")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    url = args.prometheus_url
+    if url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+        raise UserError(f"--prometheus-url must be http[s]://host[:port][/path], not {url!r}")
     kopf.configure(verbose=args.verbose)  # logging of kopf and of the handlers
     try:
         config.load_incluster_config()
@@ -96,6 +114,9 @@ def handle(args: argparse.Namespace) -> int:
         options=Options(pod_host=args.pod_host, base_port=args.base_port, steps=args.steps),
         namespaces=namespaces,
         resync_s=args.resync,
+        autoscaler=Autoscaler(
+            prometheus_url=url, prometheus_query=args.prometheus_query or PROMETHEUS_QUERY
+        ),
     )
     liveness = None if args.liveness == "off" else args.liveness
     asyncio.run(
