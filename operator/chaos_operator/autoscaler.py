@@ -259,6 +259,8 @@ class Autoscaler:
                                                      "autoscaling is not enabled",
                                                      meta.generation, now)  # fmt: skip
             return None
+        if status.get("phase") == "Succeeded":
+            return None  # training is over; nothing to size
         mem = self.memory(namespace, name, str((meta.model_extra or {}).get("uid", "")))
         running = frozenset(
             p.metadata.name
