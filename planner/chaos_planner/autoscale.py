@@ -165,7 +165,7 @@ def decide(given: AutoscaleInput) -> Decision:
     if given.unschedulable:
         return keep("CapacityExhausted", "a worker pod cannot be scheduled; waiting for capacity")
     if given.pods_pending:
-        return keep("PodsPending", "worker pods are still starting")
+        return keep("PodsPending", "worker pods are starting or stopping")
     if given.last_decision_at is not None:
         waited = given.now - given.last_decision_at
         if waited < given.cooldown_s:
