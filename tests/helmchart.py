@@ -21,12 +21,14 @@ DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
 PERMISSIONS: list[tuple[str, str, frozenset[str]]] = [
     ("chaos.training.dev", "chaosjobs", frozenset({"get", "list", "watch", "patch"})),
     ("chaos.training.dev", "chaosjobs/status", frozenset({"patch"})),
+    ("chaos.training.dev", "chaosjobs/scale", frozenset({"patch"})),
     ("chaos.training.dev", "chaosjobs/finalizers", frozenset({"update"})),
     ("chaos.training.dev", "chaospeers", frozenset({"get", "list", "watch"})),
     ("chaos.training.dev", "chaospeers/status", frozenset({"patch"})),
     ("", "pods", frozenset({"get", "list", "watch", "create", "delete"})),
     ("", "services", frozenset({"create"})),
     ("", "events", frozenset({"create"})),
+    ("", "resourcequotas", frozenset({"list"})),
 ]
 
 

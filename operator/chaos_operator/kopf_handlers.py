@@ -10,7 +10,8 @@ Triggers (all level-based: each one reconciles the job from what the API server 
 * every watch event of a ChaosJob (kopf delivers the initial listing too, so this also
   covers create, update and operator restarts);
 * every watch event of a pod labelled `chaos.training.dev/job` (reconciles its job);
-* a resync loop every `resync_s` that also scrapes the members' `/metrics` for the step.
+* a resync loop every `resync_s` that also scrapes the members' `/metrics` (step, last
+  scale-out delay) and runs the autoscaler (`chaos_operator.autoscaler`) on its jobs.
 
 No finalizer: kopf timers and daemons would add one (deleting a job would hang while the
 operator is down). Deletion is left to owner references and the garbage collector.
@@ -23,8 +24,6 @@ import contextlib
 import json
 import logging
 import threading
-import urllib.request
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -34,9 +33,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from chaos_operator.api import GROUP, VERSION, ChaosJob
+from chaos_operator.autoscaler import Autoscaler
 from chaos_operator.metrics import OperatorMetrics
 from chaos_operator.reconcile import (
-    ANN_METRICS,
     ANN_NEXT_MEMBER,
     LABEL_JOB,
     ObservedPod,
@@ -44,6 +43,7 @@ from chaos_operator.reconcile import (
     Plan,
     reconcile,
 )
+from chaos_operator.scrape import latest_step, scale_out_delay, scrape_members
 
 PLURAL = "chaosjobs"
 FIELD_MANAGER = "chaos-operator"
@@ -62,6 +62,7 @@ class Context:
     resync_s: float = 10.0
     scrape_timeout_s: float = 1.0
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    autoscaler: Autoscaler = field(default_factory=Autoscaler)
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -87,28 +88,6 @@ def observe_pod(pod: client.V1Pod) -> ObservedPod:
         ready=ready,
         deleting=meta.deletion_timestamp is not None,
     )
-
-
-def scrape_step(pods: Iterable[client.V1Pod], timeout_s: float) -> int | None:
-    """The latest completed step any running member reports on `/metrics`, if any answers.
-
-    Members export the number of their last completed step as `chaos_train_step`.
-    """
-    best: int | None = None
-    for pod in pods:
-        ip = pod.status and pod.status.pod_ip
-        port = (pod.metadata.annotations or {}).get(ANN_METRICS)
-        if not ip or not port or (pod.status.phase != "Running"):
-            continue
-        try:
-            with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout_s) as r:
-                text = r.read().decode()
-        except (OSError, ValueError):
-            continue
-        for line in text.splitlines():
-            if line.startswith("chaos_train_step "):
-                best = max(best or 0, int(float(line.split()[1])))
-    return best
 
 
 # ------------------------------------------------------------------------- applying
@@ -177,14 +156,24 @@ def reconcile_job(ctx: Context, namespace: str, name: str, *, scrape: bool = Fal
             for p in listed
             if any(ref.uid == meta["uid"] for ref in p.metadata.owner_references or ())
         ]
-        step = scrape_step(owned, ctx.scrape_timeout_s) if scrape else None
+        observed = [observe_pod(p) for p in owned]
+        scrapes = scrape_members(owned, ctx.scrape_timeout_s) if scrape else {}
+        newest_first = [p.name for p in sorted(observed, key=lambda p: -p.ordinal)]
+        now = datetime.now(UTC)
         plan = reconcile(
             job,
-            [observe_pod(p) for p in owned],
-            now=datetime.now(UTC),
-            current_step=step,
+            observed,
+            now=now,
+            current_step=latest_step(scrapes.values()),
+            scale_out_delay_s=scale_out_delay(scrapes, newest_first),
             options=ctx.options,
         )
+        # The autoscaler changes spec.replicas (scale subresource); the next reconcile acts.
+        scaled = (
+            ctx.autoscaler.run(ctx.api, job, owned, scrapes, plan.status, now) if scrape else None
+        )
+        if scaled:
+            post_event(core, body, scaled.reason, scaled.message, scaled.type)
         # Remember the ids handed out before any pod carries them, so none is ever reused.
         if str(plan.next_member) != (meta.get("annotations") or {}).get(ANN_NEXT_MEMBER):
             patch = {"metadata": {"annotations": {ANN_NEXT_MEMBER: str(plan.next_member)}}}

@@ -334,6 +334,7 @@ def reconcile(
     *,
     now: datetime,
     current_step: int | None = None,
+    scale_out_delay_s: float | None = None,
     options: Options = Options(),
 ) -> Plan:
     """Plan one reconcile of `job` given its observed pods (see the module docstring)."""
@@ -400,6 +401,7 @@ def reconcile(
         creating=len(create),
         now=now,
         current_step=current_step,
+        scale_out_delay_s=scale_out_delay_s,
     )
     return Plan(
         create=create,
@@ -422,6 +424,7 @@ def _status(
     creating: int,
     now: datetime,
     current_step: int | None,
+    scale_out_delay_s: float | None,
 ) -> dict[str, Any]:
     name = job.metadata.name or ""
     generation = job.metadata.generation
@@ -472,9 +475,11 @@ def _status(
     step = current_step if current_step is not None else previous.get("currentStep")
     if step is not None:
         out["currentStep"] = max(step, previous.get("currentStep", 0))
-    for key in ("remoteMembers", "lastScaleOutDelaySeconds", "lastScaleTime"):
+    for key in ("remoteMembers", "lastScaleOutDelaySeconds", "lastScaleTime", "autoscaling"):
         if key in previous:
             out[key] = previous[key]
+    if scale_out_delay_s is not None:
+        out["lastScaleOutDelaySeconds"] = round(scale_out_delay_s, 3)
     if creating or len(live) != sum(1 for p in pods if p.live):
         out["lastScaleTime"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     return out

@@ -1,8 +1,9 @@
-"""Chaos planner: pure functions for shard plans, aggregation trees and switch steps.
+"""Chaos planner: pure functions for shard plans, aggregation trees, switch steps and scaling.
 
 No torch, no network, no files, no clocks: every function here is deterministic.
 """
 
+from chaos_planner.autoscale import AutoscaleInput, Decision, Observation, decide
 from chaos_planner.baselines import (
     apportion,
     single_assignment,
@@ -29,6 +30,9 @@ __all__ = [
     "DEFAULT_SHARD_COUNTS",
     "MAX_SHARDS",
     "SOLVERS",
+    "AutoscaleInput",
+    "Decision",
+    "Observation",
     "Plan",
     "PlanRequest",
     "PlanningError",
@@ -36,6 +40,7 @@ __all__ = [
     "Tree",
     "apportion",
     "connected_components",
+    "decide",
     "feasible_shard_counts",
     "finish_time",
     "greedy_assignment",

@@ -75,6 +75,9 @@ releases of the same name in one cluster do not collide. */}}
   resources: [chaosjobs/status]
   verbs: [patch]
 - apiGroups: [chaos.training.dev]
+  resources: [chaosjobs/scale]
+  verbs: [patch]
+- apiGroups: [chaos.training.dev]
   resources: [chaosjobs/finalizers]
   verbs: [update]
 - apiGroups: [chaos.training.dev]
@@ -92,4 +95,7 @@ releases of the same name in one cluster do not collide. */}}
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+- apiGroups: [""]
+  resources: [resourcequotas]
+  verbs: [list]
 {{- end }}

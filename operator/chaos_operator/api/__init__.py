@@ -6,6 +6,7 @@ The CRDs in `crds/` are generated from these models by `chaos_operator.api.crdge
 
 from chaos_operator.api.chaosjob import (
     AutoscalingPolicy,
+    AutoscalingStatus,
     ChaosJob,
     ChaosJobSpec,
     ChaosJobStatus,
@@ -19,6 +20,7 @@ __all__ = [
     "GROUP",
     "VERSION",
     "AutoscalingPolicy",
+    "AutoscalingStatus",
     "ChaosJob",
     "ChaosJobSpec",
     "ChaosJobStatus",

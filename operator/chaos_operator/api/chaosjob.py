@@ -96,9 +96,9 @@ class AutoscalingPolicy(ApiModel):
         None,
         gt=0,
         description=(
-            "Training samples per second that each worker should still contribute: the "
-            "operator adds workers while the job's goodput per worker stays at or above this, "
-            "and removes workers when it falls below. Required when enabled."
+            "Training samples per second that each worker should still add to the job's "
+            "goodput: the operator adds a worker while the last added one raised the goodput "
+            "by at least this much, and removes one when it added less. Required when enabled."
         ),
     )
     cooldown_seconds: int = Field(
@@ -218,6 +218,31 @@ class ChaosJobSpec(ApiModel):
         return self
 
 
+class AutoscalingStatus(ApiModel):
+    """The autoscaler's latest decision and the measurement behind it."""
+
+    desired_replicas: int | None = Field(
+        None, ge=0, description="Replicas the autoscaler wants for this party."
+    )
+    reason: str | None = Field(
+        None,
+        max_length=64,
+        description="Why, in one word, e.g. GoodputAboveTarget, Cooldown, CapacityExhausted.",
+    )
+    message: str | None = Field(
+        None, max_length=1024, description="Why, with the measured numbers."
+    )
+    last_decision_time: datetime | None = Field(
+        None, description="When the autoscaler last changed spec.replicas."
+    )
+    goodput_samples_per_second: float | None = Field(
+        None, ge=0, description="Measured goodput of the job at the current replica count."
+    )
+    marginal_goodput_samples_per_second: float | None = Field(
+        None, description="What the last added worker added to the goodput (samples/s)."
+    )
+
+
 class ChaosJobStatus(ApiModel):
     """Observed state of this party's part of the job, written by the operator."""
 
@@ -252,6 +277,9 @@ class ChaosJobStatus(ApiModel):
     )
     last_scale_time: datetime | None = Field(
         None, description="When the operator last changed the number of workers."
+    )
+    autoscaling: AutoscalingStatus | None = Field(
+        None, description="The autoscaler's latest decision, when autoscaling is enabled."
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from chaos_operator.errors import UserError
 
@@ -78,6 +79,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="HOST",
         help="address the metrics server binds (default 0.0.0.0)",
     )
+    parser.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="measure the goodput of autoscaled jobs with instant queries to this Prometheus "
+        "(http[s]://host:port); default: from two scrapes of the members' /metrics",
+    )
+    parser.add_argument(
+        "--prometheus-query",
+        metavar="PROMQL",
+        help="the goodput query, $namespace and $job substituted (default: the sum of "
+        'rate(chaos_train_samples_total[1m]) of series labelled namespace="$namespace" and '
+        'pod=~"$job-w[0-9]+")',
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's details")
     parser.set_defaults(handler=handle)
 
@@ -88,6 +102,7 @@ def handle(args: argparse.Namespace) -> int:
     import kopf
     from kubernetes import client, config
 
+    from chaos_operator.autoscaler import PROMETHEUS_QUERY, Autoscaler
     from chaos_operator.kopf_handlers import Context, registry
     from chaos_operator.reconcile import Options
 
@@ -97,6 +112,9 @@ def handle(args: argparse.Namespace) -> int:
         raise UserError("--steps must be at least 1")
     if not 0 <= args.metrics_port <= 65535:
         raise UserError("--metrics-port must lie in 0..65535 (0: off)")
+    url = args.prometheus_url
+    if url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+        raise UserError(f"--prometheus-url must be http[s]://host[:port][/path], not {url!r}")
     kopf.configure(verbose=args.verbose)  # logging of kopf and of the handlers
     try:
         config.load_incluster_config()
@@ -111,6 +129,9 @@ def handle(args: argparse.Namespace) -> int:
         options=Options(pod_host=args.pod_host, base_port=args.base_port, steps=args.steps),
         namespaces=namespaces,
         resync_s=args.resync,
+        autoscaler=Autoscaler(
+            prometheus_url=url, prometheus_query=args.prometheus_query or PROMETHEUS_QUERY
+        ),
     )
     if args.metrics_port:
         try:

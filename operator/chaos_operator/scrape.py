@@ -1,0 +1,123 @@
+"""What the operator reads from its members' `/metrics`, and the figures derived from it.
+
+`scrape_members` is the only I/O here (one GET per running member); everything else is pure:
+`parse_metrics` turns an exposition into a `MemberMetrics`, `latest_step`, `scale_out_delay`
+and `measure_goodput` combine the members' readings.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
+
+from chaos_operator.reconcile import ANN_METRICS
+
+
+@dataclass(frozen=True)
+class MemberMetrics:
+    """One member's figures at one scrape (`at`: the operator's monotonic clock, seconds)."""
+
+    at: float
+    step: int | None = None
+    """`chaos_train_step`: the last step this member completed."""
+    samples_total: float | None = None
+    """`chaos_train_samples_total`: samples this member computed gradients for."""
+    members: int | None = None
+    """`chaos_members`: members in the view of its last completed step."""
+    scale_out_sum: float = 0.0
+    scale_out_count: float = 0.0
+    """`chaos_scale_out_duration_seconds` sum and count: this member's own joins."""
+
+
+def parse_metrics(text: str, at: float) -> MemberMetrics:
+    """The figures in a Prometheus text exposition; ValueError if it is not one."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels:
+                values[sample.name] = sample.value
+    step = values.get("chaos_train_step")
+    members = values.get("chaos_members")
+    return MemberMetrics(
+        at=at,
+        step=None if step is None else int(step),
+        samples_total=values.get("chaos_train_samples_total"),
+        members=None if members is None else int(members),
+        scale_out_sum=values.get("chaos_scale_out_duration_seconds_sum", 0.0),
+        scale_out_count=values.get("chaos_scale_out_duration_seconds_count", 0.0),
+    )
+
+
+def scrape_members(pods: Iterable[client.V1Pod], timeout_s: float) -> dict[str, MemberMetrics]:
+    """The figures of every running member that answers, by pod name."""
+    out: dict[str, MemberMetrics] = {}
+    for pod in pods:
+        ip = pod.status and pod.status.pod_ip
+        port = (pod.metadata.annotations or {}).get(ANN_METRICS)
+        if not ip or not port or pod.status.phase != "Running" or pod.metadata.deletion_timestamp:
+            continue
+        try:
+            with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout_s) as r:
+                text = r.read().decode()
+            out[pod.metadata.name] = parse_metrics(text, time.monotonic())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def latest_step(scrapes: Iterable[MemberMetrics]) -> int | None:
+    """The latest step any member completed, if any reported one."""
+    return max((m.step for m in scrapes if m.step is not None), default=None)
+
+
+def scale_out_delay(
+    scrapes: Mapping[str, MemberMetrics], newest_first: Sequence[str]
+) -> float | None:
+    """Seconds the newest member that joined took to join (mean of its own histogram)."""
+    for name in newest_first:
+        m = scrapes.get(name)
+        if m is not None and m.scale_out_count > 0:
+            return m.scale_out_sum / m.scale_out_count
+    return None
+
+
+def view_settled(readings: Iterable[MemberMetrics | None], members: int) -> bool:
+    """Every reading is there and shows the same view of at least `members` members.
+
+    A member that is still joining (an observer) or a view that changed between readings
+    fails this: the figures would mix two worker counts.
+    """
+    views = {None if m is None else m.members for m in readings}
+    view = views.pop() if len(views) == 1 else None
+    return view is not None and view >= members
+
+
+def measure_goodput(
+    before: Mapping[str, MemberMetrics],
+    after: Mapping[str, MemberMetrics],
+    running: Iterable[str],
+) -> float | None:
+    """The job's samples/s between two scrapes of the `running` members, if it is clean.
+
+    Clean: every running member answered both times with the same settled view
+    (`view_settled`), and no counter went back (a restart). The goodput is the sum of the
+    members' `rate(chaos_train_samples_total)`, each over its own interval.
+    """
+    names = sorted(running)
+    pairs = [(before.get(n), after.get(n)) for n in names]
+    if not names or not view_settled([m for pair in pairs for m in pair], len(names)):
+        return None
+    total = 0.0
+    for a, b in pairs:
+        assert a is not None and b is not None  # view_settled saw them all
+        if a.samples_total is None or b.samples_total is None:
+            return None
+        if b.at <= a.at or b.samples_total < a.samples_total:
+            return None
+        total += (b.samples_total - a.samples_total) / (b.at - a.at)
+    return total
