@@ -34,6 +34,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from chaos_operator.api import GROUP, VERSION, ChaosJob
+from chaos_operator.federation.view import LocalJob
 from chaos_operator.reconcile import (
     ANN_METRICS,
     ANN_NEXT_MEMBER,
@@ -42,6 +43,7 @@ from chaos_operator.reconcile import (
     Options,
     Plan,
     reconcile,
+    running_members,
 )
 
 PLURAL = "chaosjobs"
@@ -60,6 +62,8 @@ class Context:
     """Watched namespaces; empty: all."""
     resync_s: float = 10.0
     scrape_timeout_s: float = 1.0
+    federation: Any = None
+    """The `FederationService` when the operator federates (`--federation-listen`), else None."""
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -109,6 +113,17 @@ def scrape_step(pods: Iterable[client.V1Pod], timeout_s: float) -> int | None:
     return best
 
 
+def local_job(job: ChaosJob, pods: list[ObservedPod]) -> LocalJob:
+    """What the federation tells other parties about one job: its running members."""
+    return LocalJob(
+        namespace=job.metadata.namespace or "default",
+        name=job.metadata.name or "",
+        federation=job.spec.federation,
+        members=running_members(pods),
+        replicas=job.spec.replicas,
+    )
+
+
 # ------------------------------------------------------------------------- applying
 
 
@@ -125,14 +140,14 @@ def _ignore(status: int, call: Any, *args: Any, **kwargs: Any) -> bool:
 
 def post_event(core: client.CoreV1Api, body: dict[str, Any], reason: str, message: str,
                type_: str = "Normal") -> None:  # fmt: skip
-    """A core/v1 Event about the ChaosJob `body` (best effort)."""
+    """A core/v1 Event about the ChaosJob (or ChaosPeer) `body` (best effort)."""
     meta = body["metadata"]
     now = datetime.now(UTC)
     event = client.CoreV1Event(
         metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
         involved_object=client.V1ObjectReference(
             api_version=body["apiVersion"],
-            kind="ChaosJob",
+            kind=body.get("kind", "ChaosJob"),
             name=meta["name"],
             namespace=meta["namespace"],
             uid=meta["uid"],
@@ -162,10 +177,14 @@ def reconcile_job(ctx: Context, namespace: str, name: str, *, scrape: bool = Fal
             body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         except ApiException as exc:
             if exc.status == 404:
+                if ctx.federation:
+                    ctx.federation.forget(namespace, name)
                 return None
             raise
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
+            if ctx.federation:
+                ctx.federation.forget(namespace, name)
             return None  # the garbage collector takes the pods
         job = ChaosJob.model_validate(body)
         listed = core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={name}").items
@@ -176,13 +195,18 @@ def reconcile_job(ctx: Context, namespace: str, name: str, *, scrape: bool = Fal
             if any(ref.uid == meta["uid"] for ref in p.metadata.owner_references or ())
         ]
         step = scrape_step(owned, ctx.scrape_timeout_s) if scrape else None
+        pods = [observe_pod(p) for p in owned]
+        view = ctx.federation.view(namespace, job.spec.federation) if ctx.federation else None
         plan = reconcile(
             job,
-            [observe_pod(p) for p in owned],
+            pods,
             now=datetime.now(UTC),
             current_step=step,
             options=ctx.options,
+            federation=view,
         )
+        if ctx.federation:
+            ctx.federation.publish(local_job(job, pods))
         # Remember the ids handed out before any pod carries them, so none is ever reused.
         if str(plan.next_member) != (meta.get("annotations") or {}).get(ANN_NEXT_MEMBER):
             patch = {"metadata": {"annotations": {ANN_NEXT_MEMBER: str(plan.next_member)}}}
@@ -237,6 +261,8 @@ def on_job_event(
 ) -> None:
     """Any change of a ChaosJob (and the initial listing): reconcile it."""
     if type == "DELETED":
+        if memo.ctx.federation:
+            memo.ctx.federation.forget(namespace, name)
         return
     _run(memo.ctx, namespace, name, logger)
 
