@@ -113,14 +113,17 @@ def scrape_step(pods: Iterable[client.V1Pod], timeout_s: float) -> int | None:
     return best
 
 
-def local_job(job: ChaosJob, pods: list[ObservedPod]) -> LocalJob:
-    """What the federation tells other parties about one job: its running members."""
+def local_job(job: ChaosJob, pods: list[ObservedPod], plan: Plan) -> LocalJob:
+    """What the federation tells other parties about one job: its running members, and how
+    many more are starting (live or just created)."""
+    members = running_members(pods)
     return LocalJob(
         namespace=job.metadata.namespace or "default",
         name=job.metadata.name or "",
         federation=job.spec.federation,
-        members=running_members(pods),
+        members=members,
         replicas=job.spec.replicas,
+        starting=max(0, int(plan.status.get("replicas", 0)) - len(members)),
     )
 
 
@@ -196,7 +199,7 @@ def reconcile_job(ctx: Context, namespace: str, name: str, *, scrape: bool = Fal
         ]
         step = scrape_step(owned, ctx.scrape_timeout_s) if scrape else None
         pods = [observe_pod(p) for p in owned]
-        view = ctx.federation.view(namespace, job.spec.federation) if ctx.federation else None
+        view = ctx.federation.view(namespace, job.spec.federation, name) if ctx.federation else None
         plan = reconcile(
             job,
             pods,
@@ -206,7 +209,7 @@ def reconcile_job(ctx: Context, namespace: str, name: str, *, scrape: bool = Fal
             federation=view,
         )
         if ctx.federation:
-            ctx.federation.publish(local_job(job, pods))
+            ctx.federation.publish(local_job(job, pods, plan))
         # Remember the ids handed out before any pod carries them, so none is ever reused.
         if str(plan.next_member) != (meta.get("annotations") or {}).get(ANN_NEXT_MEMBER):
             patch = {"metadata": {"annotations": {ANN_NEXT_MEMBER: str(plan.next_member)}}}

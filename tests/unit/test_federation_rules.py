@@ -104,11 +104,19 @@ def test_with_no_member_anywhere_the_smallest_party_seeds() -> None:
         assert len(plan.create) == 2
 
 
-def test_right_after_start_a_silent_peer_is_waited_for_then_not() -> None:
+def test_a_set_that_is_starting_elsewhere_is_waited_for() -> None:
+    # gamma is a larger name than ours, but its initial set exists already: join it later
+    gamma = RemoteParty(party="gamma", members={}, replicas=2, admits_us=True, starting=2)
+    plan = reconcile(make_job(2), [], now=NOW, options=FED, federation=view(gamma))
+    assert plan.create == []
+    assert "members of party gamma are starting" in conditions(plan)["Ready"]["message"]
+
+
+def test_a_new_job_waits_for_an_exchange_with_each_peer_is_waited_for_then_not() -> None:
     settling = view(settling=("alpha",), unsynced=("alpha (NotSynced)",))
     plan = reconcile(make_job(2), [], now=NOW, options=FED, federation=settling)
     assert plan.create == []
-    assert "first exchange with alpha" in conditions(plan)["Ready"]["message"]
+    assert "waiting for an exchange with alpha" in conditions(plan)["Ready"]["message"]
     # the peer stays silent past the start-up grace: the party goes on alone
     alone = replace(settling, settling=())
     plan = reconcile(make_job(2), [], now=NOW, options=FED, federation=alone)
@@ -177,9 +185,13 @@ def test_job_view_uses_fresh_records_and_drops_trust_failures() -> None:
     stale = job_view("beta", "mnist", [peer()], record, {}, now=111.0, ttl_s=10)
     assert stale.remotes == () and stale.unsynced == ("alpha (NotSynced)",)
     distrusted = job_view("beta", "mnist", [peer()], record, {("ns", "alpha"): "Rejected"},
-                          now=105.0, ttl_s=10, starting=True)  # fmt: skip
+                          now=105.0, ttl_s=10)  # fmt: skip
     assert distrusted.remotes == () and distrusted.settling == ()
-    assert job_view("beta", "mnist", [peer()], {}, {}, now=1, ttl_s=10, starting=True).settling
+    # a new job waits for an exchange with each peer after it appeared, for at most ttl_s
+    assert job_view("beta", "mnist", [peer()], record, {}, now=105, ttl_s=10).settling
+    assert job_view("beta", "mnist", [peer()], record, {}, now=105, ttl_s=10, since=101).settling
+    assert not job_view("beta", "mnist", [peer()], record, {}, now=105, ttl_s=10, since=99).settling
+    assert not job_view("beta", "mnist", [peer()], {}, {}, now=115, ttl_s=10, since=104).settling
 
 
 def test_peer_status_and_its_events() -> None:

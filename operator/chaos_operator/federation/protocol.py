@@ -45,6 +45,9 @@ class FederationInfo(_Message):
         description="The sender's running members: id -> host:port of the trainer.",
     )
     replicas: int = Field(ge=0, le=100_000, description="Workers the sender wants to run.")
+    starting: int = Field(
+        0, ge=0, le=100_000, description="The sender's members created but not running yet."
+    )
     admitted: bool = Field(
         description="Whether the receiver's workers may join this federation at the sender."
     )

@@ -86,6 +86,8 @@ class FederationService:
         self._records: dict[Key, PeerRecord] = {}
         self._failures: dict[Key, str] = {}
         self._views: dict[Key, FederationView] = {}
+        self._appeared: dict[Key, float] = {}
+        """When each local job was first published (monotonic)."""
         self._started = time.monotonic()
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task | None = None
@@ -95,15 +97,19 @@ class FederationService:
     def publish(self, job: LocalJob) -> None:
         with self._lock:
             self._local[(job.namespace, job.name)] = job
+            self._appeared.setdefault((job.namespace, job.name), time.monotonic())
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
             self._local.pop((namespace, name), None)
+            self._appeared.pop((namespace, name), None)
 
-    def view(self, namespace: str, federation: str) -> FederationView:
+    def view(self, namespace: str, federation: str, name: str | None = None) -> FederationView:
+        """What job `name` (of `federation`, in `namespace`) knows of the other parties."""
         with self._lock:
             peers = [p for p in self._peers if p.metadata.namespace == namespace]
             records, failures = dict(self._records), dict(self._failures)
+            since = self._appeared.get((namespace, name or ""))
         now = time.monotonic()
         return job_view(
             self.party,
@@ -113,7 +119,7 @@ class FederationService:
             failures,
             now=now,
             ttl_s=self.ttl_s,
-            starting=now - self._started < self.ttl_s,
+            since=max(since or now, self._started),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -304,7 +310,7 @@ class FederationService:
             jobs = list(self._local.values())
         changed = []
         for job in jobs:
-            view = self.view(job.namespace, job.federation)
+            view = self.view(job.namespace, job.federation, job.name)
             key = (job.namespace, job.name)
             if self._views.get(key) != view:
                 self._views[key] = view

@@ -28,6 +28,8 @@ class LocalJob:
     members: Mapping[str, str]
     """Running members: id -> trainer address."""
     replicas: int
+    starting: int = 0
+    """Members created (or being created) that do not run yet."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class RemoteParty:
     admits_us: bool
     max_workers: int | None = None
     we_admit: bool = True
+    starting: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class FederationView:
     peers: int = field(default=0)
     """ChaosPeers that apply to the job (its namespace's)."""
     settling: tuple[str, ...] = ()
-    """Peers not heard from yet while the operator is still starting (bounded wait)."""
+    """Peers not exchanged with since the job appeared (a bounded wait)."""
 
     def seed(self) -> tuple[RemoteParty, str, str] | None:
         """(party, member id, address) to join through: the smallest party that admits us
@@ -80,11 +83,15 @@ class FederationView:
     def waiting_for(self) -> str | None:
         """Why not to form an initial set now although no member runs anywhere, or None.
 
-        The initial set is formed by the smallest party name among the parties that admit us
-        and want workers; we wait if that is not us. Right after the operator starts we also
-        wait (boundedly) for the first exchange with each peer, so that two parties starting
-        together do not both form one before they have heard of each other.
+        We wait while a party that admits us has members starting (their set will run soon).
+        Otherwise the initial set is formed by the smallest party name among the parties that
+        admit us and want workers; we wait if that is not us. A new job also waits (boundedly)
+        for one exchange with each peer after it appeared, so that two parties creating their
+        jobs together have heard of each other before either decides.
         """
+        forming = sorted(r.party for r in self.remotes if r.admits_us and r.starting)
+        if forming:
+            return f"members of party {forming[0]} are starting"
         names = [
             r.party
             for r in self.remotes
@@ -93,7 +100,7 @@ class FederationView:
         if names:
             return f"party {min(names)} forms the initial set"
         if self.settling:
-            return "waiting for a first exchange with " + ", ".join(self.settling)
+            return "waiting for an exchange with " + ", ".join(self.settling)
         return None
 
     def cap(self) -> int | None:
@@ -113,13 +120,13 @@ class FederationView:
 def outgoing(party: str, peer: ChaosPeer, jobs: Iterable[LocalJob]) -> SyncMessage:
     """Our message for `peer`: our jobs in the peer's namespace, and its admission there."""
     policy = peer.spec.policy
-    merged: dict[str, tuple[dict[str, str], int]] = {}
+    merged: dict[str, tuple[dict[str, str], int, int]] = {}
     for job in sorted(jobs, key=lambda j: (j.namespace, j.name)):
         if job.namespace != peer.metadata.namespace:
             continue
-        members, replicas = merged.setdefault(job.federation, ({}, 0))
+        members, replicas, starting = merged.setdefault(job.federation, ({}, 0, 0))
         members.update(job.members)
-        merged[job.federation] = (members, replicas + job.replicas)
+        merged[job.federation] = (members, replicas + job.replicas, starting + job.starting)
     return SyncMessage(
         party=party,
         federations=[
@@ -127,10 +134,11 @@ def outgoing(party: str, peer: ChaosPeer, jobs: Iterable[LocalJob]) -> SyncMessa
                 name=name,
                 members=members,
                 replicas=replicas,
+                starting=starting,
                 admitted=policy.may_contribute_workers,
                 max_workers=policy.max_workers,
             )
-            for name, (members, replicas) in sorted(merged.items())
+            for name, (members, replicas, starting) in sorted(merged.items())
         ],
     )
 
@@ -148,24 +156,26 @@ def job_view(
     *,
     now: float,
     ttl_s: float,
-    starting: bool = False,
+    since: float | None = None,
 ) -> FederationView:
     """The federation view of a job from the ChaosPeers of its namespace and what they said.
 
     A record counts while it is younger than `ttl_s`; `failures` holds the reason of the last
-    failed exchange of a peer, if its last exchange failed. While `starting`, peers never
-    heard from are `settling`.
+    failed exchange of a peer, if its last exchange failed. `since` is when the job appeared
+    (None: now): for `ttl_s` after it, peers not exchanged with since then are `settling`.
     """
+    since = now if since is None else since
     remotes: list[RemoteParty] = []
     unsynced: list[str] = []
     settling: list[str] = []
     for peer in sorted(peers, key=peer_key):
         key = peer_key(peer)
         record = records.get(key)
-        if record is None or now - record.at > ttl_s or failures.get(key) in TRUST_FAILURES:
+        distrusted = failures.get(key) in TRUST_FAILURES
+        if not distrusted and (record is None or record.at < since) and now - since < ttl_s:
+            settling.append(key[1])
+        if record is None or now - record.at > ttl_s or distrusted:
             unsynced.append(f"{key[1]} ({failures.get(key, 'NotSynced')})")
-            if record is None and starting and failures.get(key) not in TRUST_FAILURES:
-                settling.append(key[1])
             continue
         info = record.message.federation(federation)
         if info is None:
@@ -178,6 +188,7 @@ def job_view(
                 admits_us=info.admitted,
                 max_workers=info.max_workers,
                 we_admit=peer.spec.policy.may_contribute_workers,
+                starting=info.starting,
             )
         )
     return FederationView(
