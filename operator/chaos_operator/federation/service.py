@@ -169,7 +169,7 @@ class FederationService:
         der = sslobj.getpeercert(binary_form=True) if sslobj else None
         with self._lock:
             peers = list(self._peers)
-        matched = tls.match_client(peers, der)
+        matched = sorted(tls.match_client(peers, der), key=peer_key)
         if not matched or der is None:
             return web.json_response({"error": "unknown party"}, status=403)
         party = party_of(parse_certificate(der))
