@@ -308,14 +308,21 @@ def _run(ctx: Context, namespace: str, name: str, logger: logging.Logger) -> Non
         raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=2) from exc
 
 
-def _list_jobs(ctx: Context) -> list[tuple[str, str]]:
-    custom = client.CustomObjectsApi(ctx.api)
+def list_objects(
+    api: client.ApiClient, namespaces: tuple[str, ...], plural: str
+) -> list[dict[str, Any]]:
+    """Every chaos.training.dev object of kind `plural` in `namespaces` (empty: all)."""
+    custom = client.CustomObjectsApi(api)
+    if not namespaces:
+        return custom.list_cluster_custom_object(GROUP, VERSION, plural)["items"]
     items: list[dict[str, Any]] = []
-    if ctx.namespaces:
-        for ns in ctx.namespaces:
-            items += custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-    else:
-        items = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+    for ns in namespaces:
+        items += custom.list_namespaced_custom_object(GROUP, VERSION, ns, plural)["items"]
+    return items
+
+
+def _list_jobs(ctx: Context) -> list[tuple[str, str]]:
+    items = list_objects(ctx.api, ctx.namespaces, PLURAL)
     return [(i["metadata"]["namespace"], i["metadata"]["name"]) for i in items]
 
 

@@ -125,9 +125,14 @@ class FederationService:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Serve, and keep syncing with the peers in the background."""
+        """Serve, and keep syncing with the peers in the background. The peers are listed
+        before this returns, so that the first reconciles already know whom to wait for."""
         await self.serve()
         self._started = time.monotonic()
+        try:
+            self.set_peers(await asyncio.to_thread(self._list_peers))
+        except Exception as exc:  # the loop lists them again
+            log.warning("federation: ChaosPeers not listed yet: %s", exc)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def serve(self) -> int:
@@ -192,15 +197,10 @@ class FederationService:
     # --------------------------------------------------------------------- client
 
     def _list_peers(self) -> list[ChaosPeer]:
-        custom = client.CustomObjectsApi(self.api)
-        items: list[dict[str, Any]] = []
-        if self.namespaces:
-            for ns in self.namespaces:
-                items += custom.list_namespaced_custom_object(GROUP, VERSION, ns, PEERS)["items"]
-        else:
-            items = custom.list_cluster_custom_object(GROUP, VERSION, PEERS)["items"]
+        from chaos_operator.kopf_handlers import list_objects
+
         peers = []
-        for item in items:
+        for item in list_objects(self.api, self.namespaces, PEERS):
             try:
                 peers.append(ChaosPeer.model_validate(item))
             except ValidationError as exc:
