@@ -21,6 +21,7 @@ from chaos_operator.federation.view import (
     job_view,
     outgoing,
     peer_status,
+    status_unchanged,
 )
 from chaos_operator.reconcile import LABEL_MEMBER, Options, reconcile
 from chaos_worker.config import WorkerConfig
@@ -214,6 +215,15 @@ def test_peer_status_and_its_events() -> None:
     assert failed["conditions"][0]["reason"] == "FingerprintMismatch"
     assert event is not None and event[0] == "FingerprintMismatch" and event[2] == "Warning"
     ChaosPeer.model_validate({**peer().to_k8s(), "status": failed})
+    # the status is written again only when more than the handshake time changed, or that
+    # by 30 s or more
+    soon, _ = peer_status(status, ok, members=2, generation=2, now=NOW + timedelta(seconds=10))
+    late, _ = peer_status(status, ok, members=2, generation=2, now=NOW + timedelta(seconds=30))
+    more, _ = peer_status(status, ok, members=3, generation=2, now=NOW + timedelta(seconds=1))
+    assert status_unchanged(status, soon)
+    assert not status_unchanged(status, late)
+    assert not status_unchanged(status, more)
+    assert not status_unchanged(status, failed)
 
 
 def test_identity_init_writes_a_secret_layout_and_prints_the_fingerprint(

@@ -45,6 +45,7 @@ from chaos_operator.federation.view import (
     peer_key,
     peer_status,
     remote_members_here,
+    status_unchanged,
 )
 
 PEERS = "chaospeers"
@@ -290,7 +291,7 @@ class FederationService:
             generation=peer.metadata.generation,
             now=datetime.now(UTC),
         )
-        if _same(previous, status):
+        if status_unchanged(previous, status):
             return
         custom = client.CustomObjectsApi(self.api)
         try:
@@ -318,21 +319,3 @@ class FederationService:
         if self.on_change is not None:
             for namespace, name in changed:
                 await self.on_change(namespace, name)
-
-
-def _same(previous: dict[str, Any], status: dict[str, Any], refresh_s: float = 30.0) -> bool:
-    """Whether writing `status` can be skipped: nothing but a recent handshake time differs."""
-
-    def strip(s: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in s.items() if k != "lastHandshakeTime"}
-
-    if strip(previous) != strip(status):
-        return False
-    old, new = previous.get("lastHandshakeTime"), status.get("lastHandshakeTime")
-    if old == new:
-        return True
-    if old is None or new is None:
-        return False
-    fmt = "%Y-%m-%dT%H:%M:%SZ"
-    age = datetime.strptime(new, fmt) - datetime.strptime(old, fmt)
-    return age.total_seconds() < refresh_s

@@ -266,3 +266,24 @@ def peer_status(
     if old is None or (old.get("status"), old.get("reason")) != (state, outcome.reason):
         event = (outcome.reason, outcome.message, "Normal" if outcome.ok else "Warning")
     return status, event
+
+
+def status_unchanged(
+    previous: Mapping[str, Any], status: Mapping[str, Any], refresh_s: float = 30.0
+) -> bool:
+    """Whether writing a ChaosPeer's `status` can be skipped: nothing differs but the
+    handshake time, and that by less than `refresh_s`."""
+
+    def strip(s: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in s.items() if k != "lastHandshakeTime"}
+
+    if strip(previous) != strip(status):
+        return False
+    old, new = previous.get("lastHandshakeTime"), status.get("lastHandshakeTime")
+    if old == new:
+        return True
+    if old is None or new is None:
+        return False
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    age = datetime.strptime(new, fmt) - datetime.strptime(old, fmt)
+    return age.total_seconds() < refresh_s
