@@ -252,3 +252,23 @@ def test_identity_init_writes_a_secret_layout_and_prints_the_fingerprint(
     err = capsys.readouterr().err
     assert err.count("\n") == 3 and "Traceback" not in err
     assert ident.load(out).fingerprint == loaded.fingerprint
+
+
+def test_operator_federation_flags_refuse_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ident.write(ident.create("alpha"), tmp_path / "id")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "tls.crt").write_bytes((tmp_path / "id" / "tls.crt").read_bytes())
+    cases = [
+        ["--identity", str(tmp_path / "id")],  # no listen address
+        ["--federation-listen", "127.0.0.1:8443"],  # no identity
+        ["--identity", str(tmp_path / "id"), "--federation-listen", "8443"],
+        ["--identity", str(tmp_path / "id"), "--federation-listen", "h:99999"],
+        ["--identity", str(tmp_path / "half"), "--federation-listen", "h:8443"],
+    ]
+    for extra in cases:
+        assert main(["operator", "-n", "ns", *extra]) == 2, extra
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == len(cases) and all(line.startswith("chaos operator: error:") for line in err)
+    assert "missing ca.crt, tls.key" in err[-1]
