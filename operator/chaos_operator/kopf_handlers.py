@@ -34,6 +34,7 @@ from kubernetes.client.exceptions import ApiException
 
 from chaos_operator.api import GROUP, VERSION, ChaosJob
 from chaos_operator.autoscaler import Autoscaler
+from chaos_operator.federation.view import LocalJob
 from chaos_operator.metrics import OperatorMetrics
 from chaos_operator.reconcile import (
     ANN_NEXT_MEMBER,
@@ -42,6 +43,7 @@ from chaos_operator.reconcile import (
     Options,
     Plan,
     reconcile,
+    running_members,
 )
 from chaos_operator.scrape import latest_step, scale_out_delay, scrape_members
 
@@ -63,6 +65,8 @@ class Context:
     scrape_timeout_s: float = 1.0
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     autoscaler: Autoscaler = field(default_factory=Autoscaler)
+    federation: Any = None
+    """The `FederationService` when the operator federates (`--federation-listen`), else None."""
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -90,6 +94,20 @@ def observe_pod(pod: client.V1Pod) -> ObservedPod:
     )
 
 
+def local_job(job: ChaosJob, pods: list[ObservedPod], plan: Plan) -> LocalJob:
+    """What the federation tells other parties about one job: its running members, and how
+    many more are starting (live or just created)."""
+    members = running_members(pods)
+    return LocalJob(
+        namespace=job.metadata.namespace or "default",
+        name=job.metadata.name or "",
+        federation=job.spec.federation,
+        members=members,
+        replicas=job.spec.replicas,
+        starting=max(0, int(plan.status.get("replicas", 0)) - len(members)),
+    )
+
+
 # ------------------------------------------------------------------------- applying
 
 
@@ -106,14 +124,14 @@ def _ignore(status: int, call: Any, *args: Any, **kwargs: Any) -> bool:
 
 def post_event(core: client.CoreV1Api, body: dict[str, Any], reason: str, message: str,
                type_: str = "Normal") -> None:  # fmt: skip
-    """A core/v1 Event about the ChaosJob `body` (best effort)."""
+    """A core/v1 Event about the ChaosJob (or ChaosPeer) `body` (best effort)."""
     meta = body["metadata"]
     now = datetime.now(UTC)
     event = client.CoreV1Event(
         metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
         involved_object=client.V1ObjectReference(
             api_version=body["apiVersion"],
-            kind="ChaosJob",
+            kind=body.get("kind", "ChaosJob"),
             name=meta["name"],
             namespace=meta["namespace"],
             uid=meta["uid"],
@@ -143,10 +161,14 @@ def reconcile_job(ctx: Context, namespace: str, name: str, *, scrape: bool = Fal
             body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         except ApiException as exc:
             if exc.status == 404:
+                if ctx.federation:
+                    ctx.federation.forget(namespace, name)
                 return None
             raise
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
+            if ctx.federation:
+                ctx.federation.forget(namespace, name)
             return None  # the garbage collector takes the pods
         job = ChaosJob.model_validate(body)
         listed = core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={name}").items
@@ -160,6 +182,7 @@ def reconcile_job(ctx: Context, namespace: str, name: str, *, scrape: bool = Fal
         scrapes = scrape_members(owned, ctx.scrape_timeout_s) if scrape else {}
         newest_first = [p.name for p in sorted(observed, key=lambda p: -p.ordinal)]
         now = datetime.now(UTC)
+        view = ctx.federation.view(namespace, job.spec.federation, name) if ctx.federation else None
         plan = reconcile(
             job,
             observed,
@@ -167,7 +190,10 @@ def reconcile_job(ctx: Context, namespace: str, name: str, *, scrape: bool = Fal
             current_step=latest_step(scrapes.values()),
             scale_out_delay_s=scale_out_delay(scrapes, newest_first),
             options=ctx.options,
+            federation=view,
         )
+        if ctx.federation:
+            ctx.federation.publish(local_job(job, observed, plan))
         # The autoscaler changes spec.replicas (scale subresource); the next reconcile acts.
         scaled = (
             ctx.autoscaler.run(ctx.api, job, owned, scrapes, plan.status, now) if scrape else None
@@ -230,6 +256,8 @@ def on_job_event(
 ) -> None:
     """Any change of a ChaosJob (and the initial listing): reconcile it."""
     if type == "DELETED":
+        if memo.ctx.federation:
+            memo.ctx.federation.forget(namespace, name)
         return
     _run(memo.ctx, namespace, name, logger)
 
@@ -281,14 +309,21 @@ def _run(ctx: Context, namespace: str, name: str, logger: logging.Logger) -> Non
         raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=2) from exc
 
 
-def _list_jobs(ctx: Context) -> list[tuple[str, str]]:
-    custom = client.CustomObjectsApi(ctx.api)
+def list_objects(
+    api: client.ApiClient, namespaces: tuple[str, ...], plural: str
+) -> list[dict[str, Any]]:
+    """Every chaos.training.dev object of kind `plural` in `namespaces` (empty: all)."""
+    custom = client.CustomObjectsApi(api)
+    if not namespaces:
+        return custom.list_cluster_custom_object(GROUP, VERSION, plural)["items"]
     items: list[dict[str, Any]] = []
-    if ctx.namespaces:
-        for ns in ctx.namespaces:
-            items += custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-    else:
-        items = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+    for ns in namespaces:
+        items += custom.list_namespaced_custom_object(GROUP, VERSION, ns, plural)["items"]
+    return items
+
+
+def _list_jobs(ctx: Context) -> list[tuple[str, str]]:
+    items = list_objects(ctx.api, ctx.namespaces, PLURAL)
     return [(i["metadata"]["namespace"], i["metadata"]["name"]) for i in items]
 
 

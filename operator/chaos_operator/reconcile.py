@@ -15,6 +15,14 @@ Rules:
   When no member is live (a new job, or every member lost), the new members form a fresh
   initial set: each starts with `members` = all of them.
 * Scaling down deletes the newest members.
+* Federation (when the operator has an identity and passes a `FederationView`): member ids
+  carry the party (`<party>.<pod>`), so ids of different parties never clash. A party with no
+  live member joins through a remote member (of the smallest party that admits it) instead of
+  forming an initial set. With no member anywhere, the initial set is formed by the smallest
+  party name among the parties that want workers and admit each other's; the others wait
+  (`Ready` False, `WaitingForSeed`) until its members run. A remote party's `maxWorkers` caps
+  how many workers this party runs while it trains with that party's members. Nothing is ever
+  created or deleted for another party.
 * The job is Succeeded once every pod it has ended with Succeeded (training reached its last
   step); then nothing is created any more.
 
@@ -30,9 +38,12 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chaos_operator.api import API_VERSION, ChaosJob
+
+if TYPE_CHECKING:
+    from chaos_operator.federation.view import FederationView
 
 LABEL_JOB = "chaos.training.dev/job"
 LABEL_MEMBER = "chaos.training.dev/member"
@@ -63,6 +74,8 @@ class Options:
     steps: int = 1_000_000_000
     heartbeat_interval_s: float = 0.25
     failure_timeout_s: float = 5.0
+    party: str | None = None
+    """This party's name when federation is on: member ids become `<party>.<pod name>`."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,17 @@ def member_name(job: str, ordinal: int) -> str:
     return f"{job}-w{ordinal}"
 
 
+def member_id(job: str, ordinal: int, options: Options) -> str:
+    """The data-plane id of a member: its pod name, qualified by the party when federated."""
+    pod = member_name(job, ordinal)
+    return f"{options.party}.{pod}" if options.party else pod
+
+
+def running_members(pods: Sequence[ObservedPod]) -> dict[str, str]:
+    """Running members that have an address: id -> trainer address (what peers are told)."""
+    return {p.member: p.address for p in pods if p.running and p.address}
+
+
 def member_address(job: str, namespace: str, ordinal: int, options: Options) -> str:
     """host:port of a member's trainer."""
     port = options.base_port + PORTS_PER_MEMBER * (ordinal % PORT_WRAP)
@@ -205,7 +229,7 @@ def worker_config(
     address = member_address(name, namespace, ordinal, options)
     port = int(address.rpartition(":")[2])
     config: dict[str, Any] = {
-        "id": member_name(name, ordinal),
+        "id": member_id(name, ordinal, options),
         "listen": address,
         "entry": job.spec.entry,
         "seed": job.spec.seed,
@@ -226,7 +250,8 @@ def worker_config(
 def worker_pod(job: ChaosJob, ordinal: int, config: Mapping[str, Any]) -> dict[str, Any]:
     """The pod of one member: trainer and replicator sharing a memory-backed volume."""
     name, namespace, _ = _meta(job)
-    member = member_name(name, ordinal)
+    pod_name = member_name(name, ordinal)
+    member = str(config["id"])
     address = str(config["listen"])
     port = int(address.rpartition(":")[2])
     resources = {k: v for k, v in job.spec.resources.to_k8s().items() if v}
@@ -263,7 +288,7 @@ def worker_pod(job: ChaosJob, ordinal: int, config: Mapping[str, Any]) -> dict[s
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": member,
+            "name": pod_name,
             "namespace": namespace,
             "labels": {**COMMON_LABELS, LABEL_JOB: name, LABEL_MEMBER: member},
             "annotations": {
@@ -275,7 +300,7 @@ def worker_pod(job: ChaosJob, ordinal: int, config: Mapping[str, Any]) -> dict[s
             "ownerReferences": [owner_reference(job)],
         },
         "spec": {
-            "hostname": member,
+            "hostname": pod_name,
             "subdomain": service_name(name),
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 30,
@@ -336,10 +361,14 @@ def reconcile(
     current_step: int | None = None,
     scale_out_delay_s: float | None = None,
     options: Options = Options(),
+    federation: FederationView | None = None,
 ) -> Plan:
     """Plan one reconcile of `job` given its observed pods (see the module docstring)."""
     name, namespace, _ = _meta(job)
     spec = job.spec
+    cap = federation.cap() if federation else None
+    want = spec.replicas if cap is None else min(spec.replicas, cap)
+    waiting: str | None = None
     previous = job.status.to_k8s() if job.status else {}
     pods = sorted(pods, key=lambda p: (p.ordinal, p.name))
     live = [p for p in pods if p.live]
@@ -358,29 +387,35 @@ def reconcile(
             events[pod.name] = Event(
                 "MemberLost", f"member {pod.member} ended ({pod.phase}); replacing it", "Warning"
             )
-        surplus = len(live) - spec.replicas
+        surplus = len(live) - want
         if surplus > 0:
             for pod in live[-surplus:]:
                 delete.append(pod.name)
                 events[pod.name] = Event("MemberRemoved", f"scaled down: member {pod.member}")
             live = live[:-surplus]
-        missing = spec.replicas - len(live)
-        if missing > 0:
+        missing = want - len(live)
+        seeds = [p for p in live if p.address]
+        seeds.sort(key=lambda p: (not p.running, p.ordinal))
+        remote = federation.seed() if federation and not seeds else None
+        if missing > 0 and not seeds and not remote and federation:
+            waiting = federation.waiting_for()
+        if missing > 0 and not waiting:
             new = list(range(ordinal, ordinal + missing))
-            seeds = [p for p in live if p.address]
-            seeds.sort(key=lambda p: (not p.running, p.ordinal))
-            if seeds:
-                seed = seeds[0]
+            joins = (seeds[0].member, seeds[0].address) if seeds else None
+            if remote:
+                joins = (f"{remote[1]} of party {remote[0].party}", remote[2])
+            if joins:
                 for n in new:
-                    config = worker_config(job, n, options, join=seed.address)
+                    config = worker_config(job, n, options, join=joins[1])
                     create.append(worker_pod(job, n, config))
                     events[member_name(name, n)] = Event(
                         "MemberAdded",
-                        f"member {member_name(name, n)} joins through {seed.member}",
+                        f"member {member_id(name, n, options)} joins through {joins[0]}",
                     )
             else:
                 members = {
-                    member_name(name, n): member_address(name, namespace, n, options) for n in new
+                    member_id(name, n, options): member_address(name, namespace, n, options)
+                    for n in new
                 }
                 for n in new:
                     config = worker_config(job, n, options, members=members)
@@ -397,11 +432,14 @@ def reconcile(
         pods,
         live,
         ended,
+        want=want,
         finished=finished,
         creating=len(create),
         now=now,
         current_step=current_step,
         scale_out_delay_s=scale_out_delay_s,
+        federation=federation,
+        waiting=waiting,
     )
     return Plan(
         create=create,
@@ -420,15 +458,17 @@ def _status(
     live: Sequence[ObservedPod],
     ended: Sequence[ObservedPod],
     *,
+    want: int,
     finished: bool,
     creating: int,
     now: datetime,
     current_step: int | None,
     scale_out_delay_s: float | None,
+    federation: FederationView | None = None,
+    waiting: str | None = None,
 ) -> dict[str, Any]:
     name = job.metadata.name or ""
     generation = job.metadata.generation
-    want = job.spec.replicas
     running = sum(1 for p in live if p.running)
     lost = [] if finished else list(ended)
     # Pods that vanished since the last status (e.g. `kubectl delete pod`) with no spec change.
@@ -454,6 +494,8 @@ def _status(
             phase = "Scaling"
         reason = "MembersStarting" if len(live) + creating >= want else "MembersMissing"
         ready = ("False", reason, counts)
+        if waiting:
+            ready = ("False", "WaitingForSeed", f"{waiting}; {counts}")
         if lost:
             members = ", ".join(p.member for p in lost)
             degraded = ("True", "MemberLost", f"lost {members}; replacements are joining")
@@ -461,7 +503,12 @@ def _status(
             degraded = ("True", "MemberLost", f"replacing lost members; {counts}")
         else:
             degraded = ("False", "AsExpected", counts)
-    for type_, (status, reason, message) in (("Degraded", degraded), ("Ready", ready)):
+    changes = [("Degraded", degraded), ("Ready", ready)]
+    if federation is not None:
+        from chaos_operator.federation.view import synced_condition
+
+        changes.append(("FederationSynced", synced_condition(federation)))
+    for type_, (status, reason, message) in changes:
         conditions = set_condition(conditions, type_, status, reason, message, generation, now)
     out: dict[str, Any] = {
         "phase": phase,
@@ -480,6 +527,8 @@ def _status(
             out[key] = previous[key]
     if scale_out_delay_s is not None:
         out["lastScaleOutDelaySeconds"] = round(scale_out_delay_s, 3)
+    if federation is not None:
+        out["remoteMembers"] = federation.remote_members()
     if creating or len(live) != sum(1 for p in pods if p.live):
         out["lastScaleTime"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
+from typing import Any
 
 from chaos_operator.errors import UserError
 
@@ -92,6 +94,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         'rate(chaos_train_samples_total[1m]) of series labelled namespace="$namespace" and '
         'pod=~"$job-w[0-9]+")',
     )
+    fed = parser.add_argument_group(
+        "federation", "talk to the operators named in ChaosPeer objects (docs/operator.md)"
+    )
+    fed.add_argument(
+        "--federation-listen",
+        metavar="HOST:PORT",
+        help="serve the federation API (mutual TLS) here; needs --identity",
+    )
+    fed.add_argument(
+        "--identity",
+        metavar="DIR",
+        help="this party's identity: ca.crt, tls.crt, tls.key (`chaos identity init`)",
+    )
+    fed.add_argument(
+        "--federation-interval",
+        type=positive_float,
+        default=3.0,
+        metavar="S",
+        help="seconds between exchanges with each peer (default 3)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's details")
     parser.set_defaults(handler=handle)
 
@@ -115,6 +137,7 @@ def handle(args: argparse.Namespace) -> int:
     url = args.prometheus_url
     if url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
         raise UserError(f"--prometheus-url must be http[s]://host[:port][/path], not {url!r}")
+    identity, listen = _federation_args(args)
     kopf.configure(verbose=args.verbose)  # logging of kopf and of the handlers
     try:
         config.load_incluster_config()
@@ -126,7 +149,12 @@ def handle(args: argparse.Namespace) -> int:
     namespaces = tuple(args.namespace or ())
     ctx = Context(
         api=client.ApiClient(),
-        options=Options(pod_host=args.pod_host, base_port=args.base_port, steps=args.steps),
+        options=Options(
+            pod_host=args.pod_host,
+            base_port=args.base_port,
+            steps=args.steps,
+            party=identity.party if identity else None,
+        ),
         namespaces=namespaces,
         resync_s=args.resync,
         autoscaler=Autoscaler(
@@ -142,14 +170,57 @@ def handle(args: argparse.Namespace) -> int:
                 f"{exc.strerror or exc}"
             ) from None
     liveness = None if args.liveness == "off" else args.liveness
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            standalone=True,
-            clusterwide=args.all_namespaces,
-            namespaces=namespaces,
-            liveness_endpoint=liveness,
-            memo=kopf.Memo(ctx=ctx),
-        )
-    )
+
+    async def run() -> None:
+        if identity and listen:
+            from chaos_operator.federation.service import FederationService
+            from chaos_operator.kopf_handlers import reconcile_job
+
+            async def on_change(namespace: str, name: str) -> None:
+                await asyncio.to_thread(reconcile_job, ctx, namespace, name)
+
+            ctx.federation = FederationService(
+                identity,
+                ctx.api,
+                listen=listen,
+                namespaces=namespaces,
+                interval_s=args.federation_interval,
+                on_change=on_change,
+            )
+            try:
+                await ctx.federation.start()
+            except OSError as exc:
+                raise UserError(f"--federation-listen: cannot listen: {exc.strerror}") from None
+        try:
+            await kopf.operator(
+                registry=registry,
+                standalone=True,
+                clusterwide=args.all_namespaces,
+                namespaces=namespaces,
+                liveness_endpoint=liveness,
+                memo=kopf.Memo(ctx=ctx),
+            )
+        finally:
+            if ctx.federation:
+                await ctx.federation.stop()
+
+    asyncio.run(run())
     return 0
+
+
+def _federation_args(args: argparse.Namespace) -> tuple[Any, tuple[str, int] | None]:
+    """(identity, (host, port)) from --identity and --federation-listen; both or neither."""
+    if bool(args.identity) != bool(args.federation_listen):
+        raise UserError("--federation-listen and --identity go together")
+    if not args.identity:
+        return None, None
+    from chaos_operator.federation.identity import IdentityError, load
+
+    host, _, port = args.federation_listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--federation-listen: expected HOST:PORT, got {args.federation_listen!r}")
+    try:
+        identity = load(Path(args.identity))
+    except IdentityError as exc:
+        raise UserError(f"--identity: {exc}") from None
+    return identity, (host.strip("[]"), int(port))
