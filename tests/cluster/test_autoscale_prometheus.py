@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import string
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from chaos_operator.autoscaler import PROMETHEUS_QUERY, query_prometheus
 from chaos_worker.launcher import free_ports
 from chaos_worker.metrics import WorkerMetrics
 
-from tests.cluster.test_prometheus import binary
+from tests.tools import prometheus_binary, start_prometheus
 
 pytestmark = pytest.mark.cluster
 
@@ -33,7 +32,7 @@ def goodput_query(namespace: str, job: str) -> str:
 
 
 def test_default_query_measures_one_jobs_goodput(tmp_path: Path) -> None:
-    prometheus = binary("prometheus")
+    prometheus_binary("prometheus")  # skip (or fail under CI) without it
     exporters = {"auto-w0": (WorkerMetrics("auto-w0"), 8), "other-w0": (WorkerMetrics("o"), 800)}
     ports = {name: m.serve("127.0.0.1", 0) for name, (m, _) in exporters.items()}
     stop = threading.Event()
@@ -58,11 +57,7 @@ def test_default_query_measures_one_jobs_goodput(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{web}"
     trainer = threading.Thread(target=train, daemon=True)
     trainer.start()
-    server = subprocess.Popen(
-        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{web}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    server = start_prometheus(config, tmp_path, web)
     try:
         deadline = time.monotonic() + DEADLINE_S
         value = None
