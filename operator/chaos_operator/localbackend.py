@@ -194,8 +194,6 @@ class LocalPod:
     """A pod of the plan that this backend runs."""
 
     body: dict[str, Any]
-    config: dict[str, Any]
-    """The trainer's configuration, paths mapped to the pod's directories."""
     deleting_since: float | None = None
 
 
@@ -215,8 +213,6 @@ class ReconciledJob(LocalJob):
         self.pods: dict[str, LocalPod] = {}
         self.spares: dict[str, dict[str, Any]] = {}
         """Name -> trainer config of a warm spare not yet handed a pod."""
-        self.phase = ""
-        """The job's status phase after the latest reconcile."""
         self._join_orders: dict[str, str] = {}  # spare -> seed, not yet delivered
         self._status: dict[str, Any] = {}
 
@@ -249,7 +245,6 @@ class ReconciledJob(LocalJob):
         if plan.status != self._status:
             self._status = plan.status
             self.job.status = ChaosJobStatus.model_validate(plan.status)
-            self.phase = plan.status.get("phase", "")
 
     def _observe(self, name: str, pod: LocalPod) -> ObservedPod:
         meta = pod.body["metadata"]
@@ -273,7 +268,7 @@ class ReconciledJob(LocalJob):
     def _create(self, body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
         config = self._trainer_config(body)
-        self.pods[name] = LocalPod(body, config)
+        self.pods[name] = LocalPod(body)
         if config.get("join"):
             self._note_join(name)
         spare = self.spares.pop(name, None)
