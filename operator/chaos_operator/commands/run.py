@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--workers", type=int, help="initial workers (default 4)")
     parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
-    parser.add_argument("--example", help="bundled example: digits or chartransformer")
+    parser.add_argument(
+        "--example", help="bundled example: digits (default), chartransformer or bigstate"
+    )
     parser.add_argument("--entry", help="module:factory of your own job (overrides --example)")
     parser.add_argument(
         "--churn",
