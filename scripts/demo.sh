@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install everything (scripts/install.sh) and run the main job on the bundled example.
-# Extra arguments go to `chaos run`.
+# Install everything (scripts/install.sh) and run the main job: the bundled ChaosJob
+# manifest, reconciled into local worker processes. Extra arguments go to `chaos run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec .venv/bin/chaos run "$@"
+exec .venv/bin/chaos run examples/chaosjob.yaml "$@"

@@ -24,7 +24,8 @@ Rules:
   how many workers this party runs while it trains with that party's members. Nothing is ever
   created or deleted for another party.
 * The job is Succeeded once every pod it has ended with Succeeded (training reached its last
-  step); then nothing is created any more.
+  step); then nothing is created any more. Once the current step is the last one
+  (`options.steps`), members that end are not replaced either: they are finishing.
 
 Addresses: every member gets a port from its ordinal (`base_port + 3 * (ordinal % 1000)`:
 trainer, +1 metrics, +2 replicator) and a host: its DNS name under the job's headless
@@ -376,12 +377,14 @@ def reconcile(
     finished = previous.get("phase") == "Succeeded" or (
         bool(ended) and not live and all(p.phase == "Succeeded" for p in ended)
     )
+    step = current_step if current_step is not None else previous.get("currentStep")
+    trained = step is not None and step >= options.steps - 1
     ordinal = next_member(job, pods)
     create: list[dict[str, Any]] = []
     delete: list[str] = []
     events: dict[str, Event] = {}
 
-    if not finished:
+    if not finished and not trained:
         for pod in ended:
             delete.append(pod.name)
             events[pod.name] = Event(
@@ -434,6 +437,7 @@ def reconcile(
         ended,
         want=want,
         finished=finished,
+        trained=trained,
         creating=len(create),
         now=now,
         current_step=current_step,
@@ -460,6 +464,7 @@ def _status(
     *,
     want: int,
     finished: bool,
+    trained: bool,
     creating: int,
     now: datetime,
     current_step: int | None,
@@ -470,7 +475,7 @@ def _status(
     name = job.metadata.name or ""
     generation = job.metadata.generation
     running = sum(1 for p in live if p.running)
-    lost = [] if finished else list(ended)
+    lost = [] if finished or trained else list(ended)
     # Pods that vanished since the last status (e.g. `kubectl delete pod`) with no spec change.
     vanished = previous.get("observedGeneration") == generation and previous.get(
         "replicas", 0
@@ -480,6 +485,10 @@ def _status(
     if finished:
         phase = "Succeeded"
         ready = ("False", "TrainingFinished", "every member finished its last step")
+        degraded = ("False", "TrainingFinished", "training finished")
+    elif trained:
+        phase = "Running"
+        ready = ("False", "TrainingFinished", "the last step is done; members are finishing")
         degraded = ("False", "TrainingFinished", "training finished")
     elif running == want and len(live) == want and not creating and not lost:
         phase = "Running" if want > 0 else "Paused"

@@ -16,10 +16,11 @@ pytestmark = pytest.mark.cluster
 CHURN = "leave:w4@8,crash:w1@16,link-down:w0-w2@24,link-up:w0-w2@30"
 
 
-def chaos(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def chaos(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "chaos_operator.cli", *args],
         cwd=cwd,
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=300,
@@ -29,15 +30,16 @@ def chaos(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 LIKE_BASELINE = ("--workers", "5", "--steps", "80", "--dtype", "float64")
 
 
-def run_job(tmp_path: Path, name: str, *extra: str) -> dict:
+def run_job(tmp_path: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> dict:
     report = tmp_path / f"{name}.json"
-    result = chaos("run", "--quiet", "--report", str(report), *extra, cwd=tmp_path)
+    result = chaos("run", "--quiet", "--report", str(report), *extra, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(report.read_text())
 
 
-def leftover_workers() -> list[str]:
-    """Command lines of worker processes started by a `chaos run` that are still alive."""
+def leftover_workers(under: Path | None = None) -> list[str]:
+    """Command lines of worker processes started by a `chaos run` that are still alive
+    (only those whose run directory is under `under`, if given: see `in_tmp`)."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -46,9 +48,15 @@ def leftover_workers() -> list[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "chaos-run-" in cmdline and " worker " in cmdline:
+        if "chaos-run-" in cmdline and " worker " in cmdline and str(under or "") in cmdline:
             found.append(cmdline)
     return found
+
+
+def in_tmp(path: Path) -> dict[str, str]:
+    """Environment that puts a run's directory under `path`, so that `leftover_workers(path)`
+    sees only that run's workers, not those of other runs on the machine."""
+    return {"TMPDIR": str(path)}
 
 
 def assert_same_losses(a: list, b: list, rel: float = 1e-9) -> None:

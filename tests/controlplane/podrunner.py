@@ -3,12 +3,10 @@
 It polls the pods of a namespace on a real API server (a list every `interval`; simpler
 than a watch and it cannot miss a deletion) and for each new pod:
 
-* makes a directory per pod and one per volume: `emptyDir` is a plain directory,
-  `downwardAPI` items with `metadata.annotations['…']`, `metadata.name` or
-  `metadata.namespace` field references are written as files;
+* lays out a directory per pod and one per volume, and maps the pod's paths into them
+  (`chaos_operator.localpods`, which the local backend of `chaos run FILE` uses too);
 * starts every container's `command + args` as a local process group: `chaos` becomes this
-  checkout's `.venv/bin/chaos`, and absolute paths under a volume mount (in arguments and in
-  JSON files it projects) become the pod's directories, as if each pod had its own root;
+  checkout's `.venv/bin/chaos`;
 * writes the pod status back: phase `Running`, `podIP` 127.0.0.1 (every pod shares the
   loopback address; the operator, started with `--pod-host 127.0.0.1`, gives every member
   distinct ports), `Ready` conditions; when a container exits the others are stopped and the
@@ -21,9 +19,7 @@ group, SIGKILL after its grace period (capped). Logs: `<workdir>/<pod>/<containe
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -33,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from chaos_operator import localpods
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -40,7 +37,6 @@ from tests.controlplane.plane import REPO, _die_with_parent
 
 POD_IP = "127.0.0.1"
 MAX_GRACE_S = 5.0
-FIELD = re.compile(r"^metadata\.annotations\['(?P<key>[^']+)'\]$")
 
 
 @dataclass
@@ -90,6 +86,7 @@ class PodRunner:
         self.env = {**os.environ, **(env or {})}
         self.interval = interval
         self.core = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+        self._serializer = client.ApiClient()
         self.pods: dict[str, RunningPod] = {}
         self.errors: list[str] = []
         self.exits: dict[str, dict[str, int | None]] = {}
@@ -161,11 +158,8 @@ class PodRunner:
     def _start(self, pod: client.V1Pod) -> None:
         meta, spec = pod.metadata, pod.spec
         directory = self.workdir / meta.name
-        volumes: dict[str, Path] = {}
-        for volume in spec.volumes or ():
-            path = directory / "volumes" / volume.name
-            path.mkdir(parents=True, exist_ok=True)
-            volumes[volume.name] = path
+        body = self._serializer.sanitize_for_serialization(pod)
+        volumes = localpods.lay_out(body, directory)
         running = RunningPod(
             meta.name,
             meta.uid,
@@ -174,25 +168,15 @@ class PodRunner:
         )
         with self._lock:
             self.pods[meta.name] = running
-        every_mount = {
-            m.mount_path: volumes[m.name] for c in spec.containers for m in c.volume_mounts or ()
-        }
-        for volume in spec.volumes or ():
-            if volume.downward_api is not None:
-                self._project(pod, volume, volumes[volume.name], every_mount)
-        for container in spec.containers:
-            mounts = {m.mount_path: volumes[m.name] for m in container.volume_mounts or ()}
-            argv = [*(container.command or ()), *(container.args or ())]
-            if argv and argv[0] == "chaos":
-                argv[0] = str(REPO / ".venv" / "bin" / "chaos")
-            argv = [_map_path(a, mounts) for a in argv]
+        for container in body["spec"]["containers"]:
+            argv = localpods.command(container, volumes, str(REPO / ".venv" / "bin" / "chaos"))
             env = dict(self.env)
-            for var in container.env or ():
-                if var.value is not None:
-                    env[var.name] = var.value
-            log = directory / f"{container.name}.log"
+            for var in container.get("env") or ():
+                if var.get("value") is not None:
+                    env[var["name"]] = var["value"]
+            log = directory / f"{container['name']}.log"
             with log.open("ab") as out:
-                running.processes[container.name] = subprocess.Popen(
+                running.processes[container["name"]] = subprocess.Popen(
                     argv,
                     cwd=directory,
                     env=env,
@@ -218,22 +202,6 @@ class PodRunner:
                 "conditions": conditions,
             },
         )
-
-    def _project(
-        self, pod: client.V1Pod, volume: client.V1Volume, path: Path, mounts: dict[str, Path]
-    ) -> None:
-        meta = pod.metadata
-        for item in volume.downward_api.items or ():
-            ref = item.field_ref.field_path if item.field_ref else ""
-            if match := FIELD.match(ref):
-                value = (meta.annotations or {}).get(match["key"], "")
-            elif ref in ("metadata.name", "metadata.namespace"):
-                value = getattr(meta, ref.split(".")[1])
-            else:
-                continue
-            with contextlib.suppress(json.JSONDecodeError):
-                value = json.dumps(_map_json(json.loads(value), mounts))
-            (path / item.path).write_text(value)
 
     # ------------------------------------------------------------------------ ending
 
@@ -275,21 +243,3 @@ class PodRunner:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-
-
-def _map_path(value: str, mounts: dict[str, Path]) -> str:
-    """An absolute path under a mount point, rewritten to the pod's directory for it."""
-    for mount, path in mounts.items():
-        if value == mount or value.startswith(mount.rstrip("/") + "/"):
-            return str(path) + value[len(mount.rstrip("/")) :]
-    return value
-
-
-def _map_json(value: Any, mounts: dict[str, Path]) -> Any:
-    if isinstance(value, str):
-        return _map_path(value, mounts)
-    if isinstance(value, dict):
-        return {k: _map_json(v, mounts) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_map_json(v, mounts) for v in value]
-    return value

@@ -140,3 +140,19 @@ def test_default_churn_crashes_a_worker_that_is_still_there(workers: int) -> Non
 def test_three_worker_default_churn_crashes_a_worker_and_admits_a_new_one() -> None:
     events = parse_churn(default_churn(3, 200), 3)
     assert [(e.kind, e.worker) for e in events] == [("crash", "w1"), ("join", "w3")]
+
+
+def test_reconciled_names_follow_the_reconcile_in_step_order() -> None:
+    """A crashed member's replacement takes the next ordinal, and so does each join."""
+    events = parse_churn("join@30,crash:w1@10,crash:w3@20,leave:w4@40", 3, reconciled=True)
+    assert events == [
+        ChurnEvent("crash", 10, "w1"),  # replaced by w3
+        ChurnEvent("crash", 20, "w3"),  # replaced by w4
+        ChurnEvent("join", 30, "w5"),
+        ChurnEvent("leave", 40, "w4"),
+    ]
+    with pytest.raises(ChurnError, match="w3"):
+        parse_churn("crash:w3@20", 3, reconciled=True)  # no crash before: no w3 yet
+    with pytest.raises(ChurnError, match=r"join@5 \(it will be w3\)"):
+        parse_churn("join:w9@5", 3, reconciled=True)
+    assert parse_churn("join:w3@5", 3, reconciled=True) == [ChurnEvent("join", 5, "w3")]

@@ -461,3 +461,27 @@ def test_any_history_converges_without_reusing_ids(replicas: int, script: list) 
     again = world.step()
     assert again.create == [] and again.delete == []
     assert len({config_of(p)["listen"] for p in live}) == len(live)
+
+
+def test_members_that_end_after_the_last_step_are_finishing_not_lost() -> None:
+    world = World(3, Options(steps=50))
+    world.step()
+    world.run_all()
+    world.step()
+    first = next(iter(world.pods))
+    world.pods[first] = replace(world.pods[first], phase="Succeeded")
+    # Before the last step an exit is a lost member; at the last step the others follow.
+    early = reconcile(world.job, list(world.pods.values()), now=NOW, current_step=48,
+                      options=world.options)  # fmt: skip
+    assert early.delete == [first] and len(early.create) == 1
+    done = reconcile(world.job, list(world.pods.values()), now=NOW, current_step=49,
+                     options=world.options)  # fmt: skip
+    assert done.create == [] and done.delete == []
+    assert done.status["phase"] == "Running"
+    assert {c["type"]: c["reason"] for c in done.status["conditions"]} == {
+        "Degraded": "TrainingFinished",
+        "Ready": "TrainingFinished",
+    }
+    for name in world.pods:
+        world.pods[name] = replace(world.pods[name], phase="Succeeded")
+    assert reconcile(world.job, list(world.pods.values()), now=NOW).status["phase"] == "Succeeded"

@@ -55,14 +55,17 @@ def default_churn(workers: int, steps: int) -> str:
     )
 
 
-def parse_churn(spec: str, workers: int) -> list[ChurnEvent]:
-    """Parse and check a schedule against the initial workers w0..w{workers-1}."""
+def parse_churn(spec: str, workers: int, *, reconciled: bool = False) -> list[ChurnEvent]:
+    """Parse and check a schedule against the initial workers w0..w{workers-1}.
+
+    `reconciled`: members are named by the reconcile of a ChaosJob (`chaos run FILE`), in
+    step order: a crashed member is replaced by a new one, `w<next>`, and so is each join,
+    which therefore cannot name its worker.
+    """
     spec = spec.strip()
     if spec in ("", "none"):
         return []
-    events: list[ChurnEvent] = []
-    known = {f"w{i}" for i in range(workers)}
-    joined = workers
+    items: list[tuple[str, str, int, str]] = []
     for raw in spec.split(","):
         item = raw.strip()
         match = _ITEM.match(item)
@@ -71,8 +74,20 @@ def parse_churn(spec: str, workers: int) -> list[ChurnEvent]:
         kind, target, step = match["kind"], match["target"] or "", int(match["step"])
         if kind not in KINDS:
             raise ChurnError(f"--churn: unknown event {kind!r} in {item!r}; use one of {KINDS}")
+        items.append((kind, target, step, item))
+    if reconciled:
+        items.sort(key=lambda i: i[2])
+    events: list[ChurnEvent] = []
+    known = {f"w{i}" for i in range(workers)}
+    joined = workers
+    for kind, target, step, item in items:
         if kind == "join":
             name = target or f"w{joined}"
+            if reconciled and target and target != f"w{joined}":
+                raise ChurnError(
+                    f"--churn: {item!r}: the reconcile names new members; write join@{step} "
+                    f"(it will be w{joined})"
+                )
             joined += 1
             if name in known:
                 raise ChurnError(f"--churn: {item!r} joins {name}, which already exists")
@@ -90,6 +105,9 @@ def parse_churn(spec: str, workers: int) -> list[ChurnEvent]:
                 raise ChurnError(f"--churn: {item!r} needs a worker, e.g. {kind}:w1@{step}")
             _check_known(target, known, item)
             events.append(ChurnEvent(kind, step, target))
+            if reconciled and kind == "crash":  # its replacement
+                known.add(f"w{joined}")
+                joined += 1
     return sorted(events, key=lambda e: e.step)
 
 

@@ -112,19 +112,13 @@ class LocalJob:
         self.metrics_ports: dict[str, int] = {}  # worker -> its /metrics port (metrics on)
         self.digests: dict[str, str] = {}  # worker -> SHA-256 of its final training state
         self.spawned_at: dict[str, float] = {}  # worker -> when its process was started
+        self.disconnected: set[str] = set()  # workers whose control connection has closed
 
     async def run(self) -> Report:
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self._control = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
         try:
-            ports = free_ports(self.opts.workers, self.opts.base_port)
-            members = {f"w{i}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
-            for name, address in members.items():
-                self._spawn(name, listen=address, members=members)
-            for event in self.opts.churn:
-                if event.kind == "join":  # started now, admitted at its step: start-up apart
-                    (port,) = free_ports(1, 0)
-                    self._spawn(event.worker, listen=f"127.0.0.1:{port}", standby=True)
+            self._start()
             await self._supervise()
         finally:
             server.close()
@@ -133,8 +127,27 @@ class LocalJob:
                 shutil.rmtree(self._tmp, ignore_errors=True)
         return self._report()
 
+    def _start(self) -> None:
+        """Start the initial members, and the joiners in standby."""
+        ports = free_ports(self.opts.workers, self.opts.base_port)
+        members = {f"w{i}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+        for name, address in members.items():
+            self._spawn(name, listen=address, members=members)
+        for event in self.opts.churn:
+            if event.kind == "join":  # started now, admitted at its step: start-up apart
+                (port,) = free_ports(1, 0)
+                self._spawn(event.worker, listen=f"127.0.0.1:{port}", standby=True)
+
+    def _tick(self) -> None:
+        """Called on every supervision round (a subclass may reconcile here)."""
+
     def _spawn(self, name: str, *, listen: str, members=None, standby=False) -> None:
-        config = WorkerConfig(
+        config = self.worker_config(name, listen=listen, members=members or {}, standby=standby)
+        self.launch(name, config)
+
+    def worker_config(self, name: str, *, listen: str, **fields) -> WorkerConfig:
+        """The configuration of worker `name` from the job options; `fields` override."""
+        values = dict(
             id=name,
             listen=listen,
             entry=self.opts.entry,
@@ -145,15 +158,19 @@ class LocalJob:
             device=self.opts.device,
             heartbeat_interval_s=self.opts.heartbeat_interval_s,
             failure_timeout_s=self.opts.failure_timeout_s,
-            members=members or {},
-            standby=standby,
             control=self._control,
-            metrics_port=free_ports(1, 0)[0] if self.opts.metrics else None,
             links=self.opts.links,
             downlink_bytes_per_s=self.opts.downlinks.get(name),
             join_mode=self.opts.join_mode,
             join_strategy=self.opts.join_strategy,
         )
+        values.update(fields)
+        if "metrics_port" not in fields:
+            values["metrics_port"] = free_ports(1, 0)[0] if self.opts.metrics else None
+        return WorkerConfig(**values)
+
+    def launch(self, name: str, config: WorkerConfig) -> None:
+        """Start one `chaos worker` process with `config`."""
         if config.metrics_port is not None:
             self.metrics_ports[name] = config.metrics_port
         path = self._tmp / f"{name}.json"
@@ -177,6 +194,7 @@ class LocalJob:
         while True:
             await asyncio.sleep(0.02)
             self._fire_due()
+            self._tick()
             failed = [
                 p for p in self.procs.values() if p.popen.poll() not in (None, 0) and not p.killed
             ]
@@ -231,12 +249,18 @@ class LocalJob:
             self._fire(event)
 
     def _fire(self, event: ChurnEvent) -> None:
-        now = time.monotonic()
-        self.timeline.fired.append(Fired(event, now, self.max_step))
+        self.note_fired(event)
+        self._inject(event)
+
+    def note_fired(self, event: ChurnEvent) -> None:
+        """Record `event` as injected now (the report's events come from these)."""
+        self.timeline.fired.append(Fired(event, time.monotonic(), self.max_step))
         self.last_event = f"{event.label} (step {self.max_step})"
+
+    def _inject(self, event: ChurnEvent) -> None:
         proc = self.procs.get(event.worker)
         if event.kind == "leave":
-            self._command(event.worker, {"cmd": "leave"})
+            self.command(event.worker, {"cmd": "leave"})
         elif event.kind == "crash" and proc:
             proc.killed = True
             with contextlib.suppress(ProcessLookupError):
@@ -249,9 +273,9 @@ class LocalJob:
             cmd = event.kind.replace("-", "_")
             for a, b in ((event.worker, event.peer), (event.peer, event.worker)):
                 address = self.procs[b].address if b in self.procs else ""
-                self._command(a, {"cmd": cmd, "peer": b, "address": address})
+                self.command(a, {"cmd": cmd, "peer": b, "address": address})
         elif event.kind == "join":
-            self._command(event.worker, {"cmd": "join", "seed": self._live_member()})
+            self.command(event.worker, {"cmd": "join", "seed": self._live_member()})
 
     def _live_member(self) -> str:
         gone = {e.event.worker for e in self.timeline.fired if e.event.kind != "join"}
@@ -260,12 +284,16 @@ class LocalJob:
                 return proc.address
         raise LaunchError("no live member left to join through")
 
-    def _command(self, worker: str, command: dict) -> None:
+    def command(self, worker: str, command: dict) -> bool:
+        """Send `command` to `worker` over the control channel; False if not connected."""
         writer = self._writers.get(worker)
         if writer is not None and not writer.is_closing():
             writer.write(json.dumps(command).encode() + b"\n")
+            return True
+        return False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        worker = ""
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             while line := await reader.readline():
                 try:
@@ -275,6 +303,7 @@ class LocalJob:
                 worker = str(record.get("worker", ""))
                 self._writers.setdefault(worker, writer)
                 self._record(worker, record)
+        self.disconnected.add(worker)  # every record it sent has been taken in
 
     def _record(self, worker: str, record: dict) -> None:
         self.timeline.add(record)

@@ -1,4 +1,8 @@
-"""`chaos run`: the main job — N workers on loopback training a bundled example with churn."""
+"""`chaos run [FILE]`: the main job — local workers training with injected churn.
+
+Without FILE: N workers on loopback train a bundled example. With a ChaosJob manifest:
+the operator's reconcile drives local processes (`chaos_operator.localbackend`).
+"""
 
 from __future__ import annotations
 
@@ -16,14 +20,22 @@ DEFAULT_EXAMPLE = "digits"
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "run",
-        help="train a bundled example with N local workers and injected churn",
-        description="Start N workers on loopback, inject a churn schedule, show live "
-        "progress, and write a JSON report and a PNG plot.",
+        help="train locally with injected churn: a bundled example or a ChaosJob manifest",
+        description="Start workers on loopback, inject a churn schedule, show live "
+        "progress, and write a JSON report and a PNG plot. With FILE, the workers are the "
+        "pods the operator's reconcile makes of that ChaosJob, run as local processes.",
     )
-    parser.add_argument("--workers", type=int, default=4, help="initial workers (default 4)")
+    parser.add_argument(
+        "manifest",
+        nargs="?",
+        metavar="FILE",
+        help="a ChaosJob manifest (YAML) to run locally, e.g. examples/chaosjob.yaml; it "
+        "sets the workers, entry, global batch and seed",
+    )
+    parser.add_argument("--workers", type=int, help="initial workers (default 4)")
     parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     parser.add_argument(
-        "--example", default=DEFAULT_EXAMPLE, help="bundled example: digits or chartransformer"
+        "--example", help="bundled example: digits (default), chartransformer or bigstate"
     )
     parser.add_argument("--entry", help="module:factory of your own job (overrides --example)")
     parser.add_argument(
@@ -33,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "link-up:w0-w3@120,join@150' (numbers are steps); 'none' turns churn off; "
         "'default' scales that schedule to --steps",
     )
-    parser.add_argument("--global-batch", type=int, default=64, help="samples per step")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--global-batch", type=int, help="samples per step (default 64)")
+    parser.add_argument("--seed", type=int, help="model and sample order seed (default 0)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--base-port", type=int, default=0, help="first port (default: any)")
@@ -90,32 +102,65 @@ def _downlinks(items: list[str]) -> dict[str, float]:
     return out
 
 
-def options_from(args: argparse.Namespace):
-    """Validate the command line into launcher options (UserError on bad input)."""
+MANIFEST_SETS = {
+    "workers": ("--workers", "spec.replicas"),
+    "example": ("--example", "spec.entry"),
+    "entry": ("--entry", "spec.entry"),
+    "global_batch": ("--global-batch", "spec.globalBatch"),
+    "seed": ("--seed", "spec.seed"),
+}
+
+
+def options_from(args: argparse.Namespace, job=None):
+    """Validate the command line (and the manifest's job) into launcher options.
+
+    UserError on bad input.
+    """
     from chaos_worker.churn import ChurnError, default_churn, parse_churn
     from chaos_worker.examples import EXAMPLES
     from chaos_worker.launcher import JobOptions
 
-    if args.workers < 1:
+    if job is not None:
+        for dest, (flag, field) in MANIFEST_SETS.items():
+            if getattr(args, dest) is not None:
+                raise UserError(f"{flag} does not go with a manifest: {field} sets it")
+        from chaos_operator.localbackend import run_options
+
+        fixed = run_options(job)
+        entry = fixed["entry"]
+        example = next((k for k, v in EXAMPLES.items() if v == entry), entry)
+    else:
+        fixed = {
+            "workers": 4 if args.workers is None else args.workers,
+            "global_batch": 64 if args.global_batch is None else args.global_batch,
+            "seed": 0 if args.seed is None else args.seed,
+        }
+        example = args.entry or args.example or DEFAULT_EXAMPLE
+        entry = args.entry or EXAMPLES.get(example)
+    workers = fixed["workers"]
+    if workers < 1:
         raise UserError("--workers must be at least 1")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
-    if args.global_batch < 1:
+    if fixed["global_batch"] < 1:
         raise UserError("--global-batch must be at least 1")
     if not 0 < args.heartbeat_interval < args.failure_timeout:
         raise UserError("need 0 < --heartbeat-interval < --failure-timeout")
-    if not 0 <= args.base_port <= 65535 - args.workers:
+    if not 0 <= args.base_port <= 65535 - workers:
         raise UserError("--base-port must be a port number")
-    entry = args.entry or EXAMPLES.get(args.example)
     if entry is None:
-        raise UserError(f"--example {args.example!r} unknown; choose from {sorted(EXAMPLES)}")
-    spec = default_churn(args.workers, args.steps) if args.churn == "default" else args.churn
+        raise UserError(f"--example {example!r} unknown; choose from {sorted(EXAMPLES)}")
+    spec = default_churn(workers, args.steps) if args.churn == "default" else args.churn
     try:
-        churn = parse_churn(spec, args.workers)
+        churn = parse_churn(spec, workers, reconciled=job is not None)
     except ChurnError as exc:
         raise UserError(str(exc)) from None
     if any(e.step >= args.steps for e in churn):
         raise UserError(f"--churn: every event must come before the last step ({args.steps})")
+    if job is not None:
+        from chaos_operator.localbackend import pod_churn
+
+        churn = pod_churn(job, churn)
     from chaos_worker.shaping import ShapeError, parse_links
 
     try:
@@ -124,17 +169,17 @@ def options_from(args: argparse.Namespace):
         raise UserError(str(exc)) from None
     return JobOptions(
         entry=entry,
-        workers=args.workers,
+        workers=workers,
         steps=args.steps,
-        global_batch=args.global_batch,
-        seed=args.seed,
+        global_batch=fixed["global_batch"],
+        seed=fixed["seed"],
         dtype=args.dtype,
         device=args.device,
         churn=churn,
         base_port=args.base_port,
         heartbeat_interval_s=args.heartbeat_interval,
         failure_timeout_s=args.failure_timeout,
-        example=args.entry or args.example,
+        example=example,
         metrics=args.metrics,
         links=args.links,
         downlinks=_downlinks(args.downlink),
@@ -143,8 +188,10 @@ def options_from(args: argparse.Namespace):
     )
 
 
-def check_entry(options) -> None:
-    """Load the job once here so that a broken factory fails before any worker starts."""
+def check_entry(options, where: str = "") -> None:
+    """Load the job once here so that a broken factory fails before any worker starts.
+
+    `where` prefixes the error (e.g. the manifest's `FILE: spec.entry: `)."""
     import torch
     from chaos_worker.process import pick_device
     from chaos_worker.trainspec import FactoryError, load_trainspec
@@ -157,7 +204,7 @@ def check_entry(options) -> None:
             device=pick_device(options.device),
         )
     except FactoryError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(f"{where}{exc}") from None
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -166,13 +213,24 @@ def handle(args: argparse.Namespace) -> int:
 
     from chaos_operator.live import LiveView
 
-    options = options_from(args)
-    check_entry(options)
+    job = None
+    if args.manifest:
+        from chaos_operator.localbackend import load_manifest
+
+        job = load_manifest(args.manifest)
+    options = options_from(args, job)
+    check_entry(options, f"{args.manifest}: spec.entry: " if job else "")
     live = LiveView(options, enabled=not args.quiet)
-    job = LocalJob(options, on_update=live.update)
     try:
+        if job is None:
+            runner = LocalJob(options, on_update=live.update)
+        else:
+            from chaos_operator.localbackend import ReconciledJob, base_port_for
+
+            base = base_port_for(options, args.base_port)
+            runner = ReconciledJob(job, options, base_port=base, on_update=live.update)
         with live:
-            report = asyncio.run(job.run())
+            report = asyncio.run(runner.run())
     except LaunchError as exc:
         raise UserError(str(exc)) from None
     report_path = Path(args.report)

@@ -1,0 +1,78 @@
+"""Pods as local processes (`localpods`) and the manifest side of `chaos run FILE`."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from chaos_operator import localpods
+from chaos_operator.errors import UserError
+from chaos_operator.localbackend import load_manifest, pod_churn
+from chaos_operator.reconcile import ANN_NEXT_MEMBER, Options, reconcile
+from chaos_worker.churn import ChurnEvent, parse_churn
+from chaos_worker.config import WorkerConfig
+
+pytestmark = pytest.mark.unit
+
+MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "chaosjob.yaml"
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def test_a_reconciled_pod_lays_out_as_its_own_root(tmp_path) -> None:
+    job = load_manifest(str(MANIFEST))
+    options = Options(pod_host="127.0.0.1", base_port=24000, steps=10)
+    pod = reconcile(job, [], now=NOW, options=options).create[1]
+    volumes = localpods.lay_out(pod, tmp_path / "digits-w1")
+    assert volumes == {
+        "snapshots": tmp_path / "digits-w1" / "volumes" / "snapshots",
+        "config": tmp_path / "digits-w1" / "volumes" / "config",
+    }
+    trainer = localpods.find_container(pod, "trainer")
+    argv = localpods.command(trainer, volumes, "/venv/bin/chaos")
+    assert argv == ["/venv/bin/chaos", "worker", "--config", str(volumes["config"] / "config.json")]
+    config = json.loads(Path(argv[3]).read_text())  # projected from the pod's annotation
+    assert config["snapshot_dir"] == str(volumes["snapshots"])
+    assert config["listen"] == "127.0.0.1:24003" and config["steps"] == 10
+    WorkerConfig.model_validate(config)
+    replicator = localpods.command(localpods.find_container(pod, "replicator"), volumes, "chaos")
+    assert replicator[replicator.index("--dir") + 1] == str(volumes["snapshots"])
+    with pytest.raises(KeyError, match="sidecar"):
+        localpods.find_container(pod, "sidecar")
+
+
+def test_only_whole_path_components_are_mapped() -> None:
+    where = {"/snapshots": Path("/tmp/p/snap"), "/etc/chaos/": Path("/tmp/p/cfg")}
+    assert localpods.map_path("/snapshots", where) == "/tmp/p/snap"
+    assert localpods.map_path("/snapshots/slot-0.bin", where) == "/tmp/p/snap/slot-0.bin"
+    assert localpods.map_path("/snapshots2", where) == "/snapshots2"
+    assert localpods.map_path("/etc/chaos/config.json", where) == "/tmp/p/cfg/config.json"
+    assert localpods.map_json({"a": ["/snapshots/x", 3]}, where) == {"a": ["/tmp/p/snap/x", 3]}
+
+
+def test_a_manifest_is_loaded_as_a_fresh_job(tmp_path) -> None:
+    text = MANIFEST.read_text().replace(
+        "  name: digits", f"  name: digits\n  annotations:\n    {ANN_NEXT_MEMBER}: '7'"
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text(text + "status:\n  phase: Running\n  currentStep: 99\n")
+    job = load_manifest(str(path))
+    assert job.status is None
+    assert ANN_NEXT_MEMBER not in job.metadata.annotations  # member ids start at w0
+    assert reconcile(job, [], now=NOW).create[0]["metadata"]["name"] == "digits-w0"
+
+
+def test_churn_names_become_pod_names_and_replicas_stay_in_bounds() -> None:
+    job = load_manifest(str(MANIFEST))  # replicas 3 within [1, 5]
+    events = parse_churn("crash:w1@3,join@5,link-down:w0-w3@6,leave:w4@8", 3, reconciled=True)
+    assert pod_churn(job, events) == [
+        ChurnEvent("crash", 3, "digits-w1"),
+        ChurnEvent("join", 5, "digits-w4"),
+        ChurnEvent("link-down", 6, "digits-w0", "digits-w3"),
+        ChurnEvent("leave", 8, "digits-w4"),
+    ]
+    with pytest.raises(UserError, match=r"join:w5@4 would take spec.replicas to 6"):
+        pod_churn(job, parse_churn("join@2,join@3,join@4", 3, reconciled=True))
+    with pytest.raises(UserError, match=r"minReplicas \(1\)"):
+        pod_churn(job, parse_churn("leave:w0@2,leave:w1@3,leave:w2@4", 3, reconciled=True))
