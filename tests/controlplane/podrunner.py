@@ -13,7 +13,8 @@ than a watch and it cannot miss a deletion) and for each new pod:
   pod ends `Succeeded` (all exit 0) or `Failed`.
 
 A pod that disappears or gets a `deletionTimestamp` has its processes stopped: SIGTERM to the
-group, SIGKILL after its grace period (capped). Logs: `<workdir>/<pod>/<container>.log`.
+group, SIGKILL after the pod's `terminationGracePeriodSeconds` (at most 60 s), without holding
+up the other pods meanwhile. Logs: `<workdir>/<pod>/<container>.log`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from kubernetes.client.exceptions import ApiException
 from tests.controlplane.plane import REPO, _die_with_parent
 
 POD_IP = "127.0.0.1"
-MAX_GRACE_S = 5.0
+MAX_GRACE_S = 60.0  # the pod's terminationGracePeriodSeconds, capped
 
 
 @dataclass
@@ -49,24 +50,39 @@ class RunningPod:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     grace_s: float = MAX_GRACE_S
     ended: bool = False
+    kill_at: float | None = None
 
     def alive(self) -> list[int]:
         return [p.pid for p in self.processes.values() if p.poll() is None]
 
-    def stop(self, grace_s: float) -> None:
-        """SIGTERM every container's process group, then SIGKILL the stragglers."""
+    def terminate(self, grace_s: float) -> None:
+        """SIGTERM every container's process group (once); SIGKILL is due `grace_s` later."""
+        if self.kill_at is not None:
+            return
+        self.kill_at = time.monotonic() + grace_s
         for proc in self.processes.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
+
+    def reaped(self) -> bool:
+        """After `terminate`: True once every process is gone, SIGKILLing them when the grace
+        period is over; False while they may still exit on their own."""
+        assert self.kill_at is not None
+        if self.alive() and time.monotonic() < self.kill_at:
+            return False
         for proc in self.processes.values():
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            proc.wait()
+        return True
+
+    def stop(self, grace_s: float) -> None:
+        """`terminate`, then wait (blocking) until `reaped`."""
+        self.terminate(grace_s)
+        while not self.reaped():
+            time.sleep(0.05)
 
 
 class PodRunner:
@@ -135,7 +151,9 @@ class PodRunner:
         for name, running in known.items():
             pod = present.get(running.uid)
             if pod is None or pod.metadata.deletion_timestamp is not None:
-                running.stop(running.grace_s)
+                running.terminate(running.grace_s)  # the loop goes on while they leave
+                if not running.reaped():
+                    continue
                 self.exits[name] = {c: p.returncode for c, p in running.processes.items()}
                 with self._lock:
                     del self.pods[name]
@@ -209,7 +227,9 @@ class PodRunner:
         codes = {name: p.poll() for name, p in running.processes.items()}
         if all(code is None for code in codes.values()):
             return
-        running.stop(running.grace_s)  # one container ended: stop the others
+        running.terminate(running.grace_s)  # one container ended: stop the others
+        if not running.reaped():
+            return
         codes = {name: p.returncode for name, p in running.processes.items()}
         first = next(code for code in codes.values() if code is not None)
         phase = (
