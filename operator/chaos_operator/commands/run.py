@@ -49,8 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--links",
         default="",
-        help="emulated WAN links on loopback: 'w0-w3=20MB/s+40ms,*=100MB/s' (rate per "
-        "direction, added one-way delay; default: unshaped)",
+        help="emulated WAN links: 'w0-w3=20MB/s+40ms,*=100MB/s' (rate per direction, "
+        "added one-way delay; default: unshaped) or a bundled profile: @three-party",
+    )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="every worker in its own network namespace, link rates shaped by tc (needs "
+        "root; otherwise falls back to in-process shaping)",
     )
     parser.add_argument(
         "--downlink",
@@ -94,7 +100,7 @@ def options_from(args: argparse.Namespace):
     """Validate the command line into launcher options (UserError on bad input)."""
     from chaos_worker.churn import ChurnError, default_churn, parse_churn
     from chaos_worker.examples import EXAMPLES
-    from chaos_worker.launcher import JobOptions
+    from chaos_worker.launcher import JobOptions, worker_names
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
@@ -116,10 +122,12 @@ def options_from(args: argparse.Namespace):
         raise UserError(str(exc)) from None
     if any(e.step >= args.steps for e in churn):
         raise UserError(f"--churn: every event must come before the last step ({args.steps})")
+    from chaos_worker.profiles import resolve_links
     from chaos_worker.shaping import ShapeError, parse_links
 
     try:
-        parse_links(args.links)
+        links = resolve_links(args.links, worker_names(args.workers, churn))
+        parse_links(links)
     except ShapeError as exc:
         raise UserError(str(exc)) from None
     return JobOptions(
@@ -136,10 +144,11 @@ def options_from(args: argparse.Namespace):
         failure_timeout_s=args.failure_timeout,
         example=args.entry or args.example,
         metrics=args.metrics,
-        links=args.links,
+        links=links,
         downlinks=_downlinks(args.downlink),
         join_mode=args.join_mode,
         join_strategy=args.join_strategy,
+        netns=args.netns,
     )
 
 
@@ -168,6 +177,14 @@ def handle(args: argparse.Namespace) -> int:
 
     options = options_from(args)
     check_entry(options)
+    if options.netns:
+        from chaos_worker.netns import unavailable_reason
+
+        if why := unavailable_reason():
+            print(
+                f"chaos run: --netns unavailable ({why}); shaping links in-process", file=sys.stderr
+            )
+            options.netns = False
     live = LiveView(options, enabled=not args.quiet)
     job = LocalJob(options, on_update=live.update)
     try:

@@ -1,0 +1,240 @@
+"""WAN testbed in Linux network namespaces for `chaos run --netns` (root only).
+
+Every worker gets a namespace of its own with one veth interface `eth0`, whose other end
+(`v<i>`) is a port of the bridge `br0` in a hub namespace created for the run; nothing is
+added to the root namespace. Addresses come from 198.18.0.0/15, the block RFC 2544 reserves
+for benchmarking: it is never routed on the internet and rarely used on a LAN, so it cannot
+shadow a real network the machine talks to (and each run has its own bridge and
+namespaces, so concurrent runs may reuse the same addresses).
+
+Rates are shaped by `tc` on each worker's `eth0` egress: an htb root qdisc with one class
+per shaped destination, chosen by a u32 filter on the destination address (unshaped
+destinations bypass the classes). A `--downlink` rate is a tbf on the hub side of the
+worker's veth (everything that enters the worker passes there). The kernel has no netem,
+so the added latency of a link stays the transport's job (`LinkShape.delay_s`).
+
+Names are `chaos-<pid>-<start>-hub` and `chaos-<pid>-<start>-w0`…, where `<start>` is the
+launcher's start time in clock ticks (from /proc/<pid>/stat): a later run removes the
+namespaces of any run whose launcher is gone, even if its pid has been reused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from chaos_worker.shaping import LinkShape, shape_for
+
+PREFIX = "chaos-"
+ADDRESSES = ipaddress.IPv4Network("198.18.0.0/15")
+"""RFC 2544 benchmarking range: see the module docstring."""
+BRIDGE = "br0"
+WORKER_DEV = "eth0"
+_NAME = re.compile(r"^chaos-(\d+)-(\d+)-")
+_TIMEOUT_S = 20
+
+
+class TestbedError(Exception):
+    """A namespace, link or qdisc could not be set up; the message names the command."""
+
+
+def unavailable_reason() -> str | None:
+    """Why this process cannot build the testbed (None: it can)."""
+    if os.geteuid() != 0:
+        return "not root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"no `{tool}` command"
+    if not os.path.exists("/proc/self/ns/net"):
+        return "no network namespace support"
+    return None
+
+
+def process_start(pid: int) -> str | None:
+    """Start time of `pid` in clock ticks since boot (None: no such process)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one short read
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22 counted from after the comm
+
+
+def run_tag(pid: int | None = None) -> str:
+    """`chaos-<pid>-<start>`: the prefix of every namespace of this run."""
+    pid = os.getpid() if pid is None else pid
+    return f"{PREFIX}{pid}-{process_start(pid)}"
+
+
+def stale_namespaces(names: list[str], start_of) -> list[str]:
+    """Namespaces of runs whose launcher is gone; `start_of(pid)` as `process_start`."""
+    stale = []
+    for name in names:
+        match = _NAME.match(name)
+        if match and start_of(int(match[1])) != match[2]:
+            stale.append(name)
+    return stale
+
+
+def _bits(rate_bytes_per_s: float) -> str:
+    return f"{max(8, round(rate_bytes_per_s * 8))}bit"
+
+
+@dataclass(frozen=True)
+class TestbedPlan:
+    """Names, addresses and the `ip`/`tc` commands (in order) that build the testbed."""
+
+    hub: str
+    namespaces: dict[str, str]  # worker -> its namespace
+    addresses: dict[str, str]  # worker -> IPv4 address on the bridge
+    rates: dict[tuple[str, str], float]  # (src, dst) -> shaped bytes/s
+    commands: list[list[str]] = field(default_factory=list)
+
+
+def plan_testbed(
+    tag: str,
+    workers: list[str],
+    shapes: dict[str, LinkShape],
+    downlinks: dict[str, float] | None = None,
+) -> TestbedPlan:
+    """The testbed for `workers` with link `shapes` (`shaping.parse_links`); pure."""
+    if len(workers) > ADDRESSES.num_addresses - 2:
+        raise TestbedError(f"too many workers for {ADDRESSES}")
+    hub = f"{tag}-hub"
+    namespaces = {w: f"{tag}-w{i}" for i, w in enumerate(workers)}
+    addresses = {w: str(ADDRESSES.network_address + i + 1) for i, w in enumerate(workers)}
+    rates = {
+        (a, b): rate
+        for a in workers
+        for b in workers
+        if a != b and (rate := shape_for(shapes, a, b).rate_bytes_per_s) is not None
+    }
+    commands = [
+        f"ip netns add {hub}".split(),
+        f"ip -n {hub} link add {BRIDGE} type bridge".split(),
+        f"ip -n {hub} link set {BRIDGE} up".split(),
+    ]
+    for i, worker in enumerate(workers):
+        ns, port, cidr = namespaces[worker], f"v{i}", f"{addresses[worker]}/{ADDRESSES.prefixlen}"
+        commands += [
+            f"ip netns add {ns}".split(),
+            f"ip -n {ns} link set lo up".split(),
+            f"ip -n {hub} link add {port} type veth peer name {WORKER_DEV} netns {ns}".split(),
+            f"ip -n {hub} link set {port} master {BRIDGE} up".split(),
+            f"ip -n {ns} addr add {cidr} dev {WORKER_DEV}".split(),
+            f"ip -n {ns} link set {WORKER_DEV} up".split(),
+        ]
+        commands += _egress_commands(ns, worker, workers, addresses, rates)
+        if downlinks and worker in downlinks:
+            commands.append(_tbf(hub, port, downlinks[worker]))
+    return TestbedPlan(hub, namespaces, addresses, rates, commands)
+
+
+def _egress_commands(
+    ns: str,
+    src: str,
+    workers: list[str],
+    addresses: dict[str, str],
+    rates: dict[tuple[str, str], float],
+) -> list[list[str]]:
+    """htb on `src`'s eth0: one class per shaped destination, selected by address."""
+    shaped = [(j, dst) for j, dst in enumerate(workers) if (src, dst) in rates]
+    if not shaped:
+        return []
+    tc = f"tc -n {ns}"
+    # `default 0`: packets no filter classifies (unshaped peers, ARP) are sent unshaped.
+    commands = [f"{tc} qdisc add dev {WORKER_DEV} root handle 1: htb default 0".split()]
+    for j, dst in shaped:
+        classid = f"1:{j + 1:x}"  # tc reads class minors as hex
+        rate = _bits(rates[(src, dst)])
+        commands += [
+            f"{tc} class add dev {WORKER_DEV} parent 1: classid {classid} "
+            f"htb rate {rate} ceil {rate} quantum 65536".split(),
+            f"{tc} filter add dev {WORKER_DEV} parent 1: protocol ip prio 1 "
+            f"u32 match ip dst {addresses[dst]}/32 flowid {classid}".split(),
+        ]
+    return commands
+
+
+def _tbf(ns: str, dev: str, rate_bytes_per_s: float) -> list[str]:
+    """One rate for everything leaving `dev` (the hub end of a worker's veth: its downlink)."""
+    burst = max(256 << 10, int(rate_bytes_per_s / 100))  # at least a few GSO packets
+    rate = _bits(rate_bytes_per_s)
+    return (
+        f"tc -n {ns} qdisc add dev {dev} root tbf rate {rate} burst {burst} latency 200ms".split()
+    )
+
+
+def _run(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TestbedError(f"{' '.join(command)}: {exc}") from None
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        raise TestbedError(f"{' '.join(command)}: {why}")
+    return done.stdout
+
+
+def list_namespaces() -> list[str]:
+    """Names of the named network namespaces (`ip netns list`)."""
+    return [line.split()[0] for line in _run(["ip", "netns", "list"]).splitlines() if line]
+
+
+def delete_namespaces(names: list[str]) -> list[str]:
+    """Delete these namespaces (their veths go with them); returns the ones that failed."""
+    failed = []
+    for name in names:
+        try:
+            _run(["ip", "netns", "delete", name])
+        except TestbedError:
+            failed.append(name)
+    return failed
+
+
+def clean_stale() -> list[str]:
+    """Remove the namespaces of runs whose launcher is gone; returns their names."""
+    stale = stale_namespaces(list_namespaces(), process_start)
+    delete_namespaces(stale)
+    return stale
+
+
+class Testbed:
+    """A built testbed: `create` builds it (or undoes its part and raises), `close` removes it."""
+
+    def __init__(self, plan: TestbedPlan) -> None:
+        self.plan = plan
+        self._created: list[str] = []
+
+    @classmethod
+    def create(
+        cls,
+        workers: list[str],
+        shapes: dict[str, LinkShape],
+        downlinks: dict[str, float] | None = None,
+    ) -> Testbed:
+        clean_stale()
+        bed = cls(plan_testbed(run_tag(), workers, shapes, downlinks))
+        try:
+            for command in bed.plan.commands:
+                _run(command)
+                if command[:3] == ["ip", "netns", "add"]:
+                    bed._created.append(command[3])
+        except BaseException:
+            bed.close()
+            raise
+        return bed
+
+    def exec_prefix(self, worker: str) -> list[str]:
+        """Prefix of a command line that runs in `worker`'s namespace."""
+        return ["ip", "netns", "exec", self.plan.namespaces[worker]]
+
+    def close(self) -> None:
+        """Delete every namespace of the run; the worker ones first (their veths go too)."""
+        failed = delete_namespaces(list(reversed(self._created)))
+        self._created = failed
+        if failed:
+            raise TestbedError(f"could not delete network namespaces {failed}")
