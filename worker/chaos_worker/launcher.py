@@ -30,7 +30,7 @@ from pathlib import Path
 from chaos_worker.churn import ChurnEvent
 from chaos_worker.config import WorkerConfig
 from chaos_worker.control import UNIX
-from chaos_worker.netns import Testbed, TestbedError
+from chaos_worker.netns import NetnsError, NetnsTestbed
 from chaos_worker.report import Report, links_matrix
 from chaos_worker.shaping import parse_links
 from chaos_worker.timeline import Fired, Timeline
@@ -129,7 +129,8 @@ class LocalJob:
         self.metrics_ports: dict[str, int] = {}  # worker -> its /metrics port (metrics on)
         self.digests: dict[str, str] = {}  # worker -> SHA-256 of its final training state
         self.spawned_at: dict[str, float] = {}  # worker -> when its process was started
-        self.testbed: Testbed | None = None
+        self.testbed: NetnsTestbed | None = None
+        self.tc_sent: dict[tuple[str, str], int] = {}  # netns: bytes per shaped link
 
     async def run(self) -> Report:
         path = self._tmp / "control.sock"
@@ -160,8 +161,10 @@ class LocalJob:
             ports = free_ports(len(names), self.opts.base_port)
             return {name: f"127.0.0.1:{port}" for name, port in zip(names, ports, strict=True)}
         try:
-            self.testbed = Testbed.create(names, parse_links(self.opts.links), self.opts.downlinks)
-        except TestbedError as exc:
+            self.testbed = NetnsTestbed.create(
+                names, parse_links(self.opts.links), self.opts.downlinks
+            )
+        except NetnsError as exc:
             raise LaunchError(f"--netns: {exc}") from None
         port = self.opts.base_port or NETNS_PORT
         return {name: f"{self.testbed.plan.addresses[name]}:{port}" for name in names}
@@ -169,8 +172,12 @@ class LocalJob:
     def _remove_testbed(self) -> None:
         if self.testbed is not None:
             try:
+                self.tc_sent = self.testbed.shaped_bytes()
+            except NetnsError as exc:
+                print(f"chaos run: {exc}", file=sys.stderr)
+            try:
                 self.testbed.close()
-            except TestbedError as exc:
+            except NetnsError as exc:
                 print(f"chaos run: {exc}", file=sys.stderr)
             self.testbed = None
 
@@ -374,6 +381,7 @@ class LocalJob:
             links=links_matrix(
                 {r["worker"]: r.get("links") or {} for r in self.timeline.of("exit")},
                 parse_links(self.opts.links),
+                self.tc_sent if self.opts.netns else None,
             ),
             testbed="netns" if self.opts.netns else "in-process",
             processes=[

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 
 from chaos_worker.shaping import LinkShape, shape_for
@@ -35,10 +36,33 @@ ADDRESSES = ipaddress.IPv4Network("198.18.0.0/15")
 BRIDGE = "br0"
 WORKER_DEV = "eth0"
 _NAME = re.compile(r"^chaos-(\d+)-(\d+)-")
+_CLASS_SENT = re.compile(r"^class htb (\S+) .*\n\s*Sent (\d+) bytes", re.MULTILINE)
 _TIMEOUT_S = 20
+_PROBE_PORT = 7999
+# Bulk-transfer endpoints for `measure_rate`: the sink times from first byte to EOF.
+_SINK = """
+import socket, sys, time
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+conn, _ = server.accept()
+n, first = 0, None
+while chunk := conn.recv(1 << 20):
+    first = first or time.monotonic()
+    n += len(chunk)
+print(n, time.monotonic() - first, flush=True)
+"""
+_SOURCE = """
+import socket, sys
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+piece, left = bytes(1 << 20), int(sys.argv[3])
+while left > 0:
+    conn.sendall(piece[: min(left, len(piece))])
+    left -= len(piece)
+conn.close()
+"""
 
 
-class TestbedError(Exception):
+class NetnsError(Exception):
     """A namespace, link or qdisc could not be set up; the message names the command."""
 
 
@@ -84,7 +108,7 @@ def _bits(rate_bytes_per_s: float) -> str:
 
 
 @dataclass(frozen=True)
-class TestbedPlan:
+class NetnsPlan:
     """Names, addresses and the `ip`/`tc` commands (in order) that build the testbed."""
 
     hub: str
@@ -99,10 +123,10 @@ def plan_testbed(
     workers: list[str],
     shapes: dict[str, LinkShape],
     downlinks: dict[str, float] | None = None,
-) -> TestbedPlan:
+) -> NetnsPlan:
     """The testbed for `workers` with link `shapes` (`shaping.parse_links`); pure."""
     if len(workers) > ADDRESSES.num_addresses - 2:
-        raise TestbedError(f"too many workers for {ADDRESSES}")
+        raise NetnsError(f"too many workers for {ADDRESSES}")
     hub = f"{tag}-hub"
     namespaces = {w: f"{tag}-w{i}" for i, w in enumerate(workers)}
     addresses = {w: str(ADDRESSES.network_address + i + 1) for i, w in enumerate(workers)}
@@ -130,7 +154,7 @@ def plan_testbed(
         commands += _egress_commands(ns, worker, workers, addresses, rates)
         if downlinks and worker in downlinks:
             commands.append(_tbf(hub, port, downlinks[worker]))
-    return TestbedPlan(hub, namespaces, addresses, rates, commands)
+    return NetnsPlan(hub, namespaces, addresses, rates, commands)
 
 
 def _egress_commands(
@@ -148,7 +172,7 @@ def _egress_commands(
     # `default 0`: packets no filter classifies (unshaped peers, ARP) are sent unshaped.
     commands = [f"{tc} qdisc add dev {WORKER_DEV} root handle 1: htb default 0".split()]
     for j, dst in shaped:
-        classid = f"1:{j + 1:x}"  # tc reads class minors as hex
+        classid = _classid(j)
         rate = _bits(rates[(src, dst)])
         commands += [
             f"{tc} class add dev {WORKER_DEV} parent 1: classid {classid} "
@@ -157,6 +181,11 @@ def _egress_commands(
             f"u32 match ip dst {addresses[dst]}/32 flowid {classid}".split(),
         ]
     return commands
+
+
+def _classid(index: int) -> str:
+    """htb class of the destination with this index in the worker list."""
+    return f"1:{index + 1:x}"  # tc reads class minors as hex
 
 
 def _tbf(ns: str, dev: str, rate_bytes_per_s: float) -> list[str]:
@@ -172,10 +201,10 @@ def _run(command: list[str]) -> str:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise TestbedError(f"{' '.join(command)}: {exc}") from None
+        raise NetnsError(f"{' '.join(command)}: {exc}") from None
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["failed"])[-1]
-        raise TestbedError(f"{' '.join(command)}: {why}")
+        raise NetnsError(f"{' '.join(command)}: {why}")
     return done.stdout
 
 
@@ -190,7 +219,7 @@ def delete_namespaces(names: list[str]) -> list[str]:
     for name in names:
         try:
             _run(["ip", "netns", "delete", name])
-        except TestbedError:
+        except NetnsError:
             failed.append(name)
     return failed
 
@@ -202,10 +231,10 @@ def clean_stale() -> list[str]:
     return stale
 
 
-class Testbed:
+class NetnsTestbed:
     """A built testbed: `create` builds it (or undoes its part and raises), `close` removes it."""
 
-    def __init__(self, plan: TestbedPlan) -> None:
+    def __init__(self, plan: NetnsPlan) -> None:
         self.plan = plan
         self._created: list[str] = []
 
@@ -215,7 +244,7 @@ class Testbed:
         workers: list[str],
         shapes: dict[str, LinkShape],
         downlinks: dict[str, float] | None = None,
-    ) -> Testbed:
+    ) -> NetnsTestbed:
         clean_stale()
         bed = cls(plan_testbed(run_tag(), workers, shapes, downlinks))
         try:
@@ -232,9 +261,42 @@ class Testbed:
         """Prefix of a command line that runs in `worker`'s namespace."""
         return ["ip", "netns", "exec", self.plan.namespaces[worker]]
 
+    def shaped_bytes(self) -> dict[tuple[str, str], int]:
+        """Bytes each shaped link's htb class has sent so far: proof that the traffic
+        between the workers went through tc."""
+        workers = list(self.plan.namespaces)
+        sent = {}
+        for src in sorted({src for src, _ in self.plan.rates}):
+            ns = self.plan.namespaces[src]
+            text = _run(["tc", "-n", ns, "-s", "class", "show", "dev", WORKER_DEV])
+            by_class = {classid: int(n) for classid, n in _CLASS_SENT.findall(text)}
+            for j, dst in enumerate(workers):
+                if (src, dst) in self.plan.rates:
+                    sent[(src, dst)] = by_class.get(_classid(j), 0)
+        return sent
+
     def close(self) -> None:
         """Delete every namespace of the run; the worker ones first (their veths go too)."""
         failed = delete_namespaces(list(reversed(self._created)))
         self._created = failed
         if failed:
-            raise TestbedError(f"could not delete network namespaces {failed}")
+            raise NetnsError(f"could not delete network namespaces {failed}")
+
+    def measure_rate(self, src: str, dst: str, nbytes: int) -> float:
+        """Bytes/s of one bulk TCP transfer of `nbytes` from `src` to `dst` (kernel shaping
+        only: the transport's added delay is not in this path)."""
+        host, port = self.plan.addresses[dst], str(_PROBE_PORT)
+        python = [sys.executable, "-c"]
+        sink = subprocess.Popen(
+            [*self.exec_prefix(dst), *python, _SINK, host, port], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            if sink.stdout.readline().strip() != "ready":
+                raise NetnsError(f"the bulk-transfer sink in {dst}'s namespace did not start")
+            _run([*self.exec_prefix(src), *python, _SOURCE, host, port, str(nbytes)])
+            received, seconds = sink.communicate(timeout=_TIMEOUT_S)[0].split()
+        finally:
+            if sink.poll() is None:
+                sink.kill()
+            sink.wait()
+        return int(received) / float(seconds)

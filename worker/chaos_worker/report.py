@@ -46,11 +46,19 @@ class LinkRow(BaseModel):
     bandwidth_age_s: float | None = None
     bandwidth_stale: bool = False
     rtt_s: float | None = Field(None, description="src's link-table RTT figure")
+    tc_sent_bytes: int | None = Field(
+        None, description="bytes the link's tc class passed (netns testbed; None: not shaped by tc)"
+    )
 
 
-def links_matrix(exits: dict[str, dict], shapes: dict[str, LinkShape]) -> list[LinkRow]:
+def links_matrix(
+    exits: dict[str, dict],
+    shapes: dict[str, LinkShape],
+    tc_sent: dict[tuple[str, str], int] | None = None,
+) -> list[LinkRow]:
     """Rows for every directed pair among the workers that sent a final record (`exits`:
-    worker -> its `links`, `LinkTable.as_dict`), and any other pair they hold figures for."""
+    worker -> its `links`, `LinkTable.as_dict`), and any other pair they hold figures for;
+    `tc_sent`: bytes per shaped link from the netns testbed."""
     rows = []
     for src in sorted(exits):
         held = {
@@ -72,6 +80,7 @@ def links_matrix(exits: dict[str, dict], shapes: dict[str, LinkShape]) -> list[L
                     bandwidth_age_s=bandwidth.get("age_s"),
                     bandwidth_stale=bool(bandwidth.get("stale", False)),
                     rtt_s=rtt.get("value"),
+                    tc_sent_bytes=(tc_sent or {}).get((src, dst)),
                 )
             )
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -169,6 +170,10 @@ def check_entry(options) -> None:
         raise UserError(str(exc)) from None
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def handle(args: argparse.Namespace) -> int:
     from chaos_worker.launcher import LaunchError, LocalJob
     from chaos_worker.report import plot_report, write_report
@@ -185,6 +190,7 @@ def handle(args: argparse.Namespace) -> int:
                 f"chaos run: --netns unavailable ({why}); shaping links in-process", file=sys.stderr
             )
             options.netns = False
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up (processes, namespaces) as on Ctrl-C
     live = LiveView(options, enabled=not args.quiet)
     job = LocalJob(options, on_update=live.update)
     try:
