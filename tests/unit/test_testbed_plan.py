@@ -112,3 +112,11 @@ def test_links_matrix_from_final_records() -> None:
     assert (first.shaped_bytes_per_s, first.added_rtt_s) == (10e6, 0.02)
     assert (first.bandwidth_bytes_per_s, first.rtt_s, first.bandwidth_age_s) == (9e6, 0.03, 1.0)
     assert second.bandwidth_bytes_per_s is None and second.rtt_s is None
+
+
+def test_an_unknown_profile_is_one_line_and_exit_code_2(capsys) -> None:
+    from chaos_operator.cli import main
+
+    assert main(["run", "--links", "@nope", "--churn", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["chaos run: error: --links: no profile @nope; bundled: three-party"]

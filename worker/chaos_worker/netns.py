@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from chaos_worker.shaping import LinkShape, shape_for
 
@@ -81,7 +82,7 @@ def unavailable_reason() -> str | None:
 def process_start(pid: int) -> str | None:
     """Start time of `pid` in clock ticks since boot (None: no such process)."""
     try:
-        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one short read
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     return stat.rpartition(")")[2].split()[19]  # field 22 counted from after the comm
