@@ -198,9 +198,9 @@ def _tbf(ns: str, dev: str, rate_bytes_per_s: float) -> list[str]:
     )
 
 
-def _run(command: list[str]) -> str:
+def _run(command: list[str], timeout_s: float = _TIMEOUT_S) -> str:
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=_TIMEOUT_S)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NetnsError(f"{' '.join(command)}: {exc}") from None
     if done.returncode != 0:
@@ -283,7 +283,7 @@ class NetnsTestbed:
         if failed:
             raise NetnsError(f"could not delete network namespaces {failed}")
 
-    def measure_rate(self, src: str, dst: str, nbytes: int) -> float:
+    def measure_rate(self, src: str, dst: str, nbytes: int, timeout_s: float = 60) -> float:
         """Bytes/s of one bulk TCP transfer of `nbytes` from `src` to `dst` (kernel shaping
         only: the transport's added delay is not in this path)."""
         host, port = self.plan.addresses[dst], str(_PROBE_PORT)
@@ -294,7 +294,7 @@ class NetnsTestbed:
         try:
             if sink.stdout.readline().strip() != "ready":
                 raise NetnsError(f"the bulk-transfer sink in {dst}'s namespace did not start")
-            _run([*self.exec_prefix(src), *python, _SOURCE, host, port, str(nbytes)])
+            _run([*self.exec_prefix(src), *python, _SOURCE, host, port, str(nbytes)], timeout_s)
             received, seconds = sink.communicate(timeout=_TIMEOUT_S)[0].split()
         finally:
             if sink.poll() is None:

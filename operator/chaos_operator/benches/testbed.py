@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     try:
         for (src, dst), rate in sorted(bed.plan.rates.items()):
-            measured = bed.measure_rate(src, dst, int(rate * args.seconds))
+            nbytes = int(rate * args.seconds)
+            measured = bed.measure_rate(src, dst, nbytes, timeout_s=20 + 3 * args.seconds)
             rows.append(
                 {
                     "src": src,
