@@ -6,7 +6,12 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from chaos_worker.netns import NetnsError, plan_testbed, stale_namespaces
+from chaos_worker.netns import (
+    NetnsError,
+    missing_capabilities,
+    plan_testbed,
+    stale_namespaces,
+)
 from chaos_worker.profiles import load, names, resolve_links
 from chaos_worker.report import links_matrix
 from chaos_worker.shaping import LinkShape, ShapeError, delays_only, parse_links
@@ -120,3 +125,11 @@ def test_an_unknown_profile_is_one_line_and_exit_code_2(capsys) -> None:
     assert main(["run", "--links", "@nope", "--churn", "none"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["chaos run: error: --links: no profile @nope; bundled: three-party"]
+
+
+def test_missing_capabilities_from_proc_status() -> None:
+    full = "Name:\tpython\nCapEff:\t000001ffffffffff\n"
+    assert missing_capabilities(full) == []
+    no_sys_admin = f"CapEff:\t{0x1FFFFFFFFFF & ~(1 << 21):016x}\n"
+    assert missing_capabilities(no_sys_admin) == ["CAP_SYS_ADMIN"]
+    assert missing_capabilities("CapEff:\t0000000000000000\n") == ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"]

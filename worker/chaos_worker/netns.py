@@ -67,6 +67,16 @@ class NetnsError(Exception):
     """A namespace, link or qdisc could not be set up; the message names the command."""
 
 
+_CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}  # veth/tc; creating namespaces
+
+
+def missing_capabilities(status: str) -> list[str]:
+    """Capabilities the testbed needs that `/proc/<pid>/status` text says are not effective."""
+    match = re.search(r"^CapEff:\s*([0-9a-fA-F]+)$", status, re.MULTILINE)
+    effective = int(match[1], 16) if match else 0
+    return [name for name, bit in _CAPS.items() if not effective >> bit & 1]
+
+
 def unavailable_reason() -> str | None:
     """Why this process cannot build the testbed (None: it can)."""
     if os.geteuid() != 0:
@@ -76,6 +86,8 @@ def unavailable_reason() -> str | None:
             return f"no `{tool}` command"
     if not os.path.exists("/proc/self/ns/net"):
         return "no network namespace support"
+    if missing := missing_capabilities(Path("/proc/self/status").read_text()):
+        return f"root without {' and '.join(missing)}"
     return None
 
 
