@@ -70,7 +70,36 @@ class LiveView:
                 or ("" if event.scale_out_delay_s is None else f"{event.scale_out_delay_s:.2f}s"),
             )
         self.console.print(table)
+        if any(r.shaped_bytes_per_s or r.added_rtt_s for r in report.links):
+            self.console.print(_links_table(report))
         self.console.print(
             f"{report.steps} steps, final loss {report.final_loss:.4f}; "
             f"report {report_path}, plot {plot_path}"
         )
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.1f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.0f}"
+
+
+def _links_table(report) -> Table:
+    """Shaped against measured (the src's link table at the end), one row per direction."""
+    table = Table(title=f"links ({report.testbed}): shaped vs measured by src")
+    for column in ("link", "shaped MB/s", "measured MB/s", "ratio", "added RTT ms", "RTT ms"):
+        table.add_column(column)
+    for row in report.links:
+        shaped, measured = row.shaped_bytes_per_s, row.bandwidth_bytes_per_s
+        ratio = f"{measured / shaped:.2f}" if shaped and measured else "-"
+        table.add_row(
+            f"{row.src}->{row.dst}",
+            _mb(shaped),
+            _mb(measured) + (" (stale)" if row.bandwidth_stale else ""),
+            ratio,
+            _ms(row.added_rtt_s),
+            _ms(row.rtt_s),
+        )
+    return table

@@ -31,7 +31,9 @@ class WorkerConfig(BaseModel):
         None, description="link 'a|b' -> bandwidth; default: every pair of members"
     )
     join: str | None = Field(None, description="host:port of a member to join through")
-    control: str | None = Field(None, description="host:port of the launcher")
+    control: str | None = Field(
+        None, description="the launcher's control socket: host:port, or unix:PATH"
+    )
     standby: bool = Field(
         False, description="start up, then wait for the launcher's join command (local runs)"
     )
@@ -41,6 +43,11 @@ class WorkerConfig(BaseModel):
 
     links: str = Field(
         "", description="emulated link shapes, e.g. 'w0-w3=20MB/s+40ms,*=100MB/s' (shaping.py)"
+    )
+    kernel_shaped: bool = Field(
+        False,
+        description="the rates of `links` are enforced by tc (network-namespace testbed): "
+        "the transport adds only their delays",
     )
     downlink_bytes_per_s: PositiveFloat | None = Field(
         None, description="emulated downlink of this worker (all incoming bytes share it)"

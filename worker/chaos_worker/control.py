@@ -1,4 +1,7 @@
-"""Worker side of the launcher's control channel: JSON lines both ways over TCP.
+"""Worker side of the launcher's control channel: JSON lines both ways over a stream socket.
+
+The address is `unix:PATH` (what `chaos run` uses: a Unix socket reaches the launcher
+from any network namespace) or `host:port` (TCP).
 
 Workers report progress and membership events; the launcher sends commands (`leave`,
 `link_down`, `link_up`). Without a launcher (`control` unset) reports go nowhere.
@@ -14,6 +17,7 @@ from collections.abc import Callable
 
 from chaos_worker.transport import parse_address
 
+UNIX = "unix:"
 OnCommand = Callable[[dict], None]
 log = logging.getLogger(__name__)
 
@@ -30,8 +34,11 @@ class ControlLink:
     async def open(self) -> None:
         if not self._address:
             return
-        host, port = parse_address(self._address)
-        reader, self._writer = await asyncio.open_connection(host, port)
+        if self._address.startswith(UNIX):
+            path = self._address.removeprefix(UNIX)
+            reader, self._writer = await asyncio.open_unix_connection(path)
+        else:
+            reader, self._writer = await asyncio.open_connection(*parse_address(self._address))
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
     def report(self, record: dict) -> None:

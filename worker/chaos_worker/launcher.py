@@ -1,9 +1,12 @@
 """Local process backend of `chaos run`: N workers on loopback with injected churn.
 
 The launcher starts one `chaos worker` process per member, listens for their reports on a
-control socket, injects the churn schedule (commands for leave and link events, signals for
-crashes, new processes for joins), shows live progress and writes the report. Worker
-processes die with the launcher (PR_SET_PDEATHSIG) and are always reaped on exit.
+control socket (a Unix socket, so that it works across network namespaces), injects the
+churn schedule (commands for leave and link events, signals for crashes, new processes for
+joins), shows live progress and writes the report. Worker processes die with the launcher
+(PR_SET_PDEATHSIG) and are always reaped on exit. With `netns`, every worker runs in a
+network namespace of its own, with links shaped by tc (`chaos_worker.netns`), torn down at
+the end.
 """
 
 from __future__ import annotations
@@ -26,10 +29,15 @@ from pathlib import Path
 
 from chaos_worker.churn import ChurnEvent
 from chaos_worker.config import WorkerConfig
-from chaos_worker.report import Report
+from chaos_worker.control import UNIX
+from chaos_worker.netns import NetnsError, NetnsTestbed
+from chaos_worker.report import Report, links_matrix
+from chaos_worker.shaping import parse_links
 from chaos_worker.timeline import Fired, Timeline
 
 GRACE_S = 10.0
+NETNS_PORT = 7000
+"""Port every worker listens on in its own namespace (without --base-port)."""
 KEEP_RUN_DIR = "CHAOS_KEEP_RUN_DIR"
 """Set (to anything) to keep the run's directory of worker configs and stderr logs."""
 
@@ -59,6 +67,15 @@ class JobOptions:
     join_strategy: str = "greedy"
     # end the job once every newcomer has contributed this many steps (benchmarks)
     stop_after_join_steps: int | None = None
+    netns: bool = False  # every worker in its own network namespace, rates shaped by tc
+
+    def worker_names(self) -> list[str]:
+        return worker_names(self.workers, self.churn)
+
+
+def worker_names(workers: int, churn: list[ChurnEvent]) -> list[str]:
+    """Initial workers, then the joiners in schedule order (the testbed's order)."""
+    return [f"w{i}" for i in range(workers)] + [e.worker for e in churn if e.kind == "join"]
 
 
 @dataclass
@@ -113,30 +130,61 @@ class LocalJob:
         self.digests: dict[str, str] = {}  # worker -> SHA-256 of its final training state
         self.spawned_at: dict[str, float] = {}  # worker -> when its process was started
         self.disconnected: set[str] = set()  # workers whose control connection has closed
+        self.testbed: NetnsTestbed | None = None
+        self.tc_sent: dict[tuple[str, str], int] = {}  # netns: bytes per shaped link
 
     async def run(self) -> Report:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self._control = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        path = self._tmp / "control.sock"
+        server = await asyncio.start_unix_server(self._serve, path=str(path))
+        self._control = f"{UNIX}{path}"
         try:
             self._start()
             await self._supervise()
         finally:
             server.close()
             self._reap()
+            self._remove_testbed()
             if not os.environ.get(KEEP_RUN_DIR):
                 shutil.rmtree(self._tmp, ignore_errors=True)
         return self._report()
 
     def _start(self) -> None:
         """Start the initial members, and the joiners in standby."""
-        ports = free_ports(self.opts.workers, self.opts.base_port)
-        members = {f"w{i}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+        addresses = self._addresses()
+        initial = self.opts.worker_names()[: self.opts.workers]
+        members = {name: addresses[name] for name in initial}
         for name, address in members.items():
             self._spawn(name, listen=address, members=members)
         for event in self.opts.churn:
             if event.kind == "join":  # started now, admitted at its step: start-up apart
-                (port,) = free_ports(1, 0)
-                self._spawn(event.worker, listen=f"127.0.0.1:{port}", standby=True)
+                self._spawn(event.worker, listen=addresses[event.worker], standby=True)
+
+    def _addresses(self) -> dict[str, str]:
+        """host:port for every worker: free ports on 127.0.0.1, or the testbed's addresses."""
+        names = self.opts.worker_names()
+        if not self.opts.netns:
+            ports = free_ports(len(names), self.opts.base_port)
+            return {name: f"127.0.0.1:{port}" for name, port in zip(names, ports, strict=True)}
+        try:
+            self.testbed = NetnsTestbed.create(
+                names, parse_links(self.opts.links), self.opts.downlinks
+            )
+        except NetnsError as exc:
+            raise LaunchError(f"--netns: {exc}") from None
+        port = self.opts.base_port or NETNS_PORT
+        return {name: f"{self.testbed.plan.addresses[name]}:{port}" for name in names}
+
+    def _remove_testbed(self) -> None:
+        if self.testbed is not None:
+            try:
+                self.tc_sent = self.testbed.shaped_bytes()
+            except NetnsError as exc:
+                print(f"chaos run: {exc}", file=sys.stderr)
+            try:
+                self.testbed.close()
+            except NetnsError as exc:
+                print(f"chaos run: {exc}", file=sys.stderr)
+            self.testbed = None
 
     def _tick(self) -> None:
         """Called on every supervision round (a subclass may reconcile here)."""
@@ -160,7 +208,8 @@ class LocalJob:
             failure_timeout_s=self.opts.failure_timeout_s,
             control=self._control,
             links=self.opts.links,
-            downlink_bytes_per_s=self.opts.downlinks.get(name),
+            kernel_shaped=self.opts.netns,
+            downlink_bytes_per_s=None if self.opts.netns else self.opts.downlinks.get(name),
             join_mode=self.opts.join_mode,
             join_strategy=self.opts.join_strategy,
         )
@@ -177,6 +226,8 @@ class LocalJob:
         path.write_text(config.model_dump_json())
         stderr = self._tmp / f"{name}.stderr"
         cmd = [sys.executable, "-m", "chaos_operator.cli", "worker", "--config", str(path)]
+        if self.testbed is not None:
+            cmd = self.testbed.exec_prefix(name) + cmd  # ip execs the worker: same pid
         self.spawned_at[name] = time.monotonic()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with stderr.open("wb") as err:
@@ -356,6 +407,12 @@ class LocalJob:
             dtype=self.opts.dtype,
             step_time_s=statistics.median(gaps) if gaps else None,
             joins=self.timeline.joins(),
+            links=links_matrix(
+                {r["worker"]: r.get("links") or {} for r in self.timeline.of("exit")},
+                parse_links(self.opts.links),
+                self.tc_sent if self.opts.netns else None,
+            ),
+            testbed="netns" if self.opts.netns else "in-process",
             processes=[
                 {
                     "name": p.name,

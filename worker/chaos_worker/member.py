@@ -49,7 +49,7 @@ from chaos_worker.metrics import WorkerMetrics
 from chaos_worker.probes import LinkMonitor, directed
 from chaos_worker.replication import JoinFailed, Puller, Replicator
 from chaos_worker.sampling import split_by_throughput, step_sample_ids
-from chaos_worker.shaping import TokenBucket, parse_links, shape_for
+from chaos_worker.shaping import TokenBucket, delays_only, parse_links, shape_for
 from chaos_worker.snapshot import SnapshotStore, load_from, state_digest
 from chaos_worker.trainspec import TrainSpec
 from chaos_worker.transport import Transport
@@ -100,20 +100,21 @@ class Member:
         self.spec = spec
         self.device = device
         shapes = parse_links(config.links)
+        wire = delays_only(shapes) if config.kernel_shaped else shapes  # tc shapes the rates
         downlink = config.downlink_bytes_per_s
         self.transport = Transport(
             self.me,
             self._on_message,
             self._on_disconnect,
             max_payload=1 << 34,
-            shape=lambda peer: shape_for(shapes, self.me, peer),
+            shape=lambda peer: shape_for(wire, self.me, peer),
             downlink=TokenBucket(downlink) if downlink else None,
         )
         self.store = SnapshotStore(Path(config.snapshot_dir) if config.snapshot_dir else None)
         self.replicator = Replicator(
             self.me,
             self.store,
-            shape=lambda peer: shape_for(shapes, self.me, peer),
+            shape=lambda peer: shape_for(wire, self.me, peer),
         )
         self._shapes = shapes
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
@@ -196,7 +197,13 @@ class Member:
             self._settle_publish()
             self._publisher.shutdown()
             digest = state_digest(self.spec.model, self.spec.optimizer)
-            self._report("exit", step=self.step, completed=self.completed, state_sha256=digest)
+            self._report(
+                "exit",
+                step=self.step,
+                completed=self.completed,
+                state_sha256=digest,
+                links=self.monitor.table.as_dict(time.monotonic()),
+            )
             await self.replicator.close()
             await self.transport.close()
             await self.control.close()

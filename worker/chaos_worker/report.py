@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from chaos_worker.shaping import LinkShape, shape_for
+
 EventType = Literal["join", "leave", "crash", "link_down", "link_up", "partition", "heal"]
 
 _EVENT_COLORS: dict[str, str] = {
@@ -33,6 +35,57 @@ class Event(BaseModel):
     detail: str = ""
 
 
+class LinkRow(BaseModel):
+    """One directed link at the end of a run: what it was shaped to and what `src` measured."""
+
+    src: str
+    dst: str
+    shaped_bytes_per_s: float | None = Field(description="configured rate; None: unshaped")
+    added_rtt_s: float = Field(description="configured delay, both directions")
+    bandwidth_bytes_per_s: float | None = Field(description="src's link-table figure")
+    bandwidth_age_s: float | None = None
+    bandwidth_stale: bool = False
+    rtt_s: float | None = Field(None, description="src's link-table RTT figure")
+    tc_sent_bytes: int | None = Field(
+        None, description="bytes the link's tc class passed (netns testbed; None: not shaped by tc)"
+    )
+
+
+def links_matrix(
+    exits: dict[str, dict],
+    shapes: dict[str, LinkShape],
+    tc_sent: dict[tuple[str, str], int] | None = None,
+) -> list[LinkRow]:
+    """Rows for every directed pair among the workers that sent a final record (`exits`:
+    worker -> its `links`, `LinkTable.as_dict`), and any other pair they hold figures for;
+    `tc_sent`: bytes per shaped link from the netns testbed."""
+    rows = []
+    for src in sorted(exits):
+        held = {
+            key.partition("|")[2]: fig
+            for key, fig in exits[src].items()
+            if key.startswith(f"{src}|")
+        }
+        for dst in sorted((set(exits) | set(held)) - {src}):
+            shape = shape_for(shapes, src, dst)
+            bandwidth = held.get(dst, {}).get("bandwidth") or {}
+            rtt = held.get(dst, {}).get("rtt") or {}
+            rows.append(
+                LinkRow(
+                    src=src,
+                    dst=dst,
+                    shaped_bytes_per_s=shape.rate_bytes_per_s,
+                    added_rtt_s=2 * shape.delay_s,
+                    bandwidth_bytes_per_s=bandwidth.get("value"),
+                    bandwidth_age_s=bandwidth.get("age_s"),
+                    bandwidth_stale=bool(bandwidth.get("stale", False)),
+                    rtt_s=rtt.get("value"),
+                    tc_sent_bytes=(tc_sent or {}).get((src, dst)),
+                )
+            )
+    return rows
+
+
 class Report(BaseModel):
     """Summary of a training run."""
 
@@ -51,6 +104,12 @@ class Report(BaseModel):
         default_factory=list,
         description="every worker process started: name, pid, exit code, final state SHA-256",
     )
+    links: list[LinkRow] = Field(
+        default_factory=list,
+        description="per directed link: shaped rate and delay, and the figures its src "
+        "measured (link table at the end of the run)",
+    )
+    testbed: str = Field("", description="how links were shaped: netns (tc) or in-process")
     joins: list[dict] = Field(
         default_factory=list,
         description="per join: path (observer or stop-and-copy), snapshot step, bytes per "

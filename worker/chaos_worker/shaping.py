@@ -4,7 +4,8 @@
 `w0-w3=20MB/s+40ms,*=100MB/s` (an undirected pair or `*` for every other link; the rate
 applies to each direction separately). The transport waits for tokens before writing each
 piece of a frame and holds a frame until its delay has passed since it was queued, so FIFO
-order is kept. Real shaping with `tc` lives in the network-namespace testbed.
+order is kept. With `chaos run --netns` the rates are shaped by `tc` between network
+namespaces (`chaos_worker.netns`) and the transport only adds the delays (`delays_only`).
 """
 
 from __future__ import annotations
@@ -110,3 +111,8 @@ def parse_links(spec: str) -> dict[str, LinkShape]:
 def shape_for(shapes: dict[str, LinkShape], a: str, b: str) -> LinkShape:
     """The shape of the link between `a` and `b`: its own entry, else `*`, else unshaped."""
     return shapes.get("|".join(sorted((a, b))), shapes.get("*", LinkShape()))
+
+
+def delays_only(shapes: dict[str, LinkShape]) -> dict[str, LinkShape]:
+    """The same links without their rates (rates enforced elsewhere, e.g. by tc)."""
+    return {pair: LinkShape(None, shape.delay_s) for pair, shape in shapes.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -61,8 +62,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--links",
         default="",
-        help="emulated WAN links on loopback: 'w0-w3=20MB/s+40ms,*=100MB/s' (rate per "
-        "direction, added one-way delay; default: unshaped)",
+        help="emulated WAN links: 'w0-w3=20MB/s+40ms,*=100MB/s' (rate per direction, "
+        "added one-way delay; default: unshaped) or a bundled profile: @three-party",
+    )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="every worker in its own network namespace, link rates shaped by tc (needs "
+        "root; otherwise falls back to in-process shaping)",
     )
     parser.add_argument(
         "--downlink",
@@ -118,7 +125,7 @@ def options_from(args: argparse.Namespace, job=None):
     """
     from chaos_worker.churn import ChurnError, default_churn, parse_churn
     from chaos_worker.examples import EXAMPLES
-    from chaos_worker.launcher import JobOptions
+    from chaos_worker.launcher import JobOptions, worker_names
 
     if job is not None:
         for dest, (flag, field) in MANIFEST_SETS.items():
@@ -161,10 +168,12 @@ def options_from(args: argparse.Namespace, job=None):
         from chaos_operator.localbackend import pod_churn
 
         churn = pod_churn(job, churn)
+    from chaos_worker.profiles import resolve_links
     from chaos_worker.shaping import ShapeError, parse_links
 
     try:
-        parse_links(args.links)
+        links = resolve_links(args.links, worker_names(workers, churn))
+        parse_links(links)
     except ShapeError as exc:
         raise UserError(str(exc)) from None
     return JobOptions(
@@ -181,10 +190,11 @@ def options_from(args: argparse.Namespace, job=None):
         failure_timeout_s=args.failure_timeout,
         example=example,
         metrics=args.metrics,
-        links=args.links,
+        links=links,
         downlinks=_downlinks(args.downlink),
         join_mode=args.join_mode,
         join_strategy=args.join_strategy,
+        netns=args.netns,
     )
 
 
@@ -207,6 +217,10 @@ def check_entry(options, where: str = "") -> None:
         raise UserError(f"{where}{exc}") from None
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def handle(args: argparse.Namespace) -> int:
     from chaos_worker.launcher import LaunchError, LocalJob
     from chaos_worker.report import plot_report, write_report
@@ -220,6 +234,17 @@ def handle(args: argparse.Namespace) -> int:
         job = load_manifest(args.manifest)
     options = options_from(args, job)
     check_entry(options, f"{args.manifest}: spec.entry: " if job else "")
+    if options.netns:
+        from chaos_worker.netns import unavailable_reason
+
+        if job is not None:
+            raise UserError("--netns does not go with a manifest yet; use --links to shape")
+        if why := unavailable_reason():
+            print(
+                f"chaos run: --netns unavailable ({why}); shaping links in-process", file=sys.stderr
+            )
+            options.netns = False
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up (processes, namespaces) as on Ctrl-C
     live = LiveView(options, enabled=not args.quiet)
     try:
         if job is None:
