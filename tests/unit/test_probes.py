@@ -133,6 +133,28 @@ def test_probe_estimate_never_exceeds_twice_bytes_over_round_trip():
     assert monitor.table.bandwidth_of("w0", "w1", now=1.1) == pytest.approx(MiB / 0.005)
 
 
+def test_pair_gap_is_the_transfer_time_whatever_the_round_trip():
+    """80 ms of round trip around 100 ms of transfer: the gap between the two Pongs."""
+    monitor = LinkMonitor("w0")
+    probe = Probe("w0", "w1", MiB)
+    marker, sent_at = monitor.start_pair(probe, now=1.0)
+    assert marker < sent_at
+    monitor.on_pong("w1", echo=marker, now=1.080)
+    assert monitor.in_flight() == [probe], "the marker's answer ends nothing"
+    monitor.on_pong("w1", echo=sent_at, now=1.180)
+    assert monitor.in_flight() == []
+    assert monitor.table.bandwidth_of("w0", "w1", now=1.2) == pytest.approx(MiB / 0.1)
+    assert monitor.table.rtt("w0", "w1", now=1.2).value == pytest.approx(0.08)
+
+
+def test_pair_without_its_marker_answer_falls_back_to_the_base_rtt():
+    monitor = LinkMonitor("w0")
+    monitor.on_pong("w1", echo=0.0, now=0.080)  # base RTT 80 ms
+    _, sent_at = monitor.start_pair(Probe("w0", "w1", MiB), now=1.0)
+    monitor.on_pong("w1", echo=sent_at, now=1.180)
+    assert monitor.table.bandwidth_of("w0", "w1", now=1.2) == pytest.approx(MiB / 0.1)
+
+
 def test_probes_to_the_same_peer_at_the_same_instant_stay_apart():
     monitor = LinkMonitor("w0")
     first = monitor.start(Probe("w0", "w1", MiB), now=5.0)

@@ -1040,7 +1040,9 @@ class Member:
         links = directed(self.view.overlay, self.view.down, self.view.members)
         for probe in self.monitor.due(links, self.step, time.monotonic()):
             if probe.dst in self.transport.peers():
-                ping = Ping(sender=self.me, sent_at=self.monitor.start(probe, time.monotonic()))
+                marker, sent_at = self.monitor.start_pair(probe, time.monotonic())
+                self.transport.send(probe.dst, Ping(sender=self.me, sent_at=marker))
+                ping = Ping(sender=self.me, sent_at=sent_at)
                 self.transport.send(probe.dst, ping, bytes(probe.nbytes))
 
     def _observe_step(self, samples: int, compute_s: float, step_s: float) -> None:

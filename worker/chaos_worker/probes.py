@@ -12,11 +12,14 @@ rounds at step boundaries (every member holds the same view and the same step nu
 every member computes the same schedule and starts its own probes of round `r` at the same
 step), keeps the probes in flight, and turns the answers into `LinkTable` figures.
 
-A probe is a `Ping` frame carrying `probe_bytes` of payload; the peer answers with a
-`Pong` as soon as it has read the whole frame. Its round trip is one base RTT plus the
-transfer time, so the transfer time is taken as `rtt_probe - rtt_base` (the link's RTT
-EWMA), but never less than half the probe's round trip: when jitter makes the difference
-meaningless the estimate errs low (at most a factor of two), never towards infinity.
+A probe is a **pair** of `Ping` frames sent back to back on the FIFO link: an empty
+*marker*, then one carrying `probe_bytes` of payload. The peer answers each with a `Pong`
+as soon as it has read the whole frame, so the two answers leave it one transfer time
+apart and travel back the same way: the transfer time is the gap between the two `Pong`s.
+Every fixed delay (the link's latency, the transport's added delay, queueing ahead of the
+pair) cancels out, however long the round trip is compared with the transfer. Without the
+marker's answer (lost with a reconnect) the estimate falls back to `rtt_probe - rtt_base`
+(the link's RTT EWMA), never less than half the probe's round trip.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 
 from chaos_worker.linktable import MIN_TRANSFER_BYTES, Link, LinkTable
 
-PROBE_BYTES = 256 * 1024
+PROBE_BYTES = 1024 * 1024
 ROUND_BUDGET_BYTES = 4 * 1024 * 1024
 STEPS_PER_ROUND = 2
 PROBE_TIMEOUT_S = 30.0
@@ -127,6 +130,8 @@ class LinkMonitor:
         self._rounds: list[list[Probe]] = []
         self._in_flight: dict[tuple[str, float], Probe] = {}
         self._started: dict[tuple[str, float], float] = {}
+        self._markers: dict[tuple[str, float], tuple[str, float]] = {}  # marker -> its probe
+        self._marker_back: dict[tuple[str, float], float] = {}  # probe -> its marker's Pong
 
     def rounds(self, links: Iterable[Link]) -> list[list[Probe]]:
         """The schedule over `links` (all live links of the view), cached per link set."""
@@ -168,19 +173,39 @@ class LinkMonitor:
         self._started[(probe.dst, sent_at)] = now
         return sent_at
 
+    def start_pair(self, probe: Probe, now: float) -> tuple[float, float]:
+        """`start` plus its marker: the `sent_at` of the empty marker `Ping`, to be sent
+        first, and of the probe's `Ping`, to follow it at once on the same link."""
+        sent_at = self.start(probe, now)
+        marker = math.nextafter(sent_at, -math.inf)
+        while (probe.dst, marker) in self._in_flight or (probe.dst, marker) in self._markers:
+            marker = math.nextafter(marker, -math.inf)
+        self._markers[(probe.dst, marker)] = (probe.dst, sent_at)
+        return marker, sent_at
+
     def on_pong(self, peer: str, echo: float, now: float) -> None:
         """A `Pong` from `peer` echoing `echo`: an RTT sample, or a probe's answer."""
         rtt = now - echo
         if not math.isfinite(rtt) or rtt < 0:
             return
-        probe = self._in_flight.pop((peer, echo), None)
-        self._started.pop((peer, echo), None)
+        key = (peer, echo)
+        if (probe_key := self._markers.pop(key, None)) is not None:
+            if probe_key in self._in_flight:
+                self._marker_back[probe_key] = now
+            self.table.observe_rtt(self.me, peer, rtt, now)  # an empty Ping: a clean RTT
+            return
+        probe = self._in_flight.pop(key, None)
+        self._started.pop(key, None)
+        marker_back = self._marker_back.pop(key, None)
         if probe is None:
             self.table.observe_rtt(self.me, peer, rtt, now)
             return
-        base = self.table.rtt(self.me, peer, now)
-        base_s = 0.0 if base is None or base.stale else base.value
-        transfer_s = max(rtt - base_s, rtt / 2)
+        if marker_back is not None and now > marker_back:
+            transfer_s = now - marker_back
+        else:
+            base = self.table.rtt(self.me, peer, now)
+            base_s = 0.0 if base is None or base.stale else base.value
+            transfer_s = max(rtt - base_s, rtt / 2)
         if transfer_s > 0:
             self.table.observe_transfer(self.me, peer, probe.nbytes, transfer_s, now)
 
@@ -193,3 +218,7 @@ class LinkMonitor:
             if now - started > self.timeout_s:
                 del self._started[key]
                 self._in_flight.pop(key, None)
+                self._marker_back.pop(key, None)
+        for marker, probe_key in list(self._markers.items()):
+            if probe_key not in self._in_flight:
+                del self._markers[marker]
