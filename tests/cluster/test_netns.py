@@ -137,9 +137,13 @@ def test_three_workers_over_shaped_links_finish_and_leave_no_namespace(netns, tm
     for pair, row in rows.items():
         assert row["shaped_bytes_per_s"] == shaped[pair].rate_bytes_per_s
         assert row["rtt_s"] is not None and row["rtt_s"] >= 2 * shaped[pair].delay_s
-        assert row["bandwidth_bytes_per_s"] is not None and row["bandwidth_bytes_per_s"] > 0
-        # the src's probe (256 KiB) to dst, and its other traffic, went through tc
-        assert row["tc_sent_bytes"] >= 256 << 10
+        # packet-pair probes: within 6% on a quiet machine (docs/testbed.md); the bound
+        # only proves the figure follows the shaped rate and not the round trip
+        rate = shaped[pair].rate_bytes_per_s
+        assert row["bandwidth_bytes_per_s"] is not None
+        assert rate / 2 < row["bandwidth_bytes_per_s"] < rate * 2, (pair, row)
+        # the src's probe (1 MiB) to dst, and its other traffic, went through tc
+        assert row["tc_sent_bytes"] >= 1 << 20
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
