@@ -4,55 +4,153 @@ A real 4-worker local job (`LocalJob`, real processes, shaped loopback links) wh
 link from w1 to the newcomer w4 is eight times slower than the others. The newcomer times
 its downlink from every member before it asks to join; the plan must then give w1 far
 fewer shard bytes than the others. The tolerance absorbs measurement noise on a loaded
-machine (the fast links can measure anywhere from half to well above their rate) but an
-equal split, which is what a plan that ignored the measurement would give with a greedy
-over equal figures, fails. While the job runs, the workers' /metrics show the newcomer's
-scale-out and the replicated bytes on both ends. Nothing asserts on speed.
+machine (a fast link can measure anywhere from half to well above its rate), but an equal
+split, and a plan from the configured rates, fail.
+
+While the job runs, a real Prometheus scrapes every worker (without the `prometheus`
+binary the test reads /metrics itself; under CI=true it fails instead) until the
+newcomer's scale-out and the replicated bytes on both ends of the pull are there. Waits
+poll with a generous deadline; nothing asserts on speed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
 import statistics
+import subprocess
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from chaos_worker.churn import parse_churn
 from chaos_worker.examples import EXAMPLES
 from chaos_worker.examples.bigstate import COMPUTE_ENV, ENV
-from chaos_worker.launcher import JobOptions, LocalJob
+from chaos_worker.launcher import JobOptions, LocalJob, free_ports
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.cluster.test_prometheus import DEADLINE_S, query, write_config
 
 pytestmark = pytest.mark.cluster
 
 LINKS = "w1-w4=4MB/s,*=32MB/s"
+SOURCES = ("w0", "w1", "w2", "w3")
+QUERIES = {
+    "scale_out": "chaos_scale_out_duration_seconds_count",
+    "received": 'chaos_replication_bytes_total{direction="received"}',
+    "sent": 'chaos_replication_bytes_total{direction="sent"}',
+}
 
 
-def _scrape(port: int) -> dict[str, float]:
-    """`{series: value}` of one worker's exposition (no HELP/TYPE lines)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    series = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            series[name] = float(value)
-    return series
+def _figures(samples: dict[str, list[tuple[dict, float]]]) -> dict[str, dict[str, float]]:
+    """What the test checks: scale-outs per worker, bytes w4 received per source, bytes
+    each source sent to w4."""
+    return {
+        "scale_out": {labels["member"]: v for labels, v in samples["scale_out"] if v},
+        "received": {
+            labels["peer"]: v for labels, v in samples["received"] if labels["member"] == "w4"
+        },
+        "sent": {labels["member"]: v for labels, v in samples["sent"] if labels["peer"] == "w4"},
+    }
 
 
-async def _run(job: LocalJob) -> tuple[object, dict[str, dict[str, float]]]:
-    """Run the job; once the newcomer has completed a few steps, scrape w4 and w2."""
+def _from_prometheus(base: str) -> dict[str, dict[str, float]]:
+    samples = {
+        key: [(r["metric"], float(r["value"][1])) for r in query(base, promql)]
+        for key, promql in QUERIES.items()
+    }
+    return _figures(samples)
+
+
+def _from_exporters(ports: dict[str, int]) -> dict[str, dict[str, float]]:
+    """The same figures read straight from every worker's /metrics."""
+    names = {
+        "scale_out": ("chaos_scale_out_duration_seconds_count", None),
+        "received": ("chaos_replication_bytes_total", "received"),
+        "sent": ("chaos_replication_bytes_total", "sent"),
+    }
+    samples: dict[str, list[tuple[dict, float]]] = {key: [] for key in names}
+    for member, port in ports.items():
+        url = f"http://127.0.0.1:{port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                for key, (name, direction) in names.items():
+                    if sample.name == name and sample.labels.get("direction") == direction:
+                        samples[key].append(({**sample.labels, "member": member}, sample.value))
+    return _figures(samples)
+
+
+def _expected(bytes_per_source: dict[str, int]) -> dict[str, dict[str, float]]:
+    pulled = {m: float(n) for m, n in bytes_per_source.items() if n}
+    return {"scale_out": {"w4": 1.0}, "received": pulled, "sent": pulled}
+
+
+@contextlib.contextmanager
+def _prometheus(tmp_path: Path, ports: dict[str, int]):
+    """A Prometheus scraping `ports`; yields a reader of the figures under test."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("prometheus not found (Debian package 'prometheus')")
+        yield lambda: _from_exporters(ports)
+        return
+    (web_port,) = free_ports(1, 0)
+    config = tmp_path / "prometheus.yml"
+    write_config(config, ports)
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield lambda: _from_prometheus(f"http://127.0.0.1:{web_port}")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+async def _run_and_watch(job: LocalJob, tmp_path: Path) -> tuple[object, dict]:
+    """Run the job; until its end, read the metrics until they agree with the newcomer's
+    pull (as its `state_loaded` record tells) once it has completed a step."""
     task = asyncio.get_running_loop().create_task(job.run())
-    scraped: dict[str, dict[str, float]] = {}
-    while not task.done():
-        await asyncio.sleep(0.5)
-        steps = [r for r in job.timeline.of("progress") if r["worker"] == "w4"]
-        if len(steps) >= 3 and not scraped:
-            for worker in ("w4", "w2"):
-                scraped[worker] = await asyncio.to_thread(_scrape, job.metrics_ports[worker])
-    return await task, scraped
+    got: dict = {}
+    try:
+        while len(job.metrics_ports) < 5:
+            await asyncio.sleep(0.05)
+        with _prometheus(tmp_path, dict(job.metrics_ports)) as read:
+            deadline = time.monotonic() + DEADLINE_S
+            while not task.done() and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                loaded = [r for r in job.timeline.of("state_loaded") if r["worker"] == "w4"]
+                stepped = [r for r in job.timeline.of("progress") if r["worker"] == "w4"]
+                if loaded and stepped:
+                    got = await asyncio.to_thread(read)
+                    if got == _expected(loaded[0]["bytes_per_source"]):
+                        break
+        return await task, got
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
-def test_a_slow_measured_link_gets_proportionally_fewer_shard_bytes(monkeypatch) -> None:
+def test_a_slow_measured_link_gets_proportionally_fewer_shard_bytes(monkeypatch, tmp_path):
     monkeypatch.setenv(ENV, "8")
     monkeypatch.setenv(COMPUTE_ENV, "200")
     options = JobOptions(
@@ -64,28 +162,18 @@ def test_a_slow_measured_link_gets_proportionally_fewer_shard_bytes(monkeypatch)
         links=LINKS,
         metrics=True,
     )
-    report, scraped = asyncio.run(_run(LocalJob(options)))
+    report, metrics = asyncio.run(_run_and_watch(LocalJob(options), tmp_path))
 
     (join,) = report.joins
     assert join["path"] == "observer"
-    assert join["figures"] == {m: "measured" for m in ("w0", "w1", "w2", "w3")}
+    assert join["figures"] == {m: "measured" for m in SOURCES}
     bandwidths = join["bandwidths"]
-    others = ("w0", "w2", "w3")
+    others = [m for m in SOURCES if m != "w1"]
     # the plan used the measurement: w1's figure is the slowest, and not the configured 4 MB/s
     assert bandwidths["w1"] < min(bandwidths[m] for m in others)
     assert bandwidths["w1"] != 4e6
     shard_bytes = join["bytes_per_source"]
     assert shard_bytes["w1"] < 0.5 * statistics.median(shard_bytes[m] for m in others)
     assert sum(shard_bytes.values()) > 8e6
-
-    newcomer, source = scraped["w4"], scraped["w2"]
-    assert newcomer["chaos_scale_out_duration_seconds_count"] == 1
-    received = {
-        m: newcomer.get(f'chaos_replication_bytes_total{{direction="received",peer="{m}"}}', 0)
-        for m in shard_bytes
-    }
-    assert received == {m: float(n) for m, n in shard_bytes.items() if n} | {
-        m: 0 for m, n in shard_bytes.items() if not n
-    }
-    sent = source['chaos_replication_bytes_total{direction="sent",peer="w4"}']
-    assert sent == shard_bytes["w2"]
+    # the metrics: one scale-out, and every pulled byte counted on both ends
+    assert metrics == _expected(shard_bytes)

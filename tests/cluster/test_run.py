@@ -120,15 +120,20 @@ def test_join_keeps_the_trajectory_and_the_state_bit_identical(baseline, tmp_pat
 
 
 def test_join_survives_a_source_crash_mid_transfer(baseline, tmp_path):
-    """w1's link to the newcomer is slow, so its share is still in flight when it dies."""
+    """w1's link to the newcomer is slow, so its share is still in flight when it dies.
+
+    The newcomer times its downlinks before it asks to join (a few steps), so the crash
+    comes well after the join request, and the link is slow enough (a shard takes seconds)
+    for the crash to find w1's share still in flight.
+    """
     joined = run_job(
         tmp_path,
         "crash-mid-join",
         *LIKE_BASELINE,
         "--churn",
-        "join@10,crash:w1@16",
+        "join@10,crash:w1@24",
         "--links",
-        "w1-w5=8KB/s",
+        "w1-w5=2KB/s",
         "--join-strategy",
         "equal",
     )

@@ -9,7 +9,7 @@ link that its shards will later take, and times their arrival on its own clock.
 each would measure its share of the downlink (and of the newcomer's CPU), not what the
 source can deliver, and the fast sources would look as slow as the slow ones. Sequential
 probes cost the sum of their times (a few milliseconds per fast source, at most `timeout_s`
-for a dead-slow one) before the join request, which is counted in the scale-out delay.
+for a slow one) before the join request, which is counted in the scale-out delay.
 
 **The estimate** (`estimate`): token buckets and TCP slow start let the first bytes of a
 train through faster than the link's rate, and the request's round trip and the source's
@@ -17,9 +17,10 @@ wake-up make the whole train look slower. The tail of the train (frames after th
 one, timed from the middle frame's arrival) measures the steady rate; a receiver that read
 several frames at once would make the tail look too fast, so the estimate is the smaller of
 the tail's rate and the whole train's rate (request to last byte). A train that does not
-complete within `timeout_s` gives `max(frames received, 1) x frame_bytes / timeout_s`: a
-slow link stays slow in the plan. Each connection is opened by a one-byte warm-up first, so
-connection set-up is not timed.
+complete within `timeout_s` (0.25 s) gives `max(frames received, 1) x frame_bytes /
+timeout_s`, what the link delivered in that time: a slow link stays slow in the plan. Each
+connection is opened by a one-byte warm-up first, so connection set-up is not timed; a
+source that does not answer it within `WARM_UP_TIMEOUT_S` gets no figure at all.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from chaos_worker.wire import Message, ProbeData, ProbeRequest
 
 PROBE_FRAMES = 8
 PROBE_FRAME_BYTES = 64 << 10
-PROBE_TIMEOUT_S = 1.0
+PROBE_TIMEOUT_S = 0.25
+WARM_UP_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,8 @@ async def probe_downlinks(
             train = _Train(source, 1)  # warm-up: both connections are open afterwards
             warm_up = ProbeRequest(sender=me, reply_to=address, frames=1, frame_bytes=1)
             transport.send(source, warm_up)
-            if not await _wait(train.done, timeout_s):
-                results[source] = estimate(0.0, [], frames, frame_bytes, timeout_s)
-                transport.disconnect(source)
+            if not await _wait(train.done, WARM_UP_TIMEOUT_S):
+                transport.disconnect(source)  # no answer at all: no figure (not a slow one)
                 continue
             train = _Train(source, frames)
             sent_at = time.monotonic()

@@ -33,6 +33,7 @@ import signal
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1152,7 +1153,7 @@ class Member:
         known = set(self.view.members if self.view else ()) | set(self._observers) | {self.me}
         return src in known and dst in known
 
-    def _merge_links(self, links: dict, accept) -> None:
+    def _merge_links(self, links: dict, accept: Callable[[str, str], bool]) -> None:
         """Take in validated link figures from a peer (the newer measurement wins)."""
         try:
             self.monitor.table.merge(links, time.monotonic(), accept)
