@@ -194,12 +194,13 @@ def test_a_newcomer_times_each_source_alone_and_each_sources_delivery() -> None:
 
     probed, result, sent = asyncio.run(main())
     assert all(m.complete for m in probed.values())
-    # shaped 8x apart; generous for a loaded machine, but an equal figure would fail
-    assert probed["s0"].bytes_per_s * 2.5 < min(probed["s1"].bytes_per_s, probed["s2"].bytes_per_s)
+    # shaped 8x apart; generous for a loaded machine (seen: a 32 MB/s link measured at 9
+    # under a load average of 30), but an equal figure would fail
+    assert probed["s0"].bytes_per_s * 1.5 < min(probed["s1"].bytes_per_s, probed["s2"].bytes_per_s)
     delivered = {
         s: sum(n for n, _ in b) / sum(t for _, t in b) for s, b in result.transfers.items()
     }
     assert set(delivered) == set(rates)
-    assert delivered["s0"] * 2.5 < min(delivered["s1"], delivered["s2"])
+    assert delivered["s0"] * 1.5 < min(delivered["s1"], delivered["s2"])
     # every shard byte timed once, on the source that delivered it
     assert {s: sum(n for n, _ in b) for s, b in result.transfers.items()} == sent
