@@ -20,7 +20,6 @@ import contextlib
 import os
 import shutil
 import statistics
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from chaos_worker.examples.bigstate import COMPUTE_ENV, ENV
 from chaos_worker.launcher import JobOptions, LocalJob, free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster.test_prometheus import query, write_config
+from tests.cluster.test_prometheus import query, start_prometheus, write_config
 
 pytestmark = pytest.mark.cluster
 
@@ -104,19 +103,7 @@ def _prometheus(tmp_path: Path, ports: dict[str, int]):
     (web_port,) = free_ports(1, 0)
     config = tmp_path / "prometheus.yml"
     write_config(config, ports)
-    log = tmp_path / "prometheus.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{web_port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    server = start_prometheus(binary, config, tmp_path, web_port, tmp_path / "prometheus.log")
     try:
         yield lambda: _from_prometheus(f"http://127.0.0.1:{web_port}")
     finally:

@@ -55,6 +55,24 @@ def write_config(path: Path, ports: dict[str, int]) -> None:
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
 
 
+def start_prometheus(
+    binary: str, config: Path, tmp_path: Path, web_port: int, log: Path
+) -> subprocess.Popen:
+    """A Prometheus with `config`, its storage under `tmp_path`, its output in `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def query(base: str, promql: str) -> list[dict]:
     """Instant query; [] while Prometheus is not up yet."""
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
@@ -110,18 +128,7 @@ def test_prometheus_scrapes_link_matrix_and_training_counters(tmp_path):
                 [promtool, "check", "config", str(config)], capture_output=True, timeout=60
             )
             assert check.returncode == 0, check.stdout + check.stderr
-            with log.open("wb") as out:
-                server = subprocess.Popen(
-                    [
-                        prometheus,
-                        f"--config.file={config}",
-                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                        f"--web.listen-address=127.0.0.1:{web_port}",
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
+            server = start_prometheus(prometheus, config, tmp_path, web_port, log)
             deadline = time.monotonic() + DEADLINE_S
             got: dict[str, list[dict]] = {}
             while time.monotonic() < deadline:
