@@ -15,10 +15,13 @@ from chaos_worker.wire import (
     Heartbeat,
     Hello,
     JoinPlan,
+    LinkGossip,
     MemberStatus,
     ObservedTotal,
     Ping,
     Pong,
+    ProbeData,
+    ProbeRequest,
     Proposal,
     ShardData,
     SnapshotGone,
@@ -83,6 +86,9 @@ MESSAGES: list[_Msg] = [
     SnapshotManifest(sender="w0", step=12, shards=1, layout={"slots": []}, sha256=["cd" * 32]),
     ShardData(sender="w1", step=12, shards=4, index=3),
     SnapshotGone(sender="w1", step=12, reason="overwritten"),
+    LinkGossip(sender="w1", links={"bandwidth": {"w0|w1": (5e7, 1.5, 3.0)}, "rtt": {}}),
+    ProbeRequest(sender="w4", reply_to="127.0.0.1:9200", frames=8, frame_bytes=65536),
+    ProbeData(sender="w1", index=2, frames=8),
 ]
 
 
@@ -100,7 +106,7 @@ def _split(frame: list[bytes | memoryview]) -> tuple[bytes, bytes, bytes]:
 def test_round_trip_every_message_type(message: _Msg) -> None:
     payload = (
         bytes(range(256)) * 3
-        if isinstance(message, Chunk | StateTransfer | ShardData | ObservedTotal)
+        if isinstance(message, Chunk | StateTransfer | ShardData | ObservedTotal | ProbeData)
         else b""
     )
     _, header, got_payload = _split(encode(message, payload))

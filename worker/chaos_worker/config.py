@@ -69,6 +69,13 @@ class WorkerConfig(BaseModel):
     stall_timeout_s: PositiveFloat = Field(
         5.0, description="a source that sends nothing for this long is replaced mid-join"
     )
+    join_probe_frames: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="frames of 64 KiB a newcomer pulls from each member to time its downlink "
+        "before asking to join (0: no probe; the root then plans with shaped or default rates)",
+    )
     observer_max_backlog: PositiveInt = Field(
         200, description="observed steps a newcomer may lag before it falls back to a copy"
     )

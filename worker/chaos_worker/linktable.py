@@ -17,18 +17,25 @@ never reads a clock). A figure older than `max_age_s` is *stale*: readings repor
 
 Tables can be shared with neighbours: `share(now)` gives a plain dict with *ages* (clocks of
 different hosts are not comparable, ages are), and `merge(shared, now)` takes in every entry
-whose measurement is newer than the one held here.
+whose measurement is newer than the one held here. `plausible` bounds what a figure may be,
+so that neither side ever takes in a value that no real link has.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 MIN_TRANSFER_BYTES = 64 * 1024
 DEFAULT_ALPHA = 0.3
 DEFAULT_MAX_AGE_S = 60.0
+
+MAX_FIGURE: dict[str, float] = {"rtt": 600.0, "bandwidth": 1e12}
+"""Largest plausible figure per kind: a 10-minute round trip, 1 TB/s."""
+MAX_AGE_S = 86400.0
+MAX_SAMPLES = 1e9
 
 Kind = Literal["rtt", "bandwidth"]
 Link = tuple[str, str]
@@ -72,6 +79,19 @@ def _check(name: str, value: float, *, positive: bool = False) -> None:
             f"{name} must be a finite {'positive' if positive else 'non-negative'} "
             f"number, got {value!r}"
         )
+
+
+def plausible(kind: str, value: float, age_s: float, samples: float) -> bool:
+    """Whether a shared entry `[value, age_s, samples]` of `kind` can describe a real link:
+    finite, non-negative, within `MAX_FIGURE`, an age under a day, at least one sample."""
+    numbers = (value, age_s, samples)
+    if kind not in MAX_FIGURE or not all(isinstance(x, int | float) for x in numbers):
+        return False
+    if not all(math.isfinite(x) for x in numbers):
+        return False
+    return (
+        0 <= value <= MAX_FIGURE[kind] and 0 <= age_s <= MAX_AGE_S and 1 <= samples <= MAX_SAMPLES
+    )
 
 
 def ewma(old: Figure | None, sample: float, now: float, alpha: float) -> Figure:
@@ -209,37 +229,56 @@ class LinkTable:
 
     # ------------------------------------------------------------------ sharing
 
-    def share(self, now: float) -> dict[str, dict[str, list[float]]]:
-        """This table for a neighbour: `{kind: {"src|dst": [value, age_s, samples]}}`."""
-        return {
-            kind: {
-                f"{src}|{dst}": [f.value, max(0.0, now - f.measured_at), float(f.samples)]
-                for (src, dst), f in self._figures[kind].items()
-            }
-            for kind in KINDS
-        }
+    def share(
+        self, now: float, *, limit: int | None = None, fresh_only: bool = False
+    ) -> dict[str, dict[str, list[float]]]:
+        """This table for a neighbour: `{kind: {"src|dst": [value, age_s, samples]}}`.
 
-    def merge(self, shared: dict[str, dict[str, list[float]]], now: float) -> int:
+        Only plausible figures are shared; with `fresh_only` no stale ones; with `limit`, at
+        most that many entries, the most recently measured first.
+        """
+        rows = []
+        for kind in KINDS:
+            for (src, dst), f in self._figures[kind].items():
+                entry = [f.value, max(0.0, now - f.measured_at), float(f.samples)]
+                if not plausible(kind, *entry) or (fresh_only and entry[1] > self.max_age_s):
+                    continue
+                rows.append((entry[1], kind, f"{src}|{dst}", entry))
+        rows.sort(key=lambda row: row[:3])
+        out: dict[str, dict[str, list[float]]] = {kind: {} for kind in KINDS}
+        for _, kind, key, entry in rows[:limit]:
+            out[kind][key] = entry
+        return out
+
+    def merge(
+        self,
+        shared: dict[str, dict[str, list[float]]],
+        now: float,
+        accept: Callable[[str, str], bool] | None = None,
+    ) -> int:
         """Take in a neighbour's `share()`; per entry the newer measurement wins.
 
-        Ages are turned into times on this table's clock (`now - age`). Malformed entries
-        raise ValueError. Returns how many entries were taken.
+        Ages are turned into times on this table's clock (`now - age`). Malformed or
+        implausible entries raise ValueError (nothing is taken then); links for which
+        `accept(src, dst)` is False are skipped. Returns how many entries were taken.
         """
-        taken = 0
+        parsed: list[tuple[Kind, Link, Figure]] = []
         for kind, entries in shared.items():
             if kind not in self._figures:
                 raise ValueError(f"unknown figure kind {kind!r}")
-            figures = self._figures[kind]
             for key, entry in entries.items():
                 src, sep, dst = key.partition("|")
-                if not sep or not src or not dst or len(entry) != 3:
+                if not sep or not src or not dst or src == dst or len(entry) != 3:
                     raise ValueError(f"malformed link entry {key!r}: {entry!r}")
+                if not plausible(kind, *entry):
+                    raise ValueError(f"implausible {kind} of {key}: {list(entry)!r}")
                 value, age, samples = entry
-                _check(f"{kind} of {key}", value)
-                _check(f"age of {key}", age)
-                theirs = Figure(float(value), now - age, max(1, int(samples)))
-                mine = figures.get((src, dst))
-                if mine is None or theirs.measured_at > mine.measured_at:
-                    figures[(src, dst)] = theirs
-                    taken += 1
+                if accept is None or accept(src, dst):
+                    parsed.append((kind, (src, dst), Figure(float(value), now - age, int(samples))))
+        taken = 0
+        for kind, link, theirs in parsed:
+            mine = self._figures[kind].get(link)
+            if mine is None or theirs.measured_at > mine.measured_at:
+                self._figures[kind][link] = theirs
+                taken += 1
         return taken

@@ -33,6 +33,7 @@ import signal
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +46,15 @@ from chaos_worker.collective import TreeAllReduce
 from chaos_worker.compute import apply_flat_grads, flatten_grads, gradient_sum
 from chaos_worker.config import WorkerConfig
 from chaos_worker.control import ControlLink
+from chaos_worker.joinplan import source_bandwidths
+from chaos_worker.joinprobe import probe_downlinks
 from chaos_worker.metrics import WorkerMetrics
 from chaos_worker.probes import LinkMonitor, directed
 from chaos_worker.replication import JoinFailed, Puller, Replicator
 from chaos_worker.sampling import split_by_throughput, step_sample_ids
 from chaos_worker.shaping import TokenBucket, delays_only, parse_links, shape_for
 from chaos_worker.snapshot import SnapshotStore, load_from, state_digest
+from chaos_worker.stall import StallMeter
 from chaos_worker.trainspec import TrainSpec
 from chaos_worker.transport import Transport
 from chaos_worker.view import Change, View, full_mesh, initial_view, link_key, next_view
@@ -59,6 +63,7 @@ from chaos_worker.wire import (
     Decision,
     Heartbeat,
     JoinPlan,
+    LinkGossip,
     MemberStatus,
     Message,
     ObservedTotal,
@@ -80,6 +85,10 @@ STARTUP_TIMEOUT_S = 60.0
 MAX_SHARD_BYTES = 16 << 20
 DEFAULT_BANDWIDTH = 1e9
 """Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
+GOSSIP_EVERY = 10
+"""Heartbeats between two link-table gossips to the neighbours (1 s by default)."""
+MAX_GOSSIP_ENTRIES = 256
+"""Most link figures in one gossip message (the freshest)."""
 
 
 @dataclass
@@ -115,6 +124,7 @@ class Member:
             self.me,
             self.store,
             shape=lambda peer: shape_for(wire, self.me, peer),
+            on_sent=lambda peer, n: self._count_replication(peer, "sent", n),
         )
         self._shapes = shapes
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
@@ -151,6 +161,8 @@ class Member:
         self._aborting = False
         self._leaving = False
         self._state_bytes: tuple[int, bytes] | None = None
+        self._state_sender = ""
+        self._job_size = 0  # largest view size heard in heartbeats (a newcomer's probe)
         self._state_event = asyncio.Event()
         self._join_order = asyncio.Event()
         self._rejoining = False
@@ -164,6 +176,8 @@ class Member:
         self.loss_curve: list[tuple[int, float]] = []
         self.monitor = LinkMonitor(self.me)
         self.metrics = WorkerMetrics(self.me) if config.metrics_port is not None else None
+        self.stall = StallMeter()
+        self._scale_out_from: float | None = None  # a newcomer's join request, until it steps
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -212,8 +226,10 @@ class Member:
         """Ask a member to admit us, then catch up as an observer or by a full copy."""
         self.transport.connect("_seed", self._seed)
         self._join_requested_at = time.monotonic()
+        self._scale_out_from = self._join_requested_at
         self._report("join_requested", t=self._join_requested_at, mode=self.cfg.join_mode)
         if self.cfg.join_mode == "observe":
+            await self._measure_downlinks()
             self._ask_to_join("observe")
             try:
                 await self._join_as_observer()
@@ -229,18 +245,56 @@ class Member:
         self._report("joined", path="stop-and-copy", t=time.monotonic())
 
     def _ask_to_join(self, mode: str) -> None:
+        now = time.monotonic()
+        links = self.monitor.table.share(now, limit=MAX_GOSSIP_ENTRIES, fresh_only=True)
         proposal = Proposal(
             id=uuid.uuid4().hex,
             origin=self.me,
             kind="join",
             subject=self.me,
             address=self.address,
-            detected_at=time.monotonic(),
+            detected_at=now,
             epoch=-1,
             mode=mode,
+            links={kind: entries for kind, entries in links.items() if entries},
         )
         self._seen.add(proposal.id)
         self._flood(proposal)
+
+    async def _measure_downlinks(self) -> None:
+        """Time the downlink from every member's replicator, one at a time (joinprobe.py).
+
+        A `probe` proposal makes the members connect here, so their heartbeats (which name
+        their replicators and the size of their view) arrive; once every member's has (or
+        after ten heartbeat intervals, at least a second), each replicator is probed and the
+        figures go into the link table, to be sent with the join proposal.
+        """
+        if self.cfg.join_probe_frames == 0:
+            return
+        self._ask_to_join("probe")
+        deadline = time.monotonic() + max(1.0, 10 * self.cfg.heartbeat_interval_s)
+        while time.monotonic() < deadline:
+            if 0 < self._job_size <= len(self._replicators) - 1:
+                break
+            await asyncio.sleep(0.01)
+        others = {m: a for m, a in self._replicators.items() if m != self.me}
+        downlink = self.cfg.downlink_bytes_per_s
+        measured = await probe_downlinks(
+            self.me,
+            others,
+            host=self.address.rpartition(":")[0],
+            downlink=TokenBucket(downlink) if downlink else None,
+            frames=self.cfg.join_probe_frames,
+        )
+        now = time.monotonic()
+        for source, m in measured.items():
+            self.monitor.table.observe_transfer(source, self.me, m.nbytes, m.seconds, now)
+        self._report(
+            "downlinks_measured",
+            bytes_per_s={s: round(m.bytes_per_s) for s, m in measured.items()},
+            complete={s: m.complete for s, m in measured.items()},
+            t=now,
+        )
 
     async def _joining_decision(self) -> Decision:
         """The first decision that makes this newcomer a member."""
@@ -273,9 +327,7 @@ class Member:
             on_progress=progress,
         )
         result = await puller.run()
-        if self.metrics is not None:
-            for source, nbytes in result.bytes_per_source.items():
-                self.metrics.add_replication_bytes(source, "received", nbytes)
+        self._observe_pull(result.bytes_per_source, result.transfers)
         # Replaying is much faster than training, so ask for the switch step now: loading
         # and replaying overlap the two steps the root leaves before it.
         self._ask_to_join("ready")
@@ -290,6 +342,8 @@ class Member:
             rejected=result.rejected,
             pull_s=time.monotonic() - started,
             strategy=plan.strategy,
+            bandwidths=plan.bandwidths,
+            figures=plan.figures,
             t=time.monotonic(),
         )
         await self._catch_up()
@@ -308,8 +362,6 @@ class Member:
                 self._open.clear()
                 self._install(decision, send_state=False)
                 self._report("joined", path="observer", t=time.monotonic())
-                if self.metrics is not None:
-                    self.metrics.observe_scale_out(time.monotonic() - self._join_requested_at)
                 return
             if len(self._observed) > self.cfg.observer_max_backlog:
                 raise JoinFailed(
@@ -325,6 +377,7 @@ class Member:
         await self._state_event.wait()
         self._state_event.clear()
         step, blob = self._state_bytes
+        self._count_replication(self._state_sender, "received", len(blob))
         self._load_state(blob)
         self.step = step
         self.completed = step - 1
@@ -472,7 +525,9 @@ class Member:
                 self.transport.send(
                     joiner, StateTransfer(sender=self.me, step=self.step, sha256=digest), blob
                 )
+                self._count_replication(joiner, "sent", len(blob))
         self._sync_links()
+        self.stall.change_installed()
         self._report_installed(decision)
 
     def _report_installed(self, decision: Decision) -> None:
@@ -543,14 +598,18 @@ class Member:
         if snap is None:
             return None
         leaving = {p.subject for p in self._open.values() if p.kind == "leave"}
+        candidates = [m for m in sorted(self.view.members) if m in self._replicators]
+        figures = source_bandwidths(
+            [m for m in candidates if m not in leaving],
+            proposal.subject,
+            self.monitor.table,
+            time.monotonic(),
+            shaped=lambda m: shape_for(self._shapes, m, proposal.subject).rate_bytes_per_s,
+            default=DEFAULT_BANDWIDTH,
+        )
         sources = [
-            Source(
-                id=m,
-                bandwidth_bytes_per_s=self._bandwidth(m, proposal.subject),
-                latency_s=self.cfg.shard_overhead_s,
-            )
-            for m in sorted(self.view.members)
-            if m in self._replicators and m not in leaving
+            Source(id=m, bandwidth_bytes_per_s=bw, latency_s=self.cfg.shard_overhead_s)
+            for m, (bw, _) in figures.items()
         ]
         state_bytes = max(1, snap.layout.total_bytes)
         # shards of at most MAX_SHARD_BYTES: progress, stall detection and re-plans per shard
@@ -573,18 +632,11 @@ class Member:
             assignment=assignment,
             replicators={m: self._replicators[m] for m in assignment},
             bandwidths={s.id: s.bandwidth_bytes_per_s for s in sources},
+            figures={m: figure for m, (_, figure) in figures.items()},
             manifest_from=next(iter(assignment)),
             predicted_s=plan.makespan_s,
             strategy=self.cfg.join_strategy,
         )
-
-    def _bandwidth(self, source: str, joiner: str) -> float:
-        """Best figure for source -> joiner: the shaped rate in local runs, else a default.
-
-        (The monitor's measured link table refines this where it has a fresh figure.)
-        """
-        rate = shape_for(self._shapes, source, joiner).rate_bytes_per_s
-        return float(rate) if rate else DEFAULT_BANDWIDTH
 
     def _on_join_plan(self, plan: JoinPlan) -> None:
         """Learn of a join: pin the snapshot it pulls, stream to the observer, pass it on."""
@@ -597,6 +649,8 @@ class Member:
                 self._join_plan = plan
                 self._decided.set()
             return
+        if self.view is not None:
+            self.stall.change_started()
         if self.me in plan.assignment:
             self.store.want(plan.step, plan.shards if self.me == plan.manifest_from else None)
         self._observers[plan.joiner] = plan
@@ -608,6 +662,8 @@ class Member:
                 step=plan.step,
                 shards=plan.shards,
                 assignment={m: len(v) for m, v in plan.assignment.items()},
+                bandwidths=plan.bandwidths,
+                figures=plan.figures,
                 predicted_s=plan.predicted_s,
                 t=time.monotonic(),
             )
@@ -656,6 +712,8 @@ class Member:
         )
         if self.view is None and self.me in view.members and self._join_decision is None:
             self._join_decision = decision
+        if self.view is not None:
+            self.stall.change_started()
         if decision.immediate:
             if self.view is None or view.epoch > self.view.epoch:
                 self._immediate = decision
@@ -681,6 +739,7 @@ class Member:
         self._on_proposal(proposal)
 
     def _begin_abort(self) -> None:
+        self.stall.change_started()
         if not self._aborting:
             self._aborting = True
             self._recovery = _Recovery()
@@ -714,6 +773,7 @@ class Member:
         self._floor_epoch = view.epoch
         self.view = view
         self._sync_links()
+        self.stall.change_installed()
         if self.me in view.members and decision.replay_step is not None and not view.paused:
             like = np.zeros(self._like.size + 2, dtype=self._like.dtype)
             total = await self.collective.broadcast(
@@ -832,6 +892,8 @@ class Member:
             self.monitor.on_pong(sender, message.echo, now)
         elif isinstance(message, Proposal):
             self._on_proposal(message)
+        elif isinstance(message, LinkGossip):
+            self._merge_links(message.links, self._known_link)
         elif isinstance(message, MemberStatus):
             self._on_status(message)
         elif isinstance(message, Decision):
@@ -847,6 +909,7 @@ class Member:
                 log.warning("state from %s failed its checksum; ignored", sender)
                 return
             self._state_bytes = (message.step, payload)
+            self._state_sender = sender
             self._state_event.set()
 
     def _on_heartbeat(self, beat: Heartbeat) -> None:
@@ -858,6 +921,7 @@ class Member:
         self._speeds[beat.origin] = beat.samples_per_s
         if beat.replicator:
             self._replicators[beat.origin] = beat.replicator
+        self._job_size = max(self._job_size, beat.members)
         self._flood(beat)
 
     def _on_proposal(self, proposal: Proposal) -> None:
@@ -867,7 +931,9 @@ class Member:
         if proposal.kind == "join" and proposal.address:
             self.transport.connect(proposal.subject, proposal.address)
         self._flood(proposal)
-        if self.view is None:
+        if proposal.kind == "join" and proposal.links:
+            self._merge_links(proposal.links, lambda _src, dst: dst == proposal.subject)
+        if self.view is None or proposal.mode == "probe":
             return
         if proposal.kind == "join" and proposal.mode == "ready":
             plan = self._observers.get(proposal.subject)
@@ -1001,11 +1067,14 @@ class Member:
                 samples_per_s=self._samples_per_s,
                 sent_at=now,
                 replicator=self._replicators.get(self.me, ""),
+                members=len(self.view.members) if self.view else 0,
             )
             self._flood(beat)
             if beat.seq % 5 == 0:
                 for peer in self.transport.peers():
                     self.transport.send(peer, Ping(sender=self.me, sent_at=now))
+            if beat.seq % GOSSIP_EVERY == GOSSIP_EVERY - 1:
+                self._gossip(now)
             if self.metrics is not None:
                 self.metrics.update_links(self.monitor.table, now)
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
@@ -1046,12 +1115,59 @@ class Member:
                 self.transport.send(probe.dst, ping, bytes(probe.nbytes))
 
     def _observe_step(self, samples: int, compute_s: float, step_s: float) -> None:
-        self.monitor.table.observe_step(self.me, samples, compute_s, time.monotonic())
-        if self.metrics is not None:
-            loss = self.loss_curve[-1][1]
-            self.metrics.observe_step(
-                step_s, loss, samples, len(self.view.members), step=self.completed
-            )
+        now = time.monotonic()
+        self.monitor.table.observe_step(self.me, samples, compute_s, now)
+        lost = self.stall.step_done(now)
+        if self.metrics is None:
+            return
+        if lost is not None:
+            self.metrics.add_stall(lost)
+        if self._scale_out_from is not None:  # a newcomer's first completed step
+            self.metrics.observe_scale_out(now - self._scale_out_from)
+            self._scale_out_from = None
+        loss = self.loss_curve[-1][1]
+        members = len(self.view.members)
+        self.metrics.observe_step(step_s, loss, samples, members, step=self.completed)
+
+    def _observe_pull(
+        self, bytes_per_source: dict[str, int], transfers: dict[str, list[tuple[int, float]]]
+    ) -> None:
+        """A newcomer's completed pull: bytes received per source, and each source's
+        delivery (request to last byte, this clock) as a transfer on its link to us."""
+        now = time.monotonic()
+        for source, nbytes in bytes_per_source.items():
+            self._count_replication(source, "received", nbytes)
+        for source, bursts in transfers.items():
+            for nbytes, seconds in bursts:
+                self.monitor.table.observe_transfer(source, self.me, nbytes, seconds, now)
+
+    def _count_replication(self, peer: str, direction: str, nbytes: int) -> None:
+        if self.metrics is not None and nbytes:
+            self.metrics.add_replication_bytes(peer, direction, nbytes)
+
+    def _gossip(self, now: float) -> None:
+        """Send the freshest link figures to the view's neighbours (`LinkGossip`)."""
+        if self.view is None:
+            return
+        links = self.monitor.table.share(now, limit=MAX_GOSSIP_ENTRIES, fresh_only=True)
+        if not any(links.values()):
+            return
+        message = LinkGossip(sender=self.me, links=links)
+        for peer in self.view.neighbours(self.me):
+            self.transport.send(peer, message)
+
+    def _known_link(self, src: str, dst: str) -> bool:
+        """Links between members (or newcomers) this member knows; figures about anybody
+        else are not taken from a peer."""
+        known = set(self.view.members if self.view else ()) | set(self._observers) | {self.me}
+        return src in known and dst in known
+
+    def _merge_links(self, links: dict, accept: Callable[[str, str], bool]) -> None:
+        """Take in validated link figures from a peer (the newer measurement wins)."""
+        try:
+            self.monitor.table.merge(links, time.monotonic(), accept)
+        except ValueError as exc:
+            log.warning("ignored link figures: %s", exc)
 
     def _observe_decision(self, decision: Decision) -> None:
         """Count the causes of an applied decision; handling time from their detection."""

@@ -3,12 +3,16 @@
 The replicator (the pod's sidecar role; `chaos replicator` runs it as its own process over a
 snapshot directory) answers `SnapshotRequest`s from newcomers with a manifest (layout and
 per-shard SHA-256) or one shard, over its own shaped links. Requests of one newcomer are
-served in order, so a source streams its shards back to back.
+served in order, so a source streams its shards back to back. It also answers a newcomer's
+downlink probe (`ProbeRequest`, see `joinprobe.py`) with a train of zero-filled frames.
 
 The puller (on the newcomer) takes the root's `JoinPlan`, asks the manifest of one source,
 asks every source for its shards at once, checks each shard against the manifest, and
 re-plans what is missing with the planner's greedy when a source closes its link, stalls,
-or sends a shard that fails its checksum (that shard is fetched from another source).
+or sends a shard that fails its checksum (that shard is fetched from another source). It
+also times every source's delivery (`PullResult.transfers`): from a request sent to a source
+with nothing outstanding to the last byte of the shards requested meanwhile, on the
+newcomer's clock, so the link table learns the throughput each source actually gave.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from chaos_worker.transport import Transport
 from chaos_worker.wire import (
     JoinPlan,
     Message,
+    ProbeData,
+    ProbeRequest,
     ShardData,
     SnapshotGone,
     SnapshotManifest,
@@ -56,8 +62,10 @@ class Replicator:
         *,
         shape: Callable[[str], LinkShape] | None = None,
         corrupt_once: bool = False,
+        on_sent: Callable[[str, int], None] | None = None,
     ) -> None:
         self.me = me
+        self.on_sent = on_sent  # (peer, shard bytes) after each shard sent
         self.store = store
         self.transport = Transport(
             me, self._on_message, self._on_disconnect, max_payload=1 << 16, shape=shape
@@ -81,6 +89,9 @@ class Replicator:
         await self.transport.close()
 
     def _on_message(self, sender: str, message: Message, _payload: bytes) -> None:
+        if isinstance(message, ProbeRequest):
+            self._answer_probe(sender, message)
+            return
         if not isinstance(message, SnapshotRequest):
             return
         if message.index is None:  # a manifest is small but needs hashing: do not queue it
@@ -134,6 +145,16 @@ class Replicator:
             )
             self.transport.send(peer, header, data)
             self.sent_bytes[peer] = self.sent_bytes.get(peer, 0) + len(data)
+            if self.on_sent is not None:
+                self.on_sent(peer, len(data))
+
+    def _answer_probe(self, peer: str, request: ProbeRequest) -> None:
+        """A newcomer times its downlink from here: a train of zero-filled frames."""
+        self.transport.connect(peer, request.reply_to)
+        zeros = bytes(request.frame_bytes)
+        for index in range(request.frames):
+            frame = ProbeData(sender=self.me, index=index, frames=request.frames)
+            self.transport.send(peer, frame, zeros)
 
     async def _snapshot(self, step: int) -> Snapshot | None:
         """Snapshot `step`, waiting a while for it to be published."""
@@ -159,6 +180,22 @@ class _SourceState:
     started: float = 0.0
     last_heard: float = 0.0
     alive: bool = True
+    outstanding: int = 0  # shards requested, not yet arrived
+    burst_started: float = 0.0  # when a request found nothing outstanding
+    burst_bytes: int = 0
+    transfers: list[tuple[int, float]] = field(default_factory=list)  # (bytes, seconds)
+
+    def requested(self, now: float) -> None:
+        if self.outstanding == 0:
+            self.burst_started, self.burst_bytes = now, 0
+        self.outstanding += 1
+
+    def arrived(self, nbytes: int, now: float) -> None:
+        """A requested shard's last byte is in; a burst ends when nothing is outstanding."""
+        self.outstanding -= 1
+        self.burst_bytes += nbytes
+        if self.outstanding == 0 and now > self.burst_started:
+            self.transfers.append((self.burst_bytes, now - self.burst_started))
 
     def measured_bandwidth(self, now: float) -> float:
         """Bytes/s actually delivered so far; the planned figure until there is data."""
@@ -176,6 +213,8 @@ class PullResult:
     bytes_per_source: dict[str, int]
     replans: int
     rejected: int
+    transfers: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Per source, (bytes, seconds) of every burst of shards it delivered completely."""
 
 
 class Puller:
@@ -245,6 +284,7 @@ class Puller:
                 bytes_per_source={s.id: s.received_bytes for s in self.sources.values()},
                 replans=self.replans,
                 rejected=self.rejected,
+                transfers={s.id: s.transfers for s in self.sources.values() if s.transfers},
             )
         finally:
             await self.transport.close()
@@ -275,6 +315,7 @@ class Puller:
     def _request(self, sid: str, index: int) -> None:
         source = self.sources[sid]
         source.queued.append(index)
+        source.requested(time.monotonic())
         self.transport.connect(sid, source.address)
         self.transport.send(
             sid,
@@ -305,6 +346,9 @@ class Puller:
                 for source_state, shard, data in early:
                     self._on_shard(source_state, shard, data)
         elif isinstance(message, ShardData):
+            current = message.step == self.plan.step and message.index in source.queued
+            if current and source.outstanding > 0:
+                source.arrived(len(payload), source.last_heard)
             self._on_shard(source, message, payload)
         elif isinstance(message, SnapshotGone):
             log.warning(
@@ -370,6 +414,7 @@ class Puller:
 
     def _drop(self, source: _SourceState) -> None:
         source.alive = False
+        source.outstanding = 0  # an unfinished burst says nothing reliable
         missing = list(source.queued)
         source.queued.clear()
         self.transport.disconnect(source.id)

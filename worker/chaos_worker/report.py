@@ -113,7 +113,8 @@ class Report(BaseModel):
     joins: list[dict] = Field(
         default_factory=list,
         description="per join: path (observer or stop-and-copy), snapshot step, bytes per "
-        "source, re-plans, rejected shards, pull seconds, strategy",
+        "source, re-plans, rejected shards, pull seconds, strategy, and per source the "
+        "planned bandwidth and its figure (measured, shaped or default)",
     )
 
 

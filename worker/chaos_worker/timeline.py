@@ -162,7 +162,16 @@ class Timeline:
         for joined in self.of("joined"):
             worker = joined["worker"]
             pulled = next((r for r in self.of("state_loaded") if r["worker"] == worker), {})
-            keep = ("step", "bytes_per_source", "replans", "rejected", "pull_s", "strategy")
+            keep = (
+                "step",
+                "bytes_per_source",
+                "replans",
+                "rejected",
+                "pull_s",
+                "strategy",
+                "bandwidths",
+                "figures",
+            )
             out.append(
                 {"worker": worker, "path": joined["path"]}
                 | {k: pulled[k] for k in keep if k in pulled}
@@ -207,12 +216,18 @@ class Timeline:
         later = [s for s in steps if times[s] >= t and s in gaps]
         during = [s for s in later if until is not None and times[s] <= until]
         after = later[: len(during) + window]
-        return max(0.0, sum(gaps[s] - typical for s in after))
+        return lost_time([gaps[s] for s in after], typical)
 
     def steps_lost(self) -> int:
         """Steps between the first and last completed step that never completed."""
         steps = [s for s, _ in self.loss_curve()]
         return (steps[-1] - steps[0] + 1 - len(steps)) if steps else 0
+
+
+def lost_time(gaps: list[float], typical: float) -> float:
+    """Time steps lost against `typical` (the median step): the excess of their gaps over as
+    many typical steps, at least 0. Shared by the report and the workers' stall metric."""
+    return max(0.0, sum(gap - typical for gap in gaps))
 
 
 def _size(nbytes: int) -> str:

@@ -10,11 +10,46 @@ from __future__ import annotations
 import struct
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from chaos_worker.linktable import plausible
 
 FRAME = struct.Struct("!II")
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = (1 << 32) - 1
+
+
+MAX_LINK_ENTRIES = 512
+"""Most link figures one message may carry (gossip, a join's measurements)."""
+MAX_PROBE_BYTES = 4 << 20
+MAX_PROBE_FRAMES = 64
+
+_ID = r"[A-Za-z0-9_.-]{1,64}"
+LinkKey = Annotated[str, Field(pattern=rf"^{_ID}\|{_ID}$")]
+
+
+def _check_links(
+    links: dict[str, dict[str, tuple[float, float, float]]],
+) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """A peer's link figures: bounded in number, every one plausible, no loops."""
+    if sum(len(entries) for entries in links.values()) > MAX_LINK_ENTRIES:
+        raise ValueError(f"more than {MAX_LINK_ENTRIES} link figures")
+    for kind, entries in links.items():
+        for key, entry in entries.items():
+            src, _, dst = key.partition("|")
+            if src == dst or not plausible(kind, *entry):
+                raise ValueError(f"implausible {kind} figure for {key}")
+    return links
+
+
+LinkShare = Annotated[
+    dict[
+        Literal["rtt", "bandwidth"],
+        dict[LinkKey, tuple[float, float, float]],
+    ],
+    AfterValidator(_check_links),
+]
+"""`LinkTable.share()` on the wire: `{kind: {"src|dst": [value, age_s, samples]}}`."""
 
 
 class WireError(Exception):
@@ -50,6 +85,7 @@ class Heartbeat(_Msg):
     samples_per_s: float
     sent_at: float
     replicator: str = ""
+    members: int = Field(0, ge=0, le=1 << 16)  # size of its view (0: not a member)
 
 
 class Ping(_Msg):
@@ -78,7 +114,16 @@ class Proposal(_Msg):
     address: str = ""
     detected_at: float
     epoch: int
-    mode: Literal["observe", "copy", "ready"] = "copy"
+    mode: Literal["observe", "copy", "ready", "probe"] = "copy"
+    links: LinkShare = Field(default_factory=dict)
+
+
+class LinkGossip(_Msg):
+    """A member's link figures for its neighbours (every few heartbeats, not flooded)."""
+
+    type: Literal["links"] = "links"
+    sender: str
+    links: LinkShare
 
 
 class MemberStatus(_Msg):
@@ -143,6 +188,7 @@ class JoinPlan(_Msg):
     manifest_from: str
     predicted_s: float
     strategy: str
+    figures: dict[str, Literal["measured", "shaped", "default"]] = Field(default_factory=dict)
 
 
 class ObservedTotal(_Msg):
@@ -186,6 +232,25 @@ class ShardData(_Msg):
     index: int
 
 
+class ProbeRequest(_Msg):
+    """Newcomer -> replicator: send `frames` frames of `frame_bytes` zeros back to time."""
+
+    type: Literal["probe_req"] = "probe_req"
+    sender: str
+    reply_to: str
+    frames: int = Field(ge=1, le=MAX_PROBE_FRAMES)
+    frame_bytes: int = Field(ge=1, le=MAX_PROBE_BYTES // MAX_PROBE_FRAMES)
+
+
+class ProbeData(_Msg):
+    """Frame `index` of `frames` of a downlink probe (payload: zeros)."""
+
+    type: Literal["probe_data"] = "probe_data"
+    sender: str
+    index: int
+    frames: int
+
+
 class SnapshotGone(_Msg):
     """The replicator cannot serve snapshot `step` (overwritten, or never published)."""
 
@@ -202,6 +267,7 @@ Message = Annotated[
     | Ping
     | Pong
     | Proposal
+    | LinkGossip
     | MemberStatus
     | Decision
     | Chunk
@@ -211,6 +277,8 @@ Message = Annotated[
     | SnapshotRequest
     | SnapshotManifest
     | ShardData
+    | ProbeRequest
+    | ProbeData
     | SnapshotGone,
     Field(discriminator="type"),
 ]
