@@ -93,6 +93,13 @@ def test_operator_runs_a_job_through_loss_scale_up_and_deletion(
             )
         except (TimeoutError, AssertionError) as exc:
             raise AssertionError(f"{exc}\n{diagnose()}") from None
+        # The newest joiner's measured scale-out delay reaches the job's status.
+        delay = poll(
+            lambda: job.status().get("lastScaleOutDelaySeconds"), "scale-out delay", TIMEOUT_S
+        )
+        assert 0 < delay < TIMEOUT_S, delay
+        print(plane.kubectl("get", "chaosjobs", "-n", ns, "-o", "wide").stdout)
+        print(json.dumps(job.status(), indent=2))  # shown with pytest -s
         reasons = job.events()
         assert reasons.count("MemberAdded") >= 5, reasons
         ready = {c["type"]: c for c in job.status()["conditions"]}["Ready"]

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chaos_worker.shaping import ShapeError
+
 from chaos_operator.argtypes import positive_ints
 
 if TYPE_CHECKING:
@@ -53,6 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--profiles",
         default="equal,heterogeneous",
         help="bandwidth profiles: equal (50 MB/s each) and/or heterogeneous (25/50/100/200)",
+    )
+    parser.add_argument(
+        "--links",
+        default="",
+        metavar="SPEC",
+        help="shape every link from a bundled profile (e.g. @three-party, workers w0.. then the "
+        "newcomer) instead of --profiles; the newcomer's links give the bandwidths",
+    )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="run every job in the network-namespace testbed, rates shaped by tc (root)",
     )
     parser.add_argument(
         "--global-batch",
@@ -88,17 +102,29 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--profiles: choose from {sorted(PROFILES)}")
     if any(n > 4 for n in args.neighbours):
         raise UserError("--neighbours: at most 4")
+    if args.links:
+        profiles = [args.links]
+        try:
+            for neighbours in args.neighbours:
+                _links(args.links, neighbours)
+        except ShapeError as exc:
+            raise UserError(str(exc)) from None
+    if args.netns:
+        from chaos_worker.netns import unavailable_reason
+
+        if why := unavailable_reason():
+            raise UserError(f"--netns unavailable: {why}")
     runs = []
     for size in args.sizes:
         for neighbours in args.neighbours:
             for profile in profiles if neighbours > 1 else profiles[:1]:
-                bandwidths = list(PROFILES[profile][:neighbours])
+                links, bandwidths = _links(profile, neighbours)
                 startup: list[float] = []
                 for strategy in [s for s in strategies if s != "checkpoint"]:
                     label = f"{size} MB, {neighbours} x {profile}, {strategy}"
                     print(f"scaleout: {label}", file=sys.stderr, flush=True)
                     try:
-                        result = _join_run(size, bandwidths, strategy, args)
+                        result = _join_run(size, links, bandwidths, strategy, args)
                     except LaunchError as exc:  # one failed run must not lose the others
                         runs.append(
                             {
@@ -119,22 +145,35 @@ def run(args: argparse.Namespace) -> dict:
     return {"join_step": JOIN_STEP, "downlink_bytes_per_s": args.downlink, "runs": runs}
 
 
-def _links(bandwidths: list[float]) -> tuple[str, str]:
-    """Link spec for incumbents w0.. and the newcomer, and the newcomer's name."""
-    newcomer = f"w{len(bandwidths)}"
-    spec = ",".join(f"w{i}-{newcomer}={b:.0f}B/s" for i, b in enumerate(bandwidths))
-    return spec, newcomer
+def _links(profile: str, neighbours: int) -> tuple[str, list[float]]:
+    """Link spec for incumbents w0.. and the newcomer w<neighbours>, and the bandwidth of
+    each incumbent's link to the newcomer: a named bandwidth profile shapes only those
+    links; a `--links` spec (e.g. @three-party) shapes every link as it says."""
+    newcomer = f"w{neighbours}"
+    if profile in PROFILES:
+        bandwidths = list(PROFILES[profile][:neighbours])
+        spec = ",".join(f"w{i}-{newcomer}={b:.0f}B/s" for i, b in enumerate(bandwidths))
+        return spec, bandwidths
+    from chaos_worker.profiles import resolve_links
+    from chaos_worker.shaping import parse_links, shape_for
+
+    spec = resolve_links(profile, [f"w{i}" for i in range(neighbours + 1)])
+    shapes = parse_links(spec)
+    rates = [shape_for(shapes, f"w{i}", newcomer).rate_bytes_per_s for i in range(neighbours)]
+    if any(rate is None for rate in rates):
+        raise ShapeError(f"--links: every link to the newcomer {newcomer} needs a rate")
+    return spec, [float(rate) for rate in rates if rate is not None]
 
 
 def _join_run(
-    size_mb: int, bandwidths: list[float], strategy: str, args: argparse.Namespace
+    size_mb: int, links: str, bandwidths: list[float], strategy: str, args: argparse.Namespace
 ) -> dict:
     from chaos_worker.churn import parse_churn
     from chaos_worker.examples import EXAMPLES
     from chaos_worker.examples.bigstate import COMPUTE_ENV, ENV
     from chaos_worker.launcher import JobOptions, LocalJob
 
-    links, newcomer = _links(bandwidths)
+    newcomer = f"w{len(bandwidths)}"
     downlink = args.downlink
     os.environ[ENV] = str(size_mb)
     os.environ[COMPUTE_ENV] = str(args.compute_us)
@@ -152,6 +191,7 @@ def _join_run(
         # five processes share two cores while hundreds of MB move: a 1 s timeout would
         # take a busy member for a crashed one (TorchFT's default is 5 s)
         failure_timeout_s=5.0,
+        netns=args.netns,
     )
     job = LocalJob(options)
     report = asyncio.run(job.run())
