@@ -134,9 +134,11 @@ def test_join_keeps_the_trajectory_and_the_state_bit_identical(baseline, tmp_pat
 def test_join_survives_a_source_crash_mid_transfer(baseline, tmp_path):
     """w1's link to the newcomer is slow, so its share is still in flight when it dies.
 
-    The newcomer times its downlinks before it asks to join (a few steps), so the crash
-    comes well after the join request, and the link is slow enough (a shard takes seconds)
-    for the crash to find w1's share still in flight.
+    The newcomer does not time its downlinks first (`--join-probe-frames 0`): that phase
+    lasts a wall-clock time, a few steps on a busy machine but dozens on a quiet one, and a
+    crash at a fixed step could then come before the plan. Without it the plan follows the
+    join request at once, and the link is slow enough (w1's equal share takes seconds) for
+    the crash 14 steps later to find w1's share still in flight.
     """
     joined = run_job(
         tmp_path,
@@ -148,6 +150,8 @@ def test_join_survives_a_source_crash_mid_transfer(baseline, tmp_path):
         "w1-w5=2KB/s",
         "--join-strategy",
         "equal",
+        "--join-probe-frames",
+        "0",
     )
     assert_same_losses(joined["loss_curve"], baseline["loss_curve"])
     (join,) = joined["joins"]

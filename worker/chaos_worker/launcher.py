@@ -65,6 +65,7 @@ class JobOptions:
     downlinks: dict[str, float] = field(default_factory=dict)  # worker -> downlink bytes/s
     join_mode: str = "observe"
     join_strategy: str = "greedy"
+    join_probe_frames: int = 8  # a newcomer's downlink probe (0: none)
     # end the job once every newcomer has contributed this many steps (benchmarks)
     stop_after_join_steps: int | None = None
     netns: bool = False  # every worker in its own network namespace, rates shaped by tc
@@ -212,6 +213,7 @@ class LocalJob:
             downlink_bytes_per_s=None if self.opts.netns else self.opts.downlinks.get(name),
             join_mode=self.opts.join_mode,
             join_strategy=self.opts.join_strategy,
+            join_probe_frames=self.opts.join_probe_frames,
         )
         values.update(fields)
         if "metrics_port" not in fields:

@@ -86,6 +86,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "copy: stop-and-copy of the full state from one member",
     )
     parser.add_argument(
+        "--join-probe-frames",
+        type=int,
+        default=8,
+        metavar="N",
+        help="64 KiB frames a newcomer pulls from each member to time its downlink before it "
+        "asks to join (default 8; 0: no probe, plans use the shaped or default rates)",
+    )
+    parser.add_argument(
         "--join-strategy",
         choices=["greedy", "single", "equal", "proportional"],
         default="greedy",
@@ -149,6 +157,8 @@ def options_from(args: argparse.Namespace, job=None):
         raise UserError("--workers must be at least 1")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if not 0 <= args.join_probe_frames <= 64:
+        raise UserError("--join-probe-frames must lie in 0..64")
     if fixed["global_batch"] < 1:
         raise UserError("--global-batch must be at least 1")
     if not 0 < args.heartbeat_interval < args.failure_timeout:
@@ -194,6 +204,7 @@ def options_from(args: argparse.Namespace, job=None):
         downlinks=_downlinks(args.downlink),
         join_mode=args.join_mode,
         join_strategy=args.join_strategy,
+        join_probe_frames=args.join_probe_frames,
         netns=args.netns,
     )
 
