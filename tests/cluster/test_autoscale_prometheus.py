@@ -60,13 +60,13 @@ def test_default_query_measures_one_jobs_goodput(tmp_path: Path) -> None:
     server = start_prometheus(config, tmp_path, web)
     try:
         deadline = time.monotonic() + DEADLINE_S
-        value = None
-        while value is None or value == 0:
+        value = other = None
+        while not value or not other:  # both targets scraped twice (rate needs two points)
             assert server.poll() is None, "prometheus exited"
             assert time.monotonic() < deadline, "no goodput from Prometheus in time"
             time.sleep(0.5)
             value = query_prometheus(base, goodput_query("team-a", "auto"), timeout_s=5)
-        other = query_prometheus(base, goodput_query("team-a", "other"), timeout_s=5)
+            other = query_prometheus(base, goodput_query("team-a", "other"), timeout_s=5)
         # the other job counts 100x faster: a query that mixed them would be far above it
         assert other is not None and 0 < value < other / 10, (value, other)
         assert query_prometheus(base, goodput_query("team-b", "auto"), timeout_s=5) is None

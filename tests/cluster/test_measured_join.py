@@ -164,7 +164,8 @@ def test_a_slow_measured_link_gets_proportionally_fewer_shard_bytes(monkeypatch,
     assert bandwidths["w1"] < min(bandwidths[m] for m in others)
     assert bandwidths["w1"] != 4e6
     shard_bytes = join["bytes_per_source"]
-    assert shard_bytes["w1"] < 0.5 * statistics.median(shard_bytes[m] for m in others)
+    # w1 may get no shard at all (then it is not in the pull's bytes per source)
+    assert shard_bytes.get("w1", 0) < 0.5 * statistics.median(shard_bytes[m] for m in others)
     assert sum(shard_bytes.values()) > 8e6
     # the metrics: one scale-out, and every pulled byte counted on both ends
     assert metrics == _expected(shard_bytes)

@@ -147,6 +147,16 @@ def test_pair_gap_is_the_transfer_time_whatever_the_round_trip():
     assert monitor.table.rtt("w0", "w1", now=1.2).value == pytest.approx(0.08)
 
 
+def test_pair_uses_the_peers_own_gap_when_it_sends_one():
+    """The marker's Pong was held up behind the peer's own traffic (it came back 1 ms
+    before the probe's): the peer's read gap, not the arrival gap, is the transfer time."""
+    monitor = LinkMonitor("w0")
+    marker, sent_at = monitor.start_pair(Probe("w0", "w1", MiB), now=1.0)
+    monitor.on_pong("w1", echo=marker, now=1.179)
+    monitor.on_pong("w1", echo=sent_at, now=1.180, gap_s=0.1)
+    assert monitor.table.bandwidth_of("w0", "w1", now=1.2) == pytest.approx(MiB / 0.1)
+
+
 def test_pair_without_its_marker_answer_falls_back_to_the_base_rtt():
     monitor = LinkMonitor("w0")
     monitor.on_pong("w1", echo=0.0, now=0.080)  # base RTT 80 ms

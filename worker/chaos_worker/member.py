@@ -170,6 +170,7 @@ class Member:
         self._seed = config.join
         self._step_times: deque[float] = deque(maxlen=10)
         self._rtts: deque[float] = deque(maxlen=20)
+        self._ping_read: dict[str, float] = {}  # peer -> when its last empty Ping was read
         self._samples_per_s = 0.0
         self._tasks: list[asyncio.Task] = []
         self._like = flatten_grads(spec.model).detach().cpu().numpy()
@@ -886,10 +887,10 @@ class Member:
         elif isinstance(message, Heartbeat):
             self._on_heartbeat(message)
         elif isinstance(message, Ping):
-            self.transport.send(sender, Pong(sender=self.me, echo=message.sent_at))
+            self.transport.send(sender, self._pong(sender, message, payload, now))
         elif isinstance(message, Pong):
             self._rtts.append(now - message.echo)
-            self.monitor.on_pong(sender, message.echo, now)
+            self.monitor.on_pong(sender, message.echo, now, gap_s=message.gap_s)
         elif isinstance(message, Proposal):
             self._on_proposal(message)
         elif isinstance(message, LinkGossip):
@@ -911,6 +912,16 @@ class Member:
             self._state_bytes = (message.step, payload)
             self._state_sender = sender
             self._state_event.set()
+
+    def _pong(self, sender: str, ping: Ping, payload: bytes, now: float) -> Pong:
+        """The answer to a `Ping`; a probe's payload Ping gets the time since its empty
+        marker was read here, so that traffic on the way back cannot skew the figure."""
+        if not payload:
+            self._ping_read[sender] = now
+            return Pong(sender=self.me, echo=ping.sent_at)
+        marker = self._ping_read.pop(sender, None)
+        gap = None if marker is None else now - marker
+        return Pong(sender=self.me, echo=ping.sent_at, gap_s=gap)
 
     def _on_heartbeat(self, beat: Heartbeat) -> None:
         key = f"hb:{beat.origin}:{beat.seq}"

@@ -13,13 +13,13 @@ every member computes the same schedule and starts its own probes of round `r` a
 step), keeps the probes in flight, and turns the answers into `LinkTable` figures.
 
 A probe is a **pair** of `Ping` frames sent back to back on the FIFO link: an empty
-*marker*, then one carrying `probe_bytes` of payload. The peer answers each with a `Pong`
-as soon as it has read the whole frame, so the two answers leave it one transfer time
-apart and travel back the same way: the transfer time is the gap between the two `Pong`s.
-Every fixed delay (the link's latency, the transport's added delay, queueing ahead of the
-pair) cancels out, however long the round trip is compared with the transfer. Without the
-marker's answer (lost with a reconnect) the estimate falls back to `rtt_probe - rtt_base`
-(the link's RTT EWMA), never less than half the probe's round trip.
+*marker*, then one carrying `probe_bytes` of payload. The peer reads them one transfer
+time apart and says so: the probe's `Pong` carries `gap_s`, the time between reading the
+marker and reading the payload on the peer's clock. Every fixed delay (the link's latency,
+the transport's added delay, queueing ahead of the pair) cancels out, and so does traffic
+on the way back (a `Pong` queued behind the peer's own frames). Without `gap_s` the gap
+between the two `Pong`s' arrivals is used, and without the marker's answer (a reconnect)
+`rtt_probe - rtt_base` (the link's RTT EWMA), never less than half the probe's round trip.
 """
 
 from __future__ import annotations
@@ -183,8 +183,9 @@ class LinkMonitor:
         self._markers[(probe.dst, marker)] = (probe.dst, sent_at)
         return marker, sent_at
 
-    def on_pong(self, peer: str, echo: float, now: float) -> None:
-        """A `Pong` from `peer` echoing `echo`: an RTT sample, or a probe's answer."""
+    def on_pong(self, peer: str, echo: float, now: float, *, gap_s: float | None = None) -> None:
+        """A `Pong` from `peer` echoing `echo`: an RTT sample, or a probe's answer (`gap_s`:
+        the peer's time between reading the pair's marker and the probe, when it sent it)."""
         rtt = now - echo
         if not math.isfinite(rtt) or rtt < 0:
             return
@@ -200,7 +201,9 @@ class LinkMonitor:
         if probe is None:
             self.table.observe_rtt(self.me, peer, rtt, now)
             return
-        if marker_back is not None and now > marker_back:
+        if gap_s is not None and gap_s > 0:
+            transfer_s = gap_s  # timed where the bytes arrive: the way back plays no part
+        elif marker_back is not None and now > marker_back:
             transfer_s = now - marker_back
         else:
             base = self.table.rtt(self.me, peer, now)

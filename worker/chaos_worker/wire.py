@@ -100,6 +100,9 @@ class Pong(_Msg):
     type: Literal["pong"] = "pong"
     sender: str
     echo: float
+    # answering a probe's payload Ping: seconds between reading the pair's empty marker and
+    # reading the payload, on the answering member's clock (probes.py)
+    gap_s: float | None = Field(None, ge=0, le=3600, allow_inf_nan=False)
 
 
 class Proposal(_Msg):
