@@ -69,7 +69,8 @@ def _san(value: str) -> x509.GeneralName:
     return x509.DNSName(value)
 
 
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
+def key_usage(*, ca: bool) -> x509.KeyUsage:
+    """Key usage of a signing CA (`ca`) or of a leaf that signs TLS handshakes."""
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
@@ -121,7 +122,7 @@ def create(party: str, sans: tuple[str, ...] = DEFAULT_SANS, days: int = 365) ->
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(ca=True), critical=True)
+        .add_extension(key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -142,7 +143,7 @@ def create(party: str, sans: tuple[str, ...] = DEFAULT_SANS, days: int = 365) ->
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(ca=False), critical=True)
+        .add_extension(key_usage(ca=False), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
