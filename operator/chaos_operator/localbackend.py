@@ -343,9 +343,7 @@ class ReconciledJob(LocalJob):
 
     def _local_config(self, config: dict[str, Any], **extra: Any) -> WorkerConfig:
         """The pod's config plus what only this machine knows (module docstring)."""
-        # no sidecar runs here: the trainer starts its own replicator process instead
-        drop = ("id", "listen", "replicator_address")
-        fields = {k: v for k, v in config.items() if k not in drop}
+        fields = {k: v for k, v in config.items() if k not in ("id", "listen")}
         if not self.opts.metrics:
             fields["metrics_port"] = None
         return self.worker_config(config["id"], listen=config["listen"], **fields, **extra)

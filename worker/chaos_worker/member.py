@@ -29,11 +29,7 @@ import hashlib
 import io
 import itertools
 import logging
-import os
-import shutil
 import signal
-import statistics
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -53,13 +49,10 @@ from chaos_worker.control import ControlLink
 from chaos_worker.joinplan import source_bandwidths
 from chaos_worker.joinprobe import probe_downlinks
 from chaos_worker.metrics import WorkerMetrics
-from chaos_worker.priority import in_background
 from chaos_worker.probes import LinkMonitor, directed
-from chaos_worker.readiness import ask_now, ready_in, step_period, switch_steps
-from chaos_worker.replication import JoinFailed, Puller, PullResult, Replicator
+from chaos_worker.replication import JoinFailed, Puller, Replicator
 from chaos_worker.sampling import split_by_throughput, step_sample_ids
 from chaos_worker.shaping import TokenBucket, delays_only, parse_links, shape_for
-from chaos_worker.sidecar import Child, start_child
 from chaos_worker.snapshot import SnapshotStore, load_from, state_digest
 from chaos_worker.stall import StallMeter
 from chaos_worker.trainspec import TrainSpec
@@ -83,15 +76,13 @@ from chaos_worker.wire import (
 
 log = logging.getLogger(__name__)
 
-# Decisions are flooded on the same FIFO links as the all-reduce, and forwarded on receipt.
-# One the root sends before the down-pass of step s reaches every member before the totals
-# of s, so it can take effect at s + 1; after that down-pass has begun, at s + 2, which is
-# always in time. (The planner's `switch_step`, which budgets round trips from step time
-# and RTT, is for decisions that travel outside the data path.)
+# Decisions leave the root ahead of the down-pass of the step it is in, on the same FIFO
+# links, so every member holds a decision before it can finish that step or the next: two
+# steps ahead is always in time. (The planner's `switch_step`, which budgets round trips
+# from step time and RTT, is for decisions that travel outside the data path.)
 FIFO_SWITCH_MARGIN = 2
 STARTUP_TIMEOUT_S = 60.0
-MAX_SHARD_BYTES = 1 << 20
-"""Shards of at most 1 MiB: a pull adapts to measured rates shard by shard."""
+MAX_SHARD_BYTES = 16 << 20
 DEFAULT_BANDWIDTH = 1e9
 """Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
 GOSSIP_EVERY = 10
@@ -128,41 +119,22 @@ class Member:
             shape=lambda peer: shape_for(wire, self.me, peer),
             downlink=TokenBucket(downlink) if downlink else None,
         )
-        self._inline = config.replicator == "inline" and not config.replicator_address
-        self._owned_dir: Path | None = None  # a private snapshot directory, removed at exit
-        directory = Path(config.snapshot_dir) if config.snapshot_dir else None
-        if directory is None and not self._inline:
-            shm = Path("/dev/shm")
-            where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-            self._owned_dir = Path(tempfile.mkdtemp(prefix=f"chaos-{self.me}-", dir=where))
-            directory = self._owned_dir
-        self.store = SnapshotStore(directory)
-        self.replicator = (
-            Replicator(
-                self.me,
-                self.store,
-                shape=lambda peer: shape_for(wire, self.me, peer),
-                on_sent=lambda peer, n: self._count_replication(peer, "sent", n),
-            )
-            if self._inline
-            else None
+        self.store = SnapshotStore(Path(config.snapshot_dir) if config.snapshot_dir else None)
+        self.replicator = Replicator(
+            self.me,
+            self.store,
+            shape=lambda peer: shape_for(wire, self.me, peer),
+            on_sent=lambda peer, n: self._count_replication(peer, "sent", n),
         )
-        self._child: Child | None = None
         self._shapes = shapes
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
-        self._reserving: asyncio.Future | None = None  # a newcomer touching its slots
         self._publishing: concurrent.futures.Future | None = None
         self._publish_s = 0.0
-        self._ready_t = 0.0
-        self._step_started = 0.0  # when the step in progress began (monotonic)
-        self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
         self._replicators: dict[str, str] = {}
         self._observers: dict[str, JoinPlan] = {}
         self._join_plan: JoinPlan | None = None
         self._join_decision: Decision | None = None
         self._observed: dict[int, np.ndarray] = {}
-        self._observed_at: deque[float] = deque(maxlen=8)  # arrivals: the step period
-        self._asked_ready = False
         self._join_requested_at = 0.0
         self.collective = TreeAllReduce(
             self.me, self.transport.send, bucket_bytes=config.bucket_bytes
@@ -215,7 +187,7 @@ class Member:
         host = self.cfg.listen.rpartition(":")[0]
         port = await self.transport.listen(host, int(self.cfg.listen.rpartition(":")[2]))
         self.address = f"{host}:{port}"
-        self._replicators[self.me] = await self._start_replicator(host)
+        self._replicators[self.me] = await self.replicator.start(host)
         await self.control.open()
         metrics_port = self.metrics.serve(host, self.cfg.metrics_port) if self.metrics else None
         self._report("ready", address=self.address, metrics_port=metrics_port)
@@ -247,34 +219,9 @@ class Member:
                 state_sha256=digest,
                 links=self.monitor.table.as_dict(time.monotonic()),
             )
-            await self._stop_replicator()
+            await self.replicator.close()
             await self.transport.close()
             await self.control.close()
-
-    async def _start_replicator(self, host: str) -> str:
-        """Serve snapshots (see `WorkerConfig.replicator`); returns the address to advertise."""
-        if self.cfg.replicator_address:
-            return self.cfg.replicator_address
-        if self.replicator is not None:
-            return await self.replicator.start(host)
-        assert self.store.directory is not None
-        self._child = await start_child(
-            self.me,
-            self.store.directory,
-            host,
-            links=self.cfg.links,
-            kernel_shaped=self.cfg.kernel_shaped,
-        )
-        self._child.count_sent(lambda peer, n: self._count_replication(peer, "sent", n))
-        return self._child.address
-
-    async def _stop_replicator(self) -> None:
-        if self.replicator is not None:
-            await self.replicator.close()
-        if self._child is not None:
-            await self._child.stop()
-        if self._owned_dir is not None:
-            shutil.rmtree(self._owned_dir, ignore_errors=True)
 
     async def _join(self) -> None:
         """Ask a member to admit us, then catch up as an observer or by a full copy."""
@@ -289,8 +236,6 @@ class Member:
                 await self._join_as_observer()
                 return
             except JoinFailed as exc:
-                if self._asked_ready:  # a switch step is agreed: the members expect us there
-                    raise
                 self._report("join_fallback", reason=str(exc), t=time.monotonic())
         self._ask_to_join("copy")
         decision = await self._joining_decision()
@@ -300,7 +245,7 @@ class Member:
         self._install(decision, send_state=False)
         self._report("joined", path="stop-and-copy", t=time.monotonic())
 
-    def _ask_to_join(self, mode: str, ready_in_s: float = 0.0) -> None:
+    def _ask_to_join(self, mode: str) -> None:
         now = time.monotonic()
         links = self.monitor.table.share(now, limit=MAX_GOSSIP_ENTRIES, fresh_only=True)
         proposal = Proposal(
@@ -313,7 +258,6 @@ class Member:
             epoch=-1,
             mode=mode,
             links={kind: entries for kind, entries in links.items() if entries},
-            ready_in_s=ready_in_s,
         )
         self._seen.add(proposal.id)
         self._flood(proposal)
@@ -374,57 +318,21 @@ class Member:
                 last[0] = now
                 self._report("join_progress", bytes=received, done=done, shards=shards, t=now)
 
-        loop = asyncio.get_running_loop()
         downlink = self.cfg.downlink_bytes_per_s
-        pullers: list[Puller] = []
-        pulled: asyncio.Future[PullResult] = loop.create_future()
-
-        def take(result: PullResult) -> None:
-            if not pulled.done():
-                pulled.set_result(result)
-
-        def pull() -> PullResult:  # in a thread of its own, at lower priority (priority.py)
-            async def run() -> PullResult:
-                puller = Puller(
-                    self.me,
-                    plan,
-                    host=self.address.rpartition(":")[0],
-                    downlink=TokenBucket(downlink) if downlink else None,
-                    stall_timeout_s=self.cfg.stall_timeout_s,
-                    on_progress=lambda *a: loop.call_soon_threadsafe(progress, *a),
-                    # the result goes to this loop at once; closing the links comes after
-                    on_result=lambda r: loop.call_soon_threadsafe(take, r),
-                )
-                pullers.append(puller)
-                return await puller.run()
-
-            return asyncio.run(run())
-
-        pulling = asyncio.ensure_future(in_background(pull))
-        pulling.add_done_callback(
-            lambda f: None if f.cancelled() or pulled.done() else _settle_from(pulled, f)
+        puller = Puller(
+            self.me,
+            plan,
+            host=self.address.rpartition(":")[0],
+            downlink=TokenBucket(downlink) if downlink else None,
+            stall_timeout_s=self.cfg.stall_timeout_s,
+            on_progress=progress,
         )
-        # touch the snapshot slots' pages now, at low priority, not at the first snapshot
-        self._reserving = asyncio.ensure_future(
-            in_background(lambda: self.store.reserve(plan.state_bytes))
-        )
-        while not pulled.done():  # ask for the switch step while the last shards arrive
-            await asyncio.wait({pulled}, timeout=0.005)
-            remaining = pullers[0].remaining_s(time.monotonic()) if pullers else float("inf")
-            period = step_period(self._observed_at)
-            if not self._asked_ready and ask_now(remaining, plan.state_bytes, period):
-                self._ask_ready(remaining, plan.state_bytes)
-        result = pulled.result()
+        result = await puller.run()
         self._observe_pull(result.bytes_per_source, result.transfers)
-        if not self._asked_ready:
-            self._ask_ready(0.0, plan.state_bytes)
-        # in a thread: this loop sends the `ready` proposal and takes observed totals meanwhile
-        await asyncio.to_thread(
-            load_from, result.data, result.layout, self.spec.model, self.spec.optimizer, self.device
-        )
-        # fill the snapshot slots with the frozen state while replaying, so the first
-        # steps as a member publish only what training changes
-        self._publisher.submit(self.store.warm, self.spec.model, self.spec.optimizer)
+        # Replaying is much faster than training, so ask for the switch step now: loading
+        # and replaying overlap the two steps the root leaves before it.
+        self._ask_to_join("ready")
+        load_from(result.data, result.layout, self.spec.model, self.spec.optimizer, self.device)
         self.step = plan.step
         self.completed = plan.step - 1
         self._report(
@@ -434,19 +342,12 @@ class Member:
             replans=result.replans,
             rejected=result.rejected,
             pull_s=time.monotonic() - started,
-            rebalances=result.rebalances,
             strategy=plan.strategy,
             bandwidths=plan.bandwidths,
             figures=plan.figures,
             t=time.monotonic(),
         )
         await self._catch_up()
-
-    def _ask_ready(self, remaining_s: float, state_bytes: int) -> None:
-        self._asked_ready = True
-        wait = ready_in(remaining_s, state_bytes)
-        self._report("ready_asked", remaining_s=round(remaining_s, 4), t=time.monotonic())
-        self._ask_to_join("ready", ready_in_s=wait)
 
     async def _catch_up(self) -> None:
         """Replay observed totals until the decision that admits this member takes effect."""
@@ -495,7 +396,6 @@ class Member:
                 return
             self._probe_links()
             started = time.perf_counter()
-            self._step_started = time.monotonic()
             ids = step_sample_ids(
                 self.cfg.seed, self.step, self.cfg.global_batch, len(self.spec.dataset)
             )
@@ -505,7 +405,6 @@ class Member:
                 gradient_sum, self.spec, mine, micro_batch=self.cfg.micro_batch
             )
             compute_s = time.perf_counter() - started
-            self._ready_t = time.monotonic()  # this member's gradient is ready to reduce
             if mine:
                 self._samples_per_s = len(mine) / max(compute_s, 1e-6)
             if self._aborting:
@@ -528,7 +427,6 @@ class Member:
     def _apply(self, total: np.ndarray, *, observed: bool = False) -> None:
         """Divide the reduced sum by the global batch, step the optimizer, publish the
         snapshot of the next step, and stream the total to observers (as root)."""
-        self._stream_to_observers(total)  # first: a newcomer's first step waits for it
         grads = torch.from_numpy(total[:-2].copy()).to(self.device)
         apply_flat_grads(self.spec.model, grads, 1.0 / self.cfg.global_batch)
         self._settle_publish()
@@ -541,6 +439,7 @@ class Member:
         self.last_total = total
         self.completed = self.step
         self.loss_curve.append((self.step, loss))
+        self._stream_to_observers(total)
         if observed:  # replaying: nobody pulls from an observer, so publish nothing yet
             self.step += 1
             return
@@ -556,7 +455,6 @@ class Member:
             root=self.view.root,
             samples_per_s=self._samples_per_s,
             publish_s=self._publish_s,
-            ready_t=self._ready_t,
             t=time.monotonic(),
         )
         self.step += 1
@@ -664,7 +562,7 @@ class Member:
         staying = [m for m in sorted(self.view.members) if m not in leaving] or [self.me]
         side_of = self.me if self.me in staying else staying[0]
         outcome = next_view(self.view, changes, side_of=side_of, speeds=self._speed_table())
-        effective = self.step + self._switch_margin(self._ready_wait(proposals))
+        effective = self.step + FIFO_SWITCH_MARGIN
         decision = Decision(
             id=uuid.uuid4().hex,
             origin=self.me,
@@ -674,26 +572,6 @@ class Member:
             causes=[_cause(p) for p in proposals],
         )
         self._accept_decision(decision)
-
-    def _switch_margin(self, wait_s: float) -> int:
-        """Steps ahead a decision taken now takes effect: at least one while this step's
-        totals have not left the root (the decision travels ahead of them), else
-        `FIFO_SWITCH_MARGIN`; and not before `wait_s` from now (readiness.py)."""
-        ahead = self.collective.down_sent != (self.view.epoch, self.step)
-        minimum = 1 if ahead else FIFO_SWITCH_MARGIN
-        period = statistics.median(self._step_times) if self._step_times else None
-        now = time.monotonic()
-        return switch_steps(now, self._step_started, period, wait_s, minimum)
-
-    def _ready_wait(self, proposals: list[Proposal]) -> float:
-        """Seconds from now until the slowest newcomer asking to switch in is ready."""
-        now = time.monotonic()
-        waits = [
-            p.ready_in_s - (now - self._received_at.get(p.id, now))
-            for p in proposals
-            if p.kind == "join" and p.mode == "ready"
-        ]
-        return max([0.0, *waits])
 
     def _plan_joins(self) -> None:
         """As root, give every newcomer that asked to observe a shard plan (once)."""
@@ -775,9 +653,7 @@ class Member:
         if self.view is not None:
             self.stall.change_started()
         if self.me in plan.assignment:
-            # the manifest's hashes ahead of its request, where this process serves it
-            hashes_here = self._inline and self.me == plan.manifest_from
-            self.store.want(plan.step, plan.shards if hashes_here else None)
+            self.store.want(plan.step, plan.shards if self.me == plan.manifest_from else None)
         self._observers[plan.joiner] = plan
         self.transport.connect(plan.joiner, plan.joiner_address)
         if plan.origin == self.me:
@@ -1027,7 +903,6 @@ class Member:
             self._on_join_plan(message)
         elif isinstance(message, ObservedTotal):
             if self.view is None and message.step >= self.step:
-                self._observed_at.append(now)
                 self._observed[message.step] = np.frombuffer(payload, dtype=message.dtype).copy()
                 self._decided.set()
         elif isinstance(message, StateTransfer):
@@ -1071,10 +946,13 @@ class Member:
             self._merge_links(proposal.links, lambda _src, dst: dst == proposal.subject)
         if self.view is None or proposal.mode == "probe":
             return
+        if proposal.kind == "join" and proposal.mode == "ready":
+            plan = self._observers.get(proposal.subject)
+            if plan is not None:
+                self.store.release(plan.step)
         if proposal.kind == "crash" and proposal.subject == self.me:
             return  # falsely suspected: the others' recovery view leaves us out, and we stop
         self._open[proposal.id] = proposal
-        self._received_at[proposal.id] = time.monotonic()
         if proposal.kind == "crash":
             self._suspects.add(proposal.subject)
             self._begin_abort()
@@ -1349,11 +1227,3 @@ def _cause(proposal: Proposal) -> dict:
         "peer": proposal.peer,
         "detected_at": proposal.detected_at,
     }
-
-
-def _settle_from(target: asyncio.Future, source: asyncio.Future) -> None:
-    """Give `target` the outcome of `source` (done)."""
-    if source.exception() is not None:
-        target.set_exception(source.exception())
-    else:
-        target.set_result(source.result())
