@@ -343,7 +343,9 @@ class ReconciledJob(LocalJob):
 
     def _local_config(self, config: dict[str, Any], **extra: Any) -> WorkerConfig:
         """The pod's config plus what only this machine knows (module docstring)."""
-        fields = {k: v for k, v in config.items() if k not in ("id", "listen")}
+        # no sidecar runs here: the trainer starts its own replicator process instead
+        drop = ("id", "listen", "replicator_address")
+        fields = {k: v for k, v in config.items() if k not in drop}
         if not self.opts.metrics:
             fields["metrics_port"] = None
         return self.worker_config(config["id"], listen=config["listen"], **fields, **extra)

@@ -240,6 +240,8 @@ def worker_config(
         "failure_timeout_s": options.failure_timeout_s,
         "metrics_port": port + 1,
         "snapshot_dir": SNAPSHOT_DIR,
+        # the pod's `replicator` container serves the snapshots (see worker_pod)
+        "replicator_address": f"{address.rpartition(':')[0]}:{port + 2}",
     }
     if members:
         config["members"] = dict(sorted(members.items()))

@@ -152,6 +152,7 @@ def test_a_slow_measured_link_gets_proportionally_fewer_shard_bytes(monkeypatch,
         churn=parse_churn("join@15", 4),
         links=LINKS,
         metrics=True,
+        join_probe_frames=8,  # the probe is optional (off by default): this test is about it
     )
     joins, metrics = asyncio.run(_run_and_watch(LocalJob(options), tmp_path))
 

@@ -33,9 +33,17 @@ def _job(seed: int = 0, steps: int = 1, width: int = 256):
     return model, opt
 
 
-def _plan(replicators: dict[str, Replicator], total: int, rates: dict[str, float]) -> JoinPlan:
+def _plan(
+    replicators: dict[str, Replicator],
+    total: int,
+    rates: dict[str, float],
+    *,
+    strategy: str = "equal",
+    shards: int = 8,
+) -> JoinPlan:
     sources = [Source(id=s, bandwidth_bytes_per_s=rates[s]) for s in replicators]
-    plan = solve(PlanRequest(state_bytes=total, shard_counts=[8], sources=sources), "equal")
+    request = PlanRequest(state_bytes=total, shard_counts=[shards], sources=sources)
+    plan = solve(request, {"equal": "equal", "greedy": "greedy"}[strategy])
     assignment = plan.shard_indices()
     return JoinPlan(
         id="plan",
@@ -50,7 +58,26 @@ def _plan(replicators: dict[str, Replicator], total: int, rates: dict[str, float
         bandwidths=rates,
         manifest_from="s0",
         predicted_s=plan.makespan_s,
-        strategy="equal",
+        strategy=strategy,
+    )
+
+
+def _one_source_plan(address: str, state_bytes: int) -> JoinPlan:
+    """Snapshot 3 in four shards, all from source s0 at `address`."""
+    return JoinPlan(
+        id="p",
+        origin="s0",
+        joiner="new",
+        joiner_address="",
+        step=3,
+        state_bytes=state_bytes,
+        shards=4,
+        assignment={"s0": [0, 1, 2, 3]},
+        replicators={"s0": address},
+        bandwidths={"s0": 1e9},
+        manifest_from="s0",
+        predicted_s=0.0,
+        strategy="single",
     )
 
 
@@ -124,22 +151,7 @@ def test_a_separate_replicator_process_serves_a_trainers_snapshot_dir(tmp_path) 
         assert line.startswith("serving"), line
 
         async def main():
-            plan = JoinPlan(
-                id="p",
-                origin="s0",
-                joiner="new",
-                joiner_address="",
-                step=3,
-                state_bytes=1 << 20,
-                shards=4,
-                assignment={"s0": [0, 1, 2, 3]},
-                replicators={"s0": address},
-                bandwidths={"s0": 1e9},
-                manifest_from="s0",
-                predicted_s=0.0,
-                strategy="single",
-            )
-            return await Puller("new", plan).run()
+            return await Puller("new", _one_source_plan(address, 1 << 20)).run()
 
         result = asyncio.run(main())
     finally:
@@ -204,3 +216,67 @@ def test_a_newcomer_times_each_source_alone_and_each_sources_delivery() -> None:
     assert delivered["s0"] * 1.5 < min(delivered["s1"], delivered["s2"])
     # every shard byte timed once, on the source that delivered it
     assert {s: sum(n for n, _ in b) for s, b in result.transfers.items()} == sent
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "equal"])
+def test_an_adaptive_pull_moves_shards_off_a_source_slower_than_planned(strategy) -> None:
+    """The root planned with equal figures (nobody had measured the links), but s0 delivers
+    an eighth of the others' rate. The chaos strategy (greedy) measures every source as its
+    shards arrive and re-plans the shards not yet requested, so s0 ends up with far fewer;
+    the `equal` baseline keeps its plan. Either way the state arrives whole."""
+    model, opt = _job(width=1024)
+    rates = {"s0": 4e6, "s1": 32e6, "s2": 32e6}
+
+    async def main():
+        replicators = await _serve(model, opt, rates)
+        total = replicators["s0"].store.get(3).layout.total_bytes
+        guess = dict.fromkeys(rates, 32e6)
+        plan = _plan(replicators, total, guess, strategy=strategy, shards=32)
+        result = await Puller("new", plan).run()
+        for replicator in replicators.values():
+            await replicator.close()
+        return plan, result
+
+    plan, result = asyncio.run(main())
+    planned = {s: len(v) for s, v in plan.assignment.items()}
+    assert max(planned.values()) - min(planned.values()) <= 1  # an equal plan either way
+    got = result.bytes_per_source
+    others = min(got["s1"], got["s2"])
+    if strategy == "greedy":
+        assert result.rebalances > 0
+        assert got["s0"] < 0.5 * others
+    else:
+        assert result.rebalances == 0
+        assert got["s0"] > 0.8 * others
+    model2, opt2 = _job(seed=1, width=1024)
+    load_from(result.data, result.layout, model2, opt2, torch.device("cpu"))
+    assert state_digest(model2, opt2) == state_digest(model, opt)
+
+
+def test_a_trainers_own_replicator_process_serves_counts_and_cleans_up(tmp_path) -> None:
+    """`start_child` (what a trainer without a sidecar does): the child serves the slot
+    files, reports every shard it sent, and removes the private directory when stopped."""
+    from chaos_worker.sidecar import start_child
+
+    model, opt = _job()
+    directory = tmp_path / "private"
+    store = SnapshotStore(directory)
+    store.publish(3, model, opt)
+    total = store.get(3).layout.total_bytes
+    sent: dict[str, int] = {}
+
+    async def main():
+        child = await start_child("s0", directory, "127.0.0.1")
+        child.count_sent(lambda peer, n: sent.__setitem__(peer, sent.get(peer, 0) + n))
+        result = await Puller("new", _one_source_plan(child.address, total)).run()
+        for _ in range(100):  # the last report line may trail the last shard
+            if sum(sent.values()) == total:
+                break
+            await asyncio.sleep(0.05)
+        await child.stop()
+        return result
+
+    result = asyncio.run(main())
+    assert bytes(result.data) == bytes(store.get(3).data)
+    assert sent == {"new": total}
+    assert not directory.exists()

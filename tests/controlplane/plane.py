@@ -9,7 +9,6 @@ The binaries come from `scripts/build-k8s.sh` (or `CHAOS_K8S_BIN`); etcd is Debi
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
 import ipaddress
 import json
@@ -30,6 +29,7 @@ from typing import Any
 
 import yaml
 from chaos_operator.federation.identity import key_usage
+from chaos_worker.process import die_with_parent
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -91,10 +91,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies, so nothing outlives a killed run."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+_die_with_parent = die_with_parent(signal.SIGTERM)
+"""In the child: get SIGTERM when the test process dies, so nothing outlives a killed run."""
 
 
 @dataclass

@@ -178,6 +178,10 @@ def test_pods_are_owned_labelled_and_have_two_containers_sharing_memory() -> Non
     field = volumes["config"]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"]
     assert field == f"metadata.annotations['{ANN_CONFIG}']"
     assert config_of(pod)["snapshot_dir"] == "/snapshots"
+    # the trainer advertises the sidecar, which listens two ports above it
+    port = int(config_of(pod)["listen"].rpartition(":")[2])
+    assert config_of(pod)["replicator_address"].endswith(f":{port + 2}")
+    assert f"0.0.0.0:{port + 2}" in replicator["command"]
     assert spec["hostname"] == "digits-w0"
     assert spec["subdomain"] == "digits-workers"
 

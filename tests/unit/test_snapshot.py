@@ -116,3 +116,30 @@ def test_frozen_tensors_are_copied_once_per_slot_and_trained_ones_every_time() -
     store.publish(4, model, opt)
     data = torch.frombuffer(bytearray(store.get(4).data), dtype=torch.float32)
     assert data[slots["model", "table"].offset // 4 + 1] == 2.0
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_reserved_and_warmed_slots_give_the_same_snapshots(directory: bool, tmp_path) -> None:
+    """A newcomer reserves its slots while it pulls and warms them with the frozen tensors
+    while it replays: its later snapshots are those of a store that did neither, and a
+    frozen tensor warmed once is not copied again (a change that bypasses the version
+    counter shows that)."""
+    model, opt = _job("adam")
+    frozen = torch.nn.Parameter(torch.arange(1000.0), requires_grad=False)
+    model.register_parameter("table", frozen)
+    store = SnapshotStore(tmp_path if directory else None)
+    total = layout_of(model, opt)[0].total_bytes
+    store.reserve(total)
+    store.warm(model, opt)
+    assert store.latest_step() is None  # warming publishes nothing
+    opt.zero_grad()
+    model[0](torch.randn(4, 6)).square().sum().backward()
+    opt.step()  # trained tensors change after the warm-up: they are copied at publish
+    frozen.data.view(-1)[0] = -1.0  # untracked: a warmed slot keeps what it copied
+    for step in (7, 8):
+        store.publish(step, model, opt)
+    frozen.data.view(-1)[0] = 0.0
+    reference = SnapshotStore()
+    reference.publish(7, model, opt)
+    for step in (7, 8):
+        assert bytes(store.get(step).data) == bytes(reference.get(7).data)

@@ -319,3 +319,24 @@ def test_a_crash_nobody_detected_still_gives_an_event() -> None:
     line = timeline(records, [Fired(ChurnEvent("crash", 4, "w1"), 100.45, 4)])
     (event,) = line.events()
     assert event.type == "crash" and math.isnan(event.handling_ms)
+
+
+def test_a_joins_stall_is_the_time_the_incumbents_waited_for_the_newcomer() -> None:
+    """Incumbents wait for a newcomer only once it takes part: in each of its first steps,
+    for as long as its gradient was ready after theirs. Slower steps while it pulled are the
+    slowdown, not idle time."""
+    records = [standby("w3", 99.0), *steady(["w0", "w1", "w2"], range(10))]
+    records += [join_requested("w3", 100.52)]
+    # while w3 pulls, steps 6..9 each take 20 ms longer than 100 ms
+    for step, t in zip(range(10, 14), (101.12, 101.24, 101.36, 101.48), strict=True):
+        records += [progress(w, step, t) | {"ready_t": t - 0.02} for w in ("w0", "w1", "w2")]
+    ready = {14: 0.005, 15: 0.0, 16: -0.01, 17: 0.03}  # w3's lag behind the last incumbent
+    for step, lag in ready.items():
+        t = 101.48 + (step - 13) * 0.1
+        records += [progress(w, step, t) | {"ready_t": t - 0.05} for w in ("w0", "w1", "w2")]
+        records += [progress("w3", step, t) | {"ready_t": t - 0.05 + lag}]
+    line = timeline(records, [Fired(ChurnEvent("join", 9, "w3"), 100.5, 9)])
+    (event,) = line.events()
+    # steps 14, 15, 16 are its first three: 5 ms + 0 + 0 (it was early); step 17 is past them
+    assert event.incumbent_stall_s == pytest.approx(0.005)
+    assert event.incumbent_slowdown_s is not None and event.incumbent_slowdown_s > 0.05

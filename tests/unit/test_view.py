@@ -137,7 +137,7 @@ def test_join_links_the_joiner_to_everybody_and_keeps_the_tree() -> None:
     new = outcome.view
     assert outcome.majority and outcome.removed == frozenset()
     assert new.members["w4"] == "10.0.0.9:1"
-    assert new.speeds["w4"] == 1.0
+    assert new.speeds["w4"] == 1.0  # the median of the members' speeds (all 1.0 here)
     for other in view.members:
         assert new.overlay[link_key(other, "w4")] == 1.0
     assert tree_edges(view) < tree_edges(new)
@@ -487,3 +487,12 @@ def test_next_view_is_always_a_spanning_tree_of_the_side(graph, batches, data) -
         still_valid = {e for e in tree_edges(view) if e <= set(new.members)} & live_links(new)
         assert still_valid <= tree_edges(new)
         view = new
+
+
+def test_a_joiner_without_a_measured_speed_gets_the_median_members_share() -> None:
+    """Not a token share: a newcomer counted at 1 sample/s among members doing thousands
+    would compute nothing until the next change of view."""
+    view = mesh_view(3)
+    speeds = {"w0": 900.0, "w1": 1000.0, "w2": 4000.0}
+    new = next_view(view, [Change("join", "w3", address="h:3")], side_of="w0", speeds=speeds)
+    assert new.view.speeds == {**speeds, "w3": 1000.0}

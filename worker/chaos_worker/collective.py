@@ -30,6 +30,9 @@ class TreeAllReduce:
         self.bucket_bytes = bucket_bytes
         self._inbox: dict[Key, bytes] = {}
         self._waiting: dict[Key, asyncio.Future] = {}
+        self.down_sent: tuple[int, int] | None = None
+        """(epoch, step) of the last all-reduce whose totals this member, as root, began
+        to send down: anything it sends before that precedes the totals on every path."""
 
     def deliver(self, sender: str, chunk: Chunk, payload: bytes) -> None:
         """Hand over a bucket received from `sender` (may arrive before it is awaited)."""
@@ -60,6 +63,7 @@ class TreeAllReduce:
                     data = await self._receive((view.epoch, step, "up", index, child))
                     part += np.frombuffer(data, dtype=total.dtype)
                 if parent is None:
+                    self.down_sent = (view.epoch, step)
                     self._fan_out(children, view.epoch, step, "down", index, len(slices), part)
                 else:
                     self._post(parent, view.epoch, step, "up", index, len(slices), part)

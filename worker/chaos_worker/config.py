@@ -53,7 +53,20 @@ class WorkerConfig(BaseModel):
         None, description="emulated downlink of this worker (all incoming bytes share it)"
     )
     snapshot_dir: str | None = Field(
-        None, description="memory-backed directory for snapshots (a separate replicator)"
+        None,
+        description="memory-backed directory for snapshots, served by a separate replicator "
+        "(default with `replicator: process`: a private directory in /dev/shm)",
+    )
+    replicator: Literal["process", "inline"] = Field(
+        "process",
+        description="process: serve snapshots from a child `chaos replicator` process, so "
+        "serving never competes with training for this interpreter; inline: from this "
+        "process's event loop (ignored with replicator_address)",
+    )
+    replicator_address: str | None = Field(
+        None,
+        description="host:port of a replicator already serving snapshot_dir (the pod's "
+        "sidecar container): advertised to newcomers, and nothing is served from here",
     )
     join_mode: Literal["observe", "copy"] = Field(
         "observe",
@@ -70,11 +83,12 @@ class WorkerConfig(BaseModel):
         5.0, description="a source that sends nothing for this long is replaced mid-join"
     )
     join_probe_frames: int = Field(
-        8,
+        0,
         ge=0,
         le=64,
         description="frames of 64 KiB a newcomer pulls from each member to time its downlink "
-        "before asking to join (0: no probe; the root then plans with shaped or default rates)",
+        "before asking to join (0, the default: no probe; the root plans with measured, "
+        "shaped or default rates and the pull re-plans from the rates it measures)",
     )
     observer_max_backlog: PositiveInt = Field(
         200, description="observed steps a newcomer may lag before it falls back to a copy"
@@ -86,6 +100,8 @@ class WorkerConfig(BaseModel):
             raise ValueError("either members (initial worker) or join (newcomer) is required")
         if self.members and self.id not in self.members:
             raise ValueError(f"members must include this worker's id {self.id!r}")
+        if self.replicator_address and not self.snapshot_dir:
+            raise ValueError("replicator_address needs the snapshot_dir it serves")
         if self.heartbeat_interval_s >= self.failure_timeout_s:
             raise ValueError("heartbeat_interval_s must be smaller than failure_timeout_s")
         return self

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from chaos_worker.churn import ChurnEvent
 from chaos_worker.config import WorkerConfig
 from chaos_worker.control import UNIX
 from chaos_worker.netns import NetnsError, NetnsTestbed
+from chaos_worker.process import die_with_parent
 from chaos_worker.report import Report, links_matrix
 from chaos_worker.shaping import parse_links
 from chaos_worker.timeline import Fired, Timeline
@@ -65,7 +65,7 @@ class JobOptions:
     downlinks: dict[str, float] = field(default_factory=dict)  # worker -> downlink bytes/s
     join_mode: str = "observe"
     join_strategy: str = "greedy"
-    join_probe_frames: int = 8  # a newcomer's downlink probe (0: none)
+    join_probe_frames: int = 0  # frames of a newcomer's downlink probe (0: none)
     # end the job once every newcomer has contributed this many steps (benchmarks)
     stop_after_join_steps: int | None = None
     netns: bool = False  # every worker in its own network namespace, rates shaped by tc
@@ -87,11 +87,6 @@ class _Proc:
     address: str = ""
     killed: bool = False
     stopped: bool = False
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def free_ports(count: int, base: int) -> list[int]:
@@ -239,7 +234,7 @@ class LocalJob:
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 env=env,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent(),
             )
         self.procs[name] = _Proc(name, popen, stderr)
 

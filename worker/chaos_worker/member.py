@@ -29,7 +29,11 @@ import hashlib
 import io
 import itertools
 import logging
+import os
+import shutil
 import signal
+import statistics
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -49,10 +53,13 @@ from chaos_worker.control import ControlLink
 from chaos_worker.joinplan import source_bandwidths
 from chaos_worker.joinprobe import probe_downlinks
 from chaos_worker.metrics import WorkerMetrics
+from chaos_worker.priority import in_background
 from chaos_worker.probes import LinkMonitor, directed
-from chaos_worker.replication import JoinFailed, Puller, Replicator
+from chaos_worker.readiness import ask_now, ready_in, step_period, switch_steps
+from chaos_worker.replication import JoinFailed, Puller, PullResult, Replicator
 from chaos_worker.sampling import split_by_throughput, step_sample_ids
 from chaos_worker.shaping import TokenBucket, delays_only, parse_links, shape_for
+from chaos_worker.sidecar import Child, start_child
 from chaos_worker.snapshot import SnapshotStore, load_from, state_digest
 from chaos_worker.stall import StallMeter
 from chaos_worker.trainspec import TrainSpec
@@ -76,13 +83,15 @@ from chaos_worker.wire import (
 
 log = logging.getLogger(__name__)
 
-# Decisions leave the root ahead of the down-pass of the step it is in, on the same FIFO
-# links, so every member holds a decision before it can finish that step or the next: two
-# steps ahead is always in time. (The planner's `switch_step`, which budgets round trips
-# from step time and RTT, is for decisions that travel outside the data path.)
+# Decisions are flooded on the same FIFO links as the all-reduce, and forwarded on receipt.
+# One the root sends before the down-pass of step s reaches every member before the totals
+# of s, so it can take effect at s + 1; after that down-pass has begun, at s + 2, which is
+# always in time. (The planner's `switch_step`, which budgets round trips from step time
+# and RTT, is for decisions that travel outside the data path.)
 FIFO_SWITCH_MARGIN = 2
 STARTUP_TIMEOUT_S = 60.0
-MAX_SHARD_BYTES = 16 << 20
+MAX_SHARD_BYTES = 1 << 20
+"""Shards of at most 1 MiB: a pull adapts to measured rates shard by shard."""
 DEFAULT_BANDWIDTH = 1e9
 """Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
 GOSSIP_EVERY = 10
@@ -119,22 +128,42 @@ class Member:
             shape=lambda peer: shape_for(wire, self.me, peer),
             downlink=TokenBucket(downlink) if downlink else None,
         )
-        self.store = SnapshotStore(Path(config.snapshot_dir) if config.snapshot_dir else None)
-        self.replicator = Replicator(
-            self.me,
-            self.store,
-            shape=lambda peer: shape_for(wire, self.me, peer),
-            on_sent=lambda peer, n: self._count_replication(peer, "sent", n),
+        self._inline = config.replicator == "inline" and not config.replicator_address
+        self._owned_dir: Path | None = None  # a private snapshot directory, removed at exit
+        directory = Path(config.snapshot_dir) if config.snapshot_dir else None
+        if directory is None and not self._inline:
+            shm = Path("/dev/shm")
+            where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+            self._owned_dir = Path(tempfile.mkdtemp(prefix=f"chaos-{self.me}-", dir=where))
+            directory = self._owned_dir
+        self.store = SnapshotStore(directory)
+        self.replicator = (
+            Replicator(
+                self.me,
+                self.store,
+                shape=lambda peer: shape_for(wire, self.me, peer),
+                on_sent=lambda peer, n: self._count_replication(peer, "sent", n),
+            )
+            if self._inline
+            else None
         )
+        self._child: Child | None = None
         self._shapes = shapes
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
+        self._reserving: asyncio.Future | None = None  # a newcomer touching its slots
         self._publishing: concurrent.futures.Future | None = None
         self._publish_s = 0.0
+        self._ready_t = 0.0
+        self._step_started = 0.0  # when the step in progress began (monotonic)
+        self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
+        self._unpin_after: dict[int, int] = {}  # pinned snapshot -> step whose end frees it
         self._replicators: dict[str, str] = {}
         self._observers: dict[str, JoinPlan] = {}
         self._join_plan: JoinPlan | None = None
         self._join_decision: Decision | None = None
         self._observed: dict[int, np.ndarray] = {}
+        self._observed_at: deque[float] = deque(maxlen=8)  # arrivals: the step period
+        self._asked_ready = False
         self._join_requested_at = 0.0
         self.collective = TreeAllReduce(
             self.me, self.transport.send, bucket_bytes=config.bucket_bytes
@@ -187,7 +216,7 @@ class Member:
         host = self.cfg.listen.rpartition(":")[0]
         port = await self.transport.listen(host, int(self.cfg.listen.rpartition(":")[2]))
         self.address = f"{host}:{port}"
-        self._replicators[self.me] = await self.replicator.start(host)
+        self._replicators[self.me] = await self._start_replicator(host)
         await self.control.open()
         metrics_port = self.metrics.serve(host, self.cfg.metrics_port) if self.metrics else None
         self._report("ready", address=self.address, metrics_port=metrics_port)
@@ -219,9 +248,34 @@ class Member:
                 state_sha256=digest,
                 links=self.monitor.table.as_dict(time.monotonic()),
             )
-            await self.replicator.close()
+            await self._stop_replicator()
             await self.transport.close()
             await self.control.close()
+
+    async def _start_replicator(self, host: str) -> str:
+        """Serve snapshots (see `WorkerConfig.replicator`); returns the address to advertise."""
+        if self.cfg.replicator_address:
+            return self.cfg.replicator_address
+        if self.replicator is not None:
+            return await self.replicator.start(host)
+        assert self.store.directory is not None
+        self._child = await start_child(
+            self.me,
+            self.store.directory,
+            host,
+            links=self.cfg.links,
+            kernel_shaped=self.cfg.kernel_shaped,
+        )
+        self._child.count_sent(lambda peer, n: self._count_replication(peer, "sent", n))
+        return self._child.address
+
+    async def _stop_replicator(self) -> None:
+        if self.replicator is not None:
+            await self.replicator.close()
+        if self._child is not None:
+            await self._child.stop()
+        if self._owned_dir is not None:
+            shutil.rmtree(self._owned_dir, ignore_errors=True)
 
     async def _join(self) -> None:
         """Ask a member to admit us, then catch up as an observer or by a full copy."""
@@ -236,6 +290,8 @@ class Member:
                 await self._join_as_observer()
                 return
             except JoinFailed as exc:
+                if self._asked_ready:  # a switch step is agreed: the members expect us there
+                    raise
                 self._report("join_fallback", reason=str(exc), t=time.monotonic())
         self._ask_to_join("copy")
         decision = await self._joining_decision()
@@ -245,7 +301,7 @@ class Member:
         self._install(decision, send_state=False)
         self._report("joined", path="stop-and-copy", t=time.monotonic())
 
-    def _ask_to_join(self, mode: str) -> None:
+    def _ask_to_join(self, mode: str, ready_in_s: float = 0.0) -> None:
         now = time.monotonic()
         links = self.monitor.table.share(now, limit=MAX_GOSSIP_ENTRIES, fresh_only=True)
         proposal = Proposal(
@@ -258,6 +314,7 @@ class Member:
             epoch=-1,
             mode=mode,
             links={kind: entries for kind, entries in links.items() if entries},
+            ready_in_s=ready_in_s,
         )
         self._seen.add(proposal.id)
         self._flood(proposal)
@@ -318,21 +375,57 @@ class Member:
                 last[0] = now
                 self._report("join_progress", bytes=received, done=done, shards=shards, t=now)
 
+        loop = asyncio.get_running_loop()
         downlink = self.cfg.downlink_bytes_per_s
-        puller = Puller(
-            self.me,
-            plan,
-            host=self.address.rpartition(":")[0],
-            downlink=TokenBucket(downlink) if downlink else None,
-            stall_timeout_s=self.cfg.stall_timeout_s,
-            on_progress=progress,
+        pullers: list[Puller] = []
+        pulled: asyncio.Future[PullResult] = loop.create_future()
+
+        def take(result: PullResult) -> None:
+            if not pulled.done():
+                pulled.set_result(result)
+
+        def pull() -> PullResult:  # in a thread of its own, at lower priority (priority.py)
+            async def run() -> PullResult:
+                puller = Puller(
+                    self.me,
+                    plan,
+                    host=self.address.rpartition(":")[0],
+                    downlink=TokenBucket(downlink) if downlink else None,
+                    stall_timeout_s=self.cfg.stall_timeout_s,
+                    on_progress=lambda *a: loop.call_soon_threadsafe(progress, *a),
+                    # the result goes to this loop at once; closing the links comes after
+                    on_result=lambda r: loop.call_soon_threadsafe(take, r),
+                )
+                pullers.append(puller)
+                return await puller.run()
+
+            return asyncio.run(run())
+
+        pulling = asyncio.ensure_future(in_background(pull))
+        pulling.add_done_callback(
+            lambda f: None if f.cancelled() or pulled.done() else _settle_from(pulled, f)
         )
-        result = await puller.run()
+        # touch the snapshot slots' pages now, at low priority, not at the first snapshot
+        self._reserving = asyncio.ensure_future(
+            in_background(lambda: self.store.reserve(plan.state_bytes))
+        )
+        while not pulled.done():  # ask for the switch step while the last shards arrive
+            await asyncio.wait({pulled}, timeout=0.005)
+            remaining = pullers[0].remaining_s(time.monotonic()) if pullers else float("inf")
+            period = step_period(self._observed_at)
+            if not self._asked_ready and ask_now(remaining, plan.state_bytes, period):
+                self._ask_ready(remaining, plan.state_bytes)
+        result = pulled.result()
         self._observe_pull(result.bytes_per_source, result.transfers)
-        # Replaying is much faster than training, so ask for the switch step now: loading
-        # and replaying overlap the two steps the root leaves before it.
-        self._ask_to_join("ready")
-        load_from(result.data, result.layout, self.spec.model, self.spec.optimizer, self.device)
+        if not self._asked_ready:
+            self._ask_ready(0.0, plan.state_bytes)
+        # in a thread: this loop sends the `ready` proposal and takes observed totals meanwhile
+        await asyncio.to_thread(
+            load_from, result.data, result.layout, self.spec.model, self.spec.optimizer, self.device
+        )
+        # fill the snapshot slots with the frozen state while replaying, so the first
+        # steps as a member publish only what training changes
+        self._publisher.submit(self.store.warm, self.spec.model, self.spec.optimizer)
         self.step = plan.step
         self.completed = plan.step - 1
         self._report(
@@ -342,12 +435,19 @@ class Member:
             replans=result.replans,
             rejected=result.rejected,
             pull_s=time.monotonic() - started,
+            rebalances=result.rebalances,
             strategy=plan.strategy,
             bandwidths=plan.bandwidths,
             figures=plan.figures,
             t=time.monotonic(),
         )
         await self._catch_up()
+
+    def _ask_ready(self, remaining_s: float, state_bytes: int) -> None:
+        self._asked_ready = True
+        wait = ready_in(remaining_s, state_bytes)
+        self._report("ready_asked", remaining_s=round(remaining_s, 4), t=time.monotonic())
+        self._ask_to_join("ready", ready_in_s=wait)
 
     async def _catch_up(self) -> None:
         """Replay observed totals until the decision that admits this member takes effect."""
@@ -396,6 +496,7 @@ class Member:
                 return
             self._probe_links()
             started = time.perf_counter()
+            self._step_started = time.monotonic()
             ids = step_sample_ids(
                 self.cfg.seed, self.step, self.cfg.global_batch, len(self.spec.dataset)
             )
@@ -405,6 +506,7 @@ class Member:
                 gradient_sum, self.spec, mine, micro_batch=self.cfg.micro_batch
             )
             compute_s = time.perf_counter() - started
+            self._ready_t = time.monotonic()  # this member's gradient is ready to reduce
             if mine:
                 self._samples_per_s = len(mine) / max(compute_s, 1e-6)
             if self._aborting:
@@ -427,6 +529,7 @@ class Member:
     def _apply(self, total: np.ndarray, *, observed: bool = False) -> None:
         """Divide the reduced sum by the global batch, step the optimizer, publish the
         snapshot of the next step, and stream the total to observers (as root)."""
+        self._stream_to_observers(total)  # first: a newcomer's first step waits for it
         grads = torch.from_numpy(total[:-2].copy()).to(self.device)
         apply_flat_grads(self.spec.model, grads, 1.0 / self.cfg.global_batch)
         self._settle_publish()
@@ -439,10 +542,12 @@ class Member:
         self.last_total = total
         self.completed = self.step
         self.loss_curve.append((self.step, loss))
-        self._stream_to_observers(total)
         if observed:  # replaying: nobody pulls from an observer, so publish nothing yet
             self.step += 1
             return
+        for pinned in [s for s, after in self._unpin_after.items() if after <= self.step]:
+            self.store.release(pinned)
+            del self._unpin_after[pinned]
         self._publishing = self._publisher.submit(
             self.store.publish, self.step + 1, self.spec.model, self.spec.optimizer
         )
@@ -455,6 +560,7 @@ class Member:
             root=self.view.root,
             samples_per_s=self._samples_per_s,
             publish_s=self._publish_s,
+            ready_t=self._ready_t,
             t=time.monotonic(),
         )
         self.step += 1
@@ -508,13 +614,16 @@ class Member:
         self._pending = None
         for cause in decision.causes:
             self._open.pop(cause["id"], None)
+            self._received_at.pop(cause["id"], None)
         now = time.monotonic()
         joiners = [m for m in self.view.members if old is None or m not in old.members]
         for member in joiners:
             self._heard[member] = now
             plan = self._observers.pop(member, None)
             if plan is not None:
-                self.store.release(plan.step)
+                # a newcomer that asked early may still be pulling: keep the snapshot until
+                # this step is reduced, which needs the newcomer's share, hence its state
+                self._unpin_after[plan.step] = self.step
         copying = [
             c["subject"] for c in decision.causes if c["kind"] == "join" and c["mode"] == "copy"
         ]
@@ -562,7 +671,7 @@ class Member:
         staying = [m for m in sorted(self.view.members) if m not in leaving] or [self.me]
         side_of = self.me if self.me in staying else staying[0]
         outcome = next_view(self.view, changes, side_of=side_of, speeds=self._speed_table())
-        effective = self.step + FIFO_SWITCH_MARGIN
+        effective = self.step + self._switch_margin(self._ready_wait(proposals))
         decision = Decision(
             id=uuid.uuid4().hex,
             origin=self.me,
@@ -572,6 +681,26 @@ class Member:
             causes=[_cause(p) for p in proposals],
         )
         self._accept_decision(decision)
+
+    def _switch_margin(self, wait_s: float) -> int:
+        """Steps ahead a decision taken now takes effect: at least one while this step's
+        totals have not left the root (the decision travels ahead of them), else
+        `FIFO_SWITCH_MARGIN`; and not before `wait_s` from now (readiness.py)."""
+        ahead = self.collective.down_sent != (self.view.epoch, self.step)
+        minimum = 1 if ahead else FIFO_SWITCH_MARGIN
+        period = statistics.median(self._step_times) if self._step_times else None
+        now = time.monotonic()
+        return switch_steps(now, self._step_started, period, wait_s, minimum)
+
+    def _ready_wait(self, proposals: list[Proposal]) -> float:
+        """Seconds from now until the slowest newcomer asking to switch in is ready."""
+        now = time.monotonic()
+        waits = [
+            p.ready_in_s - (now - self._received_at.get(p.id, now))
+            for p in proposals
+            if p.kind == "join" and p.mode == "ready"
+        ]
+        return max([0.0, *waits])
 
     def _plan_joins(self) -> None:
         """As root, give every newcomer that asked to observe a shard plan (once)."""
@@ -653,7 +782,9 @@ class Member:
         if self.view is not None:
             self.stall.change_started()
         if self.me in plan.assignment:
-            self.store.want(plan.step, plan.shards if self.me == plan.manifest_from else None)
+            # the manifest's hashes ahead of its request, where this process serves it
+            hashes_here = self._inline and self.me == plan.manifest_from
+            self.store.want(plan.step, plan.shards if hashes_here else None)
         self._observers[plan.joiner] = plan
         self.transport.connect(plan.joiner, plan.joiner_address)
         if plan.origin == self.me:
@@ -711,8 +842,8 @@ class Member:
             members=sorted(view.members),
             t=time.monotonic(),
         )
-        if self.view is None and self.me in view.members and self._join_decision is None:
-            self._join_decision = decision
+        if self.view is None:
+            self._follow_as_newcomer(decision, view)
         if self.view is not None:
             self.stall.change_started()
         if decision.immediate:
@@ -723,6 +854,17 @@ class Member:
         self._decided.set()
 
     # ------------------------------------------------------------------ recovery
+
+    def _follow_as_newcomer(self, decision: Decision, view: View) -> None:
+        """Before it is a member: the newest decision that admits it is the one to switch
+        in at. A recovery (an immediate decision) of at least that epoch without it voids a
+        planned one (the members drop it too); the root then decides the join again."""
+        current = self._join_decision
+        epoch = -1 if current is None else View.model_validate(current.view).epoch
+        if self.me in view.members and view.epoch > epoch:
+            self._join_decision = decision
+        elif current is not None and decision.immediate and view.epoch >= epoch:
+            self._join_decision = None
 
     def _suspect(self, member: str, detected_at: float) -> None:
         """A member looks dead: tell everybody and abort the step in flight."""
@@ -903,6 +1045,7 @@ class Member:
             self._on_join_plan(message)
         elif isinstance(message, ObservedTotal):
             if self.view is None and message.step >= self.step:
+                self._observed_at.append(now)
                 self._observed[message.step] = np.frombuffer(payload, dtype=message.dtype).copy()
                 self._decided.set()
         elif isinstance(message, StateTransfer):
@@ -946,13 +1089,10 @@ class Member:
             self._merge_links(proposal.links, lambda _src, dst: dst == proposal.subject)
         if self.view is None or proposal.mode == "probe":
             return
-        if proposal.kind == "join" and proposal.mode == "ready":
-            plan = self._observers.get(proposal.subject)
-            if plan is not None:
-                self.store.release(plan.step)
         if proposal.kind == "crash" and proposal.subject == self.me:
             return  # falsely suspected: the others' recovery view leaves us out, and we stop
         self._open[proposal.id] = proposal
+        self._received_at[proposal.id] = time.monotonic()
         if proposal.kind == "crash":
             self._suspects.add(proposal.subject)
             self._begin_abort()
@@ -1227,3 +1367,11 @@ def _cause(proposal: Proposal) -> dict:
         "peer": proposal.peer,
         "detected_at": proposal.detected_at,
     }
+
+
+def _settle_from(target: asyncio.Future, source: asyncio.Future) -> None:
+    """Give `target` the outcome of `source` (done)."""
+    if source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())

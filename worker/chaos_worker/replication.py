@@ -22,9 +22,11 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from chaos_planner.greedy import greedy_assignment
 from chaos_planner.models import Source
 
@@ -174,47 +176,74 @@ class Replicator:
 class _SourceState:
     id: str
     address: str
-    bandwidth: float
-    queued: list[int] = field(default_factory=list)
+    bandwidth: float  # the plan's figure, until the source has delivered a shard
+    planned: deque[int] = field(default_factory=deque)  # assigned here, not requested yet
+    queued: list[int] = field(default_factory=list)  # requested, not arrived yet
     received_bytes: int = 0
-    started: float = 0.0
     last_heard: float = 0.0
     alive: bool = True
     outstanding: int = 0  # shards requested, not yet arrived
     burst_started: float = 0.0  # when a request found nothing outstanding
     burst_bytes: int = 0
     transfers: list[tuple[int, float]] = field(default_factory=list)  # (bytes, seconds)
+    busy_s: float = 0.0  # time with a request outstanding, up to `busy_mark`
+    busy_mark: float | None = None
+    delivered: int = 0  # bytes of every shard that arrived (checked or not)
 
     def requested(self, now: float) -> None:
         if self.outstanding == 0:
             self.burst_started, self.burst_bytes = now, 0
+            self.busy_mark = now
         self.outstanding += 1
 
     def arrived(self, nbytes: int, now: float) -> None:
         """A requested shard's last byte is in; a burst ends when nothing is outstanding."""
         self.outstanding -= 1
         self.burst_bytes += nbytes
-        if self.outstanding == 0 and now > self.burst_started:
-            self.transfers.append((self.burst_bytes, now - self.burst_started))
+        self.delivered += nbytes
+        if self.busy_mark is not None:
+            self.busy_s += now - self.busy_mark
+            self.busy_mark = now
+        if self.outstanding == 0:
+            self.busy_mark = None
+            if now > self.burst_started:
+                self.transfers.append((self.burst_bytes, now - self.burst_started))
 
-    def measured_bandwidth(self, now: float) -> float:
-        """Bytes/s actually delivered so far; the planned figure until there is data."""
-        elapsed = now - self.started
-        if self.received_bytes < (256 << 10) or elapsed <= 0:
+    def rate(self, now: float, shard_bytes: int) -> float:
+        """Bytes/s this source delivers while asked: measured once a shard has arrived (the
+        time of what is in flight counts, so a stalling source's figure falls), else the
+        plan's figure."""
+        if self.delivered < shard_bytes:
             return self.bandwidth
-        return self.received_bytes / elapsed
+        busy = self.busy_s + (now - self.busy_mark if self.busy_mark is not None else 0.0)
+        return self.delivered / max(busy, 1e-6)
+
+    def window_bytes(self, now: float, shard_bytes: int) -> float:
+        """Bytes to keep requested: `WINDOW_S` of delivery, at least two shards (only two
+        until the source has been measured, so a wrong planned figure commits little)."""
+        if self.delivered < shard_bytes:
+            return 2 * shard_bytes
+        return max(2 * shard_bytes, self.rate(now, shard_bytes) * WINDOW_S)
+
+
+WINDOW_S = 0.05
+"""Each source keeps this much of its measured delivery requested ahead (see `Puller`)."""
+REBALANCE_EVERY_S = 0.01
+"""Least time between two re-plans of the unrequested shards of an adaptive pull."""
 
 
 @dataclass
 class PullResult:
     step: int
     layout: Layout
-    data: bytearray
+    data: np.ndarray
     bytes_per_source: dict[str, int]
     replans: int
     rejected: int
     transfers: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Per source, (bytes, seconds) of every burst of shards it delivered completely."""
+    rebalances: int = 0
+    """Times an adaptive pull moved unrequested shards between sources."""
 
 
 class Puller:
@@ -229,12 +258,15 @@ class Puller:
         downlink: TokenBucket | None = None,
         stall_timeout_s: float = 5.0,
         on_progress: Callable[[dict[str, int], int, int], None] | None = None,
+        on_result: Callable[[PullResult], None] | None = None,
     ) -> None:
         self.me = me
+        self.on_result = on_result
         self.plan = plan
         self.host = host
         self.stall_timeout_s = stall_timeout_s
         self.on_progress = on_progress
+        self.adaptive = plan.strategy == "greedy"
         self.transport = Transport(
             me, self._on_message, self._on_disconnect, max_payload=1 << 34, downlink=downlink
         )
@@ -244,14 +276,17 @@ class Puller:
         }
         self.address = ""
         self.manifest: SnapshotManifest | None = None
-        self.data: bytearray | None = None
+        self.data: np.ndarray | None = None
         self.done: set[int] = set()
         self.replans = 0
+        self.rebalances = 0
         self.rejected = 0
         self._bad: dict[int, set[str]] = {}
         self._failure: JoinFailed | None = None
         self._early: list[tuple[_SourceState, ShardData, bytes]] = []
         self._wake = asyncio.Event()
+        self._rebalanced_at = 0.0
+        self._checking = 0  # shards arrived and waiting for (or in) their checksum test
 
     async def run(self) -> PullResult:
         """Pull every shard; raises JoinFailed when no source can serve what is missing.
@@ -264,11 +299,11 @@ class Puller:
         try:
             now = time.monotonic()
             for source in self.sources.values():
-                source.started = source.last_heard = now
+                source.last_heard = now
             asked = self._ask_manifest(self.plan.manifest_from)
             for sid, indices in self.plan.assignment.items():
-                for index in indices:
-                    self._request(sid, index)
+                self.sources[sid].planned.extend(indices)
+            self._fill_all()
             while len(self.done) < self.plan.shards:
                 await self._nap()
                 if self.manifest is None and not self.sources[asked].alive:
@@ -277,7 +312,7 @@ class Puller:
                 if self._failure is not None:
                     raise self._failure
             layout = Layout.model_validate(self.manifest.layout)
-            return PullResult(
+            result = PullResult(
                 step=self.plan.step,
                 layout=layout,
                 data=self.data,
@@ -285,9 +320,25 @@ class Puller:
                 replans=self.replans,
                 rejected=self.rejected,
                 transfers={s.id: s.transfers for s in self.sources.values() if s.transfers},
+                rebalances=self.rebalances,
             )
+            if self.on_result is not None:  # before the connections are closed
+                self.on_result(result)
+            return result
         finally:
             await self.transport.close()
+
+    def remaining_s(self, now: float) -> float:
+        """Predicted seconds until every shard is in: the latest of the live sources to
+        deliver what they still have to send, each at its own rate (a shard in flight
+        cannot move to a faster source)."""
+        shard = self._shard_bytes()
+        busy = [s for s in self.sources.values() if s.alive and (s.planned or s.outstanding)]
+        if not busy:  # all arrived: checking the last ones is quick, unless a refetch is due
+            return 0.0 if len(self.done) + self._checking >= self.plan.shards else float("inf")
+        return max(
+            (len(s.planned) + s.outstanding) * shard / max(s.rate(now, shard), 1.0) for s in busy
+        )
 
     def _ask_manifest(self, sid: str) -> str:
         source = self.sources[sid]
@@ -311,6 +362,19 @@ class Puller:
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), 0.1)
+
+    def _fill_all(self) -> None:
+        for source in self.sources.values():
+            self._fill(source)
+
+    def _fill(self, source: _SourceState) -> None:
+        """Request planned shards from `source` until its window is full."""
+        if not source.alive:
+            return
+        now = time.monotonic()
+        shard = self._shard_bytes()
+        while source.planned and source.outstanding * shard < source.window_bytes(now, shard):
+            self._request(source.id, source.planned.popleft())
 
     def _request(self, sid: str, index: int) -> None:
         source = self.sources[sid]
@@ -341,8 +405,10 @@ class Puller:
             )
             if self.manifest is None and valid:
                 self.manifest = message
-                self.data = bytearray(Layout.model_validate(message.layout).total_bytes)
+                # pages are touched as shards land, not all at once on this loop
+                self.data = np.empty(Layout.model_validate(message.layout).total_bytes, np.uint8)
                 early, self._early = self._early, []
+                self._checking -= len(early)
                 for source_state, shard, data in early:
                     self._on_shard(source_state, shard, data)
         elif isinstance(message, ShardData):
@@ -350,6 +416,8 @@ class Puller:
             if current and source.outstanding > 0:
                 source.arrived(len(payload), source.last_heard)
             self._on_shard(source, message, payload)
+            self._rebalance(source.last_heard)
+            self._fill_all()
         elif isinstance(message, SnapshotGone):
             log.warning(
                 "source %s cannot serve snapshot %d: %s", sender, message.step, message.reason
@@ -367,26 +435,36 @@ class Puller:
             return
         if self.manifest is None:
             self._early.append((source, message, payload))
+            self._checking += 1
             return
         source.queued.remove(index)
         if index in self.done:
             return
+        self._checking += 1
         asyncio.get_running_loop().create_task(self._check(source, index, payload))
 
     async def _check(self, source: _SourceState, index: int, payload: bytes) -> None:
         """Verify a shard against the manifest (hashing in a thread), then keep or refetch."""
         start, end = shard_bounds(len(self.data), self.plan.shards, index)
-        digest = await asyncio.to_thread(lambda: hashlib.sha256(payload).hexdigest())
+        expected = self.manifest.sha256[index]
+
+        def verify_and_place() -> bool:  # in a thread: hashing and copying free the loop
+            if len(payload) != end - start or hashlib.sha256(payload).hexdigest() != expected:
+                return False
+            self.data[start:end] = np.frombuffer(payload, np.uint8)
+            return True
+
+        good = await asyncio.to_thread(verify_and_place)
+        self._checking -= 1
         self._wake.set()
         if index in self.done:
             return
-        if len(payload) != end - start or digest != self.manifest.sha256[index]:
+        if not good:
             self.rejected += 1
             self._bad.setdefault(index, set()).add(source.id)
             log.warning("shard %d from %s failed its checksum; fetching it again", index, source.id)
             self._replan([index])
             return
-        self.data[start:end] = payload
         self.done.add(index)
         source.received_bytes += len(payload)
         if self.on_progress is not None:
@@ -397,7 +475,7 @@ class Puller:
         source = self.sources.get(peer)
         if source is None or not source.alive:
             return
-        if source.queued:
+        if source.queued or source.planned:
             log.warning("source %s closed its link mid-transfer; re-planning", peer)
             self._drop(source)
         elif self.manifest is None:
@@ -415,8 +493,10 @@ class Puller:
     def _drop(self, source: _SourceState) -> None:
         source.alive = False
         source.outstanding = 0  # an unfinished burst says nothing reliable
-        missing = list(source.queued)
+        source.busy_mark = None
+        missing = [*source.queued, *source.planned]
         source.queued.clear()
+        source.planned.clear()
         self.transport.disconnect(source.id)
         self._replan(missing)
 
@@ -424,6 +504,53 @@ class Puller:
         """Bytes per shard (a guess from the plan until the manifest says)."""
         total = len(self.data) if self.data is not None else self.plan.state_bytes
         return max(1, total // self.plan.shards)
+
+    def _candidates(self, allowed: list[_SourceState], now: float) -> list[Source]:
+        """The planner's view of `allowed`: measured rates, busy until their queue is in."""
+        shard = self._shard_bytes()
+        out = []
+        for s in allowed:
+            rate = s.rate(now, shard)
+            ready = (len(s.queued) + len(s.planned)) * shard / rate
+            out.append(Source(id=s.id, bandwidth_bytes_per_s=float(rate), ready_s=ready))
+        return out
+
+    def _rebalance(self, now: float) -> None:
+        """Adaptive pull: re-plan the shards not requested yet with the greedy over the
+        sources' measured rates, so a source slower than planned hands its later shards to
+        faster ones and the sources still finish together."""
+        if not self.adaptive or now - self._rebalanced_at < REBALANCE_EVERY_S:
+            return
+        self._rebalanced_at = now
+        alive = [s for s in self.sources.values() if s.alive]
+        # a shard that failed its checksum somewhere stays where `_replan` put it
+        pool = sorted(i for s in alive for i in s.planned if i not in self._bad)
+        if not pool or len(alive) < 2:
+            return
+        kept = {s.id: [i for i in s.planned if i not in self._bad] for s in alive}
+        for s in alive:
+            pinned = [i for i in s.planned if i in self._bad]
+            s.planned.clear()
+            s.planned.extend(pinned)
+        counts = greedy_assignment(
+            self._candidates(alive, now), self._shard_bytes() * len(pool), len(pool)
+        )
+        if counts is None:  # cannot happen without shard caps; keep the plan as it was
+            for s in alive:
+                s.planned.extend(kept[s.id])
+            return
+        spare: list[int] = []
+        for s in alive:  # each source keeps what it had, up to its new count
+            mine = kept[s.id]
+            s.planned.extend(mine[: counts.get(s.id, 0)])
+            spare.extend(mine[counts.get(s.id, 0) :])
+        if spare:
+            self.rebalances += 1
+        spare.sort()
+        for s in alive:
+            take = counts.get(s.id, 0) - len(kept[s.id][: counts.get(s.id, 0)])
+            s.planned.extend(spare[:take])
+            del spare[:take]
 
     def _replan(self, missing: list[int]) -> None:
         """Give `missing` shards to the live sources the greedy says finish them first."""
@@ -442,13 +569,6 @@ class Puller:
             if not allowed:
                 self._failure = JoinFailed(f"no source left for shard {index}")
                 return
-            candidates = [
-                Source(
-                    id=s.id,
-                    bandwidth_bytes_per_s=float(s.measured_bandwidth(now)),
-                    ready_s=len(s.queued) * shard_bytes / s.measured_bandwidth(now),
-                )
-                for s in allowed
-            ]
-            counts = greedy_assignment(candidates, shard_bytes, 1)
-            self._request(next(iter(counts)), index)
+            counts = greedy_assignment(self._candidates(allowed, now), shard_bytes, 1)
+            self.sources[next(iter(counts))].planned.appendleft(index)
+        self._fill_all()

@@ -32,6 +32,10 @@ class Event(BaseModel):
     incumbent_stall_s: float
     steps_lost: int
     scale_out_delay_s: float | None = None
+    incumbent_slowdown_s: float | None = None
+    """For a join: time the incumbents' steps took beyond the typical step while it was under
+    way (they kept training, only slower: e.g. sharing a host's cores with the transfer).
+    Its `incumbent_stall_s` is the time they were idle, waiting for the newcomer."""
     detail: str = ""
 
 

@@ -40,8 +40,9 @@ class TokenBucket:
         if rate_bytes_per_s <= 0:
             raise ValueError("rate must be positive")
         self.rate = float(rate_bytes_per_s)
-        # default: 10 ms worth of bytes, between 1 KiB and 256 KiB
-        self.burst = float(burst or min(256 << 10, max(1 << 10, int(self.rate / 100))))
+        # default: 20 ms worth of bytes, between 1 KiB and 4 MiB: enough that a sender
+        # woken a few milliseconds late (a busy machine) does not lose the link's rate
+        self.burst = float(burst or min(4 << 20, max(1 << 10, int(self.rate / 50))))
         self._tokens = self.burst
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()

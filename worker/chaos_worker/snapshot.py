@@ -22,10 +22,13 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # torch is imported where used: `chaos replicator` runs without it
+    import torch
 
 _ALIGN = 64
 
@@ -59,6 +62,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     """(key, value) for every entry of the model and optimizer state, in a fixed order."""
+
     for name, tensor in model.state_dict().items():
         yield ["model", name], tensor
     opt = optimizer.state_dict()
@@ -71,6 +75,8 @@ def layout_of(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[Layout, list[torch.Tensor]]:
     """The layout of the current state and its tensors in layout order."""
+    import torch
+
     slots: list[Slot] = []
     tensors: list[torch.Tensor] = []
     scalars: list[tuple[list[str | int], float | int | bool | None]] = []
@@ -106,19 +112,26 @@ def copy_into(
     tensors: list[torch.Tensor],
     held: list[tuple[int, int] | None] | None = None,
     always: frozenset[int] = frozenset(),
-) -> list[tuple[int, int]]:
+    *,
+    skip_always: bool = False,
+) -> list[tuple[int, int] | None]:
     """Copy `tensors` into `buffer` at their slots (releases the GIL for the data).
 
     `held` lists what the buffer already holds per tensor (from an earlier call on the same
     buffer): tensors unchanged since then (frozen weights, buffers) are not copied again,
     except those whose storage address is in `always` (trainable parameters and optimizer
-    state, which an optimizer may change through `.data` without a version bump).
-    Returns the identities now held.
+    state, which an optimizer may change through `.data` without a version bump). With
+    `skip_always` those are not copied at all (held as None). Returns the identities now held.
     """
+    import torch
+
     flat = torch.frombuffer(buffer, dtype=torch.uint8, count=layout.total_bytes)
-    now = []
+    now: list[tuple[int, int] | None] = []
     for i, (slot, tensor) in enumerate(zip(layout.slots, tensors, strict=True)):
         identity = _identity(tensor)
+        if skip_always and identity[0] in always:
+            now.append(None)
+            continue
         now.append(identity)
         fresh = held is not None and held[i] == identity and identity[0] not in always
         if slot.nbytes and not fresh:
@@ -129,6 +142,8 @@ def copy_into(
 
 def _always_copied(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> frozenset[int]:
     """Storage addresses of trainable parameters and optimizer state tensors."""
+    import torch
+
     addresses = {p.data_ptr() for p in model.parameters() if p.requires_grad}
     for state in optimizer.state.values():
         addresses.update(v.data_ptr() for v in state.values() if isinstance(v, torch.Tensor))
@@ -136,7 +151,7 @@ def _always_copied(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_from(
-    buffer: bytes | bytearray | memoryview,
+    buffer: bytes | bytearray | memoryview | np.ndarray,
     layout: Layout,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -147,6 +162,8 @@ def load_from(
     Tensors are views of `buffer` (no copy here: `load_state_dict` copies model tensors into
     place, and optimizer state may keep the views), so do not reuse `buffer` afterwards.
     """
+    import torch
+
     flat = torch.frombuffer(
         bytearray(buffer) if isinstance(buffer, bytes) else buffer,
         dtype=torch.uint8,
@@ -194,13 +211,19 @@ class Snapshot:
     layout: Layout
     data: memoryview
     hashes: dict[int, list[str]] = field(default_factory=dict)
+    _hashing: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def shard(self, shards: int, index: int) -> memoryview:
         start, end = shard_bounds(self.layout.total_bytes, shards, index)
         return self.data[start:end]
 
     def shard_hashes(self, shards: int) -> list[str]:
-        """SHA-256 of every shard for a split into `shards` (computed once per split)."""
+        """SHA-256 of every shard for a split into `shards` (computed once per split, by
+        the first thread that asks; the others wait for it)."""
+        with self._hashing:
+            return self._hash_split(shards)
+
+    def _hash_split(self, shards: int) -> list[str]:
         if shards not in self.hashes:
             self.hashes[shards] = [
                 hashlib.sha256(self.shard(shards, i)).hexdigest() for i in range(shards)
@@ -234,7 +257,8 @@ class SnapshotStore:
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
         self._buffers: list[_Buffer | None] = [None, None]
-        self._held: list[list[tuple[int, int]] | None] = [None, None]
+        # per slot: the layout its bytes follow and the identity of each tensor copied there
+        self._held: list[tuple[Layout, list[tuple[int, int] | None]] | None] = [None, None]
         self._meta: list[tuple[int, Layout] | None] = [None, None]
         self._snapshots: dict[int, Snapshot] = {}
         self._pinned: set[int] = set()
@@ -269,19 +293,12 @@ class SnapshotStore:
             index = self._free_slot()
             if index is None:
                 return
-            old = self._meta[index]
             self._meta[index] = None
-            buffer = self._buffers[index]
-            held = self._held[index] if old is not None and old[1] == layout else None
-            if buffer is None or buffer.size != layout.total_bytes:
-                path = None if self.directory is None else self.directory / f"slot-{index}.bin"
-                buffer = self._buffers[index] = _Buffer(layout.total_bytes, path)
-                held = None
-            self._held[index] = None
+            buffer, held = self._claim(index, layout)
             self._write_meta(index, None)
         held = copy_into(buffer.view, layout, tensors, held, _always_copied(model, optimizer))
         with self._lock:
-            self._held[index] = held
+            self._held[index] = (layout, held)
             self._meta[index] = (step, layout)
             self._snapshots = {s: v for s, v in self._snapshots.items() if self._holds(s)}
             self._snapshots[step] = Snapshot(step, layout, buffer.view.toreadonly())
@@ -291,6 +308,52 @@ class SnapshotStore:
             self._write_meta(index, (step, layout))
         if wanted and self._wanted.get(step):
             self._prehash(step)
+
+    def reserve(self, total_bytes: int) -> None:
+        """Allocate both slots for a state of `total_bytes` and touch every page now (call
+        from a thread), so that filling them later is a plain copy: a newcomer does this
+        while it pulls, long before its first snapshot. A publish meanwhile waits."""
+        import torch
+
+        for index in (0, 1):
+            with self._lock:
+                if self._meta[index] is not None or self._buffers[index] is not None:
+                    continue
+                path = None if self.directory is None else self.directory / f"slot-{index}.bin"
+                buffer = self._buffers[index] = _Buffer(total_bytes, path)
+                torch.from_numpy(buffer.array).zero_()  # frees the GIL, unlike ndarray.fill
+
+    def warm(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Fill the slots that hold no snapshot with what publishing does not copy every
+        step (frozen weights, buffers), so that the first snapshots of a member that has
+        just loaded its state copy only what training changes (call from a thread; the
+        trainable tensors may change meanwhile, they are not read)."""
+        layout, tensors = layout_of(model, optimizer)
+        always = _always_copied(model, optimizer)
+        for index in (0, 1):
+            with self._lock:
+                if self._meta[index] is not None:
+                    continue
+                buffer, held = self._claim(index, layout)
+            held = copy_into(buffer.view, layout, tensors, held, always, skip_always=True)
+            with self._lock:
+                if self._meta[index] is None:
+                    self._held[index] = (layout, held)
+
+    def _claim(
+        self, index: int, layout: Layout
+    ) -> tuple[_Buffer, list[tuple[int, int] | None] | None]:
+        """Slot `index`'s buffer sized for `layout` and what it holds (None: nothing
+        reusable); its holdings are cleared until the caller's copy is done (under the lock)."""
+        entry = self._held[index]
+        held = entry[1] if entry is not None and entry[0] == layout else None
+        buffer = self._buffers[index]
+        if buffer is None or buffer.size != layout.total_bytes:
+            path = None if self.directory is None else self.directory / f"slot-{index}.bin"
+            buffer = self._buffers[index] = _Buffer(layout.total_bytes, path)
+            held = None
+        self._held[index] = None
+        return buffer, held
 
     def _prehash(self, step: int) -> None:
         snap = self.get(step)

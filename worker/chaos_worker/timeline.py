@@ -76,12 +76,13 @@ class Timeline:
         agreed = [r["t"] for r in self.of("agreed") if decision and r["decision"] == decision]
         handling_ms = (max(agreed) - detected) * 1e3 if agreed and detected else float("nan")
         stall = self._stall_after(fired.at)
-        delay = None
+        delay = slowdown = None
         detail = ""
         if kind == "join":
             delay, detail = self._join_delay(fired.event.worker)
             if delay is not None:  # the whole join, from the request to the first shared steps
-                stall = self._stall_after(fired.at, until=fired.at + delay)
+                slowdown = self._stall_after(fired.at, until=fired.at + delay)
+                stall = self._waited_for(fired.event.worker)
         if kind in ("crash", "hang"):
             resumed = self._first_progress_after(max(agreed) if agreed else fired.at)
             if resumed is not None:
@@ -103,6 +104,7 @@ class Timeline:
             incumbent_stall_s=round(stall, 4),
             steps_lost=self.steps_lost(),
             scale_out_delay_s=None if delay is None else round(delay, 4),
+            incumbent_slowdown_s=None if slowdown is None else round(slowdown, 4),
             detail=detail,
         )
 
@@ -155,6 +157,23 @@ class Timeline:
         if not requested or not first:
             return None, "join did not complete"
         return min(first) - min(requested), self._join_detail(worker)
+
+    def _waited_for(self, worker: str, window: int = 3) -> float:
+        """Idle time a join cost the incumbents (PAPERS.md A.7.3, blocked in the all-reduce):
+        over the newcomer's first `window` steps, how long its gradient was ready after the
+        last incumbent's, which is how long they waited for it. Steps before it took part
+        cannot wait for it; that they ran slower meanwhile is `_stall_after`'s slowdown."""
+        ready: dict[int, dict[str, float]] = {}
+        for record in self.of("progress"):
+            if "ready_t" in record:
+                ready.setdefault(int(record["step"]), {})[record["worker"]] = record["ready_t"]
+        first = sorted(s for s, by in ready.items() if worker in by)[:window]
+        waited = 0.0
+        for step in first:
+            others = [t for member, t in ready[step].items() if member != worker]
+            if others:
+                waited += max(0.0, ready[step][worker] - max(others))
+        return waited
 
     def joins(self) -> list[dict]:
         """What each completed join did: its path and, for a pull, what came from where."""

@@ -8,6 +8,7 @@ and every route is computed identically everywhere.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -103,11 +104,11 @@ def next_view(
     """Apply `changes` to `view` and return the view of the component holding `side_of`.
 
     Crashed and leaving members are dropped; joiners are added with links to every
-    member unless the overlay already says otherwise. If the links that are down split the
-    members, only the component holding more than half of the previous epoch's throughput
-    (crashed and leaving members not counted, exact arithmetic; ties go to the side holding
-    the smallest id) may go on:
-    `majority` is False on the other side. The tree is repaired, keeping every tree edge
+    member unless the overlay already says otherwise, and at the median measured speed.
+    If the links that are down split the members, only the component holding more than
+    half of the previous epoch's throughput (crashed and leaving members not counted, exact
+    arithmetic; ties go to the side holding the smallest id) may go on: `majority` is False
+    on the other side. The tree is repaired, keeping every tree edge
     that is still valid; the root stays unless it is gone (then the fastest of
     `root_candidates`, or of the component, takes over).
     """
@@ -130,9 +131,11 @@ def next_view(
             down.discard(link_key(change.subject, change.peer))
     for member in gone:
         members.pop(member, None)
-    new_speeds = {
-        m: float((speeds or view.speeds).get(m, view.speeds.get(m, 1.0))) for m in members
-    }
+    known = {m: float((speeds or view.speeds).get(m, view.speeds.get(m, 0.0))) for m in members}
+    measured = sorted(v for v in known.values() if v > 0)
+    # a joiner has no figure yet: take it for a typical member, not an idle one
+    typical = statistics.median(measured) if measured else 1.0
+    new_speeds = {m: v if v > 0 else typical for m, v in known.items()}
     edges = {
         (a, b): bw
         for key, bw in overlay.items()

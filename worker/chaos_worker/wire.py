@@ -119,6 +119,8 @@ class Proposal(_Msg):
     epoch: int
     mode: Literal["observe", "copy", "ready", "probe"] = "copy"
     links: LinkShare = Field(default_factory=dict)
+    ready_in_s: float = Field(0.0, ge=0, le=600, allow_inf_nan=False)
+    """A `ready` join: seconds until the newcomer expects to hold the state (0: now)."""
 
 
 class LinkGossip(_Msg):

@@ -88,10 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--join-probe-frames",
         type=int,
-        default=8,
+        default=0,
         metavar="N",
         help="64 KiB frames a newcomer pulls from each member to time its downlink before it "
-        "asks to join (default 8; 0: no probe, plans use the shaped or default rates)",
+        "asks to join (default 0: no probe; the pull measures every source as it goes and "
+        "moves shards away from slow ones)",
     )
     parser.add_argument(
         "--join-strategy",
