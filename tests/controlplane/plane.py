@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from chaos_operator.federation.identity import key_usage
+from chaos_operator.federation.identity import self_signed_ca
 from chaos_worker.process import die_with_parent
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -210,20 +210,8 @@ def _pem(obj: Any) -> bytes:
 def write_pki(directory: Path) -> dict[str, Path]:
     """A throwaway CA, a serving certificate for 127.0.0.1/localhost, a service-account key."""
     now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chaos-test-ca")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(key_usage(ca=True), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_key, ca = self_signed_ca(ca_name, now - dt.timedelta(hours=1), now + dt.timedelta(days=2))
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()

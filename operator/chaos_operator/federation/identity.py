@@ -96,6 +96,27 @@ class NewIdentity:
     fingerprint: str
 
 
+def self_signed_ca(
+    name: x509.Name, not_before: dt.datetime, not_after: dt.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new P-256 key and a self-signed CA certificate `name` for it (signs leaves only)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(key_usage(ca=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
 def create(party: str, sans: tuple[str, ...] = DEFAULT_SANS, days: int = 365) -> NewIdentity:
     """A new party CA (valid 10 years) and an operator certificate (valid `days`) signed by it."""
     if not (re.fullmatch(NAME_PATTERN, party) and len(party) <= 63):
@@ -106,25 +127,14 @@ def create(party: str, sans: tuple[str, ...] = DEFAULT_SANS, days: int = 365) ->
     if not names:
         raise IdentityError("at least one --san is needed")
     now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, party),
             x509.NameAttribute(NameOID.COMMON_NAME, f"{party} chaos CA"),
         ]
     )
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(key_usage(ca=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
+    ca_key, ca = self_signed_ca(
+        ca_name, now - dt.timedelta(minutes=5), now + dt.timedelta(days=3650)
     )
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
