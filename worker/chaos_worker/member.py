@@ -214,9 +214,11 @@ class Member:
     async def run(self) -> None:
         """Join or start the job, train until the last step, then leave cleanly."""
         host = self.cfg.listen.rpartition(":")[0]
+        # the replicator first: starting a process takes a while, and once this member
+        # listens, the others' messages (a probe) need answers on links not yet opened
+        self._replicators[self.me] = await self._start_replicator(host)
         port = await self.transport.listen(host, int(self.cfg.listen.rpartition(":")[2]))
         self.address = f"{host}:{port}"
-        self._replicators[self.me] = await self._start_replicator(host)
         await self.control.open()
         metrics_port = self.metrics.serve(host, self.cfg.metrics_port) if self.metrics else None
         self._report("ready", address=self.address, metrics_port=metrics_port)
