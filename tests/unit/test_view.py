@@ -7,6 +7,7 @@ import itertools
 import pytest
 from chaos_planner import Tree, connected_components
 from chaos_worker.view import (
+    FIRST_STEP_SHARE,
     Change,
     View,
     full_mesh,
@@ -496,3 +497,21 @@ def test_a_joiner_without_a_measured_speed_gets_the_median_members_share() -> No
     speeds = {"w0": 900.0, "w1": 1000.0, "w2": 4000.0}
     new = next_view(view, [Change("join", "w3", address="h:3")], side_of="w0", speeds=speeds)
     assert new.view.speeds == {**speeds, "w3": 1000.0}
+
+
+def test_a_joiner_takes_a_reduced_share_of_its_first_step_only() -> None:
+    """It switches in a little after the others: a full first share leaves them idle."""
+    view = mesh_view(3)
+    speeds = {"w0": 900.0, "w1": 1000.0, "w2": 4000.0}
+    joined = next_view(
+        view, [Change("join", "w3", address="h:3")], side_of="w0", speeds=speeds
+    ).view
+    assert joined.joining == ["w3"]
+    first = joined.shares(first_step=True)
+    assert first["w3"] == 1000.0 * FIRST_STEP_SHARE < joined.speeds["w3"]
+    assert {m: v for m, v in first.items() if m != "w3"} == speeds
+    assert joined.shares(first_step=False) == joined.speeds
+    # the next change of view has nobody new in it
+    left = next_view(joined, [Change("leave", "w0")], side_of="w1").view
+    assert left.joining == []
+    assert left.shares(first_step=True) == left.speeds

@@ -154,6 +154,8 @@ class Member:
         self._publishing: concurrent.futures.Future | None = None
         self._publish_s = 0.0
         self._ready_t = 0.0
+        self._view_step = -1
+        """The step the view in force took effect at (`View.shares`)."""
         self._step_started = 0.0  # when the step in progress began (monotonic)
         self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
         self._unpin_after: dict[int, int] = {}  # pinned snapshot -> step whose end frees it
@@ -502,7 +504,8 @@ class Member:
             ids = step_sample_ids(
                 self.cfg.seed, self.step, self.cfg.global_batch, len(self.spec.dataset)
             )
-            mine = split_by_throughput(ids, self.view.speeds).get(self.me, [])
+            shares = self.view.shares(first_step=self.step == self._view_step)
+            mine = split_by_throughput(ids, shares).get(self.me, [])
             log.debug("step %d epoch %d: %d samples", self.step, self.view.epoch, len(mine))
             loss = await asyncio.to_thread(
                 gradient_sum, self.spec, mine, micro_batch=self.cfg.micro_batch
@@ -613,6 +616,7 @@ class Member:
         """Adopt the view of a planned decision at its effective step."""
         old = self.view
         self.view = View.model_validate(decision.view)
+        self._view_step = decision.effective_step
         self._pending = None
         for cause in decision.causes:
             self._open.pop(cause["id"], None)
@@ -917,6 +921,7 @@ class Member:
         self._aborting = False
         self._floor_epoch = view.epoch
         self.view = view
+        self._view_step = decision.effective_step
         self._sync_links()
         self.stall.change_installed()
         if self.me in view.members and decision.replay_step is not None and not view.paused:

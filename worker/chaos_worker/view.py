@@ -27,6 +27,10 @@ def link_ends(key: str) -> tuple[str, str]:
     return a, b
 
 
+FIRST_STEP_SHARE = 0.5
+"""A newcomer's share of its first step, relative to its speed (`View.shares`)."""
+
+
 class View(BaseModel):
     """One membership epoch, identical on every member."""
 
@@ -40,6 +44,9 @@ class View(BaseModel):
     root: str
     parent: dict[str, str | None]
     paused: bool = False
+    joining: list[str] = Field(
+        default_factory=list, description="members new in this epoch (see `shares`)"
+    )
 
     def tree(self) -> Tree:
         return Tree(root=self.root, parent=dict(self.parent))
@@ -53,6 +60,16 @@ class View(BaseModel):
             if key not in down and a in self.members and b in self.members:
                 edges[(a, b)] = bandwidth
         return edges
+
+    def shares(self, first_step: bool) -> dict[str, float]:
+        """The speeds a step's samples are split by. In the epoch's first step a member
+        new in it takes `FIRST_STEP_SHARE` of its speed: it switches in a few milliseconds
+        after the others (it replays the step before from the root's stream) and its
+        first step runs cold, so a full share would leave the others idle, waiting for it.
+        Only who computes which samples changes, never the global batch."""
+        if not first_step or not self.joining:
+            return dict(self.speeds)
+        return {m: v * FIRST_STEP_SHARE if m in self.joining else v for m, v in self.speeds.items()}
 
     def neighbours(self, member: str) -> list[str]:
         """Members that `member` has a live overlay link to."""
@@ -172,5 +189,8 @@ def next_view(
         root=root,
         parent=dict(tree.parent),
         paused=not majority,
+        joining=sorted(
+            {c.subject for c in changes if c.kind == "join" and c.subject in side_members}
+        ),
     )
     return Outcome(view=new, majority=majority, removed=frozenset(view.members) - set(side))
