@@ -9,8 +9,11 @@ from chaos_worker.readiness import (
     ask_now,
     ready_in,
     step_period,
+    switch_decision,
     switch_steps,
 )
+from chaos_worker.view import View
+from chaos_worker.wire import Decision
 
 
 def test_the_step_period_is_the_median_gap_once_there_are_three_arrivals() -> None:
@@ -45,3 +48,40 @@ def test_the_switch_is_never_sooner_than_the_minimum_nor_put_off_forever() -> No
     assert switch_steps(10.01, 10.0, 0.05, 0.0, 2) == 2
     assert switch_steps(10.01, 10.0, None, 1.0, 2) == 2  # no step clock yet
     assert switch_steps(10.01, 10.0, 0.05, 600.0, 1) == 1 + MAX_EXTRA_STEPS
+
+
+def _decision(epoch: int, members: list[str], *, immediate: bool = False) -> Decision:
+    view = View(
+        epoch=epoch,
+        members={m: f"h:{m}" for m in members},
+        speeds=dict.fromkeys(members, 1.0),
+        overlay={},
+        root=members[0],
+        parent={},
+    )
+    return Decision(
+        id=f"{epoch}-{immediate}",
+        origin=members[0],
+        view=view.model_dump(),
+        effective_step=10 + epoch,
+        immediate=immediate,
+    )
+
+
+def test_a_newcomer_follows_the_newest_decision_that_admits_it() -> None:
+    planned = _decision(3, ["w0", "w1", "w3"])
+    assert switch_decision(None, planned, "w3") is planned
+    # a decision without it (another member left, say) leaves its switch as it was
+    assert switch_decision(planned, _decision(4, ["w0", "w1"]), "w3") is planned
+    assert switch_decision(None, _decision(4, ["w0", "w1"]), "w3") is None
+    # a crash recovery of the same epoch voids the planned join ...
+    recovery = _decision(3, ["w0", "w1"], immediate=True)
+    assert switch_decision(planned, recovery, "w3") is None
+    # ... and an older one does not
+    assert switch_decision(planned, _decision(2, ["w0"], immediate=True), "w3") is planned
+    # the root decides the join again: the newer decision is the one to switch in at
+    again = _decision(4, ["w0", "w3"])
+    assert switch_decision(None, again, "w3") is again
+    assert switch_decision(planned, again, "w3") is again
+    # a stale decision arriving late does not replace a newer one
+    assert switch_decision(again, planned, "w3") is again

@@ -55,7 +55,13 @@ from chaos_worker.joinprobe import probe_downlinks
 from chaos_worker.metrics import WorkerMetrics
 from chaos_worker.priority import in_background
 from chaos_worker.probes import LinkMonitor, directed
-from chaos_worker.readiness import ask_now, ready_in, step_period, switch_steps
+from chaos_worker.readiness import (
+    ask_now,
+    ready_in,
+    step_period,
+    switch_decision,
+    switch_steps,
+)
 from chaos_worker.replication import JoinFailed, Puller, PullResult, Replicator
 from chaos_worker.sampling import split_by_throughput, step_sample_ids
 from chaos_worker.shaping import TokenBucket, delays_only, parse_links, shape_for
@@ -849,8 +855,8 @@ class Member:
             t=time.monotonic(),
         )
         if self.view is None:
-            self._follow_as_newcomer(decision, view)
-        if self.view is not None:
+            self._join_decision = switch_decision(self._join_decision, decision, self.me)
+        else:
             self.stall.change_started()
         if decision.immediate:
             if self.view is None or view.epoch > self.view.epoch:
@@ -860,17 +866,6 @@ class Member:
         self._decided.set()
 
     # ------------------------------------------------------------------ recovery
-
-    def _follow_as_newcomer(self, decision: Decision, view: View) -> None:
-        """Before it is a member: the newest decision that admits it is the one to switch
-        in at. A recovery (an immediate decision) of at least that epoch without it voids a
-        planned one (the members drop it too); the root then decides the join again."""
-        current = self._join_decision
-        epoch = -1 if current is None else View.model_validate(current.view).epoch
-        if self.me in view.members and view.epoch > epoch:
-            self._join_decision = decision
-        elif current is not None and decision.immediate and view.epoch >= epoch:
-            self._join_decision = None
 
     def _suspect(self, member: str, detected_at: float) -> None:
         """A member looks dead: tell everybody and abort the step in flight."""

@@ -20,6 +20,9 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from chaos_worker.view import View
+from chaos_worker.wire import Decision
+
 LEAD = 1.0
 """Ask once the remaining pull and load fit in this many step periods."""
 SLACK = 1.1
@@ -67,3 +70,17 @@ def switch_steps(
     due = now + wait_s
     steps = max(minimum, math.ceil((due - step_started) / period_s))
     return min(steps, minimum + MAX_EXTRA_STEPS)
+
+
+def switch_decision(current: Decision | None, decision: Decision, me: str) -> Decision | None:
+    """The decision a newcomer `me` switches in at, once `decision` has arrived, when it
+    followed `current` so far. The newest view that admits it wins. A recovery (an
+    immediate decision) of at least `current`'s epoch that leaves it out voids `current`
+    (the members drop that planned view too; the root then decides the join again)."""
+    view = View.model_validate(decision.view)
+    epoch = -1 if current is None else View.model_validate(current.view).epoch
+    if me in view.members and view.epoch > epoch:
+        return decision
+    if current is not None and decision.immediate and view.epoch >= epoch:
+        return None
+    return current
