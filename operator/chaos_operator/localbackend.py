@@ -11,8 +11,8 @@ pods, reconciles and applies the plan:
   projected from the pod's annotation, plus what a pod does not say: the launcher's control
   channel, `--dtype`, `--device`, link shaping and join options (and no metrics port unless
   `--metrics`). Addresses are `127.0.0.1` with ports from a free base port. The replicator
-  sidecar is not started: the trainer also serves its snapshots in-process, and that is
-  the address members advertise;
+  container is not started: the trainer starts its own replicator process instead, and
+  that is the address members advertise;
 * **delete**: a live member is told to leave at an agreed step (what a pod's SIGTERM does
   in a cluster) and killed if it is still there after the pod's grace period; an ended one
   is simply forgotten.

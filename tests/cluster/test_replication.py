@@ -255,7 +255,9 @@ def test_an_adaptive_pull_moves_shards_off_a_source_slower_than_planned(strategy
 
 def test_a_trainers_own_replicator_process_serves_counts_and_cleans_up(tmp_path) -> None:
     """`start_child` (what a trainer without a sidecar does): the child serves the slot
-    files, reports every shard it sent, and removes the private directory when stopped."""
+    files, keeps what it sent in the directory's ledger (what a pod's sidecar container
+    does too), and removes the private directory when stopped."""
+    from chaos_worker.ledger import SentReader
     from chaos_worker.sidecar import start_child
 
     model, opt = _job()
@@ -263,14 +265,16 @@ def test_a_trainers_own_replicator_process_serves_counts_and_cleans_up(tmp_path)
     store = SnapshotStore(directory)
     store.publish(3, model, opt)
     total = store.get(3).layout.total_bytes
+    reader = SentReader(directory)
     sent: dict[str, int] = {}
 
     async def main():
         child = await start_child("s0", directory, "127.0.0.1")
-        child.count_sent(lambda peer, n: sent.__setitem__(peer, sent.get(peer, 0) + n))
         result = await Puller("new", _one_source_plan(child.address, total)).run()
-        for _ in range(100):  # the last report line may trail the last shard
-            if sum(sent.values()) == total:
+        for _ in range(100):  # the ledger is rewritten every WRITE_EVERY_S
+            for peer, nbytes in reader.news().items():
+                sent[peer] = sent.get(peer, 0) + nbytes
+            if sum(sent.values()) >= total:
                 break
             await asyncio.sleep(0.05)
         await child.stop()

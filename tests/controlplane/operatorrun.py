@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.controlplane.plane import REPO, ControlPlane, _die_with_parent
 from tests.controlplane.plane import poll as plane_poll
 from tests.controlplane.podrunner import PodRunner
@@ -69,18 +71,30 @@ class JobView:
             and not pod["metadata"].get("deletionTimestamp")
         }
 
-    def steps_of(self, pod: dict[str, Any]) -> int:
-        """chaos_train_steps_total of one member (0 while it does not answer)."""
+    def samples_of(self, pod: dict[str, Any], name: str) -> list[tuple[dict[str, str], float]]:
+        """The samples called `name` in one member's /metrics (none while it does not
+        answer)."""
         port = pod["metadata"]["annotations"]["chaos.training.dev/metrics-port"]
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
                 text = r.read().decode()
         except OSError:
-            return 0
-        for line in text.splitlines():
-            if line.startswith("chaos_train_steps_total "):
-                return int(float(line.split()[1]))
-        return 0
+            return []
+        return [
+            (sample.labels, sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        ]
+
+    def steps_of(self, pod: dict[str, Any]) -> int:
+        """chaos_train_steps_total of one member (0 while it does not answer)."""
+        return int(sum(v for _, v in self.samples_of(pod, "chaos_train_steps_total")))
+
+    def replication_bytes(self, pod: dict[str, Any], direction: str) -> dict[str, float]:
+        """chaos_replication_bytes_total of one member in `direction`, by peer."""
+        samples = self.samples_of(pod, "chaos_replication_bytes_total")
+        return {labels["peer"]: v for labels, v in samples if labels["direction"] == direction}
 
     def step(self) -> int:
         return int(self.status().get("currentStep", -1))

@@ -99,7 +99,8 @@ class PodRunner:
     ) -> None:
         self.namespace = namespace
         self.workdir = workdir
-        self.env = {**os.environ, **(env or {})}
+        # workers log what they do, so that a failure's diagnosis has the pods' story
+        self.env = {"CHAOS_LOG_LEVEL": "INFO", **os.environ, **(env or {})}
         self.interval = interval
         self.core = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
         self._serializer = client.ApiClient()

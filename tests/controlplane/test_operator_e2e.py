@@ -18,6 +18,21 @@ from tests.controlplane.plane import REPO, install_crds
 pytestmark = pytest.mark.controlplane
 
 
+def _pulled_equals_served(job: JobView, newcomer: str) -> bool:
+    """The bytes `newcomer` received per source equal what each source's pod sent it."""
+    pods = job.pods()
+    member = pods[newcomer]["metadata"]["labels"]["chaos.training.dev/member"]
+    received = {p: v for p, v in job.replication_bytes(pods[newcomer], "received").items() if v}
+    sent = {
+        pod["metadata"]["labels"]["chaos.training.dev/member"]: job.replication_bytes(
+            pod, "sent"
+        ).get(member, 0.0)
+        for name, pod in pods.items()
+        if name != newcomer
+    }
+    return bool(received) and received == {p: v for p, v in sent.items() if v}
+
+
 def test_operator_runs_a_job_through_loss_scale_up_and_deletion(
     control_plane_factory, tmp_path: Path
 ) -> None:
@@ -85,6 +100,9 @@ def test_operator_runs_a_job_through_loss_scale_up_and_deletion(
         try:
             poll(lambda: "digits-w4" in job.running(), "scaled-up member", TIMEOUT_S)
             poll(lambda: job.steps_of(job.pods()["digits-w4"]) > 0, "new member trains", TIMEOUT_S)
+            # what it pulled, its sources' replicator containers served, and their
+            # trainers count it (the sidecars' ledgers in the pods' shared volume)
+            poll(lambda: _pulled_equals_served(job, "digits-w4"), "bytes served", TIMEOUT_S)
             poll(lambda: job.step() > second, "progress after scale-up", TIMEOUT_S)
             poll(
                 lambda: job.status().get("replicas") == 4 and job.status().get("localMembers") == 4,
@@ -117,8 +135,8 @@ def test_operator_runs_a_job_through_loss_scale_up_and_deletion(
         assert "MemberRemoved" in job.events()
         poll(lambda: {"digits-w3", "digits-w4"} <= set(runner.exits), "removed stopped")
         # SIGTERM made them leave at an agreed step and exit cleanly, not die mid-step
-        assert runner.exits["digits-w4"]["trainer"] == 0, runner.exits
-        assert runner.exits["digits-w3"]["trainer"] == 0, runner.exits
+        clean = {pod: runner.exits[pod]["trainer"] for pod in ("digits-w3", "digits-w4")}
+        assert clean == {"digits-w3": 0, "digits-w4": 0}, f"{runner.exits}\n{diagnose()}"
         # The operator's own metrics saw all of it: w0..w4 created, w3 and w4 deleted.
         assert run.operator_metric("chaos_operator_pods_created_total") == 5
         assert run.operator_metric("chaos_operator_pods_deleted_total") >= 2

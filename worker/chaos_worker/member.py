@@ -52,6 +52,7 @@ from chaos_worker.config import WorkerConfig
 from chaos_worker.control import ControlLink
 from chaos_worker.joinplan import source_bandwidths
 from chaos_worker.joinprobe import probe_downlinks
+from chaos_worker.ledger import SentReader
 from chaos_worker.metrics import WorkerMetrics
 from chaos_worker.priority import in_background
 from chaos_worker.probes import LinkMonitor, directed
@@ -154,6 +155,7 @@ class Member:
             else None
         )
         self._child: Child | None = None
+        self._served: SentReader | None = None  # what a replicator process reports sent
         self._shapes = shapes
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
         self._reserving: asyncio.Future | None = None  # a newcomer touching its slots
@@ -264,11 +266,12 @@ class Member:
 
     async def _start_replicator(self, host: str) -> str:
         """Serve snapshots (see `WorkerConfig.replicator`); returns the address to advertise."""
-        if self.cfg.replicator_address:
-            return self.cfg.replicator_address
         if self.replicator is not None:
             return await self.replicator.start(host)
         assert self.store.directory is not None
+        self._served = SentReader(self.store.directory)
+        if self.cfg.replicator_address:
+            return self.cfg.replicator_address
         self._child = await start_child(
             self.me,
             self.store.directory,
@@ -276,7 +279,6 @@ class Member:
             links=self.cfg.links,
             kernel_shaped=self.cfg.kernel_shaped,
         )
-        self._child.count_sent(lambda peer, n: self._count_replication(peer, "sent", n))
         return self._child.address
 
     async def _stop_replicator(self) -> None:
@@ -505,6 +507,7 @@ class Member:
             if self.step >= self.cfg.steps:
                 return
             self._probe_links()
+            self._count_served()
             started = time.perf_counter()
             self._step_started = time.monotonic()
             ids = step_sample_ids(
@@ -1293,6 +1296,12 @@ class Member:
         for source, bursts in transfers.items():
             for nbytes, seconds in bursts:
                 self.monitor.table.observe_transfer(source, self.me, nbytes, seconds, now)
+
+    def _count_served(self) -> None:
+        """Count what a replicator process (sidecar or child) sent since the last step."""
+        if self._served is not None:
+            for peer, nbytes in self._served.news().items():
+                self._count_replication(peer, "sent", nbytes)
 
     def _count_replication(self, peer: str, direction: str, nbytes: int) -> None:
         if self.metrics is not None and nbytes:

@@ -4,8 +4,8 @@ competes with the training loop for the trainer's interpreter.
 
 In a pod it is the `replicator` container (`chaos replicator`); a trainer with no sidecar
 starts one as its child (`start_child`). It prints `serving DIR on HOST:PORT` once
-listening, then `sent PEER BYTES` for every shard it sends, which a parent trainer counts in
-its replication metrics.
+listening, and keeps what it sent per peer in the directory (`ledger.SentLedger`), which
+the trainer counts in its replication metrics.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import contextlib
 import shutil
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from chaos_worker.ledger import SentLedger
 from chaos_worker.priority import lower_this_thread
 from chaos_worker.process import die_with_parent
 from chaos_worker.replication import Replicator
@@ -36,23 +36,18 @@ async def serve(
     *,
     links: str = "",
     kernel_shaped: bool = False,
-    report_sent: bool = False,
     remove_dir: bool = False,
 ) -> None:
     """Serve `directory` on host:port until SIGINT or SIGTERM (`links`: emulated shapes;
-    `report_sent`: print a line per shard sent, for a parent trainer; `remove_dir`: delete
-    `directory` on the way out, also when the parent was killed)."""
+    `remove_dir`: delete `directory` on the way out, also when the parent was killed)."""
     shapes = parse_links(links)
     wire = delays_only(shapes) if kernel_shaped else shapes
-
-    def sent(peer: str, nbytes: int) -> None:
-        print(f"sent {peer} {nbytes}", flush=True)
-
+    ledger = SentLedger(directory)
     replicator = Replicator(
         member,
         SnapshotStore(directory),
         shape=lambda peer: shape_for(wire, member, peer),
-        on_sent=sent if report_sent else None,
+        on_sent=ledger.add,
     )
     address = await replicator.start(host, port)
     print(f"serving {directory} on {address}", flush=True)
@@ -60,10 +55,14 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    writer = loop.create_task(ledger.keep_written())
     try:
         await stop.wait()
     finally:
         await replicator.close()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
         if remove_dir:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -74,19 +73,6 @@ class Child:
     def __init__(self, process: asyncio.subprocess.Process, address: str) -> None:
         self.process = process
         self.address = address
-        self._reader: asyncio.Task | None = None
-
-    def count_sent(self, on_sent: Callable[[str, int], None]) -> None:
-        """Call `on_sent(peer, bytes)` for every shard the child reports sent."""
-
-        async def read() -> None:
-            assert self.process.stdout is not None
-            while line := await self.process.stdout.readline():
-                words = line.decode().split()
-                if len(words) == 3 and words[0] == "sent" and words[2].isdigit():
-                    on_sent(words[1], int(words[2]))
-
-        self._reader = asyncio.get_running_loop().create_task(read())
 
     async def stop(self) -> None:
         if self.process.returncode is None:
@@ -97,8 +83,6 @@ class Child:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
-        if self._reader is not None:
-            self._reader.cancel()
 
 
 def _child_setup() -> None:  # in the child before exec: serving yields to training
@@ -111,7 +95,7 @@ async def start_child(
 ) -> Child:
     """Start `python -m chaos_worker.sidecar` serving `directory` on `host` (any port)."""
     argv = [sys.executable, "-m", "chaos_worker.sidecar", "--id", member, "--dir"]
-    argv += [str(directory), "--listen", f"{host}:0", "--links", links, "--report-sent"]
+    argv += [str(directory), "--listen", f"{host}:0", "--links", links]
     argv.append("--remove-dir")  # the trainer's private directory: gone with both of them
     if kernel_shaped:
         argv.append("--kernel-shaped")
@@ -151,7 +135,6 @@ def options(args) -> dict:
     return {
         "links": args.links,
         "kernel_shaped": args.kernel_shaped,
-        "report_sent": args.report_sent,
         "remove_dir": args.remove_dir,
     }
 
@@ -169,7 +152,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the rates of --links are enforced by tc (network namespaces): add only delays",
     )
-    parser.add_argument("--report-sent", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--remove-dir", action="store_true", help=argparse.SUPPRESS)
 
 
