@@ -118,24 +118,38 @@ def test_frozen_tensors_are_copied_once_per_slot_and_trained_ones_every_time() -
     assert data[slots["model", "table"].offset // 4 + 1] == 2.0
 
 
+def _with_table(model: torch.nn.Module, start: float) -> torch.nn.Parameter:
+    table = torch.nn.Parameter(torch.arange(start, start + 1000.0), requires_grad=False)
+    model.register_parameter("table", table)
+    return table
+
+
 @pytest.mark.parametrize("directory", [False, True])
-def test_reserved_and_warmed_slots_give_the_same_snapshots(directory: bool, tmp_path) -> None:
-    """A newcomer reserves its slots while it pulls and warms them with the frozen tensors
-    while it replays: its later snapshots are those of a store that did neither, and a
-    frozen tensor warmed once is not copied again (a change that bypasses the version
-    counter shows that)."""
-    model, opt = _job("adam")
-    frozen = torch.nn.Parameter(torch.arange(1000.0), requires_grad=False)
-    model.register_parameter("table", frozen)
+def test_slots_filled_from_the_pulled_bytes_give_the_same_snapshots(
+    directory: bool, tmp_path
+) -> None:
+    """A newcomer reserves its slots while it pulls, fills them from the pulled bytes while
+    it loads the state from them, then adopts what they hold: its later snapshots are
+    those of a store that did none of it, and a frozen tensor adopted is not copied again
+    (a change that bypasses the version counter shows that)."""
+    source_model, source_opt = _job("adam")
+    _with_table(source_model, 0.0)
+    source = SnapshotStore()
+    source.publish(5, source_model, source_opt)
+    pulled = source.get(5)
+    model, opt = _job("adam", seed=1)
+    frozen = _with_table(model, 5000.0)
     store = SnapshotStore(tmp_path if directory else None)
-    total = layout_of(model, opt)[0].total_bytes
-    store.reserve(total)
-    store.warm(model, opt)
-    assert store.latest_step() is None  # warming publishes nothing
+    store.reserve(pulled.layout.total_bytes)
+    data = bytearray(pulled.data)
+    store.fill(memoryview(data), pulled.layout)
+    load_from(data, pulled.layout, model, opt, torch.device("cpu"))
+    store.adopt(model, opt)
+    assert store.latest_step() is None  # filling publishes nothing
     opt.zero_grad()
     model[0](torch.randn(4, 6)).square().sum().backward()
-    opt.step()  # trained tensors change after the warm-up: they are copied at publish
-    frozen.data.view(-1)[0] = -1.0  # untracked: a warmed slot keeps what it copied
+    opt.step()  # trained tensors change after the load: they are copied at publish
+    frozen.data.view(-1)[0] = -1.0  # untracked: an adopted slot keeps what it was filled with
     for step in (7, 8):
         store.publish(step, model, opt)
     frozen.data.view(-1)[0] = 0.0
@@ -143,3 +157,23 @@ def test_reserved_and_warmed_slots_give_the_same_snapshots(directory: bool, tmp_
     reference.publish(7, model, opt)
     for step in (7, 8):
         assert bytes(store.get(step).data) == bytes(reference.get(7).data)
+
+
+def test_loading_adopts_buffers_without_copying_them() -> None:
+    """A buffer (a frozen table, running statistics) becomes the snapshot's tensor itself;
+    parameters are copied into place, so the optimizer still updates the model's."""
+    model, opt = _job("sgd")
+    model.register_buffer("table", torch.arange(64.0))
+    store = SnapshotStore()
+    store.publish(3, model, opt)
+    snap = store.get(3)
+    fresh, fresh_opt = _job("sgd", seed=1, steps=0)
+    fresh.register_buffer("table", torch.zeros(64))
+    weight = fresh[0].weight
+    data = bytearray(snap.data)
+    load_from(data, snap.layout, fresh, fresh_opt, torch.device("cpu"))
+    assert state_digest(fresh, fresh_opt) == state_digest(model, opt)
+    slot = next(s for s in snap.layout.slots if list(s.key) == ["model", "table"])
+    base = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    assert fresh.table.data_ptr() == base + slot.offset  # the pulled bytes, not a copy
+    assert fresh[0].weight is weight and fresh_opt.param_groups[0]["params"][0] is weight

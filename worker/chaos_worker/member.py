@@ -431,13 +431,14 @@ class Member:
         self._observe_pull(result.bytes_per_source, result.transfers)
         if not self._asked_ready:
             self._ask_ready(0.0, plan.state_bytes)
+        # the snapshot slots take the pulled bytes while the state loads from them, so the
+        # first steps as a member publish only what training changes
+        self._publisher.submit(self.store.fill, result.data, result.layout)
         # in a thread: this loop sends the `ready` proposal and takes observed totals meanwhile
         await asyncio.to_thread(
             load_from, result.data, result.layout, self.spec.model, self.spec.optimizer, self.device
         )
-        # fill the snapshot slots with the frozen state while replaying, so the first
-        # steps as a member publish only what training changes
-        self._publisher.submit(self.store.warm, self.spec.model, self.spec.optimizer)
+        self._publisher.submit(self.store.adopt, self.spec.model, self.spec.optimizer)
         self.step = plan.step
         self.completed = plan.step - 1
         self._report(
@@ -458,7 +459,12 @@ class Member:
     def _ask_ready(self, remaining_s: float, state_bytes: int) -> None:
         self._asked_ready = True
         wait = ready_in(remaining_s, state_bytes)
-        self._report("ready_asked", remaining_s=round(remaining_s, 4), t=time.monotonic())
+        self._report(
+            "ready_asked",
+            remaining_s=round(remaining_s, 4),
+            ready_in_s=round(wait, 4),
+            t=time.monotonic(),
+        )
         self._ask_to_join("ready", ready_in_s=wait)
 
     async def _catch_up(self) -> None:

@@ -16,6 +16,7 @@ Sampler and RNG state need no saving: sample ids and randomness are pure functio
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -159,8 +160,9 @@ def load_from(
 ) -> None:
     """Load a snapshot buffer into `model` and `optimizer` (the inverse of `copy_into`).
 
-    Tensors are views of `buffer` (no copy here: `load_state_dict` copies model tensors into
-    place, and optimizer state may keep the views), so do not reuse `buffer` afterwards.
+    Tensors are views of `buffer` (no copy here: `load_state_dict` copies parameters into
+    place, while buffers and optimizer state keep the views), so do not reuse `buffer`
+    afterwards.
     """
     import torch
 
@@ -184,8 +186,34 @@ def load_from(
     for key, value in layout.scalars:
         if key[0] == "optim":
             optim_state.setdefault(int(key[1]), {})[str(key[2])] = value
-    model.load_state_dict(model_state)
+    adopted = _adopt_buffers(model, model_state)
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    if unexpected or set(missing) - adopted:
+        raise RuntimeError(
+            f"snapshot does not fit the model: missing {sorted(set(missing) - adopted)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
     optimizer.load_state_dict({"state": optim_state, "param_groups": layout.param_groups})
+
+
+def _adopt_buffers(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
+    """Make the model's buffers (frozen tables, running statistics) the snapshot's tensors
+    themselves instead of copying into them, and take them out of `state`: loading a
+    state whose bulk is frozen then costs no copy. A buffer that two modules share keeps
+    its storage (it is copied into). Returns the keys adopted."""
+    owners = collections.Counter(t.data_ptr() for t in model.state_dict().values())
+    adopted = set()
+    for key in list(state):
+        path, _, name = key.rpartition(".")
+        module = model.get_submodule(path)
+        current = module._buffers.get(name)
+        if current is None or owners[current.data_ptr()] != 1:
+            continue
+        if current.dtype != state[key].dtype or current.shape != state[key].shape:
+            continue  # let load_state_dict say what does not fit
+        module._buffers[name] = state.pop(key)
+        adopted.add(key)
+    return adopted
 
 
 def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
@@ -260,6 +288,7 @@ class SnapshotStore:
         # per slot: the layout its bytes follow and the identity of each tensor copied there
         self._held: list[tuple[Layout, list[tuple[int, int] | None]] | None] = [None, None]
         self._meta: list[tuple[int, Layout] | None] = [None, None]
+        self._filled: dict[int, Layout] = {}  # slots `fill` wrote, until `adopt`
         self._snapshots: dict[int, Snapshot] = {}
         self._pinned: set[int] = set()
         self._wanted: dict[int, int | None] = {}
@@ -323,22 +352,38 @@ class SnapshotStore:
                 buffer = self._buffers[index] = _Buffer(total_bytes, path)
                 torch.from_numpy(buffer.array).zero_()  # frees the GIL, unlike ndarray.fill
 
-    def warm(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Fill the slots that hold no snapshot with what publishing does not copy every
-        step (frozen weights, buffers), so that the first snapshots of a member that has
-        just loaded its state copy only what training changes (call from a thread; the
-        trainable tensors may change meanwhile, they are not read)."""
-        layout, tensors = layout_of(model, optimizer)
-        always = _always_copied(model, optimizer)
+    def fill(self, data: memoryview | np.ndarray, layout: Layout) -> None:
+        """Copy a pulled snapshot (`data` in `layout`) into the slots that hold none, so
+        that a newcomer's first snapshots copy only what training changes once `adopt` has
+        said which tensors the slots hold. Call it from the thread that publishes, while
+        the state is loaded from the same bytes (the copy releases the GIL)."""
+        import torch
+
+        if not layout.total_bytes:
+            return
+        source = torch.frombuffer(data, dtype=torch.uint8, count=layout.total_bytes)
         for index in (0, 1):
             with self._lock:
                 if self._meta[index] is not None:
                     continue
-                buffer, held = self._claim(index, layout)
-            held = copy_into(buffer.view, layout, tensors, held, always, skip_always=True)
+                buffer, _ = self._claim(index, layout)
+            torch.frombuffer(buffer.view, dtype=torch.uint8).copy_(source)
             with self._lock:
                 if self._meta[index] is None:
+                    self._filled[index] = layout
+
+    def adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After `fill` and loading the model and optimizer from the same snapshot: the
+        filled slots hold every tensor that training does not change (frozen weights,
+        buffers) as it is now. Trainable tensors are copied at every publish anyway."""
+        layout, tensors = layout_of(model, optimizer)
+        always = _always_copied(model, optimizer)
+        held = [None if _identity(t)[0] in always else _identity(t) for t in tensors]
+        with self._lock:
+            for index, filled in self._filled.items():
+                if self._meta[index] is None and filled == layout:
                     self._held[index] = (layout, held)
+            self._filled.clear()
 
     def _claim(
         self, index: int, layout: Layout
