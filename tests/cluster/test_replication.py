@@ -224,7 +224,8 @@ def test_an_adaptive_pull_moves_shards_off_a_source_slower_than_planned(strategy
     an eighth of the others' rate. The chaos strategy (greedy) measures every source as its
     shards arrive and re-plans the shards not yet requested, so s0 ends up with far fewer;
     the `equal` baseline keeps its plan. Either way the state arrives whole."""
-    model, opt = _job(width=1024)
+    # ~6 MB: the pull lasts several of a source's request windows (WINDOW_S), as joins do
+    model, opt = _job(width=4096)
     rates = {"s0": 4e6, "s1": 32e6, "s2": 32e6}
 
     async def main():
@@ -248,7 +249,7 @@ def test_an_adaptive_pull_moves_shards_off_a_source_slower_than_planned(strategy
     else:
         assert result.rebalances == 0
         assert got["s0"] > 0.8 * others
-    model2, opt2 = _job(seed=1, width=1024)
+    model2, opt2 = _job(seed=1, width=4096)
     load_from(result.data, result.layout, model2, opt2, torch.device("cpu"))
     assert state_digest(model2, opt2) == state_digest(model, opt)
 

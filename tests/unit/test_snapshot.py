@@ -177,3 +177,23 @@ def test_loading_adopts_buffers_without_copying_them() -> None:
     base = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
     assert fresh.table.data_ptr() == base + slot.offset  # the pulled bytes, not a copy
     assert fresh[0].weight is weight and fresh_opt.param_groups[0]["params"][0] is weight
+
+
+def test_a_replicator_process_takes_the_trainers_hashes_of_a_pinned_snapshot(tmp_path) -> None:
+    """The trainer hashes a snapshot pinned for a join and writes the hashes beside its
+    slot; a store reading the directory (the replicator process) finds them for that step
+    and shard count only, and they go when the slot is rewritten."""
+    model, opt = _job("sgd")
+    trainer = SnapshotStore(tmp_path)
+    trainer.publish(4, model, opt)
+    reader = SnapshotStore(tmp_path)
+    assert reader.prehashed(4, 3) is None  # not pinned for a join: nobody hashed it
+    trainer.want(4, 3)
+    trainer._prehash(4)  # what want() starts in a thread
+    assert reader.prehashed(4, 3) == reader.get(4).shard_hashes(3)
+    assert reader.prehashed(4, 2) is None and reader.prehashed(5, 3) is None
+    trainer.release(4)
+    for step in (5, 6):  # both slots rewritten
+        trainer.publish(step, model, opt)
+    assert reader.prehashed(4, 3) is None
+    assert not list(tmp_path.glob("*.sha256.json"))

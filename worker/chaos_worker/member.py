@@ -803,9 +803,10 @@ class Member:
         if self.view is not None:
             self.stall.change_started()
         if self.me in plan.assignment:
-            # the manifest's hashes ahead of its request, where this process serves it
-            hashes_here = self._inline and self.me == plan.manifest_from
-            self.store.want(plan.step, plan.shards if hashes_here else None)
+            # the manifest's hashes ahead of its request, at this process's priority (a
+            # replicator process takes them from the snapshot directory)
+            manifest = self.me == plan.manifest_from
+            self.store.want(plan.step, plan.shards if manifest else None)
         self._observers[plan.joiner] = plan
         self.transport.connect(plan.joiner, plan.joiner_address)
         if plan.origin == self.me:

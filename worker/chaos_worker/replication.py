@@ -125,7 +125,7 @@ class Replicator:
             gone = SnapshotGone(sender=self.me, step=request.step, reason="not held here")
             self.transport.send(peer, gone)
         elif request.index is None:
-            hashes = await asyncio.to_thread(snap.shard_hashes, request.shards)
+            hashes = await self._hashes(snap, request.shards)
             manifest = SnapshotManifest(
                 sender=self.me,
                 step=snap.step,
@@ -157,6 +157,18 @@ class Replicator:
         for index in range(request.frames):
             frame = ProbeData(sender=self.me, index=index, frames=request.frames)
             self.transport.send(peer, frame, zeros)
+
+    async def _hashes(self, snap: Snapshot, shards: int) -> list[str]:
+        """The manifest's shard hashes: this replicator's own (in a thread), or the
+        trainer's if they come first. Its trainer hashes a pinned snapshot as soon as the
+        join plan arrives, at normal priority; a replicator process runs at a lower one."""
+        own = asyncio.ensure_future(asyncio.to_thread(snap.shard_hashes, shards))
+        while not own.done():
+            theirs = self.store.prehashed(snap.step, shards)
+            if theirs is not None:
+                return theirs
+            await asyncio.wait({own}, timeout=0.005)
+        return own.result()
 
     async def _snapshot(self, step: int) -> Snapshot | None:
         """Snapshot `step`, waiting a while for it to be published."""

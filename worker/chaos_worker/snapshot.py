@@ -226,6 +226,13 @@ def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> st
     return digest.hexdigest()
 
 
+def _write_json(path: Path, body: dict) -> None:
+    """Replace `path` atomically: a reader in another process never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, path)
+
+
 def shard_bounds(total_bytes: int, shards: int, index: int) -> tuple[int, int]:
     """Byte range [start, end) of shard `index` of `shards`."""
     return index * total_bytes // shards, (index + 1) * total_bytes // shards
@@ -401,10 +408,38 @@ class SnapshotStore:
         return buffer, held
 
     def _prehash(self, step: int) -> None:
+        """Hash the shards of pinned snapshot `step` for the manifest; with a directory,
+        also write them beside its slot, where a replicator process takes them instead of
+        hashing again at its lower priority (`prehashed`)."""
         snap = self.get(step)
         shards = self._wanted.get(step)
-        if snap is not None and shards:
-            snap.shard_hashes(shards)
+        if snap is None or not shards:
+            return
+        hashes = snap.shard_hashes(shards)
+        with self._lock:
+            index = next((i for i in (0, 1) if self._meta[i] and self._meta[i][0] == step), None)
+            if index is None or self.directory is None:
+                return
+            body = {"step": step, "shards": shards, "sha256": hashes}
+            _write_json(self.directory / f"slot-{index}.sha256.json", body)
+
+    def prehashed(self, step: int, shards: int) -> list[str] | None:
+        """The shard hashes the trainer wrote for snapshot `step` in `shards` shards, if it
+        has (a replicator process reading the directory)."""
+        if self.directory is None:
+            return None
+        for index, meta in self._directory_metas():
+            if meta["step"] != step:
+                continue
+            try:
+                body = json.loads((self.directory / f"slot-{index}.sha256.json").read_text())
+            except (OSError, ValueError):
+                return None
+            hashes = body.get("sha256") if isinstance(body, dict) else None
+            fits = body.get("step") == step and body.get("shards") == shards
+            if fits and isinstance(hashes, list) and len(hashes) == shards:
+                return [str(h) for h in hashes]
+        return None
 
     def _free_slot(self) -> int | None:
         """The slot to overwrite: not pinned, and not the newest unless the other is pinned."""
@@ -420,11 +455,10 @@ class SnapshotStore:
     def _write_meta(self, index: int, meta: tuple[int, Layout] | None) -> None:
         if self.directory is None:
             return
-        path = self.directory / f"slot-{index}.json"
-        tmp = path.with_suffix(".tmp")
+        if meta is None:  # the slot is being rewritten: its hashes no longer hold
+            (self.directory / f"slot-{index}.sha256.json").unlink(missing_ok=True)
         body = {"step": meta[0], "layout": meta[1].model_dump()} if meta else {"step": None}
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, path)
+        _write_json(self.directory / f"slot-{index}.json", body)
 
     # ------------------------------------------------------------- server side
 
