@@ -6,7 +6,14 @@ import itertools
 
 import pytest
 import torch
-from chaos_worker.snapshot import SnapshotStore, layout_of, load_from, shard_bounds, state_digest
+from chaos_worker.snapshot import (
+    SnapshotStore,
+    copied_by_load,
+    layout_of,
+    load_from,
+    shard_bounds,
+    state_digest,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -197,3 +204,12 @@ def test_a_replicator_process_takes_the_trainers_hashes_of_a_pinned_snapshot(tmp
         trainer.publish(step, model, opt)
     assert reader.prehashed(4, 3) is None
     assert not list(tmp_path.glob("*.sha256.json"))
+
+
+def test_what_loading_copies_is_the_parameters_on_a_cpu() -> None:
+    model, _ = _job("sgd")
+    model.register_buffer("table", torch.zeros(1000))
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert copied_by_load(model, 10**6, torch.device("cpu")) == params
+    assert copied_by_load(model, 100, torch.device("cpu")) == 100  # never more than the state
+    assert copied_by_load(model, 10**6, torch.device("cuda")) == 10**6  # all of it, over PCIe

@@ -67,7 +67,7 @@ from chaos_worker.replication import JoinFailed, Puller, PullResult, Replicator
 from chaos_worker.sampling import split_by_throughput, step_sample_ids
 from chaos_worker.shaping import TokenBucket, delays_only, parse_links, shape_for
 from chaos_worker.sidecar import Child, start_child
-from chaos_worker.snapshot import SnapshotStore, load_from, state_digest
+from chaos_worker.snapshot import SnapshotStore, copied_by_load, load_from, state_digest
 from chaos_worker.stall import StallMeter
 from chaos_worker.trainspec import TrainSpec
 from chaos_worker.transport import Transport
@@ -396,7 +396,7 @@ class Member:
             if not pulled.done():
                 pulled.set_result(result)
 
-        def pull() -> PullResult:  # in a thread of its own, at lower priority (priority.py)
+        def pull() -> PullResult:  # in a thread of its own, so this loop stays responsive
             async def run() -> PullResult:
                 puller = Puller(
                     self.me,
@@ -413,7 +413,7 @@ class Member:
 
             return asyncio.run(run())
 
-        pulling = asyncio.ensure_future(in_background(pull))
+        pulling = asyncio.ensure_future(asyncio.to_thread(pull))
         pulling.add_done_callback(
             lambda f: None if f.cancelled() or pulled.done() else _settle_from(pulled, f)
         )
@@ -421,16 +421,17 @@ class Member:
         self._reserving = asyncio.ensure_future(
             in_background(lambda: self.store.reserve(plan.state_bytes))
         )
+        load_bytes = copied_by_load(self.spec.model, plan.state_bytes, self.device)
         while not pulled.done():  # ask for the switch step while the last shards arrive
             await asyncio.wait({pulled}, timeout=0.005)
             remaining = pullers[0].remaining_s(time.monotonic()) if pullers else float("inf")
             period = step_period(self._observed_at)
-            if not self._asked_ready and ask_now(remaining, plan.state_bytes, period):
-                self._ask_ready(remaining, plan.state_bytes)
+            if not self._asked_ready and ask_now(remaining, load_bytes, period):
+                self._ask_ready(remaining, load_bytes)
         result = pulled.result()
         self._observe_pull(result.bytes_per_source, result.transfers)
         if not self._asked_ready:
-            self._ask_ready(0.0, plan.state_bytes)
+            self._ask_ready(0.0, load_bytes)
         # the snapshot slots take the pulled bytes while the state loads from them, so the
         # first steps as a member publish only what training changes
         self._publisher.submit(self.store.fill, result.data, result.layout)
@@ -456,9 +457,9 @@ class Member:
         )
         await self._catch_up()
 
-    def _ask_ready(self, remaining_s: float, state_bytes: int) -> None:
+    def _ask_ready(self, remaining_s: float, load_bytes: int) -> None:
         self._asked_ready = True
-        wait = ready_in(remaining_s, state_bytes)
+        wait = ready_in(remaining_s, load_bytes)
         self._report(
             "ready_asked",
             remaining_s=round(remaining_s, 4),

@@ -30,7 +30,7 @@ SLACK = 1.1
 SLACK_S = 0.003
 """...plus this much, for the checks of the last shards and a busy host."""
 LOAD_BYTES_PER_S = 5e9
-"""Loading a pulled snapshot into the model and optimizer: a memory copy, roughly."""
+"""Loading a pulled snapshot copies what the model cannot take as views: a memory copy."""
 LOAD_FIXED_S = 0.005
 """Loading's fixed part (building tensors, replaying the observed steps)."""
 MIN_ARRIVALS = 3
@@ -46,17 +46,18 @@ def step_period(arrivals: Sequence[float]) -> float | None:
     return statistics.median(gaps)
 
 
-def ready_in(remaining_s: float, state_bytes: int) -> float:
-    """Seconds until a newcomer with `remaining_s` of pull left holds a loaded state."""
-    load_s = LOAD_FIXED_S + state_bytes / LOAD_BYTES_PER_S
+def ready_in(remaining_s: float, load_bytes: int) -> float:
+    """Seconds until a newcomer with `remaining_s` of pull left holds a loaded state, when
+    loading copies `load_bytes` (`snapshot.copied_by_load`)."""
+    load_s = LOAD_FIXED_S + load_bytes / LOAD_BYTES_PER_S
     return SLACK * (remaining_s + load_s) + SLACK_S
 
 
-def ask_now(remaining_s: float, state_bytes: int, period_s: float | None) -> bool:
+def ask_now(remaining_s: float, load_bytes: int, period_s: float | None) -> bool:
     """True when a newcomer with `remaining_s` of pull left should ask for its switch step."""
     if period_s is None:
         return False
-    return ready_in(remaining_s, state_bytes) <= LEAD * period_s
+    return ready_in(remaining_s, load_bytes) <= LEAD * period_s
 
 
 def switch_steps(

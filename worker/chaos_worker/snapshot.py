@@ -196,6 +196,16 @@ def load_from(
     optimizer.load_state_dict({"state": optim_state, "param_groups": layout.param_groups})
 
 
+def copied_by_load(model: torch.nn.Module, state_bytes: int, device: torch.device) -> int:
+    """Bytes `load_from` copies for a state of `state_bytes`: into the parameters on a
+    CPU (buffers and optimizer state become views of the pulled bytes), all of it onto
+    an accelerator."""
+    if device.type != "cpu":
+        return state_bytes
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return min(state_bytes, params)
+
+
 def _adopt_buffers(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
     """Make the model's buffers (frozen tables, running statistics) the snapshot's tensors
     themselves instead of copying into them, and take them out of `state`: loading a
