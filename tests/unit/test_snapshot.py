@@ -11,6 +11,7 @@ from chaos_worker.snapshot import (
     copied_by_load,
     layout_of,
     load_from,
+    loaded_identities,
     shard_bounds,
     state_digest,
 )
@@ -135,27 +136,30 @@ def _with_table(model: torch.nn.Module, start: float) -> torch.nn.Parameter:
 def test_slots_filled_from_the_pulled_bytes_give_the_same_snapshots(
     directory: bool, tmp_path
 ) -> None:
-    """A newcomer reserves its slots while it pulls, fills them from the pulled bytes while
-    it loads the state from them, then adopts what they hold: its later snapshots are
-    those of a store that did none of it, and a frozen tensor adopted is not copied again
-    (a change that bypasses the version counter shows that)."""
+    """A newcomer fills its slots from the pulled bytes after loading the state from them
+    and adopts what they held at load time: its later snapshots are those of a store that
+    did none of it, and a frozen tensor adopted is not copied again (a change that
+    bypasses the version counter shows that)."""
     source_model, source_opt = _job("adam")
     _with_table(source_model, 0.0)
+    source_model.register_buffer("stats", torch.ones(10))
     source = SnapshotStore()
     source.publish(5, source_model, source_opt)
-    pulled = source.get(5)
     model, opt = _job("adam", seed=1)
     frozen = _with_table(model, 5000.0)
+    model.register_buffer("stats", torch.zeros(10))
+    pulled = source.get(5)
     store = SnapshotStore(tmp_path if directory else None)
-    store.reserve(pulled.layout.total_bytes)
     data = bytearray(pulled.data)
-    store.fill(memoryview(data), pulled.layout)
     load_from(data, pulled.layout, model, opt, torch.device("cpu"))
-    store.adopt(model, opt)
-    assert store.latest_step() is None  # filling publishes nothing
+    loaded = loaded_identities(model, opt)  # at load time, before any step
     opt.zero_grad()
     model[0](torch.randn(4, 6)).square().sum().backward()
     opt.step()  # trained tensors change after the load: they are copied at publish
+    model.stats.add_(1.0)  # a buffer changed in place (running statistics): copied too
+    store.fill(memoryview(data), pulled.layout)  # later, at low priority
+    store.adopt(loaded)
+    assert store.latest_step() is None  # filling publishes nothing
     frozen.data.view(-1)[0] = -1.0  # untracked: an adopted slot keeps what it was filled with
     for step in (7, 8):
         store.publish(step, model, opt)

@@ -67,7 +67,13 @@ from chaos_worker.replication import JoinFailed, Puller, PullResult, Replicator
 from chaos_worker.sampling import split_by_throughput, step_sample_ids
 from chaos_worker.shaping import TokenBucket, delays_only, parse_links, shape_for
 from chaos_worker.sidecar import Child, start_child
-from chaos_worker.snapshot import SnapshotStore, copied_by_load, load_from, state_digest
+from chaos_worker.snapshot import (
+    SnapshotStore,
+    copied_by_load,
+    load_from,
+    loaded_identities,
+    state_digest,
+)
 from chaos_worker.stall import StallMeter
 from chaos_worker.trainspec import TrainSpec
 from chaos_worker.transport import Transport
@@ -158,7 +164,7 @@ class Member:
         self._served: SentReader | None = None  # what a replicator process reports sent
         self._shapes = shapes
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
-        self._reserving: asyncio.Future | None = None  # a newcomer touching its slots
+        self._preparing: asyncio.Future | None = None  # a newcomer filling its slots
         self._publishing: concurrent.futures.Future | None = None
         self._publish_s = 0.0
         self._ready_t = 0.0
@@ -417,10 +423,6 @@ class Member:
         pulling.add_done_callback(
             lambda f: None if f.cancelled() or pulled.done() else _settle_from(pulled, f)
         )
-        # touch the snapshot slots' pages now, at low priority, not at the first snapshot
-        self._reserving = asyncio.ensure_future(
-            in_background(lambda: self.store.reserve(plan.state_bytes))
-        )
         load_bytes = copied_by_load(self.spec.model, plan.state_bytes, self.device)
         while not pulled.done():  # ask for the switch step while the last shards arrive
             await asyncio.wait({pulled}, timeout=0.005)
@@ -432,14 +434,11 @@ class Member:
         self._observe_pull(result.bytes_per_source, result.transfers)
         if not self._asked_ready:
             self._ask_ready(0.0, load_bytes)
-        # the snapshot slots take the pulled bytes while the state loads from them, so the
-        # first steps as a member publish only what training changes
-        self._publisher.submit(self.store.fill, result.data, result.layout)
         # in a thread: this loop sends the `ready` proposal and takes observed totals meanwhile
         await asyncio.to_thread(
             load_from, result.data, result.layout, self.spec.model, self.spec.optimizer, self.device
         )
-        self._publisher.submit(self.store.adopt, self.spec.model, self.spec.optimizer)
+        self._prepare_slots(result)
         self.step = plan.step
         self.completed = plan.step - 1
         self._report(
@@ -456,6 +455,32 @@ class Member:
             t=time.monotonic(),
         )
         await self._catch_up()
+
+    def _prepare_slots(self, result: PullResult) -> None:
+        """Copy the pulled bytes into the snapshot slots at low priority, off the critical
+        path (their pages cost more than the copy: 0.7 s of CPU for two 256 MB slots on
+        two cores), so that this member's snapshots then copy only what training changes.
+        Until they are ready it publishes none; a join planned meanwhile fetches from the
+        others (a source without the snapshot says so and is re-planned)."""
+        loaded = loaded_identities(self.spec.model, self.spec.optimizer)
+
+        def prepare() -> None:
+            self.store.fill(result.data, result.layout)
+            self.store.adopt(loaded)
+
+        self._preparing = asyncio.ensure_future(in_background(prepare))
+
+    def _slots_ready(self) -> bool:
+        """False while a newcomer's snapshot slots are being prepared (`_prepare_slots`)."""
+        preparing = self._preparing
+        if preparing is None:
+            return True
+        if not preparing.done():
+            return False
+        self._preparing = None
+        if preparing.exception() is not None:  # the first publishes then copy everything
+            log.warning("preparing the snapshot slots failed: %s", preparing.exception())
+        return True
 
     def _ask_ready(self, remaining_s: float, load_bytes: int) -> None:
         self._asked_ready = True
@@ -569,9 +594,10 @@ class Member:
         for pinned in [s for s, after in self._unpin_after.items() if after <= self.step]:
             self.store.release(pinned)
             del self._unpin_after[pinned]
-        self._publishing = self._publisher.submit(
-            self.store.publish, self.step + 1, self.spec.model, self.spec.optimizer
-        )
+        if self._slots_ready():
+            self._publishing = self._publisher.submit(
+                self.store.publish, self.step + 1, self.spec.model, self.spec.optimizer
+            )
         self._report(
             "progress",
             step=self.step,

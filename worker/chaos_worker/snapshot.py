@@ -196,6 +196,17 @@ def load_from(
     optimizer.load_state_dict({"state": optim_state, "param_groups": layout.param_groups})
 
 
+def loaded_identities(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[Layout, list[tuple[int, int] | None]]:
+    """The layout and what `SnapshotStore.adopt` may take as already in a filled slot: the
+    identity of every tensor that training does not change (None for the trainable ones).
+    Take it right after `load_from`, before a step can change a buffer."""
+    layout, tensors = layout_of(model, optimizer)
+    always = _always_copied(model, optimizer)
+    return layout, [None if _identity(t)[0] in always else _identity(t) for t in tensors]
+
+
 def copied_by_load(model: torch.nn.Module, state_bytes: int, device: torch.device) -> int:
     """Bytes `load_from` copies for a state of `state_bytes`: into the parameters on a
     CPU (buffers and optimizer state become views of the pulled bytes), all of it onto
@@ -355,20 +366,6 @@ class SnapshotStore:
         if wanted and self._wanted.get(step):
             self._prehash(step)
 
-    def reserve(self, total_bytes: int) -> None:
-        """Allocate both slots for a state of `total_bytes` and touch every page now (call
-        from a thread), so that filling them later is a plain copy: a newcomer does this
-        while it pulls, long before its first snapshot. A publish meanwhile waits."""
-        import torch
-
-        for index in (0, 1):
-            with self._lock:
-                if self._meta[index] is not None or self._buffers[index] is not None:
-                    continue
-                path = None if self.directory is None else self.directory / f"slot-{index}.bin"
-                buffer = self._buffers[index] = _Buffer(total_bytes, path)
-                torch.from_numpy(buffer.array).zero_()  # frees the GIL, unlike ndarray.fill
-
     def fill(self, data: memoryview | np.ndarray, layout: Layout) -> None:
         """Copy a pulled snapshot (`data` in `layout`) into the slots that hold none, so
         that a newcomer's first snapshots copy only what training changes once `adopt` has
@@ -389,13 +386,11 @@ class SnapshotStore:
                 if self._meta[index] is None:
                     self._filled[index] = layout
 
-    def adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """After `fill` and loading the model and optimizer from the same snapshot: the
-        filled slots hold every tensor that training does not change (frozen weights,
-        buffers) as it is now. Trainable tensors are copied at every publish anyway."""
-        layout, tensors = layout_of(model, optimizer)
-        always = _always_copied(model, optimizer)
-        held = [None if _identity(t)[0] in always else _identity(t) for t in tensors]
+    def adopt(self, loaded: tuple[Layout, list[tuple[int, int] | None]]) -> None:
+        """After `fill`: the filled slots hold the tensors of `loaded` (`loaded_identities`,
+        taken when the state was loaded from the same bytes), so publishing copies only
+        what changed since. Trainable tensors are copied at every publish anyway."""
+        layout, held = loaded
         with self._lock:
             for index, filled in self._filled.items():
                 if self._meta[index] is None and filled == layout:
