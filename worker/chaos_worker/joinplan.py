@@ -1,4 +1,5 @@
-"""Which bandwidth figure the root plans a join with, per source (pure, no I/O).
+"""How the root plans a join (pure, no I/O): which bandwidth figure per source, and the
+planner's shards per source.
 
 A source's link to the newcomer is taken, in this order, from:
 
@@ -17,9 +18,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+from chaos_planner.models import DEFAULT_SHARD_COUNTS, Plan, PlanRequest, Source
+from chaos_planner.solve import solve
+
 from chaos_worker.linktable import LinkTable
 
 Figure = Literal["measured", "shaped", "default"]
+MAX_SHARD_BYTES = 1 << 20
+"""A join's shards are at most this big: progress, stall detection, re-plans and the
+adaptive pull's rebalancing all work shard by shard."""
+
+
+def shard_plan(state_bytes: int, sources: list[Source], strategy: str) -> Plan:
+    """The planner's shards per source for a state of `state_bytes` (shards of at most
+    `MAX_SHARD_BYTES`, else the finest count the planner knows)."""
+    counts = [k for k in DEFAULT_SHARD_COUNTS if state_bytes / k <= MAX_SHARD_BYTES]
+    request = PlanRequest(
+        state_bytes=state_bytes,
+        shard_counts=counts or [DEFAULT_SHARD_COUNTS[-1]],
+        sources=sources,
+    )
+    return solve(request, strategy)
 
 
 def source_bandwidths(

@@ -43,14 +43,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from chaos_planner.models import DEFAULT_SHARD_COUNTS, PlanRequest, Source
-from chaos_planner.solve import solve
+from chaos_planner.models import Source
 
 from chaos_worker.collective import TreeAllReduce
 from chaos_worker.compute import apply_flat_grads, flatten_grads, gradient_sum
 from chaos_worker.config import WorkerConfig
 from chaos_worker.control import ControlLink
-from chaos_worker.joinplan import source_bandwidths
+from chaos_worker.joinplan import shard_plan, source_bandwidths
 from chaos_worker.joinprobe import probe_downlinks
 from chaos_worker.ledger import SentReader
 from chaos_worker.metrics import WorkerMetrics
@@ -103,8 +102,6 @@ log = logging.getLogger(__name__)
 # and RTT, is for decisions that travel outside the data path.)
 FIFO_SWITCH_MARGIN = 2
 STARTUP_TIMEOUT_S = 60.0
-MAX_SHARD_BYTES = 1 << 20
-"""Shards of at most 1 MiB: a pull adapts to measured rates shard by shard."""
 DEFAULT_BANDWIDTH = 1e9
 """Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
 GOSSIP_EVERY = 10
@@ -790,14 +787,7 @@ class Member:
             for m, (bw, _) in figures.items()
         ]
         state_bytes = max(1, snap.layout.total_bytes)
-        # shards of at most MAX_SHARD_BYTES: progress, stall detection and re-plans per shard
-        counts = [k for k in DEFAULT_SHARD_COUNTS if state_bytes / k <= MAX_SHARD_BYTES]
-        request = PlanRequest(
-            state_bytes=state_bytes,
-            shard_counts=counts or [DEFAULT_SHARD_COUNTS[-1]],
-            sources=sources,
-        )
-        plan = solve(request, self.cfg.join_strategy)
+        plan = shard_plan(state_bytes, sources, self.cfg.join_strategy)
         assignment = plan.shard_indices()
         return JoinPlan(
             id=uuid.uuid4().hex,

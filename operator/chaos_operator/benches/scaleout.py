@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
         profiles = [args.links]
         try:
             for neighbours in args.neighbours:
-                _links(args.links, neighbours)
+                profile_links(args.links, neighbours)
         except ShapeError as exc:
             raise UserError(str(exc)) from None
     if args.netns:
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     for size in args.sizes:
         for neighbours in args.neighbours:
             for profile in profiles if neighbours > 1 else profiles[:1]:
-                links, bandwidths = _links(profile, neighbours)
+                links, bandwidths = profile_links(profile, neighbours)
                 startup: list[float] = []
                 for strategy in [s for s in strategies if s != "checkpoint"]:
                     label = f"{size} MB, {neighbours} x {profile}, {strategy}"
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"join_step": JOIN_STEP, "downlink_bytes_per_s": args.downlink, "runs": runs}
 
 
-def _links(profile: str, neighbours: int) -> tuple[str, list[float]]:
+def profile_links(profile: str, neighbours: int) -> tuple[str, list[float]]:
     """Link spec for incumbents w0.. and the newcomer w<neighbours>, and the bandwidth of
     each incumbent's link to the newcomer: a named bandwidth profile shapes only those
     links; a `--links` spec (e.g. @three-party) shapes every link as it says."""
