@@ -369,8 +369,8 @@ class SnapshotStore:
     def fill(self, data: memoryview | np.ndarray, layout: Layout) -> None:
         """Copy a pulled snapshot (`data` in `layout`) into the slots that hold none, so
         that a newcomer's first snapshots copy only what training changes once `adopt` has
-        said which tensors the slots hold. Call it from the thread that publishes, while
-        the state is loaded from the same bytes (the copy releases the GIL)."""
+        said which tensors the slots hold. No publish may run meanwhile (the member
+        publishes nothing until its slots are ready); the copy releases the GIL."""
         import torch
 
         if not layout.total_bytes:
