@@ -113,26 +113,21 @@ def copy_into(
     tensors: list[torch.Tensor],
     held: list[tuple[int, int] | None] | None = None,
     always: frozenset[int] = frozenset(),
-    *,
-    skip_always: bool = False,
-) -> list[tuple[int, int] | None]:
+) -> list[tuple[int, int]]:
     """Copy `tensors` into `buffer` at their slots (releases the GIL for the data).
 
     `held` lists what the buffer already holds per tensor (from an earlier call on the same
     buffer): tensors unchanged since then (frozen weights, buffers) are not copied again,
     except those whose storage address is in `always` (trainable parameters and optimizer
-    state, which an optimizer may change through `.data` without a version bump). With
-    `skip_always` those are not copied at all (held as None). Returns the identities now held.
+    state, which an optimizer may change through `.data` without a version bump).
+    Returns the identities now held.
     """
     import torch
 
     flat = torch.frombuffer(buffer, dtype=torch.uint8, count=layout.total_bytes)
-    now: list[tuple[int, int] | None] = []
+    now = []
     for i, (slot, tensor) in enumerate(zip(layout.slots, tensors, strict=True)):
         identity = _identity(tensor)
-        if skip_always and identity[0] in always:
-            now.append(None)
-            continue
         now.append(identity)
         fresh = held is not None and held[i] == identity and identity[0] not in always
         if slot.nbytes and not fresh:
