@@ -536,7 +536,6 @@ class Member:
             if self.step >= self.cfg.steps:
                 return
             self._probe_links()
-            self._count_served()
             started = time.perf_counter()
             self._step_started = time.monotonic()
             ids = step_sample_ids(
@@ -1257,6 +1256,7 @@ class Member:
                 self._gossip(now)
             if self.metrics is not None:
                 self.metrics.update_links(self.monitor.table, now)
+                self._count_served()
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
     async def _watch(self) -> None:
@@ -1322,7 +1322,7 @@ class Member:
                 self.monitor.table.observe_transfer(source, self.me, nbytes, seconds, now)
 
     def _count_served(self) -> None:
-        """Count what a replicator process (sidecar or child) sent since the last step."""
+        """Count what a replicator process (sidecar or child) sent since the last look."""
         if self._served is not None:
             for peer, nbytes in self._served.news().items():
                 self._count_replication(peer, "sent", nbytes)
