@@ -41,9 +41,18 @@ def _plan(
     strategy: str = "equal",
     shards: int = 8,
 ) -> JoinPlan:
-    sources = [Source(id=s, bandwidth_bytes_per_s=rates[s]) for s in replicators]
+    """Snapshot 3 of `total` bytes in `shards` shards from `replicators`, planned by
+    `strategy` with `rates`."""
+    addresses = {s: r.address for s, r in replicators.items()}
+    return _plan_at(addresses, total, rates, strategy=strategy, shards=shards)
+
+
+def _plan_at(
+    addresses: dict[str, str], total: int, rates: dict[str, float], *, strategy: str, shards: int
+) -> JoinPlan:
+    sources = [Source(id=s, bandwidth_bytes_per_s=rates[s]) for s in addresses]
     request = PlanRequest(state_bytes=total, shard_counts=[shards], sources=sources)
-    plan = solve(request, {"equal": "equal", "greedy": "greedy"}[strategy])
+    plan = solve(request, strategy)
     assignment = plan.shard_indices()
     return JoinPlan(
         id="plan",
@@ -54,7 +63,7 @@ def _plan(
         state_bytes=total,
         shards=plan.shards,
         assignment=assignment,
-        replicators={s: r.address for s, r in replicators.items()},
+        replicators=addresses,
         bandwidths=rates,
         manifest_from="s0",
         predicted_s=plan.makespan_s,
@@ -64,21 +73,7 @@ def _plan(
 
 def _one_source_plan(address: str, state_bytes: int) -> JoinPlan:
     """Snapshot 3 in four shards, all from source s0 at `address`."""
-    return JoinPlan(
-        id="p",
-        origin="s0",
-        joiner="new",
-        joiner_address="",
-        step=3,
-        state_bytes=state_bytes,
-        shards=4,
-        assignment={"s0": [0, 1, 2, 3]},
-        replicators={"s0": address},
-        bandwidths={"s0": 1e9},
-        manifest_from="s0",
-        predicted_s=0.0,
-        strategy="single",
-    )
+    return _plan_at({"s0": address}, state_bytes, {"s0": 1e9}, strategy="single", shards=4)
 
 
 async def _serve(model, opt, rates, corrupt: str = ""):
