@@ -13,7 +13,7 @@ every resync of a job with `spec.autoscaling.enabled`:
 
 A change goes through the job's scale subresource (as the HorizontalPodAutoscaler does), then
 the reconcile adds or removes members. The decision is written to `status.autoscaling` and the
-`AutoscalingActive` condition; a change also becomes an Event (`AutoscaleUp`/`AutoscaleDown`).
+`AutoscalingActive` condition; a change also becomes an PodEvent (`AutoscaleUp`/`AutoscaleDown`).
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from chaos_planner.autoscale import AutoscaleInput, Decision, Observation, decide
+from chaos_planner.autoscale import AutoscaleInput, Observation, ScaleDecision, decide
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.utils import parse_quantity
 
 from chaos_operator.api import GROUP, VERSION, ChaosJob
-from chaos_operator.reconcile import Event, set_condition
+from chaos_operator.api.conditions import set_condition
+from chaos_operator.reconcile import PodEvent
 from chaos_operator.scrape import MemberMetrics, measure_goodput, view_settled
 
 log = logging.getLogger("chaos_operator.autoscaler")
@@ -115,7 +116,7 @@ def quota_headroom(
 
 
 def status_block(
-    previous: Mapping[str, Any], decision: Decision, now: datetime, changed: bool
+    previous: Mapping[str, Any], decision: ScaleDecision, now: datetime, changed: bool
 ) -> dict[str, Any]:
     """`status.autoscaling` after `decision` (the decision time moves only when it `changed`)."""
     out: dict[str, Any] = {
@@ -133,7 +134,7 @@ def status_block(
     return out
 
 
-def condition_of(decision: Decision) -> tuple[str, str, str]:
+def condition_of(decision: ScaleDecision) -> tuple[str, str, str]:
     """(status, reason, message) of the `AutoscalingActive` condition."""
     return (
         ("False" if decision.reason == "Measuring" else "True"),
@@ -242,10 +243,10 @@ class Autoscaler:
         scrapes: Mapping[str, MemberMetrics],
         status: dict[str, Any],
         now: datetime,
-    ) -> Event | None:
+    ) -> PodEvent | None:
         """Measure, decide and scale `job`; write the decision into `status` (in place).
 
-        Returns the Event to post when the replicas were changed.
+        Returns the PodEvent to post when the replicas were changed.
         """
         meta = job.metadata
         name, namespace = meta.name or "", meta.namespace or "default"
@@ -319,6 +320,6 @@ class Autoscaler:
         log.info("%s/%s: %s -> %d replicas: %s", namespace, name, decision.reason,
                  decision.replicas, decision.message)  # fmt: skip
         up = decision.replicas > spec.replicas
-        return Event("AutoscaleUp" if up else "AutoscaleDown",
+        return PodEvent("AutoscaleUp" if up else "AutoscaleDown",
                      f"{spec.replicas} -> {decision.replicas} replicas ({decision.reason}): "
                      f"{decision.message}")  # fmt: skip

@@ -34,14 +34,14 @@ from kubernetes.client.exceptions import ApiException
 
 from chaos_operator.api import GROUP, VERSION, ChaosJob
 from chaos_operator.autoscaler import Autoscaler
-from chaos_operator.federation.view import LocalJob
+from chaos_operator.federation.rules import PublishedJob
 from chaos_operator.metrics import OperatorMetrics
 from chaos_operator.reconcile import (
     ANN_NEXT_MEMBER,
     LABEL_JOB,
     ObservedPod,
     Options,
-    Plan,
+    PodPlan,
     reconcile,
     running_members,
 )
@@ -94,11 +94,11 @@ def observe_pod(pod: client.V1Pod) -> ObservedPod:
     )
 
 
-def local_job(job: ChaosJob, pods: list[ObservedPod], plan: Plan) -> LocalJob:
+def local_job(job: ChaosJob, pods: list[ObservedPod], plan: PodPlan) -> PublishedJob:
     """What the federation tells other parties about one job: its running members, and how
     many more are starting (live or just created)."""
     members = running_members(pods)
-    return LocalJob(
+    return PublishedJob(
         namespace=job.metadata.namespace or "default",
         name=job.metadata.name or "",
         federation=job.spec.federation,
@@ -152,7 +152,9 @@ def post_event(core: client.CoreV1Api, body: dict[str, Any], reason: str, messag
         log.warning("event %s on %s not posted: %s", reason, meta["name"], exc.reason)
 
 
-def reconcile_job(ctx: Context, namespace: str, name: str, *, scrape: bool = False) -> Plan | None:
+def reconcile_job(
+    ctx: Context, namespace: str, name: str, *, scrape: bool = False
+) -> PodPlan | None:
     """Observe job `namespace/name` and its pods, reconcile, apply. None if the job is gone."""
     custom = client.CustomObjectsApi(ctx.api)
     core = client.CoreV1Api(ctx.api)
@@ -343,7 +345,7 @@ async def _resync(memo: Any) -> None:
             log.warning("resync failed: %s", exc)
 
 
-def describe(plan: Plan) -> str:
+def describe(plan: PodPlan) -> str:
     """A one-line summary of a plan (for logs)."""
     return json.dumps(
         {

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import get_args
 
-from chaos_worker.metrics import STEP_BUCKETS, Exporter
+from chaos_worker.telemetry.exporter import STEP_BUCKETS, Exporter
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric

@@ -1,6 +1,6 @@
 """Pure reconcile of a `ChaosJob`: observed pods in, desired pods, deletions and status out.
 
-No I/O and no clock: the caller passes `now` and what it observed, and applies the `Plan`
+No I/O and no clock: the caller passes `now` and what it observed, and applies the `PodPlan`
 (the kopf handlers on Kubernetes). The same input always gives the same plan.
 
 Rules:
@@ -42,9 +42,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from chaos_operator.api import API_VERSION, ChaosJob
+from chaos_operator.api.conditions import set_condition
 
 if TYPE_CHECKING:
-    from chaos_operator.federation.view import FederationView
+    from chaos_operator.federation.rules import FederationView
 
 LABEL_JOB = "chaos.training.dev/job"
 LABEL_MEMBER = "chaos.training.dev/member"
@@ -117,7 +118,7 @@ class ObservedPod:
 
 
 @dataclass(frozen=True)
-class Event:
+class PodEvent:
     """A Kubernetes Event to post on the job once the action behind it is done."""
 
     reason: str
@@ -126,7 +127,7 @@ class Event:
 
 
 @dataclass(frozen=True)
-class Plan:
+class PodPlan:
     """What to do: create pods, delete pods, ensure the Service, write status."""
 
     create: list[dict[str, Any]]
@@ -134,34 +135,8 @@ class Plan:
     service: dict[str, Any]
     status: dict[str, Any]
     next_member: int
-    events: dict[str, Event]
+    events: dict[str, PodEvent]
     """Keyed by the pod name whose creation or deletion the event reports."""
-
-
-def set_condition(
-    conditions: Sequence[Mapping[str, Any]],
-    type: str,
-    status: str,
-    reason: str,
-    message: str,
-    generation: int | None,
-    now: datetime,
-) -> list[dict[str, Any]]:
-    """Conditions with `type` set; `lastTransitionTime` is kept unless `status` changes."""
-    out = [dict(c) for c in conditions if c.get("type") != type]
-    old = next((c for c in conditions if c.get("type") == type), None)
-    since = old["lastTransitionTime"] if old and old.get("status") == status else None
-    entry: dict[str, Any] = {
-        "type": type,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since or now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    if generation is not None:
-        entry["observedGeneration"] = generation
-    out.append(entry)
-    return sorted(out, key=lambda c: c["type"])
 
 
 def service_name(job: str) -> str:
@@ -365,7 +340,7 @@ def reconcile(
     scale_out_delay_s: float | None = None,
     options: Options = Options(),
     federation: FederationView | None = None,
-) -> Plan:
+) -> PodPlan:
     """Plan one reconcile of `job` given its observed pods (see the module docstring)."""
     name, namespace, _ = _meta(job)
     spec = job.spec
@@ -384,19 +359,19 @@ def reconcile(
     ordinal = next_member(job, pods)
     create: list[dict[str, Any]] = []
     delete: list[str] = []
-    events: dict[str, Event] = {}
+    events: dict[str, PodEvent] = {}
 
     if not finished and not trained:
         for pod in ended:
             delete.append(pod.name)
-            events[pod.name] = Event(
+            events[pod.name] = PodEvent(
                 "MemberLost", f"member {pod.member} ended ({pod.phase}); replacing it", "Warning"
             )
         surplus = len(live) - want
         if surplus > 0:
             for pod in live[-surplus:]:
                 delete.append(pod.name)
-                events[pod.name] = Event("MemberRemoved", f"scaled down: member {pod.member}")
+                events[pod.name] = PodEvent("MemberRemoved", f"scaled down: member {pod.member}")
             live = live[:-surplus]
         missing = want - len(live)
         seeds = [p for p in live if p.address]
@@ -413,7 +388,7 @@ def reconcile(
                 for n in new:
                     config = worker_config(job, n, options, join=joins[1])
                     create.append(worker_pod(job, n, config))
-                    events[member_name(name, n)] = Event(
+                    events[member_name(name, n)] = PodEvent(
                         "MemberAdded",
                         f"member {member_id(name, n, options)} joins through {joins[0]}",
                     )
@@ -425,7 +400,7 @@ def reconcile(
                 for n in new:
                     config = worker_config(job, n, options, members=members)
                     create.append(worker_pod(job, n, config))
-                    events[member_name(name, n)] = Event(
+                    events[member_name(name, n)] = PodEvent(
                         "MemberAdded",
                         f"member {member_name(name, n)} starts the initial set of {len(new)}",
                     )
@@ -447,7 +422,7 @@ def reconcile(
         federation=federation,
         waiting=waiting,
     )
-    return Plan(
+    return PodPlan(
         create=create,
         delete=delete,
         service=headless_service(job),
@@ -516,7 +491,7 @@ def _status(
             degraded = ("False", "AsExpected", counts)
     changes = [("Degraded", degraded), ("Ready", ready)]
     if federation is not None:
-        from chaos_operator.federation.view import synced_condition
+        from chaos_operator.federation.rules import synced_condition
 
         changes.append(("FederationSynced", synced_condition(federation)))
     for type_, (status, reason, message) in changes:

@@ -3,7 +3,7 @@
 No torch, no network, no files, no clocks: every function here is deterministic.
 """
 
-from chaos_planner.autoscale import AutoscaleInput, Decision, Observation, decide
+from chaos_planner.autoscale import AutoscaleInput, Observation, ScaleDecision, decide
 from chaos_planner.baselines import (
     apportion,
     single_assignment,
@@ -16,7 +16,7 @@ from chaos_planner.cost import finish_time, makespan, shard_seconds
 from chaos_planner.errors import PlanningError
 from chaos_planner.greedy import greedy_assignment, solve_greedy
 from chaos_planner.milp import milp_assignment, solve_milp
-from chaos_planner.models import DEFAULT_SHARD_COUNTS, MAX_SHARDS, Plan, PlanRequest, Source
+from chaos_planner.models import DEFAULT_SHARD_COUNTS, MAX_SHARDS, PlanRequest, ShardPlan, Source
 from chaos_planner.solve import SOLVERS, solve
 from chaos_planner.switch import switch_step
 from chaos_planner.tree import (
@@ -31,11 +31,11 @@ __all__ = [
     "MAX_SHARDS",
     "SOLVERS",
     "AutoscaleInput",
-    "Decision",
     "Observation",
-    "Plan",
     "PlanRequest",
     "PlanningError",
+    "ScaleDecision",
+    "ShardPlan",
     "Source",
     "Tree",
     "apportion",

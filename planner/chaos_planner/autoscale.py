@@ -2,7 +2,7 @@
 
 Pure: no I/O and no clock. The caller passes `now` (seconds on any clock, the same one as the
 observations' `at` and `last_decision_at`), what it measured and what the cluster admits, and
-gets a `Decision`: the desired replica count, a short machine reason and a message with the
+gets a `ScaleDecision`: the desired replica count, a short machine reason and a message with the
 numbers.
 
 The curve is the job's goodput T(n) (samples/s) measured at n workers: the median of the
@@ -104,7 +104,7 @@ class AutoscaleInput(BaseModel):
         return self
 
 
-class Decision(BaseModel):
+class ScaleDecision(BaseModel):
     """Desired replicas, why (a machine reason and a message with the numbers)."""
 
     model_config = ConfigDict(frozen=True)
@@ -137,18 +137,18 @@ def marginal_goodput(goodput: dict[int, float], workers: int) -> float | None:
     return (goodput[workers] - goodput.get(below, 0.0)) / (workers - below)
 
 
-def decide(given: AutoscaleInput) -> Decision:
+def decide(given: AutoscaleInput) -> ScaleDecision:
     """The desired replica count for `given` (rules in the module docstring)."""
     n, low, high = given.replicas, given.min_replicas, given.max_replicas
     target = given.target_per_worker
     if n < low:
-        return Decision(replicas=low, reason="BelowMinimum",
+        return ScaleDecision(replicas=low, reason="BelowMinimum",
                         message=f"{n} replicas is below minReplicas {low}")  # fmt: skip
     if n > high:
-        return Decision(replicas=high, reason="AboveMaximum",
+        return ScaleDecision(replicas=high, reason="AboveMaximum",
                         message=f"{n} replicas is above maxReplicas {high}")  # fmt: skip
     if n == 0:
-        return Decision(replicas=0, reason="AtMinimum",
+        return ScaleDecision(replicas=0, reason="AtMinimum",
                         message="no workers run, so none can be measured")  # fmt: skip
 
     curve = scaling_curve(given.observations, given.now, given.memory_s)
@@ -156,11 +156,11 @@ def decide(given: AutoscaleInput) -> Decision:
     here = goodput.get(n)
     m = marginal_goodput(goodput, n)
 
-    def keep(reason: Reason, message: str) -> Decision:
-        return Decision(replicas=n, reason=reason, message=message, goodput=here, marginal=m)
+    def keep(reason: Reason, message: str) -> ScaleDecision:
+        return ScaleDecision(replicas=n, reason=reason, message=message, goodput=here, marginal=m)
 
-    def move(to: int, reason: Reason, message: str) -> Decision:
-        return Decision(replicas=to, reason=reason, message=message, goodput=here, marginal=m)
+    def move(to: int, reason: Reason, message: str) -> ScaleDecision:
+        return ScaleDecision(replicas=to, reason=reason, message=message, goodput=here, marginal=m)
 
     if given.unschedulable:
         return keep("CapacityExhausted", "a worker pod cannot be scheduled; waiting for capacity")

@@ -12,7 +12,7 @@ from fractions import Fraction
 from chaos_planner.chain import search_chain
 from chaos_planner.cost import finish_time
 from chaos_planner.greedy import tie_order
-from chaos_planner.models import Plan, PlanRequest, Source
+from chaos_planner.models import PlanRequest, ShardPlan, Source
 
 
 def single_assignment(
@@ -65,7 +65,7 @@ def bandwidth_weight(source: Source) -> Fraction:
     return Fraction(source.bandwidth_bytes_per_s)
 
 
-def solve_single(request: PlanRequest) -> Plan:
+def solve_single(request: PlanRequest) -> ShardPlan:
     """Best single source over the chain (with latency, more shards only cost more)."""
     return search_chain(
         request,
@@ -74,7 +74,7 @@ def solve_single(request: PlanRequest) -> Plan:
     )
 
 
-def solve_equal(request: PlanRequest) -> Plan:
+def solve_equal(request: PlanRequest) -> ShardPlan:
     """Shards split as equally as the caps allow over all sources, best K of the chain.
 
     Only K of at least one shard per source are tried (where the chain has one), so that
@@ -89,7 +89,7 @@ def solve_equal(request: PlanRequest) -> Plan:
     return search_chain(request, "equal", assign)
 
 
-def solve_proportional(request: PlanRequest) -> Plan:
+def solve_proportional(request: PlanRequest) -> ShardPlan:
     """Shards proportional to bandwidth (largest remainder, caps respected), best K of the chain."""
     return search_chain(
         request,

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 
 from chaos_planner.cost import makespan
 from chaos_planner.errors import PlanningError
-from chaos_planner.models import Plan, PlanRequest
+from chaos_planner.models import PlanRequest, ShardPlan
 
 Assign = Callable[[int, float | None], Mapping[str, int] | None]
 """`assign(shards, bound)`: shards per source id for this shard count, or None when the
@@ -35,14 +35,14 @@ def feasible_shard_counts(request: PlanRequest) -> list[int]:
 
 def make_plan(
     request: PlanRequest, solver: str, shards: int, assignment: Mapping[str, int]
-) -> Plan:
-    """A Plan listing every source (0 for those that send nothing), priced by `makespan`."""
+) -> ShardPlan:
+    """A ShardPlan listing every source (0 for those that send nothing), priced by `makespan`."""
     value = makespan(request.by_id, assignment, request.state_bytes, shards)
     if not math.isfinite(value):
         raise PlanningError(
             "sources[*].bandwidth_bytes_per_s: too small, the transfer time is not finite"
         )
-    return Plan(
+    return ShardPlan(
         solver=solver,
         shards=shards,
         shard_bytes=request.state_bytes / shards,
@@ -51,7 +51,7 @@ def make_plan(
     )
 
 
-def search_chain(request: PlanRequest, solver: str, assign: Assign) -> Plan:
+def search_chain(request: PlanRequest, solver: str, assign: Assign) -> ShardPlan:
     """Best plan over the feasible shard counts: smallest makespan, ties to the smaller K."""
     best_shards, best_assignment, best_makespan = 0, None, 0.0
     for shards in feasible_shard_counts(request):

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from chaos_planner.chain import search_chain
 from chaos_planner.cost import shard_seconds
-from chaos_planner.models import Plan, PlanRequest, Source
+from chaos_planner.models import PlanRequest, ShardPlan, Source
 
 
 def tie_order(source: Source) -> tuple[float, str]:
@@ -71,7 +71,7 @@ def _greedy_in_order(
     return counts
 
 
-def solve_greedy(request: PlanRequest) -> Plan:
+def solve_greedy(request: PlanRequest) -> ShardPlan:
     """Exact optimum over the chain: the greedy for every K, ties to the smaller K.
 
     A K is abandoned as soon as its greedy pops a finish time no better than the best

@@ -15,7 +15,7 @@ import pulp
 from chaos_planner.chain import search_chain
 from chaos_planner.cost import finish_time, shard_seconds
 from chaos_planner.errors import PlanningError
-from chaos_planner.models import Plan, PlanRequest, Source
+from chaos_planner.models import PlanRequest, ShardPlan, Source
 
 
 def cbc() -> pulp.LpSolver:
@@ -73,7 +73,7 @@ def milp_assignment(sources: Sequence[Source], state_bytes: int, shards: int) ->
     return {source_id: count for source_id, count in assignment.items() if count > 0}
 
 
-def solve_milp(request: PlanRequest) -> Plan:
+def solve_milp(request: PlanRequest) -> ShardPlan:
     """The MILP optimum for every K of the chain; the smallest makespan wins, ties to smaller K."""
     return search_chain(
         request,

@@ -78,7 +78,7 @@ class PlanRequest(BaseModel):
         return {source.id: source for source in self.sources}
 
 
-class Plan(BaseModel):
+class ShardPlan(BaseModel):
     """Which source sends how many of the `shards` shards, and when the last one lands."""
 
     model_config = ConfigDict(frozen=True)

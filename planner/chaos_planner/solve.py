@@ -7,9 +7,9 @@ from collections.abc import Callable
 from chaos_planner.baselines import solve_equal, solve_proportional, solve_single
 from chaos_planner.greedy import solve_greedy
 from chaos_planner.milp import solve_milp
-from chaos_planner.models import Plan, PlanRequest
+from chaos_planner.models import PlanRequest, ShardPlan
 
-SOLVERS: dict[str, Callable[[PlanRequest], Plan]] = {
+SOLVERS: dict[str, Callable[[PlanRequest], ShardPlan]] = {
     "greedy": solve_greedy,
     "milp": solve_milp,
     "single": solve_single,
@@ -20,7 +20,7 @@ SOLVERS: dict[str, Callable[[PlanRequest], Plan]] = {
 baselines."""
 
 
-def solve(request: PlanRequest, solver: str = "greedy") -> Plan:
+def solve(request: PlanRequest, solver: str = "greedy") -> ShardPlan:
     """The plan `solver` makes for `request`; ValueError for an unknown solver name."""
     try:
         run = SOLVERS[solver]

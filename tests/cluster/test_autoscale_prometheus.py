@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from chaos_cli.local.launcher import free_ports
 from chaos_operator.autoscaler import PROMETHEUS_QUERY, query_prometheus
-from chaos_worker.launcher import free_ports
-from chaos_worker.metrics import WorkerMetrics
+from chaos_worker.telemetry.metrics import WorkerMetrics
 
 from tests.tools import prometheus_binary, start_prometheus
 

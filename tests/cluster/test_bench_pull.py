@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from chaos_operator.cli import main
+from chaos_cli.main import main
 
 pytestmark = pytest.mark.cluster
 

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from chaos_cli.local.launcher import free_ports
 from chaos_operator.metrics import OperatorMetrics
-from chaos_worker.launcher import free_ports
-from chaos_worker.linktable import LinkTable
-from chaos_worker.metrics import WorkerMetrics
+from chaos_worker.telemetry.linktable import LinkTable
+from chaos_worker.telemetry.metrics import WorkerMetrics
 
 from tests.helmchart import CHART, load, substitute, targets
 from tests.tools import prometheus_query, start_prometheus

@@ -1,6 +1,6 @@
 """The root plans a join from measured link figures, not from the configured shapes.
 
-A real 4-worker local job (`LocalJob`, real processes, shaped loopback links) where the
+A real 4-worker local job (`LocalRun`, real processes, shaped loopback links) where the
 link from w1 to the newcomer w4 is eight times slower than the others. The newcomer times
 its downlink from every member before it asks to join; the plan must then give w1 far
 fewer shard bytes than the others. The tolerance absorbs measurement noise on a loaded
@@ -24,10 +24,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from chaos_worker.churn import parse_churn
+from chaos_cli.local.churn import parse_churn
+from chaos_cli.local.launcher import JobOptions, LocalRun, free_ports
 from chaos_worker.examples import EXAMPLES
 from chaos_worker.examples.bigstate import COMPUTE_ENV, ENV
-from chaos_worker.launcher import JobOptions, LocalJob, free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.test_prometheus import DEADLINE_S, write_config
@@ -112,7 +112,7 @@ def _prometheus(tmp_path: Path, ports: dict[str, int]):
         server.wait(30)
 
 
-async def _run_and_watch(job: LocalJob, tmp_path: Path) -> tuple[list[dict], dict]:
+async def _run_and_watch(job: LocalRun, tmp_path: Path) -> tuple[list[dict], dict]:
     """Run the (endless) job until the metrics agree with the newcomer's pull, as its
     `state_loaded` record tells, after its first step; then stop it. Returns the joins of
     its timeline and the last metrics read. The deadline only turns a hang into a failure."""
@@ -154,7 +154,7 @@ def test_a_slow_measured_link_gets_proportionally_fewer_shard_bytes(monkeypatch,
         metrics=True,
         join_probe_frames=8,  # the probe is optional (off by default): this test is about it
     )
-    joins, metrics = asyncio.run(_run_and_watch(LocalJob(options), tmp_path))
+    joins, metrics = asyncio.run(_run_and_watch(LocalRun(options), tmp_path))
 
     (join,) = joins
     assert join["path"] == "observer"

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from chaos_worker.netns import NetnsTestbed, clean_stale, list_namespaces, unavailable_reason
-from chaos_worker.shaping import parse_links
+from chaos_cli.local.netns import NetnsTestbed, clean_stale, list_namespaces, unavailable_reason
+from chaos_worker.net.shaping import parse_links
 
 pytestmark = pytest.mark.cluster
 
@@ -94,7 +94,7 @@ def finish(proc: subprocess.Popen) -> str:
 
 def chaos_popen(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "chaos_operator.cli", *args],
+        [sys.executable, "-m", "chaos_cli.main", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -198,7 +198,7 @@ def test_without_root_it_falls_back_to_in_process_shaping_and_says_so(tmp_path) 
     args = ["run", "--netns", "--quiet", "--workers", "2", "--steps", "3", "--churn", "none"]
     args += ["--links", "@three-party", "--report", str(tmp_path / "r.json")]
     done = subprocess.run(
-        [*runner, sys.executable, "-m", "chaos_operator.cli", *args],
+        [*runner, sys.executable, "-m", "chaos_cli.main", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from chaos_cli.local.launcher import JobOptions, LocalRun, free_ports
 from chaos_worker.examples import EXAMPLES
-from chaos_worker.launcher import JobOptions, LocalJob, free_ports
 
 from tests.tools import prometheus_binary, prometheus_query, start_prometheus
 
@@ -50,7 +50,7 @@ def test_prometheus_scrapes_link_matrix_and_training_counters(tmp_path):
     options = JobOptions(
         entry=EXAMPLES["digits"], workers=3, steps=10_000_000, churn=[], metrics=True
     )
-    job = LocalJob(options)
+    job = LocalRun(options)
     (web_port,) = free_ports(1, 0)
     base = f"http://127.0.0.1:{web_port}"
     config = tmp_path / "prometheus.yml"

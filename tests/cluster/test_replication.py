@@ -15,10 +15,11 @@ import pytest
 import torch
 from chaos_planner.models import PlanRequest, Source
 from chaos_planner.solve import solve
-from chaos_worker.replication import Puller, Replicator
-from chaos_worker.shaping import LinkShape
-from chaos_worker.snapshot import SnapshotStore, load_from, state_digest
-from chaos_worker.wire import JoinPlan
+from chaos_worker.net.shaping import LinkShape
+from chaos_worker.net.wire import JoinPlan
+from chaos_worker.replication.puller import Puller
+from chaos_worker.replication.replicator import Replicator
+from chaos_worker.replication.snapshot import SnapshotStore, load_from, state_digest
 
 pytestmark = pytest.mark.cluster
 
@@ -113,7 +114,7 @@ def test_a_flipped_byte_is_rejected_and_fetched_from_another_source() -> None:
 REPLICATOR_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from chaos_worker.snapshot import SnapshotStore
+from chaos_worker.replication.snapshot import SnapshotStore
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -130,7 +131,7 @@ def test_a_separate_replicator_process_serves_a_trainers_snapshot_dir(tmp_path) 
         [
             sys.executable,
             "-m",
-            "chaos_operator.cli",
+            "chaos_cli.main",
             "replicator",
             "--id",
             "s0",
@@ -182,7 +183,7 @@ def test_a_source_that_goes_silent_is_replaced() -> None:
 def test_a_newcomer_times_each_source_alone_and_each_sources_delivery() -> None:
     """Downlink probes (one source at a time) and the pull's per-source delivery both see
     the slow link as the slow one: the figures the root plans with and the table learns."""
-    from chaos_worker.joinprobe import probe_downlinks
+    from chaos_worker.join.probe import probe_downlinks
 
     model, opt = _job(width=1024)
     rates = {"s0": 4e6, "s1": 32e6, "s2": 32e6}
@@ -253,8 +254,8 @@ def test_a_trainers_own_replicator_process_serves_counts_and_cleans_up(tmp_path)
     """`start_child` (what a trainer without a sidecar does): the child serves the slot
     files, keeps what it sent in the directory's ledger (what a pod's sidecar container
     does too), and removes the private directory when stopped."""
-    from chaos_worker.ledger import SentReader
-    from chaos_worker.sidecar import start_child
+    from chaos_worker.replication.ledger import SentReader
+    from chaos_worker.replication.sidecar import start_child
 
     model, opt = _job()
     directory = tmp_path / "private"

@@ -18,7 +18,7 @@ CHURN = "leave:w4@8,crash:w1@16,link-down:w0-w2@24,link-up:w0-w2@30"
 
 def chaos(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "chaos_operator.cli", *args],
+        [sys.executable, "-m", "chaos_cli.main", *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,

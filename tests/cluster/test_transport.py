@@ -1,4 +1,4 @@
-"""Transport over real loopback sockets: FIFO delivery, big payloads, blocked links, crashes.
+"""TcpTransport over real loopback sockets: FIFO delivery, big payloads, blocked links, crashes.
 
 Every test drives its own event loop with `asyncio.run`. Waits poll a condition with a
 generous deadline that only turns a hang into a failure; nothing asserts on time.
@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from chaos_worker.transport import Transport
-from chaos_worker.wire import Chunk, Message, Ping
+from chaos_worker.net.transport import TcpTransport
+from chaos_worker.net.wire import Chunk, Message, Ping
 
 pytestmark = pytest.mark.cluster
 
@@ -26,10 +26,10 @@ DEADLINE_S = 30.0
 
 @dataclass
 class Node:
-    """A listening Transport that records what it delivers."""
+    """A listening TcpTransport that records what it delivers."""
 
     name: str
-    transport: Transport = field(repr=False)
+    transport: TcpTransport = field(repr=False)
     address: str = ""
     got: list[tuple[str, Message, bytes]] = field(default_factory=list)
     gone: list[tuple[str, bool]] = field(default_factory=list)
@@ -44,7 +44,7 @@ class Node:
 async def start(name: str, *, max_payload: int = 1 << 30) -> Node:
     got: list[tuple[str, Message, bytes]] = []
     gone: list[tuple[str, bool]] = []
-    transport = Transport(
+    transport = TcpTransport(
         name,
         lambda sender, message, payload: got.append((sender, message, payload)),
         lambda peer, graceful: gone.append((peer, graceful)),
@@ -181,11 +181,11 @@ def test_disconnect_without_goodbye_is_not_graceful() -> None:
 
 PEER = """
 import asyncio, sys
-from chaos_worker.transport import Transport
-from chaos_worker.wire import Ping
+from chaos_worker.net.transport import TcpTransport
+from chaos_worker.net.wire import Ping
 
 async def main():
-    transport = Transport("ghost", lambda *_: None, lambda *_: None, max_payload=1024)
+    transport = TcpTransport("ghost", lambda *_: None, lambda *_: None, max_payload=1024)
     transport.connect("b", sys.argv[1])
     transport.send("b", Ping(sender="ghost", sent_at=1.0))
     await asyncio.Event().wait()

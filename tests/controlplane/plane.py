@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 from chaos_operator.federation.identity import self_signed_ca
-from chaos_worker.process import die_with_parent
+from chaos_worker.priority import die_with_parent
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa

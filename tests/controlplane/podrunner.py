@@ -4,7 +4,7 @@ It polls the pods of a namespace on a real API server (a list every `interval`; 
 than a watch and it cannot miss a deletion) and for each new pod:
 
 * lays out a directory per pod and one per volume, and maps the pod's paths into them
-  (`chaos_operator.localpods`, which the local backend of `chaos run FILE` uses too);
+  (`chaos_cli.local.localpods`, which the local backend of `chaos run FILE` uses too);
 * starts every container's `command + args` as a local process group: `chaos` becomes this
   checkout's `.venv/bin/chaos`;
 * writes the pod status back: phase `Running`, `podIP` 127.0.0.1 (every pod shares the
@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from chaos_operator import localpods
+from chaos_cli.local import localpods
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 

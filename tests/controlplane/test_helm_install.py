@@ -190,7 +190,7 @@ def test_operator_works_with_only_the_charts_rights(
     chart_args = deployment_args(plane, "chaos-system")
     assert chart_args[:2] == ["operator", "--namespace=ml-a"]
     metrics = free_port()
-    argv = ["env", f"KUBECONFIG={sa_config}", sys.executable, "-m", "chaos_operator.cli"]
+    argv = ["env", f"KUBECONFIG={sa_config}", sys.executable, "-m", "chaos_cli.main"]
     argv += [*chart_args[:2], "--resync=2", "--liveness=off", "--metrics-host=127.0.0.1"]
     argv += [f"--metrics-port={metrics}"]
     operator = Process("operator", argv, tmp_path / "operator.log").start()

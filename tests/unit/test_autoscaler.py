@@ -16,8 +16,8 @@ from chaos_operator.scrape import (
     scale_out_delay,
     view_settled,
 )
-from chaos_planner import Decision
-from chaos_worker.metrics import WorkerMetrics
+from chaos_planner import ScaleDecision
+from chaos_worker.telemetry.metrics import WorkerMetrics
 from kubernetes import client
 
 from tests.unit.test_reconcile import NOW, World, make_job
@@ -127,7 +127,7 @@ def test_pending_and_unschedulable_pods() -> None:
 
 
 def test_status_block_moves_the_decision_time_only_on_a_change() -> None:
-    up = Decision(replicas=3, reason="GoodputAboveTarget", message="m", goodput=40.123456,
+    up = ScaleDecision(replicas=3, reason="GoodputAboveTarget", message="m", goodput=40.123456,
                   marginal=15.0)  # fmt: skip
     block = status_block({}, up, NOW, changed=True)
     assert block == {
@@ -138,12 +138,12 @@ def test_status_block_moves_the_decision_time_only_on_a_change() -> None:
         "goodputSamplesPerSecond": 40.123,
         "marginalGoodputSamplesPerSecond": 15.0,
     }
-    wait = Decision(replicas=3, reason="Cooldown", message="w")
+    wait = ScaleDecision(replicas=3, reason="Cooldown", message="w")
     later = status_block(block, wait, NOW + timedelta(seconds=30), changed=False)
     assert later["lastDecisionTime"] == "2026-11-22T15:00:00Z"
     assert "lastDecisionTime" not in status_block({}, wait, NOW, changed=False)
     assert condition_of(wait)[0] == "True"
-    assert condition_of(Decision(replicas=1, reason="Measuring", message="x"))[0] == "False"
+    assert condition_of(ScaleDecision(replicas=1, reason="Measuring", message="x"))[0] == "False"
 
 
 def test_reconcile_keeps_the_autoscaler_status_and_writes_the_scale_out_delay() -> None:

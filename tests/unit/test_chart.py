@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from chaos_operator.cli import build_parser
+from chaos_cli.main import build_parser
 
 from tests.helmchart import CHART, PERMISSIONS, granted, helm, render
 from tests.tools import REPO

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from chaos_worker.churn import KINDS, ChurnError, ChurnEvent, default_churn, parse_churn
+from chaos_cli.local.churn import KINDS, ChurnError, ChurnEvent, default_churn, parse_churn
 
 pytestmark = pytest.mark.unit
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from chaos_worker.compute import (
+from chaos_worker.examples import EXAMPLES
+from chaos_worker.training.compute import (
     apply_flat_grads,
     flatten_grads,
     gradient_sum,
     local_step,
     trainable_parameters,
 )
-from chaos_worker.examples import EXAMPLES
-from chaos_worker.sampling import split_by_throughput, step_sample_ids
-from chaos_worker.trainspec import TrainSpec, load_trainspec
+from chaos_worker.training.sampling import split_by_throughput, step_sample_ids
+from chaos_worker.training.trainspec import TrainSpec, load_trainspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import yaml
+from chaos_cli.main import main
+from chaos_cli.validation import describe_validation_error
 from chaos_operator.api import ChaosJob, ChaosPeer
 from chaos_operator.api.crdgen import KINDS, SchemaError, crd, generate, structural_schema
-from chaos_operator.cli import main
-from chaos_operator.validation import describe_validation_error
 from pydantic import BaseModel, Field, ValidationError
 
 pytestmark = pytest.mark.unit

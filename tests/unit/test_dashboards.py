@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from chaos_operator.metrics import OperatorMetrics
-from chaos_worker.metrics import WorkerMetrics
+from chaos_worker.telemetry.metrics import WorkerMetrics
 
 from tests.helmchart import CHART, DASHBOARDS, load, substitute, targets
 from tests.tools import promtool

@@ -8,15 +8,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from chaos_cli.main import main
 from chaos_operator.api import ChaosPeer
-from chaos_operator.cli import main
 from chaos_operator.federation import identity as ident
 from chaos_operator.federation.protocol import FederationInfo, SyncMessage
-from chaos_operator.federation.view import (
+from chaos_operator.federation.rules import (
+    ExchangeOutcome,
     FederationView,
-    LocalJob,
-    Outcome,
     PeerRecord,
+    PublishedJob,
     RemoteParty,
     job_view,
     outgoing,
@@ -161,9 +161,9 @@ def peer(name: str = "alpha", ns: str = "ns", **policy) -> ChaosPeer:
 
 def test_outgoing_tells_each_peer_its_admission_and_our_jobs_in_its_namespace() -> None:
     jobs = [
-        LocalJob("ns", "a", "mnist", {"beta.a-w0": "h:1"}, 2),
-        LocalJob("ns", "b", "mnist", {"beta.b-w0": "h:4"}, 1),
-        LocalJob("other", "c", "cifar", {"beta.c-w0": "h:7"}, 1),
+        PublishedJob("ns", "a", "mnist", {"beta.a-w0": "h:1"}, 2),
+        PublishedJob("ns", "b", "mnist", {"beta.b-w0": "h:4"}, 1),
+        PublishedJob("other", "c", "cifar", {"beta.c-w0": "h:7"}, 1),
     ]
     message = outgoing("beta", peer(mayContributeWorkers=False, maxWorkers=4), jobs)
     assert message.party == "beta"
@@ -196,7 +196,7 @@ def test_job_view_uses_fresh_records_and_drops_trust_failures() -> None:
 
 
 def test_peer_status_and_its_events() -> None:
-    ok = Outcome(True, "Synced", "exchanged with party alpha", "alpha")
+    ok = ExchangeOutcome(True, "Synced", "exchanged with party alpha", "alpha")
     status, event = peer_status({}, ok, members=2, generation=2, now=NOW)
     assert status["reachable"] is True and status["members"] == 2
     assert status["observedGeneration"] == 2
@@ -208,7 +208,7 @@ def test_peer_status_and_its_events() -> None:
     later = NOW + timedelta(minutes=1)
     again, event = peer_status(status, ok, members=2, generation=2, now=later)
     assert event is None and again["conditions"] == status["conditions"]
-    bad = Outcome(False, "FingerprintMismatch", "the peer's key is sha256:...")
+    bad = ExchangeOutcome(False, "FingerprintMismatch", "the peer's key is sha256:...")
     failed, event = peer_status(again, bad, members=2, generation=2, now=later)
     assert failed["reachable"] is False and failed["members"] == 0
     assert failed["lastHandshakeTime"] == again["lastHandshakeTime"]

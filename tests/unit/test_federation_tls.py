@@ -15,8 +15,8 @@ from chaos_operator.api import ChaosPeer
 from chaos_operator.federation import identity as ident
 from chaos_operator.federation import tls
 from chaos_operator.federation.protocol import SYNC_PATH, SyncMessage
+from chaos_operator.federation.rules import PublishedJob
 from chaos_operator.federation.service import FederationService
-from chaos_operator.federation.view import LocalJob
 
 pytestmark = pytest.mark.unit
 
@@ -63,8 +63,8 @@ def parties(tmp_path: Path) -> Iterator[dict[str, Any]]:
     ids = {name: make_identity(tmp_path, name) for name in ("alpha", "beta", "gamma")}
     alpha, beta = Party(ids["alpha"]), Party(ids["beta"])
     members = {"alpha.digits-w0": "127.0.0.1:7070"}
-    alpha.service.publish(LocalJob("ns", "digits", "mnist", members, 2))
-    beta.service.publish(LocalJob("ns", "digits", "mnist", {}, 1))
+    alpha.service.publish(PublishedJob("ns", "digits", "mnist", members, 2))
+    beta.service.publish(PublishedJob("ns", "digits", "mnist", {}, 1))
     yield {"ids": ids, "alpha": alpha, "beta": beta}
     alpha.close()
     beta.close()

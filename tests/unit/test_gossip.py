@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from chaos_worker.linktable import MAX_FIGURE, LinkTable
-from chaos_worker.wire import (
+from chaos_worker.net.wire import (
     MAX_LINK_ENTRIES,
     LinkGossip,
     Proposal,
@@ -14,6 +13,7 @@ from chaos_worker.wire import (
     decode_header,
     encode,
 )
+from chaos_worker.telemetry.linktable import MAX_FIGURE, LinkTable
 
 pytestmark = pytest.mark.unit
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from chaos_worker.joinplan import source_bandwidths
-from chaos_worker.joinprobe import estimate
-from chaos_worker.linktable import LinkTable
+from chaos_worker.join.plan import source_bandwidths
+from chaos_worker.join.probe import estimate
+from chaos_worker.telemetry.linktable import LinkTable
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ import asyncio
 import os
 
 import pytest
-from chaos_worker.ledger import LEDGER_FILE, SentLedger, SentReader
+from chaos_worker.replication.ledger import LEDGER_FILE, SentLedger, SentReader
 
 pytestmark = pytest.mark.unit
 

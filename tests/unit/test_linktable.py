@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from chaos_worker.linktable import MIN_TRANSFER_BYTES, LinkTable
+from chaos_worker.telemetry.linktable import MIN_TRANSFER_BYTES, LinkTable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from chaos_operator import localpods
-from chaos_operator.errors import UserError
-from chaos_operator.localbackend import load_manifest, pod_churn
+from chaos_cli.errors import UserError
+from chaos_cli.local import localpods
+from chaos_cli.local.churn import ChurnEvent, parse_churn
+from chaos_cli.local.reconciled import load_manifest, pod_churn
 from chaos_operator.reconcile import ANN_NEXT_MEMBER, Options, reconcile
-from chaos_worker.churn import ChurnEvent, parse_churn
 from chaos_worker.config import WorkerConfig
 
 pytestmark = pytest.mark.unit

@@ -5,8 +5,8 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-from chaos_worker.linktable import LinkTable
-from chaos_worker.metrics import WorkerMetrics
+from chaos_worker.telemetry.linktable import LinkTable
+from chaos_worker.telemetry.metrics import WorkerMetrics
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 

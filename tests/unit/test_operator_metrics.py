@@ -113,7 +113,7 @@ def test_serve_on_port_zero():
 @pytest.mark.parametrize("port", ["70000", "-1", "x"])
 def test_operator_rejects_a_bad_metrics_port_in_one_line(port):
     result = subprocess.run(
-        [sys.executable, "-m", "chaos_operator.cli", "operator", "-n", "x", "--metrics-port", port],
+        [sys.executable, "-m", "chaos_cli.main", "operator", "-n", "x", "--metrics-port", port],
         capture_output=True,
         text=True,
         timeout=120,

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from chaos_operator.cli import main
-from chaos_operator.validation import describe_validation_error, field_path
+from chaos_cli.main import main
+from chaos_cli.validation import describe_validation_error, field_path
 from chaos_planner import PlanRequest
 from pydantic import ValidationError
 
@@ -109,7 +109,7 @@ def test_missing_file(capsys, tmp_path: Path) -> None:
 
 def chaos(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "chaos_operator.cli", *argv],
+        [sys.executable, "-m", "chaos_cli.main", *argv],
         input=stdin,
         capture_output=True,
         text=True,

@@ -125,9 +125,9 @@ def test_transfer_time_overflow_is_a_planning_error() -> None:
 
 
 def test_shard_indices_are_contiguous_runs_largest_share_first() -> None:
-    from chaos_planner.models import Plan
+    from chaos_planner.models import ShardPlan
 
-    plan = Plan(
+    plan = ShardPlan(
         solver="greedy",
         shards=6,
         shard_bytes=1.0,

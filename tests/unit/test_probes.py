@@ -6,8 +6,8 @@ import itertools
 from collections import Counter
 
 import pytest
-from chaos_worker.linktable import MIN_TRANSFER_BYTES, LinkTable
-from chaos_worker.probes import (
+from chaos_worker.telemetry.linktable import MIN_TRANSFER_BYTES, LinkTable
+from chaos_worker.telemetry.probes import (
     PROBE_BYTES,
     LinkMonitor,
     Probe,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from chaos_worker.replication import _SourceState
+from chaos_worker.replication.puller import _SourceState
 
 pytestmark = pytest.mark.unit
 

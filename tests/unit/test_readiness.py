@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from chaos_worker.readiness import (
+from chaos_worker.membership.readiness import (
     LEAD,
     MAX_EXTRA_STEPS,
     ask_now,
@@ -12,8 +12,8 @@ from chaos_worker.readiness import (
     switch_decision,
     switch_steps,
 )
-from chaos_worker.view import View
-from chaos_worker.wire import Decision
+from chaos_worker.membership.view import View
+from chaos_worker.net.wire import Decision
 
 
 def test_the_step_period_is_the_median_gap_once_there_are_three_arrivals() -> None:

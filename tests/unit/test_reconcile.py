@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from chaos_operator.api import ChaosJob
+from chaos_operator.api.conditions import set_condition
 from chaos_operator.reconcile import (
     ANN_ADDRESS,
     ANN_CONFIG,
@@ -18,9 +19,8 @@ from chaos_operator.reconcile import (
     LABEL_MEMBER,
     ObservedPod,
     Options,
-    Plan,
+    PodPlan,
     reconcile,
-    set_condition,
 )
 from chaos_worker.config import WorkerConfig
 from hypothesis import given, settings
@@ -93,7 +93,7 @@ class World:
         self.ever: list[str] = []
         self.now = NOW
 
-    def step(self) -> Plan:
+    def step(self) -> PodPlan:
         self.now += timedelta(seconds=1)
         plan = reconcile(self.job, list(self.pods.values()), now=self.now, options=self.options)
         body = self.job.model_dump(by_alias=True, mode="json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from chaos_worker.report import Event, Report, plot_report, read_report, write_report
+from chaos_cli.local.report import Report, RunEvent, plot_report, read_report, write_report
 from pydantic import ValidationError
 
 pytestmark = pytest.mark.unit
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 def sample_report() -> Report:
     events = [
-        Event(
+        RunEvent(
             type="join",
             worker="w3",
             step=20,
@@ -22,7 +22,7 @@ def sample_report() -> Report:
             steps_lost=0,
             scale_out_delay_s=1.4,
         ),
-        Event(
+        RunEvent(
             type="crash",
             worker="w1",
             step=45,
@@ -31,7 +31,7 @@ def sample_report() -> Report:
             steps_lost=1,
             detail="SIGKILL",
         ),
-        Event(
+        RunEvent(
             type="partition",
             worker="w2",
             step=70,
@@ -68,7 +68,9 @@ def test_defaults_and_validation() -> None:
     minimal = Report(steps=0, global_batch=8, final_loss=0.0, loss_curve=[], events=[])
     assert minimal.members_curve == [] and minimal.samples_per_s is None
     with pytest.raises(ValidationError):
-        Event(type="explode", worker="w", step=0, handling_ms=0, incumbent_stall_s=0, steps_lost=0)
+        RunEvent(
+            type="explode", worker="w", step=0, handling_ms=0, incumbent_stall_s=0, steps_lost=0
+        )
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from chaos_worker.sampling import sample_generator, split_by_throughput, step_sample_ids
+from chaos_worker.training.sampling import sample_generator, split_by_throughput, step_sample_ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from chaos_worker.shaping import (
+from chaos_worker.net.shaping import (
     LinkShape,
     ShapeError,
     TokenBucket,

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from chaos_worker.snapshot import (
+from chaos_worker.replication.snapshot import (
     SnapshotStore,
     copied_by_load,
     layout_of,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from chaos_worker.stall import StallMeter
-from chaos_worker.timeline import lost_time
+from chaos_worker.telemetry.stall import StallMeter, lost_time
 
 pytestmark = pytest.mark.unit
 

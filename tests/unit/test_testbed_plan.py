@@ -6,15 +6,15 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from chaos_worker.netns import (
+from chaos_cli.local.netns import (
     NetnsError,
     missing_capabilities,
     plan_testbed,
     stale_namespaces,
 )
-from chaos_worker.profiles import load, names, resolve_links
-from chaos_worker.report import links_matrix
-from chaos_worker.shaping import LinkShape, ShapeError, delays_only, parse_links
+from chaos_cli.local.profiles import load, names, resolve_links
+from chaos_cli.local.report import links_matrix
+from chaos_worker.net.shaping import LinkShape, ShapeError, delays_only, parse_links
 
 pytestmark = pytest.mark.unit
 
@@ -120,7 +120,7 @@ def test_links_matrix_from_final_records() -> None:
 
 
 def test_an_unknown_profile_is_one_line_and_exit_code_2(capsys) -> None:
-    from chaos_operator.cli import main
+    from chaos_cli.main import main
 
     assert main(["run", "--links", "@nope", "--churn", "none"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from chaos_worker.churn import ChurnEvent
-from chaos_worker.timeline import Fired, Timeline
+from chaos_cli.local.churn import ChurnEvent
+from chaos_cli.local.timeline import Fired, Timeline
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from chaos_worker.examples import EXAMPLES
-from chaos_worker.trainspec import FactoryError, TrainSpec, load_trainspec
+from chaos_worker.training.trainspec import FactoryError, TrainSpec, load_trainspec
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 from chaos_planner import Tree, connected_components
-from chaos_worker.view import (
+from chaos_worker.membership.view import (
     FIRST_STEP_SHARE,
     Change,
     View,

@@ -6,7 +6,7 @@ import contextlib
 import json
 
 import pytest
-from chaos_worker.wire import (
+from chaos_worker.net.wire import (
     FRAME,
     MAX_HEADER_BYTES,
     Chunk,
@@ -29,7 +29,7 @@ from chaos_worker.wire import (
     SnapshotRequest,
     StateTransfer,
     WireError,
-    _Msg,
+    WireMessage,
     decode_header,
     encode,
     parse_lengths,
@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 pytestmark = pytest.mark.unit
 
-MESSAGES: list[_Msg] = [
+MESSAGES: list[WireMessage] = [
     Hello(sender="w0"),
     Goodbye(sender="w0"),
     Heartbeat(origin="w1", seq=7, epoch=2, step=40, samples_per_s=123.5, sent_at=1.25),
@@ -103,7 +103,7 @@ def _split(frame: list[bytes | memoryview]) -> tuple[bytes, bytes, bytes]:
 
 
 @pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.type)
-def test_round_trip_every_message_type(message: _Msg) -> None:
+def test_round_trip_every_message_type(message: WireMessage) -> None:
     payload = (
         bytes(range(256)) * 3
         if isinstance(message, Chunk | StateTransfer | ShardData | ObservedTotal | ProbeData)
@@ -117,7 +117,7 @@ def test_round_trip_every_message_type(message: _Msg) -> None:
 
 
 def test_covers_every_message_type() -> None:
-    from chaos_worker.wire import _ADAPTER
+    from chaos_worker.net.wire import _ADAPTER
 
     union = _ADAPTER.json_schema()["discriminator"]["mapping"]
     assert {m.type for m in MESSAGES} == set(union)

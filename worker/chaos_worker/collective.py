@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from chaos_worker.view import View
-from chaos_worker.wire import Chunk
+from chaos_worker.membership.view import View
+from chaos_worker.net.wire import Chunk
 
 Key = tuple[int, int, str, int, str]  # epoch, step, phase, bucket index, sender
 Send = Callable[[str, Chunk, bytes | memoryview], bool]

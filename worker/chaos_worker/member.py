@@ -46,38 +46,21 @@ import torch
 from chaos_planner.models import Source
 
 from chaos_worker.collective import TreeAllReduce
-from chaos_worker.compute import apply_flat_grads, flatten_grads, gradient_sum
 from chaos_worker.config import WorkerConfig
-from chaos_worker.control import ControlLink
-from chaos_worker.joinplan import shard_plan, source_bandwidths
-from chaos_worker.joinprobe import probe_downlinks
-from chaos_worker.ledger import SentReader
-from chaos_worker.metrics import WorkerMetrics
-from chaos_worker.priority import in_background
-from chaos_worker.probes import LinkMonitor, directed
-from chaos_worker.readiness import (
+from chaos_worker.join.plan import shard_plan, source_bandwidths
+from chaos_worker.join.probe import probe_downlinks
+from chaos_worker.membership.readiness import (
     ask_now,
     ready_in,
     step_period,
     switch_decision,
     switch_steps,
 )
-from chaos_worker.replication import JoinFailed, Puller, PullResult, Replicator
-from chaos_worker.sampling import split_by_throughput, step_sample_ids
-from chaos_worker.shaping import TokenBucket, delays_only, parse_links, shape_for
-from chaos_worker.sidecar import Child, start_child
-from chaos_worker.snapshot import (
-    SnapshotStore,
-    copied_by_load,
-    load_from,
-    loaded_identities,
-    state_digest,
-)
-from chaos_worker.stall import StallMeter
-from chaos_worker.trainspec import TrainSpec
-from chaos_worker.transport import Transport
-from chaos_worker.view import Change, View, full_mesh, initial_view, link_key, next_view
-from chaos_worker.wire import (
+from chaos_worker.membership.view import Change, View, full_mesh, initial_view, link_key, next_view
+from chaos_worker.net.control import ControlLink
+from chaos_worker.net.shaping import TokenBucket, delays_only, parse_links, shape_for
+from chaos_worker.net.transport import TcpTransport
+from chaos_worker.net.wire import (
     Chunk,
     Decision,
     Heartbeat,
@@ -90,8 +73,26 @@ from chaos_worker.wire import (
     Pong,
     Proposal,
     StateTransfer,
-    _Msg,
+    WireMessage,
 )
+from chaos_worker.priority import in_background
+from chaos_worker.replication.ledger import SentReader
+from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
+from chaos_worker.replication.replicator import Replicator
+from chaos_worker.replication.sidecar import Child, start_child
+from chaos_worker.replication.snapshot import (
+    SnapshotStore,
+    copied_by_load,
+    load_from,
+    loaded_identities,
+    state_digest,
+)
+from chaos_worker.telemetry.metrics import WorkerMetrics
+from chaos_worker.telemetry.probes import LinkMonitor, directed
+from chaos_worker.telemetry.stall import StallMeter
+from chaos_worker.training.compute import apply_flat_grads, flatten_grads, gradient_sum
+from chaos_worker.training.sampling import split_by_throughput, step_sample_ids
+from chaos_worker.training.trainspec import TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class Member:
         shapes = parse_links(config.links)
         wire = delays_only(shapes) if config.kernel_shaped else shapes  # tc shapes the rates
         downlink = config.downlink_bytes_per_s
-        self.transport = Transport(
+        self.transport = TcpTransport(
             self.me,
             self._on_message,
             self._on_disconnect,
@@ -1215,7 +1216,7 @@ class Member:
         self._install(decision, send_state=False)
         self._rejoining = False
 
-    def _flood(self, message: _Msg) -> None:
+    def _flood(self, message: WireMessage) -> None:
         for peer in self.transport.peers():
             self.transport.send(peer, message)
 

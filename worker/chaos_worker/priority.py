@@ -1,4 +1,6 @@
-"""Lower CPU priority for work that must not slow the training steps around it.
+"""OS helpers for processes and threads: lower CPU priority, die with the parent.
+
+Lower CPU priority is for work that must not slow the training steps around it.
 
 Serving shards (the replicator process) and a newcomer's pull are bulk transfers: a few
 milliseconds late costs them nothing, while a training step that waits for a core costs
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import signal
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -52,3 +56,13 @@ def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
         future.set_exception(exc)
     else:
         future.set_result(result)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A `preexec_fn` that has the child get `sig` when its parent dies (Linux)."""
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+    return preexec

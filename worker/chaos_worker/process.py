@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import errno
 import logging
 import os
-import signal
 import sys
-from collections.abc import Callable
 
 from chaos_worker.config import WorkerConfig
 
@@ -31,7 +27,7 @@ def run_worker(config: WorkerConfig) -> int:
     import torch
 
     from chaos_worker.member import Member
-    from chaos_worker.trainspec import FactoryError, load_trainspec
+    from chaos_worker.training.trainspec import FactoryError, load_trainspec
 
     logging.basicConfig(
         level=os.environ.get("CHAOS_LOG_LEVEL", "WARNING").upper(),
@@ -53,13 +49,3 @@ def run_worker(config: WorkerConfig) -> int:
             return 2
         raise
     return 0
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
-    """A `preexec_fn` that has the child get `sig` when its parent dies (Linux)."""
-
-    def preexec() -> None:  # runs in the child between fork and exec
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
-
-    return preexec

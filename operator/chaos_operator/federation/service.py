@@ -34,12 +34,12 @@ from chaos_operator.api import GROUP, VERSION, ChaosPeer
 from chaos_operator.federation import tls
 from chaos_operator.federation.identity import Identity, parse_certificate, party_of
 from chaos_operator.federation.protocol import MAX_BODY_BYTES, SYNC_PATH, SyncMessage
-from chaos_operator.federation.view import (
+from chaos_operator.federation.rules import (
     TRUST_FAILURES,
+    ExchangeOutcome,
     FederationView,
-    LocalJob,
-    Outcome,
     PeerRecord,
+    PublishedJob,
     job_view,
     outgoing,
     peer_key,
@@ -83,7 +83,7 @@ class FederationService:
         self._trusted: set[bytes] = set()
         self._lock = threading.Lock()
         self._peers: list[ChaosPeer] = []
-        self._local: dict[Key, LocalJob] = {}
+        self._local: dict[Key, PublishedJob] = {}
         self._records: dict[Key, PeerRecord] = {}
         self._failures: dict[Key, str] = {}
         self._views: dict[Key, FederationView] = {}
@@ -95,7 +95,7 @@ class FederationService:
 
     # ------------------------------------------------------------ for the reconciles
 
-    def publish(self, job: LocalJob) -> None:
+    def publish(self, job: PublishedJob) -> None:
         with self._lock:
             self._local[(job.namespace, job.name)] = job
             self._appeared.setdefault((job.namespace, job.name), time.monotonic())
@@ -230,7 +230,7 @@ class FederationService:
         """A pinned peer's certificate passed its check: accept it as a client from now on."""
         self._trust(tls.pem_of(cert))
 
-    def exchange(self, peer: ChaosPeer) -> Outcome:
+    def exchange(self, peer: ChaosPeer) -> ExchangeOutcome:
         """One exchange with a peer (blocking); records what it said."""
         key = peer_key(peer)
         with self._lock:
@@ -259,11 +259,11 @@ class FederationService:
                 self._failures[key] = exc.reason
                 if exc.reason in TRUST_FAILURES:
                     self._records.pop(key, None)
-            return Outcome(False, exc.reason, str(exc))
+            return ExchangeOutcome(False, exc.reason, str(exc))
         with self._lock:
             self._failures.pop(key, None)
             self._records[key] = PeerRecord(answer.party, message, time.monotonic())
-        return Outcome(True, "Synced", f"exchanged with party {answer.party}", answer.party)
+        return ExchangeOutcome(True, "Synced", f"exchanged with party {answer.party}", answer.party)
 
     async def sync_once(self) -> None:
         """One round: list peers, exchange with each, write their status, signal changes."""
@@ -276,7 +276,9 @@ class FederationService:
             await asyncio.to_thread(self._write_status, peer, outcome, local)
         await self._signal_changes()
 
-    def _write_status(self, peer: ChaosPeer, outcome: Outcome, local: list[LocalJob]) -> None:
+    def _write_status(
+        self, peer: ChaosPeer, outcome: ExchangeOutcome, local: list[PublishedJob]
+    ) -> None:
         from chaos_operator.kopf_handlers import post_event
 
         namespace, name = peer_key(peer)

@@ -1,6 +1,7 @@
 """Bundled training factories, usable as ``--train <entry>`` or through :data:`EXAMPLES`.
 
-Each entry is a ``module:factory`` string for :func:`chaos_worker.trainspec.load_trainspec`:
+Each entry is a ``module:factory`` string for
+:func:`chaos_worker.training.trainspec.load_trainspec`:
 
 - ``digits``: a 64-64-10 MLP on scikit-learn's 8x8 digits (SGD with momentum).
 - ``chartransformer``: a 2-layer character-level transformer on a bundled public-domain

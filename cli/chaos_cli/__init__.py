@@ -1,0 +1,1 @@
+"""The `chaos` command: every role's entry point, the local run, the benches."""

@@ -1,0 +1,282 @@
+"""`chaos run [FILE]`: the main job — local workers training with injected churn.
+
+Without FILE: N workers on loopback train a bundled example. With a ChaosJob manifest:
+the operator's reconcile drives local processes (`chaos_cli.local.reconciled`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import signal
+import sys
+from pathlib import Path
+
+from chaos_cli.errors import UserError
+
+DEFAULT_EXAMPLE = "digits"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "run",
+        help="train locally with injected churn: a bundled example or a ChaosJob manifest",
+        description="Start workers on loopback, inject a churn schedule, show live "
+        "progress, and write a JSON report and a PNG plot. With FILE, the workers are the "
+        "pods the operator's reconcile makes of that ChaosJob, run as local processes.",
+    )
+    parser.add_argument(
+        "manifest",
+        nargs="?",
+        metavar="FILE",
+        help="a ChaosJob manifest (YAML) to run locally, e.g. examples/chaosjob.yaml; it "
+        "sets the workers, entry, global batch and seed",
+    )
+    parser.add_argument("--workers", type=int, help="initial workers (default 4)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    parser.add_argument(
+        "--example", help="bundled example: digits (default), chartransformer or bigstate"
+    )
+    parser.add_argument("--entry", help="module:factory of your own job (overrides --example)")
+    parser.add_argument(
+        "--churn",
+        default="default",
+        help="schedule such as 'leave:w2@40,crash:w1@80,link-down:w0-w3@100,"
+        "link-up:w0-w3@120,join@150' (numbers are steps); 'none' turns churn off; "
+        "'default' scales that schedule to --steps",
+    )
+    parser.add_argument("--global-batch", type=int, help="samples per step (default 64)")
+    parser.add_argument("--seed", type=int, help="model and sample order seed (default 0)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--base-port", type=int, default=0, help="first port (default: any)")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.1, metavar="SECONDS")
+    parser.add_argument("--failure-timeout", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument("--report", default="chaos-report.json", help="report JSON path")
+    parser.add_argument("--plot", help="PNG path (default: the report path with .png)")
+    parser.add_argument("--quiet", action="store_true", help="no live view")
+    parser.add_argument(
+        "--metrics", action="store_true", help="workers serve Prometheus /metrics (ports: report)"
+    )
+    parser.add_argument(
+        "--links",
+        default="",
+        help="emulated WAN links: 'w0-w3=20MB/s+40ms,*=100MB/s' (rate per direction, "
+        "added one-way delay; default: unshaped) or a bundled profile: @three-party",
+    )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="every worker in its own network namespace, link rates shaped by tc (needs "
+        "root; otherwise falls back to in-process shaping)",
+    )
+    parser.add_argument(
+        "--downlink",
+        action="append",
+        default=[],
+        metavar="WORKER=RATE",
+        help="shape a worker's downlink, e.g. w4=50MB/s (repeatable)",
+    )
+    parser.add_argument(
+        "--join-mode",
+        choices=["observe", "copy"],
+        default="observe",
+        help="observe: multi-source snapshot pull while replaying gradients (default); "
+        "copy: stop-and-copy of the full state from one member",
+    )
+    parser.add_argument(
+        "--join-probe-frames",
+        type=int,
+        default=0,
+        metavar="N",
+        help="64 KiB frames a newcomer pulls from each member to time its downlink before it "
+        "asks to join (default 0: no probe; the pull measures every source as it goes and "
+        "moves shards away from slow ones)",
+    )
+    parser.add_argument(
+        "--join-strategy",
+        choices=["greedy", "single", "equal", "proportional"],
+        default="greedy",
+        help="shard plan for joins: greedy (planned, default) or a baseline",
+    )
+    parser.set_defaults(handler=handle)
+
+
+def _downlinks(items: list[str]) -> dict[str, float]:
+    from chaos_worker.net.shaping import ShapeError, parse_rate
+
+    out = {}
+    for item in items:
+        worker, eq, rate = item.partition("=")
+        if not eq or not worker:
+            raise UserError(f"--downlink {item!r} is not WORKER=RATE, e.g. w4=50MB/s")
+        try:
+            out[worker] = parse_rate(rate)
+        except ShapeError as exc:
+            raise UserError(f"--downlink: {exc}") from None
+    return out
+
+
+MANIFEST_SETS = {
+    "workers": ("--workers", "spec.replicas"),
+    "example": ("--example", "spec.entry"),
+    "entry": ("--entry", "spec.entry"),
+    "global_batch": ("--global-batch", "spec.globalBatch"),
+    "seed": ("--seed", "spec.seed"),
+}
+
+
+def options_from(args: argparse.Namespace, job=None):
+    """Validate the command line (and the manifest's job) into launcher options.
+
+    UserError on bad input.
+    """
+    from chaos_worker.examples import EXAMPLES
+
+    from chaos_cli.local.churn import ChurnError, default_churn, parse_churn
+    from chaos_cli.local.launcher import JobOptions, worker_names
+
+    if job is not None:
+        for dest, (flag, field) in MANIFEST_SETS.items():
+            if getattr(args, dest) is not None:
+                raise UserError(f"{flag} does not go with a manifest: {field} sets it")
+        from chaos_cli.local.reconciled import run_options
+
+        fixed = run_options(job)
+        entry = fixed["entry"]
+        example = next((k for k, v in EXAMPLES.items() if v == entry), entry)
+    else:
+        fixed = {
+            "workers": 4 if args.workers is None else args.workers,
+            "global_batch": 64 if args.global_batch is None else args.global_batch,
+            "seed": 0 if args.seed is None else args.seed,
+        }
+        example = args.entry or args.example or DEFAULT_EXAMPLE
+        entry = args.entry or EXAMPLES.get(example)
+    workers = fixed["workers"]
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    if not 0 <= args.join_probe_frames <= 64:
+        raise UserError("--join-probe-frames must lie in 0..64")
+    if fixed["global_batch"] < 1:
+        raise UserError("--global-batch must be at least 1")
+    if not 0 < args.heartbeat_interval < args.failure_timeout:
+        raise UserError("need 0 < --heartbeat-interval < --failure-timeout")
+    if not 0 <= args.base_port <= 65535 - workers:
+        raise UserError("--base-port must be a port number")
+    if entry is None:
+        raise UserError(f"--example {example!r} unknown; choose from {sorted(EXAMPLES)}")
+    spec = default_churn(workers, args.steps) if args.churn == "default" else args.churn
+    try:
+        churn = parse_churn(spec, workers, reconciled=job is not None)
+    except ChurnError as exc:
+        raise UserError(str(exc)) from None
+    if any(e.step >= args.steps for e in churn):
+        raise UserError(f"--churn: every event must come before the last step ({args.steps})")
+    if job is not None:
+        from chaos_cli.local.reconciled import pod_churn
+
+        churn = pod_churn(job, churn)
+    from chaos_worker.net.shaping import ShapeError, parse_links
+
+    from chaos_cli.local.profiles import resolve_links
+
+    try:
+        links = resolve_links(args.links, worker_names(workers, churn))
+        parse_links(links)
+    except ShapeError as exc:
+        raise UserError(str(exc)) from None
+    return JobOptions(
+        entry=entry,
+        workers=workers,
+        steps=args.steps,
+        global_batch=fixed["global_batch"],
+        seed=fixed["seed"],
+        dtype=args.dtype,
+        device=args.device,
+        churn=churn,
+        base_port=args.base_port,
+        heartbeat_interval_s=args.heartbeat_interval,
+        failure_timeout_s=args.failure_timeout,
+        example=example,
+        metrics=args.metrics,
+        links=links,
+        downlinks=_downlinks(args.downlink),
+        join_mode=args.join_mode,
+        join_strategy=args.join_strategy,
+        join_probe_frames=args.join_probe_frames,
+        netns=args.netns,
+    )
+
+
+def check_entry(options, where: str = "") -> None:
+    """Load the job once here so that a broken factory fails before any worker starts.
+
+    `where` prefixes the error (e.g. the manifest's `FILE: spec.entry: `)."""
+    import torch
+    from chaos_worker.process import pick_device
+    from chaos_worker.training.trainspec import FactoryError, load_trainspec
+
+    try:
+        load_trainspec(
+            options.entry,
+            seed=options.seed,
+            dtype=getattr(torch, options.dtype),
+            device=pick_device(options.device),
+        )
+    except FactoryError as exc:
+        raise UserError(f"{where}{exc}") from None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def handle(args: argparse.Namespace) -> int:
+    from chaos_cli.local.launcher import LaunchError, LocalRun
+    from chaos_cli.local.live import LiveView
+    from chaos_cli.local.report import plot_report, write_report
+
+    job = None
+    if args.manifest:
+        from chaos_cli.local.reconciled import load_manifest
+
+        job = load_manifest(args.manifest)
+    options = options_from(args, job)
+    check_entry(options, f"{args.manifest}: spec.entry: " if job else "")
+    if options.netns:
+        from chaos_cli.local.netns import unavailable_reason
+
+        if job is not None:
+            raise UserError("--netns does not go with a manifest yet; use --links to shape")
+        if why := unavailable_reason():
+            print(
+                f"chaos run: --netns unavailable ({why}); shaping links in-process", file=sys.stderr
+            )
+            options.netns = False
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up (processes, namespaces) as on Ctrl-C
+    live = LiveView(options, enabled=not args.quiet)
+    try:
+        if job is None:
+            runner = LocalRun(options, on_update=live.update)
+        else:
+            from chaos_cli.local.reconciled import ReconciledJob, base_port_for
+
+            base = base_port_for(options, args.base_port)
+            runner = ReconciledJob(job, options, base_port=base, on_update=live.update)
+        with live:
+            report = asyncio.run(runner.run())
+    except LaunchError as exc:
+        raise UserError(str(exc)) from None
+    report_path = Path(args.report)
+    plot_path = Path(args.plot) if args.plot else report_path.with_suffix(".png")
+    write_report(report, report_path)
+    plot_report(report, plot_path)
+    live.summary(report, report_path, plot_path)
+    if report.steps < options.steps or math.isnan(report.final_loss):
+        print(f"chaos run: only {report.steps} of {options.steps} steps completed", file=sys.stderr)
+        return 1
+    return 0

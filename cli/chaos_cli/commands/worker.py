@@ -1,0 +1,39 @@
+"""`chaos worker --config FILE`: one member of an elastic job (what a pod runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from chaos_cli.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("worker", help="run one worker process of a job")
+    parser.add_argument("--config", required=True, help="worker configuration (JSON file)")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from chaos_worker.config import WorkerConfig
+    from chaos_worker.process import run_worker
+
+    try:
+        raw = json.loads(Path(args.config).read_text())
+        config = WorkerConfig.model_validate(raw)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"--config {args.config}: {exc}") from None
+    except ValidationError as exc:
+        raise UserError(f"--config {args.config}: {_first_error(exc)}") from None
+    return run_worker(config)
+
+
+def _first_error(exc: ValidationError) -> str:
+    try:
+        from chaos_cli.validation import describe_validation_error
+    except ImportError:  # pragma: no cover - the planner helper provides it
+        return str(exc.errors()[0]["msg"])
+    return describe_validation_error(exc)

@@ -1,0 +1,1 @@
+"""The cluster simulated on one machine behind `chaos run`."""

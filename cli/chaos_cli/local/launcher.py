@@ -1,0 +1,424 @@
+"""Local process backend of `chaos run`: N workers on loopback with injected churn.
+
+The launcher starts one `chaos worker` process per member, listens for their reports on a
+control socket (a Unix socket, so that it works across network namespaces), injects the
+churn schedule (commands for leave and link events, signals for crashes, new processes for
+joins), shows live progress and writes the report. Worker processes die with the launcher
+(PR_SET_PDEATHSIG) and are always reaped on exit. With `netns`, every worker runs in a
+network namespace of its own, with links shaped by tc (`chaos_cli.local.netns`), torn down at
+the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chaos_worker.config import WorkerConfig
+from chaos_worker.net.control import UNIX
+from chaos_worker.net.shaping import parse_links
+from chaos_worker.priority import die_with_parent
+
+from chaos_cli.local.churn import ChurnEvent
+from chaos_cli.local.netns import NetnsError, NetnsTestbed
+from chaos_cli.local.report import Report, links_matrix
+from chaos_cli.local.timeline import Fired, Timeline
+
+GRACE_S = 10.0
+NETNS_PORT = 7000
+"""Port every worker listens on in its own namespace (without --base-port)."""
+KEEP_RUN_DIR = "CHAOS_KEEP_RUN_DIR"
+"""Set (to anything) to keep the run's directory of worker configs and stderr logs."""
+
+
+class LaunchError(Exception):
+    """The job could not start or a worker failed; the message says why."""
+
+
+@dataclass
+class JobOptions:
+    entry: str
+    workers: int = 4
+    steps: int = 200
+    global_batch: int = 64
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    churn: list[ChurnEvent] = field(default_factory=list)
+    base_port: int = 0
+    heartbeat_interval_s: float = 0.1
+    failure_timeout_s: float = 1.0
+    example: str = ""
+    metrics: bool = False  # every worker serves Prometheus /metrics on a free port
+    links: str = ""  # emulated link shapes (chaos_worker.net.shaping)
+    downlinks: dict[str, float] = field(default_factory=dict)  # worker -> downlink bytes/s
+    join_mode: str = "observe"
+    join_strategy: str = "greedy"
+    join_probe_frames: int = 0  # frames of a newcomer's downlink probe (0: none)
+    # end the job once every newcomer has contributed this many steps (benchmarks)
+    stop_after_join_steps: int | None = None
+    netns: bool = False  # every worker in its own network namespace, rates shaped by tc
+
+    def worker_names(self) -> list[str]:
+        return worker_names(self.workers, self.churn)
+
+
+def worker_names(workers: int, churn: list[ChurnEvent]) -> list[str]:
+    """Initial workers, then the joiners in schedule order (the testbed's order)."""
+    return [f"w{i}" for i in range(workers)] + [e.worker for e in churn if e.kind == "join"]
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen
+    stderr: Path
+    address: str = ""
+    killed: bool = False
+    stopped: bool = False
+
+
+def free_ports(count: int, base: int) -> list[int]:
+    """`count` ports to listen on: `base`, `base+1`, ... checked free, or any free ones."""
+    ports = []
+    for i in range(count):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", base + i if base else 0))
+            except OSError:
+                raise LaunchError(f"port {base + i} on 127.0.0.1 is taken") from None
+            ports.append(sock.getsockname()[1])
+    return ports
+
+
+class LocalRun:
+    """One `chaos run`: see the module docstring."""
+
+    def __init__(self, options: JobOptions, on_update=None) -> None:
+        self.opts = options
+        self.timeline = Timeline()
+        self.procs: dict[str, _Proc] = {}
+        self.max_step = -1
+        self.last_event = ""
+        self.members = options.workers
+        self.samples_per_s = 0.0
+        self.join_progress: dict[str, str] = {}
+        self._on_update = on_update
+        self._writers: dict[str, asyncio.StreamWriter] = {}
+        self._tmp = Path(tempfile.mkdtemp(prefix="chaos-run-"))
+        self._control = ""
+        self._pending = list(options.churn)
+        self._started = time.monotonic()
+        self._done_at: float | None = None
+        self.metrics_ports: dict[str, int] = {}  # worker -> its /metrics port (metrics on)
+        self.digests: dict[str, str] = {}  # worker -> SHA-256 of its final training state
+        self.spawned_at: dict[str, float] = {}  # worker -> when its process was started
+        self.disconnected: set[str] = set()  # workers whose control connection has closed
+        self.testbed: NetnsTestbed | None = None
+        self.tc_sent: dict[tuple[str, str], int] = {}  # netns: bytes per shaped link
+
+    async def run(self) -> Report:
+        path = self._tmp / "control.sock"
+        server = await asyncio.start_unix_server(self._serve, path=str(path))
+        self._control = f"{UNIX}{path}"
+        try:
+            self._start()
+            await self._supervise()
+        finally:
+            server.close()
+            self._reap()
+            self._remove_testbed()
+            if not os.environ.get(KEEP_RUN_DIR):
+                shutil.rmtree(self._tmp, ignore_errors=True)
+        return self._report()
+
+    def _start(self) -> None:
+        """Start the initial members, and the joiners in standby."""
+        addresses = self._addresses()
+        initial = self.opts.worker_names()[: self.opts.workers]
+        members = {name: addresses[name] for name in initial}
+        for name, address in members.items():
+            self._spawn(name, listen=address, members=members)
+        for event in self.opts.churn:
+            if event.kind == "join":  # started now, admitted at its step: start-up apart
+                self._spawn(event.worker, listen=addresses[event.worker], standby=True)
+
+    def _addresses(self) -> dict[str, str]:
+        """host:port for every worker: free ports on 127.0.0.1, or the testbed's addresses."""
+        names = self.opts.worker_names()
+        if not self.opts.netns:
+            ports = free_ports(len(names), self.opts.base_port)
+            return {name: f"127.0.0.1:{port}" for name, port in zip(names, ports, strict=True)}
+        try:
+            self.testbed = NetnsTestbed.create(
+                names, parse_links(self.opts.links), self.opts.downlinks
+            )
+        except NetnsError as exc:
+            raise LaunchError(f"--netns: {exc}") from None
+        port = self.opts.base_port or NETNS_PORT
+        return {name: f"{self.testbed.plan.addresses[name]}:{port}" for name in names}
+
+    def _remove_testbed(self) -> None:
+        if self.testbed is not None:
+            try:
+                self.tc_sent = self.testbed.shaped_bytes()
+            except NetnsError as exc:
+                print(f"chaos run: {exc}", file=sys.stderr)
+            try:
+                self.testbed.close()
+            except NetnsError as exc:
+                print(f"chaos run: {exc}", file=sys.stderr)
+            self.testbed = None
+
+    def _tick(self) -> None:
+        """Called on every supervision round (a subclass may reconcile here)."""
+
+    def _spawn(self, name: str, *, listen: str, members=None, standby=False) -> None:
+        config = self.worker_config(name, listen=listen, members=members or {}, standby=standby)
+        self.launch(name, config)
+
+    def worker_config(self, name: str, *, listen: str, **fields) -> WorkerConfig:
+        """The configuration of worker `name` from the job options; `fields` override."""
+        values = dict(
+            id=name,
+            listen=listen,
+            entry=self.opts.entry,
+            seed=self.opts.seed,
+            global_batch=self.opts.global_batch,
+            steps=self.opts.steps,
+            dtype=self.opts.dtype,
+            device=self.opts.device,
+            heartbeat_interval_s=self.opts.heartbeat_interval_s,
+            failure_timeout_s=self.opts.failure_timeout_s,
+            control=self._control,
+            links=self.opts.links,
+            kernel_shaped=self.opts.netns,
+            downlink_bytes_per_s=None if self.opts.netns else self.opts.downlinks.get(name),
+            join_mode=self.opts.join_mode,
+            join_strategy=self.opts.join_strategy,
+            join_probe_frames=self.opts.join_probe_frames,
+        )
+        values.update(fields)
+        if "metrics_port" not in fields:
+            values["metrics_port"] = free_ports(1, 0)[0] if self.opts.metrics else None
+        return WorkerConfig(**values)
+
+    def launch(self, name: str, config: WorkerConfig) -> None:
+        """Start one `chaos worker` process with `config`."""
+        if config.metrics_port is not None:
+            self.metrics_ports[name] = config.metrics_port
+        path = self._tmp / f"{name}.json"
+        path.write_text(config.model_dump_json())
+        stderr = self._tmp / f"{name}.stderr"
+        cmd = [sys.executable, "-m", "chaos_cli.main", "worker", "--config", str(path)]
+        if self.testbed is not None:
+            cmd = self.testbed.exec_prefix(name) + cmd  # ip execs the worker: same pid
+        self.spawned_at[name] = time.monotonic()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with stderr.open("wb") as err:
+            popen = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
+                preexec_fn=die_with_parent(),
+            )
+        self.procs[name] = _Proc(name, popen, stderr)
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            self._fire_due()
+            self._tick()
+            failed = [
+                p for p in self.procs.values() if p.popen.poll() not in (None, 0) and not p.killed
+            ]
+            if failed:
+                proc = failed[0]
+                tail = proc.stderr.read_text(errors="replace").strip().splitlines()[-3:]
+                raise LaunchError(
+                    f"worker {proc.name} exited with code {proc.popen.returncode}: "
+                    + (" | ".join(tail) or "no output")
+                )
+            running = [p for p in self.procs.values() if p.popen.poll() is None]
+            if not running:
+                return
+            if self._joins_settled():
+                return
+            done = self.max_step >= self.opts.steps - 1 and not self._pending
+            if done and all(self._idle(p) for p in running):
+                return
+            if done and self._done_at is None:
+                self._done_at = time.monotonic()
+            if self._done_at is not None and time.monotonic() - self._done_at > GRACE_S:
+                return  # stragglers (a join still in flight, a paused side) are stopped
+            if self._on_update:
+                self._on_update(self)
+
+    def _joins_settled(self) -> bool:
+        """With `stop_after_join_steps`: every newcomer has contributed that many steps."""
+        wanted = self.opts.stop_after_join_steps
+        joiners = {e.worker for e in self.opts.churn if e.kind == "join"}
+        if wanted is None or not joiners or self._pending:
+            return False
+        counts = {j: 0 for j in joiners}
+        for record in self.timeline.of("progress"):
+            if record["worker"] in counts:
+                counts[record["worker"]] += 1
+        return min(counts.values()) >= wanted
+
+    def _idle(self, proc: _Proc) -> bool:
+        """A process that will never finish on its own: stopped, paused, or not admitted."""
+        paused = {r["worker"] for r in self.timeline.of("paused")}
+        installed = {r["worker"] for r in self.timeline.of("installed") if not r.get("paused")}
+        joining = {r["worker"] for r in self.timeline.of("standby")}
+        waiting = proc.name in paused or proc.name in joining
+        return proc.stopped or (waiting and proc.name not in installed)
+
+    def _fire_due(self) -> None:
+        standby = {r["worker"] for r in self.timeline.of("standby")}
+        while self._pending and self._pending[0].step <= self.max_step:
+            if self._pending[0].kind == "join" and self._pending[0].worker not in standby:
+                return  # the newcomer is still starting up
+            event = self._pending.pop(0)
+            self._fire(event)
+
+    def _fire(self, event: ChurnEvent) -> None:
+        self.note_fired(event)
+        self._inject(event)
+
+    def note_fired(self, event: ChurnEvent) -> None:
+        """Record `event` as injected now (the report's events come from these)."""
+        self.timeline.fired.append(Fired(event, time.monotonic(), self.max_step))
+        self.last_event = f"{event.label} (step {self.max_step})"
+
+    def _inject(self, event: ChurnEvent) -> None:
+        proc = self.procs.get(event.worker)
+        if event.kind == "leave":
+            self.command(event.worker, {"cmd": "leave"})
+        elif event.kind == "crash" and proc:
+            proc.killed = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGKILL)
+        elif event.kind == "hang" and proc:
+            proc.killed = proc.stopped = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGSTOP)
+        elif event.kind in ("link-down", "link-up"):
+            cmd = event.kind.replace("-", "_")
+            for a, b in ((event.worker, event.peer), (event.peer, event.worker)):
+                address = self.procs[b].address if b in self.procs else ""
+                self.command(a, {"cmd": cmd, "peer": b, "address": address})
+        elif event.kind == "join":
+            self.command(event.worker, {"cmd": "join", "seed": self._live_member()})
+
+    def _live_member(self) -> str:
+        gone = {e.event.worker for e in self.timeline.fired if e.event.kind != "join"}
+        for name, proc in sorted(self.procs.items()):
+            if proc.address and proc.popen.poll() is None and name not in gone:
+                return proc.address
+        raise LaunchError("no live member left to join through")
+
+    def command(self, worker: str, command: dict) -> bool:
+        """Send `command` to `worker` over the control channel; False if not connected."""
+        writer = self._writers.get(worker)
+        if writer is not None and not writer.is_closing():
+            writer.write(json.dumps(command).encode() + b"\n")
+            return True
+        return False
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        worker = ""
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            while line := await reader.readline():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                worker = str(record.get("worker", ""))
+                self._writers.setdefault(worker, writer)
+                self._record(worker, record)
+        self.disconnected.add(worker)  # every record it sent has been taken in
+
+    def _record(self, worker: str, record: dict) -> None:
+        self.timeline.add(record)
+        kind = record.get("kind")
+        if kind == "ready" and worker in self.procs:
+            self.procs[worker].address = record["address"]
+            if record.get("metrics_port"):
+                self.metrics_ports[worker] = int(record["metrics_port"])
+        elif kind == "progress":
+            self.max_step = max(self.max_step, int(record["step"]))
+            self.members = int(record["members"])
+            if record.get("samples_per_s"):
+                self.samples_per_s = float(record["samples_per_s"])
+        elif kind == "paused":
+            self.last_event = f"{worker} paused: {record.get('reason', '')}"
+        elif kind == "join_progress":
+            pulled = ", ".join(f"{m} {n >> 10} KiB" for m, n in sorted(record["bytes"].items()))
+            self.last_event = f"{worker} pulling {record['done']}/{record['shards']}: {pulled}"
+        elif kind == "exit" and record.get("state_sha256"):
+            self.digests[worker] = str(record["state_sha256"])
+
+    def _reap(self) -> None:
+        for proc in self.procs.values():
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.send_signal(signal.SIGCONT)
+                    proc.popen.terminate()
+        deadline = time.monotonic() + 3
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
+            if proc.popen.poll() is None:
+                proc.popen.kill()
+                proc.popen.wait()
+
+    def _report(self) -> Report:
+        curve = self.timeline.loss_curve()
+        elapsed = time.monotonic() - self._started
+        gaps = self.timeline.step_gaps()
+        return Report(
+            steps=len(curve),
+            global_batch=self.opts.global_batch,
+            final_loss=curve[-1][1] if curve else float("nan"),
+            loss_curve=curve,
+            events=self.timeline.events(),
+            members_curve=self.timeline.members_curve(),
+            samples_per_s=len(curve) * self.opts.global_batch / elapsed if curve else None,
+            example=self.opts.example or self.opts.entry,
+            workers=self.opts.workers,
+            dtype=self.opts.dtype,
+            step_time_s=statistics.median(gaps) if gaps else None,
+            joins=self.timeline.joins(),
+            links=links_matrix(
+                {r["worker"]: r.get("links") or {} for r in self.timeline.of("exit")},
+                parse_links(self.opts.links),
+                self.tc_sent if self.opts.netns else None,
+            ),
+            testbed="netns" if self.opts.netns else "in-process",
+            processes=[
+                {
+                    "name": p.name,
+                    "pid": p.popen.pid,
+                    "exit_code": p.popen.returncode,
+                    "state_sha256": self.digests.get(p.name),
+                }
+                | ({"metrics_port": self.metrics_ports.get(p.name)} if self.opts.metrics else {})
+                for p in self.procs.values()
+            ],
+        )

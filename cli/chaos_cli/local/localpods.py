@@ -1,0 +1,103 @@
+"""Pods as local processes: what a kubelet would do with a worker pod, minus the container.
+
+Shared by the local backend of `chaos run FILE` (`chaos_cli.local.reconciled`) and the test
+pod runner (`tests/controlplane/podrunner.py`). Pods are plain dicts in the API's JSON shape
+(camelCase keys), as `reconcile` builds them and as the API server returns them.
+
+* Every volume becomes a directory `<pod dir>/volumes/<name>`: an `emptyDir` stays empty,
+  a `downwardAPI` volume gets one file per item whose field reference is
+  `metadata.annotations['…']`, `metadata.name` or `metadata.namespace`.
+* Each pod has, in effect, its own root: an absolute path under a container's mount point
+  (in its command line, and in JSON files a downwardAPI volume projects) is rewritten to the
+  directory of that volume.
+* `chaos` as a command's first word becomes the given executable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+FIELD = re.compile(r"^metadata\.annotations\['(?P<key>[^']+)'\]$")
+
+
+def lay_out(pod: Mapping[str, Any], directory: Path) -> dict[str, Path]:
+    """Make the pod's volume directories under `directory` and project its downwardAPI files.
+
+    Returns volume name -> directory.
+    """
+    spec = pod.get("spec") or {}
+    volumes: dict[str, Path] = {}
+    for volume in spec.get("volumes") or ():
+        path = directory / "volumes" / volume["name"]
+        path.mkdir(parents=True, exist_ok=True)
+        volumes[volume["name"]] = path
+    every_mount: dict[str, Path] = {}
+    for each in spec.get("containers") or ():
+        every_mount.update(mounts(each, volumes))
+    for volume in spec.get("volumes") or ():
+        if volume.get("downwardAPI") is not None:
+            _project(pod, volume["downwardAPI"], volumes[volume["name"]], every_mount)
+    return volumes
+
+
+def mounts(container: Mapping[str, Any], volumes: Mapping[str, Path]) -> dict[str, Path]:
+    """Mount path -> local directory, for one container."""
+    return {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts") or ()}
+
+
+def command(container: Mapping[str, Any], volumes: Mapping[str, Path], chaos: str) -> list[str]:
+    """The container's `command + args` with its mount points mapped and `chaos` replaced."""
+    argv = [*(container.get("command") or ()), *(container.get("args") or ())]
+    if argv and argv[0] == "chaos":
+        argv[0] = chaos
+    where = mounts(container, volumes)
+    return [map_path(a, where) for a in argv]
+
+
+def find_container(pod: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """The pod's container `name` (KeyError if it has none)."""
+    for c in (pod.get("spec") or {}).get("containers") or ():
+        if c.get("name") == name:
+            return c
+    raise KeyError(f"pod {pod['metadata']['name']} has no container {name!r}")
+
+
+def map_path(value: str, where: Mapping[str, Path]) -> str:
+    """An absolute path under a mount point, rewritten to the pod's directory for it."""
+    for mount, path in where.items():
+        if value == mount or value.startswith(mount.rstrip("/") + "/"):
+            return str(path) + value[len(mount.rstrip("/")) :]
+    return value
+
+
+def map_json(value: Any, where: Mapping[str, Path]) -> Any:
+    """Every string in a JSON value mapped with `map_path`."""
+    if isinstance(value, str):
+        return map_path(value, where)
+    if isinstance(value, dict):
+        return {k: map_json(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [map_json(v, where) for v in value]
+    return value
+
+
+def _project(
+    pod: Mapping[str, Any], source: Mapping[str, Any], path: Path, where: Mapping[str, Path]
+) -> None:
+    meta = pod["metadata"]
+    for item in source.get("items") or ():
+        ref = (item.get("fieldRef") or {}).get("fieldPath", "")
+        if match := FIELD.match(ref):
+            value = (meta.get("annotations") or {}).get(match["key"], "")
+        elif ref in ("metadata.name", "metadata.namespace"):
+            value = meta.get(ref.split(".")[1]) or ""
+        else:
+            continue
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.dumps(map_json(json.loads(value), where))
+        (path / item["path"]).write_text(value)

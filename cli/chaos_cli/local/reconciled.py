@@ -1,0 +1,387 @@
+"""Local process backend of `chaos run FILE`: a ChaosJob reconciled into local processes.
+
+The same pure `reconcile()` the operator applies to Kubernetes, applied to processes on this
+machine. Every supervision round of the launcher (`LocalRun`) it observes the job's local
+pods, reconciles and applies the plan:
+
+* **observe**: a pod is `Running` while its process lives, then `Succeeded` (exit 0) or
+  `Failed` once the process has ended and every record it sent has been taken in;
+* **create**: the pod's volumes become directories and its paths are mapped into them
+  (`localpods`); the trainer container's `chaos worker --config FILE` runs with the config
+  projected from the pod's annotation, plus what a pod does not say: the launcher's control
+  channel, `--dtype`, `--device`, link shaping and join options (and no metrics port unless
+  `--metrics`). Addresses are `127.0.0.1` with ports from a free base port. The replicator
+  container is not started: the trainer starts its own replicator process instead, and
+  that is the address members advertise;
+* **delete**: a live member is told to leave at an agreed step (what a pod's SIGTERM does
+  in a cluster) and killed if it is still there after the pod's grace period; an ended one
+  is simply forgotten.
+
+Churn (`--churn`, member names `w<ordinal>` stand for the pods `<job>-w<ordinal>`):
+`crash`/`hang` act on the process as in a plain run, and the reconcile replaces a crashed
+member with a new one that joins through a live member; a hung one is left alone, as a
+pod with no liveness probe would be. `join` scales out (`spec.replicas` + 1, as
+`kubectl scale`), `leave:wK` deletes wK's pod and scales in by one, so wK leaves gracefully
+and is not replaced. Link events go to both ends, as in a plain run.
+
+Warm spares: every member the schedule will make the reconcile create is started in
+standby when the job starts, under the name and address the reconcile will give it, and
+is handed its pod when the plan creates it (it then joins through the plan's seed). Like a
+node with the image already pulled, this keeps interpreter and torch start-up out of the
+scale-out time (the plain run does the same with its joiners). A pod with no matching
+spare gets a fresh process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import re
+import signal
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from chaos_operator.api import ChaosJob, ChaosJobStatus
+from chaos_operator.api.chaosjob import NAME_PATTERN
+from chaos_operator.reconcile import (
+    ANN_NEXT_MEMBER,
+    PORTS_PER_MEMBER,
+    ObservedPod,
+    Options,
+    member_name,
+    reconcile,
+    worker_config,
+    worker_pod,
+)
+from chaos_worker.config import WorkerConfig
+from pydantic import ValidationError
+
+from chaos_cli.errors import UserError
+from chaos_cli.local import localpods
+from chaos_cli.local.churn import ChurnEvent
+from chaos_cli.local.launcher import JobOptions, LaunchError, LocalRun, free_ports
+from chaos_cli.validation import describe_validation_error
+
+POD_HOST = "127.0.0.1"
+SPARE_ORDINALS = 8
+"""Ordinals whose ports are reserved past the expected ones, for unscheduled replacements."""
+LOW_PORTS = (20000, 32000)
+"""Where a free base port is looked for: below Linux's usual ephemeral range."""
+MAX_NAME = 57
+"""The longest job name whose member names `<name>-w<nnnn>` still fit a 63-letter label."""
+
+
+def load_manifest(path: str) -> ChaosJob:
+    """The ChaosJob in the YAML file `path`, as a fresh job (no status, ids from 0).
+
+    Raises UserError with one line that names the problem (and the field).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
+    try:
+        body = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{path}: not valid YAML{where}: {' '.join(problem.split())}") from None
+    if not isinstance(body, dict):
+        raise UserError(f"{path}: not a ChaosJob manifest (expected a YAML mapping)")
+    try:
+        job = ChaosJob.model_validate(body)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {describe_validation_error(exc)}") from None
+    name = job.metadata.name
+    if not name:
+        raise UserError(f"{path}: metadata.name: is required")
+    if len(name) > MAX_NAME or not re.fullmatch(NAME_PATTERN, name):
+        raise UserError(
+            f"{path}: metadata.name: must be a lowercase DNS label of at most {MAX_NAME} "
+            f"characters (letters, digits, '-'), not {name!r}"
+        )
+    if job.spec.replicas < 1:
+        raise UserError(f"{path}: spec.replicas: must be at least 1 to run locally")
+    annotations = {k: v for k, v in job.metadata.annotations.items() if k != ANN_NEXT_MEMBER}
+    meta = job.metadata.model_copy(
+        update={"annotations": annotations, "generation": 1, "namespace": "default"}
+    )
+    return job.model_copy(update={"metadata": meta, "status": None})
+
+
+def pod_churn(job: ChaosJob, events: list[ChurnEvent]) -> list[ChurnEvent]:
+    """`events` (parsed with `reconciled=True`) with worker names turned into pod names.
+
+    Raises UserError when a join or a leave would take `spec.replicas` out of its bounds.
+    """
+    spec, name = job.spec, job.metadata.name or ""
+    replicas = spec.replicas
+    out = []
+    for event in events:
+        replicas += {"join": 1, "leave": -1}.get(event.kind, 0)
+        bound = (
+            f"maxReplicas ({spec.max_replicas})"
+            if replicas > spec.max_replicas
+            else f"minReplicas ({spec.min_replicas})"
+            if replicas < spec.min_replicas
+            else ""
+        )
+        if bound:
+            raise UserError(
+                f"--churn: {event.label} would take spec.replicas to {replicas}, past {bound}"
+            )
+        out.append(
+            replace(
+                event,
+                worker=_pod_name(name, event.worker),
+                peer=_pod_name(name, event.peer) if event.peer else "",
+            )
+        )
+    return out
+
+
+def _pod_name(job: str, worker: str) -> str:
+    return f"{job}-{worker}"
+
+
+def expected_creations(events: list[ChurnEvent]) -> int:
+    """Members the reconcile will create after the initial set: one per crash and join."""
+    return sum(1 for e in events if e.kind in ("crash", "join"))
+
+
+def base_port_for(options: JobOptions, base: int = 0) -> int:
+    """A free base port for the members this run expects (`pick_base_port`)."""
+    ordinals = options.workers + expected_creations(options.churn) + SPARE_ORDINALS
+    return pick_base_port(ordinals, base, metrics=options.metrics)
+
+
+def pick_base_port(ordinals: int, base: int = 0, *, metrics: bool = False) -> int:
+    """A base port such that every member's trainer port (and metrics port) is free now.
+
+    `base` given: that one or LaunchError naming the taken port; else a random free one
+    below the ephemeral range, so that outgoing connections do not take ours meanwhile.
+    """
+
+    def check(b: int) -> None:
+        for n in range(ordinals):
+            free_ports(2 if metrics else 1, b + PORTS_PER_MEMBER * n)
+
+    if base:
+        if base + PORTS_PER_MEMBER * ordinals > 65535:
+            raise LaunchError(f"--base-port {base} leaves no room for {ordinals} members")
+        check(base)
+        return base
+    for _ in range(50):
+        candidate = random.randrange(LOW_PORTS[0], LOW_PORTS[1] - PORTS_PER_MEMBER * ordinals)
+        try:
+            check(candidate)
+        except LaunchError:
+            continue
+        return candidate
+    raise LaunchError("no free range of ports on 127.0.0.1 for the members")
+
+
+@dataclass
+class LocalPod:
+    """A pod of the plan that this backend runs."""
+
+    body: dict[str, Any]
+    deleting_since: float | None = None
+
+
+class ReconciledJob(LocalRun):
+    """`chaos run FILE`: the launcher driven by the reconcile (see the module docstring)."""
+
+    def __init__(self, job: ChaosJob, options: JobOptions, *, base_port: int, on_update=None):
+        super().__init__(options, on_update=on_update)
+        self.job = job
+        self.options = Options(
+            base_port=base_port,
+            pod_host=POD_HOST,
+            steps=options.steps,
+            heartbeat_interval_s=options.heartbeat_interval_s,
+            failure_timeout_s=options.failure_timeout_s,
+        )
+        self.pods: dict[str, LocalPod] = {}
+        self.spares: dict[str, dict[str, Any]] = {}
+        """Name -> trainer config of a warm spare not yet handed a pod."""
+        self._join_orders: dict[str, str] = {}  # spare -> seed, not yet delivered
+        self._status: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _start(self) -> None:
+        first = self.job.spec.replicas
+        for ordinal in range(first, first + expected_creations(self.opts.churn)):
+            self._start_spare(ordinal)
+        self._reconcile()
+
+    def _tick(self) -> None:
+        self._deliver_join_orders()
+        self._finish_deletions()
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        step = self.max_step if self.max_step >= 0 else None
+        observed = [self._observe(name, pod) for name, pod in self.pods.items()]
+        plan = reconcile(
+            self.job, observed, now=datetime.now(UTC), current_step=step, options=self.options
+        )
+        self.job.metadata.annotations[ANN_NEXT_MEMBER] = str(plan.next_member)
+        for name in plan.delete:
+            self._delete(name)
+        for pod in plan.create:
+            self._create(pod)
+        for event in plan.events.values():
+            self.last_event = f"{event.reason}: {event.message}"
+        if plan.status != self._status:
+            self._status = plan.status
+            self.job.status = ChaosJobStatus.model_validate(plan.status)
+
+    def _observe(self, name: str, pod: LocalPod) -> ObservedPod:
+        meta = pod.body["metadata"]
+        proc = self.procs.get(name)
+        code = proc.popen.poll() if proc else None
+        phase = "Running"
+        # Ended once its records are all in, so that its last step counts before its exit.
+        if code is not None and (name in self.disconnected or name not in self._writers):
+            phase = "Succeeded" if code == 0 else "Failed"
+        return ObservedPod(
+            name=name,
+            phase=phase,
+            labels=meta["labels"],
+            annotations=meta["annotations"],
+            ready=phase == "Running" and name in self._writers,
+            deleting=pod.deleting_since is not None,
+        )
+
+    # ------------------------------------------------------------------ applying
+
+    def _create(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        config = self._trainer_config(body)
+        self.pods[name] = LocalPod(body)
+        if config.get("join"):
+            self._note_join(name)
+        spare = self.spares.pop(name, None)
+        proc = self.procs.get(name)
+        alive = proc is not None and proc.popen.poll() is None
+        if spare is not None and alive and config.get("join") and _same_but_join(spare, config):
+            self._join_orders[name] = str(config["join"])
+            self._deliver_join_orders()
+            return
+        if spare is not None and proc is not None:  # unfit for this pod: a fresh process
+            self._kill(name)
+        self.launch(name, self._local_config(config))
+
+    def _delete(self, name: str) -> None:
+        pod = self.pods.get(name)
+        proc = self.procs.get(name)
+        if pod is None:
+            return
+        if proc is None or proc.popen.poll() is not None:
+            del self.pods[name]  # nothing runs: the pod is simply gone
+        elif pod.deleting_since is None:
+            pod.deleting_since = time.monotonic()
+            self.command(name, {"cmd": "leave"})  # a pod's SIGTERM: leave at an agreed step
+
+    def _finish_deletions(self) -> None:
+        for name, pod in list(self.pods.items()):
+            if pod.deleting_since is None:
+                continue
+            proc = self.procs[name]
+            if proc.popen.poll() is not None:
+                del self.pods[name]
+            elif time.monotonic() - pod.deleting_since > _grace_s(pod.body):
+                self._kill(name)
+
+    def _kill(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.killed = True
+        with contextlib.suppress(ProcessLookupError):
+            proc.popen.send_signal(signal.SIGKILL)
+        proc.popen.wait()
+
+    def _inject(self, event: ChurnEvent) -> None:
+        if event.kind == "join":
+            self._scale(+1)
+        elif event.kind == "leave":
+            self._delete(event.worker)  # first, so that the reconcile removes no other member
+            self._scale(-1)
+        else:
+            super()._inject(event)
+
+    def _scale(self, delta: int) -> None:
+        """What `kubectl scale` does: a new spec.replicas and generation."""
+        self.job.spec.replicas += delta
+        self.job.metadata.generation = (self.job.metadata.generation or 0) + 1
+
+    def _note_join(self, name: str) -> None:
+        """A replacement the reconcile made (not a scheduled join) shows in the report too."""
+        if not any(f.event.kind == "join" and f.event.worker == name for f in self.timeline.fired):
+            self.note_fired(ChurnEvent("join", max(self.max_step, 0), name))
+
+    # ------------------------------------------------------------------ processes
+
+    def _trainer_config(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Lay the pod out and read the config its trainer would be started with."""
+        name = body["metadata"]["name"]
+        volumes = localpods.lay_out(body, self._tmp / "pods" / name)
+        trainer = localpods.find_container(body, "trainer")
+        argv = localpods.command(trainer, volumes, "chaos")
+        if len(argv) != 4 or argv[:3] != ["chaos", "worker", "--config"]:
+            raise LaunchError(f"pod {name}: the trainer does not run `chaos worker --config`")
+        return json.loads(Path(argv[3]).read_text())
+
+    def _local_config(self, config: dict[str, Any], **extra: Any) -> WorkerConfig:
+        """The pod's config plus what only this machine knows (module docstring)."""
+        # no sidecar runs here: the trainer starts its own replicator process instead
+        drop = ("id", "listen", "replicator_address")
+        fields = {k: v for k, v in config.items() if k not in drop}
+        if not self.opts.metrics:
+            fields["metrics_port"] = None
+        return self.worker_config(config["id"], listen=config["listen"], **fields, **extra)
+
+    def _start_spare(self, ordinal: int) -> None:
+        config = worker_config(self.job, ordinal, self.options, join=None)
+        body = worker_pod(self.job, ordinal, config)
+        name = member_name(self.job.metadata.name or "", ordinal)
+        mapped = self._trainer_config(body)
+        self.spares[name] = mapped
+        self.launch(name, self._local_config(mapped, standby=True))
+
+    def _deliver_join_orders(self) -> None:
+        if not self._join_orders:
+            return
+        standby = {r["worker"] for r in self.timeline.of("standby")}
+        for name, seed in list(self._join_orders.items()):
+            if name in standby and self.command(name, {"cmd": "join", "seed": seed}):
+                del self._join_orders[name]
+
+
+def _same_but_join(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return {k: v for k, v in a.items() if k != "join"} == {
+        k: v for k, v in b.items() if k != "join"
+    }
+
+
+def _grace_s(body: dict[str, Any]) -> float:
+    return float(body["spec"].get("terminationGracePeriodSeconds", 30))
+
+
+def run_options(job: ChaosJob) -> dict[str, Any]:
+    """The `JobOptions` fields a manifest sets."""
+    return {
+        "workers": job.spec.replicas,
+        "entry": job.spec.entry,
+        "global_batch": job.spec.global_batch,
+        "seed": job.spec.seed,
+    }

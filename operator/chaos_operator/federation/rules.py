@@ -1,0 +1,289 @@
+"""Pure federation logic: what to tell a peer, what a job sees of the other parties, and a
+`ChaosPeer`'s status. No I/O and no clock (callers pass `now`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from chaos_operator.api import ChaosPeer
+from chaos_operator.api.conditions import set_condition
+from chaos_operator.federation.protocol import FederationInfo, SyncMessage
+
+#: Reasons of a `Federated` condition that is False because trust failed (not the network).
+TRUST_FAILURES = frozenset(
+    {"FingerprintMismatch", "CertificateInvalid", "Rejected", "PartyMismatch", "HandshakeFailed"}
+)
+
+
+@dataclass(frozen=True)
+class PublishedJob:
+    """What this party publishes about one of its ChaosJobs."""
+
+    namespace: str
+    name: str
+    federation: str
+    members: Mapping[str, str]
+    """Running members: id -> trainer address."""
+    replicas: int
+    starting: int = 0
+    """Members created (or being created) that do not run yet."""
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """The latest message heard from a peer (by either side's request) and when."""
+
+    party: str
+    message: SyncMessage
+    at: float
+    """Monotonic seconds."""
+
+
+@dataclass(frozen=True)
+class RemoteParty:
+    """Another party's part of one federation, as far as this party knows it."""
+
+    party: str
+    members: Mapping[str, str]
+    replicas: int
+    admits_us: bool
+    max_workers: int | None = None
+    we_admit: bool = True
+    starting: int = 0
+
+
+@dataclass(frozen=True)
+class FederationView:
+    """What a job of party `party` knows about the other parties of its federation.
+
+    `remotes` holds the parties heard from recently that run a job of the same federation;
+    `unsynced` describes the peers not heard from (for the `FederationSynced` condition).
+    """
+
+    party: str
+    remotes: tuple[RemoteParty, ...] = ()
+    unsynced: tuple[str, ...] = ()
+    peers: int = field(default=0)
+    """ChaosPeers that apply to the job (its namespace's)."""
+    settling: tuple[str, ...] = ()
+    """Peers not exchanged with since the job appeared (a bounded wait)."""
+
+    def seed(self) -> tuple[RemoteParty, str, str] | None:
+        """(party, member id, address) to join through: the smallest party that admits us
+        and runs members, its smallest member id."""
+        for remote in sorted(self.remotes, key=lambda r: r.party):
+            if remote.admits_us and remote.members:
+                member = min(remote.members)
+                return remote, member, remote.members[member]
+        return None
+
+    def waiting_for(self) -> str | None:
+        """Why not to form an initial set now although no member runs anywhere, or None.
+
+        We wait while a party that admits us has members starting (their set will run soon).
+        Otherwise the initial set is formed by the smallest party name among the parties that
+        admit us and want workers; we wait if that is not us. A new job also waits (boundedly)
+        for one exchange with each peer after it appeared, so that two parties creating their
+        jobs together have heard of each other before either decides.
+        """
+        forming = sorted(r.party for r in self.remotes if r.admits_us and r.starting)
+        if forming:
+            return f"members of party {forming[0]} are starting"
+        names = [
+            r.party
+            for r in self.remotes
+            if r.admits_us and r.replicas > 0 and not r.members and r.party < self.party
+        ]
+        if names:
+            return f"party {min(names)} forms the initial set"
+        if self.settling:
+            return "waiting for an exchange with " + ", ".join(self.settling)
+        return None
+
+    def cap(self) -> int | None:
+        """Most workers we may run: the smallest limit of a party whose members we train with."""
+        limits = [
+            r.max_workers
+            for r in self.remotes
+            if r.admits_us and r.members and r.max_workers is not None
+        ]
+        return min(limits) if limits else None
+
+    def remote_members(self) -> int:
+        """Members of other parties training with ours (either side admits the other)."""
+        return sum(len(r.members) for r in self.remotes if r.admits_us or r.we_admit)
+
+
+def outgoing(party: str, peer: ChaosPeer, jobs: Iterable[PublishedJob]) -> SyncMessage:
+    """Our message for `peer`: our jobs in the peer's namespace, and its admission there."""
+    policy = peer.spec.policy
+    merged: dict[str, tuple[dict[str, str], int, int]] = {}
+    for job in sorted(jobs, key=lambda j: (j.namespace, j.name)):
+        if job.namespace != peer.metadata.namespace:
+            continue
+        members, replicas, starting = merged.setdefault(job.federation, ({}, 0, 0))
+        members.update(job.members)
+        merged[job.federation] = (members, replicas + job.replicas, starting + job.starting)
+    return SyncMessage(
+        party=party,
+        federations=[
+            FederationInfo(
+                name=name,
+                members=members,
+                replicas=replicas,
+                starting=starting,
+                admitted=policy.may_contribute_workers,
+                max_workers=policy.max_workers,
+            )
+            for name, (members, replicas, starting) in sorted(merged.items())
+        ],
+    )
+
+
+def peer_key(peer: ChaosPeer) -> tuple[str, str]:
+    return peer.metadata.namespace or "default", peer.metadata.name or ""
+
+
+def job_view(
+    party: str,
+    federation: str,
+    peers: Sequence[ChaosPeer],
+    records: Mapping[tuple[str, str], PeerRecord],
+    failures: Mapping[tuple[str, str], str],
+    *,
+    now: float,
+    ttl_s: float,
+    since: float | None = None,
+) -> FederationView:
+    """The federation view of a job from the ChaosPeers of its namespace and what they said.
+
+    A record counts while it is younger than `ttl_s`; `failures` holds the reason of the last
+    failed exchange of a peer, if its last exchange failed. `since` is when the job appeared
+    (None: now): for `ttl_s` after it, peers not exchanged with since then are `settling`.
+    """
+    since = now if since is None else since
+    remotes: list[RemoteParty] = []
+    unsynced: list[str] = []
+    settling: list[str] = []
+    for peer in sorted(peers, key=peer_key):
+        key = peer_key(peer)
+        record = records.get(key)
+        distrusted = failures.get(key) in TRUST_FAILURES
+        if not distrusted and (record is None or record.at < since) and now - since < ttl_s:
+            settling.append(key[1])
+        if record is None or now - record.at > ttl_s or distrusted:
+            unsynced.append(f"{key[1]} ({failures.get(key, 'NotSynced')})")
+            continue
+        info = record.message.federation(federation)
+        if info is None:
+            continue
+        remotes.append(
+            RemoteParty(
+                party=record.party,
+                members=dict(info.members),
+                replicas=info.replicas,
+                admits_us=info.admitted,
+                max_workers=info.max_workers,
+                we_admit=peer.spec.policy.may_contribute_workers,
+                starting=info.starting,
+            )
+        )
+    return FederationView(
+        party=party,
+        remotes=tuple(remotes),
+        unsynced=tuple(unsynced),
+        peers=len(peers),
+        settling=tuple(settling),
+    )
+
+
+def synced_condition(view: FederationView) -> tuple[str, str, str]:
+    """(status, reason, message) of a job's `FederationSynced` condition."""
+    if view.unsynced:
+        return "False", "PeersNotSynced", "no recent exchange with " + ", ".join(view.unsynced)
+    if not view.peers:
+        return "True", "NoPeers", "no ChaosPeer in this namespace; the job trains alone"
+    parties = ", ".join(sorted(r.party for r in view.remotes)) or "none"
+    return (
+        "True",
+        "Synced",
+        (
+            f"synced with every peer; parties in this federation: {parties}; "
+            f"{view.remote_members()} remote members"
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ExchangeOutcome:
+    """Result of the latest exchange with a peer."""
+
+    ok: bool
+    reason: str
+    message: str
+    party: str | None = None
+
+
+def remote_members_here(peer: ChaosPeer, record: PeerRecord | None, federations: set[str]) -> int:
+    """Workers of the peer's party in this party's federations (our jobs in its namespace)."""
+    if record is None:
+        return 0
+    return sum(len(f.members) for f in record.message.federations if f.name in federations)
+
+
+def peer_status(
+    previous: Mapping[str, Any],
+    outcome: ExchangeOutcome,
+    *,
+    members: int,
+    generation: int | None,
+    now: datetime,
+) -> tuple[dict[str, Any], tuple[str, str, str] | None]:
+    """A ChaosPeer's new status and the Event to post (reason, message, type) when the
+    `Federated` condition changed."""
+    status: dict[str, Any] = {"reachable": outcome.ok, "members": members if outcome.ok else 0}
+    if outcome.ok:
+        status["lastHandshakeTime"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    elif "lastHandshakeTime" in previous:
+        status["lastHandshakeTime"] = previous["lastHandshakeTime"]
+    if generation is not None:
+        status["observedGeneration"] = generation
+    state = "True" if outcome.ok else "False"
+    status["conditions"] = set_condition(
+        previous.get("conditions", []),
+        "Federated",
+        state,
+        outcome.reason,
+        outcome.message,
+        generation,
+        now,
+    )
+    old = next((c for c in previous.get("conditions", []) if c.get("type") == "Federated"), None)
+    event = None
+    if old is None or (old.get("status"), old.get("reason")) != (state, outcome.reason):
+        event = (outcome.reason, outcome.message, "Normal" if outcome.ok else "Warning")
+    return status, event
+
+
+def status_unchanged(
+    previous: Mapping[str, Any], status: Mapping[str, Any], refresh_s: float = 30.0
+) -> bool:
+    """Whether writing a ChaosPeer's `status` can be skipped: nothing differs but the
+    handshake time, and that by less than `refresh_s`."""
+
+    def strip(s: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in s.items() if k != "lastHandshakeTime"}
+
+    if strip(previous) != strip(status):
+        return False
+    old, new = previous.get("lastHandshakeTime"), status.get("lastHandshakeTime")
+    if old == new:
+        return True
+    if old is None or new is None:
+        return False
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    age = datetime.strptime(new, fmt) - datetime.strptime(old, fmt)
+    return age.total_seconds() < refresh_s

@@ -1,0 +1,1 @@
+"""Who is in the job: the view, its next-view rules, readiness, the protocol."""

@@ -1,0 +1,1 @@
+"""The wire between members: framing, TCP transport, link shaping, the control link."""

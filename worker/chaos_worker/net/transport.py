@@ -1,0 +1,296 @@
+"""Point-to-point transport between workers over asyncio TCP streams.
+
+One outgoing connection per peer carries this worker's frames to it in FIFO order (the
+membership protocol relies on that order); incoming connections deliver the peer's frames
+to `on_message` in arrival order. Links can be blocked to emulate a link going down: a
+blocked link neither sends nor accepts frames. Outgoing links may be shaped (rate and added
+delay, see `chaos_worker.net.shaping`) and incoming bytes may share one downlink bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from chaos_worker.net.shaping import LinkShape, TokenBucket
+from chaos_worker.net.wire import (
+    FRAME,
+    Goodbye,
+    Hello,
+    Message,
+    WireError,
+    WireMessage,
+    decode_header,
+    encode,
+    parse_lengths,
+)
+
+log = logging.getLogger(__name__)
+
+OnMessage = Callable[[str, Message, bytes], None]
+OnDisconnect = Callable[[str, bool], None]
+# Payloads above this size are written and read in pieces: `writelines` would join the
+# whole frame into a new buffer and `readexactly` grows (and recopies) one buffer to the
+# full payload; a piece at a time keeps both copies small and cache-hot.
+_PIECE = 1 << 20
+
+
+async def _write_frame(
+    writer: asyncio.StreamWriter, frame: list[bytes | memoryview], bucket: TokenBucket | None
+) -> None:
+    """Write one encoded frame; a large payload goes a piece at a time, never copied whole.
+
+    With a `bucket`, every piece waits for its tokens first (shaped link).
+    """
+    prefix, header, payload = frame
+    view = memoryview(payload)
+    piece = _PIECE if bucket is None else min(_PIECE, int(bucket.burst))
+    if view.nbytes <= piece:
+        if bucket is not None:
+            await bucket.consume(len(prefix) + len(header) + view.nbytes)
+        writer.writelines(frame)
+        return
+    view = view.cast("B")
+    if bucket is not None:
+        await bucket.consume(len(prefix) + len(header))
+    writer.write(bytes(prefix) + bytes(header))
+    for start in range(0, view.nbytes, piece):
+        chunk = view[start : start + piece]
+        if bucket is not None:
+            await bucket.consume(chunk.nbytes)
+        writer.write(chunk)
+        await writer.drain()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    return host, int(port)
+
+
+@dataclass
+class _Outgoing:
+    address: str
+    shape: LinkShape = field(default_factory=LinkShape)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    task: asyncio.Task | None = None
+    sent_bytes: int = 0
+    bucket: TokenBucket | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape.rate_bytes_per_s is not None:
+            self.bucket = TokenBucket(self.shape.rate_bytes_per_s)
+
+    def put(self, frame: list[bytes | memoryview] | None) -> None:
+        """Queue a frame (None closes the link) with the time it may leave."""
+        self.queue.put_nowait((time.monotonic() + self.shape.delay_s, frame))
+
+
+class TcpTransport:
+    """Frames to and from named peers; see the module docstring."""
+
+    def __init__(
+        self,
+        me: str,
+        on_message: OnMessage,
+        on_disconnect: OnDisconnect,
+        *,
+        max_payload: int,
+        shape: Callable[[str], LinkShape] | None = None,
+        downlink: TokenBucket | None = None,
+    ) -> None:
+        self.me = me
+        self._shape = shape or (lambda _peer: LinkShape())
+        self._downlink = downlink
+        self._on_message = on_message
+        self._on_disconnect = on_disconnect
+        self._max_payload = max_payload
+        self._out: dict[str, _Outgoing] = {}
+        self._in: dict[str, asyncio.StreamWriter] = {}
+        self._blocked: set[str] = set()
+        self._server: asyncio.Server | None = None
+        self._closing = False
+
+    async def listen(self, host: str, port: int) -> int:
+        """Start accepting connections; returns the bound port (useful with port 0)."""
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        return self._server.sockets[0].getsockname()[1]
+
+    def connect(self, peer: str, address: str) -> None:
+        """Make sure an outgoing link to `peer` exists (idempotent)."""
+        out = self._out.get(peer)
+        if out is not None and out.address == address and out.task and not out.task.done():
+            return
+        if out is not None and out.task:
+            out.task.cancel()
+        out = _Outgoing(address, self._shape(peer))
+        out.task = asyncio.get_running_loop().create_task(self._pump(peer, out))
+        self._out[peer] = out
+
+    def disconnect(self, peer: str, *, goodbye: bool = False) -> None:
+        """Drop the outgoing link to `peer`, optionally after a goodbye frame."""
+        out = self._out.pop(peer, None)
+        if out is None or out.task is None:
+            return
+        if goodbye:
+            out.put(encode(Goodbye(sender=self.me)))
+            out.put(None)
+        else:
+            out.task.cancel()
+
+    def send(self, peer: str, message: WireMessage, payload: bytes | memoryview = b"") -> bool:
+        """Queue one frame for `peer`; False when there is no usable link.
+
+        The payload is not copied: leave it unchanged until the frame has been written.
+        """
+        out = self._out.get(peer)
+        if out is None or peer in self._blocked:
+            return False
+        out.put(encode(message, payload))
+        return True
+
+    def peers(self) -> list[str]:
+        """Peers with an outgoing link."""
+        return sorted(self._out)
+
+    def block(self, peer: str) -> None:
+        """Emulate the link to `peer` going down: close both directions, refuse frames.
+
+        A goodbye goes first so that the peer does not take the closed link for a crash.
+        """
+        self.disconnect(peer, goodbye=True)
+        self._blocked.add(peer)
+        writer = self._in.pop(peer, None)
+        if writer is not None:
+            writer.close()
+
+    def unblock(self, peer: str) -> None:
+        self._blocked.discard(peer)
+
+    def is_blocked(self, peer: str) -> bool:
+        return peer in self._blocked
+
+    async def close(self) -> None:
+        """Say goodbye on every link, flush, and stop."""
+        self._closing = True
+        for peer in list(self._out):
+            self.disconnect(peer, goodbye=True)
+        tasks = [o.task for o in self._out.values() if o.task]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
+        if self._server is not None:
+            self._server.close()
+        for writer in self._in.values():
+            writer.close()
+
+    async def _pump(self, peer: str, out: _Outgoing) -> None:
+        host, port = parse_address(out.address)
+        writer = None
+        delay = 0.01
+        try:
+            while writer is None:
+                try:
+                    _, writer = await asyncio.open_connection(host, port)
+                except OSError:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            writer.writelines(encode(Hello(sender=self.me)))
+            while True:
+                due, frame = await out.queue.get()
+                if frame is None:
+                    break
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                await _write_frame(writer, frame, out.bucket)
+                out.sent_bytes += sum(memoryview(b).nbytes for b in frame)
+                if out.queue.empty():
+                    await writer.drain()
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, ConnectionError):
+            log.debug("link to %s broke", peer)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sender = None
+        graceful = False
+        try:
+            first, _ = await self._read_frame(reader)
+            if not isinstance(first, Hello) or first.sender in self._blocked:
+                return
+            sender = first.sender
+            old = self._in.pop(sender, None)
+            if old is not None:
+                old.close()
+            self._in[sender] = writer
+            while True:
+                message, payload = await self._read_frame(reader)
+                if sender in self._blocked:
+                    return
+                if isinstance(message, Goodbye):
+                    graceful = True
+                    continue
+                try:
+                    self._on_message(sender, message, payload)
+                except Exception:
+                    log.exception("handling %s from %s failed", message.type, sender)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.CancelledError):
+            pass
+        except WireError as exc:
+            log.warning("dropping connection from %s: %s", sender or "unknown peer", exc)
+        finally:
+            writer.close()
+            if sender is not None and self._in.get(sender) is writer:
+                del self._in[sender]
+                if not self._closing and sender not in self._blocked:
+                    try:
+                        self._on_disconnect(sender, graceful)
+                    except Exception:
+                        log.exception("handling the disconnect of %s failed", sender)
+
+    async def _read_frame(self, reader: asyncio.StreamReader) -> tuple[Message, bytes]:
+        header_len, payload_len = parse_lengths(
+            await reader.readexactly(FRAME.size), self._max_payload
+        )
+        message = decode_header(await reader.readexactly(header_len))
+        if self._downlink is not None:
+            await self._downlink.consume(FRAME.size + header_len)
+        return message, await _read_payload(reader, payload_len, self._downlink)
+
+
+async def _read_payload(
+    reader: asyncio.StreamReader, size: int, bucket: TokenBucket | None = None
+) -> bytes:
+    """Exactly `size` bytes from `reader`; large payloads as pieces joined once.
+
+    With a `bucket` (the receiver's shaped downlink), each piece waits for its tokens.
+    """
+    if size <= _PIECE and bucket is None:
+        return await reader.readexactly(size) if size else b""
+    step = _PIECE if bucket is None else min(_PIECE, int(bucket.burst))
+    pieces = []
+    left = size
+    while left:
+        piece = await reader.read(min(left, step))
+        if not piece:
+            raise asyncio.IncompleteReadError(b"".join(pieces), size)
+        if bucket is not None:
+            await bucket.consume(len(piece))
+        pieces.append(piece)
+        left -= len(piece)
+    return b"".join(pieces)

@@ -1,0 +1,1 @@
+"""Training state between members: snapshots, the replicator, the puller."""

@@ -1,0 +1,163 @@
+"""The replicator: serves snapshot shards to newcomers (the pod's sidecar role).
+
+`chaos replicator` runs it as its own process over a snapshot directory. It answers
+`SnapshotRequest`s from newcomers with a manifest (layout and per-shard SHA-256) or one shard,
+over its own shaped links. Requests of one newcomer are served in order, so a source streams
+its shards back to back. It also answers a newcomer's downlink probe (`ProbeRequest`, see
+`join/probe.py`) with a train of zero-filled frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from chaos_worker.net.shaping import LinkShape
+from chaos_worker.net.transport import TcpTransport
+from chaos_worker.net.wire import (
+    Message,
+    ProbeData,
+    ProbeRequest,
+    ShardData,
+    SnapshotGone,
+    SnapshotManifest,
+    SnapshotRequest,
+)
+from chaos_worker.replication.snapshot import Snapshot, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+WAIT_FOR_SNAPSHOT_S = 30.0
+"""How long a replicator waits for a requested snapshot that has not been published yet."""
+
+
+class Replicator:
+    """Serves the snapshots of `store`; see the module docstring."""
+
+    def __init__(
+        self,
+        me: str,
+        store: SnapshotStore,
+        *,
+        shape: Callable[[str], LinkShape] | None = None,
+        corrupt_once: bool = False,
+        on_sent: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.me = me
+        self.on_sent = on_sent  # (peer, shard bytes) after each shard sent
+        self.store = store
+        self.transport = TcpTransport(
+            me, self._on_message, self._on_disconnect, max_payload=1 << 16, shape=shape
+        )
+        self.address = ""
+        self.sent_bytes: dict[str, int] = {}
+        self._corrupt = corrupt_once  # test-only fault injection: flip one byte, once
+        self._queues: dict[str, asyncio.Queue[SnapshotRequest]] = {}
+        self._workers: dict[str, asyncio.Task] = {}
+        self._cache: dict[int, Snapshot] = {}
+
+    async def start(self, host: str, port: int = 0) -> str:
+        """Listen; returns `host:port`."""
+        bound = await self.transport.listen(host, port)
+        self.address = f"{host}:{bound}"
+        return self.address
+
+    async def close(self) -> None:
+        for task in self._workers.values():
+            task.cancel()
+        await self.transport.close()
+
+    def _on_message(self, sender: str, message: Message, _payload: bytes) -> None:
+        if isinstance(message, ProbeRequest):
+            self._answer_probe(sender, message)
+            return
+        if not isinstance(message, SnapshotRequest):
+            return
+        if message.index is None:  # a manifest is small but needs hashing: do not queue it
+            asyncio.get_running_loop().create_task(self._answer(sender, message))
+            return
+        queue = self._queues.setdefault(sender, asyncio.Queue())
+        queue.put_nowait(message)
+        task = self._workers.get(sender)
+        if task is None or task.done():
+            self._workers[sender] = asyncio.get_running_loop().create_task(self._serve(sender))
+
+    def _on_disconnect(self, peer: str, _graceful: bool) -> None:
+        task = self._workers.pop(peer, None)
+        if task is not None:
+            task.cancel()
+        self._queues.pop(peer, None)
+        self.transport.disconnect(peer)
+
+    async def _serve(self, peer: str) -> None:
+        queue = self._queues[peer]
+        while True:
+            await self._answer(peer, await queue.get())
+
+    async def _answer(self, peer: str, request: SnapshotRequest) -> None:
+        """Send the manifest or the shard that `request` asks for."""
+        self.transport.connect(peer, request.reply_to)
+        snap = await self._snapshot(request.step)
+        if snap is None:
+            gone = SnapshotGone(sender=self.me, step=request.step, reason="not held here")
+            self.transport.send(peer, gone)
+        elif request.index is None:
+            hashes = await self._hashes(snap, request.shards)
+            manifest = SnapshotManifest(
+                sender=self.me,
+                step=snap.step,
+                shards=request.shards,
+                layout=snap.layout.model_dump(),
+                sha256=hashes,
+            )
+            self.transport.send(peer, manifest)
+        elif 0 <= request.index < request.shards:
+            data: memoryview | bytes = snap.shard(request.shards, request.index)
+            if self._corrupt and len(data):
+                self._corrupt = False
+                flipped = bytearray(data)
+                flipped[len(flipped) // 2] ^= 0xFF
+                data = bytes(flipped)
+                log.warning("fault injection: flipped one byte of shard %d", request.index)
+            header = ShardData(
+                sender=self.me, step=snap.step, shards=request.shards, index=request.index
+            )
+            self.transport.send(peer, header, data)
+            self.sent_bytes[peer] = self.sent_bytes.get(peer, 0) + len(data)
+            if self.on_sent is not None:
+                self.on_sent(peer, len(data))
+
+    def _answer_probe(self, peer: str, request: ProbeRequest) -> None:
+        """A newcomer times its downlink from here: a train of zero-filled frames."""
+        self.transport.connect(peer, request.reply_to)
+        zeros = bytes(request.frame_bytes)
+        for index in range(request.frames):
+            frame = ProbeData(sender=self.me, index=index, frames=request.frames)
+            self.transport.send(peer, frame, zeros)
+
+    async def _hashes(self, snap: Snapshot, shards: int) -> list[str]:
+        """The manifest's shard hashes: this replicator's own (in a thread), or the
+        trainer's if they come first. Its trainer hashes a pinned snapshot as soon as the
+        join plan arrives, at normal priority; a replicator process runs at a lower one."""
+        own = asyncio.ensure_future(asyncio.to_thread(snap.shard_hashes, shards))
+        while not own.done():
+            theirs = self.store.prehashed(snap.step, shards)
+            if theirs is not None:
+                return theirs
+            await asyncio.wait({own}, timeout=0.005)
+        return own.result()
+
+    async def _snapshot(self, step: int) -> Snapshot | None:
+        """Snapshot `step`, waiting a while for it to be published."""
+        deadline = time.monotonic() + WAIT_FOR_SNAPSHOT_S
+        while True:
+            snap = self._cache.get(step) or self.store.get(step)
+            if snap is not None:
+                self._cache = {step: snap}
+                return snap
+            latest = self.store.latest_step()
+            if (latest is not None and latest > step + 1) or time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.005)

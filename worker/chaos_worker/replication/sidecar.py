@@ -1,0 +1,159 @@
+"""The replicator as a process of its own: it serves the snapshot slot files that a
+trainer writes to a memory-backed directory, so that serving shards to a newcomer never
+competes with the training loop for the trainer's interpreter.
+
+In a pod it is the `replicator` container (`chaos replicator`); a trainer with no sidecar
+starts one as its child (`start_child`). It prints `serving DIR on HOST:PORT` once
+listening, and keeps what it sent per peer in the directory (`ledger.SentLedger`), which
+the trainer counts in its replication metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from chaos_worker.net.shaping import delays_only, parse_links, shape_for
+from chaos_worker.priority import die_with_parent, lower_this_thread
+from chaos_worker.replication.ledger import SentLedger
+from chaos_worker.replication.replicator import Replicator
+from chaos_worker.replication.snapshot import SnapshotStore
+
+START_TIMEOUT_S = 60.0
+
+
+async def serve(
+    member: str,
+    directory: Path,
+    host: str,
+    port: int,
+    *,
+    links: str = "",
+    kernel_shaped: bool = False,
+    remove_dir: bool = False,
+) -> None:
+    """Serve `directory` on host:port until SIGINT or SIGTERM (`links`: emulated shapes;
+    `remove_dir`: delete `directory` on the way out, also when the parent was killed)."""
+    shapes = parse_links(links)
+    wire = delays_only(shapes) if kernel_shaped else shapes
+    ledger = SentLedger(directory)
+    replicator = Replicator(
+        member,
+        SnapshotStore(directory),
+        shape=lambda peer: shape_for(wire, member, peer),
+        on_sent=ledger.add,
+    )
+    address = await replicator.start(host, port)
+    print(f"serving {directory} on {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    writer = loop.create_task(ledger.keep_written())
+    try:
+        await stop.wait()
+    finally:
+        await replicator.close()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        if remove_dir:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+class Child:
+    """A trainer's own replicator process; `address` is where it serves."""
+
+    def __init__(self, process: asyncio.subprocess.Process, address: str) -> None:
+        self.process = process
+        self.address = address
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 5.0)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
+def _child_setup() -> None:  # in the child before exec: serving yields to training
+    die_with_parent(signal.SIGTERM)()
+    lower_this_thread()
+
+
+async def start_child(
+    member: str, directory: Path, host: str, *, links: str = "", kernel_shaped: bool = False
+) -> Child:
+    """Start `python -m chaos_worker.replication.sidecar` serving `directory` on `host`
+    (any port)."""
+    argv = [sys.executable, "-m", "chaos_worker.replication.sidecar", "--id", member, "--dir"]
+    argv += [str(directory), "--listen", f"{host}:0", "--links", links]
+    argv.append("--remove-dir")  # the trainer's private directory: gone with both of them
+    if kernel_shaped:
+        argv.append("--kernel-shaped")
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        preexec_fn=_child_setup,
+    )
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
+    except TimeoutError:
+        line = b""
+    if not line.startswith(b"serving "):
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise RuntimeError(f"the replicator process of {member} did not start")
+    return Child(process, line.decode().rsplit(" ", 1)[-1].strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m chaos_worker.replication.sidecar`: the arguments of `chaos replicator`."""
+    from chaos_worker.net.transport import parse_address
+
+    parser = argparse.ArgumentParser(prog="chaos replicator")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    host, port = parse_address(args.listen)
+    asyncio.run(serve(args.id, Path(args.dir), host, port, **options(args)))
+    return 0
+
+
+def options(args) -> dict:
+    """`serve`'s keyword arguments from parsed `add_arguments` options."""
+    return {
+        "links": args.links,
+        "kernel_shaped": args.kernel_shaped,
+        "remove_dir": args.remove_dir,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `chaos replicator` (also `python -m chaos_worker.replication.sidecar`)."""
+    parser.add_argument("--id", required=True, help="member id of the trainer beside it")
+    parser.add_argument("--dir", required=True, help="the trainer's snapshot_dir")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (default any port)")
+    parser.add_argument(
+        "--links", default="", help="emulated link shapes, as `chaos run --links` (local runs)"
+    )
+    parser.add_argument(
+        "--kernel-shaped",
+        action="store_true",
+        help="the rates of --links are enforced by tc (network namespaces): add only delays",
+    )
+    parser.add_argument("--remove-dir", action="store_true", help=argparse.SUPPRESS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

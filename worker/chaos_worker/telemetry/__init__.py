@@ -1,0 +1,1 @@
+"""What a worker measures and exports: link table, probes, stall, Prometheus."""

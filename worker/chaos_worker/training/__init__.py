@@ -1,0 +1,1 @@
+"""The step loop's pieces: gradient compute, sample splitting, the training entry."""

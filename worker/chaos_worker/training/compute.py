@@ -1,0 +1,99 @@
+"""Per-member gradient computation and the flat gradient buffer the collective reduces.
+
+Each member backpropagates the SUM of per-sample losses over its samples; the summed
+gradients are all-reduced and every member scales by ``1/G`` before stepping. Only
+parameters with ``requires_grad`` take part, in ``model.parameters()`` order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from chaos_worker.training.trainspec import TrainSpec
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters that get gradients, in the order of the flat buffer."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _zero_grads(model: torch.nn.Module) -> None:
+    for p in trainable_parameters(model):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad.zero_()
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return trainable_parameters(model)[0].device
+
+
+def gradient_sum(spec: TrainSpec, sample_ids: Sequence[int], *, micro_batch: int = 64) -> float:
+    """Set ``.grad`` to the gradient of the summed per-sample loss over ``sample_ids``.
+
+    Works in micro-batches of at most ``micro_batch`` samples, accumulating gradients.
+    Every trainable parameter ends up with a ``.grad`` tensor (zeros when there are no
+    samples). Returns the summed loss as a Python float.
+    """
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    model, dataset = spec.model, spec.dataset
+    _zero_grads(model)
+    model.train()
+    device = _device_of(model)
+    total: torch.Tensor | None = None
+    for start in range(0, len(sample_ids), micro_batch):
+        chunk = sample_ids[start : start + micro_batch]
+        inputs, targets = zip(*(dataset[int(i)] for i in chunk), strict=True)
+        x = torch.stack(inputs).to(device, non_blocking=True)
+        y = torch.stack(targets).to(device, non_blocking=True)
+        per_sample = spec.loss_fn(model(x), y)
+        if per_sample.shape != (len(chunk),):
+            raise ValueError(
+                f"loss_fn must return one loss per sample, shape [{len(chunk)}], "
+                f"got {list(per_sample.shape)}"
+            )
+        loss = per_sample.sum()
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return 0.0 if total is None else float(total)
+
+
+def flatten_grads(model: torch.nn.Module) -> torch.Tensor:
+    """Concatenate the trainable parameters' gradients into one new contiguous vector."""
+    params = trainable_parameters(model)
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    )
+
+
+def apply_flat_grads(model: torch.nn.Module, flat: torch.Tensor, scale: float) -> None:
+    """Write ``flat * scale`` back into each trainable parameter's ``.grad``."""
+    params = trainable_parameters(model)
+    expected = sum(p.numel() for p in params)
+    if flat.dim() != 1 or flat.numel() != expected:
+        raise ValueError(f"flat gradient has shape {list(flat.shape)}, expected [{expected}]")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        piece = flat[offset : offset + n].view_as(p) * scale
+        if p.grad is None:
+            p.grad = torch.empty_like(p)
+        p.grad.copy_(piece)
+        offset += n
+
+
+def local_step(
+    spec: TrainSpec, sample_ids: Sequence[int], global_batch: int, *, micro_batch: int = 64
+) -> float:
+    """One churn-free, single-process step: gradient sum, scale by ``1/G``, optimizer step.
+
+    The reference trajectory an elastic run must reproduce. Returns the mean loss.
+    """
+    loss_sum = gradient_sum(spec, sample_ids, micro_batch=micro_batch)
+    apply_flat_grads(spec.model, flatten_grads(spec.model), 1.0 / global_batch)
+    spec.optimizer.step()
+    return loss_sum / global_batch
