@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from chaos_worker.net.shaping import TokenBucket
-from chaos_worker.net.transport import TcpTransport
+from chaos_worker.net.transport import TcpTransport, TransportFactory
 from chaos_worker.net.wire import Message, ProbeData, ProbeRequest
 
 PROBE_FRAMES = 8
@@ -95,6 +95,7 @@ async def probe_downlinks(
     frames: int = PROBE_FRAMES,
     frame_bytes: int = PROBE_FRAME_BYTES,
     timeout_s: float = PROBE_TIMEOUT_S,
+    transport_factory: TransportFactory = TcpTransport,
 ) -> dict[str, Measurement]:
     """Probe `replicators` (`{member: host:port}`) one after another, in id order."""
     train = _Train("", frames)
@@ -102,7 +103,7 @@ async def probe_downlinks(
     def on_message(sender: str, message: Message, _payload: bytes) -> None:
         train.on_frame(sender, message)
 
-    transport = TcpTransport(
+    transport = transport_factory(
         me, on_message, lambda _peer, _graceful: None, max_payload=frame_bytes, downlink=downlink
     )
     address = f"{host}:{await transport.listen(host, 0)}"

@@ -1,8 +1,21 @@
-"""Point-to-point transport between workers over asyncio TCP streams.
+"""Point-to-point transport between workers: the `Transport` contract and its TCP form.
 
-One outgoing connection per peer carries this worker's frames to it in FIFO order (the
-membership protocol relies on that order); incoming connections deliver the peer's frames
-to `on_message` in arrival order. Links can be blocked to emulate a link going down: a
+`Transport` is what the member, the replicator, the puller and the probe need of a link
+layer; they take a `TransportFactory` (default `TcpTransport`) so that another
+implementation (`chaos_worker.net.loop.LoopTransport`, in memory) can stand in. The contract,
+checked for both by `tests/unit/test_transport_contract.py`:
+
+- frames from one sender reach a receiver in the order they were sent (FIFO per peer);
+- `disconnect(peer, goodbye=True)` delivers everything queued, then the receiver's
+  `on_disconnect(sender, True)`; a link that ends otherwise reports `graceful=False`;
+- a blocked link sends nothing and delivers nothing, in both directions, and reports no
+  disconnect;
+- a frame whose payload is over the receiver's `max_payload` is never delivered: the receiver
+  drops the link (`on_disconnect(sender, False)`).
+
+`TcpTransport`: one outgoing connection per peer carries this worker's frames to it in FIFO
+order (the membership protocol relies on that order); incoming connections deliver the peer's
+frames to `on_message` in arrival order. Links can be blocked to emulate a link going down: a
 blocked link neither sends nor accepts frames. Outgoing links may be shaped (rate and added
 delay, see `chaos_worker.net.shaping`) and incoming bytes may share one downlink bucket.
 """
@@ -16,6 +29,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from chaos_worker.net.shaping import LinkShape, TokenBucket
 from chaos_worker.net.wire import (
@@ -34,6 +48,61 @@ log = logging.getLogger(__name__)
 
 OnMessage = Callable[[str, Message, bytes], None]
 OnDisconnect = Callable[[str, bool], None]
+
+
+class Transport(Protocol):
+    """Frames to and from named peers (see the module docstring for the contract)."""
+
+    me: str
+
+    async def listen(self, host: str, port: int) -> int:
+        """Start accepting links; the bound port (useful with port 0)."""
+        ...
+
+    def connect(self, peer: str, address: str) -> None:
+        """Make sure an outgoing link to `peer` at `address` exists (idempotent)."""
+        ...
+
+    def disconnect(self, peer: str, *, goodbye: bool = False) -> None:
+        """Drop the outgoing link to `peer`, optionally after a goodbye."""
+        ...
+
+    def send(self, peer: str, message: WireMessage, payload: bytes | memoryview = b"") -> bool:
+        """Queue one frame for `peer`; False when there is no usable link."""
+        ...
+
+    def peers(self) -> list[str]:
+        """Peers with an outgoing link."""
+        ...
+
+    def block(self, peer: str) -> None:
+        """Emulate the link to `peer` going down, both directions."""
+        ...
+
+    def unblock(self, peer: str) -> None: ...
+
+    def is_blocked(self, peer: str) -> bool: ...
+
+    async def close(self) -> None:
+        """Say goodbye on every link, flush, and stop."""
+        ...
+
+
+class TransportFactory(Protocol):
+    """Builds a `Transport` for member `me` (`TcpTransport` is one)."""
+
+    def __call__(
+        self,
+        me: str,
+        on_message: OnMessage,
+        on_disconnect: OnDisconnect,
+        *,
+        max_payload: int,
+        shape: Callable[[str], LinkShape] | None = None,
+        downlink: TokenBucket | None = None,
+    ) -> Transport: ...
+
+
 # Payloads above this size are written and read in pieces: `writelines` would join the
 # whole frame into a new buffer and `readexactly` grows (and recopies) one buffer to the
 # full payload; a piece at a time keeps both copies small and cache-hot.

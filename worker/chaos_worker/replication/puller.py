@@ -25,7 +25,7 @@ from chaos_planner.greedy import greedy_assignment
 from chaos_planner.models import Source
 
 from chaos_worker.net.shaping import TokenBucket
-from chaos_worker.net.transport import TcpTransport
+from chaos_worker.net.transport import TcpTransport, TransportFactory
 from chaos_worker.net.wire import (
     JoinPlan,
     Message,
@@ -130,6 +130,7 @@ class Puller:
         stall_timeout_s: float = 5.0,
         on_progress: Callable[[dict[str, int], int, int], None] | None = None,
         on_result: Callable[[PullResult], None] | None = None,
+        transport_factory: TransportFactory = TcpTransport,
     ) -> None:
         self.me = me
         self.on_result = on_result
@@ -138,7 +139,7 @@ class Puller:
         self.stall_timeout_s = stall_timeout_s
         self.on_progress = on_progress
         self.adaptive = plan.strategy == "greedy"
-        self.transport = TcpTransport(
+        self.transport = transport_factory(
             me, self._on_message, self._on_disconnect, max_payload=1 << 34, downlink=downlink
         )
         self.sources = {

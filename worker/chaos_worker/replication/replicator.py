@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from chaos_worker.net.shaping import LinkShape
-from chaos_worker.net.transport import TcpTransport
+from chaos_worker.net.transport import TcpTransport, TransportFactory
 from chaos_worker.net.wire import (
     Message,
     ProbeData,
@@ -44,11 +44,12 @@ class Replicator:
         shape: Callable[[str], LinkShape] | None = None,
         corrupt_once: bool = False,
         on_sent: Callable[[str, int], None] | None = None,
+        transport_factory: TransportFactory = TcpTransport,
     ) -> None:
         self.me = me
         self.on_sent = on_sent  # (peer, shard bytes) after each shard sent
         self.store = store
-        self.transport = TcpTransport(
+        self.transport = transport_factory(
             me, self._on_message, self._on_disconnect, max_payload=1 << 16, shape=shape
         )
         self.address = ""

@@ -1,0 +1,236 @@
+"""An in-memory `Transport`: members in one event loop, linked without sockets.
+
+`LoopNetwork` maps listening addresses to transports; `LoopNetwork.factory()` is a
+`TransportFactory`. Frames still go through the wire codec (`encode`, then the receiver's
+`parse_lengths` with its own `max_payload` and `decode_header`), so the bounds and the
+validation are those of `TcpTransport`; only the bytes never leave the process. Each outgoing
+link is a queue drained by one task, which keeps FIFO order per peer and applies a link
+shape's added delay (not its rate). It keeps the contract in `chaos_worker.net.transport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from chaos_worker.net.shaping import LinkShape, TokenBucket
+from chaos_worker.net.transport import OnDisconnect, OnMessage, Transport, TransportFactory
+from chaos_worker.net.wire import (
+    FRAME,
+    Goodbye,
+    WireError,
+    WireMessage,
+    decode_header,
+    encode,
+    parse_lengths,
+)
+
+log = logging.getLogger(__name__)
+
+Frame = list[bytes | memoryview]
+
+
+class LoopNetwork:
+    """Listening addresses of the `LoopTransport`s of one event loop."""
+
+    def __init__(self) -> None:
+        self.listening: dict[str, LoopTransport] = {}
+        self._ports = itertools.count(1)
+
+    def port(self) -> int:
+        """A port no transport of this network has taken."""
+        return next(self._ports)
+
+    def factory(self) -> TransportFactory:
+        """A `TransportFactory` whose transports live on this network."""
+
+        def build(
+            me: str,
+            on_message: OnMessage,
+            on_disconnect: OnDisconnect,
+            *,
+            max_payload: int,
+            shape: Callable[[str], LinkShape] | None = None,
+            downlink: TokenBucket | None = None,
+        ) -> Transport:
+            del downlink  # an in-memory link has no downlink to shape
+            return LoopTransport(self, me, on_message, on_disconnect, max_payload, shape)
+
+        return build
+
+
+@dataclass(eq=False)
+class _Link:
+    """One open link from `sender` into a receiving transport."""
+
+    sender: str
+    open: bool = True
+    graceful: bool = False
+
+
+@dataclass(eq=False)
+class _Outgoing:
+    address: str
+    delay_s: float
+    queue: asyncio.Queue[tuple[float, Frame | None]] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+
+    def put(self, frame: Frame | None) -> None:
+        self.queue.put_nowait((time.monotonic() + self.delay_s, frame))
+
+
+class LoopTransport:
+    """Frames to and from named peers of one `LoopNetwork`; see the module docstring."""
+
+    def __init__(
+        self,
+        network: LoopNetwork,
+        me: str,
+        on_message: OnMessage,
+        on_disconnect: OnDisconnect,
+        max_payload: int,
+        shape: Callable[[str], LinkShape] | None = None,
+    ) -> None:
+        self.me = me
+        self._network = network
+        self._on_message = on_message
+        self._on_disconnect = on_disconnect
+        self._max_payload = max_payload
+        self._shape = shape or (lambda _peer: LinkShape())
+        self._out: dict[str, _Outgoing] = {}
+        self._in: dict[str, _Link] = {}
+        self._blocked: set[str] = set()
+        self._address: str | None = None
+        self._closing = False
+
+    async def listen(self, host: str, port: int) -> int:
+        port = port or self._network.port()
+        self._address = f"{host}:{port}"
+        self._network.listening[self._address] = self
+        return port
+
+    def connect(self, peer: str, address: str) -> None:
+        out = self._out.get(peer)
+        if out is not None and out.address == address and out.task and not out.task.done():
+            return
+        if out is not None and out.task:
+            out.task.cancel()
+        out = _Outgoing(address, self._shape(peer).delay_s)
+        out.task = asyncio.get_running_loop().create_task(self._pump(out))
+        self._out[peer] = out
+
+    def disconnect(self, peer: str, *, goodbye: bool = False) -> None:
+        out = self._out.pop(peer, None)
+        if out is None or out.task is None:
+            return
+        if goodbye:
+            out.put(encode(Goodbye(sender=self.me)))
+            out.put(None)
+        else:
+            out.task.cancel()
+
+    def send(self, peer: str, message: WireMessage, payload: bytes | memoryview = b"") -> bool:
+        out = self._out.get(peer)
+        if out is None or peer in self._blocked:
+            return False
+        out.put(encode(message, payload))
+        return True
+
+    def peers(self) -> list[str]:
+        return sorted(self._out)
+
+    def block(self, peer: str) -> None:
+        self.disconnect(peer, goodbye=True)
+        self._blocked.add(peer)
+        link = self._in.pop(peer, None)
+        if link is not None:
+            link.open = False
+
+    def unblock(self, peer: str) -> None:
+        self._blocked.discard(peer)
+
+    def is_blocked(self, peer: str) -> bool:
+        return peer in self._blocked
+
+    async def close(self) -> None:
+        self._closing = True
+        for peer in list(self._out):
+            self.disconnect(peer, goodbye=True)
+        tasks = [o.task for o in self._out.values() if o.task]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
+        if self._network.listening.get(self._address or "") is self:
+            del self._network.listening[self._address or ""]
+        for link in self._in.values():
+            link.open = False
+        self._in.clear()
+
+    async def _pump(self, out: _Outgoing) -> None:
+        """Open the link (waiting for a listener, as TCP retries), then deliver in order."""
+        delay = 0.01
+        while (receiver := self._network.listening.get(out.address)) is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        link = receiver._accept(self.me)
+        try:
+            while True:
+                due, frame = await out.queue.get()
+                if frame is None:
+                    break
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                receiver._deliver(link, frame)
+        finally:
+            receiver._end(link)
+
+    def _accept(self, sender: str) -> _Link:
+        """A new link from `sender`, replacing any older one; refused (closed) if blocked."""
+        link = _Link(sender, open=sender not in self._blocked and not self._closing)
+        if link.open:
+            old = self._in.pop(sender, None)
+            if old is not None:
+                old.open = False
+            self._in[sender] = link
+        return link
+
+    def _deliver(self, link: _Link, frame: Frame) -> None:
+        """Decode one frame as the TCP reader would; a frame that breaks a limit drops it."""
+        if not link.open:
+            return
+        if link.sender in self._blocked:
+            link.open = False
+            return
+        data = b"".join(bytes(part) for part in frame)
+        try:
+            header_len, payload_len = parse_lengths(data[: FRAME.size], self._max_payload)
+            header_end = FRAME.size + header_len
+            message = decode_header(data[FRAME.size : header_end])
+        except WireError as exc:
+            log.warning("dropping link from %s: %s", link.sender, exc)
+            self._end(link)
+            return
+        if isinstance(message, Goodbye):
+            link.graceful = True
+            return
+        try:
+            self._on_message(link.sender, message, data[header_end : header_end + payload_len])
+        except Exception:
+            log.exception("handling %s from %s failed", message.type, link.sender)
+
+    def _end(self, link: _Link) -> None:
+        """The link closed: tell `on_disconnect` unless it was replaced, blocked or closing."""
+        was_open, link.open = link.open, False
+        if not was_open or self._in.get(link.sender) is not link:
+            return
+        del self._in[link.sender]
+        if not self._closing and link.sender not in self._blocked:
+            try:
+                self._on_disconnect(link.sender, link.graceful)
+            except Exception:
+                log.exception("handling the disconnect of %s failed", link.sender)
