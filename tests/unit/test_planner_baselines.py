@@ -5,15 +5,9 @@ from __future__ import annotations
 from fractions import Fraction
 
 import pytest
-from chaos_planner import (
-    PlanningError,
-    PlanRequest,
-    Source,
-    apportion,
-    solve,
-    solve_greedy,
-)
-from chaos_planner.baselines import bandwidth_weight, equal_weight
+from chaos_planner import PlanningError, PlanRequest, Source, solve
+from chaos_planner.baselines import apportion, bandwidth_weight, equal_weight
+from chaos_planner.greedy import solve_greedy
 from hypothesis import given, settings
 
 from tests.unit.test_planner_strategies import requests

@@ -8,17 +8,10 @@ import random
 import time
 
 import pytest
-from chaos_planner import (
-    PlanningError,
-    PlanRequest,
-    Source,
-    feasible_shard_counts,
-    finish_time,
-    greedy_assignment,
-    makespan,
-    solve,
-    solve_greedy,
-)
+from chaos_planner import PlanningError, PlanRequest, Source, solve
+from chaos_planner.chain import feasible_shard_counts
+from chaos_planner.cost import finish_time, makespan
+from chaos_planner.greedy import greedy_assignment, solve_greedy
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 

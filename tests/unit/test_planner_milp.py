@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from chaos_planner import PlanningError, PlanRequest, Source, solve_greedy, solve_milp
+from chaos_planner import PlanningError, PlanRequest, Source
+from chaos_planner.greedy import solve_greedy
+from chaos_planner.milp import solve_milp
 from hypothesis import HealthCheck, given, settings
 
 from tests.unit.test_planner_strategies import requests

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from chaos_planner import DEFAULT_SHARD_COUNTS, PlanningError, PlanRequest, Source, solve
+from chaos_planner import PlanningError, PlanRequest, Source, solve
+from chaos_planner.models import DEFAULT_SHARD_COUNTS
 from pydantic import ValidationError
 
 pytestmark = pytest.mark.unit

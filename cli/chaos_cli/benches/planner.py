@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from chaos_planner import solve_greedy, solve_milp
+    from chaos_planner.greedy import solve_greedy
+    from chaos_planner.milp import solve_milp
 
     runs = []
     for count in args.sources:
