@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from chaos_cli.errors import UserError
+from chaos_cli.validation import describe_validation_error
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,13 +28,5 @@ def handle(args: argparse.Namespace) -> int:
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"--config {args.config}: {exc}") from None
     except ValidationError as exc:
-        raise UserError(f"--config {args.config}: {_first_error(exc)}") from None
+        raise UserError(f"--config {args.config}: {describe_validation_error(exc)}") from None
     return run_worker(config)
-
-
-def _first_error(exc: ValidationError) -> str:
-    try:
-        from chaos_cli.validation import describe_validation_error
-    except ImportError:  # pragma: no cover - the planner helper provides it
-        return str(exc.errors()[0]["msg"])
-    return describe_validation_error(exc)
