@@ -36,15 +36,8 @@ from chaos_operator.api import GROUP, VERSION, ChaosJob
 from chaos_operator.autoscaler import Autoscaler
 from chaos_operator.federation.rules import PublishedJob
 from chaos_operator.metrics import OperatorMetrics
-from chaos_operator.reconcile import (
-    ANN_NEXT_MEMBER,
-    LABEL_JOB,
-    ObservedPod,
-    Options,
-    PodPlan,
-    reconcile,
-    running_members,
-)
+from chaos_operator.pods import ANN_NEXT_MEMBER, LABEL_JOB, Options
+from chaos_operator.reconcile import ObservedPod, PodPlan, reconcile, running_members
 from chaos_operator.scrape import latest_step, scale_out_delay, scrape_members
 
 PLURAL = "chaosjobs"

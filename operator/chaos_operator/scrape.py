@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
-from chaos_operator.reconcile import ANN_METRICS
+from chaos_operator.pods import ANN_METRICS
 
 
 @dataclass(frozen=True)

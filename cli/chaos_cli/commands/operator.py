@@ -124,7 +124,7 @@ def handle(args: argparse.Namespace) -> int:
     import kopf
     from chaos_operator.autoscaler import PROMETHEUS_QUERY, Autoscaler
     from chaos_operator.kopf_handlers import Context, registry
-    from chaos_operator.reconcile import Options
+    from chaos_operator.pods import Options
     from kubernetes import client, config
 
     if not 1 <= args.base_port <= 65535 - 3000:

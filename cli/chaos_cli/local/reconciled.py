@@ -48,16 +48,15 @@ from typing import Any
 import yaml
 from chaos_operator.api import ChaosJob, ChaosJobStatus
 from chaos_operator.api.chaosjob import NAME_PATTERN
-from chaos_operator.reconcile import (
+from chaos_operator.pods import (
     ANN_NEXT_MEMBER,
     PORTS_PER_MEMBER,
-    ObservedPod,
     Options,
     member_name,
-    reconcile,
     worker_config,
     worker_pod,
 )
+from chaos_operator.reconcile import ObservedPod, reconcile
 from chaos_worker.config import WorkerConfig
 from pydantic import ValidationError
 
@@ -74,6 +73,8 @@ LOW_PORTS = (20000, 32000)
 """Where a free base port is looked for: below Linux's usual ephemeral range."""
 MAX_NAME = 57
 """The longest job name whose member names `<name>-w<nnnn>` still fit a 63-letter label."""
+UNKNOWN_SEED = "0.0.0.0:0"
+"""The join address in a warm spare's pod: its seed is only known when the plan creates it."""
 
 
 def load_manifest(path: str) -> ChaosJob:
@@ -351,12 +352,13 @@ class ReconciledJob(LocalRun):
         return self.worker_config(config["id"], listen=config["listen"], **fields, **extra)
 
     def _start_spare(self, ordinal: int) -> None:
-        config = worker_config(self.job, ordinal, self.options, join=None)
+        config = worker_config(self.job, ordinal, self.options, join=UNKNOWN_SEED)
         body = worker_pod(self.job, ordinal, config)
         name = member_name(self.job.metadata.name or "", ordinal)
         mapped = self._trainer_config(body)
         self.spares[name] = mapped
-        self.launch(name, self._local_config(mapped, standby=True))
+        # in standby until the plan creates its pod; the join command then names the seed
+        self.launch(name, self._local_config({**mapped, "join": None}, standby=True))
 
     def _deliver_join_orders(self) -> None:
         if not self._join_orders:
