@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,7 +57,7 @@ class Context:
     resync_s: float = 10.0
     scrape_timeout_s: float = 1.0
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
-    autoscaler: Autoscaler = field(default_factory=Autoscaler)
+    autoscaler: Autoscaler | None = None
     federation: Any = None
     """The `FederationService` when the operator federates (`--federation-listen`), else None."""
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
@@ -74,16 +74,19 @@ class Context:
 def observe_pod(pod: client.V1Pod) -> ObservedPod:
     """The reconcile's view of one pod."""
     meta, status = pod.metadata, pod.status
-    ready = any(
-        c.type == "Ready" and c.status == "True" for c in (status and status.conditions) or ()
-    )
+    conditions = (status and status.conditions) or ()
     return ObservedPod(
         name=meta.name,
         phase=(status and status.phase) or "Pending",
         labels=dict(meta.labels or {}),
         annotations=dict(meta.annotations or {}),
-        ready=ready,
+        ready=any(c.type == "Ready" and c.status == "True" for c in conditions),
         deleting=meta.deletion_timestamp is not None,
+        ip=(status and status.pod_ip) or None,
+        unschedulable=any(
+            c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable"
+            for c in conditions
+        ),
     )
 
 
@@ -174,7 +177,7 @@ def reconcile_job(
             if any(ref.uid == meta["uid"] for ref in p.metadata.owner_references or ())
         ]
         observed = [observe_pod(p) for p in owned]
-        scrapes = scrape_members(owned, ctx.scrape_timeout_s) if scrape else {}
+        scrapes = scrape_members(observed, ctx.scrape_timeout_s) if scrape else {}
         newest_first = [p.name for p in sorted(observed, key=lambda p: -p.ordinal)]
         now = datetime.now(UTC)
         view = ctx.federation.view(namespace, job.spec.federation, name) if ctx.federation else None
@@ -190,11 +193,16 @@ def reconcile_job(
         if ctx.federation:
             ctx.federation.publish(local_job(job, observed, plan))
         # The autoscaler changes spec.replicas (scale subresource); the next reconcile acts.
-        scaled = (
-            ctx.autoscaler.run(ctx.api, job, owned, scrapes, plan.status, now) if scrape else None
+        scaling = (
+            ctx.autoscaler.run(job, observed, scrapes, plan.status, now)
+            if scrape and ctx.autoscaler
+            else None
         )
-        if scaled:
-            post_event(core, body, scaled.reason, scaled.message, scaled.type)
+        if scaling:
+            plan = replace(plan, status=scaling.merged(plan.status, job.metadata.generation, now))
+        if scaling and scaling.event:
+            event = scaling.event
+            post_event(core, body, event.reason, event.message, event.type)
         # Remember the ids handed out before any pod carries them, so none is ever reused.
         if str(plan.next_member) != (meta.get("annotations") or {}).get(ANN_NEXT_MEMBER):
             patch = {"metadata": {"annotations": {ANN_NEXT_MEMBER: str(plan.next_member)}}}

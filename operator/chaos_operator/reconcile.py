@@ -72,6 +72,10 @@ class ObservedPod:
     annotations: Mapping[str, str] = field(default_factory=dict)
     ready: bool = False
     deleting: bool = False
+    ip: str | None = None
+    """Where the pod's `/metrics` can be scraped (its IP, once it has one)."""
+    unschedulable: bool = False
+    """The scheduler found no node for it (`PodScheduled` False, `Unschedulable`)."""
 
     @property
     def member(self) -> str:

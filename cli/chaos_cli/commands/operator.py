@@ -146,8 +146,9 @@ def handle(args: argparse.Namespace) -> int:
         except (config.ConfigException, OSError) as exc:
             raise UserError(f"no Kubernetes configuration: {exc}") from None
     namespaces = tuple(args.namespace or ())
+    api = client.ApiClient()
     ctx = Context(
-        api=client.ApiClient(),
+        api=api,
         options=Options(
             pod_host=args.pod_host,
             base_port=args.base_port,
@@ -157,7 +158,7 @@ def handle(args: argparse.Namespace) -> int:
         namespaces=namespaces,
         resync_s=args.resync,
         autoscaler=Autoscaler(
-            prometheus_url=url, prometheus_query=args.prometheus_query or PROMETHEUS_QUERY
+            api, prometheus_url=url, prometheus_query=args.prometheus_query or PROMETHEUS_QUERY
         ),
     )
     if args.metrics_port:
