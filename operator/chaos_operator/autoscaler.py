@@ -41,12 +41,12 @@ from kubernetes.utils import parse_quantity
 
 from chaos_operator.api import GROUP, VERSION, ChaosJob
 from chaos_operator.api.conditions import set_condition
+from chaos_operator.kube import PLURAL
 from chaos_operator.reconcile import ConditionState, ObservedPod, PodEvent
 from chaos_operator.scrape import MemberMetrics, measure_goodput, view_settled
 
 log = logging.getLogger("chaos_operator.autoscaler")
 
-PLURAL = "chaosjobs"
 CONDITION = "AutoscalingActive"
 #: Job goodput from Prometheus; `$namespace` and `$job` are substituted.
 PROMETHEUS_QUERY = (

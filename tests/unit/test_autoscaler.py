@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 from chaos_operator.autoscaler import condition_of, pods_in_flux, quota_headroom, status_block
-from chaos_operator.kopf_handlers import observe_pod
+from chaos_operator.kube import observe_pod
 from chaos_operator.reconcile import reconcile
 from chaos_operator.scrape import (
     MemberMetrics,
