@@ -162,7 +162,7 @@ class Context:
 
 
 @dataclass(frozen=True)
-class Observation:
+class JobObservation:
     """What `_observe` saw of one job."""
 
     job: ChaosJob
@@ -220,7 +220,7 @@ class JobController:
             self._apply(seen.job, decision)
             return decision.plan
 
-    def _observe(self, namespace: str, name: str, *, resync: bool) -> Observation | None:
+    def _observe(self, namespace: str, name: str, *, resync: bool) -> JobObservation | None:
         job = self.backend.get_job(namespace, name)
         if job is None:
             return None
@@ -228,9 +228,9 @@ class JobController:
         scrapes = scrape_members(pods, self.ctx.scrape_timeout_s) if resync else {}
         fed = self.ctx.federation
         view = fed.view(namespace, job.spec.federation, name) if fed else None
-        return Observation(job, pods, scrapes, view, self.clock(), resync)
+        return JobObservation(job, pods, scrapes, view, self.clock(), resync)
 
-    def _decide(self, seen: Observation) -> Decision:
+    def _decide(self, seen: JobObservation) -> Decision:
         job, pods, scrapes, now = seen.job, seen.pods, seen.scrapes, seen.now
         newest_first = [p.name for p in sorted(pods, key=lambda p: -p.ordinal)]
         plan = reconcile(
