@@ -1,1 +1,2 @@
-"""Chaos control plane: API models, reconcile logic, the kopf operator and the `chaos` CLI."""
+"""Chaos control plane: the ChaosJob/ChaosPeer API, the pure reconcile, and the kopf operator
+around it (`main.run_operator`), with its federation between parties."""

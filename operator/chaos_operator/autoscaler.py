@@ -12,8 +12,9 @@ every resync of a job with `spec.autoscaling.enabled`:
 * the cooldown: `status.autoscaling.lastDecisionTime`.
 
 A change goes through the job's scale subresource (as the HorizontalPodAutoscaler does), then
-the reconcile adds or removes members. The decision is written to `status.autoscaling` and the
-`AutoscalingActive` condition; a change also becomes an PodEvent (`AutoscaleUp`/`AutoscaleDown`).
+the reconcile adds or removes members. `Autoscaler.run` returns a `Scaling`: the decision for
+`status.autoscaling`, the `AutoscalingActive` condition, and on a change a PodEvent
+(`AutoscaleUp`/`AutoscaleDown`); the controller merges it into a new status (`Scaling.merged`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -40,12 +41,12 @@ from kubernetes.utils import parse_quantity
 
 from chaos_operator.api import GROUP, VERSION, ChaosJob
 from chaos_operator.api.conditions import set_condition
-from chaos_operator.reconcile import PodEvent
+from chaos_operator.kube import PLURAL
+from chaos_operator.reconcile import ConditionState, ObservedPod, PodEvent
 from chaos_operator.scrape import MemberMetrics, measure_goodput, view_settled
 
 log = logging.getLogger("chaos_operator.autoscaler")
 
-PLURAL = "chaosjobs"
 CONDITION = "AutoscalingActive"
 #: Job goodput from Prometheus; `$namespace` and `$job` are substituted.
 PROMETHEUS_QUERY = (
@@ -64,17 +65,14 @@ def _time(value: datetime) -> str:
 # ------------------------------------------------------------------ pure helpers
 
 
-def pods_in_flux(pods: Iterable[client.V1Pod]) -> tuple[bool, bool]:
+def pods_in_flux(pods: Iterable[ObservedPod]) -> tuple[bool, bool]:
     """(some pod is pending, some pod cannot be scheduled) among the job's live pods."""
     pending = unschedulable = False
     for pod in pods:
-        if pod.metadata.deletion_timestamp or not pod.status or pod.status.phase != "Pending":
+        if pod.deleting or pod.phase != "Pending":
             continue
         pending = True
-        unschedulable |= any(
-            c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable"
-            for c in pod.status.conditions or ()
-        )
+        unschedulable |= pod.unschedulable
     return pending, unschedulable
 
 
@@ -134,7 +132,7 @@ def status_block(
     return out
 
 
-def condition_of(decision: ScaleDecision) -> tuple[str, str, str]:
+def condition_of(decision: ScaleDecision) -> ConditionState:
     """(status, reason, message) of the `AutoscalingActive` condition."""
     return (
         ("False" if decision.reason == "Measuring" else "True"),
@@ -182,6 +180,34 @@ def read_quota_headroom(core: client.CoreV1Api, namespace: str, job: ChaosJob) -
     return quota_headroom(quotas, res.requests, res.limits)
 
 
+@dataclass(frozen=True)
+class Scaling:
+    """What one autoscaler run adds to the job's status, and the Event of a change."""
+
+    block: dict[str, Any] | None = None
+    """`status.autoscaling`."""
+    condition: ConditionState | None = None
+    """The `AutoscalingActive` condition."""
+    event: PodEvent | None = None
+    """Posted when the replicas were changed."""
+
+    def merged(
+        self, status: Mapping[str, Any], generation: int | None, now: datetime
+    ) -> dict[str, Any]:
+        """A new status: `status` with this run's block and condition in it (`status` is
+        left as it is)."""
+        out = dict(status)
+        if self.block is not None:
+            out["autoscaling"] = self.block
+        if self.condition is not None:
+            state, reason, message = self.condition
+            conditions = status.get("conditions", [])
+            out["conditions"] = set_condition(
+                conditions, CONDITION, state, reason, message, generation, now
+            )
+        return out
+
+
 @dataclass
 class JobMemory:
     """What the autoscaler remembers of one job between resyncs."""
@@ -197,6 +223,7 @@ class JobMemory:
 class Autoscaler:
     """Per-operator autoscaling state; `run` is called on every resync of a job."""
 
+    api: client.ApiClient
     prometheus_url: str | None = None
     prometheus_query: str = PROMETHEUS_QUERY
     timeout_s: float = 5.0
@@ -237,37 +264,29 @@ class Autoscaler:
 
     def run(
         self,
-        api: client.ApiClient,
         job: ChaosJob,
-        pods: list[client.V1Pod],
+        pods: Sequence[ObservedPod],
         scrapes: Mapping[str, MemberMetrics],
-        status: dict[str, Any],
+        status: Mapping[str, Any],
         now: datetime,
-    ) -> PodEvent | None:
-        """Measure, decide and scale `job`; write the decision into `status` (in place).
+    ) -> Scaling | None:
+        """Measure, decide and scale `job`, whose reconciled status is `status` (read only).
 
-        Returns the PodEvent to post when the replicas were changed.
+        None: nothing to add to the status.
         """
         meta = job.metadata
         name, namespace = meta.name or "", meta.namespace or "default"
         policy, spec = job.spec.autoscaling, job.spec
-        conditions = status.get("conditions", [])
         if not policy.enabled or policy.target_goodput_per_worker is None:
             with self._guard:
                 self._jobs.pop((namespace, name), None)
-            if any(c.get("type") == CONDITION for c in conditions):
-                status["conditions"] = set_condition(conditions, CONDITION, "False", "Disabled",
-                                                     "autoscaling is not enabled",
-                                                     meta.generation, now)  # fmt: skip
+            if any(c.get("type") == CONDITION for c in status.get("conditions", [])):
+                return Scaling(condition=("False", "Disabled", "autoscaling is not enabled"))
             return None
         if status.get("phase") == "Succeeded":
             return None  # training is over; nothing to size
         mem = self.memory(namespace, name, str((meta.model_extra or {}).get("uid", "")))
-        running = frozenset(
-            p.metadata.name
-            for p in pods
-            if p.status and p.status.phase == "Running" and not p.metadata.deletion_timestamp
-        )
+        running = frozenset(p.name for p in pods if p.phase == "Running" and not p.deleting)
         goodput = self.measure(mem, namespace, name, running, scrapes)
         if goodput is not None:
             mem.observations.append(
@@ -288,13 +307,13 @@ class Autoscaler:
                 observations=tuple(mem.observations),
                 pods_pending=pending or len(running) != spec.replicas,
                 unschedulable=unschedulable,
-                quota_headroom=read_quota_headroom(client.CoreV1Api(api), namespace, job),
+                quota_headroom=read_quota_headroom(client.CoreV1Api(self.api), namespace, job),
             )
         )
         changed = decision.replicas != spec.replicas
         if changed:
             try:
-                client.CustomObjectsApi(api).patch_namespaced_custom_object_scale(
+                client.CustomObjectsApi(self.api).patch_namespaced_custom_object_scale(
                     GROUP,
                     VERSION,
                     namespace,
@@ -308,18 +327,14 @@ class Autoscaler:
                 message = f"{decision.message} (not applied: {exc.reason})"
                 decision = decision.model_copy(update={"message": message})
                 changed = False
-        status["autoscaling"] = status_block(
-            previous.to_k8s() if previous else {}, decision, now, changed
-        )
-        state, reason, message = condition_of(decision)
-        status["conditions"] = set_condition(
-            conditions, CONDITION, state, reason, message, meta.generation, now
-        )
+        block = status_block(previous.to_k8s() if previous else {}, decision, now, changed)
+        scaling = Scaling(block=block, condition=condition_of(decision))
         if not changed:
-            return None
+            return scaling
         log.info("%s/%s: %s -> %d replicas: %s", namespace, name, decision.reason,
                  decision.replicas, decision.message)  # fmt: skip
         up = decision.replicas > spec.replicas
-        return PodEvent("AutoscaleUp" if up else "AutoscaleDown",
-                     f"{spec.replicas} -> {decision.replicas} replicas ({decision.reason}): "
-                     f"{decision.message}")  # fmt: skip
+        event = PodEvent("AutoscaleUp" if up else "AutoscaleDown",
+                         f"{spec.replicas} -> {decision.replicas} replicas ({decision.reason}): "
+                         f"{decision.message}")  # fmt: skip
+        return replace(scaling, event=event)

@@ -1,7 +1,9 @@
 """Pure reconcile of a `ChaosJob`: observed pods in, desired pods, deletions and status out.
 
 No I/O and no clock: the caller passes `now` and what it observed, and applies the `PodPlan`
-(the kopf handlers on Kubernetes). The same input always gives the same plan.
+(`chaos_operator.controller.apply_plan`, on Kubernetes or on local processes). The same input
+always gives the same plan. How a member is named, addressed and packed into a pod is
+`chaos_operator.pods`.
 
 Rules:
 
@@ -26,58 +28,38 @@ Rules:
 * The job is Succeeded once every pod it has ended with Succeeded (training reached its last
   step); then nothing is created any more. Once the current step is the last one
   (`options.steps`), members that end are not replaced either: they are finishing.
-
-Addresses: every member gets a port from its ordinal (`base_port + 3 * (ordinal % 1000)`:
-trainer, +1 metrics, +2 replicator) and a host: its DNS name under the job's headless
-Service (`hostname`/`subdomain` are set on the pod), or a fixed `pod_host` (tests run every
-pod on 127.0.0.1). Ports differ between members so that pods sharing one host do not clash.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from chaos_operator.api import API_VERSION, ChaosJob
+from chaos_operator.api import ChaosJob
 from chaos_operator.api.conditions import set_condition
+from chaos_operator.federation.rules import FederationView, synced_condition
+from chaos_operator.pods import (
+    ANN_ADDRESS,
+    ANN_NEXT_MEMBER,
+    ANN_ORDINAL,
+    LABEL_MEMBER,
+    Options,
+    headless_service,
+    job_meta,
+    member_address,
+    member_id,
+    member_name,
+    selector,
+    worker_config,
+    worker_pod,
+)
 
-if TYPE_CHECKING:
-    from chaos_operator.federation.rules import FederationView
-
-LABEL_JOB = "chaos.training.dev/job"
-LABEL_MEMBER = "chaos.training.dev/member"
-ANN_ORDINAL = "chaos.training.dev/ordinal"
-ANN_ADDRESS = "chaos.training.dev/address"
-ANN_METRICS = "chaos.training.dev/metrics-port"
-ANN_CONFIG = "chaos.training.dev/config"
-ANN_NEXT_MEMBER = "chaos.training.dev/next-member"
-COMMON_LABELS = {
-    "app.kubernetes.io/managed-by": "chaos-operator",
-    "app.kubernetes.io/part-of": "chaos",
-    "app.kubernetes.io/component": "worker",
-}
-CONFIG_DIR = "/etc/chaos"
-SNAPSHOT_DIR = "/snapshots"
 LIVE_PHASES = frozenset({"Pending", "Running", "Unknown"})
-PORTS_PER_MEMBER = 3
-PORT_WRAP = 1000
-
-
-@dataclass(frozen=True)
-class Options:
-    """How pods are addressed and how long workers train (operator-wide settings)."""
-
-    base_port: int = 7070
-    pod_host: str | None = None
-    cluster_domain: str = "cluster.local"
-    steps: int = 1_000_000_000
-    heartbeat_interval_s: float = 0.25
-    failure_timeout_s: float = 5.0
-    party: str | None = None
-    """This party's name when federation is on: member ids become `<party>.<pod name>`."""
+DEFAULT_OPTIONS = Options()
+ConditionState = tuple[str, str, str]
+"""(status, reason, message) of one status condition."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +72,10 @@ class ObservedPod:
     annotations: Mapping[str, str] = field(default_factory=dict)
     ready: bool = False
     deleting: bool = False
+    ip: str | None = None
+    """Where the pod's `/metrics` can be scraped (its IP, once it has one)."""
+    unschedulable: bool = False
+    """The scheduler found no node for it (`PodScheduled` False, `Unschedulable`)."""
 
     @property
     def member(self) -> str:
@@ -139,187 +125,9 @@ class PodPlan:
     """Keyed by the pod name whose creation or deletion the event reports."""
 
 
-def service_name(job: str) -> str:
-    return f"{job}-workers"
-
-
-def selector(job: str) -> str:
-    return f"{LABEL_JOB}={job}"
-
-
-def member_name(job: str, ordinal: int) -> str:
-    return f"{job}-w{ordinal}"
-
-
-def member_id(job: str, ordinal: int, options: Options) -> str:
-    """The data-plane id of a member: its pod name, qualified by the party when federated."""
-    pod = member_name(job, ordinal)
-    return f"{options.party}.{pod}" if options.party else pod
-
-
 def running_members(pods: Sequence[ObservedPod]) -> dict[str, str]:
     """Running members that have an address: id -> trainer address (what peers are told)."""
     return {p.member: p.address for p in pods if p.running and p.address}
-
-
-def member_address(job: str, namespace: str, ordinal: int, options: Options) -> str:
-    """host:port of a member's trainer."""
-    port = options.base_port + PORTS_PER_MEMBER * (ordinal % PORT_WRAP)
-    if options.pod_host:
-        host = options.pod_host
-    else:
-        host = (
-            f"{member_name(job, ordinal)}.{service_name(job)}.{namespace}.svc."
-            f"{options.cluster_domain}"
-        )
-    return f"{host}:{port}"
-
-
-def _meta(job: ChaosJob) -> tuple[str, str, str]:
-    extra = job.metadata.model_extra or {}
-    return job.metadata.name or "", job.metadata.namespace or "default", str(extra.get("uid", ""))
-
-
-def owner_reference(job: ChaosJob) -> dict[str, Any]:
-    name, _, uid = _meta(job)
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "ChaosJob",
-        "name": name,
-        "uid": uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
-def worker_config(
-    job: ChaosJob,
-    ordinal: int,
-    options: Options,
-    *,
-    members: Mapping[str, str] | None = None,
-    join: str | None = None,
-) -> dict[str, Any]:
-    """The `chaos worker` configuration of one member (`WorkerConfig` fields)."""
-    name, namespace, _ = _meta(job)
-    address = member_address(name, namespace, ordinal, options)
-    port = int(address.rpartition(":")[2])
-    config: dict[str, Any] = {
-        "id": member_id(name, ordinal, options),
-        "listen": address,
-        "entry": job.spec.entry,
-        "seed": job.spec.seed,
-        "global_batch": job.spec.global_batch,
-        "steps": options.steps,
-        "heartbeat_interval_s": options.heartbeat_interval_s,
-        "failure_timeout_s": options.failure_timeout_s,
-        "metrics_port": port + 1,
-        "snapshot_dir": SNAPSHOT_DIR,
-        # the pod's `replicator` container serves the snapshots (see worker_pod)
-        "replicator_address": f"{address.rpartition(':')[0]}:{port + 2}",
-    }
-    if members:
-        config["members"] = dict(sorted(members.items()))
-    else:
-        config["join"] = join
-    return config
-
-
-def worker_pod(job: ChaosJob, ordinal: int, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The pod of one member: trainer and replicator sharing a memory-backed volume."""
-    name, namespace, _ = _meta(job)
-    pod_name = member_name(name, ordinal)
-    member = str(config["id"])
-    address = str(config["listen"])
-    port = int(address.rpartition(":")[2])
-    resources = {k: v for k, v in job.spec.resources.to_k8s().items() if v}
-    snapshots = {"name": "snapshots", "mountPath": SNAPSHOT_DIR}
-    trainer = {
-        "name": "trainer",
-        "image": job.spec.image,
-        "command": ["chaos", "worker", "--config", f"{CONFIG_DIR}/config.json"],
-        "ports": [
-            {"name": "peers", "containerPort": port},
-            {"name": "metrics", "containerPort": port + 1},
-        ],
-        "volumeMounts": [snapshots, {"name": "config", "mountPath": CONFIG_DIR}],
-    }
-    if resources:
-        trainer["resources"] = resources
-    replicator = {
-        "name": "replicator",
-        "image": job.spec.image,
-        "command": [
-            "chaos",
-            "replicator",
-            "--id",
-            member,
-            "--dir",
-            SNAPSHOT_DIR,
-            "--listen",
-            f"0.0.0.0:{port + 2}",
-        ],
-        "ports": [{"name": "replication", "containerPort": port + 2}],
-        "volumeMounts": [snapshots],
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": pod_name,
-            "namespace": namespace,
-            "labels": {**COMMON_LABELS, LABEL_JOB: name, LABEL_MEMBER: member},
-            "annotations": {
-                ANN_ORDINAL: str(ordinal),
-                ANN_ADDRESS: address,
-                ANN_METRICS: str(port + 1),
-                ANN_CONFIG: json.dumps(dict(config), sort_keys=True),
-            },
-            "ownerReferences": [owner_reference(job)],
-        },
-        "spec": {
-            "hostname": pod_name,
-            "subdomain": service_name(name),
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 30,
-            "containers": [trainer, replicator],
-            "volumes": [
-                {"name": "snapshots", "emptyDir": {"medium": "Memory"}},
-                {
-                    "name": "config",
-                    "downwardAPI": {
-                        "items": [
-                            {
-                                "path": "config.json",
-                                "fieldRef": {"fieldPath": f"metadata.annotations['{ANN_CONFIG}']"},
-                            }
-                        ]
-                    },
-                },
-            ],
-        },
-    }
-
-
-def headless_service(job: ChaosJob) -> dict[str, Any]:
-    """The headless Service that gives members stable DNS names (ready or not)."""
-    name, namespace, _ = _meta(job)
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": service_name(name),
-            "namespace": namespace,
-            "labels": {**COMMON_LABELS, LABEL_JOB: name},
-            "ownerReferences": [owner_reference(job)],
-        },
-        "spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": True,
-            "selector": {LABEL_JOB: name},
-            "ports": [{"name": "peers", "port": 7070}],
-        },
-    }
 
 
 def next_member(job: ChaosJob, pods: Sequence[ObservedPod]) -> int:
@@ -338,11 +146,11 @@ def reconcile(
     now: datetime,
     current_step: int | None = None,
     scale_out_delay_s: float | None = None,
-    options: Options = Options(),
+    options: Options = DEFAULT_OPTIONS,
     federation: FederationView | None = None,
 ) -> PodPlan:
     """Plan one reconcile of `job` given its observed pods (see the module docstring)."""
-    name, namespace, _ = _meta(job)
+    name, namespace, _ = job_meta(job)
     spec = job.spec
     cap = federation.cap() if federation else None
     want = spec.replicas if cap is None else min(spec.replicas, cap)
@@ -406,7 +214,7 @@ def reconcile(
                     )
             ordinal += missing
 
-    status = _status(
+    status = job_status(
         job,
         previous,
         pods,
@@ -432,7 +240,7 @@ def reconcile(
     )
 
 
-def _status(
+def job_status(
     job: ChaosJob,
     previous: Mapping[str, Any],
     pods: Sequence[ObservedPod],
@@ -449,58 +257,38 @@ def _status(
     federation: FederationView | None = None,
     waiting: str | None = None,
 ) -> dict[str, Any]:
-    name = job.metadata.name or ""
+    """The job's whole `status` after a reconcile that keeps `live` and creates `creating`.
+
+    `pods` is every pod observed, `ended` those that ended; `previous` is the job's status
+    before, whose `lastTransitionTime`s, step and autoscaling block carry over.
+    """
     generation = job.metadata.generation
     running = sum(1 for p in live if p.running)
-    lost = [] if finished or trained else list(ended)
-    # Pods that vanished since the last status (e.g. `kubectl delete pod`) with no spec change.
-    vanished = previous.get("observedGeneration") == generation and previous.get(
-        "replicas", 0
-    ) > sum(1 for p in pods if p.live)
-    conditions = previous.get("conditions", [])
-    counts = f"{running} of {want} members running"
-    if finished:
-        phase = "Succeeded"
-        ready = ("False", "TrainingFinished", "every member finished its last step")
-        degraded = ("False", "TrainingFinished", "training finished")
-    elif trained:
-        phase = "Running"
-        ready = ("False", "TrainingFinished", "the last step is done; members are finishing")
-        degraded = ("False", "TrainingFinished", "training finished")
-    elif running == want and len(live) == want and not creating and not lost:
-        phase = "Running" if want > 0 else "Paused"
-        ready = ("True", "MembersRunning", counts)
-        degraded = ("False", "AsExpected", counts)
-    else:
-        if lost or vanished or previous.get("phase") == "Recovering":
-            phase = "Recovering"
-        elif running == 0 and previous.get("phase", "Pending") == "Pending":
-            phase = "Pending"
-        else:
-            phase = "Scaling"
-        reason = "MembersStarting" if len(live) + creating >= want else "MembersMissing"
-        ready = ("False", reason, counts)
-        if waiting:
-            ready = ("False", "WaitingForSeed", f"{waiting}; {counts}")
-        if lost:
-            members = ", ".join(p.member for p in lost)
-            degraded = ("True", "MemberLost", f"lost {members}; replacements are joining")
-        elif phase == "Recovering":
-            degraded = ("True", "MemberLost", f"replacing lost members; {counts}")
-        else:
-            degraded = ("False", "AsExpected", counts)
+    observed_live = sum(1 for p in pods if p.live)
+    phase, ready, degraded = _health(
+        previous,
+        live,
+        ended,
+        running=running,
+        observed_live=observed_live,
+        generation=generation,
+        want=want,
+        finished=finished,
+        trained=trained,
+        creating=creating,
+        waiting=waiting,
+    )
     changes = [("Degraded", degraded), ("Ready", ready)]
     if federation is not None:
-        from chaos_operator.federation.rules import synced_condition
-
         changes.append(("FederationSynced", synced_condition(federation)))
+    conditions = previous.get("conditions", [])
     for type_, (status, reason, message) in changes:
         conditions = set_condition(conditions, type_, status, reason, message, generation, now)
     out: dict[str, Any] = {
         "phase": phase,
         "conditions": conditions,
         "replicas": len(live) + creating,
-        "selector": selector(name),
+        "selector": selector(job.metadata.name or ""),
         "localMembers": running,
     }
     if generation is not None:
@@ -515,6 +303,56 @@ def _status(
         out["lastScaleOutDelaySeconds"] = round(scale_out_delay_s, 3)
     if federation is not None:
         out["remoteMembers"] = federation.remote_members()
-    if creating or len(live) != sum(1 for p in pods if p.live):
+    if creating or len(live) != observed_live:
         out["lastScaleTime"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     return out
+
+
+def _health(
+    previous: Mapping[str, Any],
+    live: Sequence[ObservedPod],
+    ended: Sequence[ObservedPod],
+    *,
+    running: int,
+    observed_live: int,
+    generation: int | None,
+    want: int,
+    finished: bool,
+    trained: bool,
+    creating: int,
+    waiting: str | None,
+) -> tuple[str, ConditionState, ConditionState]:
+    """(phase, Ready, Degraded) of the job."""
+    counts = f"{running} of {want} members running"
+    if finished:
+        done = ("False", "TrainingFinished", "every member finished its last step")
+        return "Succeeded", done, ("False", "TrainingFinished", "training finished")
+    if trained:
+        done = ("False", "TrainingFinished", "the last step is done; members are finishing")
+        return "Running", done, ("False", "TrainingFinished", "training finished")
+    if running == want and len(live) == want and not creating and not ended:
+        phase = "Running" if want > 0 else "Paused"
+        return phase, ("True", "MembersRunning", counts), ("False", "AsExpected", counts)
+    # Pods that vanished since the last status (e.g. `kubectl delete pod`) with no spec change.
+    vanished = (
+        previous.get("observedGeneration") == generation
+        and previous.get("replicas", 0) > observed_live
+    )
+    if ended or vanished or previous.get("phase") == "Recovering":
+        phase = "Recovering"
+    elif running == 0 and previous.get("phase", "Pending") == "Pending":
+        phase = "Pending"
+    else:
+        phase = "Scaling"
+    reason = "MembersStarting" if len(live) + creating >= want else "MembersMissing"
+    ready = ("False", reason, counts)
+    if waiting:
+        ready = ("False", "WaitingForSeed", f"{waiting}; {counts}")
+    if ended:
+        members = ", ".join(p.member for p in ended)
+        degraded = ("True", "MemberLost", f"lost {members}; replacements are joining")
+    elif phase == "Recovering":
+        degraded = ("True", "MemberLost", f"replacing lost members; {counts}")
+    else:
+        degraded = ("False", "AsExpected", counts)
+    return phase, ready, degraded

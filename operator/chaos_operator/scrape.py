@@ -12,10 +12,10 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
-from chaos_operator.reconcile import ANN_METRICS
+from chaos_operator.pods import ANN_METRICS
+from chaos_operator.reconcile import ObservedPod
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,17 @@ def parse_metrics(text: str, at: float) -> MemberMetrics:
     )
 
 
-def scrape_members(pods: Iterable[client.V1Pod], timeout_s: float) -> dict[str, MemberMetrics]:
+def scrape_members(pods: Iterable[ObservedPod], timeout_s: float) -> dict[str, MemberMetrics]:
     """The figures of every running member that answers, by pod name."""
     out: dict[str, MemberMetrics] = {}
     for pod in pods:
-        ip = pod.status and pod.status.pod_ip
-        port = (pod.metadata.annotations or {}).get(ANN_METRICS)
-        if not ip or not port or pod.status.phase != "Running" or pod.metadata.deletion_timestamp:
+        port = pod.annotations.get(ANN_METRICS)
+        if not pod.ip or not port or pod.phase != "Running" or pod.deleting:
             continue
         try:
-            with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout_s) as r:
+            with urllib.request.urlopen(f"http://{pod.ip}:{port}/metrics", timeout=timeout_s) as r:
                 text = r.read().decode()
-            out[pod.metadata.name] = parse_metrics(text, time.monotonic())
+            out[pod.name] = parse_metrics(text, time.monotonic())
         except (OSError, ValueError):
             continue
     return out

@@ -23,7 +23,8 @@ from chaos_operator.federation.rules import (
     peer_status,
     status_unchanged,
 )
-from chaos_operator.reconcile import LABEL_MEMBER, Options, reconcile
+from chaos_operator.pods import LABEL_MEMBER, Options
+from chaos_operator.reconcile import reconcile
 from chaos_worker.config import WorkerConfig
 
 from tests.unit.test_reconcile import NOW, World, config_of, make_job

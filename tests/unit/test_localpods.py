@@ -11,7 +11,8 @@ from chaos_cli.errors import UserError
 from chaos_cli.local import localpods
 from chaos_cli.local.churn import ChurnEvent, parse_churn
 from chaos_cli.local.reconciled import load_manifest, pod_churn
-from chaos_operator.reconcile import ANN_NEXT_MEMBER, Options, reconcile
+from chaos_operator.pods import ANN_NEXT_MEMBER, Options
+from chaos_operator.reconcile import reconcile
 from chaos_worker.config import WorkerConfig
 
 pytestmark = pytest.mark.unit

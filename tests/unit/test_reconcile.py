@@ -10,18 +10,16 @@ from typing import Any
 import pytest
 from chaos_operator.api import ChaosJob
 from chaos_operator.api.conditions import set_condition
-from chaos_operator.reconcile import (
+from chaos_operator.pods import (
     ANN_ADDRESS,
     ANN_CONFIG,
     ANN_NEXT_MEMBER,
     ANN_ORDINAL,
     LABEL_JOB,
     LABEL_MEMBER,
-    ObservedPod,
     Options,
-    PodPlan,
-    reconcile,
 )
+from chaos_operator.reconcile import ObservedPod, PodPlan, reconcile
 from chaos_worker.config import WorkerConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st

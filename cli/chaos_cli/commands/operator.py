@@ -119,13 +119,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    import asyncio
-
-    import kopf
-    from chaos_operator.autoscaler import PROMETHEUS_QUERY, Autoscaler
-    from chaos_operator.kopf_handlers import Context, registry
-    from chaos_operator.reconcile import Options
-    from kubernetes import client, config
+    from chaos_operator.autoscaler import PROMETHEUS_QUERY
+    from chaos_operator.main import Settings, StartupError, run_operator
+    from chaos_operator.pods import Options
 
     if not 1 <= args.base_port <= 65535 - 3000:
         raise UserError("--base-port must lie in 1..62535")
@@ -137,73 +133,25 @@ def handle(args: argparse.Namespace) -> int:
     if url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
         raise UserError(f"--prometheus-url must be http[s]://host[:port][/path], not {url!r}")
     identity, listen = _federation_args(args)
-    kopf.configure(verbose=args.verbose)  # logging of kopf and of the handlers
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:
-            config.load_kube_config()
-        except (config.ConfigException, OSError) as exc:
-            raise UserError(f"no Kubernetes configuration: {exc}") from None
-    namespaces = tuple(args.namespace or ())
-    ctx = Context(
-        api=client.ApiClient(),
-        options=Options(
-            pod_host=args.pod_host,
-            base_port=args.base_port,
-            steps=args.steps,
-            party=identity.party if identity else None,
-        ),
-        namespaces=namespaces,
+    settings = Settings(
+        namespaces=tuple(args.namespace or ()),
+        options=Options(pod_host=args.pod_host, base_port=args.base_port, steps=args.steps),
         resync_s=args.resync,
-        autoscaler=Autoscaler(
-            prometheus_url=url, prometheus_query=args.prometheus_query or PROMETHEUS_QUERY
-        ),
+        liveness=None if args.liveness == "off" else args.liveness,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        prometheus_url=url,
+        prometheus_query=args.prometheus_query or PROMETHEUS_QUERY,
+        identity=identity,
+        federation_listen=listen,
+        federation_interval_s=args.federation_interval,
+        verbose=args.verbose,
     )
-    if args.metrics_port:
-        try:
-            ctx.metrics.serve(args.metrics_host, args.metrics_port)
-        except OSError as exc:
-            raise UserError(
-                f"--metrics-port: cannot listen on {args.metrics_host}:{args.metrics_port}: "
-                f"{exc.strerror or exc}"
-            ) from None
-    liveness = None if args.liveness == "off" else args.liveness
-
-    async def run() -> None:
-        if identity and listen:
-            from chaos_operator.federation.service import FederationService
-            from chaos_operator.kopf_handlers import reconcile_job
-
-            async def on_change(namespace: str, name: str) -> None:
-                await asyncio.to_thread(reconcile_job, ctx, namespace, name)
-
-            ctx.federation = FederationService(
-                identity,
-                ctx.api,
-                listen=listen,
-                namespaces=namespaces,
-                interval_s=args.federation_interval,
-                on_change=on_change,
-            )
-            try:
-                await ctx.federation.start()
-            except OSError as exc:
-                raise UserError(f"--federation-listen: cannot listen: {exc.strerror}") from None
-        try:
-            await kopf.operator(
-                registry=registry,
-                standalone=True,
-                clusterwide=args.all_namespaces,
-                namespaces=namespaces,
-                liveness_endpoint=liveness,
-                memo=kopf.Memo(ctx=ctx),
-            )
-        finally:
-            if ctx.federation:
-                await ctx.federation.stop()
-
-    asyncio.run(run())
+    try:
+        run_operator(settings)
+    except StartupError as exc:
+        flag = f"--{exc.setting.replace('_', '-')}: " if exc.setting else ""
+        raise UserError(f"{flag}{exc}") from None
     return 0
 
 

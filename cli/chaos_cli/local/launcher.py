@@ -333,6 +333,15 @@ class LocalRun:
                 return proc.address
         raise LaunchError("no live member left to join through")
 
+    @property
+    def run_dir(self) -> Path:
+        """This run's private directory (worker configs, stderr logs; removed at the end)."""
+        return self._tmp
+
+    def connected(self, worker: str) -> bool:
+        """`worker` has reported on the control channel (it may have closed it since)."""
+        return worker in self._writers
+
     def command(self, worker: str, command: dict) -> bool:
         """Send `command` to `worker` over the control channel; False if not connected."""
         writer = self._writers.get(worker)

@@ -1,8 +1,9 @@
 """Local process backend of `chaos run FILE`: a ChaosJob reconciled into local processes.
 
 The same pure `reconcile()` the operator applies to Kubernetes, applied to processes on this
-machine. Every supervision round of the launcher (`LocalRun`) it observes the job's local
-pods, reconciles and applies the plan:
+machine: `LocalPods` is the `PodBackend` of this run, and the operator's own `apply_plan`
+carries out each plan on it. Every supervision round of the launcher (`ReconciledJob`, a
+`LocalRun`) observes the job's local pods, reconciles and applies the plan:
 
 * **observe**: a pod is `Running` while its process lives, then `Succeeded` (exit 0) or
   `Failed` once the process has ended and every record it sent has been taken in;
@@ -48,16 +49,17 @@ from typing import Any
 import yaml
 from chaos_operator.api import ChaosJob, ChaosJobStatus
 from chaos_operator.api.chaosjob import NAME_PATTERN
-from chaos_operator.reconcile import (
+from chaos_operator.controller import PodBackend, apply_plan
+from chaos_operator.pods import (
     ANN_NEXT_MEMBER,
     PORTS_PER_MEMBER,
-    ObservedPod,
     Options,
+    job_meta,
     member_name,
-    reconcile,
     worker_config,
     worker_pod,
 )
+from chaos_operator.reconcile import ObservedPod, PodEvent, reconcile
 from chaos_worker.config import WorkerConfig
 from pydantic import ValidationError
 
@@ -74,6 +76,8 @@ LOW_PORTS = (20000, 32000)
 """Where a free base port is looked for: below Linux's usual ephemeral range."""
 MAX_NAME = 57
 """The longest job name whose member names `<name>-w<nnnn>` still fit a 63-letter label."""
+UNKNOWN_SEED = "0.0.0.0:0"
+"""The join address in a warm spare's pod: its seed is only known when the plan creates it."""
 
 
 def load_manifest(path: str) -> ChaosJob:
@@ -197,144 +201,138 @@ class LocalPod:
     deleting_since: float | None = None
 
 
-class ReconciledJob(LocalRun):
-    """`chaos run FILE`: the launcher driven by the reconcile (see the module docstring)."""
+class LocalPods(PodBackend):
+    """The `PodBackend` of `chaos run FILE`: the one job (this run's API server) and its pods
+    as processes of `run` (see the module docstring)."""
 
-    def __init__(self, job: ChaosJob, options: JobOptions, *, base_port: int, on_update=None):
-        super().__init__(options, on_update=on_update)
+    def __init__(self, run: LocalRun, job: ChaosJob, options: Options) -> None:
+        self.run = run
         self.job = job
-        self.options = Options(
-            base_port=base_port,
-            pod_host=POD_HOST,
-            steps=options.steps,
-            heartbeat_interval_s=options.heartbeat_interval_s,
-            failure_timeout_s=options.failure_timeout_s,
-        )
+        self.options = options
         self.pods: dict[str, LocalPod] = {}
         self.spares: dict[str, dict[str, Any]] = {}
         """Name -> trainer config of a warm spare not yet handed a pod."""
         self._join_orders: dict[str, str] = {}  # spare -> seed, not yet delivered
-        self._status: dict[str, Any] = {}
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------- the PodBackend
 
-    def _start(self) -> None:
-        first = self.job.spec.replicas
-        for ordinal in range(first, first + expected_creations(self.opts.churn)):
-            self._start_spare(ordinal)
-        self._reconcile()
+    def list_jobs(self) -> list[tuple[str, str]]:
+        name, namespace, _ = job_meta(self.job)
+        return [(namespace, name)]
 
-    def _tick(self) -> None:
-        self._deliver_join_orders()
-        self._finish_deletions()
-        self._reconcile()
+    def get_job(self, namespace: str, name: str) -> ChaosJob | None:
+        return self.job if (namespace, name) in self.list_jobs() else None
 
-    def _reconcile(self) -> None:
-        step = self.max_step if self.max_step >= 0 else None
-        observed = [self._observe(name, pod) for name, pod in self.pods.items()]
-        plan = reconcile(
-            self.job, observed, now=datetime.now(UTC), current_step=step, options=self.options
-        )
-        self.job.metadata.annotations[ANN_NEXT_MEMBER] = str(plan.next_member)
-        for name in plan.delete:
-            self._delete(name)
-        for pod in plan.create:
-            self._create(pod)
-        for event in plan.events.values():
-            self.last_event = f"{event.reason}: {event.message}"
-        if plan.status != self._status:
-            self._status = plan.status
-            self.job.status = ChaosJobStatus.model_validate(plan.status)
+    def observe(self, job: ChaosJob) -> list[ObservedPod]:
+        return [self._observe(name, pod) for name, pod in self.pods.items()]
 
-    def _observe(self, name: str, pod: LocalPod) -> ObservedPod:
-        meta = pod.body["metadata"]
-        proc = self.procs.get(name)
-        code = proc.popen.poll() if proc else None
-        phase = "Running"
-        # Ended once its records are all in, so that its last step counts before its exit.
-        if code is not None and (name in self.disconnected or name not in self._writers):
-            phase = "Succeeded" if code == 0 else "Failed"
-        return ObservedPod(
-            name=name,
-            phase=phase,
-            labels=meta["labels"],
-            annotations=meta["annotations"],
-            ready=phase == "Running" and name in self._writers,
-            deleting=pod.deleting_since is not None,
-        )
+    def set_next_member(self, job: ChaosJob, ordinal: int) -> None:
+        job.metadata.annotations[ANN_NEXT_MEMBER] = str(ordinal)
 
-    # ------------------------------------------------------------------ applying
+    def ensure_service(self, job: ChaosJob, body: dict[str, Any]) -> None:
+        """Nothing to do: members are addressed on 127.0.0.1 with distinct ports."""
 
-    def _create(self, body: dict[str, Any]) -> None:
+    def create(self, job: ChaosJob, body: dict[str, Any]) -> bool:
         name = body["metadata"]["name"]
         config = self._trainer_config(body)
         self.pods[name] = LocalPod(body)
         if config.get("join"):
             self._note_join(name)
         spare = self.spares.pop(name, None)
-        proc = self.procs.get(name)
+        proc = self.run.procs.get(name)
         alive = proc is not None and proc.popen.poll() is None
         if spare is not None and alive and config.get("join") and _same_but_join(spare, config):
             self._join_orders[name] = str(config["join"])
             self._deliver_join_orders()
-            return
+            return True
         if spare is not None and proc is not None:  # unfit for this pod: a fresh process
             self._kill(name)
-        self.launch(name, self._local_config(config))
+        self.run.launch(name, self._local_config(config))
+        return True
 
-    def _delete(self, name: str) -> None:
+    def delete(self, job: ChaosJob, name: str) -> bool:
         pod = self.pods.get(name)
-        proc = self.procs.get(name)
+        proc = self.run.procs.get(name)
         if pod is None:
-            return
+            return False
         if proc is None or proc.popen.poll() is not None:
             del self.pods[name]  # nothing runs: the pod is simply gone
         elif pod.deleting_since is None:
             pod.deleting_since = time.monotonic()
-            self.command(name, {"cmd": "leave"})  # a pod's SIGTERM: leave at an agreed step
+            self.run.command(name, {"cmd": "leave"})  # a pod's SIGTERM: leave at an agreed step
+        return True
+
+    def post_event(self, job: ChaosJob, event: PodEvent) -> None:
+        self.run.last_event = f"{event.reason}: {event.message}"
+
+    def patch_status(self, job: ChaosJob, status: dict[str, Any]) -> None:
+        job.status = ChaosJobStatus.model_validate(status)
+
+    def _observe(self, name: str, pod: LocalPod) -> ObservedPod:
+        meta = pod.body["metadata"]
+        proc = self.run.procs.get(name)
+        code = proc.popen.poll() if proc else None
+        connected = self.run.connected(name)
+        phase = "Running"
+        # Ended once its records are all in, so that its last step counts before its exit.
+        if code is not None and (name in self.run.disconnected or not connected):
+            phase = "Succeeded" if code == 0 else "Failed"
+        return ObservedPod(
+            name=name,
+            phase=phase,
+            labels=meta["labels"],
+            annotations=meta["annotations"],
+            ready=phase == "Running" and connected,
+            deleting=pod.deleting_since is not None,
+        )
+
+    # ------------------------------------------------------------ what a cluster does
+
+    def tick(self) -> None:
+        """One supervision round: hand spares their seeds, end deletions past their grace."""
+        self._deliver_join_orders()
+        self._finish_deletions()
+
+    def scale(self, delta: int) -> None:
+        """What `kubectl scale` does: a new spec.replicas and generation."""
+        self.job.spec.replicas += delta
+        self.job.metadata.generation = (self.job.metadata.generation or 0) + 1
+
+    def start_spares(self, count: int) -> None:
+        """Start the next `count` members the reconcile will create, in standby."""
+        first = self.job.spec.replicas
+        for ordinal in range(first, first + count):
+            self._start_spare(ordinal)
 
     def _finish_deletions(self) -> None:
         for name, pod in list(self.pods.items()):
             if pod.deleting_since is None:
                 continue
-            proc = self.procs[name]
+            proc = self.run.procs[name]
             if proc.popen.poll() is not None:
                 del self.pods[name]
             elif time.monotonic() - pod.deleting_since > _grace_s(pod.body):
                 self._kill(name)
 
     def _kill(self, name: str) -> None:
-        proc = self.procs[name]
+        proc = self.run.procs[name]
         proc.killed = True
         with contextlib.suppress(ProcessLookupError):
             proc.popen.send_signal(signal.SIGKILL)
         proc.popen.wait()
 
-    def _inject(self, event: ChurnEvent) -> None:
-        if event.kind == "join":
-            self._scale(+1)
-        elif event.kind == "leave":
-            self._delete(event.worker)  # first, so that the reconcile removes no other member
-            self._scale(-1)
-        else:
-            super()._inject(event)
-
-    def _scale(self, delta: int) -> None:
-        """What `kubectl scale` does: a new spec.replicas and generation."""
-        self.job.spec.replicas += delta
-        self.job.metadata.generation = (self.job.metadata.generation or 0) + 1
-
     def _note_join(self, name: str) -> None:
         """A replacement the reconcile made (not a scheduled join) shows in the report too."""
-        if not any(f.event.kind == "join" and f.event.worker == name for f in self.timeline.fired):
-            self.note_fired(ChurnEvent("join", max(self.max_step, 0), name))
+        fired = self.run.timeline.fired
+        if not any(f.event.kind == "join" and f.event.worker == name for f in fired):
+            self.run.note_fired(ChurnEvent("join", max(self.run.max_step, 0), name))
 
     # ------------------------------------------------------------------ processes
 
     def _trainer_config(self, body: dict[str, Any]) -> dict[str, Any]:
         """Lay the pod out and read the config its trainer would be started with."""
         name = body["metadata"]["name"]
-        volumes = localpods.lay_out(body, self._tmp / "pods" / name)
+        volumes = localpods.lay_out(body, self.run.run_dir / "pods" / name)
         trainer = localpods.find_container(body, "trainer")
         argv = localpods.command(trainer, volumes, "chaos")
         if len(argv) != 4 or argv[:3] != ["chaos", "worker", "--config"]:
@@ -346,25 +344,69 @@ class ReconciledJob(LocalRun):
         # no sidecar runs here: the trainer starts its own replicator process instead
         drop = ("id", "listen", "replicator_address")
         fields = {k: v for k, v in config.items() if k not in drop}
-        if not self.opts.metrics:
+        if not self.run.opts.metrics:
             fields["metrics_port"] = None
-        return self.worker_config(config["id"], listen=config["listen"], **fields, **extra)
+        return self.run.worker_config(config["id"], listen=config["listen"], **fields, **extra)
 
     def _start_spare(self, ordinal: int) -> None:
-        config = worker_config(self.job, ordinal, self.options, join=None)
+        config = worker_config(self.job, ordinal, self.options, join=UNKNOWN_SEED)
         body = worker_pod(self.job, ordinal, config)
         name = member_name(self.job.metadata.name or "", ordinal)
         mapped = self._trainer_config(body)
         self.spares[name] = mapped
-        self.launch(name, self._local_config(mapped, standby=True))
+        # in standby until the plan creates its pod; the join command then names the seed
+        self.run.launch(name, self._local_config({**mapped, "join": None}, standby=True))
 
     def _deliver_join_orders(self) -> None:
         if not self._join_orders:
             return
-        standby = {r["worker"] for r in self.timeline.of("standby")}
+        standby = {r["worker"] for r in self.run.timeline.of("standby")}
         for name, seed in list(self._join_orders.items()):
-            if name in standby and self.command(name, {"cmd": "join", "seed": seed}):
+            if name in standby and self.run.command(name, {"cmd": "join", "seed": seed}):
                 del self._join_orders[name]
+
+
+class ReconciledJob(LocalRun):
+    """`chaos run FILE`: the launcher driven by the reconcile, whose plans `apply_plan`
+    carries out on `LocalPods`, as the operator does on Kubernetes."""
+
+    def __init__(self, job: ChaosJob, options: JobOptions, *, base_port: int, on_update=None):
+        super().__init__(options, on_update=on_update)
+        pod_options = Options(
+            base_port=base_port,
+            pod_host=POD_HOST,
+            steps=options.steps,
+            heartbeat_interval_s=options.heartbeat_interval_s,
+            failure_timeout_s=options.failure_timeout_s,
+        )
+        self.pods = LocalPods(self, job, pod_options)
+
+    def _start(self) -> None:
+        self.pods.start_spares(expected_creations(self.opts.churn))
+        self._reconcile()
+
+    def _tick(self) -> None:
+        self.pods.tick()
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        job = self.pods.job
+        step = self.max_step if self.max_step >= 0 else None
+        observed = self.pods.observe(job)
+        plan = reconcile(
+            job, observed, now=datetime.now(UTC), current_step=step, options=self.pods.options
+        )
+        apply_plan(job, plan, self.pods)
+
+    def _inject(self, event: ChurnEvent) -> None:
+        if event.kind == "join":
+            self.pods.scale(+1)
+        elif event.kind == "leave":
+            # first, so that the reconcile removes no other member
+            self.pods.delete(self.pods.job, event.worker)
+            self.pods.scale(-1)
+        else:
+            super()._inject(event)
 
 
 def _same_but_join(a: dict[str, Any], b: dict[str, Any]) -> bool:

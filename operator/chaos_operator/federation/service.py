@@ -47,6 +47,7 @@ from chaos_operator.federation.rules import (
     remote_members_here,
     status_unchanged,
 )
+from chaos_operator.kube import list_objects, post_event
 
 PEERS = "chaospeers"
 log = logging.getLogger("chaos_operator.federation")
@@ -198,8 +199,6 @@ class FederationService:
     # --------------------------------------------------------------------- client
 
     def _list_peers(self) -> list[ChaosPeer]:
-        from chaos_operator.kopf_handlers import list_objects
-
         peers = []
         for item in list_objects(self.api, self.namespaces, PEERS):
             try:
@@ -279,8 +278,6 @@ class FederationService:
     def _write_status(
         self, peer: ChaosPeer, outcome: ExchangeOutcome, local: list[PublishedJob]
     ) -> None:
-        from chaos_operator.kopf_handlers import post_event
-
         namespace, name = peer_key(peer)
         federations = {j.federation for j in local if j.namespace == namespace}
         with self._lock:
