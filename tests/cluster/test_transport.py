@@ -75,19 +75,3 @@ def test_killed_peer_process_is_reported_as_not_graceful() -> None:
         await close_all(b)
 
     asyncio.run(scenario())
-
-
-def test_frame_over_max_payload_closes_the_link_undelivered() -> None:
-    async def scenario() -> None:
-        a, b = await start("a"), await start("b", max_payload=1024)
-        a.transport.connect("b", b.address)
-        assert a.transport.send("b", chunk("a", 0), bytes(1024))
-        assert a.transport.send("b", chunk("a", 1), bytes(1025))
-        a.transport.send("b", chunk("a", 2), b"late")
-        await until(lambda: b.gone, "b to drop the link")
-        assert b.gone == [("a", False)]
-        assert [m.index for m in b.messages_from("a")] == [0]
-        assert b.payloads_from("a") == [bytes(1024)]
-        await close_all(a, b)
-
-    asyncio.run(scenario())

@@ -11,22 +11,26 @@ shape's added delay (not its rate). It keeps the contract in `chaos_worker.net.t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from chaos_worker.net.shaping import LinkShape, TokenBucket
-from chaos_worker.net.transport import OnDisconnect, OnMessage, Transport, TransportFactory
+from chaos_worker.net.transport import (
+    OnDisconnect,
+    OnMessage,
+    OutgoingLink,
+    QueuedTransport,
+    Transport,
+    TransportFactory,
+)
 from chaos_worker.net.wire import (
     FRAME,
     Goodbye,
     WireError,
-    WireMessage,
     decode_header,
-    encode,
     parse_lengths,
 )
 
@@ -73,18 +77,7 @@ class _Link:
     graceful: bool = False
 
 
-@dataclass(eq=False)
-class _Outgoing:
-    address: str
-    delay_s: float
-    queue: asyncio.Queue[tuple[float, Frame | None]] = field(default_factory=asyncio.Queue)
-    task: asyncio.Task[None] | None = None
-
-    def put(self, frame: Frame | None) -> None:
-        self.queue.put_nowait((time.monotonic() + self.delay_s, frame))
-
-
-class LoopTransport:
+class LoopTransport(QueuedTransport):
     """Frames to and from named peers of one `LoopNetwork`; see the module docstring."""
 
     def __init__(
@@ -96,17 +89,10 @@ class LoopTransport:
         max_payload: int,
         shape: Callable[[str], LinkShape] | None = None,
     ) -> None:
-        self.me = me
+        super().__init__(me, on_message, on_disconnect, max_payload, shape)
         self._network = network
-        self._on_message = on_message
-        self._on_disconnect = on_disconnect
-        self._max_payload = max_payload
-        self._shape = shape or (lambda _peer: LinkShape())
-        self._out: dict[str, _Outgoing] = {}
         self._in: dict[str, _Link] = {}
-        self._blocked: set[str] = set()
         self._address: str | None = None
-        self._closing = False
 
     async def listen(self, host: str, port: int) -> int:
         port = port or self._network.port()
@@ -114,63 +100,19 @@ class LoopTransport:
         self._network.listening[self._address] = self
         return port
 
-    def connect(self, peer: str, address: str) -> None:
-        out = self._out.get(peer)
-        if out is not None and out.address == address and out.task and not out.task.done():
-            return
-        if out is not None and out.task:
-            out.task.cancel()
-        out = _Outgoing(address, self._shape(peer).delay_s)
-        out.task = asyncio.get_running_loop().create_task(self._pump(out))
-        self._out[peer] = out
-
-    def disconnect(self, peer: str, *, goodbye: bool = False) -> None:
-        out = self._out.pop(peer, None)
-        if out is None or out.task is None:
-            return
-        if goodbye:
-            out.put(encode(Goodbye(sender=self.me)))
-            out.put(None)
-        else:
-            out.task.cancel()
-
-    def send(self, peer: str, message: WireMessage, payload: bytes | memoryview = b"") -> bool:
-        out = self._out.get(peer)
-        if out is None or peer in self._blocked:
-            return False
-        out.put(encode(message, payload))
-        return True
-
-    def peers(self) -> list[str]:
-        return sorted(self._out)
-
-    def block(self, peer: str) -> None:
-        self.disconnect(peer, goodbye=True)
-        self._blocked.add(peer)
+    def _drop_incoming(self, peer: str) -> None:
         link = self._in.pop(peer, None)
         if link is not None:
             link.open = False
 
-    def unblock(self, peer: str) -> None:
-        self._blocked.discard(peer)
-
-    def is_blocked(self, peer: str) -> bool:
-        return peer in self._blocked
-
-    async def close(self) -> None:
-        self._closing = True
-        for peer in list(self._out):
-            self.disconnect(peer, goodbye=True)
-        tasks = [o.task for o in self._out.values() if o.task]
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
+    async def _stop(self) -> None:
         if self._network.listening.get(self._address or "") is self:
             del self._network.listening[self._address or ""]
         for link in self._in.values():
             link.open = False
         self._in.clear()
 
-    async def _pump(self, out: _Outgoing) -> None:
+    async def _pump(self, peer: str, out: OutgoingLink) -> None:
         """Open the link (waiting for a listener, as TCP retries), then deliver in order."""
         delay = 0.01
         while (receiver := self._network.listening.get(out.address)) is None:
@@ -229,8 +171,4 @@ class LoopTransport:
         if not was_open or self._in.get(link.sender) is not link:
             return
         del self._in[link.sender]
-        if not self._closing and link.sender not in self._blocked:
-            try:
-                self._on_disconnect(link.sender, link.graceful)
-            except Exception:
-                log.exception("handling the disconnect of %s failed", link.sender)
+        self._report_disconnect(link.sender, link.graceful)

@@ -88,19 +88,9 @@ class Transport(Protocol):
         ...
 
 
-class TransportFactory(Protocol):
-    """Builds a `Transport` for member `me` (`TcpTransport` is one)."""
-
-    def __call__(
-        self,
-        me: str,
-        on_message: OnMessage,
-        on_disconnect: OnDisconnect,
-        *,
-        max_payload: int,
-        shape: Callable[[str], LinkShape] | None = None,
-        downlink: TokenBucket | None = None,
-    ) -> Transport: ...
+TransportFactory = Callable[..., Transport]
+"""Builds a `Transport`, called as `TcpTransport` is: `(me, on_message, on_disconnect, *,
+max_payload, shape=None, downlink=None)`."""
 
 
 # Payloads above this size are written and read in pieces: `writelines` would join the
@@ -145,7 +135,9 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 @dataclass
-class _Outgoing:
+class OutgoingLink:
+    """One outgoing link: its frames in FIFO order, each with the time it may leave."""
+
     address: str
     shape: LinkShape = field(default_factory=LinkShape)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -162,35 +154,27 @@ class _Outgoing:
         self.queue.put_nowait((time.monotonic() + self.shape.delay_s, frame))
 
 
-class TcpTransport:
-    """Frames to and from named peers; see the module docstring."""
+class QueuedTransport:
+    """What every transport keeps of its links: one FIFO queue and pump task per outgoing
+    link, the blocked peers, goodbyes. Subclasses move the frames (`_pump`) and own the
+    incoming side (`_drop_incoming`, `_stop`)."""
 
     def __init__(
         self,
         me: str,
         on_message: OnMessage,
         on_disconnect: OnDisconnect,
-        *,
         max_payload: int,
-        shape: Callable[[str], LinkShape] | None = None,
-        downlink: TokenBucket | None = None,
+        shape: Callable[[str], LinkShape] | None,
     ) -> None:
         self.me = me
         self._shape = shape or (lambda _peer: LinkShape())
-        self._downlink = downlink
         self._on_message = on_message
         self._on_disconnect = on_disconnect
         self._max_payload = max_payload
-        self._out: dict[str, _Outgoing] = {}
-        self._in: dict[str, asyncio.StreamWriter] = {}
+        self._out: dict[str, OutgoingLink] = {}
         self._blocked: set[str] = set()
-        self._server: asyncio.Server | None = None
         self._closing = False
-
-    async def listen(self, host: str, port: int) -> int:
-        """Start accepting connections; returns the bound port (useful with port 0)."""
-        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
-        return self._server.sockets[0].getsockname()[1]
 
     def connect(self, peer: str, address: str) -> None:
         """Make sure an outgoing link to `peer` exists (idempotent)."""
@@ -199,7 +183,7 @@ class TcpTransport:
             return
         if out is not None and out.task:
             out.task.cancel()
-        out = _Outgoing(address, self._shape(peer))
+        out = OutgoingLink(address, self._shape(peer))
         out.task = asyncio.get_running_loop().create_task(self._pump(peer, out))
         self._out[peer] = out
 
@@ -236,9 +220,7 @@ class TcpTransport:
         """
         self.disconnect(peer, goodbye=True)
         self._blocked.add(peer)
-        writer = self._in.pop(peer, None)
-        if writer is not None:
-            writer.close()
+        self._drop_incoming(peer)
 
     def unblock(self, peer: str) -> None:
         self._blocked.discard(peer)
@@ -254,12 +236,63 @@ class TcpTransport:
         tasks = [o.task for o in self._out.values() if o.task]
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
+        await self._stop()
+
+    def _report_disconnect(self, peer: str, graceful: bool) -> None:
+        """Tell `on_disconnect` that `peer`'s incoming link ended, unless we closed or
+        blocked it."""
+        if self._closing or peer in self._blocked:
+            return
+        try:
+            self._on_disconnect(peer, graceful)
+        except Exception:
+            log.exception("handling the disconnect of %s failed", peer)
+
+    async def _pump(self, peer: str, out: OutgoingLink) -> None:
+        raise NotImplementedError
+
+    def _drop_incoming(self, peer: str) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+
+class TcpTransport(QueuedTransport):
+    """Frames to and from named peers over TCP; see the module docstring."""
+
+    def __init__(
+        self,
+        me: str,
+        on_message: OnMessage,
+        on_disconnect: OnDisconnect,
+        *,
+        max_payload: int,
+        shape: Callable[[str], LinkShape] | None = None,
+        downlink: TokenBucket | None = None,
+    ) -> None:
+        super().__init__(me, on_message, on_disconnect, max_payload, shape)
+        self._downlink = downlink
+        self._in: dict[str, asyncio.StreamWriter] = {}
+        self._server: asyncio.Server | None = None
+
+    async def listen(self, host: str, port: int) -> int:
+        """Start accepting connections; returns the bound port (useful with port 0)."""
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        return self._server.sockets[0].getsockname()[1]
+
+    def _drop_incoming(self, peer: str) -> None:
+        writer = self._in.pop(peer, None)
+        if writer is not None:
+            writer.close()
+
+    async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
         for writer in self._in.values():
             writer.close()
 
-    async def _pump(self, peer: str, out: _Outgoing) -> None:
+    async def _pump(self, peer: str, out: OutgoingLink) -> None:
         host, port = parse_address(out.address)
         writer = None
         delay = 0.01
@@ -326,11 +359,7 @@ class TcpTransport:
             writer.close()
             if sender is not None and self._in.get(sender) is writer:
                 del self._in[sender]
-                if not self._closing and sender not in self._blocked:
-                    try:
-                        self._on_disconnect(sender, graceful)
-                    except Exception:
-                        log.exception("handling the disconnect of %s failed", sender)
+                self._report_disconnect(sender, graceful)
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> tuple[Message, bytes]:
         header_len, payload_len = parse_lengths(
