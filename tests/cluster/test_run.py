@@ -189,6 +189,13 @@ def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
         (["--entry", "no_such_module_xyz:factory"], "no_such_module_xyz"),
         (["--example", "nope"], "nope"),
         (["--workers", "0"], "--workers"),
+        (["--device", "tpu"], "--device"),
+        (["--report", "/proc/no-such-dir/report.json"], "--report"),
+        (["--links", "w0-w9=1MB/s"], "w9"),
+        (["--links", "w0-w1="], "empty shape"),
+        (["--downlink", "w7=1MB/s"], "w7"),
+        (["--seed", "-1"], "--seed"),
+        (["--failure-timeout", "inf"], "finite"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_nothing(args, needle, tmp_path):

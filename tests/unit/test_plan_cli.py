@@ -30,6 +30,11 @@ GOOD = {
 # (file content, field the single error line must start with)
 BAD_INPUTS = {
     "malformed-json": ('{"state_bytes": 1,', "invalid JSON"),
+    "5001-digit-integer": (
+        '{"state_bytes": ' + "9" * 5001 + "}",
+        "invalid JSON: a number too long",
+    ),
+    "100k-deep": ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested too deeply"),
     "missing-field": (json.dumps({"sources": [SOURCE]}), "state_bytes: is required"),
     "zero-state": (json.dumps({**GOOD, "state_bytes": 0}), "state_bytes: must be greater than 0"),
     "zero-bandwidth": (

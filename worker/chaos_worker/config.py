@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+MAX_SEED = 2**63 - 1
+"""The largest seed: what torch seeds with, and a Kubernetes integer, are 64-bit."""
+
 
 class WorkerConfig(BaseModel):
     """Everything one member needs; the launcher or the operator writes it."""
@@ -15,7 +18,7 @@ class WorkerConfig(BaseModel):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     listen: str = Field("127.0.0.1:0", description="host:port to accept peers on")
     entry: str = Field(description="module:factory of the training job")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="model and sample order seed")
     global_batch: PositiveInt = 64
     steps: PositiveInt = 100
     dtype: Literal["float32", "float64"] = "float32"

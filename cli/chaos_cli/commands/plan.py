@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
+    except (ValueError, RecursionError) as exc:  # a huge integer, a very deep nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else "a number too long"
+        raise UserError(f"invalid JSON: {reason}") from None
     try:
         request = PlanRequest.model_validate(document)
         plan = solve(request, args.solver)
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _read(name: str | None) -> str:
     if name is None:
-        return resources.files("chaos_operator").joinpath(EXAMPLE).read_text(encoding="utf-8")
+        return resources.files("chaos_cli").joinpath(EXAMPLE).read_text(encoding="utf-8")
     if name == "-":
         return sys.stdin.read()
     try:

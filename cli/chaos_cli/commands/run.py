@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -132,6 +133,7 @@ def options_from(args: argparse.Namespace, job=None):
 
     UserError on bad input.
     """
+    from chaos_worker.config import MAX_SEED
     from chaos_worker.examples import EXAMPLES
 
     from chaos_cli.local.churn import ChurnError, default_churn, parse_churn
@@ -163,8 +165,14 @@ def options_from(args: argparse.Namespace, job=None):
         raise UserError("--join-probe-frames must lie in 0..64")
     if fixed["global_batch"] < 1:
         raise UserError("--global-batch must be at least 1")
-    if not 0 < args.heartbeat_interval < args.failure_timeout:
-        raise UserError("need 0 < --heartbeat-interval < --failure-timeout")
+    if not 0 < args.heartbeat_interval < args.failure_timeout < math.inf:
+        raise UserError("need 0 < --heartbeat-interval < --failure-timeout, both finite")
+    if not 0 <= fixed["seed"] <= MAX_SEED:
+        raise UserError(f"--seed must lie in 0..{MAX_SEED}")
+    _check_device(args.device)
+    _check_writable("--report", Path(args.report))
+    if args.plot:
+        _check_writable("--plot", Path(args.plot))
     if not 0 <= args.base_port <= 65535 - workers:
         raise UserError("--base-port must be a port number")
     if entry is None:
@@ -184,11 +192,22 @@ def options_from(args: argparse.Namespace, job=None):
 
     from chaos_cli.local.profiles import resolve_links
 
+    names = worker_names(workers, churn)
     try:
-        links = resolve_links(args.links, worker_names(workers, churn))
-        parse_links(links)
+        links = resolve_links(args.links, names)
+        named = {end for pair in parse_links(links) if pair != "*" for end in pair.split("|")}
     except ShapeError as exc:
         raise UserError(str(exc)) from None
+    downlinks = _downlinks(args.downlink)
+    for flag, unknown in (
+        ("--links", named - set(names)),
+        ("--downlink", set(downlinks) - set(names)),
+    ):
+        if unknown and job is None:  # a manifest's pods are named by the reconcile
+            raise UserError(
+                f"{flag} names {', '.join(sorted(unknown))}, not a worker of this run "
+                f"({', '.join(names)})"
+            )
     return JobOptions(
         entry=entry,
         workers=workers,
@@ -204,12 +223,33 @@ def options_from(args: argparse.Namespace, job=None):
         example=example,
         metrics=args.metrics,
         links=links,
-        downlinks=_downlinks(args.downlink),
+        downlinks=downlinks,
         join_mode=args.join_mode,
         join_strategy=args.join_strategy,
         join_probe_frames=args.join_probe_frames,
         netns=args.netns,
     )
+
+
+def _check_device(name: str) -> None:
+    """`cpu`, `cuda`, `cuda:N` or `auto`; `cuda` only where torch sees a GPU."""
+    import re
+
+    import torch
+
+    if not re.fullmatch(r"cpu|auto|cuda(:\d{1,3})?", name):
+        raise UserError(f"--device {name!r}: choose cpu, cuda, cuda:N or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA device here; use cpu or auto")
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """Fail now, not after the run, when `path` cannot be written."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot write in {folder}")
 
 
 def check_entry(options, where: str = "") -> None:

@@ -6,6 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from chaos_worker.config import MAX_SEED
 from pydantic import AfterValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from chaos_operator.api.meta import (
@@ -173,6 +174,7 @@ class ChaosJobSpec(ApiModel):
     seed: int = Field(
         0,
         ge=0,
+        le=MAX_SEED,
         description="Seed of the model initialisation and the sample order. Immutable.",
         json_schema_extra=immutable("seed"),
     )

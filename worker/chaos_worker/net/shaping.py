@@ -78,6 +78,8 @@ def parse_rate(text: str) -> float:
 
 def parse_shape(text: str) -> LinkShape:
     """`25MB/s`, `25MB/s+40ms` or `+40ms` -> LinkShape."""
+    if not text.strip():
+        raise ShapeError("empty shape; give a rate such as 25MB/s, a delay such as +40ms, or both")
     rate_text, _, delay_text = text.strip().partition("+")
     rate = parse_rate(rate_text) if rate_text else None
     delay = 0.0
