@@ -27,19 +27,17 @@ import concurrent.futures
 import contextlib
 import hashlib
 import io
-import itertools
 import logging
 import os
 import shutil
 import signal
-import statistics
 import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +47,7 @@ from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import WorkerConfig
 from chaos_worker.join.plan import shard_plan, source_bandwidths
 from chaos_worker.join.probe import probe_downlinks
+from chaos_worker.membership.liveness import Liveness
 from chaos_worker.membership.readiness import (
     ask_now,
     ready_in,
@@ -75,6 +74,7 @@ from chaos_worker.net.wire import (
     StateTransfer,
     WireMessage,
 )
+from chaos_worker.ports import Progress
 from chaos_worker.priority import in_background
 from chaos_worker.replication.ledger import SentReader
 from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
@@ -88,8 +88,7 @@ from chaos_worker.replication.snapshot import (
     state_digest,
 )
 from chaos_worker.telemetry.metrics import WorkerMetrics
-from chaos_worker.telemetry.probes import LinkMonitor, directed
-from chaos_worker.telemetry.stall import StallMeter
+from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.compute import apply_flat_grads, flatten_grads, gradient_sum
 from chaos_worker.training.sampling import split_by_throughput, step_sample_ids
 from chaos_worker.training.trainspec import TrainSpec
@@ -102,13 +101,8 @@ log = logging.getLogger(__name__)
 # always in time. (The planner's `switch_step`, which budgets round trips from step time
 # and RTT, is for decisions that travel outside the data path.)
 FIFO_SWITCH_MARGIN = 2
-STARTUP_TIMEOUT_S = 60.0
 DEFAULT_BANDWIDTH = 1e9
 """Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
-GOSSIP_EVERY = 10
-"""Heartbeats between two link-table gossips to the neighbours (1 s by default)."""
-MAX_GOSSIP_ENTRIES = 256
-"""Most link figures in one gossip message (the freshest)."""
 
 
 @dataclass
@@ -139,6 +133,23 @@ class Member:
             shape=lambda peer: shape_for(wire, self.me, peer),
             downlink=TokenBucket(downlink) if downlink else None,
         )
+        self.control = ControlLink(config.control, self._on_command)
+        self.outbox = LinkOutbox(self.me, self.transport, self.control)
+        self.progress = Progress()
+        metrics = WorkerMetrics(self.me) if config.metrics_port is not None else None
+        self.telemetry = Telemetry(
+            self.me, outbox=self.outbox, clock=time.monotonic, metrics=metrics
+        )
+        self.liveness = Liveness(
+            self.me,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            failure_timeout_s=config.failure_timeout_s,
+            membership=self,  # until the protocol has a class of its own
+            telemetry=self.telemetry,
+            outbox=self.outbox,
+            progress=self.progress,
+            clock=time.monotonic,
+        )
         self._inline = config.replicator == "inline" and not config.replicator_address
         self._owned_dir: Path | None = None  # a private snapshot directory, removed at exit
         directory = Path(config.snapshot_dir) if config.snapshot_dir else None
@@ -153,13 +164,12 @@ class Member:
                 self.me,
                 self.store,
                 shape=lambda peer: shape_for(wire, self.me, peer),
-                on_sent=lambda peer, n: self._count_replication(peer, "sent", n),
+                on_sent=lambda peer, n: self.telemetry.count_replication(peer, "sent", n),
             )
             if self._inline
             else None
         )
         self._child: Child | None = None
-        self._served: SentReader | None = None  # what a replicator process reports sent
         self._shapes = shapes
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
         self._preparing: asyncio.Future | None = None  # a newcomer filling its slots
@@ -168,10 +178,8 @@ class Member:
         self._ready_t = 0.0
         self._view_step = -1
         """The step the view in force took effect at (`View.shares`)."""
-        self._step_started = 0.0  # when the step in progress began (monotonic)
         self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
         self._unpin_after: dict[int, int] = {}  # pinned snapshot -> step whose end frees it
-        self._replicators: dict[str, str] = {}
         self._observers: dict[str, JoinPlan] = {}
         self._join_plan: JoinPlan | None = None
         self._join_decision: Decision | None = None
@@ -182,46 +190,30 @@ class Member:
         self.collective = TreeAllReduce(
             self.me, self.transport.send, bucket_bytes=config.bucket_bytes
         )
-        self.control = ControlLink(config.control, self._on_command)
         self.view: View | None = None
-        self.step = 0
-        self.completed = -1
         self.last_total: np.ndarray | None = None
         self.address = config.listen
         self._seen: set[str] = set()
-        self._seq = itertools.count()
-        self._heard: dict[str, float] = {}
-        self._link_heard: dict[str, float] = {}
         self._speeds: dict[str, float] = {}
         self._open: dict[str, Proposal] = {}
         self._pending: Decision | None = None
-        self._suspects: set[str] = set()
+        self.suspects: set[str] = set()
         self._recovery: _Recovery | None = None
         self._decided: asyncio.Event = asyncio.Event()
         self._immediate: Decision | None = None
         self._floor_epoch = 0
         self._op: asyncio.Task | None = None
-        self._aborting = False
+        self.aborting = False
         self._leaving = False
         self._state_bytes: tuple[int, bytes] | None = None
         self._state_sender = ""
-        self._job_size = 0  # largest view size heard in heartbeats (a newcomer's probe)
         self._state_event = asyncio.Event()
         self._join_order = asyncio.Event()
         self._rejoining = False
-        self._born = time.monotonic()
         self._seed = config.join
-        self._step_times: deque[float] = deque(maxlen=10)
-        self._rtts: deque[float] = deque(maxlen=20)
-        self._ping_read: dict[str, float] = {}  # peer -> when its last empty Ping was read
-        self._samples_per_s = 0.0
         self._tasks: list[asyncio.Task] = []
         self._like = flatten_grads(spec.model).detach().cpu().numpy()
         self.loss_curve: list[tuple[int, float]] = []
-        self.monitor = LinkMonitor(self.me)
-        self.metrics = WorkerMetrics(self.me) if config.metrics_port is not None else None
-        self.stall = StallMeter()
-        self._scale_out_from: float | None = None  # a newcomer's join request, until it steps
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -230,14 +222,18 @@ class Member:
         host = self.cfg.listen.rpartition(":")[0]
         # the replicator first: starting a process takes a while, and once this member
         # listens, the others' messages (a probe) need answers on links not yet opened
-        self._replicators[self.me] = await self._start_replicator(host)
+        self.liveness.replicators[self.me] = await self._start_replicator(host)
         port = await self.transport.listen(host, int(self.cfg.listen.rpartition(":")[2]))
         self.address = f"{host}:{port}"
         await self.control.open()
-        metrics_port = self.metrics.serve(host, self.cfg.metrics_port) if self.metrics else None
-        self._report("ready", address=self.address, metrics_port=metrics_port)
+        metrics = self.telemetry.metrics
+        metrics_port = metrics.serve(host, self.cfg.metrics_port) if metrics else None
+        self.outbox.report("ready", address=self.address, metrics_port=metrics_port)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._watch())]
+        self._tasks = [
+            loop.create_task(self.liveness.heartbeats()),
+            loop.create_task(self.liveness.watch()),
+        ]
         if self.cfg.control is None:  # in a pod: deletion (SIGTERM) is a graceful leave
             loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         if self.cfg.members:
@@ -246,7 +242,7 @@ class Member:
             self._sync_links()
         else:
             if self.cfg.standby:
-                self._report("standby", t=time.monotonic())
+                self.outbox.report("standby", t=time.monotonic())
                 await self._join_order.wait()
             await self._join()
         try:
@@ -257,12 +253,12 @@ class Member:
             self._settle_publish()
             self._publisher.shutdown()
             digest = state_digest(self.spec.model, self.spec.optimizer)
-            self._report(
+            self.outbox.report(
                 "exit",
-                step=self.step,
-                completed=self.completed,
+                step=self.progress.step,
+                completed=self.progress.completed,
                 state_sha256=digest,
-                links=self.monitor.table.as_dict(time.monotonic()),
+                links=self.telemetry.monitor.table.as_dict(time.monotonic()),
             )
             await self._stop_replicator()
             await self.transport.close()
@@ -273,7 +269,7 @@ class Member:
         if self.replicator is not None:
             return await self.replicator.start(host)
         assert self.store.directory is not None
-        self._served = SentReader(self.store.directory)
+        self.telemetry.served = SentReader(self.store.directory).news
         if self.cfg.replicator_address:
             return self.cfg.replicator_address
         self._child = await start_child(
@@ -297,8 +293,8 @@ class Member:
         """Ask a member to admit us, then catch up as an observer or by a full copy."""
         self.transport.connect("_seed", self._seed)
         self._join_requested_at = time.monotonic()
-        self._scale_out_from = self._join_requested_at
-        self._report("join_requested", t=self._join_requested_at, mode=self.cfg.join_mode)
+        self.telemetry.scale_out_started(self._join_requested_at)
+        self.outbox.report("join_requested", t=self._join_requested_at, mode=self.cfg.join_mode)
         if self.cfg.join_mode == "observe":
             await self._measure_downlinks()
             self._ask_to_join("observe")
@@ -308,18 +304,18 @@ class Member:
             except JoinFailed as exc:
                 if self._asked_ready:  # a switch step is agreed: the members expect us there
                     raise
-                self._report("join_fallback", reason=str(exc), t=time.monotonic())
+                self.outbox.report("join_fallback", reason=str(exc), t=time.monotonic())
         self._ask_to_join("copy")
         decision = await self._joining_decision()
         await self._take_state()
         self.transport.disconnect("_seed", goodbye=True)
         self._open.clear()
         self._install(decision, send_state=False)
-        self._report("joined", path="stop-and-copy", t=time.monotonic())
+        self.outbox.report("joined", path="stop-and-copy", t=time.monotonic())
 
     def _ask_to_join(self, mode: str, ready_in_s: float = 0.0) -> None:
         now = time.monotonic()
-        links = self.monitor.table.share(now, limit=MAX_GOSSIP_ENTRIES, fresh_only=True)
+        links = self.telemetry.fresh_links(now)
         proposal = Proposal(
             id=uuid.uuid4().hex,
             origin=self.me,
@@ -333,7 +329,7 @@ class Member:
             ready_in_s=ready_in_s,
         )
         self._seen.add(proposal.id)
-        self._flood(proposal)
+        self.outbox.flood(proposal)
 
     async def _measure_downlinks(self) -> None:
         """Time the downlink from every member's replicator, one at a time (joinprobe.py).
@@ -348,10 +344,10 @@ class Member:
         self._ask_to_join("probe")
         deadline = time.monotonic() + max(1.0, 10 * self.cfg.heartbeat_interval_s)
         while time.monotonic() < deadline:
-            if 0 < self._job_size <= len(self._replicators) - 1:
+            if 0 < self.liveness.job_size <= len(self.liveness.replicators) - 1:
                 break
             await asyncio.sleep(0.01)
-        others = {m: a for m, a in self._replicators.items() if m != self.me}
+        others = {m: a for m, a in self.liveness.replicators.items() if m != self.me}
         downlink = self.cfg.downlink_bytes_per_s
         measured = await probe_downlinks(
             self.me,
@@ -362,8 +358,8 @@ class Member:
         )
         now = time.monotonic()
         for source, m in measured.items():
-            self.monitor.table.observe_transfer(source, self.me, m.nbytes, m.seconds, now)
-        self._report(
+            self.telemetry.monitor.table.observe_transfer(source, self.me, m.nbytes, m.seconds, now)
+        self.outbox.report(
             "downlinks_measured",
             bytes_per_s={s: round(m.bytes_per_s) for s, m in measured.items()},
             complete={s: m.complete for s, m in measured.items()},
@@ -389,7 +385,7 @@ class Member:
             now = time.monotonic()
             if now - last[0] >= 0.2 or done == shards:
                 last[0] = now
-                self._report("join_progress", bytes=received, done=done, shards=shards, t=now)
+                self.outbox.report("join_progress", bytes=received, done=done, shards=shards, t=now)
 
         loop = asyncio.get_running_loop()
         downlink = self.cfg.downlink_bytes_per_s
@@ -429,7 +425,7 @@ class Member:
             if not self._asked_ready and ask_now(remaining, load_bytes, period):
                 self._ask_ready(remaining, load_bytes)
         result = pulled.result()
-        self._observe_pull(result.bytes_per_source, result.transfers)
+        self.telemetry.observe_pull(result.bytes_per_source, result.transfers)
         if not self._asked_ready:
             self._ask_ready(0.0, load_bytes)
         # in a thread: this loop sends the `ready` proposal and takes observed totals meanwhile
@@ -437,9 +433,9 @@ class Member:
             load_from, result.data, result.layout, self.spec.model, self.spec.optimizer, self.device
         )
         self._prepare_slots(result)
-        self.step = plan.step
-        self.completed = plan.step - 1
-        self._report(
+        self.progress.step = plan.step
+        self.progress.completed = plan.step - 1
+        self.outbox.report(
             "state_loaded",
             step=plan.step,
             bytes_per_source=result.bytes_per_source,
@@ -483,7 +479,7 @@ class Member:
     def _ask_ready(self, remaining_s: float, load_bytes: int) -> None:
         self._asked_ready = True
         wait = ready_in(remaining_s, load_bytes)
-        self._report(
+        self.outbox.report(
             "ready_asked",
             remaining_s=round(remaining_s, 4),
             ready_in_s=round(wait, 4),
@@ -495,16 +491,16 @@ class Member:
         """Replay observed totals until the decision that admits this member takes effect."""
         reported = False
         while True:
-            while self.step in self._observed:
-                self._apply(self._observed.pop(self.step), observed=True)
-            for step in [s for s in self._observed if s < self.step]:
+            while self.progress.step in self._observed:
+                self._apply(self._observed.pop(self.progress.step), observed=True)
+            for step in [s for s in self._observed if s < self.progress.step]:
                 del self._observed[step]
             decision = self._join_decision
-            if decision is not None and decision.effective_step <= self.step:
+            if decision is not None and decision.effective_step <= self.progress.step:
                 self.transport.disconnect("_seed", goodbye=True)
                 self._open.clear()
                 self._install(decision, send_state=False)
-                self._report("joined", path="observer", t=time.monotonic())
+                self.outbox.report("joined", path="observer", t=time.monotonic())
                 return
             if len(self._observed) > self.cfg.observer_max_backlog:
                 raise JoinFailed(
@@ -512,7 +508,7 @@ class Member:
                 )
             if not reported:
                 reported = True
-                self._report("caught_up", step=self.step, t=time.monotonic())
+                self.outbox.report("caught_up", step=self.progress.step, t=time.monotonic())
             await self._wait_change()
 
     async def _take_state(self) -> None:
@@ -520,54 +516,65 @@ class Member:
         await self._state_event.wait()
         self._state_event.clear()
         step, blob = self._state_bytes
-        self._count_replication(self._state_sender, "received", len(blob))
+        self.telemetry.count_replication(self._state_sender, "received", len(blob))
         self._load_state(blob)
-        self.step = step
-        self.completed = step - 1
+        self.progress.step = step
+        self.progress.completed = step - 1
 
     # ------------------------------------------------------------------ training
 
     async def _train(self) -> None:
         while True:
-            if self._aborting:
+            if self.aborting:
                 await self._recover()
                 continue
             if await self._at_boundary():
                 return
-            if self.step >= self.cfg.steps:
+            if self.progress.step >= self.cfg.steps:
                 return
             self._probe_links()
             started = time.perf_counter()
-            self._step_started = time.monotonic()
+            self.progress.started = time.monotonic()
             ids = step_sample_ids(
-                self.cfg.seed, self.step, self.cfg.global_batch, len(self.spec.dataset)
+                self.cfg.seed, self.progress.step, self.cfg.global_batch, len(self.spec.dataset)
             )
-            shares = self.view.shares(first_step=self.step == self._view_step)
+            shares = self.view.shares(first_step=self.progress.step == self._view_step)
             mine = split_by_throughput(ids, shares).get(self.me, [])
-            log.debug("step %d epoch %d: %d samples", self.step, self.view.epoch, len(mine))
+            log.debug(
+                "step %d epoch %d: %d samples", self.progress.step, self.view.epoch, len(mine)
+            )
             loss = await asyncio.to_thread(
                 gradient_sum, self.spec, mine, micro_batch=self.cfg.micro_batch
             )
             compute_s = time.perf_counter() - started
             self._ready_t = time.monotonic()  # this member's gradient is ready to reduce
             if mine:
-                self._samples_per_s = len(mine) / max(compute_s, 1e-6)
-            if self._aborting:
+                self.progress.samples_per_s = len(mine) / max(compute_s, 1e-6)
+            if self.aborting:
                 continue
             flat = flatten_grads(self.spec.model).detach().cpu().numpy()
             buf = np.concatenate([flat, np.array([loss, len(mine)], dtype=flat.dtype)])
-            self._op = asyncio.ensure_future(self.collective.allreduce(self.view, self.step, buf))
+            self._op = asyncio.ensure_future(
+                self.collective.allreduce(self.view, self.progress.step, buf)
+            )
             try:
                 total = await self._op
             except asyncio.CancelledError:
-                if not self._aborting:
+                if not self.aborting:
                     raise
                 continue
             finally:
                 self._op = None
             self._apply(total)
-            self._step_times.append(time.perf_counter() - started)
-            self._observe_step(len(mine), compute_s, self._step_times[-1])
+            self.progress.step_times.append(time.perf_counter() - started)
+            self.telemetry.observe_step(
+                len(mine),
+                compute_s,
+                self.progress.step_times[-1],
+                loss=self.loss_curve[-1][1],
+                members=len(self.view.members),
+                step=self.progress.completed,
+            )
 
     def _apply(self, total: np.ndarray, *, observed: bool = False) -> None:
         """Divide the reduced sum by the global batch, step the optimizer, publish the
@@ -580,34 +587,35 @@ class Member:
         loss = float(total[-2]) / self.cfg.global_batch
         if round(float(total[-1])) != self.cfg.global_batch:
             raise RuntimeError(
-                f"step {self.step} reduced {total[-1]} samples, expected {self.cfg.global_batch}"
+                f"step {self.progress.step} reduced {total[-1]} samples, "
+                f"expected {self.cfg.global_batch}"
             )
         self.last_total = total
-        self.completed = self.step
-        self.loss_curve.append((self.step, loss))
+        self.progress.completed = self.progress.step
+        self.loss_curve.append((self.progress.step, loss))
         if observed:  # replaying: nobody pulls from an observer, so publish nothing yet
-            self.step += 1
+            self.progress.step += 1
             return
-        for pinned in [s for s, after in self._unpin_after.items() if after <= self.step]:
+        for pinned in [s for s, after in self._unpin_after.items() if after <= self.progress.step]:
             self.store.release(pinned)
             del self._unpin_after[pinned]
         if self._slots_ready():
             self._publishing = self._publisher.submit(
-                self.store.publish, self.step + 1, self.spec.model, self.spec.optimizer
+                self.store.publish, self.progress.step + 1, self.spec.model, self.spec.optimizer
             )
-        self._report(
+        self.outbox.report(
             "progress",
-            step=self.step,
+            step=self.progress.step,
             loss=loss,
             epoch=self.view.epoch,
             members=len(self.view.members),
             root=self.view.root,
-            samples_per_s=self._samples_per_s,
+            samples_per_s=self.progress.samples_per_s,
             publish_s=self._publish_s,
             ready_t=self._ready_t,
             t=time.monotonic(),
         )
-        self.step += 1
+        self.progress.step += 1
 
     def _settle_publish(self) -> None:
         """Wait for the snapshot copy in flight (before the tensors change); time the wait."""
@@ -622,17 +630,23 @@ class Member:
         if self.view is None or self.view.root != self.me:
             return
         for joiner, plan in self._observers.items():
-            if self.step >= plan.step:
-                message = ObservedTotal(sender=self.me, step=self.step, dtype=total.dtype.str)
+            if self.progress.step >= plan.step:
+                message = ObservedTotal(
+                    sender=self.me, step=self.progress.step, dtype=total.dtype.str
+                )
                 self.transport.send(joiner, message, total)
 
     async def _at_boundary(self) -> bool:
         """Install what takes effect at this step; True when this member must stop."""
         while True:
-            if self._aborting:
+            if self.aborting:
                 return False
             pending = self._pending
-            if pending is not None and not self.view.paused and pending.effective_step <= self.step:
+            if (
+                pending is not None
+                and not self.view.paused
+                and pending.effective_step <= self.progress.step
+            ):
                 self._install(pending)
             if self._leaving_now():
                 return True
@@ -660,15 +674,14 @@ class Member:
         for cause in decision.causes:
             self._open.pop(cause["id"], None)
             self._received_at.pop(cause["id"], None)
-        now = time.monotonic()
         joiners = [m for m in self.view.members if old is None or m not in old.members]
+        self.liveness.admit(joiners)
         for member in joiners:
-            self._heard[member] = now
             plan = self._observers.pop(member, None)
             if plan is not None:
                 # a newcomer that asked early may still be pulling: keep the snapshot until
                 # this step is reduced, which needs the newcomer's share, hence its state
-                self._unpin_after[plan.step] = self.step
+                self._unpin_after[plan.step] = self.progress.step
         copying = [
             c["subject"] for c in decision.causes if c["kind"] == "join" and c["mode"] == "copy"
         ]
@@ -678,21 +691,23 @@ class Member:
             digest = hashlib.sha256(blob).hexdigest()
             for joiner in copying:
                 self.transport.send(
-                    joiner, StateTransfer(sender=self.me, step=self.step, sha256=digest), blob
+                    joiner,
+                    StateTransfer(sender=self.me, step=self.progress.step, sha256=digest),
+                    blob,
                 )
-                self._count_replication(joiner, "sent", len(blob))
+                self.telemetry.count_replication(joiner, "sent", len(blob))
         self._sync_links()
-        self.stall.change_installed()
+        self.telemetry.stall.change_installed()
         self._report_installed(decision)
 
     def _report_installed(self, decision: Decision) -> None:
         """Tell the launcher that the view of `decision` is now in force here."""
-        self._observe_decision(decision)
-        self._report(
+        self.telemetry.observe_decision(decision)
+        self.outbox.report(
             "installed",
             decision=decision.id,
             epoch=self.view.epoch,
-            step=self.step,
+            step=self.progress.step,
             members=len(self.view.members),
             paused=self.view.paused,
             t=time.monotonic(),
@@ -703,7 +718,7 @@ class Member:
 
     def _maybe_decide(self) -> None:
         """As root, plan joins and turn open planned proposals into the next view."""
-        if self.view.root != self.me or self._aborting:
+        if self.view.root != self.me or self.aborting:
             return
         self._plan_joins()
         if self._pending is not None:
@@ -716,7 +731,7 @@ class Member:
         staying = [m for m in sorted(self.view.members) if m not in leaving] or [self.me]
         side_of = self.me if self.me in staying else staying[0]
         outcome = next_view(self.view, changes, side_of=side_of, speeds=self._speed_table())
-        effective = self.step + self._switch_margin(self._ready_wait(proposals))
+        effective = self.progress.step + self._switch_margin(self._ready_wait(proposals))
         decision = Decision(
             id=uuid.uuid4().hex,
             origin=self.me,
@@ -731,11 +746,10 @@ class Member:
         """Steps ahead a decision taken now takes effect: at least one while this step's
         totals have not left the root (the decision travels ahead of them), else
         `FIFO_SWITCH_MARGIN`; and not before `wait_s` from now (readiness.py)."""
-        ahead = self.collective.down_sent != (self.view.epoch, self.step)
+        ahead = self.collective.down_sent != (self.view.epoch, self.progress.step)
         minimum = 1 if ahead else FIFO_SWITCH_MARGIN
-        period = statistics.median(self._step_times) if self._step_times else None
         now = time.monotonic()
-        return switch_steps(now, self._step_started, period, wait_s, minimum)
+        return switch_steps(now, self.progress.started, self.progress.period(), wait_s, minimum)
 
     def _ready_wait(self, proposals: list[Proposal]) -> float:
         """Seconds from now until the slowest newcomer asking to switch in is ready."""
@@ -762,9 +776,9 @@ class Member:
             self._on_join_plan(plan)
 
     def _make_join_plan(self, proposal: Proposal) -> JoinPlan | None:
-        """Shards of snapshot `self.step` per source, from the planner and link figures.
+        """Shards of snapshot `self.progress.step` per source, from the planner and link figures.
 
-        The root has not finished step `self.step`, so it streams that step's total and
+        The root has not finished step `self.progress.step`, so it streams that step's total and
         every later one; every source still holds or will publish that snapshot. Its size
         is taken from the newest snapshot published here.
         """
@@ -773,11 +787,11 @@ class Member:
         if snap is None:
             return None
         leaving = {p.subject for p in self._open.values() if p.kind == "leave"}
-        candidates = [m for m in sorted(self.view.members) if m in self._replicators]
+        candidates = [m for m in sorted(self.view.members) if m in self.liveness.replicators]
         figures = source_bandwidths(
             [m for m in candidates if m not in leaving],
             proposal.subject,
-            self.monitor.table,
+            self.telemetry.monitor.table,
             time.monotonic(),
             shaped=lambda m: shape_for(self._shapes, m, proposal.subject).rate_bytes_per_s,
             default=DEFAULT_BANDWIDTH,
@@ -794,11 +808,11 @@ class Member:
             origin=self.me,
             joiner=proposal.subject,
             joiner_address=proposal.address,
-            step=self.step,
+            step=self.progress.step,
             state_bytes=state_bytes,
             shards=plan.shards,
             assignment=assignment,
-            replicators={m: self._replicators[m] for m in assignment},
+            replicators={m: self.liveness.replicators[m] for m in assignment},
             bandwidths={s.id: s.bandwidth_bytes_per_s for s in sources},
             figures={m: figure for m, (_, figure) in figures.items()},
             manifest_from=next(iter(assignment)),
@@ -811,14 +825,14 @@ class Member:
         if plan.id in self._seen:
             return
         self._seen.add(plan.id)
-        self._flood(plan)
+        self.outbox.flood(plan)
         if plan.joiner == self.me:
             if self._join_plan is None:
                 self._join_plan = plan
                 self._decided.set()
             return
         if self.view is not None:
-            self.stall.change_started()
+            self.telemetry.stall.change_started()
         if self.me in plan.assignment:
             # the manifest's hashes ahead of its request, at this process's priority (a
             # replicator process takes them from the snapshot directory)
@@ -827,7 +841,7 @@ class Member:
         self._observers[plan.joiner] = plan
         self.transport.connect(plan.joiner, plan.joiner_address)
         if plan.origin == self.me:
-            self._report(
+            self.outbox.report(
                 "join_planned",
                 joiner=plan.joiner,
                 step=plan.step,
@@ -856,8 +870,8 @@ class Member:
     def _speed_table(self) -> dict[str, float]:
         speeds = dict(self.view.speeds)
         speeds.update({m: s for m, s in self._speeds.items() if s > 0})
-        if self._samples_per_s > 0:
-            speeds[self.me] = self._samples_per_s
+        if self.progress.samples_per_s > 0:
+            speeds[self.me] = self.progress.samples_per_s
         return speeds
 
     def _accept_decision(self, decision: Decision) -> None:
@@ -872,8 +886,8 @@ class Member:
         for member, address in view.members.items():
             if member != self.me and member in view.neighbours(self.me):
                 self.transport.connect(member, address)
-        self._flood(decision)
-        self._report(
+        self.outbox.flood(decision)
+        self.outbox.report(
             "agreed",
             decision=decision.id,
             epoch=view.epoch,
@@ -884,7 +898,7 @@ class Member:
         if self.view is None:
             self._join_decision = switch_decision(self._join_decision, decision, self.me)
         else:
-            self.stall.change_started()
+            self.telemetry.stall.change_started()
         if decision.immediate:
             if self.view is None or view.epoch > self.view.epoch:
                 self._immediate = decision
@@ -894,9 +908,9 @@ class Member:
 
     # ------------------------------------------------------------------ recovery
 
-    def _suspect(self, member: str, detected_at: float) -> None:
+    def suspect(self, member: str, detected_at: float) -> None:
         """A member looks dead: tell everybody and abort the step in flight."""
-        if self.view is None or member not in self.view.members or member in self._suspects:
+        if self.view is None or member not in self.view.members or member in self.suspects:
             return
         proposal = Proposal(
             id=f"crash:{member}:{self.view.epoch}",
@@ -906,13 +920,13 @@ class Member:
             detected_at=detected_at,
             epoch=self.view.epoch,
         )
-        self._report("detected", event="crash", subject=member, t=detected_at)
+        self.outbox.report("detected", event="crash", subject=member, t=detected_at)
         self._on_proposal(proposal)
 
     def _begin_abort(self) -> None:
-        self.stall.change_started()
-        if not self._aborting:
-            self._aborting = True
+        self.telemetry.stall.change_started()
+        if not self.aborting:
+            self.aborting = True
             self._recovery = _Recovery()
         if self._op is not None:
             self._op.cancel()
@@ -922,42 +936,42 @@ class Member:
         """Report progress to the coordinator and wait for the recovery decision."""
         epoch = self.view.epoch
         status = MemberStatus(
-            id=f"status:{self.me}:{epoch}:{len(self._suspects)}",
+            id=f"status:{self.me}:{epoch}:{len(self.suspects)}",
             origin=self.me,
             epoch=epoch,
-            round=len(self._suspects),
-            completed=self.completed,
+            round=len(self.suspects),
+            completed=self.progress.completed,
         )
         self._on_status(status)
         while self._immediate is None or View.model_validate(self._immediate.view).epoch <= epoch:
-            self._try_decide_recovery()
+            self.try_decide_recovery(time.monotonic())
             await self._wait_change()
         decision = self._immediate
         self._immediate = None
         view = View.model_validate(decision.view)
         for cause in decision.causes:
             self._open.pop(cause["id"], None)
-        self._suspects.clear()
+        self.suspects.clear()
         self._pending = None
         self._recovery = None
-        self._aborting = False
+        self.aborting = False
         self._floor_epoch = view.epoch
         self.view = view
         self._view_step = decision.effective_step
         self._sync_links()
-        self.stall.change_installed()
+        self.telemetry.stall.change_installed()
         if self.me in view.members and decision.replay_step is not None and not view.paused:
             like = np.zeros(self._like.size + 2, dtype=self._like.dtype)
             total = await self.collective.broadcast(
                 view, decision.replay_step, self.last_total, like
             )
-            if self.completed < decision.replay_step:
+            if self.progress.completed < decision.replay_step:
                 self._apply(total)
         if self.me in view.members:
-            self.step = decision.effective_step
+            self.progress.step = decision.effective_step
         self._report_installed(decision)
         if view.paused:
-            self._report(
+            self.outbox.report(
                 "paused",
                 reason="partition minority",
                 members=sorted(view.members),
@@ -968,7 +982,7 @@ class Member:
         if status.id in self._seen:
             return
         self._seen.add(status.id)
-        self._flood(status)
+        self.outbox.flood(status)
         if self.view is None or status.epoch < self._floor_epoch:
             return
         if self._recovery is None:
@@ -978,7 +992,7 @@ class Member:
 
     def _side(self, view: View) -> set[str]:
         """Members of `view` reachable from here over live links, suspects excluded."""
-        alive = [m for m in view.members if m not in self._suspects]
+        alive = [m for m in view.members if m not in self.suspects]
         down = set(view.down) | {
             link_key(p.subject, p.peer) for p in self._open.values() if p.kind == "link_down"
         }
@@ -996,27 +1010,27 @@ class Member:
                     todo.append(nxt)
         return seen
 
-    def _try_decide_recovery(self) -> None:
+    def try_decide_recovery(self, now: float) -> None:
         """As coordinator, decide the recovery view once every live member has reported."""
         if self._recovery is None or self.view is None or self._recovery.decided:
             return
         statuses = self._recovery.statuses
-        base, done = self._recovery_base(max(statuses.values(), default=self.completed))
+        base, done = self._recovery_base(max(statuses.values(), default=self.progress.completed))
         side = self._side(base)
         if min(side) != self.me:
             return
         missing = [m for m in side if m not in statuses]
         if missing:
-            if time.monotonic() - self._recovery.started > self.cfg.failure_timeout_s:
+            if now - self._recovery.started > self.cfg.failure_timeout_s:
                 for member in missing:
-                    self._suspect(member, time.monotonic())
+                    self.suspect(member, now)
             return
         latest = max(statuses[m] for m in side)
         holders = [m for m in side if statuses[m] == latest]
         lagging = any(statuses[m] < latest for m in side)
         proposals = [p for p in self._open.values() if p.kind != "join" and p.id not in done]
         changes = [_change(p) for p in proposals]
-        changes += [Change("crash", m) for m in self._suspects if m in base.members]
+        changes += [Change("crash", m) for m in self.suspects if m in base.members]
         outcome = next_view(
             base,
             changes,
@@ -1051,21 +1065,19 @@ class Member:
 
     def _on_message(self, sender: str, message: Message, payload: bytes) -> None:
         now = time.monotonic()
-        self._link_heard[sender] = now
-        self._heard[sender] = now
+        self.liveness.heard_from(sender, now)
         if isinstance(message, Chunk):
             self.collective.deliver(sender, message, payload)
         elif isinstance(message, Heartbeat):
-            self._on_heartbeat(message)
+            self.liveness.on_heartbeat(message, now)
         elif isinstance(message, Ping):
-            self.transport.send(sender, self._pong(sender, message, payload, now))
+            self.liveness.on_ping(sender, message, payload, now)
         elif isinstance(message, Pong):
-            self._rtts.append(now - message.echo)
-            self.monitor.on_pong(sender, message.echo, now, gap_s=message.gap_s)
+            self.telemetry.on_pong(sender, message, now)
         elif isinstance(message, Proposal):
             self._on_proposal(message)
         elif isinstance(message, LinkGossip):
-            self._merge_links(message.links, self._known_link)
+            self.telemetry.merge_links(message.links, self._known_link)
         elif isinstance(message, MemberStatus):
             self._on_status(message)
         elif isinstance(message, Decision):
@@ -1073,7 +1085,7 @@ class Member:
         elif isinstance(message, JoinPlan):
             self._on_join_plan(message)
         elif isinstance(message, ObservedTotal):
-            if self.view is None and message.step >= self.step:
+            if self.view is None and message.step >= self.progress.step:
                 self._observed_at.append(now)
                 self._observed[message.step] = np.frombuffer(payload, dtype=message.dtype).copy()
                 self._decided.set()
@@ -1085,27 +1097,9 @@ class Member:
             self._state_sender = sender
             self._state_event.set()
 
-    def _pong(self, sender: str, ping: Ping, payload: bytes, now: float) -> Pong:
-        """The answer to a `Ping`; a probe's payload Ping gets the time since its empty
-        marker was read here, so that traffic on the way back cannot skew the figure."""
-        if not payload:
-            self._ping_read[sender] = now
-            return Pong(sender=self.me, echo=ping.sent_at)
-        marker = self._ping_read.pop(sender, None)
-        gap = None if marker is None else now - marker
-        return Pong(sender=self.me, echo=ping.sent_at, gap_s=gap)
-
-    def _on_heartbeat(self, beat: Heartbeat) -> None:
-        key = f"hb:{beat.origin}:{beat.seq}"
-        if key in self._seen or beat.origin == self.me:
-            return
-        self._seen.add(key)
-        self._heard[beat.origin] = time.monotonic()
-        self._speeds[beat.origin] = beat.samples_per_s
-        if beat.replicator:
-            self._replicators[beat.origin] = beat.replicator
-        self._job_size = max(self._job_size, beat.members)
-        self._flood(beat)
+    def heard_speed(self, member: str, samples_per_s: float) -> None:
+        """The compute speed `member` announced in its latest heartbeat."""
+        self._speeds[member] = samples_per_s
 
     def _on_proposal(self, proposal: Proposal) -> None:
         if proposal.id in self._seen:
@@ -1113,9 +1107,9 @@ class Member:
         self._seen.add(proposal.id)
         if proposal.kind == "join" and proposal.address:
             self.transport.connect(proposal.subject, proposal.address)
-        self._flood(proposal)
+        self.outbox.flood(proposal)
         if proposal.kind == "join" and proposal.links:
-            self._merge_links(proposal.links, lambda _src, dst: dst == proposal.subject)
+            self.telemetry.merge_links(proposal.links, lambda _src, dst: dst == proposal.subject)
         if self.view is None or proposal.mode == "probe":
             return
         if proposal.kind == "crash" and proposal.subject == self.me:
@@ -1123,7 +1117,7 @@ class Member:
         self._open[proposal.id] = proposal
         self._received_at[proposal.id] = time.monotonic()
         if proposal.kind == "crash":
-            self._suspects.add(proposal.subject)
+            self.suspects.add(proposal.subject)
             self._begin_abort()
         elif proposal.kind == "link_down" and self._on_tree(proposal.subject, proposal.peer):
             self._begin_abort()
@@ -1139,7 +1133,7 @@ class Member:
 
     def _on_disconnect(self, peer: str, graceful: bool) -> None:
         if not graceful and self.view is not None and peer in self.view.members:
-            self._suspect(peer, time.monotonic())
+            self.suspect(peer, time.monotonic())
 
     def _on_command(self, command: dict) -> None:
         kind = command.get("cmd")
@@ -1186,7 +1180,9 @@ class Member:
             detected_at=now,
             epoch=self.view.epoch if self.view else -1,
         )
-        self._report("detected", event=kind, subject=subject, peer=peer, t=now, id=proposal.id)
+        self.outbox.report(
+            "detected", event=kind, subject=subject, peer=peer, t=now, id=proposal.id
+        )
         self._on_proposal(proposal)
 
     def _rejoin(self) -> None:
@@ -1204,8 +1200,8 @@ class Member:
             epoch=self.view.epoch,
         )
         self._seen.add(proposal.id)
-        self._flood(proposal)
-        self._report("join_requested", t=proposal.detected_at)
+        self.outbox.flood(proposal)
+        self.outbox.report("join_requested", t=proposal.detected_at)
         asyncio.get_running_loop().create_task(self._rejoin_wait())
 
     async def _rejoin_wait(self) -> None:
@@ -1215,10 +1211,6 @@ class Member:
         await self._take_state()
         self._install(decision, send_state=False)
         self._rejoining = False
-
-    def _flood(self, message: WireMessage) -> None:
-        for peer in self.transport.peers():
-            self.transport.send(peer, message)
 
     def _sync_links(self) -> None:
         """Keep outgoing links to exactly the overlay neighbours of the current view."""
@@ -1234,52 +1226,6 @@ class Member:
             if not self.transport.is_blocked(peer):
                 self.transport.connect(peer, address)
 
-    # ------------------------------------------------------------------ background
-
-    async def _heartbeats(self) -> None:
-        while True:
-            now = time.monotonic()
-            beat = Heartbeat(
-                origin=self.me,
-                seq=next(self._seq),
-                epoch=self.view.epoch if self.view else -1,
-                step=self.step,
-                samples_per_s=self._samples_per_s,
-                sent_at=now,
-                replicator=self._replicators.get(self.me, ""),
-                members=len(self.view.members) if self.view else 0,
-            )
-            self._flood(beat)
-            if beat.seq % 5 == 0:
-                for peer in self.transport.peers():
-                    self.transport.send(peer, Ping(sender=self.me, sent_at=now))
-            if beat.seq % GOSSIP_EVERY == GOSSIP_EVERY - 1:
-                self._gossip(now)
-            if self.metrics is not None:
-                self.metrics.update_links(self.monitor.table, now)
-                self._count_served()
-            await asyncio.sleep(self.cfg.heartbeat_interval_s)
-
-    async def _watch(self) -> None:
-        """Failure detector: members not heard from within the timeout are suspected."""
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat_interval_s / 2)
-            now = time.monotonic()
-            if self.view is None or self.view.paused:
-                continue
-            for member in self.view.members:
-                if member == self.me or member in self._suspects:
-                    continue
-                # A member never heard from is still starting (importing torch, loading
-                # the job): it gets the start-up allowance instead of the failure timeout.
-                heard = self._heard.get(member)
-                silent = now - (heard if heard is not None else self._born)
-                limit = self.cfg.failure_timeout_s if heard is not None else STARTUP_TIMEOUT_S
-                if silent > limit:
-                    self._suspect(member, now)
-            if self._aborting:
-                self._try_decide_recovery()
-
     # ------------------------------------------------------------------ monitoring
 
     def _probe_links(self) -> None:
@@ -1287,84 +1233,14 @@ class Member:
         none while a membership change is pending, so probes never load its switch steps."""
         if self.view is None or self.view.paused or self._pending is not None:
             return
-        links = directed(self.view.overlay, self.view.down, self.view.members)
-        for probe in self.monitor.due(links, self.step, time.monotonic()):
-            if probe.dst in self.transport.peers():
-                marker, sent_at = self.monitor.start_pair(probe, time.monotonic())
-                self.transport.send(probe.dst, Ping(sender=self.me, sent_at=marker))
-                ping = Ping(sender=self.me, sent_at=sent_at)
-                self.transport.send(probe.dst, ping, bytes(probe.nbytes))
-
-    def _observe_step(self, samples: int, compute_s: float, step_s: float) -> None:
-        now = time.monotonic()
-        self.monitor.table.observe_step(self.me, samples, compute_s, now)
-        lost = self.stall.step_done(now)
-        if self.metrics is None:
-            return
-        if lost is not None:
-            self.metrics.add_stall(lost)
-        if self._scale_out_from is not None:  # a newcomer's first completed step
-            self.metrics.observe_scale_out(now - self._scale_out_from)
-            self._scale_out_from = None
-        loss = self.loss_curve[-1][1]
-        members = len(self.view.members)
-        self.metrics.observe_step(step_s, loss, samples, members, step=self.completed)
-
-    def _observe_pull(
-        self, bytes_per_source: dict[str, int], transfers: dict[str, list[tuple[int, float]]]
-    ) -> None:
-        """A newcomer's completed pull: bytes received per source, and each source's
-        delivery (request to last byte, this clock) as a transfer on its link to us."""
-        now = time.monotonic()
-        for source, nbytes in bytes_per_source.items():
-            self._count_replication(source, "received", nbytes)
-        for source, bursts in transfers.items():
-            for nbytes, seconds in bursts:
-                self.monitor.table.observe_transfer(source, self.me, nbytes, seconds, now)
-
-    def _count_served(self) -> None:
-        """Count what a replicator process (sidecar or child) sent since the last look."""
-        if self._served is not None:
-            for peer, nbytes in self._served.news().items():
-                self._count_replication(peer, "sent", nbytes)
-
-    def _count_replication(self, peer: str, direction: str, nbytes: int) -> None:
-        if self.metrics is not None and nbytes:
-            self.metrics.add_replication_bytes(peer, direction, nbytes)
-
-    def _gossip(self, now: float) -> None:
-        """Send the freshest link figures to the view's neighbours (`LinkGossip`)."""
-        if self.view is None:
-            return
-        links = self.monitor.table.share(now, limit=MAX_GOSSIP_ENTRIES, fresh_only=True)
-        if not any(links.values()):
-            return
-        message = LinkGossip(sender=self.me, links=links)
-        for peer in self.view.neighbours(self.me):
-            self.transport.send(peer, message)
+        view = self.view
+        self.telemetry.probe_links(view.overlay, view.down, view.members, self.progress.step)
 
     def _known_link(self, src: str, dst: str) -> bool:
         """Links between members (or newcomers) this member knows; figures about anybody
         else are not taken from a peer."""
         known = set(self.view.members if self.view else ()) | set(self._observers) | {self.me}
         return src in known and dst in known
-
-    def _merge_links(self, links: dict, accept: Callable[[str, str], bool]) -> None:
-        """Take in validated link figures from a peer (the newer measurement wins)."""
-        try:
-            self.monitor.table.merge(links, time.monotonic(), accept)
-        except ValueError as exc:
-            log.warning("ignored link figures: %s", exc)
-
-    def _observe_decision(self, decision: Decision) -> None:
-        """Count the causes of an applied decision; handling time from their detection."""
-        if self.metrics is None:
-            return
-        now = time.monotonic()
-        for cause in decision.causes:
-            detected = cause.get("detected_at")
-            handling = now - detected if isinstance(detected, int | float) else float("nan")
-            self.metrics.observe_event(str(cause.get("kind", "")), handling)
 
     # ------------------------------------------------------------------ state
 
@@ -1374,7 +1250,7 @@ class Member:
             {
                 "model": self.spec.model.state_dict(),
                 "optimizer": self.spec.optimizer.state_dict(),
-                "step": self.step,
+                "step": self.progress.step,
             },
             buffer,
         )
@@ -1385,9 +1261,36 @@ class Member:
         self.spec.model.load_state_dict(state["model"])
         self.spec.optimizer.load_state_dict(state["optimizer"])
 
-    def _report(self, record: str, **fields) -> None:
+
+class LinkOutbox:
+    """`ports.Outbox` over the transport and the launcher's control link. Sending only
+    queues frames on the transport's FIFO links, in the caller's turn: a decision flooded
+    inside a message callback goes out before anything this member sends later."""
+
+    def __init__(self, me: str, transport: TcpTransport, control: ControlLink) -> None:
+        self._me = me
+        self._transport = transport
+        self._control = control
+
+    def send(self, peer: str, message: WireMessage, payload: bytes | memoryview = b"") -> bool:
+        return self._transport.send(peer, message, payload)
+
+    def flood(self, message: WireMessage) -> None:
+        for peer in self._transport.peers():
+            self._transport.send(peer, message)
+
+    def report(self, record: str, **fields: Any) -> None:
         log.info("%s %s", record, fields)
-        self.control.report({"kind": record, "worker": self.me, **fields})
+        self._control.report({"kind": record, "worker": self._me, **fields})
+
+    def connect(self, peer: str, address: str) -> None:
+        self._transport.connect(peer, address)
+
+    def disconnect(self, peer: str) -> None:
+        self._transport.disconnect(peer, goodbye=True)
+
+    def peers(self) -> list[str]:
+        return self._transport.peers()
 
 
 def _change(proposal: Proposal) -> Change:
