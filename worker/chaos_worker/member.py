@@ -41,12 +41,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from chaos_planner.models import Source
 
 from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import WorkerConfig
-from chaos_worker.join.plan import shard_plan, source_bandwidths
 from chaos_worker.join.probe import probe_downlinks
+from chaos_worker.join.sponsor import JoinSponsor
 from chaos_worker.membership.liveness import Liveness
 from chaos_worker.membership.readiness import (
     ask_now,
@@ -101,8 +100,6 @@ log = logging.getLogger(__name__)
 # always in time. (The planner's `switch_step`, which budgets round trips from step time
 # and RTT, is for decisions that travel outside the data path.)
 FIFO_SWITCH_MARGIN = 2
-DEFAULT_BANDWIDTH = 1e9
-"""Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
 
 
 @dataclass
@@ -159,6 +156,19 @@ class Member:
             self._owned_dir = Path(tempfile.mkdtemp(prefix=f"chaos-{self.me}-", dir=where))
             directory = self._owned_dir
         self.store = SnapshotStore(directory)
+        self.sponsor = JoinSponsor(
+            self.me,
+            config,
+            spec,
+            membership=self,  # until the protocol has a class of its own
+            replicators=self.liveness.replicators,
+            shapes=shapes,
+            store=self.store,
+            telemetry=self.telemetry,
+            outbox=self.outbox,
+            progress=self.progress,
+            clock=time.monotonic,
+        )
         self.replicator = (
             Replicator(
                 self.me,
@@ -170,7 +180,6 @@ class Member:
             else None
         )
         self._child: Child | None = None
-        self._shapes = shapes
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
         self._preparing: asyncio.Future | None = None  # a newcomer filling its slots
         self._publishing: concurrent.futures.Future | None = None
@@ -179,8 +188,6 @@ class Member:
         self._view_step = -1
         """The step the view in force took effect at (`View.shares`)."""
         self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
-        self._unpin_after: dict[int, int] = {}  # pinned snapshot -> step whose end frees it
-        self._observers: dict[str, JoinPlan] = {}
         self._join_plan: JoinPlan | None = None
         self._join_decision: Decision | None = None
         self._observed: dict[int, np.ndarray] = {}
@@ -579,7 +586,8 @@ class Member:
     def _apply(self, total: np.ndarray, *, observed: bool = False) -> None:
         """Divide the reduced sum by the global batch, step the optimizer, publish the
         snapshot of the next step, and stream the total to observers (as root)."""
-        self._stream_to_observers(total)  # first: a newcomer's first step waits for it
+        # first: a newcomer's first step waits for it
+        self.sponsor.stream_to_observers(self.progress.step, total)
         grads = torch.from_numpy(total[:-2].copy()).to(self.device)
         apply_flat_grads(self.spec.model, grads, 1.0 / self.cfg.global_batch)
         self._settle_publish()
@@ -596,9 +604,7 @@ class Member:
         if observed:  # replaying: nobody pulls from an observer, so publish nothing yet
             self.progress.step += 1
             return
-        for pinned in [s for s, after in self._unpin_after.items() if after <= self.progress.step]:
-            self.store.release(pinned)
-            del self._unpin_after[pinned]
+        self.sponsor.release_pins(self.progress.step)
         if self._slots_ready():
             self._publishing = self._publisher.submit(
                 self.store.publish, self.progress.step + 1, self.spec.model, self.spec.optimizer
@@ -624,17 +630,6 @@ class Member:
             self._publishing.result()
             self._publish_s = time.perf_counter() - started
             self._publishing = None
-
-    def _stream_to_observers(self, total: np.ndarray) -> None:
-        """As root, send the total of this step to every newcomer replaying from before it."""
-        if self.view is None or self.view.root != self.me:
-            return
-        for joiner, plan in self._observers.items():
-            if self.progress.step >= plan.step:
-                message = ObservedTotal(
-                    sender=self.me, step=self.progress.step, dtype=total.dtype.str
-                )
-                self.transport.send(joiner, message, total)
 
     async def _at_boundary(self) -> bool:
         """Install what takes effect at this step; True when this member must stop."""
@@ -676,26 +671,7 @@ class Member:
             self._received_at.pop(cause["id"], None)
         joiners = [m for m in self.view.members if old is None or m not in old.members]
         self.liveness.admit(joiners)
-        for member in joiners:
-            plan = self._observers.pop(member, None)
-            if plan is not None:
-                # a newcomer that asked early may still be pulling: keep the snapshot until
-                # this step is reduced, which needs the newcomer's share, hence its state
-                self._unpin_after[plan.step] = self.progress.step
-        copying = [
-            c["subject"] for c in decision.causes if c["kind"] == "join" and c["mode"] == "copy"
-        ]
-        copying = [m for m in joiners if m in copying]
-        if send_state and copying and self.me == self._state_source(old):
-            blob = self._save_state()
-            digest = hashlib.sha256(blob).hexdigest()
-            for joiner in copying:
-                self.transport.send(
-                    joiner,
-                    StateTransfer(sender=self.me, step=self.progress.step, sha256=digest),
-                    blob,
-                )
-                self.telemetry.count_replication(joiner, "sent", len(blob))
+        self.sponsor.admit(decision, old, joiners, send_state)
         self._sync_links()
         self.telemetry.stall.change_installed()
         self._report_installed(decision)
@@ -712,9 +688,6 @@ class Member:
             paused=self.view.paused,
             t=time.monotonic(),
         )
-
-    def _state_source(self, old: View) -> str:
-        return self.view.root if self.view.root in old.members else min(old.members)
 
     def _maybe_decide(self) -> None:
         """As root, plan joins and turn open planned proposals into the next view."""
@@ -763,95 +736,14 @@ class Member:
 
     def _plan_joins(self) -> None:
         """As root, give every newcomer that asked to observe a shard plan (once)."""
+        leaving = {p.subject for p in self._open.values() if p.kind == "leave"}
         for key, proposal in list(self._open.items()):
             if proposal.kind != "join" or proposal.mode != "observe":
                 continue
-            if proposal.subject in self.view.members or proposal.subject in self._observers:
-                del self._open[key]
-                continue
-            plan = self._make_join_plan(proposal)
-            if plan is None:
-                return
+            admitted = proposal.subject in self.view.members
+            if not admitted and not self.sponsor.plan_join(proposal, self.view, leaving):
+                return  # no snapshot to plan from yet
             del self._open[key]
-            self._on_join_plan(plan)
-
-    def _make_join_plan(self, proposal: Proposal) -> JoinPlan | None:
-        """Shards of snapshot `self.progress.step` per source, from the planner and link figures.
-
-        The root has not finished step `self.progress.step`, so it streams that step's total and
-        every later one; every source still holds or will publish that snapshot. Its size
-        is taken from the newest snapshot published here.
-        """
-        latest = self.store.latest_step()
-        snap = None if latest is None else self.store.get(latest)
-        if snap is None:
-            return None
-        leaving = {p.subject for p in self._open.values() if p.kind == "leave"}
-        candidates = [m for m in sorted(self.view.members) if m in self.liveness.replicators]
-        figures = source_bandwidths(
-            [m for m in candidates if m not in leaving],
-            proposal.subject,
-            self.telemetry.monitor.table,
-            time.monotonic(),
-            shaped=lambda m: shape_for(self._shapes, m, proposal.subject).rate_bytes_per_s,
-            default=DEFAULT_BANDWIDTH,
-        )
-        sources = [
-            Source(id=m, bandwidth_bytes_per_s=bw, latency_s=self.cfg.shard_overhead_s)
-            for m, (bw, _) in figures.items()
-        ]
-        state_bytes = max(1, snap.layout.total_bytes)
-        plan = shard_plan(state_bytes, sources, self.cfg.join_strategy)
-        assignment = plan.shard_indices()
-        return JoinPlan(
-            id=uuid.uuid4().hex,
-            origin=self.me,
-            joiner=proposal.subject,
-            joiner_address=proposal.address,
-            step=self.progress.step,
-            state_bytes=state_bytes,
-            shards=plan.shards,
-            assignment=assignment,
-            replicators={m: self.liveness.replicators[m] for m in assignment},
-            bandwidths={s.id: s.bandwidth_bytes_per_s for s in sources},
-            figures={m: figure for m, (_, figure) in figures.items()},
-            manifest_from=next(iter(assignment)),
-            predicted_s=plan.makespan_s,
-            strategy=self.cfg.join_strategy,
-        )
-
-    def _on_join_plan(self, plan: JoinPlan) -> None:
-        """Learn of a join: pin the snapshot it pulls, stream to the observer, pass it on."""
-        if plan.id in self._seen:
-            return
-        self._seen.add(plan.id)
-        self.outbox.flood(plan)
-        if plan.joiner == self.me:
-            if self._join_plan is None:
-                self._join_plan = plan
-                self._decided.set()
-            return
-        if self.view is not None:
-            self.telemetry.stall.change_started()
-        if self.me in plan.assignment:
-            # the manifest's hashes ahead of its request, at this process's priority (a
-            # replicator process takes them from the snapshot directory)
-            manifest = self.me == plan.manifest_from
-            self.store.want(plan.step, plan.shards if manifest else None)
-        self._observers[plan.joiner] = plan
-        self.transport.connect(plan.joiner, plan.joiner_address)
-        if plan.origin == self.me:
-            self.outbox.report(
-                "join_planned",
-                joiner=plan.joiner,
-                step=plan.step,
-                shards=plan.shards,
-                assignment={m: len(v) for m, v in plan.assignment.items()},
-                bandwidths=plan.bandwidths,
-                figures=plan.figures,
-                predicted_s=plan.predicted_s,
-                t=time.monotonic(),
-            )
 
     def _relevant(self, proposal: Proposal) -> bool:
         """Planned proposals that still change something in the current view."""
@@ -1083,7 +975,9 @@ class Member:
         elif isinstance(message, Decision):
             self._accept_decision(message)
         elif isinstance(message, JoinPlan):
-            self._on_join_plan(message)
+            if self.sponsor.on_join_plan(message) and self._join_plan is None:
+                self._join_plan = message
+                self._decided.set()
         elif isinstance(message, ObservedTotal):
             if self.view is None and message.step >= self.progress.step:
                 self._observed_at.append(now)
@@ -1215,7 +1109,7 @@ class Member:
     def _sync_links(self) -> None:
         """Keep outgoing links to exactly the overlay neighbours of the current view."""
         wanted = {m: self.view.members[m] for m in self.view.neighbours(self.me)}
-        wanted.update({j: plan.joiner_address for j, plan in self._observers.items()})
+        wanted.update({j: plan.joiner_address for j, plan in self.sponsor.observers.items()})
         if self._pending is not None:
             pending = View.model_validate(self._pending.view)
             wanted.update({m: pending.members[m] for m in pending.neighbours(self.me)})
@@ -1239,22 +1133,11 @@ class Member:
     def _known_link(self, src: str, dst: str) -> bool:
         """Links between members (or newcomers) this member knows; figures about anybody
         else are not taken from a peer."""
-        known = set(self.view.members if self.view else ()) | set(self._observers) | {self.me}
+        known = set(self.view.members if self.view else ())
+        known |= set(self.sponsor.observers) | {self.me}
         return src in known and dst in known
 
     # ------------------------------------------------------------------ state
-
-    def _save_state(self) -> bytes:
-        buffer = io.BytesIO()
-        torch.save(
-            {
-                "model": self.spec.model.state_dict(),
-                "optimizer": self.spec.optimizer.state_dict(),
-                "step": self.progress.step,
-            },
-            buffer,
-        )
-        return buffer.getvalue()
 
     def _load_state(self, blob: bytes) -> None:
         state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
