@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
-import io
 import logging
 import os
 import shutil
@@ -34,7 +32,6 @@ import signal
 import tempfile
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,14 +41,10 @@ import torch
 
 from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import WorkerConfig
-from chaos_worker.join.probe import probe_downlinks
+from chaos_worker.join.newcomer import Newcomer
 from chaos_worker.join.sponsor import JoinSponsor
 from chaos_worker.membership.liveness import Liveness
 from chaos_worker.membership.readiness import (
-    ask_now,
-    ready_in,
-    step_period,
-    switch_decision,
     switch_steps,
 )
 from chaos_worker.membership.view import Change, View, full_mesh, initial_view, link_key, next_view
@@ -74,16 +67,11 @@ from chaos_worker.net.wire import (
     WireMessage,
 )
 from chaos_worker.ports import Progress
-from chaos_worker.priority import in_background
 from chaos_worker.replication.ledger import SentReader
-from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.sidecar import Child, start_child
 from chaos_worker.replication.snapshot import (
     SnapshotStore,
-    copied_by_load,
-    load_from,
-    loaded_identities,
     state_digest,
 )
 from chaos_worker.telemetry.metrics import WorkerMetrics
@@ -181,19 +169,12 @@ class Member:
         )
         self._child: Child | None = None
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
-        self._preparing: asyncio.Future | None = None  # a newcomer filling its slots
         self._publishing: concurrent.futures.Future | None = None
         self._publish_s = 0.0
         self._ready_t = 0.0
         self._view_step = -1
         """The step the view in force took effect at (`View.shares`)."""
         self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
-        self._join_plan: JoinPlan | None = None
-        self._join_decision: Decision | None = None
-        self._observed: dict[int, np.ndarray] = {}
-        self._observed_at: deque[float] = deque(maxlen=8)  # arrivals: the step period
-        self._asked_ready = False
-        self._join_requested_at = 0.0
         self.collective = TreeAllReduce(
             self.me, self.transport.send, bucket_bytes=config.bucket_bytes
         )
@@ -203,7 +184,7 @@ class Member:
         self._seen: set[str] = set()
         self._speeds: dict[str, float] = {}
         self._open: dict[str, Proposal] = {}
-        self._pending: Decision | None = None
+        self.pending: Decision | None = None
         self.suspects: set[str] = set()
         self._recovery: _Recovery | None = None
         self._decided: asyncio.Event = asyncio.Event()
@@ -212,13 +193,21 @@ class Member:
         self._op: asyncio.Task | None = None
         self.aborting = False
         self._leaving = False
-        self._state_bytes: tuple[int, bytes] | None = None
-        self._state_sender = ""
-        self._state_event = asyncio.Event()
-        self._join_order = asyncio.Event()
-        self._rejoining = False
-        self._seed = config.join
         self._tasks: list[asyncio.Task] = []
+        self.newcomer = Newcomer(
+            self.me,
+            config,
+            spec,
+            device,
+            membership=self,  # until the protocol has a class of its own
+            liveness=self.liveness,
+            trainer=self,  # until the training loop has a class of its own
+            store=self.store,
+            telemetry=self.telemetry,
+            outbox=self.outbox,
+            progress=self.progress,
+            clock=time.monotonic,
+        )
         self._like = flatten_grads(spec.model).detach().cpu().numpy()
         self.loss_curve: list[tuple[int, float]] = []
 
@@ -232,6 +221,7 @@ class Member:
         self.liveness.replicators[self.me] = await self._start_replicator(host)
         port = await self.transport.listen(host, int(self.cfg.listen.rpartition(":")[2]))
         self.address = f"{host}:{port}"
+        self.newcomer.address = self.address
         await self.control.open()
         metrics = self.telemetry.metrics
         metrics_port = metrics.serve(host, self.cfg.metrics_port) if metrics else None
@@ -248,10 +238,7 @@ class Member:
             self.view = initial_view(members, self.cfg.overlay or full_mesh(members))
             self._sync_links()
         else:
-            if self.cfg.standby:
-                self.outbox.report("standby", t=time.monotonic())
-                await self._join_order.wait()
-            await self._join()
+            await self.newcomer.join(standby=self.cfg.standby)
         try:
             await self._train()
         finally:
@@ -295,238 +282,6 @@ class Member:
             await self._child.stop()
         if self._owned_dir is not None:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
-
-    async def _join(self) -> None:
-        """Ask a member to admit us, then catch up as an observer or by a full copy."""
-        self.transport.connect("_seed", self._seed)
-        self._join_requested_at = time.monotonic()
-        self.telemetry.scale_out_started(self._join_requested_at)
-        self.outbox.report("join_requested", t=self._join_requested_at, mode=self.cfg.join_mode)
-        if self.cfg.join_mode == "observe":
-            await self._measure_downlinks()
-            self._ask_to_join("observe")
-            try:
-                await self._join_as_observer()
-                return
-            except JoinFailed as exc:
-                if self._asked_ready:  # a switch step is agreed: the members expect us there
-                    raise
-                self.outbox.report("join_fallback", reason=str(exc), t=time.monotonic())
-        self._ask_to_join("copy")
-        decision = await self._joining_decision()
-        await self._take_state()
-        self.transport.disconnect("_seed", goodbye=True)
-        self._open.clear()
-        self._install(decision, send_state=False)
-        self.outbox.report("joined", path="stop-and-copy", t=time.monotonic())
-
-    def _ask_to_join(self, mode: str, ready_in_s: float = 0.0) -> None:
-        now = time.monotonic()
-        links = self.telemetry.fresh_links(now)
-        proposal = Proposal(
-            id=uuid.uuid4().hex,
-            origin=self.me,
-            kind="join",
-            subject=self.me,
-            address=self.address,
-            detected_at=now,
-            epoch=-1,
-            mode=mode,
-            links={kind: entries for kind, entries in links.items() if entries},
-            ready_in_s=ready_in_s,
-        )
-        self._seen.add(proposal.id)
-        self.outbox.flood(proposal)
-
-    async def _measure_downlinks(self) -> None:
-        """Time the downlink from every member's replicator, one at a time (joinprobe.py).
-
-        A `probe` proposal makes the members connect here, so their heartbeats (which name
-        their replicators and the size of their view) arrive; once every member's has (or
-        after ten heartbeat intervals, at least a second), each replicator is probed and the
-        figures go into the link table, to be sent with the join proposal.
-        """
-        if self.cfg.join_probe_frames == 0:
-            return
-        self._ask_to_join("probe")
-        deadline = time.monotonic() + max(1.0, 10 * self.cfg.heartbeat_interval_s)
-        while time.monotonic() < deadline:
-            if 0 < self.liveness.job_size <= len(self.liveness.replicators) - 1:
-                break
-            await asyncio.sleep(0.01)
-        others = {m: a for m, a in self.liveness.replicators.items() if m != self.me}
-        downlink = self.cfg.downlink_bytes_per_s
-        measured = await probe_downlinks(
-            self.me,
-            others,
-            host=self.address.rpartition(":")[0],
-            downlink=TokenBucket(downlink) if downlink else None,
-            frames=self.cfg.join_probe_frames,
-        )
-        now = time.monotonic()
-        for source, m in measured.items():
-            self.telemetry.monitor.table.observe_transfer(source, self.me, m.nbytes, m.seconds, now)
-        self.outbox.report(
-            "downlinks_measured",
-            bytes_per_s={s: round(m.bytes_per_s) for s, m in measured.items()},
-            complete={s: m.complete for s, m in measured.items()},
-            t=now,
-        )
-
-    async def _joining_decision(self) -> Decision:
-        """The first decision that makes this newcomer a member."""
-        while self._join_decision is None:
-            await self._wait_change()
-        return self._join_decision
-
-    async def _join_as_observer(self) -> None:
-        """Pull the planned snapshot from several members, replay the observed totals, and
-        ask to contribute once current; incumbents never wait for the transfer."""
-        while self._join_plan is None:
-            await self._wait_change()
-        plan = self._join_plan
-        started = time.monotonic()
-        last = [0.0]
-
-        def progress(received: dict[str, int], done: int, shards: int) -> None:
-            now = time.monotonic()
-            if now - last[0] >= 0.2 or done == shards:
-                last[0] = now
-                self.outbox.report("join_progress", bytes=received, done=done, shards=shards, t=now)
-
-        loop = asyncio.get_running_loop()
-        downlink = self.cfg.downlink_bytes_per_s
-        pullers: list[Puller] = []
-        pulled: asyncio.Future[PullResult] = loop.create_future()
-
-        def take(result: PullResult) -> None:
-            if not pulled.done():
-                pulled.set_result(result)
-
-        def pull() -> PullResult:  # in a thread of its own, so this loop stays responsive
-            async def run() -> PullResult:
-                puller = Puller(
-                    self.me,
-                    plan,
-                    host=self.address.rpartition(":")[0],
-                    downlink=TokenBucket(downlink) if downlink else None,
-                    stall_timeout_s=self.cfg.stall_timeout_s,
-                    on_progress=lambda *a: loop.call_soon_threadsafe(progress, *a),
-                    # the result goes to this loop at once; closing the links comes after
-                    on_result=lambda r: loop.call_soon_threadsafe(take, r),
-                )
-                pullers.append(puller)
-                return await puller.run()
-
-            return asyncio.run(run())
-
-        pulling = asyncio.ensure_future(asyncio.to_thread(pull))
-        pulling.add_done_callback(
-            lambda f: None if f.cancelled() or pulled.done() else _settle_from(pulled, f)
-        )
-        load_bytes = copied_by_load(self.spec.model, plan.state_bytes, self.device)
-        while not pulled.done():  # ask for the switch step while the last shards arrive
-            await asyncio.wait({pulled}, timeout=0.005)
-            remaining = pullers[0].remaining_s(time.monotonic()) if pullers else float("inf")
-            period = step_period(self._observed_at)
-            if not self._asked_ready and ask_now(remaining, load_bytes, period):
-                self._ask_ready(remaining, load_bytes)
-        result = pulled.result()
-        self.telemetry.observe_pull(result.bytes_per_source, result.transfers)
-        if not self._asked_ready:
-            self._ask_ready(0.0, load_bytes)
-        # in a thread: this loop sends the `ready` proposal and takes observed totals meanwhile
-        await asyncio.to_thread(
-            load_from, result.data, result.layout, self.spec.model, self.spec.optimizer, self.device
-        )
-        self._prepare_slots(result)
-        self.progress.step = plan.step
-        self.progress.completed = plan.step - 1
-        self.outbox.report(
-            "state_loaded",
-            step=plan.step,
-            bytes_per_source=result.bytes_per_source,
-            replans=result.replans,
-            rejected=result.rejected,
-            pull_s=time.monotonic() - started,
-            rebalances=result.rebalances,
-            strategy=plan.strategy,
-            bandwidths=plan.bandwidths,
-            figures=plan.figures,
-            t=time.monotonic(),
-        )
-        await self._catch_up()
-
-    def _prepare_slots(self, result: PullResult) -> None:
-        """Copy the pulled bytes into the snapshot slots at low priority, off the critical
-        path (their pages cost more than the copy: 0.7 s of CPU for two 256 MB slots on
-        two cores), so that this member's snapshots then copy only what training changes.
-        Until they are ready it publishes none; a join planned meanwhile fetches from the
-        others (a source without the snapshot says so and is re-planned)."""
-        loaded = loaded_identities(self.spec.model, self.spec.optimizer)
-
-        def prepare() -> None:
-            self.store.fill(result.data, result.layout)
-            self.store.adopt(loaded)
-
-        self._preparing = asyncio.ensure_future(in_background(prepare))
-
-    def _slots_ready(self) -> bool:
-        """False while a newcomer's snapshot slots are being prepared (`_prepare_slots`)."""
-        preparing = self._preparing
-        if preparing is None:
-            return True
-        if not preparing.done():
-            return False
-        self._preparing = None
-        if preparing.exception() is not None:  # the first publishes then copy everything
-            log.warning("preparing the snapshot slots failed: %s", preparing.exception())
-        return True
-
-    def _ask_ready(self, remaining_s: float, load_bytes: int) -> None:
-        self._asked_ready = True
-        wait = ready_in(remaining_s, load_bytes)
-        self.outbox.report(
-            "ready_asked",
-            remaining_s=round(remaining_s, 4),
-            ready_in_s=round(wait, 4),
-            t=time.monotonic(),
-        )
-        self._ask_to_join("ready", ready_in_s=wait)
-
-    async def _catch_up(self) -> None:
-        """Replay observed totals until the decision that admits this member takes effect."""
-        reported = False
-        while True:
-            while self.progress.step in self._observed:
-                self._apply(self._observed.pop(self.progress.step), observed=True)
-            for step in [s for s in self._observed if s < self.progress.step]:
-                del self._observed[step]
-            decision = self._join_decision
-            if decision is not None and decision.effective_step <= self.progress.step:
-                self.transport.disconnect("_seed", goodbye=True)
-                self._open.clear()
-                self._install(decision, send_state=False)
-                self.outbox.report("joined", path="observer", t=time.monotonic())
-                return
-            if len(self._observed) > self.cfg.observer_max_backlog:
-                raise JoinFailed(
-                    f"the gradient stream ran {len(self._observed)} steps ahead of replay"
-                )
-            if not reported:
-                reported = True
-                self.outbox.report("caught_up", step=self.progress.step, t=time.monotonic())
-            await self._wait_change()
-
-    async def _take_state(self) -> None:
-        """Wait for the full-state copy of a join and load it."""
-        await self._state_event.wait()
-        self._state_event.clear()
-        step, blob = self._state_bytes
-        self.telemetry.count_replication(self._state_sender, "received", len(blob))
-        self._load_state(blob)
-        self.progress.step = step
-        self.progress.completed = step - 1
 
     # ------------------------------------------------------------------ training
 
@@ -572,7 +327,7 @@ class Member:
                 continue
             finally:
                 self._op = None
-            self._apply(total)
+            self.apply(total)
             self.progress.step_times.append(time.perf_counter() - started)
             self.telemetry.observe_step(
                 len(mine),
@@ -583,7 +338,7 @@ class Member:
                 step=self.progress.completed,
             )
 
-    def _apply(self, total: np.ndarray, *, observed: bool = False) -> None:
+    def apply(self, total: np.ndarray, *, observed: bool = False) -> None:
         """Divide the reduced sum by the global batch, step the optimizer, publish the
         snapshot of the next step, and stream the total to observers (as root)."""
         # first: a newcomer's first step waits for it
@@ -605,7 +360,7 @@ class Member:
             self.progress.step += 1
             return
         self.sponsor.release_pins(self.progress.step)
-        if self._slots_ready():
+        if self.store.ready():
             self._publishing = self._publisher.submit(
                 self.store.publish, self.progress.step + 1, self.spec.model, self.spec.optimizer
             )
@@ -636,13 +391,13 @@ class Member:
         while True:
             if self.aborting:
                 return False
-            pending = self._pending
+            pending = self.pending
             if (
                 pending is not None
                 and not self.view.paused
                 and pending.effective_step <= self.progress.step
             ):
-                self._install(pending)
+                self.install(pending)
             if self._leaving_now():
                 return True
             if not self.view.paused:
@@ -660,12 +415,12 @@ class Member:
 
     # ------------------------------------------------------------------ decisions
 
-    def _install(self, decision: Decision, *, send_state: bool = True) -> None:
+    def install(self, decision: Decision, *, send_state: bool = True) -> None:
         """Adopt the view of a planned decision at its effective step."""
         old = self.view
         self.view = View.model_validate(decision.view)
         self._view_step = decision.effective_step
-        self._pending = None
+        self.pending = None
         for cause in decision.causes:
             self._open.pop(cause["id"], None)
             self._received_at.pop(cause["id"], None)
@@ -694,7 +449,7 @@ class Member:
         if self.view.root != self.me or self.aborting:
             return
         self._plan_joins()
-        if self._pending is not None:
+        if self.pending is not None:
             return
         proposals = [p for p in self._open.values() if self._relevant(p)]
         if not proposals:
@@ -788,14 +543,14 @@ class Member:
             t=time.monotonic(),
         )
         if self.view is None:
-            self._join_decision = switch_decision(self._join_decision, decision, self.me)
+            self.newcomer.on_decision(decision)
         else:
             self.telemetry.stall.change_started()
         if decision.immediate:
             if self.view is None or view.epoch > self.view.epoch:
                 self._immediate = decision
         else:
-            self._pending = decision
+            self.pending = decision
         self._decided.set()
 
     # ------------------------------------------------------------------ recovery
@@ -844,7 +599,7 @@ class Member:
         for cause in decision.causes:
             self._open.pop(cause["id"], None)
         self.suspects.clear()
-        self._pending = None
+        self.pending = None
         self._recovery = None
         self.aborting = False
         self._floor_epoch = view.epoch
@@ -858,7 +613,7 @@ class Member:
                 view, decision.replay_step, self.last_total, like
             )
             if self.progress.completed < decision.replay_step:
-                self._apply(total)
+                self.apply(total)
         if self.me in view.members:
             self.progress.step = decision.effective_step
         self._report_installed(decision)
@@ -948,7 +703,7 @@ class Member:
         A planned decision effective at or before that step has been installed by the
         members that got there, so the recovery builds on it rather than on the older view.
         """
-        pending = self._pending
+        pending = self.pending
         if pending is not None and pending.effective_step <= latest + 1:
             return View.model_validate(pending.view), {c["id"] for c in pending.causes}
         return self.view, set()
@@ -975,21 +730,21 @@ class Member:
         elif isinstance(message, Decision):
             self._accept_decision(message)
         elif isinstance(message, JoinPlan):
-            if self.sponsor.on_join_plan(message) and self._join_plan is None:
-                self._join_plan = message
-                self._decided.set()
+            if self.sponsor.on_join_plan(message):
+                self.newcomer.on_plan(message)
         elif isinstance(message, ObservedTotal):
-            if self.view is None and message.step >= self.progress.step:
-                self._observed_at.append(now)
-                self._observed[message.step] = np.frombuffer(payload, dtype=message.dtype).copy()
-                self._decided.set()
+            self.newcomer.on_total(message, payload, now)
         elif isinstance(message, StateTransfer):
-            if hashlib.sha256(payload).hexdigest() != message.sha256:
-                log.warning("state from %s failed its checksum; ignored", sender)
-                return
-            self._state_bytes = (message.step, payload)
-            self._state_sender = sender
-            self._state_event.set()
+            self.newcomer.on_state(sender, message, payload)
+
+    def announce(self, proposal: Proposal) -> None:
+        """Flood a proposal of this member's own that it needs no answer to here."""
+        self._seen.add(proposal.id)
+        self.outbox.flood(proposal)
+
+    async def changed(self) -> None:
+        """Until the protocol's state may have changed."""
+        await self._wait_change()
 
     def heard_speed(self, member: str, samples_per_s: float) -> None:
         """The compute speed `member` announced in its latest heartbeat."""
@@ -1016,7 +771,7 @@ class Member:
         elif proposal.kind == "link_down" and self._on_tree(proposal.subject, proposal.peer):
             self._begin_abort()
         elif proposal.kind == "link_up" and self.view.paused:
-            self._rejoin()
+            self.newcomer.rejoin()
         elif not self.view.paused:
             self._maybe_decide()
         self._decided.set()
@@ -1034,8 +789,7 @@ class Member:
         peer = str(command.get("peer", ""))
         now = time.monotonic()
         if kind == "join" and self.view is None and command.get("seed"):
-            self._seed = str(command["seed"])
-            self._join_order.set()
+            self.newcomer.order(str(command["seed"]))
         elif kind == "leave" and self.view is not None and not self._leaving:
             self._leaving = True
             self._propose("leave", self.me, now)
@@ -1079,39 +833,12 @@ class Member:
         )
         self._on_proposal(proposal)
 
-    def _rejoin(self) -> None:
-        """A paused minority member asks the other side to admit it again (once)."""
-        if self._rejoining:
-            return
-        self._rejoining = True
-        proposal = Proposal(
-            id=f"join:{self.me}:{uuid.uuid4().hex[:8]}",
-            origin=self.me,
-            kind="join",
-            subject=self.me,
-            address=self.address,
-            detected_at=time.monotonic(),
-            epoch=self.view.epoch,
-        )
-        self._seen.add(proposal.id)
-        self.outbox.flood(proposal)
-        self.outbox.report("join_requested", t=proposal.detected_at)
-        asyncio.get_running_loop().create_task(self._rejoin_wait())
-
-    async def _rejoin_wait(self) -> None:
-        while self._pending is None or self.me not in self._pending.view["members"]:
-            await asyncio.sleep(0.01)
-        decision = self._pending
-        await self._take_state()
-        self._install(decision, send_state=False)
-        self._rejoining = False
-
     def _sync_links(self) -> None:
         """Keep outgoing links to exactly the overlay neighbours of the current view."""
         wanted = {m: self.view.members[m] for m in self.view.neighbours(self.me)}
         wanted.update({j: plan.joiner_address for j, plan in self.sponsor.observers.items()})
-        if self._pending is not None:
-            pending = View.model_validate(self._pending.view)
+        if self.pending is not None:
+            pending = View.model_validate(self.pending.view)
             wanted.update({m: pending.members[m] for m in pending.neighbours(self.me)})
         for peer in self.transport.peers():
             if peer not in wanted and peer != "_seed":
@@ -1125,7 +852,7 @@ class Member:
     def _probe_links(self) -> None:
         """Start this member's bandwidth probes of the current round (see `probes.py`);
         none while a membership change is pending, so probes never load its switch steps."""
-        if self.view is None or self.view.paused or self._pending is not None:
+        if self.view is None or self.view.paused or self.pending is not None:
             return
         view = self.view
         self.telemetry.probe_links(view.overlay, view.down, view.members, self.progress.step)
@@ -1136,13 +863,6 @@ class Member:
         known = set(self.view.members if self.view else ())
         known |= set(self.sponsor.observers) | {self.me}
         return src in known and dst in known
-
-    # ------------------------------------------------------------------ state
-
-    def _load_state(self, blob: bytes) -> None:
-        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
-        self.spec.model.load_state_dict(state["model"])
-        self.spec.optimizer.load_state_dict(state["optimizer"])
 
 
 class LinkOutbox:
@@ -1189,11 +909,3 @@ def _cause(proposal: Proposal) -> dict:
         "peer": proposal.peer,
         "detected_at": proposal.detected_at,
     }
-
-
-def _settle_from(target: asyncio.Future, source: asyncio.Future) -> None:
-    """Give `target` the outcome of `source` (done)."""
-    if source.exception() is not None:
-        target.set_exception(source.exception())
-    else:
-        target.set_result(source.result())
