@@ -23,7 +23,6 @@ Protocol (every change takes effect at a step boundary):
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import os
@@ -36,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from chaos_worker.collective import TreeAllReduce
@@ -76,8 +74,7 @@ from chaos_worker.replication.snapshot import (
 )
 from chaos_worker.telemetry.metrics import WorkerMetrics
 from chaos_worker.telemetry.telemetry import Telemetry
-from chaos_worker.training.compute import apply_flat_grads, flatten_grads, gradient_sum
-from chaos_worker.training.sampling import split_by_throughput, step_sample_ids
+from chaos_worker.training.trainer import Trainer
 from chaos_worker.training.trainspec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -168,18 +165,13 @@ class Member:
             else None
         )
         self._child: Child | None = None
-        self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
-        self._publishing: concurrent.futures.Future | None = None
-        self._publish_s = 0.0
-        self._ready_t = 0.0
-        self._view_step = -1
+        self.view_step = -1
         """The step the view in force took effect at (`View.shares`)."""
         self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
         self.collective = TreeAllReduce(
             self.me, self.transport.send, bucket_bytes=config.bucket_bytes
         )
         self.view: View | None = None
-        self.last_total: np.ndarray | None = None
         self.address = config.listen
         self._seen: set[str] = set()
         self._speeds: dict[str, float] = {}
@@ -190,10 +182,24 @@ class Member:
         self._decided: asyncio.Event = asyncio.Event()
         self._immediate: Decision | None = None
         self._floor_epoch = 0
-        self._op: asyncio.Task | None = None
         self.aborting = False
         self._leaving = False
         self._tasks: list[asyncio.Task] = []
+        self.trainer = Trainer(
+            self.me,
+            config,
+            spec,
+            device,
+            membership=self,  # until the protocol has a class of its own
+            collective=self.collective,
+            store=self.store,
+            telemetry=self.telemetry,
+            outbox=self.outbox,
+            progress=self.progress,
+            clock=time.monotonic,
+            on_reduced=self.sponsor.stream_to_observers,
+            on_stepped=self.sponsor.release_pins,
+        )
         self.newcomer = Newcomer(
             self.me,
             config,
@@ -201,15 +207,13 @@ class Member:
             device,
             membership=self,  # until the protocol has a class of its own
             liveness=self.liveness,
-            trainer=self,  # until the training loop has a class of its own
+            trainer=self.trainer,
             store=self.store,
             telemetry=self.telemetry,
             outbox=self.outbox,
             progress=self.progress,
             clock=time.monotonic,
         )
-        self._like = flatten_grads(spec.model).detach().cpu().numpy()
-        self.loss_curve: list[tuple[int, float]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -240,12 +244,11 @@ class Member:
         else:
             await self.newcomer.join(standby=self.cfg.standby)
         try:
-            await self._train()
+            await self.trainer.run()
         finally:
             for task in self._tasks:
                 task.cancel()
-            self._settle_publish()
-            self._publisher.shutdown()
+            self.trainer.close()
             digest = state_digest(self.spec.model, self.spec.optimizer)
             self.outbox.report(
                 "exit",
@@ -285,108 +288,7 @@ class Member:
 
     # ------------------------------------------------------------------ training
 
-    async def _train(self) -> None:
-        while True:
-            if self.aborting:
-                await self._recover()
-                continue
-            if await self._at_boundary():
-                return
-            if self.progress.step >= self.cfg.steps:
-                return
-            self._probe_links()
-            started = time.perf_counter()
-            self.progress.started = time.monotonic()
-            ids = step_sample_ids(
-                self.cfg.seed, self.progress.step, self.cfg.global_batch, len(self.spec.dataset)
-            )
-            shares = self.view.shares(first_step=self.progress.step == self._view_step)
-            mine = split_by_throughput(ids, shares).get(self.me, [])
-            log.debug(
-                "step %d epoch %d: %d samples", self.progress.step, self.view.epoch, len(mine)
-            )
-            loss = await asyncio.to_thread(
-                gradient_sum, self.spec, mine, micro_batch=self.cfg.micro_batch
-            )
-            compute_s = time.perf_counter() - started
-            self._ready_t = time.monotonic()  # this member's gradient is ready to reduce
-            if mine:
-                self.progress.samples_per_s = len(mine) / max(compute_s, 1e-6)
-            if self.aborting:
-                continue
-            flat = flatten_grads(self.spec.model).detach().cpu().numpy()
-            buf = np.concatenate([flat, np.array([loss, len(mine)], dtype=flat.dtype)])
-            self._op = asyncio.ensure_future(
-                self.collective.allreduce(self.view, self.progress.step, buf)
-            )
-            try:
-                total = await self._op
-            except asyncio.CancelledError:
-                if not self.aborting:
-                    raise
-                continue
-            finally:
-                self._op = None
-            self.apply(total)
-            self.progress.step_times.append(time.perf_counter() - started)
-            self.telemetry.observe_step(
-                len(mine),
-                compute_s,
-                self.progress.step_times[-1],
-                loss=self.loss_curve[-1][1],
-                members=len(self.view.members),
-                step=self.progress.completed,
-            )
-
-    def apply(self, total: np.ndarray, *, observed: bool = False) -> None:
-        """Divide the reduced sum by the global batch, step the optimizer, publish the
-        snapshot of the next step, and stream the total to observers (as root)."""
-        # first: a newcomer's first step waits for it
-        self.sponsor.stream_to_observers(self.progress.step, total)
-        grads = torch.from_numpy(total[:-2].copy()).to(self.device)
-        apply_flat_grads(self.spec.model, grads, 1.0 / self.cfg.global_batch)
-        self._settle_publish()
-        self.spec.optimizer.step()
-        loss = float(total[-2]) / self.cfg.global_batch
-        if round(float(total[-1])) != self.cfg.global_batch:
-            raise RuntimeError(
-                f"step {self.progress.step} reduced {total[-1]} samples, "
-                f"expected {self.cfg.global_batch}"
-            )
-        self.last_total = total
-        self.progress.completed = self.progress.step
-        self.loss_curve.append((self.progress.step, loss))
-        if observed:  # replaying: nobody pulls from an observer, so publish nothing yet
-            self.progress.step += 1
-            return
-        self.sponsor.release_pins(self.progress.step)
-        if self.store.ready():
-            self._publishing = self._publisher.submit(
-                self.store.publish, self.progress.step + 1, self.spec.model, self.spec.optimizer
-            )
-        self.outbox.report(
-            "progress",
-            step=self.progress.step,
-            loss=loss,
-            epoch=self.view.epoch,
-            members=len(self.view.members),
-            root=self.view.root,
-            samples_per_s=self.progress.samples_per_s,
-            publish_s=self._publish_s,
-            ready_t=self._ready_t,
-            t=time.monotonic(),
-        )
-        self.progress.step += 1
-
-    def _settle_publish(self) -> None:
-        """Wait for the snapshot copy in flight (before the tensors change); time the wait."""
-        if self._publishing is not None:
-            started = time.perf_counter()
-            self._publishing.result()
-            self._publish_s = time.perf_counter() - started
-            self._publishing = None
-
-    async def _at_boundary(self) -> bool:
+    async def at_boundary(self) -> bool:
         """Install what takes effect at this step; True when this member must stop."""
         while True:
             if self.aborting:
@@ -419,7 +321,7 @@ class Member:
         """Adopt the view of a planned decision at its effective step."""
         old = self.view
         self.view = View.model_validate(decision.view)
-        self._view_step = decision.effective_step
+        self.view_step = decision.effective_step
         self.pending = None
         for cause in decision.causes:
             self._open.pop(cause["id"], None)
@@ -575,12 +477,12 @@ class Member:
         if not self.aborting:
             self.aborting = True
             self._recovery = _Recovery()
-        if self._op is not None:
-            self._op.cancel()
+        self.trainer.cancel_step()
         self._decided.set()
 
-    async def _recover(self) -> None:
-        """Report progress to the coordinator and wait for the recovery decision."""
+    async def recover(self) -> Decision:
+        """Report progress to the coordinator, wait for the recovery decision and install
+        its view; the trainer then replays the aborted step (`Trainer.replay`)."""
         epoch = self.view.epoch
         status = MemberStatus(
             id=f"status:{self.me}:{epoch}:{len(self.suspects)}",
@@ -604,24 +506,19 @@ class Member:
         self.aborting = False
         self._floor_epoch = view.epoch
         self.view = view
-        self._view_step = decision.effective_step
+        self.view_step = decision.effective_step
         self._sync_links()
         self.telemetry.stall.change_installed()
-        if self.me in view.members and decision.replay_step is not None and not view.paused:
-            like = np.zeros(self._like.size + 2, dtype=self._like.dtype)
-            total = await self.collective.broadcast(
-                view, decision.replay_step, self.last_total, like
-            )
-            if self.progress.completed < decision.replay_step:
-                self.apply(total)
-        if self.me in view.members:
-            self.progress.step = decision.effective_step
+        return decision
+
+    def recovered(self, decision: Decision) -> None:
+        """The recovery of `decision` is complete here (replayed, at its step)."""
         self._report_installed(decision)
-        if view.paused:
+        if self.view.paused:
             self.outbox.report(
                 "paused",
                 reason="partition minority",
-                members=sorted(view.members),
+                members=sorted(self.view.members),
                 t=time.monotonic(),
             )
 
