@@ -17,7 +17,6 @@ import io
 import logging
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ import torch
 from chaos_worker.config import WorkerConfig
 from chaos_worker.join.probe import probe_downlinks
 from chaos_worker.membership.liveness import Liveness
+from chaos_worker.membership.protocol import Membership
 from chaos_worker.membership.readiness import ask_now, ready_in, step_period, switch_decision
 from chaos_worker.net.shaping import TokenBucket
 from chaos_worker.net.wire import Decision, JoinPlan, ObservedTotal, Proposal, StateTransfer
@@ -37,11 +37,8 @@ from chaos_worker.replication.snapshot import (
     loaded_identities,
 )
 from chaos_worker.telemetry.telemetry import Telemetry
+from chaos_worker.training.trainer import Trainer
 from chaos_worker.training.trainspec import TrainSpec
-
-if TYPE_CHECKING:
-    from chaos_worker.membership.protocol import Membership
-    from chaos_worker.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +123,7 @@ class Newcomer:
         decision = self._decision
         await self._take_state()
         self._out.disconnect(SEED)
-        self._membership.install(decision, send_state=False)
+        self._membership.install(decision, self._clock(), send_state=False)
         self._out.report("joined", path="stop-and-copy", t=self._clock())
 
     def _ask(self, mode: str, ready_in_s: float = 0.0) -> None:
@@ -288,7 +285,7 @@ class Newcomer:
             decision = self._decision
             if decision is not None and decision.effective_step <= progress.step:
                 self._out.disconnect(SEED)
-                self._membership.install(decision, send_state=False)
+                self._membership.install(decision, self._clock(), send_state=False)
                 self._out.report("joined", path="observer", t=self._clock())
                 return
             if len(self._observed) > self._cfg.observer_max_backlog:
@@ -368,7 +365,7 @@ class Newcomer:
         while (decision := membership.pending) is None or self.me not in _members(decision):
             await membership.changed()
         await self._take_state()
-        membership.install(decision, send_state=False)
+        membership.install(decision, self._clock(), send_state=False)
         self._rejoining = None
 
 

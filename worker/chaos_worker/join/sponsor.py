@@ -15,7 +15,6 @@ import hashlib
 import io
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from chaos_planner.models import Source
 
 from chaos_worker.config import WorkerConfig
 from chaos_worker.join.plan import shard_plan, source_bandwidths
+from chaos_worker.membership.protocol import Membership
 from chaos_worker.membership.view import View
 from chaos_worker.net.shaping import LinkShape, shape_for
 from chaos_worker.net.wire import Decision, JoinPlan, ObservedTotal, Proposal, StateTransfer
@@ -30,9 +30,6 @@ from chaos_worker.ports import Clock, Outbox, Progress
 from chaos_worker.replication.snapshot import SnapshotStore
 from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.trainspec import TrainSpec
-
-if TYPE_CHECKING:
-    from chaos_worker.membership.protocol import Membership
 
 DEFAULT_BANDWIDTH = 1e9
 """Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""

@@ -10,14 +10,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
+from chaos_worker.membership.protocol import Membership
 from chaos_worker.net.wire import Heartbeat, Ping, Pong
 from chaos_worker.ports import Clock, Outbox, Progress, Signal
 from chaos_worker.telemetry.telemetry import Telemetry
-
-if TYPE_CHECKING:
-    from chaos_worker.membership.protocol import Membership
 
 STARTUP_TIMEOUT_S = 60.0
 GOSSIP_EVERY = 10

@@ -13,13 +13,13 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import WorkerConfig
+from chaos_worker.membership.protocol import Membership
 from chaos_worker.net.wire import Decision
 from chaos_worker.ports import Clock, Outbox, Progress
 from chaos_worker.replication.snapshot import SnapshotStore
@@ -27,9 +27,6 @@ from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.compute import apply_flat_grads, flatten_grads, gradient_sum
 from chaos_worker.training.sampling import split_by_throughput, step_sample_ids
 from chaos_worker.training.trainspec import TrainSpec
-
-if TYPE_CHECKING:
-    from chaos_worker.membership.protocol import Membership
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +88,7 @@ class Trainer:
             if membership.aborting:
                 decision = await membership.recover()
                 await self.replay(decision)
-                membership.recovered(decision)
+                membership.recovered(decision, self._clock())
                 continue
             if await membership.at_boundary():
                 return
