@@ -1,62 +1,41 @@
-"""One member of an elastic job: the training loop and the membership protocol.
+"""One member of an elastic job: the composition root of a worker process.
 
-Protocol (every change takes effect at a step boundary):
+`Member` builds the transport, the snapshot store and its replicator, and the roles that
+do the work, and wires them together:
 
-* Liveness: every member floods a heartbeat each `heartbeat_interval_s`; a member not
-  heard from (over any path) for `failure_timeout_s`, or whose connection closes without a
-  goodbye, is suspected crashed. Links are reported down by their ends
-  (in local runs, on the launcher's command).
-* Planned changes (leave, join, link up, link down off the tree) are proposals flooded to
-  everybody; the epoch's root decides them into the next view with an effective step `T`
-  from the switch-step rule and floods the decision. Decisions and the down-pass of every
-  all-reduce travel the same FIFO links from the root, so each member holds the decision
-  before it can finish step `T - 1`.
-* Immediate changes (crash, link down on the tree) abort the all-reduce in flight. Every
-  member floods its last completed step; the recovery coordinator (the smallest id not
-  suspected on its side) decides the next view. If some member already holds the total of
-  the aborted step, a member that holds it becomes root and sends it down the new tree;
-  otherwise the step is redone with the same sample ids. No step is lost.
-* Partition: only the side with the majority of the previous epoch's throughput goes on;
-  the other side pauses, says so, and rejoins as newcomers when a link heals.
+* `membership.protocol.Membership`: proposals, decisions, recovery, partitions (the
+  protocol itself is described there);
+* `membership.liveness.Liveness`: heartbeats and the failure detector;
+* `training.trainer.Trainer`: the step loop and the replay of an aborted step;
+* `join.newcomer.Newcomer` and `join.sponsor.JoinSponsor`: the two sides of a join;
+* `telemetry.telemetry.Telemetry`: link figures, step and replication metrics.
+
+Roles send through one `LinkOutbox` (`ports.Outbox`) and hear of each other through the
+listeners wired here; incoming frames go to them through one dispatch table.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
-import hashlib
-import io
-import itertools
 import logging
 import os
 import shutil
 import signal
-import statistics
 import tempfile
 import time
-import uuid
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-from chaos_planner.models import Source
 
 from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import WorkerConfig
-from chaos_worker.join.plan import shard_plan, source_bandwidths
-from chaos_worker.join.probe import probe_downlinks
-from chaos_worker.membership.readiness import (
-    ask_now,
-    ready_in,
-    step_period,
-    switch_decision,
-    switch_steps,
-)
-from chaos_worker.membership.view import Change, View, full_mesh, initial_view, link_key, next_view
+from chaos_worker.join.newcomer import SEED, Newcomer
+from chaos_worker.join.sponsor import JoinSponsor
+from chaos_worker.membership.liveness import Liveness
+from chaos_worker.membership.protocol import Listeners, Membership
+from chaos_worker.membership.view import View, full_mesh, initial_view
 from chaos_worker.net.control import ControlLink
 from chaos_worker.net.shaping import TokenBucket, delays_only, parse_links, shape_for
 from chaos_worker.net.transport import TcpTransport
@@ -75,153 +54,150 @@ from chaos_worker.net.wire import (
     StateTransfer,
     WireMessage,
 )
-from chaos_worker.priority import in_background
+from chaos_worker.ports import Progress
 from chaos_worker.replication.ledger import SentReader
-from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.sidecar import Child, start_child
-from chaos_worker.replication.snapshot import (
-    SnapshotStore,
-    copied_by_load,
-    load_from,
-    loaded_identities,
-    state_digest,
-)
+from chaos_worker.replication.snapshot import SnapshotStore, state_digest
 from chaos_worker.telemetry.metrics import WorkerMetrics
-from chaos_worker.telemetry.probes import LinkMonitor, directed
-from chaos_worker.telemetry.stall import StallMeter
-from chaos_worker.training.compute import apply_flat_grads, flatten_grads, gradient_sum
-from chaos_worker.training.sampling import split_by_throughput, step_sample_ids
+from chaos_worker.telemetry.telemetry import Telemetry
+from chaos_worker.training.trainer import Trainer
 from chaos_worker.training.trainspec import TrainSpec
 
 log = logging.getLogger(__name__)
 
-# Decisions are flooded on the same FIFO links as the all-reduce, and forwarded on receipt.
-# One the root sends before the down-pass of step s reaches every member before the totals
-# of s, so it can take effect at s + 1; after that down-pass has begun, at s + 2, which is
-# always in time. (The planner's `switch_step`, which budgets round trips from step time
-# and RTT, is for decisions that travel outside the data path.)
-FIFO_SWITCH_MARGIN = 2
-STARTUP_TIMEOUT_S = 60.0
-DEFAULT_BANDWIDTH = 1e9
-"""Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
-GOSSIP_EVERY = 10
-"""Heartbeats between two link-table gossips to the neighbours (1 s by default)."""
-MAX_GOSSIP_ENTRIES = 256
-"""Most link figures in one gossip message (the freshest)."""
-
-
-@dataclass
-class _Recovery:
-    """What this member knows about the recovery round of its current epoch."""
-
-    statuses: dict[str, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-    decided: bool = False
+Handler = Callable[[str, Any, bytes, float], None]
+"""(sender, message, payload, arrival time) of one incoming frame."""
 
 
 class Member:
-    """A worker process's membership state machine and training loop."""
+    """A worker process: its transport, snapshot store, replicator and roles."""
 
-    def __init__(self, config: WorkerConfig, spec: TrainSpec, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        spec: TrainSpec,
+        device: torch.device,
+        *,
+        transport_factory: Callable[..., TcpTransport] = TcpTransport,
+    ) -> None:
+        """`transport_factory` is called as `TcpTransport` is (the default)."""
         self.cfg = config
-        self.me = config.id
+        self.me = me = config.id
         self.spec = spec
-        self.device = device
+        self.address = config.listen
         shapes = parse_links(config.links)
         wire = delays_only(shapes) if config.kernel_shaped else shapes  # tc shapes the rates
         downlink = config.downlink_bytes_per_s
-        self.transport = TcpTransport(
-            self.me,
+        self.transport = transport_factory(
+            me,
             self._on_message,
             self._on_disconnect,
             max_payload=1 << 34,
-            shape=lambda peer: shape_for(wire, self.me, peer),
+            shape=lambda peer: shape_for(wire, me, peer),
             downlink=TokenBucket(downlink) if downlink else None,
         )
-        self._inline = config.replicator == "inline" and not config.replicator_address
-        self._owned_dir: Path | None = None  # a private snapshot directory, removed at exit
-        directory = Path(config.snapshot_dir) if config.snapshot_dir else None
-        if directory is None and not self._inline:
-            shm = Path("/dev/shm")
-            where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-            self._owned_dir = Path(tempfile.mkdtemp(prefix=f"chaos-{self.me}-", dir=where))
-            directory = self._owned_dir
-        self.store = SnapshotStore(directory)
+        self.control = ControlLink(config.control, self._on_command)
+        self.outbox = outbox = LinkOutbox(me, self.transport, self.control)
+        inline = config.replicator == "inline" and not config.replicator_address
+        # a private snapshot directory (removed at exit) unless one is configured
+        self._owned_dir = None if config.snapshot_dir or inline else _private_directory(me)
+        directory = Path(config.snapshot_dir) if config.snapshot_dir else self._owned_dir
+        self.store = store = SnapshotStore(directory)
+        self.collective = collective = TreeAllReduce(
+            me, self.transport.send, bucket_bytes=config.bucket_bytes
+        )
+        clock = time.monotonic
+        self.progress = progress = Progress()
+        metrics = WorkerMetrics(me) if config.metrics_port is not None else None
+        self.telemetry = telemetry = Telemetry(me, outbox=outbox, clock=clock, metrics=metrics)
+        hooks = Listeners()
+        self.membership = membership = Membership(
+            me,
+            outbox=outbox,
+            clock=clock,
+            progress=progress,
+            telemetry=telemetry,
+            failure_timeout_s=config.failure_timeout_s,
+            down_sent=lambda: collective.down_sent,
+            listeners=hooks,
+        )
+        common = {"outbox": outbox, "progress": progress, "clock": clock}
+        self.liveness = liveness = Liveness(
+            me,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            failure_timeout_s=config.failure_timeout_s,
+            membership=membership,
+            telemetry=telemetry,
+            **common,
+        )
+        self.sponsor = sponsor = JoinSponsor(
+            me,
+            config,
+            spec,
+            membership=membership,
+            replicators=liveness.replicators,
+            shapes=shapes,
+            store=store,
+            telemetry=telemetry,
+            **common,
+        )
+        self.trainer = trainer = Trainer(
+            me,
+            config,
+            spec,
+            device,
+            membership=membership,
+            collective=collective,
+            store=store,
+            telemetry=telemetry,
+            on_reduced=sponsor.stream_to_observers,
+            on_stepped=sponsor.release_pins,
+            **common,
+        )
+        self.newcomer = newcomer = Newcomer(
+            me,
+            config,
+            spec,
+            device,
+            membership=membership,
+            liveness=liveness,
+            trainer=trainer,
+            store=store,
+            telemetry=telemetry,
+            **common,
+        )
+        hooks.aborting.append(trainer.cancel_step)
+        hooks.admitted += [lambda _d, _old, new, _send: liveness.admit(new), sponsor.admit]
+        hooks.installed.append(self._sync_links)
+        hooks.joining.append(newcomer.on_decision)
+        hooks.rejoin.append(newcomer.rejoin)
+        hooks.plan_join = sponsor.plan_join
+        self._handlers: dict[type, Handler] = {
+            Chunk: lambda sender, m, payload, _: collective.deliver(sender, m, payload),
+            Heartbeat: lambda _, m, __, now: liveness.on_heartbeat(m, now),
+            Ping: liveness.on_ping,
+            Pong: lambda sender, m, _, now: telemetry.on_pong(sender, m, now),
+            Proposal: lambda _, m, __, now: membership.on_proposal(m, now),
+            LinkGossip: lambda _, m, __, ___: telemetry.merge_links(m.links, self._known_link),
+            MemberStatus: lambda _, m, __, now: membership.on_status(m, now),
+            Decision: lambda _, m, __, now: membership.on_decision(m, now),
+            JoinPlan: self._on_join_plan,
+            ObservedTotal: lambda _, m, payload, now: newcomer.on_total(m, payload, now),
+            StateTransfer: lambda sender, m, payload, _: newcomer.on_state(sender, m, payload),
+        }
         self.replicator = (
             Replicator(
-                self.me,
-                self.store,
-                shape=lambda peer: shape_for(wire, self.me, peer),
-                on_sent=lambda peer, n: self._count_replication(peer, "sent", n),
+                me,
+                store,
+                shape=lambda peer: shape_for(wire, me, peer),
+                on_sent=lambda peer, n: telemetry.count_replication(peer, "sent", n),
             )
-            if self._inline
+            if inline
             else None
         )
         self._child: Child | None = None
-        self._served: SentReader | None = None  # what a replicator process reports sent
-        self._shapes = shapes
-        self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
-        self._preparing: asyncio.Future | None = None  # a newcomer filling its slots
-        self._publishing: concurrent.futures.Future | None = None
-        self._publish_s = 0.0
-        self._ready_t = 0.0
-        self._view_step = -1
-        """The step the view in force took effect at (`View.shares`)."""
-        self._step_started = 0.0  # when the step in progress began (monotonic)
-        self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
-        self._unpin_after: dict[int, int] = {}  # pinned snapshot -> step whose end frees it
-        self._replicators: dict[str, str] = {}
-        self._observers: dict[str, JoinPlan] = {}
-        self._join_plan: JoinPlan | None = None
-        self._join_decision: Decision | None = None
-        self._observed: dict[int, np.ndarray] = {}
-        self._observed_at: deque[float] = deque(maxlen=8)  # arrivals: the step period
-        self._asked_ready = False
-        self._join_requested_at = 0.0
-        self.collective = TreeAllReduce(
-            self.me, self.transport.send, bucket_bytes=config.bucket_bytes
-        )
-        self.control = ControlLink(config.control, self._on_command)
-        self.view: View | None = None
-        self.step = 0
-        self.completed = -1
-        self.last_total: np.ndarray | None = None
-        self.address = config.listen
-        self._seen: set[str] = set()
-        self._seq = itertools.count()
-        self._heard: dict[str, float] = {}
-        self._link_heard: dict[str, float] = {}
-        self._speeds: dict[str, float] = {}
-        self._open: dict[str, Proposal] = {}
-        self._pending: Decision | None = None
-        self._suspects: set[str] = set()
-        self._recovery: _Recovery | None = None
-        self._decided: asyncio.Event = asyncio.Event()
-        self._immediate: Decision | None = None
-        self._floor_epoch = 0
-        self._op: asyncio.Task | None = None
-        self._aborting = False
-        self._leaving = False
-        self._state_bytes: tuple[int, bytes] | None = None
-        self._state_sender = ""
-        self._job_size = 0  # largest view size heard in heartbeats (a newcomer's probe)
-        self._state_event = asyncio.Event()
-        self._join_order = asyncio.Event()
-        self._rejoining = False
-        self._born = time.monotonic()
-        self._seed = config.join
-        self._step_times: deque[float] = deque(maxlen=10)
-        self._rtts: deque[float] = deque(maxlen=20)
-        self._ping_read: dict[str, float] = {}  # peer -> when its last empty Ping was read
-        self._samples_per_s = 0.0
         self._tasks: list[asyncio.Task] = []
-        self._like = flatten_grads(spec.model).detach().cpu().numpy()
-        self.loss_curve: list[tuple[int, float]] = []
-        self.monitor = LinkMonitor(self.me)
-        self.metrics = WorkerMetrics(self.me) if config.metrics_port is not None else None
-        self.stall = StallMeter()
-        self._scale_out_from: float | None = None  # a newcomer's join request, until it steps
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -230,39 +206,39 @@ class Member:
         host = self.cfg.listen.rpartition(":")[0]
         # the replicator first: starting a process takes a while, and once this member
         # listens, the others' messages (a probe) need answers on links not yet opened
-        self._replicators[self.me] = await self._start_replicator(host)
+        self.liveness.replicators[self.me] = await self._start_replicator(host)
         port = await self.transport.listen(host, int(self.cfg.listen.rpartition(":")[2]))
-        self.address = f"{host}:{port}"
+        self.address = self.newcomer.address = f"{host}:{port}"
         await self.control.open()
-        metrics_port = self.metrics.serve(host, self.cfg.metrics_port) if self.metrics else None
-        self._report("ready", address=self.address, metrics_port=metrics_port)
+        metrics = self.telemetry.metrics
+        metrics_port = metrics.serve(host, self.cfg.metrics_port) if metrics else None
+        self.outbox.report("ready", address=self.address, metrics_port=metrics_port)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._watch())]
+        self._tasks = [
+            loop.create_task(self.liveness.heartbeats()),
+            loop.create_task(self.liveness.watch()),
+        ]
         if self.cfg.control is None:  # in a pod: deletion (SIGTERM) is a graceful leave
             loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         if self.cfg.members:
             members = {**self.cfg.members, self.me: self.address}
-            self.view = initial_view(members, self.cfg.overlay or full_mesh(members))
+            self.membership.begin(initial_view(members, self.cfg.overlay or full_mesh(members)))
             self._sync_links()
         else:
-            if self.cfg.standby:
-                self._report("standby", t=time.monotonic())
-                await self._join_order.wait()
-            await self._join()
+            await self.newcomer.join(standby=self.cfg.standby)
         try:
-            await self._train()
+            await self.trainer.run()
         finally:
             for task in self._tasks:
                 task.cancel()
-            self._settle_publish()
-            self._publisher.shutdown()
+            self.trainer.close()
             digest = state_digest(self.spec.model, self.spec.optimizer)
-            self._report(
+            self.outbox.report(
                 "exit",
-                step=self.step,
-                completed=self.completed,
+                step=self.progress.step,
+                completed=self.progress.completed,
                 state_sha256=digest,
-                links=self.monitor.table.as_dict(time.monotonic()),
+                links=self.telemetry.monitor.table.as_dict(time.monotonic()),
             )
             await self._stop_replicator()
             await self.transport.close()
@@ -273,7 +249,7 @@ class Member:
         if self.replicator is not None:
             return await self.replicator.start(host)
         assert self.store.directory is not None
-        self._served = SentReader(self.store.directory)
+        self.telemetry.served = SentReader(self.store.directory).news
         if self.cfg.replicator_address:
             return self.cfg.replicator_address
         self._child = await start_child(
@@ -293,880 +269,51 @@ class Member:
         if self._owned_dir is not None:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
 
-    async def _join(self) -> None:
-        """Ask a member to admit us, then catch up as an observer or by a full copy."""
-        self.transport.connect("_seed", self._seed)
-        self._join_requested_at = time.monotonic()
-        self._scale_out_from = self._join_requested_at
-        self._report("join_requested", t=self._join_requested_at, mode=self.cfg.join_mode)
-        if self.cfg.join_mode == "observe":
-            await self._measure_downlinks()
-            self._ask_to_join("observe")
-            try:
-                await self._join_as_observer()
-                return
-            except JoinFailed as exc:
-                if self._asked_ready:  # a switch step is agreed: the members expect us there
-                    raise
-                self._report("join_fallback", reason=str(exc), t=time.monotonic())
-        self._ask_to_join("copy")
-        decision = await self._joining_decision()
-        await self._take_state()
-        self.transport.disconnect("_seed", goodbye=True)
-        self._open.clear()
-        self._install(decision, send_state=False)
-        self._report("joined", path="stop-and-copy", t=time.monotonic())
-
-    def _ask_to_join(self, mode: str, ready_in_s: float = 0.0) -> None:
-        now = time.monotonic()
-        links = self.monitor.table.share(now, limit=MAX_GOSSIP_ENTRIES, fresh_only=True)
-        proposal = Proposal(
-            id=uuid.uuid4().hex,
-            origin=self.me,
-            kind="join",
-            subject=self.me,
-            address=self.address,
-            detected_at=now,
-            epoch=-1,
-            mode=mode,
-            links={kind: entries for kind, entries in links.items() if entries},
-            ready_in_s=ready_in_s,
-        )
-        self._seen.add(proposal.id)
-        self._flood(proposal)
-
-    async def _measure_downlinks(self) -> None:
-        """Time the downlink from every member's replicator, one at a time (joinprobe.py).
-
-        A `probe` proposal makes the members connect here, so their heartbeats (which name
-        their replicators and the size of their view) arrive; once every member's has (or
-        after ten heartbeat intervals, at least a second), each replicator is probed and the
-        figures go into the link table, to be sent with the join proposal.
-        """
-        if self.cfg.join_probe_frames == 0:
-            return
-        self._ask_to_join("probe")
-        deadline = time.monotonic() + max(1.0, 10 * self.cfg.heartbeat_interval_s)
-        while time.monotonic() < deadline:
-            if 0 < self._job_size <= len(self._replicators) - 1:
-                break
-            await asyncio.sleep(0.01)
-        others = {m: a for m, a in self._replicators.items() if m != self.me}
-        downlink = self.cfg.downlink_bytes_per_s
-        measured = await probe_downlinks(
-            self.me,
-            others,
-            host=self.address.rpartition(":")[0],
-            downlink=TokenBucket(downlink) if downlink else None,
-            frames=self.cfg.join_probe_frames,
-        )
-        now = time.monotonic()
-        for source, m in measured.items():
-            self.monitor.table.observe_transfer(source, self.me, m.nbytes, m.seconds, now)
-        self._report(
-            "downlinks_measured",
-            bytes_per_s={s: round(m.bytes_per_s) for s, m in measured.items()},
-            complete={s: m.complete for s, m in measured.items()},
-            t=now,
-        )
-
-    async def _joining_decision(self) -> Decision:
-        """The first decision that makes this newcomer a member."""
-        while self._join_decision is None:
-            await self._wait_change()
-        return self._join_decision
-
-    async def _join_as_observer(self) -> None:
-        """Pull the planned snapshot from several members, replay the observed totals, and
-        ask to contribute once current; incumbents never wait for the transfer."""
-        while self._join_plan is None:
-            await self._wait_change()
-        plan = self._join_plan
-        started = time.monotonic()
-        last = [0.0]
-
-        def progress(received: dict[str, int], done: int, shards: int) -> None:
-            now = time.monotonic()
-            if now - last[0] >= 0.2 or done == shards:
-                last[0] = now
-                self._report("join_progress", bytes=received, done=done, shards=shards, t=now)
-
-        loop = asyncio.get_running_loop()
-        downlink = self.cfg.downlink_bytes_per_s
-        pullers: list[Puller] = []
-        pulled: asyncio.Future[PullResult] = loop.create_future()
-
-        def take(result: PullResult) -> None:
-            if not pulled.done():
-                pulled.set_result(result)
-
-        def pull() -> PullResult:  # in a thread of its own, so this loop stays responsive
-            async def run() -> PullResult:
-                puller = Puller(
-                    self.me,
-                    plan,
-                    host=self.address.rpartition(":")[0],
-                    downlink=TokenBucket(downlink) if downlink else None,
-                    stall_timeout_s=self.cfg.stall_timeout_s,
-                    on_progress=lambda *a: loop.call_soon_threadsafe(progress, *a),
-                    # the result goes to this loop at once; closing the links comes after
-                    on_result=lambda r: loop.call_soon_threadsafe(take, r),
-                )
-                pullers.append(puller)
-                return await puller.run()
-
-            return asyncio.run(run())
-
-        pulling = asyncio.ensure_future(asyncio.to_thread(pull))
-        pulling.add_done_callback(
-            lambda f: None if f.cancelled() or pulled.done() else _settle_from(pulled, f)
-        )
-        load_bytes = copied_by_load(self.spec.model, plan.state_bytes, self.device)
-        while not pulled.done():  # ask for the switch step while the last shards arrive
-            await asyncio.wait({pulled}, timeout=0.005)
-            remaining = pullers[0].remaining_s(time.monotonic()) if pullers else float("inf")
-            period = step_period(self._observed_at)
-            if not self._asked_ready and ask_now(remaining, load_bytes, period):
-                self._ask_ready(remaining, load_bytes)
-        result = pulled.result()
-        self._observe_pull(result.bytes_per_source, result.transfers)
-        if not self._asked_ready:
-            self._ask_ready(0.0, load_bytes)
-        # in a thread: this loop sends the `ready` proposal and takes observed totals meanwhile
-        await asyncio.to_thread(
-            load_from, result.data, result.layout, self.spec.model, self.spec.optimizer, self.device
-        )
-        self._prepare_slots(result)
-        self.step = plan.step
-        self.completed = plan.step - 1
-        self._report(
-            "state_loaded",
-            step=plan.step,
-            bytes_per_source=result.bytes_per_source,
-            replans=result.replans,
-            rejected=result.rejected,
-            pull_s=time.monotonic() - started,
-            rebalances=result.rebalances,
-            strategy=plan.strategy,
-            bandwidths=plan.bandwidths,
-            figures=plan.figures,
-            t=time.monotonic(),
-        )
-        await self._catch_up()
-
-    def _prepare_slots(self, result: PullResult) -> None:
-        """Copy the pulled bytes into the snapshot slots at low priority, off the critical
-        path (their pages cost more than the copy: 0.7 s of CPU for two 256 MB slots on
-        two cores), so that this member's snapshots then copy only what training changes.
-        Until they are ready it publishes none; a join planned meanwhile fetches from the
-        others (a source without the snapshot says so and is re-planned)."""
-        loaded = loaded_identities(self.spec.model, self.spec.optimizer)
-
-        def prepare() -> None:
-            self.store.fill(result.data, result.layout)
-            self.store.adopt(loaded)
-
-        self._preparing = asyncio.ensure_future(in_background(prepare))
-
-    def _slots_ready(self) -> bool:
-        """False while a newcomer's snapshot slots are being prepared (`_prepare_slots`)."""
-        preparing = self._preparing
-        if preparing is None:
-            return True
-        if not preparing.done():
-            return False
-        self._preparing = None
-        if preparing.exception() is not None:  # the first publishes then copy everything
-            log.warning("preparing the snapshot slots failed: %s", preparing.exception())
-        return True
-
-    def _ask_ready(self, remaining_s: float, load_bytes: int) -> None:
-        self._asked_ready = True
-        wait = ready_in(remaining_s, load_bytes)
-        self._report(
-            "ready_asked",
-            remaining_s=round(remaining_s, 4),
-            ready_in_s=round(wait, 4),
-            t=time.monotonic(),
-        )
-        self._ask_to_join("ready", ready_in_s=wait)
-
-    async def _catch_up(self) -> None:
-        """Replay observed totals until the decision that admits this member takes effect."""
-        reported = False
-        while True:
-            while self.step in self._observed:
-                self._apply(self._observed.pop(self.step), observed=True)
-            for step in [s for s in self._observed if s < self.step]:
-                del self._observed[step]
-            decision = self._join_decision
-            if decision is not None and decision.effective_step <= self.step:
-                self.transport.disconnect("_seed", goodbye=True)
-                self._open.clear()
-                self._install(decision, send_state=False)
-                self._report("joined", path="observer", t=time.monotonic())
-                return
-            if len(self._observed) > self.cfg.observer_max_backlog:
-                raise JoinFailed(
-                    f"the gradient stream ran {len(self._observed)} steps ahead of replay"
-                )
-            if not reported:
-                reported = True
-                self._report("caught_up", step=self.step, t=time.monotonic())
-            await self._wait_change()
-
-    async def _take_state(self) -> None:
-        """Wait for the full-state copy of a join and load it."""
-        await self._state_event.wait()
-        self._state_event.clear()
-        step, blob = self._state_bytes
-        self._count_replication(self._state_sender, "received", len(blob))
-        self._load_state(blob)
-        self.step = step
-        self.completed = step - 1
-
-    # ------------------------------------------------------------------ training
-
-    async def _train(self) -> None:
-        while True:
-            if self._aborting:
-                await self._recover()
-                continue
-            if await self._at_boundary():
-                return
-            if self.step >= self.cfg.steps:
-                return
-            self._probe_links()
-            started = time.perf_counter()
-            self._step_started = time.monotonic()
-            ids = step_sample_ids(
-                self.cfg.seed, self.step, self.cfg.global_batch, len(self.spec.dataset)
-            )
-            shares = self.view.shares(first_step=self.step == self._view_step)
-            mine = split_by_throughput(ids, shares).get(self.me, [])
-            log.debug("step %d epoch %d: %d samples", self.step, self.view.epoch, len(mine))
-            loss = await asyncio.to_thread(
-                gradient_sum, self.spec, mine, micro_batch=self.cfg.micro_batch
-            )
-            compute_s = time.perf_counter() - started
-            self._ready_t = time.monotonic()  # this member's gradient is ready to reduce
-            if mine:
-                self._samples_per_s = len(mine) / max(compute_s, 1e-6)
-            if self._aborting:
-                continue
-            flat = flatten_grads(self.spec.model).detach().cpu().numpy()
-            buf = np.concatenate([flat, np.array([loss, len(mine)], dtype=flat.dtype)])
-            self._op = asyncio.ensure_future(self.collective.allreduce(self.view, self.step, buf))
-            try:
-                total = await self._op
-            except asyncio.CancelledError:
-                if not self._aborting:
-                    raise
-                continue
-            finally:
-                self._op = None
-            self._apply(total)
-            self._step_times.append(time.perf_counter() - started)
-            self._observe_step(len(mine), compute_s, self._step_times[-1])
-
-    def _apply(self, total: np.ndarray, *, observed: bool = False) -> None:
-        """Divide the reduced sum by the global batch, step the optimizer, publish the
-        snapshot of the next step, and stream the total to observers (as root)."""
-        self._stream_to_observers(total)  # first: a newcomer's first step waits for it
-        grads = torch.from_numpy(total[:-2].copy()).to(self.device)
-        apply_flat_grads(self.spec.model, grads, 1.0 / self.cfg.global_batch)
-        self._settle_publish()
-        self.spec.optimizer.step()
-        loss = float(total[-2]) / self.cfg.global_batch
-        if round(float(total[-1])) != self.cfg.global_batch:
-            raise RuntimeError(
-                f"step {self.step} reduced {total[-1]} samples, expected {self.cfg.global_batch}"
-            )
-        self.last_total = total
-        self.completed = self.step
-        self.loss_curve.append((self.step, loss))
-        if observed:  # replaying: nobody pulls from an observer, so publish nothing yet
-            self.step += 1
-            return
-        for pinned in [s for s, after in self._unpin_after.items() if after <= self.step]:
-            self.store.release(pinned)
-            del self._unpin_after[pinned]
-        if self._slots_ready():
-            self._publishing = self._publisher.submit(
-                self.store.publish, self.step + 1, self.spec.model, self.spec.optimizer
-            )
-        self._report(
-            "progress",
-            step=self.step,
-            loss=loss,
-            epoch=self.view.epoch,
-            members=len(self.view.members),
-            root=self.view.root,
-            samples_per_s=self._samples_per_s,
-            publish_s=self._publish_s,
-            ready_t=self._ready_t,
-            t=time.monotonic(),
-        )
-        self.step += 1
-
-    def _settle_publish(self) -> None:
-        """Wait for the snapshot copy in flight (before the tensors change); time the wait."""
-        if self._publishing is not None:
-            started = time.perf_counter()
-            self._publishing.result()
-            self._publish_s = time.perf_counter() - started
-            self._publishing = None
-
-    def _stream_to_observers(self, total: np.ndarray) -> None:
-        """As root, send the total of this step to every newcomer replaying from before it."""
-        if self.view is None or self.view.root != self.me:
-            return
-        for joiner, plan in self._observers.items():
-            if self.step >= plan.step:
-                message = ObservedTotal(sender=self.me, step=self.step, dtype=total.dtype.str)
-                self.transport.send(joiner, message, total)
-
-    async def _at_boundary(self) -> bool:
-        """Install what takes effect at this step; True when this member must stop."""
-        while True:
-            if self._aborting:
-                return False
-            pending = self._pending
-            if pending is not None and not self.view.paused and pending.effective_step <= self.step:
-                self._install(pending)
-            if self._leaving_now():
-                return True
-            if not self.view.paused:
-                self._maybe_decide()
-                return False
-            await self._wait_change()
-
-    def _leaving_now(self) -> bool:
-        return self.me not in self.view.members
-
-    async def _wait_change(self, timeout: float = 0.05) -> None:
-        self._decided.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._decided.wait(), timeout)
-
-    # ------------------------------------------------------------------ decisions
-
-    def _install(self, decision: Decision, *, send_state: bool = True) -> None:
-        """Adopt the view of a planned decision at its effective step."""
-        old = self.view
-        self.view = View.model_validate(decision.view)
-        self._view_step = decision.effective_step
-        self._pending = None
-        for cause in decision.causes:
-            self._open.pop(cause["id"], None)
-            self._received_at.pop(cause["id"], None)
-        now = time.monotonic()
-        joiners = [m for m in self.view.members if old is None or m not in old.members]
-        for member in joiners:
-            self._heard[member] = now
-            plan = self._observers.pop(member, None)
-            if plan is not None:
-                # a newcomer that asked early may still be pulling: keep the snapshot until
-                # this step is reduced, which needs the newcomer's share, hence its state
-                self._unpin_after[plan.step] = self.step
-        copying = [
-            c["subject"] for c in decision.causes if c["kind"] == "join" and c["mode"] == "copy"
-        ]
-        copying = [m for m in joiners if m in copying]
-        if send_state and copying and self.me == self._state_source(old):
-            blob = self._save_state()
-            digest = hashlib.sha256(blob).hexdigest()
-            for joiner in copying:
-                self.transport.send(
-                    joiner, StateTransfer(sender=self.me, step=self.step, sha256=digest), blob
-                )
-                self._count_replication(joiner, "sent", len(blob))
-        self._sync_links()
-        self.stall.change_installed()
-        self._report_installed(decision)
-
-    def _report_installed(self, decision: Decision) -> None:
-        """Tell the launcher that the view of `decision` is now in force here."""
-        self._observe_decision(decision)
-        self._report(
-            "installed",
-            decision=decision.id,
-            epoch=self.view.epoch,
-            step=self.step,
-            members=len(self.view.members),
-            paused=self.view.paused,
-            t=time.monotonic(),
-        )
-
-    def _state_source(self, old: View) -> str:
-        return self.view.root if self.view.root in old.members else min(old.members)
-
-    def _maybe_decide(self) -> None:
-        """As root, plan joins and turn open planned proposals into the next view."""
-        if self.view.root != self.me or self._aborting:
-            return
-        self._plan_joins()
-        if self._pending is not None:
-            return
-        proposals = [p for p in self._open.values() if self._relevant(p)]
-        if not proposals:
-            return
-        changes = [_change(p) for p in proposals]
-        leaving = {c.subject for c in changes if c.kind == "leave"}
-        staying = [m for m in sorted(self.view.members) if m not in leaving] or [self.me]
-        side_of = self.me if self.me in staying else staying[0]
-        outcome = next_view(self.view, changes, side_of=side_of, speeds=self._speed_table())
-        effective = self.step + self._switch_margin(self._ready_wait(proposals))
-        decision = Decision(
-            id=uuid.uuid4().hex,
-            origin=self.me,
-            view=outcome.view.model_dump(),
-            effective_step=effective,
-            immediate=False,
-            causes=[_cause(p) for p in proposals],
-        )
-        self._accept_decision(decision)
-
-    def _switch_margin(self, wait_s: float) -> int:
-        """Steps ahead a decision taken now takes effect: at least one while this step's
-        totals have not left the root (the decision travels ahead of them), else
-        `FIFO_SWITCH_MARGIN`; and not before `wait_s` from now (readiness.py)."""
-        ahead = self.collective.down_sent != (self.view.epoch, self.step)
-        minimum = 1 if ahead else FIFO_SWITCH_MARGIN
-        period = statistics.median(self._step_times) if self._step_times else None
-        now = time.monotonic()
-        return switch_steps(now, self._step_started, period, wait_s, minimum)
-
-    def _ready_wait(self, proposals: list[Proposal]) -> float:
-        """Seconds from now until the slowest newcomer asking to switch in is ready."""
-        now = time.monotonic()
-        waits = [
-            p.ready_in_s - (now - self._received_at.get(p.id, now))
-            for p in proposals
-            if p.kind == "join" and p.mode == "ready"
-        ]
-        return max([0.0, *waits])
-
-    def _plan_joins(self) -> None:
-        """As root, give every newcomer that asked to observe a shard plan (once)."""
-        for key, proposal in list(self._open.items()):
-            if proposal.kind != "join" or proposal.mode != "observe":
-                continue
-            if proposal.subject in self.view.members or proposal.subject in self._observers:
-                del self._open[key]
-                continue
-            plan = self._make_join_plan(proposal)
-            if plan is None:
-                return
-            del self._open[key]
-            self._on_join_plan(plan)
-
-    def _make_join_plan(self, proposal: Proposal) -> JoinPlan | None:
-        """Shards of snapshot `self.step` per source, from the planner and link figures.
-
-        The root has not finished step `self.step`, so it streams that step's total and
-        every later one; every source still holds or will publish that snapshot. Its size
-        is taken from the newest snapshot published here.
-        """
-        latest = self.store.latest_step()
-        snap = None if latest is None else self.store.get(latest)
-        if snap is None:
-            return None
-        leaving = {p.subject for p in self._open.values() if p.kind == "leave"}
-        candidates = [m for m in sorted(self.view.members) if m in self._replicators]
-        figures = source_bandwidths(
-            [m for m in candidates if m not in leaving],
-            proposal.subject,
-            self.monitor.table,
-            time.monotonic(),
-            shaped=lambda m: shape_for(self._shapes, m, proposal.subject).rate_bytes_per_s,
-            default=DEFAULT_BANDWIDTH,
-        )
-        sources = [
-            Source(id=m, bandwidth_bytes_per_s=bw, latency_s=self.cfg.shard_overhead_s)
-            for m, (bw, _) in figures.items()
-        ]
-        state_bytes = max(1, snap.layout.total_bytes)
-        plan = shard_plan(state_bytes, sources, self.cfg.join_strategy)
-        assignment = plan.shard_indices()
-        return JoinPlan(
-            id=uuid.uuid4().hex,
-            origin=self.me,
-            joiner=proposal.subject,
-            joiner_address=proposal.address,
-            step=self.step,
-            state_bytes=state_bytes,
-            shards=plan.shards,
-            assignment=assignment,
-            replicators={m: self._replicators[m] for m in assignment},
-            bandwidths={s.id: s.bandwidth_bytes_per_s for s in sources},
-            figures={m: figure for m, (_, figure) in figures.items()},
-            manifest_from=next(iter(assignment)),
-            predicted_s=plan.makespan_s,
-            strategy=self.cfg.join_strategy,
-        )
-
-    def _on_join_plan(self, plan: JoinPlan) -> None:
-        """Learn of a join: pin the snapshot it pulls, stream to the observer, pass it on."""
-        if plan.id in self._seen:
-            return
-        self._seen.add(plan.id)
-        self._flood(plan)
-        if plan.joiner == self.me:
-            if self._join_plan is None:
-                self._join_plan = plan
-                self._decided.set()
-            return
-        if self.view is not None:
-            self.stall.change_started()
-        if self.me in plan.assignment:
-            # the manifest's hashes ahead of its request, at this process's priority (a
-            # replicator process takes them from the snapshot directory)
-            manifest = self.me == plan.manifest_from
-            self.store.want(plan.step, plan.shards if manifest else None)
-        self._observers[plan.joiner] = plan
-        self.transport.connect(plan.joiner, plan.joiner_address)
-        if plan.origin == self.me:
-            self._report(
-                "join_planned",
-                joiner=plan.joiner,
-                step=plan.step,
-                shards=plan.shards,
-                assignment={m: len(v) for m, v in plan.assignment.items()},
-                bandwidths=plan.bandwidths,
-                figures=plan.figures,
-                predicted_s=plan.predicted_s,
-                t=time.monotonic(),
-            )
-
-    def _relevant(self, proposal: Proposal) -> bool:
-        """Planned proposals that still change something in the current view."""
-        if proposal.kind == "join":
-            return proposal.subject not in self.view.members and proposal.mode != "observe"
-        if proposal.kind == "leave":
-            return proposal.subject in self.view.members
-        is_down = link_key(proposal.subject, proposal.peer) in self.view.down
-        if proposal.kind == "link_up":
-            return is_down
-        if proposal.kind == "link_down":
-            ends = proposal.subject in self.view.members and proposal.peer in self.view.members
-            return ends and not is_down
-        return False
-
-    def _speed_table(self) -> dict[str, float]:
-        speeds = dict(self.view.speeds)
-        speeds.update({m: s for m, s in self._speeds.items() if s > 0})
-        if self._samples_per_s > 0:
-            speeds[self.me] = self._samples_per_s
-        return speeds
-
-    def _accept_decision(self, decision: Decision) -> None:
-        """Take a decision in (once), forward it, and schedule or start it."""
-        if decision.id in self._seen:
-            return
-        self._seen.add(decision.id)
-        view = View.model_validate(decision.view)
-        stale = self.view is not None and view.epoch <= self.view.epoch and not self.view.paused
-        if stale and not decision.immediate:
-            return
-        for member, address in view.members.items():
-            if member != self.me and member in view.neighbours(self.me):
-                self.transport.connect(member, address)
-        self._flood(decision)
-        self._report(
-            "agreed",
-            decision=decision.id,
-            epoch=view.epoch,
-            effective_step=decision.effective_step,
-            members=sorted(view.members),
-            t=time.monotonic(),
-        )
-        if self.view is None:
-            self._join_decision = switch_decision(self._join_decision, decision, self.me)
-        else:
-            self.stall.change_started()
-        if decision.immediate:
-            if self.view is None or view.epoch > self.view.epoch:
-                self._immediate = decision
-        else:
-            self._pending = decision
-        self._decided.set()
-
-    # ------------------------------------------------------------------ recovery
-
-    def _suspect(self, member: str, detected_at: float) -> None:
-        """A member looks dead: tell everybody and abort the step in flight."""
-        if self.view is None or member not in self.view.members or member in self._suspects:
-            return
-        proposal = Proposal(
-            id=f"crash:{member}:{self.view.epoch}",
-            origin=self.me,
-            kind="crash",
-            subject=member,
-            detected_at=detected_at,
-            epoch=self.view.epoch,
-        )
-        self._report("detected", event="crash", subject=member, t=detected_at)
-        self._on_proposal(proposal)
-
-    def _begin_abort(self) -> None:
-        self.stall.change_started()
-        if not self._aborting:
-            self._aborting = True
-            self._recovery = _Recovery()
-        if self._op is not None:
-            self._op.cancel()
-        self._decided.set()
-
-    async def _recover(self) -> None:
-        """Report progress to the coordinator and wait for the recovery decision."""
-        epoch = self.view.epoch
-        status = MemberStatus(
-            id=f"status:{self.me}:{epoch}:{len(self._suspects)}",
-            origin=self.me,
-            epoch=epoch,
-            round=len(self._suspects),
-            completed=self.completed,
-        )
-        self._on_status(status)
-        while self._immediate is None or View.model_validate(self._immediate.view).epoch <= epoch:
-            self._try_decide_recovery()
-            await self._wait_change()
-        decision = self._immediate
-        self._immediate = None
-        view = View.model_validate(decision.view)
-        for cause in decision.causes:
-            self._open.pop(cause["id"], None)
-        self._suspects.clear()
-        self._pending = None
-        self._recovery = None
-        self._aborting = False
-        self._floor_epoch = view.epoch
-        self.view = view
-        self._view_step = decision.effective_step
-        self._sync_links()
-        self.stall.change_installed()
-        if self.me in view.members and decision.replay_step is not None and not view.paused:
-            like = np.zeros(self._like.size + 2, dtype=self._like.dtype)
-            total = await self.collective.broadcast(
-                view, decision.replay_step, self.last_total, like
-            )
-            if self.completed < decision.replay_step:
-                self._apply(total)
-        if self.me in view.members:
-            self.step = decision.effective_step
-        self._report_installed(decision)
-        if view.paused:
-            self._report(
-                "paused",
-                reason="partition minority",
-                members=sorted(view.members),
-                t=time.monotonic(),
-            )
-
-    def _on_status(self, status: MemberStatus) -> None:
-        if status.id in self._seen:
-            return
-        self._seen.add(status.id)
-        self._flood(status)
-        if self.view is None or status.epoch < self._floor_epoch:
-            return
-        if self._recovery is None:
-            self._recovery = _Recovery()
-        self._recovery.statuses[status.origin] = status.completed
-        self._decided.set()
-
-    def _side(self, view: View) -> set[str]:
-        """Members of `view` reachable from here over live links, suspects excluded."""
-        alive = [m for m in view.members if m not in self._suspects]
-        down = set(view.down) | {
-            link_key(p.subject, p.peer) for p in self._open.values() if p.kind == "link_down"
-        }
-        adjacency: dict[str, set[str]] = {m: set() for m in alive}
-        for key in view.overlay:
-            a, _, b = key.partition("|")
-            if key not in down and a in adjacency and b in adjacency:
-                adjacency[a].add(b)
-                adjacency[b].add(a)
-        seen, todo = {self.me}, [self.me]
-        while todo:
-            for nxt in adjacency.get(todo.pop(), ()):
-                if nxt not in seen:
-                    seen.add(nxt)
-                    todo.append(nxt)
-        return seen
-
-    def _try_decide_recovery(self) -> None:
-        """As coordinator, decide the recovery view once every live member has reported."""
-        if self._recovery is None or self.view is None or self._recovery.decided:
-            return
-        statuses = self._recovery.statuses
-        base, done = self._recovery_base(max(statuses.values(), default=self.completed))
-        side = self._side(base)
-        if min(side) != self.me:
-            return
-        missing = [m for m in side if m not in statuses]
-        if missing:
-            if time.monotonic() - self._recovery.started > self.cfg.failure_timeout_s:
-                for member in missing:
-                    self._suspect(member, time.monotonic())
-            return
-        latest = max(statuses[m] for m in side)
-        holders = [m for m in side if statuses[m] == latest]
-        lagging = any(statuses[m] < latest for m in side)
-        proposals = [p for p in self._open.values() if p.kind != "join" and p.id not in done]
-        changes = [_change(p) for p in proposals]
-        changes += [Change("crash", m) for m in self._suspects if m in base.members]
-        outcome = next_view(
-            base,
-            changes,
-            side_of=self.me,
-            speeds=self._speed_table(),
-            root_candidates=holders,
-        )
-        decision = Decision(
-            id=uuid.uuid4().hex,
-            origin=self.me,
-            view=outcome.view.model_dump(),
-            effective_step=latest + 1,
-            immediate=True,
-            replay_step=latest if lagging else None,
-            causes=[_cause(p) for p in proposals],
-        )
-        self._recovery.decided = True
-        self._accept_decision(decision)
-
-    def _recovery_base(self, latest: int) -> tuple[View, set[str]]:
-        """The view in force for step `latest + 1`, and the proposals it already covers.
-
-        A planned decision effective at or before that step has been installed by the
-        members that got there, so the recovery builds on it rather than on the older view.
-        """
-        pending = self._pending
-        if pending is not None and pending.effective_step <= latest + 1:
-            return View.model_validate(pending.view), {c["id"] for c in pending.causes}
-        return self.view, set()
-
-    # ------------------------------------------------------------------ messages
+    # ------------------------------------------------------------------ events
 
     def _on_message(self, sender: str, message: Message, payload: bytes) -> None:
+        """Every incoming frame, in arrival order per link. Handlers forward what they
+        flood before returning, so a decision precedes this link's next frame everywhere."""
         now = time.monotonic()
-        self._link_heard[sender] = now
-        self._heard[sender] = now
-        if isinstance(message, Chunk):
-            self.collective.deliver(sender, message, payload)
-        elif isinstance(message, Heartbeat):
-            self._on_heartbeat(message)
-        elif isinstance(message, Ping):
-            self.transport.send(sender, self._pong(sender, message, payload, now))
-        elif isinstance(message, Pong):
-            self._rtts.append(now - message.echo)
-            self.monitor.on_pong(sender, message.echo, now, gap_s=message.gap_s)
-        elif isinstance(message, Proposal):
-            self._on_proposal(message)
-        elif isinstance(message, LinkGossip):
-            self._merge_links(message.links, self._known_link)
-        elif isinstance(message, MemberStatus):
-            self._on_status(message)
-        elif isinstance(message, Decision):
-            self._accept_decision(message)
-        elif isinstance(message, JoinPlan):
-            self._on_join_plan(message)
-        elif isinstance(message, ObservedTotal):
-            if self.view is None and message.step >= self.step:
-                self._observed_at.append(now)
-                self._observed[message.step] = np.frombuffer(payload, dtype=message.dtype).copy()
-                self._decided.set()
-        elif isinstance(message, StateTransfer):
-            if hashlib.sha256(payload).hexdigest() != message.sha256:
-                log.warning("state from %s failed its checksum; ignored", sender)
-                return
-            self._state_bytes = (message.step, payload)
-            self._state_sender = sender
-            self._state_event.set()
+        self.liveness.heard_from(sender, now)
+        handler = self._handlers.get(type(message))
+        if handler is not None:
+            handler(sender, message, payload, now)
 
-    def _pong(self, sender: str, ping: Ping, payload: bytes, now: float) -> Pong:
-        """The answer to a `Ping`; a probe's payload Ping gets the time since its empty
-        marker was read here, so that traffic on the way back cannot skew the figure."""
-        if not payload:
-            self._ping_read[sender] = now
-            return Pong(sender=self.me, echo=ping.sent_at)
-        marker = self._ping_read.pop(sender, None)
-        gap = None if marker is None else now - marker
-        return Pong(sender=self.me, echo=ping.sent_at, gap_s=gap)
-
-    def _on_heartbeat(self, beat: Heartbeat) -> None:
-        key = f"hb:{beat.origin}:{beat.seq}"
-        if key in self._seen or beat.origin == self.me:
-            return
-        self._seen.add(key)
-        self._heard[beat.origin] = time.monotonic()
-        self._speeds[beat.origin] = beat.samples_per_s
-        if beat.replicator:
-            self._replicators[beat.origin] = beat.replicator
-        self._job_size = max(self._job_size, beat.members)
-        self._flood(beat)
-
-    def _on_proposal(self, proposal: Proposal) -> None:
-        if proposal.id in self._seen:
-            return
-        self._seen.add(proposal.id)
-        if proposal.kind == "join" and proposal.address:
-            self.transport.connect(proposal.subject, proposal.address)
-        self._flood(proposal)
-        if proposal.kind == "join" and proposal.links:
-            self._merge_links(proposal.links, lambda _src, dst: dst == proposal.subject)
-        if self.view is None or proposal.mode == "probe":
-            return
-        if proposal.kind == "crash" and proposal.subject == self.me:
-            return  # falsely suspected: the others' recovery view leaves us out, and we stop
-        self._open[proposal.id] = proposal
-        self._received_at[proposal.id] = time.monotonic()
-        if proposal.kind == "crash":
-            self._suspects.add(proposal.subject)
-            self._begin_abort()
-        elif proposal.kind == "link_down" and self._on_tree(proposal.subject, proposal.peer):
-            self._begin_abort()
-        elif proposal.kind == "link_up" and self.view.paused:
-            self._rejoin()
-        elif not self.view.paused:
-            self._maybe_decide()
-        self._decided.set()
-
-    def _on_tree(self, a: str, b: str) -> bool:
-        parent = self.view.parent
-        return parent.get(a) == b or parent.get(b) == a
+    def _on_join_plan(self, _sender: str, plan: JoinPlan, _payload: bytes, _now: float) -> None:
+        if self.sponsor.on_join_plan(plan):  # new, and for this member's own join
+            self.newcomer.on_plan(plan)
 
     def _on_disconnect(self, peer: str, graceful: bool) -> None:
-        if not graceful and self.view is not None and peer in self.view.members:
-            self._suspect(peer, time.monotonic())
+        if not graceful:
+            self.membership.suspect(peer, time.monotonic())
 
     def _on_command(self, command: dict) -> None:
+        """A command from the launcher: join (a standby), leave, link_down, link_up."""
         kind = command.get("cmd")
         peer = str(command.get("peer", ""))
         now = time.monotonic()
-        if kind == "join" and self.view is None and command.get("seed"):
-            self._seed = str(command["seed"])
-            self._join_order.set()
-        elif kind == "leave" and self.view is not None and not self._leaving:
-            self._leaving = True
-            self._propose("leave", self.me, now)
+        membership = self.membership
+        if kind == "join" and membership.view is None and command.get("seed"):
+            self.newcomer.order(str(command["seed"]))
+        elif kind == "leave":
+            membership.leave(now)
         elif kind == "link_down" and peer:
             self.transport.block(peer)
-            self._propose("link_down", self.me, now, peer=peer)
+            membership.propose("link_down", self.me, now, peer=peer)
         elif kind == "link_up" and peer:
             self.transport.unblock(peer)
             address = str(command.get("address", ""))
             if address:
                 self.transport.connect(peer, address)
-            self._propose("link_up", self.me, now, peer=peer)
+            membership.propose("link_up", self.me, now, peer=peer)
 
     def _on_sigterm(self) -> None:
         """Leave at an agreed step when others train on; stop at once otherwise, or when the
         leave is not done within five failure timeouts (a second SIGTERM also stops)."""
-        view = self.view
+        view = self.membership.view
         training = view is not None and not view.paused and self.me in view.members
-        if training and len(view.members) > 1 and not self._leaving:
+        if training and len(view.members) > 1 and not self.membership.leaving:
             self._on_command({"cmd": "leave"})
             delay = 5 * self.cfg.failure_timeout_s
             asyncio.get_running_loop().call_later(delay, self._stop_now)
@@ -1176,238 +323,63 @@ class Member:
     def _stop_now(self) -> None:
         raise SystemExit(0)
 
-    def _propose(self, kind: str, subject: str, now: float, *, peer: str = "") -> None:
-        proposal = Proposal(
-            id=f"{kind}:{subject}:{peer}:{uuid.uuid4().hex[:8]}",
-            origin=self.me,
-            kind=kind,
-            subject=subject,
-            peer=peer,
-            detected_at=now,
-            epoch=self.view.epoch if self.view else -1,
-        )
-        self._report("detected", event=kind, subject=subject, peer=peer, t=now, id=proposal.id)
-        self._on_proposal(proposal)
-
-    def _rejoin(self) -> None:
-        """A paused minority member asks the other side to admit it again (once)."""
-        if self._rejoining:
-            return
-        self._rejoining = True
-        proposal = Proposal(
-            id=f"join:{self.me}:{uuid.uuid4().hex[:8]}",
-            origin=self.me,
-            kind="join",
-            subject=self.me,
-            address=self.address,
-            detected_at=time.monotonic(),
-            epoch=self.view.epoch,
-        )
-        self._seen.add(proposal.id)
-        self._flood(proposal)
-        self._report("join_requested", t=proposal.detected_at)
-        asyncio.get_running_loop().create_task(self._rejoin_wait())
-
-    async def _rejoin_wait(self) -> None:
-        while self._pending is None or self.me not in self._pending.view["members"]:
-            await asyncio.sleep(0.01)
-        decision = self._pending
-        await self._take_state()
-        self._install(decision, send_state=False)
-        self._rejoining = False
-
-    def _flood(self, message: WireMessage) -> None:
-        for peer in self.transport.peers():
-            self.transport.send(peer, message)
-
     def _sync_links(self) -> None:
-        """Keep outgoing links to exactly the overlay neighbours of the current view."""
-        wanted = {m: self.view.members[m] for m in self.view.neighbours(self.me)}
-        wanted.update({j: plan.joiner_address for j, plan in self._observers.items()})
-        if self._pending is not None:
-            pending = View.model_validate(self._pending.view)
+        """Keep outgoing links to exactly the overlay neighbours of the current view (and
+        of the pending one), plus the observing newcomers."""
+        view = self.membership.view
+        wanted = {m: view.members[m] for m in view.neighbours(self.me)}
+        wanted.update({j: plan.joiner_address for j, plan in self.sponsor.observers.items()})
+        if self.membership.pending is not None:
+            pending = View.model_validate(self.membership.pending.view)
             wanted.update({m: pending.members[m] for m in pending.neighbours(self.me)})
         for peer in self.transport.peers():
-            if peer not in wanted and peer != "_seed":
+            if peer not in wanted and peer != SEED:
                 self.transport.disconnect(peer, goodbye=True)
         for peer, address in wanted.items():
             if not self.transport.is_blocked(peer):
                 self.transport.connect(peer, address)
 
-    # ------------------------------------------------------------------ background
-
-    async def _heartbeats(self) -> None:
-        while True:
-            now = time.monotonic()
-            beat = Heartbeat(
-                origin=self.me,
-                seq=next(self._seq),
-                epoch=self.view.epoch if self.view else -1,
-                step=self.step,
-                samples_per_s=self._samples_per_s,
-                sent_at=now,
-                replicator=self._replicators.get(self.me, ""),
-                members=len(self.view.members) if self.view else 0,
-            )
-            self._flood(beat)
-            if beat.seq % 5 == 0:
-                for peer in self.transport.peers():
-                    self.transport.send(peer, Ping(sender=self.me, sent_at=now))
-            if beat.seq % GOSSIP_EVERY == GOSSIP_EVERY - 1:
-                self._gossip(now)
-            if self.metrics is not None:
-                self.metrics.update_links(self.monitor.table, now)
-                self._count_served()
-            await asyncio.sleep(self.cfg.heartbeat_interval_s)
-
-    async def _watch(self) -> None:
-        """Failure detector: members not heard from within the timeout are suspected."""
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat_interval_s / 2)
-            now = time.monotonic()
-            if self.view is None or self.view.paused:
-                continue
-            for member in self.view.members:
-                if member == self.me or member in self._suspects:
-                    continue
-                # A member never heard from is still starting (importing torch, loading
-                # the job): it gets the start-up allowance instead of the failure timeout.
-                heard = self._heard.get(member)
-                silent = now - (heard if heard is not None else self._born)
-                limit = self.cfg.failure_timeout_s if heard is not None else STARTUP_TIMEOUT_S
-                if silent > limit:
-                    self._suspect(member, now)
-            if self._aborting:
-                self._try_decide_recovery()
-
-    # ------------------------------------------------------------------ monitoring
-
-    def _probe_links(self) -> None:
-        """Start this member's bandwidth probes of the current round (see `probes.py`);
-        none while a membership change is pending, so probes never load its switch steps."""
-        if self.view is None or self.view.paused or self._pending is not None:
-            return
-        links = directed(self.view.overlay, self.view.down, self.view.members)
-        for probe in self.monitor.due(links, self.step, time.monotonic()):
-            if probe.dst in self.transport.peers():
-                marker, sent_at = self.monitor.start_pair(probe, time.monotonic())
-                self.transport.send(probe.dst, Ping(sender=self.me, sent_at=marker))
-                ping = Ping(sender=self.me, sent_at=sent_at)
-                self.transport.send(probe.dst, ping, bytes(probe.nbytes))
-
-    def _observe_step(self, samples: int, compute_s: float, step_s: float) -> None:
-        now = time.monotonic()
-        self.monitor.table.observe_step(self.me, samples, compute_s, now)
-        lost = self.stall.step_done(now)
-        if self.metrics is None:
-            return
-        if lost is not None:
-            self.metrics.add_stall(lost)
-        if self._scale_out_from is not None:  # a newcomer's first completed step
-            self.metrics.observe_scale_out(now - self._scale_out_from)
-            self._scale_out_from = None
-        loss = self.loss_curve[-1][1]
-        members = len(self.view.members)
-        self.metrics.observe_step(step_s, loss, samples, members, step=self.completed)
-
-    def _observe_pull(
-        self, bytes_per_source: dict[str, int], transfers: dict[str, list[tuple[int, float]]]
-    ) -> None:
-        """A newcomer's completed pull: bytes received per source, and each source's
-        delivery (request to last byte, this clock) as a transfer on its link to us."""
-        now = time.monotonic()
-        for source, nbytes in bytes_per_source.items():
-            self._count_replication(source, "received", nbytes)
-        for source, bursts in transfers.items():
-            for nbytes, seconds in bursts:
-                self.monitor.table.observe_transfer(source, self.me, nbytes, seconds, now)
-
-    def _count_served(self) -> None:
-        """Count what a replicator process (sidecar or child) sent since the last look."""
-        if self._served is not None:
-            for peer, nbytes in self._served.news().items():
-                self._count_replication(peer, "sent", nbytes)
-
-    def _count_replication(self, peer: str, direction: str, nbytes: int) -> None:
-        if self.metrics is not None and nbytes:
-            self.metrics.add_replication_bytes(peer, direction, nbytes)
-
-    def _gossip(self, now: float) -> None:
-        """Send the freshest link figures to the view's neighbours (`LinkGossip`)."""
-        if self.view is None:
-            return
-        links = self.monitor.table.share(now, limit=MAX_GOSSIP_ENTRIES, fresh_only=True)
-        if not any(links.values()):
-            return
-        message = LinkGossip(sender=self.me, links=links)
-        for peer in self.view.neighbours(self.me):
-            self.transport.send(peer, message)
-
     def _known_link(self, src: str, dst: str) -> bool:
         """Links between members (or newcomers) this member knows; figures about anybody
         else are not taken from a peer."""
-        known = set(self.view.members if self.view else ()) | set(self._observers) | {self.me}
+        view = self.membership.view
+        known = set(view.members if view else ()) | set(self.sponsor.observers) | {self.me}
         return src in known and dst in known
 
-    def _merge_links(self, links: dict, accept: Callable[[str, str], bool]) -> None:
-        """Take in validated link figures from a peer (the newer measurement wins)."""
-        try:
-            self.monitor.table.merge(links, time.monotonic(), accept)
-        except ValueError as exc:
-            log.warning("ignored link figures: %s", exc)
 
-    def _observe_decision(self, decision: Decision) -> None:
-        """Count the causes of an applied decision; handling time from their detection."""
-        if self.metrics is None:
-            return
-        now = time.monotonic()
-        for cause in decision.causes:
-            detected = cause.get("detected_at")
-            handling = now - detected if isinstance(detected, int | float) else float("nan")
-            self.metrics.observe_event(str(cause.get("kind", "")), handling)
+class LinkOutbox:
+    """`ports.Outbox` over the transport and the launcher's control link. Sending only
+    queues frames on the transport's FIFO links, in the caller's turn: a decision flooded
+    inside a message callback goes out before anything this member sends later."""
 
-    # ------------------------------------------------------------------ state
+    def __init__(self, me: str, transport: TcpTransport, control: ControlLink) -> None:
+        self._me = me
+        self._transport = transport
+        self._control = control
 
-    def _save_state(self) -> bytes:
-        buffer = io.BytesIO()
-        torch.save(
-            {
-                "model": self.spec.model.state_dict(),
-                "optimizer": self.spec.optimizer.state_dict(),
-                "step": self.step,
-            },
-            buffer,
-        )
-        return buffer.getvalue()
+    def send(self, peer: str, message: WireMessage, payload: bytes | memoryview = b"") -> bool:
+        return self._transport.send(peer, message, payload)
 
-    def _load_state(self, blob: bytes) -> None:
-        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
-        self.spec.model.load_state_dict(state["model"])
-        self.spec.optimizer.load_state_dict(state["optimizer"])
+    def flood(self, message: WireMessage) -> None:
+        for peer in self._transport.peers():
+            self._transport.send(peer, message)
 
-    def _report(self, record: str, **fields) -> None:
+    def report(self, record: str, **fields: Any) -> None:
         log.info("%s %s", record, fields)
-        self.control.report({"kind": record, "worker": self.me, **fields})
+        self._control.report({"kind": record, "worker": self._me, **fields})
+
+    def connect(self, peer: str, address: str) -> None:
+        self._transport.connect(peer, address)
+
+    def disconnect(self, peer: str) -> None:
+        self._transport.disconnect(peer, goodbye=True)
+
+    def peers(self) -> list[str]:
+        return self._transport.peers()
 
 
-def _change(proposal: Proposal) -> Change:
-    return Change(proposal.kind, proposal.subject, proposal.peer, proposal.address)
-
-
-def _cause(proposal: Proposal) -> dict:
-    return {
-        "id": proposal.id,
-        "kind": proposal.kind,
-        "mode": proposal.mode,
-        "subject": proposal.subject,
-        "peer": proposal.peer,
-        "detected_at": proposal.detected_at,
-    }
-
-
-def _settle_from(target: asyncio.Future, source: asyncio.Future) -> None:
-    """Give `target` the outcome of `source` (done)."""
-    if source.exception() is not None:
-        target.set_exception(source.exception())
-    else:
-        target.set_result(source.result())
+def _private_directory(me: str) -> Path:
+    """A new directory for snapshot slots, in memory (/dev/shm) where possible."""
+    shm = Path("/dev/shm")
+    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=f"chaos-{me}-", dir=where))

@@ -1,0 +1,381 @@
+"""The newcomer's side of a join, and a paused member's rejoin.
+
+An `observe` join times the downlink from every member's replicator (`join/probe.py`),
+asks the root with those figures, pulls the planned snapshot from several members at once
+(`Puller`, in a thread of its own), asks for its switch step while the last shards arrive
+(`membership/readiness.py`), loads the state, and replays the totals the root streams
+until the decision that admits it takes effect. Incumbents never wait for the transfer.
+A `copy` join (or an observe join that fails before a switch step is agreed) waits for the
+decision and takes the whole state from one member at its switch step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import uuid
+from collections import deque
+
+import numpy as np
+import torch
+
+from chaos_worker.config import WorkerConfig
+from chaos_worker.join.probe import probe_downlinks
+from chaos_worker.membership.liveness import Liveness
+from chaos_worker.membership.protocol import Membership
+from chaos_worker.membership.readiness import ask_now, ready_in, step_period, switch_decision
+from chaos_worker.net.shaping import TokenBucket
+from chaos_worker.net.wire import Decision, JoinPlan, ObservedTotal, Proposal, StateTransfer
+from chaos_worker.ports import Clock, Outbox, Progress, Signal
+from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
+from chaos_worker.replication.snapshot import (
+    SnapshotStore,
+    copied_by_load,
+    load_from,
+    loaded_identities,
+)
+from chaos_worker.telemetry.telemetry import Telemetry
+from chaos_worker.training.trainer import Trainer
+from chaos_worker.training.trainspec import TrainSpec
+
+log = logging.getLogger(__name__)
+
+SEED = "_seed"
+"""The transport's name for the member a newcomer joins through."""
+
+
+class Newcomer:
+    """Brings this member into a running job, or back into it after a partition."""
+
+    def __init__(
+        self,
+        me: str,
+        config: WorkerConfig,
+        spec: TrainSpec,
+        device: torch.device,
+        *,
+        membership: Membership,
+        liveness: Liveness,
+        trainer: Trainer,
+        store: SnapshotStore,
+        telemetry: Telemetry,
+        outbox: Outbox,
+        progress: Progress,
+        clock: Clock,
+    ) -> None:
+        self.me = me
+        self.address = config.listen
+        """Where peers reach this member (set once it listens)."""
+        self._cfg = config
+        self._spec = spec
+        self._device = device
+        self._membership = membership
+        self._liveness = liveness
+        self._trainer = trainer
+        self._store = store
+        self._telemetry = telemetry
+        self._out = outbox
+        self._progress = progress
+        self._clock = clock
+        self._seed = config.join
+        self._ordered = asyncio.Event()  # a standby's order to join
+        self._news = Signal()  # a plan, a decision or a total arrived
+        self._plan: JoinPlan | None = None
+        self._decision: Decision | None = None  # the decision this newcomer switches in at
+        self._observed: dict[int, np.ndarray] = {}
+        self._observed_at: deque[float] = deque(maxlen=8)  # arrivals: the step period
+        self._asked_ready = False
+        self._state: tuple[str, int, bytes] | None = None  # sender, step, torch.save bytes
+        self._state_event = asyncio.Event()
+        self._rejoining: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ joining
+
+    def order(self, seed: str) -> None:
+        """A standby's order to join through the member at `seed`."""
+        self._seed = seed
+        self._ordered.set()
+
+    async def join(self, *, standby: bool) -> None:
+        """Ask a member to admit us, then catch up as an observer or by a full copy."""
+        if standby:
+            self._out.report("standby", t=self._clock())
+            await self._ordered.wait()
+        self._out.connect(SEED, self._seed)
+        requested = self._clock()
+        self._telemetry.scale_out_started(requested)
+        self._out.report("join_requested", t=requested, mode=self._cfg.join_mode)
+        if self._cfg.join_mode == "observe":
+            await self._measure_downlinks()
+            self._ask("observe")
+            try:
+                await self._join_as_observer()
+                return
+            except JoinFailed as exc:
+                if self._asked_ready:  # a switch step is agreed: the members expect us there
+                    raise
+                self._out.report("join_fallback", reason=str(exc), t=self._clock())
+        self._ask("copy")
+        while self._decision is None:
+            await self._news.wait()
+        decision = self._decision
+        await self._take_state()
+        self._out.disconnect(SEED)
+        self._membership.install(decision, self._clock(), send_state=False)
+        self._out.report("joined", path="stop-and-copy", t=self._clock())
+
+    def _ask(self, mode: str, ready_in_s: float = 0.0) -> None:
+        now = self._clock()
+        links = self._telemetry.fresh_links(now)
+        proposal = Proposal(
+            id=uuid.uuid4().hex,
+            origin=self.me,
+            kind="join",
+            subject=self.me,
+            address=self.address,
+            detected_at=now,
+            epoch=-1,
+            mode=mode,
+            links={kind: entries for kind, entries in links.items() if entries},
+            ready_in_s=ready_in_s,
+        )
+        self._membership.announce(proposal)
+
+    async def _measure_downlinks(self) -> None:
+        """Time the downlink from every member's replicator, one at a time (`probe.py`).
+
+        A `probe` proposal makes the members connect here, so their heartbeats (which name
+        their replicators and the size of their view) arrive; once every member's has (or
+        after ten heartbeat intervals, at least a second), each replicator is probed and the
+        figures go into the link table, to be sent with the join proposal.
+        """
+        if self._cfg.join_probe_frames == 0:
+            return
+        self._ask("probe")
+        deadline = self._clock() + max(1.0, 10 * self._cfg.heartbeat_interval_s)
+        while not self._liveness.knows_every_replicator():
+            left = deadline - self._clock()
+            if left <= 0:
+                break
+            await self._liveness.beats.wait(left)
+        replicators = self._liveness.replicators
+        others = {m: a for m, a in replicators.items() if m != self.me}
+        downlink = self._cfg.downlink_bytes_per_s
+        measured = await probe_downlinks(
+            self.me,
+            others,
+            host=self.address.rpartition(":")[0],
+            downlink=TokenBucket(downlink) if downlink else None,
+            frames=self._cfg.join_probe_frames,
+        )
+        now = self._clock()
+        for source, m in measured.items():
+            self._telemetry.monitor.table.observe_transfer(
+                source, self.me, m.nbytes, m.seconds, now
+            )
+        self._out.report(
+            "downlinks_measured",
+            bytes_per_s={s: round(m.bytes_per_s) for s, m in measured.items()},
+            complete={s: m.complete for s, m in measured.items()},
+            t=now,
+        )
+
+    async def _join_as_observer(self) -> None:
+        """Pull the planned snapshot from several members, replay the observed totals, and
+        ask to contribute once current; incumbents never wait for the transfer."""
+        while self._plan is None:
+            await self._news.wait()
+        plan = self._plan
+        started = self._clock()
+        last = [0.0]
+
+        def progress(received: dict[str, int], done: int, shards: int) -> None:
+            now = self._clock()
+            if now - last[0] >= 0.2 or done == shards:
+                last[0] = now
+                self._out.report("join_progress", bytes=received, done=done, shards=shards, t=now)
+
+        loop = asyncio.get_running_loop()
+        downlink = self._cfg.downlink_bytes_per_s
+        pullers: list[Puller] = []
+        pulled: asyncio.Future[PullResult] = loop.create_future()
+
+        def take(result: PullResult) -> None:
+            if not pulled.done():
+                pulled.set_result(result)
+
+        def pull() -> PullResult:  # in a thread of its own, so this loop stays responsive
+            async def run() -> PullResult:
+                puller = Puller(
+                    self.me,
+                    plan,
+                    host=self.address.rpartition(":")[0],
+                    downlink=TokenBucket(downlink) if downlink else None,
+                    stall_timeout_s=self._cfg.stall_timeout_s,
+                    on_progress=lambda *a: loop.call_soon_threadsafe(progress, *a),
+                    # the result goes to this loop at once; closing the links comes after
+                    on_result=lambda r: loop.call_soon_threadsafe(take, r),
+                )
+                pullers.append(puller)
+                return await puller.run()
+
+            return asyncio.run(run())
+
+        pulling = asyncio.ensure_future(asyncio.to_thread(pull))
+        pulling.add_done_callback(
+            lambda f: None if f.cancelled() or pulled.done() else _settle_from(pulled, f)
+        )
+        model, optimizer = self._spec.model, self._spec.optimizer
+        load_bytes = copied_by_load(model, plan.state_bytes, self._device)
+        while not pulled.done():  # ask for the switch step while the last shards arrive
+            await asyncio.wait({pulled}, timeout=0.005)
+            remaining = pullers[0].remaining_s(self._clock()) if pullers else float("inf")
+            period = step_period(self._observed_at)
+            if not self._asked_ready and ask_now(remaining, load_bytes, period):
+                self._ask_ready(remaining, load_bytes)
+        result = pulled.result()
+        self._telemetry.observe_pull(result.bytes_per_source, result.transfers)
+        if not self._asked_ready:
+            self._ask_ready(0.0, load_bytes)
+        # in a thread: this loop sends the `ready` proposal and takes observed totals meanwhile
+        await asyncio.to_thread(
+            load_from, result.data, result.layout, model, optimizer, self._device
+        )
+        loaded = loaded_identities(model, optimizer)
+        self._store.fill_in_background(result.data, result.layout, loaded)
+        self._progress.step = plan.step
+        self._progress.completed = plan.step - 1
+        self._out.report(
+            "state_loaded",
+            step=plan.step,
+            bytes_per_source=result.bytes_per_source,
+            replans=result.replans,
+            rejected=result.rejected,
+            pull_s=self._clock() - started,
+            rebalances=result.rebalances,
+            strategy=plan.strategy,
+            bandwidths=plan.bandwidths,
+            figures=plan.figures,
+            t=self._clock(),
+        )
+        await self._catch_up()
+
+    def _ask_ready(self, remaining_s: float, load_bytes: int) -> None:
+        self._asked_ready = True
+        wait = ready_in(remaining_s, load_bytes)
+        self._out.report(
+            "ready_asked",
+            remaining_s=round(remaining_s, 4),
+            ready_in_s=round(wait, 4),
+            t=self._clock(),
+        )
+        self._ask("ready", ready_in_s=wait)
+
+    async def _catch_up(self) -> None:
+        """Replay observed totals until the decision that admits this member takes effect."""
+        progress = self._progress
+        reported = False
+        while True:
+            while progress.step in self._observed:
+                self._trainer.apply(self._observed.pop(progress.step), observed=True)
+            for step in [s for s in self._observed if s < progress.step]:
+                del self._observed[step]
+            decision = self._decision
+            if decision is not None and decision.effective_step <= progress.step:
+                self._out.disconnect(SEED)
+                self._membership.install(decision, self._clock(), send_state=False)
+                self._out.report("joined", path="observer", t=self._clock())
+                return
+            if len(self._observed) > self._cfg.observer_max_backlog:
+                raise JoinFailed(
+                    f"the gradient stream ran {len(self._observed)} steps ahead of replay"
+                )
+            if not reported:
+                reported = True
+                self._out.report("caught_up", step=progress.step, t=self._clock())
+            await self._news.wait()
+
+    async def _take_state(self) -> None:
+        """Wait for the full-state copy of a join and load it."""
+        await self._state_event.wait()
+        self._state_event.clear()
+        assert self._state is not None
+        sender, step, blob = self._state
+        self._telemetry.count_replication(sender, "received", len(blob))
+        state = torch.load(io.BytesIO(blob), map_location=self._device, weights_only=True)
+        self._spec.model.load_state_dict(state["model"])
+        self._spec.optimizer.load_state_dict(state["optimizer"])
+        self._progress.step = step
+        self._progress.completed = step - 1
+
+    # ------------------------------------------------------------------ messages
+
+    def on_plan(self, plan: JoinPlan) -> None:
+        """The root's shard plan for this member's join (the first one counts)."""
+        if self._plan is None:
+            self._plan = plan
+            self._news.notify()
+
+    def on_decision(self, decision: Decision) -> None:
+        """A decision taken in while this member holds no view yet."""
+        self._decision = switch_decision(self._decision, decision, self.me)
+        self._news.notify()
+
+    def on_total(self, message: ObservedTotal, payload: bytes, now: float) -> None:
+        """A total the root streams to this observer, to replay."""
+        if self._membership.view is None and message.step >= self._progress.step:
+            self._observed_at.append(now)
+            self._observed[message.step] = np.frombuffer(payload, dtype=message.dtype).copy()
+            self._news.notify()
+
+    def on_state(self, sender: str, message: StateTransfer, payload: bytes) -> None:
+        """The full state of a `copy` join (or a rejoin)."""
+        if hashlib.sha256(payload).hexdigest() != message.sha256:
+            log.warning("state from %s failed its checksum; ignored", sender)
+            return
+        self._state = (sender, message.step, payload)
+        self._state_event.set()
+
+    # ------------------------------------------------------------------ rejoining
+
+    def rejoin(self) -> None:
+        """A paused minority member asks the other side to admit it again (once)."""
+        if self._rejoining is not None:
+            return
+        view = self._membership.view
+        assert view is not None
+        proposal = Proposal(
+            id=f"join:{self.me}:{uuid.uuid4().hex[:8]}",
+            origin=self.me,
+            kind="join",
+            subject=self.me,
+            address=self.address,
+            detected_at=self._clock(),
+            epoch=view.epoch,
+        )
+        self._membership.announce(proposal)
+        self._out.report("join_requested", t=proposal.detected_at)
+        self._rejoining = asyncio.get_running_loop().create_task(self._rejoin_wait())
+
+    async def _rejoin_wait(self) -> None:
+        """Take the state and install the planned view once one admits this member."""
+        membership = self._membership
+        while (decision := membership.pending) is None or self.me not in _members(decision):
+            await membership.changed()
+        await self._take_state()
+        membership.install(decision, self._clock(), send_state=False)
+        self._rejoining = None
+
+
+def _members(decision: Decision) -> dict[str, str]:
+    return decision.view["members"]
+
+
+def _settle_from(target: asyncio.Future, source: asyncio.Future) -> None:
+    """Give `target` the outcome of `source` (done)."""
+    if source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())

@@ -1,0 +1,212 @@
+"""The incumbents' side of a join: the root's shard plan, the sources' pins, the stream of
+totals to observers, and the full-state copy of a `copy` join.
+
+A newcomer that asks to observe gets a `JoinPlan` from the root: which member's replicator
+serves which shards of snapshot `step` (planned from the link figures, `join/plan.py`).
+The plan is flooded; every source pins that snapshot until the step in which the newcomer
+switches in is reduced, and the root streams the total of every step from `step` on to the
+newcomer, which replays them. A `copy` join gets the whole state in one `StateTransfer`
+from one member, at the step the newcomer switches in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from chaos_planner.models import Source
+
+from chaos_worker.config import WorkerConfig
+from chaos_worker.join.plan import shard_plan, source_bandwidths
+from chaos_worker.membership.protocol import Membership
+from chaos_worker.membership.view import View
+from chaos_worker.net.shaping import LinkShape, shape_for
+from chaos_worker.net.wire import Decision, JoinPlan, ObservedTotal, Proposal, StateTransfer
+from chaos_worker.ports import Clock, Outbox, Progress
+from chaos_worker.replication.snapshot import SnapshotStore
+from chaos_worker.telemetry.telemetry import Telemetry
+from chaos_worker.training.trainspec import TrainSpec
+
+DEFAULT_BANDWIDTH = 1e9
+"""Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
+
+
+class JoinSponsor:
+    """Plans, pins, streams and copies for the newcomers of this member's job."""
+
+    def __init__(
+        self,
+        me: str,
+        config: WorkerConfig,
+        spec: TrainSpec,
+        *,
+        membership: Membership,
+        replicators: Mapping[str, str],
+        shapes: dict[str, LinkShape],
+        store: SnapshotStore,
+        telemetry: Telemetry,
+        outbox: Outbox,
+        progress: Progress,
+        clock: Clock,
+    ) -> None:
+        self.me = me
+        self.observers: dict[str, JoinPlan] = {}
+        """Newcomers pulling a planned snapshot, until they switch in."""
+        self._cfg = config
+        self._spec = spec
+        self._membership = membership
+        self._replicators = replicators
+        self._shapes = shapes
+        self._store = store
+        self._telemetry = telemetry
+        self._out = outbox
+        self._progress = progress
+        self._clock = clock
+        self._seen: set[str] = set()
+        self._unpin_after: dict[int, int] = {}  # pinned snapshot -> step whose end frees it
+
+    def plan_join(self, proposal: Proposal, view: View, leaving: Iterable[str]) -> bool:
+        """As root, give a newcomer that asked to observe its shard plan (once); False
+        while no snapshot has been published here to plan from."""
+        if proposal.subject in self.observers:
+            return True
+        plan = self._make_plan(proposal, view, set(leaving))
+        if plan is None:
+            return False
+        self.on_join_plan(plan)
+        return True
+
+    def _make_plan(self, proposal: Proposal, view: View, leaving: set[str]) -> JoinPlan | None:
+        """Shards of snapshot `step` per source, from the planner and link figures.
+
+        The root has not finished step `step`, so it streams that step's total and every
+        later one; every source still holds or will publish that snapshot. Its size is
+        taken from the newest snapshot published here.
+        """
+        latest = self._store.latest_step()
+        snap = None if latest is None else self._store.get(latest)
+        if snap is None:
+            return None
+        candidates = [m for m in sorted(view.members) if m in self._replicators]
+        figures = source_bandwidths(
+            [m for m in candidates if m not in leaving],
+            proposal.subject,
+            self._telemetry.monitor.table,
+            self._clock(),
+            shaped=lambda m: shape_for(self._shapes, m, proposal.subject).rate_bytes_per_s,
+            default=DEFAULT_BANDWIDTH,
+        )
+        sources = [
+            Source(id=m, bandwidth_bytes_per_s=bw, latency_s=self._cfg.shard_overhead_s)
+            for m, (bw, _) in figures.items()
+        ]
+        state_bytes = max(1, snap.layout.total_bytes)
+        plan = shard_plan(state_bytes, sources, self._cfg.join_strategy)
+        assignment = plan.shard_indices()
+        return JoinPlan(
+            id=uuid.uuid4().hex,
+            origin=self.me,
+            joiner=proposal.subject,
+            joiner_address=proposal.address,
+            step=self._progress.step,
+            state_bytes=state_bytes,
+            shards=plan.shards,
+            assignment=assignment,
+            replicators={m: self._replicators[m] for m in assignment},
+            bandwidths={s.id: s.bandwidth_bytes_per_s for s in sources},
+            figures={m: figure for m, (_, figure) in figures.items()},
+            manifest_from=next(iter(assignment)),
+            predicted_s=plan.makespan_s,
+            strategy=self._cfg.join_strategy,
+        )
+
+    def on_join_plan(self, plan: JoinPlan) -> bool:
+        """Learn of a join: pass the plan on, pin the snapshot it pulls, and stream to the
+        observer. True for a new plan of this member's own join (the newcomer's part)."""
+        if plan.id in self._seen:
+            return False
+        self._seen.add(plan.id)
+        self._out.flood(plan)
+        if plan.joiner == self.me:
+            return True
+        if self._membership.view is not None:
+            self._telemetry.stall.change_started()
+        if self.me in plan.assignment:
+            # the manifest's hashes ahead of its request, at this process's priority (a
+            # replicator process takes them from the snapshot directory)
+            manifest = self.me == plan.manifest_from
+            self._store.want(plan.step, plan.shards if manifest else None)
+        self.observers[plan.joiner] = plan
+        self._out.connect(plan.joiner, plan.joiner_address)
+        if plan.origin == self.me:
+            self._out.report(
+                "join_planned",
+                joiner=plan.joiner,
+                step=plan.step,
+                shards=plan.shards,
+                assignment={m: len(v) for m, v in plan.assignment.items()},
+                bandwidths=plan.bandwidths,
+                figures=plan.figures,
+                predicted_s=plan.predicted_s,
+                t=self._clock(),
+            )
+        return False
+
+    def stream_to_observers(self, step: int, total: np.ndarray) -> None:
+        """As root, send the total of `step` to every newcomer replaying from before it."""
+        view = self._membership.view
+        if view is None or view.root != self.me:
+            return
+        for joiner, plan in self.observers.items():
+            if step >= plan.step:
+                message = ObservedTotal(sender=self.me, step=step, dtype=total.dtype.str)
+                self._out.send(joiner, message, total)
+
+    def admit(
+        self, decision: Decision, old: View | None, joiners: list[str], send_state: bool
+    ) -> None:
+        """The planned view of `decision` admits `joiners`: they observe no longer, and a
+        `copy` joiner gets the state from one member (unless `send_state` is False)."""
+        for member in joiners:
+            plan = self.observers.pop(member, None)
+            if plan is not None:
+                # a newcomer that asked early may still be pulling: keep the snapshot until
+                # this step is reduced, which needs the newcomer's share, hence its state
+                self._unpin_after[plan.step] = self._progress.step
+        copying = {
+            c["subject"] for c in decision.causes if c["kind"] == "join" and c["mode"] == "copy"
+        }
+        copying = [m for m in joiners if m in copying]
+        if send_state and copying and self.me == _state_source(self._membership.view, old):
+            blob = self._save_state()
+            digest = hashlib.sha256(blob).hexdigest()
+            for joiner in copying:
+                message = StateTransfer(sender=self.me, step=self._progress.step, sha256=digest)
+                self._out.send(joiner, message, blob)
+                self._telemetry.count_replication(joiner, "sent", len(blob))
+
+    def release_pins(self, step: int) -> None:
+        """Step `step` is applied: free the snapshots pinned until then."""
+        for pinned in [s for s, after in self._unpin_after.items() if after <= step]:
+            self._store.release(pinned)
+            del self._unpin_after[pinned]
+
+    def _save_state(self) -> bytes:
+        buffer = io.BytesIO()
+        state = {
+            "model": self._spec.model.state_dict(),
+            "optimizer": self._spec.optimizer.state_dict(),
+            "step": self._progress.step,
+        }
+        torch.save(state, buffer)
+        return buffer.getvalue()
+
+
+def _state_source(view: View, old: View) -> str:
+    """Who sends a `copy` joiner the state: the root, or the smallest old member if the
+    root is new itself."""
+    return view.root if view.root in old.members else min(old.members)

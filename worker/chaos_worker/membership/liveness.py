@@ -1,0 +1,143 @@
+"""Liveness: flooded heartbeats, the failure detector, and answers to link pings.
+
+Every member floods a heartbeat each `heartbeat_interval_s` (its epoch, step, speed and
+replicator address); a member not heard from over any path for `failure_timeout_s` is
+suspected crashed (one never heard from gets `STARTUP_TIMEOUT_S`: it is still starting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterable
+
+from chaos_worker.membership.protocol import Membership
+from chaos_worker.net.wire import Heartbeat, Ping, Pong
+from chaos_worker.ports import Clock, Outbox, Progress, Signal
+from chaos_worker.telemetry.telemetry import Telemetry
+
+STARTUP_TIMEOUT_S = 60.0
+GOSSIP_EVERY = 10
+"""Heartbeats between two link-table gossips to the neighbours (1 s by default)."""
+PING_EVERY = 5
+"""Heartbeats between two pings of every link."""
+
+
+class Liveness:
+    """Heartbeats out, heartbeats in, and suspicion of the silent."""
+
+    def __init__(
+        self,
+        me: str,
+        *,
+        heartbeat_interval_s: float,
+        failure_timeout_s: float,
+        membership: Membership,
+        telemetry: Telemetry,
+        outbox: Outbox,
+        progress: Progress,
+        clock: Clock,
+    ) -> None:
+        self.me = me
+        self.replicators: dict[str, str] = {}
+        """Member -> the address its replicator serves snapshots at (from heartbeats)."""
+        self.job_size = 0
+        """The largest view size heard in heartbeats (a newcomer's probe waits for it)."""
+        self.beats = Signal()
+        """Notified at every new heartbeat."""
+        self._interval = heartbeat_interval_s
+        self._timeout = failure_timeout_s
+        self._membership = membership
+        self._telemetry = telemetry
+        self._out = outbox
+        self._progress = progress
+        self._clock = clock
+        self._seq = itertools.count()
+        self._seen: set[str] = set()
+        self._heard: dict[str, float] = {}
+        self._born = clock()
+        self._ping_read: dict[str, float] = {}  # peer -> when its last empty Ping was read
+
+    def knows_every_replicator(self) -> bool:
+        """Every member of the largest view heard of has named its replicator."""
+        return 0 < self.job_size <= len(self.replicators) - 1
+
+    async def heartbeats(self) -> None:
+        while True:
+            now = self._clock()
+            view = self._membership.view
+            beat = Heartbeat(
+                origin=self.me,
+                seq=next(self._seq),
+                epoch=view.epoch if view else -1,
+                step=self._progress.step,
+                samples_per_s=self._progress.samples_per_s,
+                sent_at=now,
+                replicator=self.replicators.get(self.me, ""),
+                members=len(view.members) if view else 0,
+            )
+            self._out.flood(beat)
+            if beat.seq % PING_EVERY == 0:
+                for peer in self._out.peers():
+                    self._out.send(peer, Ping(sender=self.me, sent_at=now))
+            if beat.seq % GOSSIP_EVERY == GOSSIP_EVERY - 1 and view is not None:
+                self._telemetry.gossip(now, view.neighbours(self.me))
+            self._telemetry.tick(now)
+            await asyncio.sleep(self._interval)
+
+    async def watch(self) -> None:
+        """Failure detector: members not heard from within the timeout are suspected."""
+        membership = self._membership
+        while True:
+            await asyncio.sleep(self._interval / 2)
+            now = self._clock()
+            view = membership.view
+            if view is None or view.paused:
+                continue
+            for member in view.members:
+                if member == self.me or member in membership.suspects:
+                    continue
+                # A member never heard from is still starting (importing torch, loading
+                # the job): it gets the start-up allowance instead of the failure timeout.
+                heard = self._heard.get(member)
+                silent = now - (heard if heard is not None else self._born)
+                limit = self._timeout if heard is not None else STARTUP_TIMEOUT_S
+                if silent > limit:
+                    membership.suspect(member, now)
+            if membership.aborting:
+                membership.try_decide_recovery(now)
+
+    def heard_from(self, peer: str, now: float) -> None:
+        """Any frame from `peer` shows it alive."""
+        self._heard[peer] = now
+
+    def admit(self, joiners: Iterable[str]) -> None:
+        """Members new in the view just installed count as heard from now."""
+        now = self._clock()
+        for member in joiners:
+            self._heard[member] = now
+
+    def on_heartbeat(self, beat: Heartbeat, now: float) -> None:
+        key = f"hb:{beat.origin}:{beat.seq}"
+        if key in self._seen or beat.origin == self.me:
+            return
+        self._seen.add(key)
+        self._heard[beat.origin] = now
+        self._membership.heard_speed(beat.origin, beat.samples_per_s)
+        if beat.replicator:
+            self.replicators[beat.origin] = beat.replicator
+        self.job_size = max(self.job_size, beat.members)
+        self._out.flood(beat)
+        self.beats.notify()
+
+    def on_ping(self, sender: str, ping: Ping, payload: bytes, now: float) -> None:
+        """Answer a `Ping`; a probe's payload Ping gets the time since its empty marker
+        was read here, so that traffic on the way back cannot skew the figure."""
+        if not payload:
+            self._ping_read[sender] = now
+            pong = Pong(sender=self.me, echo=ping.sent_at)
+        else:
+            marker = self._ping_read.pop(sender, None)
+            gap = None if marker is None else now - marker
+            pong = Pong(sender=self.me, echo=ping.sent_at, gap_s=gap)
+        self._out.send(sender, pong)

@@ -1,0 +1,529 @@
+"""The membership protocol: proposals, decisions, recovery rounds, partitions.
+
+Every change takes effect at a step boundary:
+
+* Liveness (`liveness.py`): every member floods a heartbeat each `heartbeat_interval_s`; a
+  member not heard from (over any path) for `failure_timeout_s`, or whose connection
+  closes without a goodbye, is suspected crashed. Links are reported down by their ends
+  (in local runs, on the launcher's command).
+* Planned changes (leave, join, link up, link down off the tree) are proposals flooded to
+  everybody; the epoch's root decides them into the next view with an effective step `T`
+  from the switch-step rule and floods the decision. Decisions and the down-pass of every
+  all-reduce travel the same FIFO links from the root, so each member holds the decision
+  before it can finish step `T - 1`.
+* Immediate changes (crash, link down on the tree) abort the all-reduce in flight. Every
+  member floods its last completed step; the recovery coordinator (the smallest id not
+  suspected on its side) decides the next view. If some member already holds the total of
+  the aborted step, a member that holds it becomes root and sends it down the new tree;
+  otherwise the step is redone with the same sample ids. No step is lost.
+* Partition: only the side with the majority of the previous epoch's throughput goes on;
+  the other side pauses, says so, and rejoins as newcomers when a link heals.
+
+`Membership` holds this member's part of it. It sends through an `Outbox`, reads time from
+a `Clock` (or the `now` a call brings), and tells the other roles what happened through
+`Listeners`; it never touches the transport or the model. Recovery has two halves: the
+protocol decides and installs the view (`recover`), the trainer replays the aborted step.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from chaos_planner.tree import connected_components
+
+from chaos_worker.membership.readiness import switch_steps
+from chaos_worker.membership.view import Change, View, link_ends, link_key, next_view
+from chaos_worker.net.wire import Decision, MemberStatus, Proposal
+from chaos_worker.ports import Clock, Outbox, Progress, Signal
+from chaos_worker.telemetry.telemetry import Telemetry
+
+# Decisions are flooded on the same FIFO links as the all-reduce, and forwarded on receipt.
+# One the root sends before the down-pass of step s reaches every member before the totals
+# of s, so it can take effect at s + 1; after that down-pass has begun, at s + 2, which is
+# always in time. (The planner's `switch_step`, which budgets round trips from step time
+# and RTT, is for decisions that travel outside the data path.)
+FIFO_SWITCH_MARGIN = 2
+
+Admitted = Callable[[Decision, View | None, list[str], bool], None]
+"""(decision, the view before it, the members it adds, whether to send them the state)."""
+
+
+@dataclass
+class Listeners:
+    """What the other roles hear from the protocol: called synchronously, in list order."""
+
+    aborting: list[Callable[[], None]] = field(default_factory=list)
+    """An immediate change aborts the step in flight."""
+    admitted: list[Admitted] = field(default_factory=list)
+    """A planned view is installed (before the links follow it)."""
+    installed: list[Callable[[], None]] = field(default_factory=list)
+    """A new view is in force, planned or recovered: the links follow it."""
+    joining: list[Callable[[Decision], None]] = field(default_factory=list)
+    """A decision was taken in while this member holds no view (a newcomer)."""
+    rejoin: list[Callable[[], None]] = field(default_factory=list)
+    """A link came up while this member pauses in a minority."""
+    plan_join: Callable[[Proposal, View, set[str]], bool] | None = None
+    """As root: plan the join of a newcomer that asked to observe (False: not yet)."""
+
+
+@dataclass
+class _Recovery:
+    """What this member knows about the recovery round of its current epoch."""
+
+    started: float
+    statuses: dict[str, int] = field(default_factory=dict)
+    decided: bool = False
+
+
+class Membership:
+    """This member's view of the job and its part in changing it."""
+
+    def __init__(
+        self,
+        me: str,
+        *,
+        outbox: Outbox,
+        clock: Clock,
+        progress: Progress,
+        telemetry: Telemetry,
+        failure_timeout_s: float,
+        down_sent: Callable[[], tuple[int, int] | None] = lambda: None,
+        listeners: Listeners | None = None,
+    ) -> None:
+        """`down_sent()`: (epoch, step) of the last all-reduce whose totals this member,
+        as root, began to send down (`TreeAllReduce.down_sent`)."""
+        self.me = me
+        self.view: View | None = None
+        self.view_step = -1
+        """The step the view in force took effect at (`View.shares`)."""
+        self.pending: Decision | None = None
+        """The planned decision agreed and not yet in force (one at a time)."""
+        self.aborting = False
+        self.leaving = False
+        self.suspects: set[str] = set()
+        self.speeds: dict[str, float] = {}
+        """The compute speed each member announced in its latest heartbeat."""
+        self.listeners = listeners or Listeners()
+        self._out = outbox
+        self._clock = clock
+        self._progress = progress
+        self._telemetry = telemetry
+        self._failure_timeout_s = failure_timeout_s
+        self._down_sent = down_sent
+        self._changed = Signal()
+        self._seen: set[str] = set()
+        self._open: dict[str, Proposal] = {}
+        self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
+        self._immediate: Decision | None = None
+        self._recovery: _Recovery | None = None
+        self._floor_epoch = 0
+
+    async def changed(self) -> None:
+        """Until the protocol's state changes (a decision, an abort, a status, a view)."""
+        await self._changed.wait()
+
+    def begin(self, view: View) -> None:
+        """Start as a member of the job's first view."""
+        self.view = view
+
+    def heard_speed(self, member: str, samples_per_s: float) -> None:
+        self.speeds[member] = samples_per_s
+
+    # ------------------------------------------------------------------ proposals
+
+    def propose(self, kind: str, subject: str, now: float, *, peer: str = "") -> None:
+        """Propose a change this member observed (a leave, a link going down or up)."""
+        proposal = Proposal(
+            id=f"{kind}:{subject}:{peer}:{uuid.uuid4().hex[:8]}",
+            origin=self.me,
+            kind=kind,
+            subject=subject,
+            peer=peer,
+            detected_at=now,
+            epoch=self.view.epoch if self.view else -1,
+        )
+        self._out.report("detected", event=kind, subject=subject, peer=peer, t=now, id=proposal.id)
+        self.on_proposal(proposal, now)
+
+    def leave(self, now: float) -> None:
+        """Ask to leave at an agreed step (once)."""
+        if self.view is not None and not self.leaving:
+            self.leaving = True
+            self.propose("leave", self.me, now)
+
+    def announce(self, proposal: Proposal) -> None:
+        """Flood a proposal of this member's own join, which it has nothing to decide on."""
+        self._seen.add(proposal.id)
+        self._out.flood(proposal)
+
+    def suspect(self, member: str, now: float) -> None:
+        """A member looks dead: tell everybody and abort the step in flight."""
+        if self.view is None or member not in self.view.members or member in self.suspects:
+            return
+        proposal = Proposal(
+            id=f"crash:{member}:{self.view.epoch}",
+            origin=self.me,
+            kind="crash",
+            subject=member,
+            detected_at=now,
+            epoch=self.view.epoch,
+        )
+        self._out.report("detected", event="crash", subject=member, t=now)
+        self.on_proposal(proposal, now)
+
+    def on_proposal(self, proposal: Proposal, now: float) -> None:
+        """Take a proposal in (once), forward it, and act on it."""
+        if proposal.id in self._seen:
+            return
+        self._seen.add(proposal.id)
+        if proposal.kind == "join" and proposal.address:
+            self._out.connect(proposal.subject, proposal.address)
+        self._out.flood(proposal)
+        if proposal.kind == "join" and proposal.links:
+            subject = proposal.subject
+            self._telemetry.merge_links(proposal.links, lambda _src, dst: dst == subject)
+        if self.view is None or proposal.mode == "probe":
+            return
+        if proposal.kind == "crash" and proposal.subject == self.me:
+            return  # falsely suspected: the others' recovery view leaves us out, and we stop
+        self._open[proposal.id] = proposal
+        self._received_at[proposal.id] = now
+        if proposal.kind == "crash":
+            self.suspects.add(proposal.subject)
+            self._begin_abort(now)
+        elif proposal.kind == "link_down" and _on_tree(self.view, proposal.subject, proposal.peer):
+            self._begin_abort(now)
+        elif proposal.kind == "link_up" and self.view.paused:
+            for rejoin in self.listeners.rejoin:
+                rejoin()
+        elif not self.view.paused:
+            self._maybe_decide(now)
+        self._changed.notify()
+
+    # ------------------------------------------------------------------ planned changes
+
+    async def at_boundary(self) -> bool:
+        """Install what takes effect at this step; True when this member must stop.
+        While paused in a minority, waits here for a change."""
+        while True:
+            if self.aborting:
+                return False
+            pending = self.pending
+            step = self._progress.step
+            if pending is not None and not self.view.paused and pending.effective_step <= step:
+                self.install(pending, self._clock())
+            if self.me not in self.view.members:
+                return True
+            if not self.view.paused:
+                self._maybe_decide(self._clock())
+                return False
+            await self._changed.wait()
+
+    def _maybe_decide(self, now: float) -> None:
+        """As root, plan joins and turn open planned proposals into the next view."""
+        if self.view.root != self.me or self.aborting:
+            return
+        self._plan_joins()
+        if self.pending is not None:
+            return
+        proposals = [p for p in self._open.values() if relevant(self.view, p)]
+        if not proposals:
+            return
+        changes = [_change(p) for p in proposals]
+        leaving = {c.subject for c in changes if c.kind == "leave"}
+        staying = [m for m in sorted(self.view.members) if m not in leaving] or [self.me]
+        side_of = self.me if self.me in staying else staying[0]
+        outcome = next_view(self.view, changes, side_of=side_of, speeds=self._speed_table())
+        wait_s = ready_wait(proposals, self._received_at, now)
+        decision = Decision(
+            id=uuid.uuid4().hex,
+            origin=self.me,
+            view=outcome.view.model_dump(),
+            effective_step=self._progress.step + self._switch_margin(wait_s, now),
+            immediate=False,
+            causes=[_cause(p) for p in proposals],
+        )
+        self.on_decision(decision, now)
+
+    def _plan_joins(self) -> None:
+        """As root, give every newcomer that asked to observe a shard plan (once)."""
+        plan_join = self.listeners.plan_join
+        leaving = {p.subject for p in self._open.values() if p.kind == "leave"}
+        for key, proposal in list(self._open.items()):
+            if proposal.kind != "join" or proposal.mode != "observe":
+                continue
+            admitted = proposal.subject in self.view.members
+            if not admitted and (plan_join is None or not plan_join(proposal, self.view, leaving)):
+                return  # no snapshot to plan from yet
+            del self._open[key]
+
+    def _switch_margin(self, wait_s: float, now: float) -> int:
+        """Steps ahead a decision taken now takes effect: at least one while this step's
+        totals have not left the root (the decision travels ahead of them), else
+        `FIFO_SWITCH_MARGIN`; and not before `wait_s` from now (readiness.py)."""
+        ahead = self._down_sent() != (self.view.epoch, self._progress.step)
+        minimum = 1 if ahead else FIFO_SWITCH_MARGIN
+        progress = self._progress
+        return switch_steps(now, progress.started, progress.period(), wait_s, minimum)
+
+    def _speed_table(self) -> dict[str, float]:
+        speeds = dict(self.view.speeds)
+        speeds.update({m: s for m, s in self.speeds.items() if s > 0})
+        if self._progress.samples_per_s > 0:
+            speeds[self.me] = self._progress.samples_per_s
+        return speeds
+
+    def on_decision(self, decision: Decision, now: float) -> None:
+        """Take a decision in (once), forward it, and schedule or start it."""
+        if decision.id in self._seen:
+            return
+        self._seen.add(decision.id)
+        view = View.model_validate(decision.view)
+        stale = self.view is not None and view.epoch <= self.view.epoch and not self.view.paused
+        if stale and not decision.immediate:
+            return
+        neighbours = set(view.neighbours(self.me))
+        for member, address in view.members.items():
+            if member != self.me and member in neighbours:
+                self._out.connect(member, address)
+        self._out.flood(decision)
+        self._out.report(
+            "agreed",
+            decision=decision.id,
+            epoch=view.epoch,
+            effective_step=decision.effective_step,
+            members=sorted(view.members),
+            t=now,
+        )
+        if self.view is None:
+            for joining in self.listeners.joining:
+                joining(decision)
+        else:
+            self._telemetry.stall.change_started()
+        if decision.immediate:
+            if self.view is None or view.epoch > self.view.epoch:
+                self._immediate = decision
+        else:
+            self.pending = decision
+        self._changed.notify()
+
+    def install(self, decision: Decision, now: float, *, send_state: bool = True) -> None:
+        """Adopt the view of a planned decision at its effective step."""
+        old = self.view
+        self.view = View.model_validate(decision.view)
+        self.view_step = decision.effective_step
+        self.pending = None
+        for cause in decision.causes:
+            self._open.pop(cause["id"], None)
+            self._received_at.pop(cause["id"], None)
+        joiners = [m for m in self.view.members if old is None or m not in old.members]
+        for admitted in self.listeners.admitted:
+            admitted(decision, old, joiners, send_state)
+        self._view_installed()
+        self._report_installed(decision, now)
+
+    def _view_installed(self) -> None:
+        for installed in self.listeners.installed:
+            installed()
+        self._telemetry.stall.change_installed()
+        self._changed.notify()
+
+    def _report_installed(self, decision: Decision, now: float) -> None:
+        """Tell the launcher that the view of `decision` is now in force here."""
+        self._telemetry.observe_decision(decision)
+        self._out.report(
+            "installed",
+            decision=decision.id,
+            epoch=self.view.epoch,
+            step=self._progress.step,
+            members=len(self.view.members),
+            paused=self.view.paused,
+            t=now,
+        )
+
+    # ------------------------------------------------------------------ recovery
+
+    def _begin_abort(self, now: float) -> None:
+        self._telemetry.stall.change_started()
+        if not self.aborting:
+            self.aborting = True
+            self._recovery = _Recovery(started=now)
+        for aborting in self.listeners.aborting:
+            aborting()
+        self._changed.notify()
+
+    async def recover(self) -> Decision:
+        """Report progress to the coordinator, wait for the recovery decision and install
+        its view; the trainer then replays the aborted step (`Trainer.replay`) and calls
+        `recovered`."""
+        epoch = self.view.epoch
+        status = MemberStatus(
+            id=f"status:{self.me}:{epoch}:{len(self.suspects)}",
+            origin=self.me,
+            epoch=epoch,
+            round=len(self.suspects),
+            completed=self._progress.completed,
+        )
+        self.on_status(status, self._clock())
+        while self._immediate is None or View.model_validate(self._immediate.view).epoch <= epoch:
+            change = self._changed.next()  # before acting: a change made here counts too
+            now = self._clock()
+            self.try_decide_recovery(now)
+            await self._changed.wait(self._recovery_deadline(now), since=change)
+        decision = self._immediate
+        self._immediate = None
+        view = View.model_validate(decision.view)
+        for cause in decision.causes:
+            self._open.pop(cause["id"], None)
+        self.suspects.clear()
+        self.pending = None
+        self._recovery = None
+        self.aborting = False
+        self._floor_epoch = view.epoch
+        self.view = view
+        self.view_step = decision.effective_step
+        self._view_installed()
+        return decision
+
+    def _recovery_deadline(self, now: float) -> float | None:
+        """Seconds until the coordinator suspects the members that have not reported."""
+        recovery = self._recovery
+        if recovery is None or recovery.decided:
+            return None
+        left = recovery.started + self._failure_timeout_s - now
+        return left + 1e-3 if left >= 0 else None
+
+    def recovered(self, decision: Decision, now: float) -> None:
+        """The recovery of `decision` is complete here (replayed, at its step)."""
+        self._report_installed(decision, now)
+        if self.view.paused:
+            members = sorted(self.view.members)
+            self._out.report("paused", reason="partition minority", members=members, t=now)
+
+    def on_status(self, status: MemberStatus, now: float) -> None:
+        if status.id in self._seen:
+            return
+        self._seen.add(status.id)
+        self._out.flood(status)
+        if self.view is None or status.epoch < self._floor_epoch:
+            return
+        if self._recovery is None:
+            self._recovery = _Recovery(started=now)
+        self._recovery.statuses[status.origin] = status.completed
+        self._changed.notify()
+
+    def try_decide_recovery(self, now: float) -> None:
+        """As coordinator, decide the recovery view once every live member has reported
+        (or suspect those that have not within the failure timeout)."""
+        if self._recovery is None or self.view is None or self._recovery.decided:
+            return
+        statuses = self._recovery.statuses
+        latest = max(statuses.values(), default=self._progress.completed)
+        base, done = recovery_base(self.view, self.pending, latest)
+        down = {link_key(p.subject, p.peer) for p in self._open.values() if p.kind == "link_down"}
+        side = reachable(base, self.me, self.suspects, down | set(base.down))
+        if min(side) != self.me:
+            return
+        missing = [m for m in side if m not in statuses]
+        if missing:
+            if now - self._recovery.started > self._failure_timeout_s:
+                for member in missing:
+                    self.suspect(member, now)
+            return
+        latest = max(statuses[m] for m in side)
+        holders = [m for m in side if statuses[m] == latest]
+        lagging = any(statuses[m] < latest for m in side)
+        proposals = [p for p in self._open.values() if p.kind != "join" and p.id not in done]
+        changes = [_change(p) for p in proposals]
+        changes += [Change("crash", m) for m in self.suspects if m in base.members]
+        outcome = next_view(
+            base, changes, side_of=self.me, speeds=self._speed_table(), root_candidates=holders
+        )
+        decision = Decision(
+            id=uuid.uuid4().hex,
+            origin=self.me,
+            view=outcome.view.model_dump(),
+            effective_step=latest + 1,
+            immediate=True,
+            replay_step=latest if lagging else None,
+            causes=[_cause(p) for p in proposals],
+        )
+        self._recovery.decided = True
+        self.on_decision(decision, now)
+
+
+# ---------------------------------------------------------------------- pure rules
+
+
+def relevant(view: View, proposal: Proposal) -> bool:
+    """Planned proposals that still change something in `view`."""
+    if proposal.kind == "join":
+        return proposal.subject not in view.members and proposal.mode != "observe"
+    if proposal.kind == "leave":
+        return proposal.subject in view.members
+    is_down = link_key(proposal.subject, proposal.peer) in view.down
+    if proposal.kind == "link_up":
+        return is_down
+    if proposal.kind == "link_down":
+        ends = proposal.subject in view.members and proposal.peer in view.members
+        return ends and not is_down
+    return False
+
+
+def ready_wait(
+    proposals: Iterable[Proposal], received_at: Mapping[str, float], now: float
+) -> float:
+    """Seconds from `now` until the slowest newcomer asking to switch in is ready."""
+    waits = [
+        p.ready_in_s - (now - received_at.get(p.id, now))
+        for p in proposals
+        if p.kind == "join" and p.mode == "ready"
+    ]
+    return max([0.0, *waits])
+
+
+def reachable(view: View, me: str, suspects: Iterable[str], down: Iterable[str]) -> set[str]:
+    """Members of `view` that `me` reaches over links not `down`, suspects excluded."""
+    alive = set(view.members) - set(suspects)
+    dead = set(down)
+    edges = {
+        (a, b): 1.0
+        for key in view.overlay
+        if key not in dead
+        for a, b in [link_ends(key)]
+        if a in alive and b in alive
+    }
+    components = connected_components(alive | {me}, edges)
+    return set(next(c for c in components if me in c))
+
+
+def recovery_base(view: View, pending: Decision | None, latest: int) -> tuple[View, set[str]]:
+    """The view in force for step `latest + 1`, and the proposals it already covers.
+
+    A planned decision effective at or before that step has been installed by the members
+    that got there, so the recovery builds on it rather than on the older view.
+    """
+    if pending is not None and pending.effective_step <= latest + 1:
+        return View.model_validate(pending.view), {c["id"] for c in pending.causes}
+    return view, set()
+
+
+def _on_tree(view: View, a: str, b: str) -> bool:
+    return view.parent.get(a) == b or view.parent.get(b) == a
+
+
+def _change(proposal: Proposal) -> Change:
+    return Change(proposal.kind, proposal.subject, proposal.peer, proposal.address)
+
+
+def _cause(proposal: Proposal) -> dict:
+    return {
+        "id": proposal.id,
+        "kind": proposal.kind,
+        "mode": proposal.mode,
+        "subject": proposal.subject,
+        "peer": proposal.peer,
+        "detected_at": proposal.detected_at,
+    }

@@ -1,0 +1,220 @@
+"""The step loop: compute this member's share of a step, all-reduce, apply, publish.
+
+Every step, at its boundary, the protocol installs what takes effect there; then the
+member computes the gradient sum of its samples (split by the view's speeds), all-reduces
+it over the view's tree, and applies the total. After an abort the protocol decides the
+recovery view and this loop replays the aborted step (`replay`) before going on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from chaos_worker.collective import TreeAllReduce
+from chaos_worker.config import WorkerConfig
+from chaos_worker.membership.protocol import Membership
+from chaos_worker.net.wire import Decision
+from chaos_worker.ports import Clock, Outbox, Progress
+from chaos_worker.replication.snapshot import SnapshotStore
+from chaos_worker.telemetry.telemetry import Telemetry
+from chaos_worker.training.compute import apply_flat_grads, flatten_grads, gradient_sum
+from chaos_worker.training.sampling import split_by_throughput, step_sample_ids
+from chaos_worker.training.trainspec import TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Trains this member's share of every step until the job's last step."""
+
+    def __init__(
+        self,
+        me: str,
+        config: WorkerConfig,
+        spec: TrainSpec,
+        device: torch.device,
+        *,
+        membership: Membership,
+        collective: TreeAllReduce,
+        store: SnapshotStore,
+        telemetry: Telemetry,
+        outbox: Outbox,
+        progress: Progress,
+        clock: Clock,
+        on_reduced: Callable[[int, np.ndarray], None],
+        on_stepped: Callable[[int], None],
+    ) -> None:
+        """`on_reduced(step, total)` runs first when a total is applied (the root streams
+        it to observers); `on_stepped(step)` after the optimizer step of a step this
+        member trained (not replayed), before its snapshot is published."""
+        self.me = me
+        self.last_total: np.ndarray | None = None
+        self.loss_curve: list[tuple[int, float]] = []
+        self._cfg = config
+        self._spec = spec
+        self._device = device
+        self._membership = membership
+        self._collective = collective
+        self._store = store
+        self._telemetry = telemetry
+        self._out = outbox
+        self._progress = progress
+        self._clock = clock
+        self._on_reduced = on_reduced
+        self._on_stepped = on_stepped
+        self._op: asyncio.Future | None = None  # the all-reduce in flight
+        self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
+        self._publishing: concurrent.futures.Future | None = None
+        self._publish_s = 0.0
+        self._ready_t = 0.0
+        self._like = flatten_grads(spec.model).detach().cpu().numpy()
+
+    def cancel_step(self) -> None:
+        """Abort the all-reduce in flight (the protocol began an abort)."""
+        if self._op is not None:
+            self._op.cancel()
+
+    async def run(self) -> None:
+        """Train until the last step, or until this member leaves the view."""
+        membership, progress = self._membership, self._progress
+        while True:
+            if membership.aborting:
+                decision = await membership.recover()
+                await self.replay(decision)
+                membership.recovered(decision, self._clock())
+                continue
+            if await membership.at_boundary():
+                return
+            if progress.step >= self._cfg.steps:
+                return
+            self._probe_links()
+            started = time.perf_counter()
+            progress.started = self._clock()
+            ids = step_sample_ids(
+                self._cfg.seed, progress.step, self._cfg.global_batch, len(self._spec.dataset)
+            )
+            view = membership.view
+            shares = view.shares(first_step=progress.step == membership.view_step)
+            mine = split_by_throughput(ids, shares).get(self.me, [])
+            log.debug("step %d epoch %d: %d samples", progress.step, view.epoch, len(mine))
+            loss = await asyncio.to_thread(
+                gradient_sum, self._spec, mine, micro_batch=self._cfg.micro_batch
+            )
+            compute_s = time.perf_counter() - started
+            self._ready_t = self._clock()  # this member's gradient is ready to reduce
+            if mine:
+                progress.samples_per_s = len(mine) / max(compute_s, 1e-6)
+            if membership.aborting:
+                continue
+            flat = flatten_grads(self._spec.model).detach().cpu().numpy()
+            buf = np.concatenate([flat, np.array([loss, len(mine)], dtype=flat.dtype)])
+            reduce = self._collective.allreduce(membership.view, progress.step, buf)
+            self._op = asyncio.ensure_future(reduce)
+            try:
+                total = await self._op
+            except asyncio.CancelledError:
+                if not membership.aborting:
+                    raise
+                continue
+            finally:
+                self._op = None
+            self.apply(total)
+            progress.step_times.append(time.perf_counter() - started)
+            self._telemetry.observe_step(
+                len(mine),
+                compute_s,
+                progress.step_times[-1],
+                loss=self.loss_curve[-1][1],
+                members=len(membership.view.members),
+                step=progress.completed,
+            )
+
+    def _probe_links(self) -> None:
+        """This member's bandwidth probes of the current round (see `probes.py`); none
+        while a membership change is pending, so probes never load its switch steps."""
+        view = self._membership.view
+        if view is None or view.paused or self._membership.pending is not None:
+            return
+        self._telemetry.probe_links(view.overlay, view.down, view.members, self._progress.step)
+
+    def apply(self, total: np.ndarray, *, observed: bool = False) -> None:
+        """Divide the reduced sum by the global batch, step the optimizer, and publish the
+        snapshot of the next step (`observed`: a newcomer replaying, which publishes none).
+
+        The order matters: `on_reduced` first (a newcomer's first step waits for the
+        total), and the publish in flight settles before `optimizer.step()` changes the
+        tensors it copies.
+        """
+        progress = self._progress
+        self._on_reduced(progress.step, total)
+        grads = torch.from_numpy(total[:-2].copy()).to(self._device)
+        apply_flat_grads(self._spec.model, grads, 1.0 / self._cfg.global_batch)
+        self.settle_publish()
+        self._spec.optimizer.step()
+        loss = float(total[-2]) / self._cfg.global_batch
+        if round(float(total[-1])) != self._cfg.global_batch:
+            raise RuntimeError(
+                f"step {progress.step} reduced {total[-1]} samples, "
+                f"expected {self._cfg.global_batch}"
+            )
+        self.last_total = total
+        progress.completed = progress.step
+        self.loss_curve.append((progress.step, loss))
+        if observed:  # replaying: nobody pulls from an observer, so publish nothing yet
+            progress.step += 1
+            return
+        self._on_stepped(progress.step)
+        if self._store.ready():
+            self._publishing = self._publisher.submit(
+                self._store.publish, progress.step + 1, self._spec.model, self._spec.optimizer
+            )
+        view = self._membership.view
+        self._out.report(
+            "progress",
+            step=progress.step,
+            loss=loss,
+            epoch=view.epoch,
+            members=len(view.members),
+            root=view.root,
+            samples_per_s=progress.samples_per_s,
+            publish_s=self._publish_s,
+            ready_t=self._ready_t,
+            t=self._clock(),
+        )
+        progress.step += 1
+
+    async def replay(self, decision: Decision) -> None:
+        """The data half of a recovery: when some member holds the total of the aborted
+        step, the new root sends it down the new tree and whoever lacks it applies it;
+        then this member goes on at the decision's effective step."""
+        view = self._membership.view
+        progress = self._progress
+        if self.me in view.members and decision.replay_step is not None and not view.paused:
+            like = np.zeros(self._like.size + 2, dtype=self._like.dtype)
+            total = await self._collective.broadcast(
+                view, decision.replay_step, self.last_total, like
+            )
+            if progress.completed < decision.replay_step:
+                self.apply(total)
+        if self.me in view.members:
+            progress.step = decision.effective_step
+
+    def settle_publish(self) -> None:
+        """Wait for the snapshot copy in flight (before the tensors change); time the wait."""
+        if self._publishing is not None:
+            started = time.perf_counter()
+            self._publishing.result()
+            self._publish_s = time.perf_counter() - started
+            self._publishing = None
+
+    def close(self) -> None:
+        """Settle the last publish and stop the publishing thread."""
+        self.settle_publish()
+        self._publisher.shutdown()
