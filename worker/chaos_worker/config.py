@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-MAX_SEED = 2**63 - 1
-"""The largest seed: what torch seeds with, and a Kubernetes integer, are 64-bit."""
+MAX_SEED = 2**53 - 1
+"""The largest seed: the largest integer every JSON reader (the API server's schema bounds
+included) holds exactly; torch seeds with 64 bits."""
 
 
 class WorkerConfig(BaseModel):
