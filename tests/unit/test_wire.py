@@ -6,9 +6,11 @@ import contextlib
 import json
 
 import pytest
+from chaos_worker.membership.view import View
 from chaos_worker.net.wire import (
     FRAME,
     MAX_HEADER_BYTES,
+    Cause,
     Chunk,
     Decision,
     Goodbye,
@@ -58,11 +60,19 @@ MESSAGES: list[WireMessage] = [
     Decision(
         id="d1",
         origin="w0",
-        view={"epoch": 4, "members": ["w0", "w1"]},
+        view=View(
+            epoch=4,
+            members={"w0": "127.0.0.1:9000", "w1": "127.0.0.1:9001"},
+            speeds={"w0": 10.0, "w1": 12.5},
+            overlay={"w0|w1": 1e9, "w0|w2": 1e9},
+            down=["w0|w2"],
+            root="w0",
+            parent={"w0": None, "w1": "w0"},
+        ),
         effective_step=12,
         immediate=False,
         replay_step=11,
-        causes=[{"kind": "crash", "subject": "w2"}],
+        causes=[Cause(id="crash:w2:3", kind="crash", subject="w2", detected_at=2.5)],
     ),
     Chunk(sender="w1", epoch=4, step=12, phase="down", index=2, count=8),
     StateTransfer(sender="w0", step=12, sha256="ab" * 32),
@@ -152,6 +162,27 @@ def test_oversize_payload_is_rejected() -> None:
         parse_lengths(FRAME.pack(10, 1), max_payload=0)
 
 
+def _decision_header(*, view: dict | None = None, view_extra=None, cause=None) -> dict:
+    """The JSON header of a valid decision, with its view or cause replaced or added to."""
+    decision = next(m for m in MESSAGES if isinstance(m, Decision))
+    header = json.loads(decision.model_dump_json())
+    if view is not None:
+        header["view"] = view
+    header["view"].update(view_extra or {})
+    if cause is not None:
+        header["causes"] = [cause]
+    return header
+
+
+def test_a_valid_decision_header_is_taken() -> None:
+    decision = decode_header(json.dumps(_decision_header()).encode())
+    assert isinstance(decision, Decision) and isinstance(decision.view, View)
+    assert decision.causes[0].kind == "crash"
+    join = {"id": "j1", "kind": "join", "mode": "observe", "subject": "w5", "detected_at": 1}
+    decision = decode_header(json.dumps(_decision_header(cause=join)).encode())
+    assert decision.causes == [Cause(**join)]
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -180,6 +211,10 @@ def test_malformed_json_is_rejected(raw: bytes) -> None:
         {"type": "hello", "sender": "w0", "extra": 1},
         {"type": "chunk", "sender": "w0", "epoch": 0, "step": 0, "phase": "sideways"},
         {"type": "ping", "sender": "w0", "sent_at": "yesterday"},
+        _decision_header(view={"epoch": 1, "members": ["w0"]}),
+        _decision_header(view_extra={"rogue": True}),
+        _decision_header(cause={"kind": "crash", "subject": "w2"}),
+        _decision_header(cause={"id": "c1", "kind": "meteor", "subject": "w2", "detected_at": 1}),
     ],
 )
 def test_unknown_type_and_bad_fields_are_rejected(header: dict) -> None:

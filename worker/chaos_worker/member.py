@@ -35,7 +35,7 @@ from chaos_worker.join.newcomer import SEED, Newcomer
 from chaos_worker.join.sponsor import JoinSponsor
 from chaos_worker.membership.liveness import Liveness
 from chaos_worker.membership.protocol import Listeners, Membership
-from chaos_worker.membership.view import View, full_mesh, initial_view
+from chaos_worker.membership.view import full_mesh, initial_view
 from chaos_worker.net.control import ControlLink
 from chaos_worker.net.shaping import TokenBucket, delays_only, parse_links, shape_for
 from chaos_worker.net.transport import TcpTransport
@@ -330,7 +330,7 @@ class Member:
         wanted = {m: view.members[m] for m in view.neighbours(self.me)}
         wanted.update({j: plan.joiner_address for j, plan in self.sponsor.observers.items()})
         if self.membership.pending is not None:
-            pending = View.model_validate(self.membership.pending.view)
+            pending = self.membership.pending.view
             wanted.update({m: pending.members[m] for m in pending.neighbours(self.me)})
         for peer in self.transport.peers():
             if peer not in wanted and peer != SEED:

@@ -362,15 +362,11 @@ class Newcomer:
     async def _rejoin_wait(self) -> None:
         """Take the state and install the planned view once one admits this member."""
         membership = self._membership
-        while (decision := membership.pending) is None or self.me not in _members(decision):
+        while (decision := membership.pending) is None or self.me not in decision.view.members:
             await membership.changed()
         await self._take_state()
         membership.install(decision, self._clock(), send_state=False)
         self._rejoining = None
-
-
-def _members(decision: Decision) -> dict[str, str]:
-    return decision.view["members"]
 
 
 def _settle_from(target: asyncio.Future, source: asyncio.Future) -> None:

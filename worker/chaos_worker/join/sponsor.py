@@ -177,11 +177,9 @@ class JoinSponsor:
                 # a newcomer that asked early may still be pulling: keep the snapshot until
                 # this step is reduced, which needs the newcomer's share, hence its state
                 self._unpin_after[plan.step] = self._progress.step
-        copying = {
-            c["subject"] for c in decision.causes if c["kind"] == "join" and c["mode"] == "copy"
-        }
+        copying = {c.subject for c in decision.causes if c.kind == "join" and c.mode == "copy"}
         copying = [m for m in joiners if m in copying]
-        if send_state and copying and self.me == _state_source(self._membership.view, old):
+        if send_state and copying and self.me == _state_source(decision.view, old):
             blob = self._save_state()
             digest = hashlib.sha256(blob).hexdigest()
             for joiner in copying:

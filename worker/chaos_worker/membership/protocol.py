@@ -35,7 +35,7 @@ from chaos_planner.tree import connected_components
 
 from chaos_worker.membership.readiness import switch_steps
 from chaos_worker.membership.view import Change, View, link_ends, link_key, next_view
-from chaos_worker.net.wire import Decision, MemberStatus, Proposal
+from chaos_worker.net.wire import Cause, Decision, MemberStatus, Proposal
 from chaos_worker.ports import Clock, Outbox, Progress, Signal
 from chaos_worker.telemetry.telemetry import Telemetry
 
@@ -240,10 +240,10 @@ class Membership:
         decision = Decision(
             id=uuid.uuid4().hex,
             origin=self.me,
-            view=outcome.view.model_dump(),
+            view=outcome.view,
             effective_step=self._progress.step + self._switch_margin(wait_s, now),
             immediate=False,
-            causes=[_cause(p) for p in proposals],
+            causes=[Cause.of(p) for p in proposals],
         )
         self.on_decision(decision, now)
 
@@ -280,7 +280,7 @@ class Membership:
         if decision.id in self._seen:
             return
         self._seen.add(decision.id)
-        view = View.model_validate(decision.view)
+        view = decision.view
         stale = self.view is not None and view.epoch <= self.view.epoch and not self.view.paused
         if stale and not decision.immediate:
             return
@@ -312,12 +312,12 @@ class Membership:
     def install(self, decision: Decision, now: float, *, send_state: bool = True) -> None:
         """Adopt the view of a planned decision at its effective step."""
         old = self.view
-        self.view = View.model_validate(decision.view)
+        self.view = decision.view
         self.view_step = decision.effective_step
         self.pending = None
         for cause in decision.causes:
-            self._open.pop(cause["id"], None)
-            self._received_at.pop(cause["id"], None)
+            self._open.pop(cause.id, None)
+            self._received_at.pop(cause.id, None)
         joiners = [m for m in self.view.members if old is None or m not in old.members]
         for admitted in self.listeners.admitted:
             admitted(decision, old, joiners, send_state)
@@ -367,16 +367,16 @@ class Membership:
             completed=self._progress.completed,
         )
         self.on_status(status, self._clock())
-        while self._immediate is None or View.model_validate(self._immediate.view).epoch <= epoch:
+        while self._immediate is None or self._immediate.view.epoch <= epoch:
             change = self._changed.next()  # before acting: a change made here counts too
             now = self._clock()
             self.try_decide_recovery(now)
             await self._changed.wait(self._recovery_deadline(now), since=change)
         decision = self._immediate
         self._immediate = None
-        view = View.model_validate(decision.view)
+        view = decision.view
         for cause in decision.causes:
-            self._open.pop(cause["id"], None)
+            self._open.pop(cause.id, None)
         self.suspects.clear()
         self.pending = None
         self._recovery = None
@@ -444,11 +444,11 @@ class Membership:
         decision = Decision(
             id=uuid.uuid4().hex,
             origin=self.me,
-            view=outcome.view.model_dump(),
+            view=outcome.view,
             effective_step=latest + 1,
             immediate=True,
             replay_step=latest if lagging else None,
-            causes=[_cause(p) for p in proposals],
+            causes=[Cause.of(p) for p in proposals],
         )
         self._recovery.decided = True
         self.on_decision(decision, now)
@@ -506,7 +506,7 @@ def recovery_base(view: View, pending: Decision | None, latest: int) -> tuple[Vi
     that got there, so the recovery builds on it rather than on the older view.
     """
     if pending is not None and pending.effective_step <= latest + 1:
-        return View.model_validate(pending.view), {c["id"] for c in pending.causes}
+        return pending.view, {c.id for c in pending.causes}
     return view, set()
 
 
@@ -516,14 +516,3 @@ def _on_tree(view: View, a: str, b: str) -> bool:
 
 def _change(proposal: Proposal) -> Change:
     return Change(proposal.kind, proposal.subject, proposal.peer, proposal.address)
-
-
-def _cause(proposal: Proposal) -> dict:
-    return {
-        "id": proposal.id,
-        "kind": proposal.kind,
-        "mode": proposal.mode,
-        "subject": proposal.subject,
-        "peer": proposal.peer,
-        "detected_at": proposal.detected_at,
-    }

@@ -20,7 +20,6 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from chaos_worker.membership.view import View
 from chaos_worker.net.wire import Decision
 
 LEAD = 1.0
@@ -78,10 +77,9 @@ def switch_decision(current: Decision | None, decision: Decision, me: str) -> De
     followed `current` so far. The newest view that admits it wins. A recovery (an
     immediate decision) of at least `current`'s epoch that leaves it out voids `current`
     (the members drop that planned view too; the root then decides the join again)."""
-    view = View.model_validate(decision.view)
-    epoch = -1 if current is None else View.model_validate(current.view).epoch
-    if me in view.members and view.epoch > epoch:
+    epoch = -1 if current is None else current.view.epoch
+    if me in decision.view.members and decision.view.epoch > epoch:
         return decision
-    if current is not None and decision.immediate and view.epoch >= epoch:
+    if current is not None and decision.immediate and decision.view.epoch >= epoch:
         return None
     return current

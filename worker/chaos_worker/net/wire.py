@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from chaos_worker.membership.view import View
 from chaos_worker.telemetry.linktable import plausible
 
 FRAME = struct.Struct("!II")
@@ -142,17 +143,41 @@ class MemberStatus(WireMessage):
     completed: int
 
 
+class Cause(BaseModel):
+    """The proposal behind a decision, as the decision carries it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    kind: Literal["leave", "crash", "link_down", "link_up", "join"]
+    mode: Literal["observe", "copy", "ready", "probe"] = "copy"
+    subject: str
+    peer: str = ""
+    detected_at: float
+
+    @classmethod
+    def of(cls, proposal: Proposal) -> Cause:
+        return cls(
+            id=proposal.id,
+            kind=proposal.kind,
+            mode=proposal.mode,
+            subject=proposal.subject,
+            peer=proposal.peer,
+            detected_at=proposal.detected_at,
+        )
+
+
 class Decision(WireMessage):
     """A new view, effective at `effective_step`, flooded from the deciding node."""
 
     type: Literal["decision"] = "decision"
     id: str
     origin: str
-    view: dict
+    view: View
     effective_step: int
     immediate: bool
     replay_step: int | None = None
-    causes: list[dict] = Field(default_factory=list)
+    causes: list[Cause] = Field(default_factory=list)
 
 
 class Chunk(WireMessage):

@@ -122,6 +122,4 @@ class Telemetry:
             return
         now = self._clock()
         for cause in decision.causes:
-            detected = cause.get("detected_at")
-            handling = now - detected if isinstance(detected, int | float) else float("nan")
-            self.metrics.observe_event(str(cause.get("kind", "")), handling)
+            self.metrics.observe_event(cause.kind, now - cause.detected_at)

@@ -194,7 +194,7 @@ class Trainer:
         """The data half of a recovery: when some member holds the total of the aborted
         step, the new root sends it down the new tree and whoever lacks it applies it;
         then this member goes on at the decision's effective step."""
-        view = self._membership.view
+        view = decision.view
         progress = self._progress
         if self.me in view.members and decision.replay_step is not None and not view.paused:
             like = np.zeros(self._like.size + 2, dtype=self._like.dtype)
