@@ -38,7 +38,7 @@ from chaos_worker.membership.protocol import Listeners, Membership
 from chaos_worker.membership.view import full_mesh, initial_view
 from chaos_worker.net.control import ControlLink
 from chaos_worker.net.shaping import TokenBucket, delays_only, parse_links, shape_for
-from chaos_worker.net.transport import TcpTransport
+from chaos_worker.net.transport import TcpTransport, Transport, TransportFactory
 from chaos_worker.net.wire import (
     Chunk,
     Decision,
@@ -79,9 +79,9 @@ class Member:
         spec: TrainSpec,
         device: torch.device,
         *,
-        transport_factory: Callable[..., TcpTransport] = TcpTransport,
+        transport_factory: TransportFactory = TcpTransport,
     ) -> None:
-        """`transport_factory` is called as `TcpTransport` is (the default)."""
+        """`transport_factory` builds the member's links (`LoopTransport` in one process)."""
         self.cfg = config
         self.me = me = config.id
         self.spec = spec
@@ -165,6 +165,7 @@ class Member:
             trainer=trainer,
             store=store,
             telemetry=telemetry,
+            transport_factory=transport_factory,
             **common,
         )
         hooks.aborting.append(trainer.cancel_step)
@@ -192,6 +193,7 @@ class Member:
                 store,
                 shape=lambda peer: shape_for(wire, me, peer),
                 on_sent=lambda peer, n: telemetry.count_replication(peer, "sent", n),
+                transport_factory=transport_factory,
             )
             if inline
             else None
@@ -352,7 +354,7 @@ class LinkOutbox:
     queues frames on the transport's FIFO links, in the caller's turn: a decision flooded
     inside a message callback goes out before anything this member sends later."""
 
-    def __init__(self, me: str, transport: TcpTransport, control: ControlLink) -> None:
+    def __init__(self, me: str, transport: Transport, control: ControlLink) -> None:
         self._me = me
         self._transport = transport
         self._control = control

@@ -27,6 +27,7 @@ from chaos_worker.membership.liveness import Liveness
 from chaos_worker.membership.protocol import Membership
 from chaos_worker.membership.readiness import ask_now, ready_in, step_period, switch_decision
 from chaos_worker.net.shaping import TokenBucket
+from chaos_worker.net.transport import TcpTransport, TransportFactory
 from chaos_worker.net.wire import Decision, JoinPlan, ObservedTotal, Proposal, StateTransfer
 from chaos_worker.ports import Clock, Outbox, Progress, Signal
 from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
@@ -64,8 +65,10 @@ class Newcomer:
         outbox: Outbox,
         progress: Progress,
         clock: Clock,
+        transport_factory: TransportFactory = TcpTransport,
     ) -> None:
         self.me = me
+        self._transport_factory = transport_factory
         self.address = config.listen
         """Where peers reach this member (set once it listens)."""
         self._cfg = config
@@ -169,6 +172,7 @@ class Newcomer:
             host=self.address.rpartition(":")[0],
             downlink=TokenBucket(downlink) if downlink else None,
             frames=self._cfg.join_probe_frames,
+            transport_factory=self._transport_factory,
         )
         now = self._clock()
         for source, m in measured.items():
@@ -217,6 +221,7 @@ class Newcomer:
                     on_progress=lambda *a: loop.call_soon_threadsafe(progress, *a),
                     # the result goes to this loop at once; closing the links comes after
                     on_result=lambda r: loop.call_soon_threadsafe(take, r),
+                    transport_factory=self._transport_factory,
                 )
                 pullers.append(puller)
                 return await puller.run()
