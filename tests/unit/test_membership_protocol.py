@@ -195,15 +195,14 @@ def status(origin: str, completed: int, round: int = 1) -> Event:
     return event(lambda h: h.membership.on_status(message, h.now))
 
 
-def decision(view: View, effective_step: int, *, origin: str = "w0", **extra) -> Event:
-    """A decision flooded to the member under test."""
+def decision(view: View, effective_step: int, *, immediate: bool = False) -> Event:
+    """A decision flooded to the member under test (from the root, w0)."""
     message = Decision(
         id=f"d{view.epoch}",
-        origin=origin,
+        origin="w0",
         view=view,
         effective_step=effective_step,
-        immediate=False,
-        **extra,
+        immediate=immediate,
     )
 
     def take(h: Harness) -> None:
@@ -397,6 +396,37 @@ def test_a_join_that_arrives_during_a_recovery_waits_for_the_next_planned_decisi
         ]),
     ])  # fmt: skip
     assert h.membership.pending.view.joining == ["w4"]
+
+
+def test_a_planned_decision_that_overtakes_a_late_recovery_is_kept() -> None:
+    # w0 coordinates the recovery from w1's crash, installs it, and at once decides a join
+    # on top of it; both decisions reach w3 before w3's trainer gets to its recovery
+    recovered = mesh("w0", "w2", "w3").model_copy(update={"epoch": 1})
+    joined = mesh("w0", "w2", "w3", "w5").model_copy(update={"epoch": 2, "joining": ["w5"]})
+    h = run_table("w3", W4, [
+        (2.0, silent("w1"), ["report detected crash w1", "flood crash w1", "hear abort"]),
+        (2.1, decision(recovered, 5, immediate=True), [
+            "connect w0", "connect w2",
+            "flood decision e1 w0,w2,w3 root=w0 tree=w2:w0,w3:w0 T=5",
+            "report agreed 1 5",
+        ]),
+        (2.1, decision(joined, 6), [
+            "connect w0", "connect w2", "connect w5",
+            "flood decision e2 w0,w2,w3,w5 root=w0 tree=w2:w0,w3:w0,w5:w0 T=6",
+            "report agreed 2 6",
+        ]),
+        (2.2, recovery(), [
+            "flood status w3 done=4",
+            "hear installed", "trainer redoes", "report installed 1 5 False",
+        ]),
+        (2.3, boundary(5), ["trainer waits", "trainer trains"]),
+        (2.4, boundary(6), [
+            "trainer waits",
+            "hear admitted w5 +state", "hear installed", "report installed 2 6 False",
+            "trainer trains",
+        ]),
+    ])  # fmt: skip
+    assert h.membership.view.epoch == 2
 
 
 # ---------------------------------------------------------------------- links down

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 STEP_S = 0.1
 
 
-# Records with exactly the keys of the `_report(...)` calls in member.py.
+# Records with exactly the keys of the member's reports (`Outbox.report(...)` calls).
 
 
 def progress(worker: str, step: int, t: float, *, loss: float = 1.0, members: int = 4) -> dict:

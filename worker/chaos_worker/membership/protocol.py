@@ -378,7 +378,8 @@ class Membership:
         for cause in decision.causes:
             self._open.pop(cause.id, None)
         self.suspects.clear()
-        self.pending = None
+        if self.pending is not None and self.pending.view.epoch <= view.epoch:
+            self.pending = None  # planned before the abort: the recovery view replaces it
         self._recovery = None
         self.aborting = False
         self._floor_epoch = view.epoch
