@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-import kopf
 from kubernetes.client.exceptions import ApiException
 
 from chaos_operator.api import ChaosJob
@@ -290,6 +289,8 @@ class JobController:
             if exc.status == 409:  # a concurrent write; the next event or resync retries
                 logger.info("conflict while reconciling %s/%s; will retry", namespace, name)
                 return
+            import kopf  # here, not at the top: `chaos run FILE` uses this module without kopf
+
             raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=2) from exc
 
     async def sync_later(self, namespace: str, name: str) -> None:
