@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -150,6 +152,47 @@ def test_frame_over_max_payload_closes_the_link_undelivered(new_factory: NewFact
         assert b.gone == [("a", False)]
         assert [m.index for m in b.messages_from("a")] == [0]
         assert b.payloads_from("a") == [bytes(1024)]
+        await close_all(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_reachable_tells_a_listener_from_a_dead_address(new_factory: NewFactory) -> None:
+    async def scenario() -> None:
+        factory = new_factory()
+        a, b = await start("a", factory=factory), await start("b", factory=factory)
+        assert await a.transport.reachable(b.address, 5.0) is True
+        await b.transport.close()
+        assert await a.transport.reachable(b.address, 5.0) is False  # nothing listens
+        await close_all(a)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.cluster
+def test_a_reset_tcp_connection_is_reported_and_the_link_opens_again() -> None:
+    """A real RST (SO_LINGER 0, then close) on the receiver's end of a live link: the
+    receiver hears a disconnect that is not graceful; the sender opens the link again and
+    frames queued after the break arrive, in order."""
+
+    async def scenario() -> None:
+        a, b = await start("a"), await start("b")
+        a.transport.connect("b", b.address)
+        assert a.transport.send("b", chunk("a", 0))
+        await until(lambda: len(b.got) == 1, "the first frame")
+        (writer,) = b.transport._in["a"]  # the receiving end of a's link
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, as a middlebox or `ss -K` would cause
+        await until(lambda: b.gone == [("a", False)], "the reset reported")
+        index = 1
+        while not any(m.index >= 1 for m in b.messages_from("a")):
+            assert a.transport.send("b", chunk("a", index))  # the link is still usable
+            index += 1
+            await asyncio.sleep(0.01)
+            assert index < 10_000, "the link never opened again"
+        received = [m.index for m in b.messages_from("a")]
+        assert received == sorted(received)  # in order; those in flight may be lost
         await close_all(a, b)
 
     asyncio.run(scenario())

@@ -91,7 +91,7 @@ class LoopTransport(QueuedTransport):
     ) -> None:
         super().__init__(me, on_message, on_disconnect, max_payload, shape)
         self._network = network
-        self._in: dict[str, _Link] = {}
+        self._in: dict[str, set[_Link]] = {}  # a sender may have several
         self._address: str | None = None
 
     async def listen(self, host: str, port: int) -> int:
@@ -101,16 +101,20 @@ class LoopTransport(QueuedTransport):
         return port
 
     def _drop_incoming(self, peer: str) -> None:
-        link = self._in.pop(peer, None)
-        if link is not None:
+        for link in self._in.pop(peer, ()):
             link.open = False
 
     async def _stop(self) -> None:
         if self._network.listening.get(self._address or "") is self:
             del self._network.listening[self._address or ""]
-        for link in self._in.values():
-            link.open = False
+        for links in self._in.values():
+            for link in links:
+                link.open = False
         self._in.clear()
+
+    async def reachable(self, address: str, timeout: float) -> bool | None:
+        del timeout  # a listener of this network answers at once
+        return address in self._network.listening
 
     async def _pump(self, peer: str, out: OutgoingLink) -> None:
         """Open the link (waiting for a listener, as TCP retries), then deliver in order."""
@@ -132,13 +136,10 @@ class LoopTransport(QueuedTransport):
             receiver._end(link)
 
     def _accept(self, sender: str) -> _Link:
-        """A new link from `sender`, replacing any older one; refused (closed) if blocked."""
+        """A new link from `sender` (next to any others of its); refused (closed) if blocked."""
         link = _Link(sender, open=sender not in self._blocked and not self._closing)
         if link.open:
-            old = self._in.pop(sender, None)
-            if old is not None:
-                old.open = False
-            self._in[sender] = link
+            self._in.setdefault(sender, set()).add(link)
         return link
 
     def _deliver(self, link: _Link, frame: Frame) -> None:
@@ -166,9 +167,9 @@ class LoopTransport(QueuedTransport):
             log.exception("handling %s from %s failed", message.type, link.sender)
 
     def _end(self, link: _Link) -> None:
-        """The link closed: tell `on_disconnect` unless it was replaced, blocked or closing."""
+        """The link closed: tell `on_disconnect` unless it was dropped, blocked or closing."""
         was_open, link.open = link.open, False
-        if not was_open or self._in.get(link.sender) is not link:
+        if not was_open or link not in self._in.get(link.sender, ()):
             return
-        del self._in[link.sender]
+        self._in[link.sender].discard(link)
         self._report_disconnect(link.sender, link.graceful)

@@ -11,7 +11,11 @@ checked for both by `tests/unit/test_transport_contract.py`:
 - a blocked link sends nothing and delivers nothing, in both directions, and reports no
   disconnect;
 - a frame whose payload is over the receiver's `max_payload` is never delivered: the receiver
-  drops the link (`on_disconnect(sender, False)`).
+  drops the link (`on_disconnect(sender, False)`);
+- an outgoing link that breaks is opened again and goes on with the frames still queued
+  (those in flight are lost; the receiver saw `on_disconnect(sender, False)`);
+- `reachable(address)` tells a dead peer (nothing accepts there: False) from a live one
+  (True) or one that does not answer in time (None).
 
 `TcpTransport`: one outgoing connection per peer carries this worker's frames to it in FIFO
 order (the membership protocol relies on that order); incoming connections deliver the peer's
@@ -82,6 +86,11 @@ class Transport(Protocol):
     def unblock(self, peer: str) -> None: ...
 
     def is_blocked(self, peer: str) -> bool: ...
+
+    async def reachable(self, address: str, timeout: float) -> bool | None:
+        """Whether something accepts links at `address`: False when refused, None when
+        there is no answer within `timeout` seconds."""
+        ...
 
     async def close(self) -> None:
         """Say goodbye on every link, flush, and stop."""
@@ -273,7 +282,7 @@ class TcpTransport(QueuedTransport):
     ) -> None:
         super().__init__(me, on_message, on_disconnect, max_payload, shape)
         self._downlink = downlink
-        self._in: dict[str, asyncio.StreamWriter] = {}
+        self._in: dict[str, set[asyncio.StreamWriter]] = {}  # a sender may have several
         self._server: asyncio.Server | None = None
 
     async def listen(self, host: str, port: int) -> int:
@@ -282,47 +291,52 @@ class TcpTransport(QueuedTransport):
         return self._server.sockets[0].getsockname()[1]
 
     def _drop_incoming(self, peer: str) -> None:
-        writer = self._in.pop(peer, None)
-        if writer is not None:
+        for writer in self._in.pop(peer, ()):
             writer.close()
 
     async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for writer in self._in.values():
-            writer.close()
+        for writers in self._in.values():
+            for writer in writers:
+                writer.close()
+
+    async def reachable(self, address: str, timeout: float) -> bool | None:
+        host, port = parse_address(address)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except TimeoutError:
+            return None
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return None
+        writer.close()
+        return True
 
     async def _pump(self, peer: str, out: OutgoingLink) -> None:
+        """Open the link (retrying until the peer listens), then write the queued frames
+        in order; when the link breaks, open it again and go on with the queue."""
         host, port = parse_address(out.address)
-        writer = None
-        delay = 0.01
-        try:
-            while writer is None:
-                try:
-                    _, writer = await asyncio.open_connection(host, port)
-                except OSError:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.5)
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            writer.writelines(encode(Hello(sender=self.me)))
-            while True:
-                due, frame = await out.queue.get()
-                if frame is None:
-                    break
-                wait = due - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                await _write_frame(writer, frame, out.bucket)
-                out.sent_bytes += sum(memoryview(b).nbytes for b in frame)
-                if out.queue.empty():
-                    await writer.drain()
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, ConnectionError):
-            log.debug("link to %s broke", peer)
-        finally:
-            if writer is not None:
+        while True:
+            writer = await _open(host, port)
+            try:
+                writer.writelines(encode(Hello(sender=self.me)))
+                while True:
+                    due, frame = await out.queue.get()
+                    if frame is None:
+                        await writer.drain()
+                        return
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    await _write_frame(writer, frame, out.bucket)
+                    out.sent_bytes += sum(memoryview(b).nbytes for b in frame)
+                    if out.queue.empty():
+                        await writer.drain()
+            except (OSError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                log.info("link to %s broke (%s); opening it again", peer, exc)
+            finally:
                 writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -336,10 +350,7 @@ class TcpTransport(QueuedTransport):
             if not isinstance(first, Hello) or first.sender in self._blocked:
                 return
             sender = first.sender
-            old = self._in.pop(sender, None)
-            if old is not None:
-                old.close()
-            self._in[sender] = writer
+            self._in.setdefault(sender, set()).add(writer)
             while True:
                 message, payload = await self._read_frame(reader)
                 if sender in self._blocked:
@@ -357,8 +368,8 @@ class TcpTransport(QueuedTransport):
             log.warning("dropping connection from %s: %s", sender or "unknown peer", exc)
         finally:
             writer.close()
-            if sender is not None and self._in.get(sender) is writer:
-                del self._in[sender]
+            if sender is not None and writer in self._in.get(sender, ()):
+                self._in[sender].discard(writer)
                 self._report_disconnect(sender, graceful)
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> tuple[Message, bytes]:
@@ -369,6 +380,22 @@ class TcpTransport(QueuedTransport):
         if self._downlink is not None:
             await self._downlink.consume(FRAME.size + header_len)
         return message, await _read_payload(reader, payload_len, self._downlink)
+
+
+async def _open(host: str, port: int) -> asyncio.StreamWriter:
+    """A connection to `host:port`, retried (backing off to 0.5 s) until it is accepted."""
+    delay = 0.01
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            continue
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return writer
 
 
 async def _read_payload(
