@@ -137,7 +137,8 @@ class Harness:
             await event(self)
             for _ in range(20):  # let started tasks (a boundary, a recovery) run their turn
                 await asyncio.sleep(0)
-            assert self.out.log[start:] == out, f"t={now}: {event.__name__}"
+            if out is not None:  # None: not checked (the row only sets the scene)
+                assert self.out.log[start:] == out, f"t={now}: {event.__name__}"
         for task in self.tasks:
             task.cancel()
 
@@ -493,8 +494,8 @@ def test_a_cut_off_minority_pauses_and_rejoins_when_a_link_heals() -> None:
             "hear installed", "trainer redoes",
             "report installed 1 5 True", "report paused ['w3']",
         ]),
-        (1.2, boundary(5), ["trainer waits"]),  # paused: no training
-        (2.0, command("link_up", "w1"), [
+        (1.2, boundary(5), ["trainer waits", "hear rejoin"]),  # paused: asks to come back
+        (2.0, command("link_up", "w1"), [  # and again at once when a link heals
             "report detected link_up w3 w1", "flood link_up w3-w1", "hear rejoin",
         ]),
         (2.5, decision(rejoined, 9), [  # the majority admits w3 again

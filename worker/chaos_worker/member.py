@@ -168,6 +168,7 @@ class Member:
             transport_factory=transport_factory,
             **common,
         )
+        membership.silence = liveness.silence
         hooks.aborting.append(trainer.cancel_step)
         hooks.admitted += [lambda _d, _old, new, _send: liveness.admit(new), sponsor.admit]
         hooks.installed.append(self._sync_links)
@@ -287,8 +288,21 @@ class Member:
             self.newcomer.on_plan(plan)
 
     def _on_disconnect(self, peer: str, graceful: bool) -> None:
-        if not graceful:
-            self.membership.suspect(peer, time.monotonic())
+        view = self.membership.view
+        if not graceful and view is not None and peer in view.members:
+            loop = asyncio.get_running_loop()
+            self._tasks.append(loop.create_task(self._confirm(peer, view.members[peer])))
+
+    async def _confirm(self, peer: str, address: str) -> None:
+        """A link from `peer` ended without a goodbye. If nothing accepts connections at
+        its address any more, it crashed (confirmed); if it answers, only the link was
+        reset; if it does not answer within half the failure timeout, it is suspected."""
+        alive = await self.transport.reachable(address, self.cfg.failure_timeout_s / 2)
+        now = time.monotonic()
+        if alive:
+            self.membership.reset(peer, now)
+        else:
+            self.membership.suspect(peer, now, confirmed=alive is False)
 
     def _on_command(self, command: dict) -> None:
         """A command from the launcher: join (a standby), leave, link_down, link_up."""

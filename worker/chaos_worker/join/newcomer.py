@@ -43,6 +43,9 @@ from chaos_worker.training.trainspec import TrainSpec
 
 log = logging.getLogger(__name__)
 
+REJOIN_EVERY = 3.0
+"""Failure timeouts between two requests of a paused member to be admitted again."""
+
 SEED = "_seed"
 """The transport's name for the member a newcomer joins through."""
 
@@ -346,11 +349,19 @@ class Newcomer:
     # ------------------------------------------------------------------ rejoining
 
     def rejoin(self) -> None:
-        """A paused minority member asks the other side to admit it again (once)."""
-        if self._rejoining is not None:
-            return
-        view = self._membership.view
-        assert view is not None
+        """A paused or removed member asks the others to admit it again; it asks again
+        every `REJOIN_EVERY` failure timeouts until a decision admits it."""
+        self._ask_back()
+        if self._rejoining is None:
+            self._rejoining = asyncio.get_running_loop().create_task(self._rejoin_wait())
+
+    def _ask_back(self) -> None:
+        """Open links to every member address known and flood a join proposal on them."""
+        membership = self._membership
+        view = membership.view
+        for member, address in membership.addresses.items():
+            if member != self.me:
+                self._out.connect(member, address)
         proposal = Proposal(
             id=f"join:{self.me}:{uuid.uuid4().hex[:8]}",
             origin=self.me,
@@ -358,17 +369,21 @@ class Newcomer:
             subject=self.me,
             address=self.address,
             detected_at=self._clock(),
-            epoch=view.epoch,
+            epoch=view.epoch if view is not None else -1,
         )
-        self._membership.announce(proposal)
-        self._out.report("join_requested", t=proposal.detected_at)
-        self._rejoining = asyncio.get_running_loop().create_task(self._rejoin_wait())
+        membership.announce(proposal)
+        self._out.report("join_requested", t=proposal.detected_at, rejoin=True)
 
     async def _rejoin_wait(self) -> None:
         """Take the state and install the planned view once one admits this member."""
         membership = self._membership
+        every = REJOIN_EVERY * self._cfg.failure_timeout_s
+        asked = self._clock()
         while (decision := membership.pending) is None or self.me not in decision.view.members:
-            await membership.changed()
+            await membership.changed(timeout=max(0.0, asked + every - self._clock()))
+            if self._clock() >= asked + every and membership.pending is None:
+                self._ask_back()
+                asked = self._clock()
         await self._take_state()
         membership.install(decision, self._clock(), send_state=False)
         self._rejoining = None

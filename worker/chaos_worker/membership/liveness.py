@@ -1,8 +1,10 @@
 """Liveness: flooded heartbeats, the failure detector, and answers to link pings.
 
 Every member floods a heartbeat each `heartbeat_interval_s` (its epoch, step, speed and
-replicator address); a member not heard from over any path for `failure_timeout_s` is
-suspected crashed (one never heard from gets `STARTUP_TIMEOUT_S`: it is still starting).
+replicator address) on every link; a member not heard from over any path for
+`failure_timeout_s` is suspected crashed (one never heard from gets `STARTUP_TIMEOUT_S`:
+it is still starting). A neighbour heard through others but not over its own link for as
+long has a silent link: that link is reported down, and the overlay routes around it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import itertools
 from collections.abc import Iterable
 
 from chaos_worker.membership.protocol import Membership
+from chaos_worker.membership.view import View
 from chaos_worker.net.wire import Heartbeat, Ping, Pong
 from chaos_worker.ports import Clock, Outbox, Progress, Signal
 from chaos_worker.telemetry.telemetry import Telemetry
@@ -54,7 +57,10 @@ class Liveness:
         self._clock = clock
         self._seq = itertools.count()
         self._seen: set[str] = set()
-        self._heard: dict[str, float] = {}
+        self._heard: dict[str, float] = {}  # member -> last frame of its, over any path
+        self._link_heard: dict[str, float] = {}  # neighbour -> last frame over its link
+        self._link_since: dict[str, float] = {}  # neighbour -> when its link was added
+        self._cut: set[tuple[int, str]] = set()  # (epoch, neighbour) links reported down
         self._born = clock()
         self._ping_read: dict[str, float] = {}  # peer -> when its last empty Ping was read
 
@@ -97,19 +103,47 @@ class Liveness:
             for member in view.members:
                 if member == self.me or member in membership.suspects:
                     continue
-                # A member never heard from is still starting (importing torch, loading
-                # the job): it gets the start-up allowance instead of the failure timeout.
-                heard = self._heard.get(member)
-                silent = now - (heard if heard is not None else self._born)
-                limit = self._timeout if heard is not None else STARTUP_TIMEOUT_S
-                if silent > limit:
+                if self._silent(self._heard, member, now):
                     membership.suspect(member, now)
+            self._watch_links(view, now)
             if membership.aborting:
                 membership.try_decide_recovery(now)
 
+    def _watch_links(self, view: View, now: float) -> None:
+        """Report each silent link to a neighbour heard through others (once an epoch).
+        A link is judged only once it has carried a frame since it joined the overlay:
+        until then the neighbour may still be opening it."""
+        neighbours = view.neighbours(self.me)
+        for peer in neighbours:
+            self._link_since.setdefault(peer, now)
+        for peer in set(self._link_since) - set(neighbours):
+            del self._link_since[peer]
+        if self._membership.aborting:
+            return
+        for peer in neighbours:
+            last = self._link_heard.get(peer)
+            if last is None or last < self._link_since[peer] or (view.epoch, peer) in self._cut:
+                continue
+            if now - last > self._timeout and not self._silent(self._heard, peer, now):
+                self._cut.add((view.epoch, peer))
+                self._membership.propose("link_down", self.me, now, peer=peer)
+
+    def _silent(self, heard: dict[str, float], member: str, now: float) -> bool:
+        """Not heard from for longer than the failure timeout. One never heard from is
+        still starting (importing torch, loading the job): it gets the start-up allowance."""
+        last = heard.get(member)
+        silent = now - (last if last is not None else self._born)
+        return silent > (self._timeout if last is not None else STARTUP_TIMEOUT_S)
+
+    def silence(self, member: str, now: float) -> float:
+        """Seconds since anything was heard from `member` (any path)."""
+        last = self._heard.get(member)
+        return now - last if last is not None else float("inf")
+
     def heard_from(self, peer: str, now: float) -> None:
-        """Any frame from `peer` shows it alive."""
+        """Any frame from `peer` shows it, and its link, alive."""
         self._heard[peer] = now
+        self._link_heard[peer] = now
 
     def admit(self, joiners: Iterable[str]) -> None:
         """Members new in the view just installed count as heard from now."""

@@ -27,17 +27,30 @@ protocol decides and installs the view (`recover`), the trainer replays the abor
 
 from __future__ import annotations
 
+import logging
+import math
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from chaos_planner.tree import connected_components
-
 from chaos_worker.membership.readiness import switch_steps
-from chaos_worker.membership.view import Change, View, link_ends, link_key, next_view
+from chaos_worker.membership.rules import (
+    change_of,
+    crash_change,
+    fenced,
+    on_tree,
+    preferred,
+    reachable,
+    ready_wait,
+    recovery_base,
+    relevant,
+)
+from chaos_worker.membership.view import View, link_key, next_view
 from chaos_worker.net.wire import Cause, Decision, MemberStatus, Proposal
 from chaos_worker.ports import Clock, Outbox, Progress, Signal
 from chaos_worker.telemetry.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
 
 # Decisions are flooded on the same FIFO links as the all-reduce, and forwarded on receipt.
 # One the root sends before the down-pass of step s reaches every member before the totals
@@ -45,6 +58,10 @@ from chaos_worker.telemetry.telemetry import Telemetry
 # always in time. (The planner's `switch_step`, which budgets round trips from step time
 # and RTT, is for decisions that travel outside the data path.)
 FIFO_SWITCH_MARGIN = 2
+
+RECOVERY_PATIENCE = 2.0
+"""Failure timeouts a member waits in a recovery round for a decision before it takes
+itself for the one cut off, leaves the view at once and asks to be admitted again."""
 
 Admitted = Callable[[Decision, View | None, list[str], bool], None]
 """(decision, the view before it, the members it adds, whether to send them the state)."""
@@ -63,7 +80,7 @@ class Listeners:
     joining: list[Callable[[Decision], None]] = field(default_factory=list)
     """A decision was taken in while this member holds no view (a newcomer)."""
     rejoin: list[Callable[[], None]] = field(default_factory=list)
-    """A link came up while this member pauses in a minority."""
+    """This member pauses in a minority or was removed: ask to be admitted again."""
     plan_join: Callable[[Proposal, View, set[str]], bool] | None = None
     """As root: plan the join of a newcomer that asked to observe (False: not yet)."""
 
@@ -103,6 +120,8 @@ class Membership:
         self.aborting = False
         self.leaving = False
         self.suspects: set[str] = set()
+        self.confirmed: set[str] = set()
+        """Suspects known to be dead (`Proposal.confirmed`)."""
         self.speeds: dict[str, float] = {}
         """The compute speed each member announced in its latest heartbeat."""
         self.listeners = listeners or Listeners()
@@ -119,14 +138,21 @@ class Membership:
         self._immediate: Decision | None = None
         self._recovery: _Recovery | None = None
         self._floor_epoch = 0
+        self._asked_back = False
+        self.addresses: dict[str, str] = {}
+        """Every member address seen in a view: where to ask to be admitted again."""
+        self.silence: Callable[[str, float], float] = lambda _member, _now: math.inf
+        """Seconds since this member last heard from another (set by `Liveness`)."""
 
-    async def changed(self) -> None:
-        """Until the protocol's state changes (a decision, an abort, a status, a view)."""
-        await self._changed.wait()
+    async def changed(self, timeout: float | None = None) -> None:
+        """Until the protocol's state changes (a decision, an abort, a status, a view), or
+        `timeout` seconds."""
+        await self._changed.wait(timeout)
 
     def begin(self, view: View) -> None:
         """Start as a member of the job's first view."""
         self.view = view
+        self.addresses.update(view.members)
 
     def heard_speed(self, member: str, samples_per_s: float) -> None:
         self.speeds[member] = samples_per_s
@@ -158,26 +184,54 @@ class Membership:
         self._seen.add(proposal.id)
         self._out.flood(proposal)
 
-    def suspect(self, member: str, now: float) -> None:
-        """A member looks dead: tell everybody and abort the step in flight."""
+    def suspect(self, member: str, now: float, *, confirmed: bool = False) -> None:
+        """A member looks dead (`confirmed`: it is, its address refused a connection):
+        tell everybody and abort the step in flight."""
         if self.view is None or member not in self.view.members or member in self.suspects:
             return
-        proposal = Proposal(
-            id=f"crash:{member}:{self.view.epoch}",
+        proposal = Proposal(  # one id per origin: a refused suspicion must not hide another
+            id=f"crash:{member}:{self.view.epoch}:{self.me}" + ("!" if confirmed else ""),
             origin=self.me,
             kind="crash",
             subject=member,
             detected_at=now,
             epoch=self.view.epoch,
+            confirmed=confirmed,
         )
         self._out.report("detected", event="crash", subject=member, t=now)
         self.on_proposal(proposal, now)
 
+    def reset(self, peer: str, now: float) -> None:
+        """The connection from a live `peer` broke: frames of the step in flight may be
+        lost, so the step is aborted and redone (the view does not change)."""
+        if self.view is None or peer not in self.view.members:
+            return
+        key = link_key(self.me, peer)
+        proposal = Proposal(
+            id=f"reset:{key}:{self.view.epoch}",
+            origin=self.me,
+            kind="reset",
+            subject=self.me,
+            peer=peer,
+            detected_at=now,
+            epoch=self.view.epoch,
+        )
+        self._out.report("detected", event="reset", subject=self.me, peer=peer, t=now)
+        self.on_proposal(proposal, now)
+
     def on_proposal(self, proposal: Proposal, now: float) -> None:
-        """Take a proposal in (once), forward it, and act on it."""
+        """Take a proposal in (once), forward it, and act on it (unless `fenced`)."""
         if proposal.id in self._seen:
             return
         self._seen.add(proposal.id)
+        if self.view is not None and not self.view.paused and proposal.mode != "probe":
+            why = fenced(self.view, self.suspects, proposal)
+            if why is None and proposal.kind == "crash" and not proposal.confirmed:
+                heard = self.silence(proposal.subject, now)
+                why = None if heard >= self._failure_timeout_s / 2 else "heard from it lately"
+            if why is not None:
+                log.info("ignoring %s from %s: %s", proposal.id, proposal.origin, why)
+                return
         if proposal.kind == "join" and proposal.address:
             self._out.connect(proposal.subject, proposal.address)
         self._out.flood(proposal)
@@ -186,27 +240,33 @@ class Membership:
             self._telemetry.merge_links(proposal.links, lambda _src, dst: dst == subject)
         if self.view is None or proposal.mode == "probe":
             return
+        if self.view.paused:  # not training: only a way back matters
+            if proposal.kind == "link_up":
+                self._ask_back()
+            return
         if proposal.kind == "crash" and proposal.subject == self.me:
-            return  # falsely suspected: the others' recovery view leaves us out, and we stop
+            return  # falsely suspected: the others' recovery view leaves us out, we rejoin
         self._open[proposal.id] = proposal
         self._received_at[proposal.id] = now
         if proposal.kind == "crash":
             self.suspects.add(proposal.subject)
+            if proposal.confirmed:
+                self.confirmed.add(proposal.subject)
             self._begin_abort(now)
-        elif proposal.kind == "link_down" and _on_tree(self.view, proposal.subject, proposal.peer):
+        elif proposal.kind == "reset" or (
+            proposal.kind == "link_down" and on_tree(self.view, proposal.subject, proposal.peer)
+        ):
             self._begin_abort(now)
-        elif proposal.kind == "link_up" and self.view.paused:
-            for rejoin in self.listeners.rejoin:
-                rejoin()
-        elif not self.view.paused:
+        else:
             self._maybe_decide(now)
         self._changed.notify()
 
     # ------------------------------------------------------------------ planned changes
 
     async def at_boundary(self) -> bool:
-        """Install what takes effect at this step; True when this member must stop.
-        While paused in a minority, waits here for a change."""
+        """Install what takes effect at this step; True when this member leaves (it asked
+        to). A member removed without asking pauses and asks to be admitted again; while
+        paused (also in a minority), waits here until a view takes it back."""
         while True:
             if self.aborting:
                 return False
@@ -215,11 +275,33 @@ class Membership:
             if pending is not None and not self.view.paused and pending.effective_step <= step:
                 self.install(pending, self._clock())
             if self.me not in self.view.members:
-                return True
+                if self.leaving:
+                    return True
+                if not self.view.paused:
+                    self._outcast("removed from the view", self._clock())
             if not self.view.paused:
                 self._maybe_decide(self._clock())
                 return False
+            if not self._asked_back:
+                self._ask_back()
             await self._changed.wait()
+
+    def _outcast(self, reason: str, now: float) -> None:
+        """This member is not in the view in force (suspected while it was only slow or
+        cut off): it stops contributing and pauses until a view admits it again."""
+        view = self.view
+        self.view = view.model_copy(update={"paused": True})
+        self.pending = None
+        self._out.report(
+            "evicted", reason=reason, epoch=view.epoch, members=sorted(view.members), t=now
+        )
+        self._view_installed()
+
+    def _ask_back(self) -> None:
+        """Ask to be admitted again (the listener retries by itself until admitted)."""
+        self._asked_back = True
+        for rejoin in self.listeners.rejoin:
+            rejoin()
 
     def _maybe_decide(self, now: float) -> None:
         """As root, plan joins and turn open planned proposals into the next view."""
@@ -231,7 +313,7 @@ class Membership:
         proposals = [p for p in self._open.values() if relevant(self.view, p)]
         if not proposals:
             return
-        changes = [_change(p) for p in proposals]
+        changes = [change_of(p) for p in proposals]
         leaving = {c.subject for c in changes if c.kind == "leave"}
         staying = [m for m in sorted(self.view.members) if m not in leaving] or [self.me]
         side_of = self.me if self.me in staying else staying[0]
@@ -284,6 +366,7 @@ class Membership:
         stale = self.view is not None and view.epoch <= self.view.epoch and not self.view.paused
         if stale and not decision.immediate:
             return
+        self.addresses.update(view.members)
         neighbours = set(view.neighbours(self.me))
         for member, address in view.members.items():
             if member != self.me and member in neighbours:
@@ -295,6 +378,8 @@ class Membership:
             epoch=view.epoch,
             effective_step=decision.effective_step,
             members=sorted(view.members),
+            paused=view.paused,
+            causes=[f"{c.kind}:{c.subject}" for c in decision.causes],
             t=now,
         )
         if self.view is None:
@@ -304,7 +389,10 @@ class Membership:
             self._telemetry.stall.change_started()
         if decision.immediate:
             if self.view is None or view.epoch > self.view.epoch:
-                self._immediate = decision
+                self._immediate = preferred(self._immediate, decision)
+                removed = self.me not in self._immediate.view.members and not self.leaving
+                if removed and self.view is not None and not self.view.paused:
+                    self._begin_abort(now)  # stop contributing at once; recover() installs it
         else:
             self.pending = decision
         self._changed.notify()
@@ -325,6 +413,7 @@ class Membership:
         self._report_installed(decision, now)
 
     def _view_installed(self) -> None:
+        self._asked_back = self._asked_back and self.view.paused
         for installed in self.listeners.installed:
             installed()
         self._telemetry.stall.change_installed()
@@ -367,17 +456,26 @@ class Membership:
             completed=self._progress.completed,
         )
         self.on_status(status, self._clock())
+        give_up = self._clock() + RECOVERY_PATIENCE * self._failure_timeout_s
         while self._immediate is None or self._immediate.view.epoch <= epoch:
             change = self._changed.next()  # before acting: a change made here counts too
             now = self._clock()
             self.try_decide_recovery(now)
-            await self._changed.wait(self._recovery_deadline(now), since=change)
+            if self._immediate is not None and self._immediate.view.epoch > epoch:
+                break
+            if now >= give_up:  # nobody decides for us: we are the one cut off
+                self._leave_now(now)
+                break
+            deadline = self._recovery_deadline(now)
+            wait = give_up - now if deadline is None else min(deadline, give_up - now)
+            await self._changed.wait(wait, since=change)
         decision = self._immediate
         self._immediate = None
         view = decision.view
         for cause in decision.causes:
             self._open.pop(cause.id, None)
         self.suspects.clear()
+        self.confirmed.clear()
         if self.pending is not None and self.pending.view.epoch <= view.epoch:
             self.pending = None  # planned before the abort: the recovery view replaces it
         self._recovery = None
@@ -387,6 +485,34 @@ class Membership:
         self.view_step = decision.effective_step
         self._view_installed()
         return decision
+
+    def _leave_now(self, now: float) -> None:
+        """No recovery decision came: this member is the one the others cannot reach (or
+        that cannot reach them). It tells them it is gone (a confirmed crash of its own,
+        so nobody waits for it) and pauses outside the view until admitted again."""
+        view = self.view
+        proposal = Proposal(
+            id=f"crash:{self.me}:{view.epoch}:{self.me}!",
+            origin=self.me,
+            kind="crash",
+            subject=self.me,
+            detected_at=now,
+            epoch=view.epoch,
+            confirmed=True,
+        )
+        self._seen.add(proposal.id)
+        self._out.flood(proposal)
+        others = {m: a for m, a in view.members.items() if m != self.me}
+        self._immediate = Decision(
+            id=f"out:{self.me}:{view.epoch}",
+            origin=self.me,
+            view=view.model_copy(update={"members": others, "paused": True}),
+            effective_step=self._progress.step,
+            immediate=True,
+        )
+        waited = RECOVERY_PATIENCE * self._failure_timeout_s
+        reason = f"no recovery decision within {waited:g} s"
+        self._out.report("evicted", reason=reason, epoch=view.epoch, members=sorted(others), t=now)
 
     def _recovery_deadline(self, now: float) -> float | None:
         """Seconds until the coordinator suspects the members that have not reported."""
@@ -399,7 +525,7 @@ class Membership:
     def recovered(self, decision: Decision, now: float) -> None:
         """The recovery of `decision` is complete here (replayed, at its step)."""
         self._report_installed(decision, now)
-        if self.view.paused:
+        if self.view.paused and self.me in self.view.members:
             members = sorted(self.view.members)
             self._out.report("paused", reason="partition minority", members=members, t=now)
 
@@ -437,8 +563,10 @@ class Membership:
         holders = [m for m in side if statuses[m] == latest]
         lagging = any(statuses[m] < latest for m in side)
         proposals = [p for p in self._open.values() if p.kind != "join" and p.id not in done]
-        changes = [_change(p) for p in proposals]
-        changes += [Change("crash", m) for m in self.suspects if m in base.members]
+        changes = [change_of(p) for p in proposals]
+        changes += [
+            crash_change(m, m in self.confirmed) for m in self.suspects if m in base.members
+        ]
         outcome = next_view(
             base, changes, side_of=self.me, speeds=self._speed_table(), root_candidates=holders
         )
@@ -453,67 +581,3 @@ class Membership:
         )
         self._recovery.decided = True
         self.on_decision(decision, now)
-
-
-# ---------------------------------------------------------------------- pure rules
-
-
-def relevant(view: View, proposal: Proposal) -> bool:
-    """Planned proposals that still change something in `view`."""
-    if proposal.kind == "join":
-        return proposal.subject not in view.members and proposal.mode != "observe"
-    if proposal.kind == "leave":
-        return proposal.subject in view.members
-    is_down = link_key(proposal.subject, proposal.peer) in view.down
-    if proposal.kind == "link_up":
-        return is_down
-    if proposal.kind == "link_down":
-        ends = proposal.subject in view.members and proposal.peer in view.members
-        return ends and not is_down
-    return False
-
-
-def ready_wait(
-    proposals: Iterable[Proposal], received_at: Mapping[str, float], now: float
-) -> float:
-    """Seconds from `now` until the slowest newcomer asking to switch in is ready."""
-    waits = [
-        p.ready_in_s - (now - received_at.get(p.id, now))
-        for p in proposals
-        if p.kind == "join" and p.mode == "ready"
-    ]
-    return max([0.0, *waits])
-
-
-def reachable(view: View, me: str, suspects: Iterable[str], down: Iterable[str]) -> set[str]:
-    """Members of `view` that `me` reaches over links not `down`, suspects excluded."""
-    alive = set(view.members) - set(suspects)
-    dead = set(down)
-    edges = {
-        (a, b): 1.0
-        for key in view.overlay
-        if key not in dead
-        for a, b in [link_ends(key)]
-        if a in alive and b in alive
-    }
-    components = connected_components(alive | {me}, edges)
-    return set(next(c for c in components if me in c))
-
-
-def recovery_base(view: View, pending: Decision | None, latest: int) -> tuple[View, set[str]]:
-    """The view in force for step `latest + 1`, and the proposals it already covers.
-
-    A planned decision effective at or before that step has been installed by the members
-    that got there, so the recovery builds on it rather than on the older view.
-    """
-    if pending is not None and pending.effective_step <= latest + 1:
-        return pending.view, {c.id for c in pending.causes}
-    return view, set()
-
-
-def _on_tree(view: View, a: str, b: str) -> bool:
-    return view.parent.get(a) == b or view.parent.get(b) == a
-
-
-def _change(proposal: Proposal) -> Change:
-    return Change(proposal.kind, proposal.subject, proposal.peer, proposal.address)

@@ -78,7 +78,8 @@ class View(BaseModel):
 
 @dataclass(frozen=True)
 class Change:
-    """One observed change: `kind` in leave, crash, join, link_down, link_up."""
+    """One observed change: `kind` in leave, crash (confirmed dead), suspect (silent: dead
+    or cut off), join, link_down, link_up; any other kind changes nothing."""
 
     kind: str
     subject: str
@@ -120,23 +121,29 @@ def next_view(
 ) -> ViewOutcome:
     """Apply `changes` to `view` and return the view of the component holding `side_of`.
 
-    Crashed and leaving members are dropped; joiners are added with links to every
-    member unless the overlay already says otherwise, and at the median measured speed.
-    If the links that are down split the members, only the component holding more than
-    half of the previous epoch's throughput (crashed and leaving members not counted, exact
-    arithmetic; ties go to the side holding the smallest id) may go on: `majority` is False
-    on the other side. The tree is repaired, keeping every tree edge
-    that is still valid; the root stays unless it is gone (then the fastest of
-    `root_candidates`, or of the component, takes over).
+    Crashed, suspected and leaving members are dropped; joiners are added with links to
+    every member unless the overlay already says otherwise, and at the median measured
+    speed. Only the component holding more than half of the previous epoch's throughput
+    may go on (`majority` is False on the other side): leaving members and members known
+    to have crashed are not counted in the total, but suspects are, since a member that
+    is merely cut off may be training on the other side (exact arithmetic; an exact half
+    goes to the side holding the smallest id). The tree is repaired, keeping every tree
+    edge that is still valid; the root stays unless it is gone (then the fastest of
+    `root_candidates`, or of the component, takes over). When nobody is left (every
+    member leaves), the view is empty and has no root.
     """
     changes = list(changes)
     members = dict(view.members)
     overlay = dict(view.overlay)
     down = set(view.down)
-    gone: set[str] = set()
+    gone: set[str] = set()  # not counted in the majority
+    dropped: set[str] = set()
     for change in changes:
         if change.kind in ("leave", "crash"):
             gone.add(change.subject)
+            dropped.add(change.subject)
+        elif change.kind == "suspect":
+            dropped.add(change.subject)
         elif change.kind == "join":
             members[change.subject] = change.address
             for other in members:
@@ -146,7 +153,7 @@ def next_view(
             down.add(link_key(change.subject, change.peer))
         elif change.kind == "link_up":
             down.discard(link_key(change.subject, change.peer))
-    for member in gone:
+    for member in dropped:
         members.pop(member, None)
     known = {m: float((speeds or view.speeds).get(m, view.speeds.get(m, 0.0))) for m in members}
     measured = sorted(v for v in known.values() if v > 0)
@@ -161,7 +168,7 @@ def next_view(
         if a in members and b in members
     }
     components = connected_components(list(members), edges)
-    side = next(c for c in components if side_of in c)
+    side = next((c for c in components if side_of in c), set())
     counted = {m: Fraction(view.speeds.get(m, 0.0)) for m in view.members if m not in gone}
     total = sum(counted.values(), Fraction(0))
     held = sum((counted.get(m, Fraction(0)) for m in side), Fraction(0))
@@ -171,15 +178,19 @@ def next_view(
     candidates = [m for m in (root_candidates or side) if m in side] or sorted(side)
     if view.root in side and view.root in candidates:
         root = view.root
-    else:
+    elif candidates:
         root = min(candidates, key=lambda m: (-new_speeds.get(m, 0.0), m))
+    else:
+        root = ""  # nobody is left
     side_edges = {e: bw for e, bw in edges.items() if e[0] in side and e[1] in side}
     old_tree = view.tree()
     kept_nodes = [m for m in side_members if m in old_tree.nodes]
-    if kept_nodes and view.parent:
-        tree = repair_tree(old_tree, list(side_members), side_edges, root)
+    if not side_members:
+        parent: dict[str, str | None] = {}
+    elif kept_nodes and view.parent:
+        parent = dict(repair_tree(old_tree, list(side_members), side_edges, root).parent)
     else:
-        tree = maximum_spanning_tree(list(side_members), side_edges, root)
+        parent = dict(maximum_spanning_tree(list(side_members), side_edges, root).parent)
     new = View(
         epoch=view.epoch + 1,
         members=side_members,
@@ -187,7 +198,7 @@ def next_view(
         overlay=overlay,
         down=sorted(down),
         root=root,
-        parent=dict(tree.parent),
+        parent=parent,
         paused=not majority,
         joining=sorted(
             {c.subject for c in changes if c.kind == "join" and c.subject in side_members}

@@ -106,13 +106,17 @@ class Pong(WireMessage):
     gap_s: float | None = Field(None, ge=0, le=3600, allow_inf_nan=False)
 
 
+ProposalKind = Literal["leave", "crash", "link_down", "link_up", "join", "reset"]
+"""`reset`: a connection between two live members broke; the step in flight is redone."""
+
+
 class Proposal(WireMessage):
     """A membership or overlay change observed by `origin`, flooded to everybody."""
 
     type: Literal["proposal"] = "proposal"
     id: str
     origin: str
-    kind: Literal["leave", "crash", "link_down", "link_up", "join"]
+    kind: ProposalKind
     subject: str
     peer: str = ""
     address: str = ""
@@ -122,6 +126,9 @@ class Proposal(WireMessage):
     links: LinkShare = Field(default_factory=dict)
     ready_in_s: float = Field(0.0, ge=0, le=600, allow_inf_nan=False)
     """A `ready` join: seconds until the newcomer expects to hold the state (0: now)."""
+    confirmed: bool = False
+    """A crash: the subject's address refused a connection, so it is known to be dead
+    (not merely cut off), and the majority rule does not count it."""
 
 
 class LinkGossip(WireMessage):
@@ -149,7 +156,7 @@ class Cause(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
-    kind: Literal["leave", "crash", "link_down", "link_up", "join"]
+    kind: ProposalKind
     mode: Literal["observe", "copy", "ready", "probe"] = "copy"
     subject: str
     peer: str = ""
