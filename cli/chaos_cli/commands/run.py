@@ -316,7 +316,11 @@ def handle(args: argparse.Namespace) -> int:
     write_report(report, report_path)
     plot_report(report, plot_path)
     live.summary(report, report_path, plot_path)
-    if report.steps < options.steps or math.isnan(report.final_loss):
-        print(f"chaos run: only {report.steps} of {options.steps} steps completed", file=sys.stderr)
-        return 1
-    return 0
+    found = list(report.problems)
+    if math.isnan(report.final_loss) and not found:
+        found.append("the final loss is not a number")
+    for problem in found:
+        print(f"chaos run: {problem}", file=sys.stderr)
+    if not found and report.membership and not report.membership[-1]["members"]:
+        print(f"chaos run: scaled to zero after step {report.steps - 1}: every member left")
+    return 1 if found else 0

@@ -35,6 +35,7 @@ from chaos_cli.local.churn import ChurnEvent
 from chaos_cli.local.netns import NetnsError, NetnsTestbed
 from chaos_cli.local.report import Report, links_matrix
 from chaos_cli.local.timeline import Fired, Timeline
+from chaos_cli.local.verdict import problems
 
 GRACE_S = 10.0
 NETNS_PORT = 7000
@@ -397,11 +398,32 @@ class LocalRun:
                 proc.popen.kill()
                 proc.popen.wait()
 
+    def initial_members(self) -> list[str]:
+        """The members of the job's first view."""
+        return self.opts.worker_names()[: self.opts.workers]
+
+    def _problems(self, curve: list[tuple[int, float]], changes: list[dict]) -> list[str]:
+        last = curve[-1][0] if curve else None
+        progress = self.timeline.of("progress")
+        return problems(
+            steps=self.opts.steps,
+            completed=len(curve),
+            digests=self.digests,
+            finishers={r["worker"] for r in progress if r["step"] == last},
+            members={m for r in self.timeline.of("agreed") for m in r.get("members", [])},
+            started=self.procs,
+            fired=[f.event for f in self.timeline.fired],
+            changes=changes,
+        )
+
     def _report(self) -> Report:
         curve = self.timeline.loss_curve()
         elapsed = time.monotonic() - self._started
         gaps = self.timeline.step_gaps()
+        changes = self.timeline.membership_changes(self.initial_members())
         return Report(
+            membership=changes,
+            problems=self._problems(curve, changes),
             steps=len(curve),
             global_batch=self.opts.global_batch,
             final_loss=curve[-1][1] if curve else float("nan"),

@@ -113,6 +113,16 @@ class Report(BaseModel):
         "measured (link table at the end of the run)",
     )
     testbed: str = Field("", description="how links were shaped: netns (tc) or in-process")
+    membership: list[dict] = Field(
+        default_factory=list,
+        description="every change of the members in force, injected or not: epoch, "
+        "effective step, added, removed, members after it, and the proposals behind it",
+    )
+    problems: list[str] = Field(
+        default_factory=list,
+        description="what went wrong besides missing steps (verdict.py): different final "
+        "states, members removed by no injected event, members nobody started",
+    )
     joins: list[dict] = Field(
         default_factory=list,
         description="per join: path (observer or stop-and-copy), snapshot step, bytes per "

@@ -239,6 +239,33 @@ class Timeline:
         after = later[: len(during) + window]
         return lost_time([gaps[s] for s in after], typical)
 
+    def membership_changes(self, initial: list[str]) -> list[dict]:
+        """Every change of the members in force, injected or not: for each installed view
+        that differs from the one before it (the first: `initial`), its epoch, effective
+        step, who came and went, and the proposals behind it (`kind:subject`)."""
+        agreed = {r["decision"]: r for r in self.of("agreed")}
+        installed = {r["decision"] for r in self.of("installed") if not r.get("paused")}
+        views = sorted(
+            (agreed[d] for d in installed if d in agreed),
+            key=lambda r: (r["epoch"], r["effective_step"]),
+        )
+        changes, before = [], set(initial)
+        for record in views:
+            members = set(record["members"])
+            if members != before:
+                changes.append(
+                    {
+                        "epoch": record["epoch"],
+                        "step": record["effective_step"],
+                        "added": sorted(members - before),
+                        "removed": sorted(before - members),
+                        "members": sorted(members),
+                        "causes": record.get("causes", []),
+                    }
+                )
+            before = members
+        return changes
+
     def steps_lost(self) -> int:
         """Steps between the first and last completed step that never completed."""
         steps = [s for s, _ in self.loss_curve()]
