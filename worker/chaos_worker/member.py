@@ -311,7 +311,9 @@ class Member:
         now = time.monotonic()
         membership = self.membership
         if kind == "join" and membership.view is None and command.get("seed"):
-            self.newcomer.order(str(command["seed"]))
+            others = command.get("seeds")
+            others = [str(a) for a in others[:64]] if isinstance(others, list) else []
+            self.newcomer.order(str(command["seed"]), others)
         elif kind == "leave":
             membership.leave(now)
         elif kind == "link_down" and peer:

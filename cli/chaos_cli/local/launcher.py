@@ -325,14 +325,21 @@ class LocalRun:
                 address = self.procs[b].address if b in self.procs else ""
                 self.command(a, {"cmd": cmd, "peer": b, "address": address})
         elif event.kind == "join":
-            self.command(event.worker, {"cmd": "join", "seed": self._live_member()})
+            seeds = self._live_members()
+            self.command(event.worker, {"cmd": "join", "seed": seeds[0], "seeds": seeds[1:]})
 
-    def _live_member(self) -> str:
+    def _live_members(self) -> list[str]:
+        """Addresses of the workers still in the job, in name order (the first is the
+        seed a newcomer asks through; the others are its fallbacks)."""
         gone = {e.event.worker for e in self.timeline.fired if e.event.kind != "join"}
-        for name, proc in sorted(self.procs.items()):
-            if proc.address and proc.popen.poll() is None and name not in gone:
-                return proc.address
-        raise LaunchError("no live member left to join through")
+        live = [
+            proc.address
+            for name, proc in sorted(self.procs.items())
+            if proc.address and proc.popen.poll() is None and name not in gone
+        ]
+        if not live:
+            raise LaunchError("no live member left to join through")
+        return live
 
     @property
     def run_dir(self) -> Path:

@@ -385,6 +385,10 @@ class ReconciledJob(LocalRun):
         self.pods.start_spares(expected_creations(self.opts.churn))
         self._reconcile()
 
+    def initial_members(self) -> list[str]:
+        job = self.pods.job
+        return [member_name(job.metadata.name or "", i) for i in range(self.opts.workers)]
+
     def _tick(self) -> None:
         self.pods.tick()
         self._reconcile()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import itertools
 import logging
 import uuid
 from collections import deque
@@ -42,6 +43,10 @@ from chaos_worker.training.trainer import Trainer
 from chaos_worker.training.trainspec import TrainSpec
 
 log = logging.getLogger(__name__)
+
+JOIN_PATIENCE = 30.0
+"""Failure timeouts a join attempt waits for its next sign of progress (a plan, a
+decision, a total, the state) before it gives up and tries again through another member."""
 
 REJOIN_EVERY = 3.0
 """Failure timeouts between two requests of a paused member to be admitted again."""
@@ -85,7 +90,7 @@ class Newcomer:
         self._out = outbox
         self._progress = progress
         self._clock = clock
-        self._seed = config.join
+        self._seeds = [config.join] if config.join else []
         self._ordered = asyncio.Event()  # a standby's order to join
         self._news = Signal()  # a plan, a decision or a total arrived
         self._plan: JoinPlan | None = None
@@ -99,38 +104,81 @@ class Newcomer:
 
     # ------------------------------------------------------------------ joining
 
-    def order(self, seed: str) -> None:
-        """A standby's order to join through the member at `seed`."""
-        self._seed = seed
+    def order(self, seed: str, others: list[str] | None = None) -> None:
+        """A standby's order to join through the member at `seed` (or, should that fail,
+        through `others`)."""
+        self._seeds = [seed, *(others or [])]
         self._ordered.set()
 
     async def join(self, *, standby: bool) -> None:
-        """Ask a member to admit us, then catch up as an observer or by a full copy."""
+        """Ask a member to admit us, then catch up as an observer or by a full copy. An
+        attempt that fails (a seed or source that dies, no answer within the patience)
+        is given up cleanly and tried again by a full copy through another member."""
         if standby:
             self._out.report("standby", t=self._clock())
             await self._ordered.wait()
-        self._out.connect(SEED, self._seed)
         requested = self._clock()
         self._telemetry.scale_out_started(requested)
         self._out.report("join_requested", t=requested, mode=self._cfg.join_mode)
-        if self._cfg.join_mode == "observe":
+        mode = self._cfg.join_mode
+        for attempt in itertools.count():
+            seed = self._next_seed(attempt)
+            self._out.connect(SEED, seed)
+            try:
+                await self._attempt(mode)
+                return
+            except JoinFailed as exc:
+                self._out.report(
+                    "join_retry", reason=str(exc), attempt=attempt + 1, t=self._clock()
+                )
+                self._give_up()
+                mode = "copy"
+                await asyncio.sleep(self._cfg.failure_timeout_s)  # let a recovery drop us
+
+    async def _attempt(self, mode: str) -> None:
+        patience = JOIN_PATIENCE * self._cfg.failure_timeout_s
+        if mode == "observe":
             await self._measure_downlinks()
             self._ask("observe")
             try:
-                await self._join_as_observer()
+                await self._join_as_observer(patience)
                 return
             except JoinFailed as exc:
                 if self._asked_ready:  # a switch step is agreed: the members expect us there
                     raise
                 self._out.report("join_fallback", reason=str(exc), t=self._clock())
         self._ask("copy")
+        deadline = self._clock() + patience
         while self._decision is None:
-            await self._news.wait()
+            if self._clock() >= deadline:
+                raise JoinFailed(f"no member admitted us within {patience:g} s")
+            await self._news.wait(deadline - self._clock())
         decision = self._decision
-        await self._take_state()
+        await self._take_state(patience)
         self._out.disconnect(SEED)
         self._membership.install(decision, self._clock(), send_state=False)
         self._out.report("joined", path="stop-and-copy", t=self._clock())
+
+    def _next_seed(self, attempt: int) -> str:
+        """The member to ask through: the seeds given, then every member address heard."""
+        known = [a for m, a in self._membership.addresses.items() if m != self.me]
+        seeds = list(dict.fromkeys([*self._seeds, *known]))
+        return seeds[attempt % len(seeds)]
+
+    def _give_up(self) -> None:
+        """Forget a failed attempt. If a decision already admits us, the members expect us
+        at its step: tell them we are gone (a confirmed crash of ours) so that nobody
+        waits for us, and forget the observed totals, the plan and the state."""
+        decision = self._decision
+        if decision is not None and self.me in decision.view.members:
+            self._membership.withdraw(decision, self._clock())
+        self._out.disconnect(SEED)
+        self._plan = None
+        self._decision = None
+        self._observed.clear()
+        self._asked_ready = False
+        self._state = None
+        self._state_event.clear()
 
     def _ask(self, mode: str, ready_in_s: float = 0.0) -> None:
         now = self._clock()
@@ -189,11 +237,14 @@ class Newcomer:
             t=now,
         )
 
-    async def _join_as_observer(self) -> None:
+    async def _join_as_observer(self, patience: float) -> None:
         """Pull the planned snapshot from several members, replay the observed totals, and
         ask to contribute once current; incumbents never wait for the transfer."""
+        deadline = self._clock() + patience
         while self._plan is None:
-            await self._news.wait()
+            if self._clock() >= deadline:
+                raise JoinFailed(f"no shard plan within {patience:g} s")
+            await self._news.wait(deadline - self._clock())
         plan = self._plan
         started = self._clock()
         last = [0.0]
@@ -268,7 +319,7 @@ class Newcomer:
             figures=plan.figures,
             t=self._clock(),
         )
-        await self._catch_up()
+        await self._catch_up(patience)
 
     def _ask_ready(self, remaining_s: float, load_bytes: int) -> None:
         self._asked_ready = True
@@ -281,10 +332,12 @@ class Newcomer:
         )
         self._ask("ready", ready_in_s=wait)
 
-    async def _catch_up(self) -> None:
-        """Replay observed totals until the decision that admits this member takes effect."""
+    async def _catch_up(self, patience: float) -> None:
+        """Replay observed totals until the decision that admits this member takes effect
+        (JoinFailed when the totals stop coming for `patience` seconds)."""
         progress = self._progress
         reported = False
+        heard = self._clock()
         while True:
             while progress.step in self._observed:
                 self._trainer.apply(self._observed.pop(progress.step), observed=True)
@@ -303,11 +356,19 @@ class Newcomer:
             if not reported:
                 reported = True
                 self._out.report("caught_up", step=progress.step, t=self._clock())
-            await self._news.wait()
+            if self._clock() - heard > patience:
+                raise JoinFailed(f"no total or decision arrived for {patience:g} s")
+            await self._news.wait(patience)
+            if self._observed or self._decision is not None:
+                heard = self._clock()
 
-    async def _take_state(self) -> None:
-        """Wait for the full-state copy of a join and load it."""
-        await self._state_event.wait()
+    async def _take_state(self, patience: float | None = None) -> None:
+        """Wait for the full-state copy of a join (JoinFailed after `patience` seconds)
+        and load it."""
+        try:
+            await asyncio.wait_for(self._state_event.wait(), patience)
+        except TimeoutError:
+            raise JoinFailed(f"no state arrived within {patience:g} s") from None
         self._state_event.clear()
         assert self._state is not None
         sender, step, blob = self._state

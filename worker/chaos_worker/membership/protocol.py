@@ -225,7 +225,8 @@ class Membership:
             return
         self._seen.add(proposal.id)
         if self.view is not None and not self.view.paused and proposal.mode != "probe":
-            why = fenced(self.view, self.suspects, proposal)
+            pending = self.pending.view if self.pending is not None else None
+            why = fenced(self.view, self.suspects, proposal, pending)
             if why is None and proposal.kind == "crash" and not proposal.confirmed:
                 heard = self.silence(proposal.subject, now)
                 why = None if heard >= self._failure_timeout_s / 2 else "heard from it lately"
@@ -485,6 +486,22 @@ class Membership:
         self.view_step = decision.effective_step
         self._view_installed()
         return decision
+
+    def withdraw(self, decision: Decision, now: float) -> None:
+        """A newcomer admitted by `decision` that cannot take its place (its state never
+        came) tells the members it is gone, so that nobody waits for it."""
+        proposal = Proposal(
+            id=f"crash:{self.me}:{decision.view.epoch}:{self.me}!",
+            origin=self.me,
+            kind="crash",
+            subject=self.me,
+            detected_at=now,
+            epoch=decision.view.epoch,
+            confirmed=True,
+        )
+        self._seen.add(proposal.id)
+        self._out.flood(proposal)
+        self._out.report("detected", event="crash", subject=self.me, t=now, reason="withdrawn")
 
     def _leave_now(self, now: float) -> None:
         """No recovery decision came: this member is the one the others cannot reach (or

@@ -70,15 +70,25 @@ def recovery_base(view: View, pending: Decision | None, latest: int) -> tuple[Vi
     return view, set()
 
 
-def fenced(view: View, suspects: Iterable[str], proposal: Proposal) -> str | None:
+def fenced(
+    view: View, suspects: Iterable[str], proposal: Proposal, pending: View | None = None
+) -> str | None:
     """Why `proposal` must change nothing in `view` (None: it may).
 
     Only members of the current epoch may abort it: a crash, link-down or reset from a
     member removed since (it still runs an older view), from a member this one suspects,
     or made in an earlier epoch is stale. A member leaves, and reports its links, only
-    for itself.
+    for itself. A newcomer of the `pending` view may withdraw (a confirmed crash of its
+    own) before that view is in force.
     """
     if proposal.kind == "join":
+        return None
+    withdrawn = proposal.kind == "crash" and proposal.confirmed
+    if (
+        withdrawn
+        and proposal.origin == proposal.subject
+        and proposal.origin in (pending.members if pending is not None else ())
+    ):
         return None
     if proposal.origin not in view.members and proposal.kind != "link_up":
         return f"{proposal.origin} is not a member of epoch {view.epoch}"

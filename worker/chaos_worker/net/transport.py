@@ -107,6 +107,9 @@ max_payload, shape=None, downlink=None)`."""
 # full payload; a piece at a time keeps both copies small and cache-hot.
 _PIECE = 1 << 20
 
+LINGER_S = 0.05
+"""How long `TcpTransport.reachable` watches an accepted connection for a reset."""
+
 
 async def _write_frame(
     writer: asyncio.StreamWriter, frame: list[bytes | memoryview], bucket: TokenBucket | None
@@ -302,17 +305,27 @@ class TcpTransport(QueuedTransport):
                 writer.close()
 
     async def reachable(self, address: str, timeout: float) -> bool | None:
+        """A connection that is accepted and then stays open for `LINGER_S` shows a live
+        peer: a process being killed may still accept, then resets at once."""
         host, port = parse_address(address)
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            connecting = asyncio.open_connection(host, port)
+            reader, writer = await asyncio.wait_for(connecting, timeout)
         except TimeoutError:
             return None
         except ConnectionRefusedError:
             return False
         except OSError:
             return None
-        writer.close()
-        return True
+        try:
+            closed = await asyncio.wait_for(reader.read(1), LINGER_S) == b""
+        except TimeoutError:
+            closed = False
+        except OSError:
+            closed = True
+        finally:
+            writer.close()
+        return not closed
 
     async def _pump(self, peer: str, out: OutgoingLink) -> None:
         """Open the link (retrying until the peer listens), then write the queued frames
@@ -330,6 +343,8 @@ class TcpTransport(QueuedTransport):
                     wait = due - time.monotonic()
                     if wait > 0:
                         await asyncio.sleep(wait)
+                    if writer.is_closing():  # the peer reset it: writes would go nowhere
+                        raise ConnectionResetError("the connection was closed")
                     await _write_frame(writer, frame, out.bucket)
                     out.sent_bytes += sum(memoryview(b).nbytes for b in frame)
                     if out.queue.empty():
