@@ -17,6 +17,8 @@ from pathlib import Path
 from chaos_cli.errors import UserError
 
 DEFAULT_EXAMPLE = "digits"
+DEFAULT_LOAD_TIMEOUT_S = 120.0
+"""How long `--load-timeout` gives the entry: importing torch, its module, one factory call."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="schedule such as 'leave:w2@40,crash:w1@80,link-down:w0-w3@100,"
         "link-up:w0-w3@120,join@150' (numbers are steps); 'none' turns churn off; "
         "'default' scales that schedule to --steps",
+    )
+    parser.add_argument(
+        "--load-timeout",
+        type=float,
+        default=DEFAULT_LOAD_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long loading the entry once, before any worker starts, may take "
+        f"(default {DEFAULT_LOAD_TIMEOUT_S:g})",
     )
     parser.add_argument("--global-batch", type=int, help="samples per step (default 64)")
     parser.add_argument("--seed", type=int, help="model and sample order seed (default 0)")
@@ -167,6 +177,8 @@ def options_from(args: argparse.Namespace, job=None):
         raise UserError("--global-batch must be at least 1")
     if not 0 < args.heartbeat_interval < args.failure_timeout < math.inf:
         raise UserError("need 0 < --heartbeat-interval < --failure-timeout, both finite")
+    if not 0 < args.load_timeout < math.inf:
+        raise UserError("--load-timeout must be a positive, finite number of seconds")
     if not 0 <= fixed["seed"] <= MAX_SEED:
         raise UserError(f"--seed must lie in 0..{MAX_SEED}")
     _check_device(args.device)
@@ -252,23 +264,22 @@ def _check_writable(flag: str, path: Path) -> None:
         raise UserError(f"{flag} {path}: cannot write in {folder}")
 
 
-def check_entry(options, where: str = "") -> None:
-    """Load the job once here so that a broken factory fails before any worker starts.
+def check_entry(options, timeout_s: float, where: str = "") -> None:
+    """Load the job once, in a child process, so that a broken factory (one that raises,
+    exits or hangs) fails before any worker starts.
 
     `where` prefixes the error (e.g. the manifest's `FILE: spec.entry: `)."""
-    import torch
-    from chaos_worker.process import pick_device
-    from chaos_worker.training.trainspec import FactoryError, load_trainspec
+    from chaos_cli.local.entrycheck import load_error
 
-    try:
-        load_trainspec(
-            options.entry,
-            seed=options.seed,
-            dtype=getattr(torch, options.dtype),
-            device=pick_device(options.device),
-        )
-    except FactoryError as exc:
-        raise UserError(f"{where}{exc}") from None
+    error = load_error(
+        options.entry,
+        seed=options.seed,
+        dtype=options.dtype,
+        device=options.device,
+        timeout_s=timeout_s,
+    )
+    if error:
+        raise UserError(f"{where}{error}")
 
 
 def _interrupt(signum, frame) -> None:
@@ -286,7 +297,8 @@ def handle(args: argparse.Namespace) -> int:
 
         job = load_manifest(args.manifest)
     options = options_from(args, job)
-    check_entry(options, f"{args.manifest}: spec.entry: " if job else "")
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up (processes, namespaces) as on Ctrl-C
+    check_entry(options, args.load_timeout, f"{args.manifest}: spec.entry: " if job else "")
     if options.netns:
         from chaos_cli.local.netns import unavailable_reason
 
@@ -297,7 +309,6 @@ def handle(args: argparse.Namespace) -> int:
                 f"chaos run: --netns unavailable ({why}); shaping links in-process", file=sys.stderr
             )
             options.netns = False
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up (processes, namespaces) as on Ctrl-C
     live = LiveView(options, enabled=not args.quiet)
     try:
         if job is None:
