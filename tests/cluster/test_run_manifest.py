@@ -80,6 +80,7 @@ def _manifest(tmp_path: Path, old: str, new: str) -> str:
         (("name: digits", "name: digits\n  x: &a [*a]"), [], "aliases are expanded"),
         (("seed: 0", "seed: 0\n#" + "x" * (1 << 20)), [], "larger than 1 MiB"),
         (("seed: 0", "seed: !!int zero"), [], "not valid YAML: ValueError"),
+        (("globalBatch: 64", "globalBatch: 99999999"), [], "spec.globalBatch: must lie in 1.."),
         (("s: 3\n  minReplicas: 1\n  maxReplicas: 5", "s: 99\n  maxReplicas: 99"), [], "1..64"),
         (None, ["--workers", "3"], "--workers"),
         (None, ["--churn", "join@2,join@3,join@4"], "maxReplicas"),

@@ -17,6 +17,8 @@ from pathlib import Path
 from chaos_cli.errors import UserError
 
 DEFAULT_EXAMPLE = "digits"
+MAX_GLOBAL_BATCH = 1 << 24
+"""The most samples per step: float32 gradients count their samples exactly up to 2**24."""
 DEFAULT_LOAD_TIMEOUT_S = 120.0
 """How long `--load-timeout` gives the entry: importing torch, its module, one factory call."""
 
@@ -147,7 +149,7 @@ def options_from(args: argparse.Namespace, job=None):
     from chaos_worker.examples import EXAMPLES
 
     from chaos_cli.local.churn import ChurnError, default_churn, parse_churn
-    from chaos_cli.local.launcher import JobOptions, worker_names
+    from chaos_cli.local.launcher import MAX_WORKERS, JobOptions, worker_names
 
     if job is not None:
         for dest, (flag, field) in MANIFEST_SETS.items():
@@ -167,14 +169,15 @@ def options_from(args: argparse.Namespace, job=None):
         example = args.entry or args.example or DEFAULT_EXAMPLE
         entry = args.entry or EXAMPLES.get(example)
     workers = fixed["workers"]
-    if workers < 1:
-        raise UserError("--workers must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UserError(f"--workers must lie in 1..{MAX_WORKERS}")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     if not 0 <= args.join_probe_frames <= 64:
         raise UserError("--join-probe-frames must lie in 0..64")
-    if fixed["global_batch"] < 1:
-        raise UserError("--global-batch must be at least 1")
+    if not 1 <= fixed["global_batch"] <= MAX_GLOBAL_BATCH:
+        where = f"{args.manifest}: spec.globalBatch:" if job else "--global-batch"
+        raise UserError(f"{where} must lie in 1..{MAX_GLOBAL_BATCH} (2**24) to run locally")
     if not 0 < args.heartbeat_interval < args.failure_timeout < math.inf:
         raise UserError("need 0 < --heartbeat-interval < --failure-timeout, both finite")
     if not 0 < args.load_timeout < math.inf:
@@ -205,6 +208,8 @@ def options_from(args: argparse.Namespace, job=None):
     from chaos_cli.local.profiles import resolve_links
 
     names = worker_names(workers, churn)
+    if len(names) > MAX_WORKERS:
+        raise UserError(f"--churn: {len(names)} workers in all; at most {MAX_WORKERS} run locally")
     try:
         links = resolve_links(args.links, names)
         named = {end for pair in parse_links(links) if pair != "*" for end in pair.split("|")}
