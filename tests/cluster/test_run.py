@@ -205,6 +205,7 @@ def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
         (["--example", "nope"], "nope"),
         (["--workers", "0"], "--workers"),
         (["--workers", "10000"], "--workers must lie in 1..64"),
+        (["--workers", "many"], "argument --workers: invalid int value: 'many'"),
         (["--workers", "60", "--churn", ",".join(f"join@{s}" for s in range(1, 6))], "at most 64"),
         (["--global-batch", str(10**21)], "--global-batch must lie in 1..16777216"),
         (["--device", "tpu"], "--device"),
