@@ -210,6 +210,7 @@ def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
         (["--global-batch", str(10**21)], "--global-batch must lie in 1..16777216"),
         (["--device", "tpu"], "--device"),
         (["--report", "/proc/no-such-dir/report.json"], "--report"),
+        (["--report", "out.png"], "--plot out.png is the --report file"),
         (["--links", "w0-w9=1MB/s"], "w9"),
         (["--links", "w0-w1="], "empty shape"),
         (["--downlink", "w7=1MB/s"], "w7"),

@@ -188,6 +188,8 @@ def options_from(args: argparse.Namespace, job=None):
     _check_writable("--report", Path(args.report))
     if args.plot:
         _check_writable("--plot", Path(args.plot))
+    if _plot_path(args).resolve() == Path(args.report).resolve():
+        raise UserError(f"--plot {_plot_path(args)} is the --report file; give another --plot")
     if not 0 <= args.base_port <= 65535 - workers:
         raise UserError("--base-port must be a port number")
     if entry is None:
@@ -260,6 +262,11 @@ def _check_device(name: str) -> None:
         raise UserError(f"--device {name}: torch sees no CUDA device here; use cpu or auto")
 
 
+def _plot_path(args: argparse.Namespace) -> Path:
+    """`--plot`, by default the report path with `.png`."""
+    return Path(args.plot) if args.plot else Path(args.report).with_suffix(".png")
+
+
 def _check_writable(flag: str, path: Path) -> None:
     """Fail now, not after the run, when `path` cannot be written."""
     folder = path.parent if str(path.parent) else Path(".")
@@ -328,7 +335,7 @@ def handle(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         raise UserError(str(exc)) from None
     report_path = Path(args.report)
-    plot_path = Path(args.plot) if args.plot else report_path.with_suffix(".png")
+    plot_path = _plot_path(args)
     write_report(report, report_path)
     plot_report(report, plot_path)
     live.summary(report, report_path, plot_path)
