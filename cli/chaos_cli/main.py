@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from typing import NoReturn
 
 from chaos_cli.errors import UserError
 
@@ -30,9 +31,17 @@ def command_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and exit code 2, like any other bad input (the usage
+    itself is one `--help` away); subcommands' parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="chaos",
         description="Elastic, self-healing PyTorch training across parties.",
     )

@@ -13,6 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.cluster
 
+BAD = "tests.unit.badfactories"
 CHURN = "leave:w4@8,crash:w1@16,link-down:w0-w2@24,link-up:w0-w2@30"
 
 
@@ -185,12 +186,31 @@ def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
         (["--churn", "crash:w9@3"], "w9"),
         (["--churn", "explode:w1@3"], "explode"),
         (["--churn", "crash:w1@500", "--steps", "10"], "before the last step"),
+        (["--churn", "crash:w1@3,crash:w1@5"], "'crash:w1@5' names w1, which crashed at step 3"),
+        (["--churn", "crash:w1@3,leave:w1@5"], "'leave:w1@5' names w1, which crashed at step 3"),
+        (["--churn", "hang:w1@5,crash:w1@3"], "'hang:w1@5' names w1, which crashed at step 3"),
+        (["--churn", "leave:w2@3,join:w2@5"], "'join:w2@5' joins w2, which already exists"),
+        (["--churn", "link-up:w0-w1@3"], "the link w0-w1 is not down"),
+        (["--workers", "1", "--churn", "crash:w0@3"], "leaves no worker"),
         (["--entry", "tests.unit.badfactories:raises"], "raise"),
+        (["--entry", f"{BAD}:raises_base_exception"], f"{BAD}:raises_base_exception: raised Stop"),
+        (["--entry", f"{BAD}:raises_keyboard_interrupt"], "raised KeyboardInterrupt"),
+        (["--entry", f"{BAD}:exits"], f"loading {BAD}:exits: the factory exited with code 3"),
+        (["--entry", f"{BAD}:exits_hard"], "the factory exited with code 0"),
+        (["--entry", f"{BAD}:kills_itself"], "the factory was killed by signal SIGKILL"),
+        (["--entry", f"{BAD}:hangs", "--load-timeout", "2"], f"{BAD}:hangs: timed out after 2 s"),
+        (["--load-timeout", "0"], "--load-timeout must be a positive"),
+        (["--load-timeout", "nan"], "--load-timeout must be a positive"),
         (["--entry", "no_such_module_xyz:factory"], "no_such_module_xyz"),
         (["--example", "nope"], "nope"),
         (["--workers", "0"], "--workers"),
+        (["--workers", "10000"], "--workers must lie in 1..64"),
+        (["--workers", "many"], "argument --workers: invalid int value: 'many'"),
+        (["--workers", "60", "--churn", ",".join(f"join@{s}" for s in range(1, 6))], "at most 64"),
+        (["--global-batch", str(10**21)], "--global-batch must lie in 1..16777216"),
         (["--device", "tpu"], "--device"),
         (["--report", "/proc/no-such-dir/report.json"], "--report"),
+        (["--report", "out.png"], "--plot out.png is the --report file"),
         (["--links", "w0-w9=1MB/s"], "w9"),
         (["--links", "w0-w1="], "empty shape"),
         (["--downlink", "w7=1MB/s"], "w7"),
@@ -199,12 +219,13 @@ def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_nothing(args, needle, tmp_path):
-    result = chaos("run", "--quiet", "--steps", "10", *args, cwd=Path.cwd())
+    result = chaos("run", "--quiet", "--steps", "10", *args, cwd=Path.cwd(), env=in_tmp(tmp_path))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert "Traceback" not in result.stderr
-    assert leftover_workers() == []
+    assert leftover_workers(tmp_path) == []
+    assert not list(tmp_path.glob("chaos-run-*")), "a run directory was made: workers started"
 
 
 def test_taken_port_is_reported(tmp_path):

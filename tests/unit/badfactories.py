@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import time
+
 import torch
 from torch import nn
 
@@ -95,3 +100,31 @@ def frozen_model(*, seed, dtype, device):
     model, opt = _parts(dtype, device)
     model.requires_grad_(False)
     return model, opt, _Data()
+
+
+class Stop(BaseException):
+    """Not an Exception: what `except Exception` in a loader lets through."""
+
+
+def raises_base_exception(*, seed, dtype, device):
+    raise Stop("no\nthanks")
+
+
+def raises_keyboard_interrupt(*, seed, dtype, device):
+    raise KeyboardInterrupt
+
+
+def exits(*, seed, dtype, device):
+    sys.exit(3)
+
+
+def exits_hard(*, seed, dtype, device):
+    os._exit(0)
+
+
+def kills_itself(*, seed, dtype, device):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hangs(*, seed, dtype, device):
+    time.sleep(10**6)

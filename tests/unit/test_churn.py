@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from chaos_cli.local.churn import KINDS, ChurnError, ChurnEvent, default_churn, parse_churn
 
@@ -51,9 +53,9 @@ def test_events_are_sorted_by_step_keeping_the_written_order_of_ties() -> None:
 def test_joiners_are_numbered_after_the_initial_workers() -> None:
     events = parse_churn("join@5,join:w9@6,join@7", 3)
     assert [e.worker for e in events] == ["w3", "w9", "w5"]
-    # a joiner may be the target of later items, whatever their steps
-    later = parse_churn("join@5,crash:w3@9,link-down:w0-w3@10", 3)
-    assert [e.label for e in later] == ["join:w3@5", "crash:w3@9", "link-down:w0-w3@10"]
+    # a joiner may be the target of events after its join, whatever the written order
+    later = parse_churn("crash:w3@10,link-down:w0-w3@9,join@5", 3)
+    assert [e.label for e in later] == ["join:w3@5", "link-down:w0-w3@9", "crash:w3@10"]
 
 
 @pytest.mark.parametrize(
@@ -101,6 +103,29 @@ def test_a_joiner_name_cannot_be_taken_twice() -> None:
         parse_churn("join@5,join:w4@6", 4)  # the first join is named w4
 
 
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("crash:w1@10,crash:w1@20", "'crash:w1@20' names w1, which crashed at step 10"),
+        ("crash:w1@10,leave:w1@20", "'leave:w1@20' names w1, which crashed at step 10"),
+        ("hang:w1@20,crash:w1@10", "'hang:w1@20' names w1, which crashed at step 10"),
+        ("leave:w2@5,hang:w2@6", "'hang:w2@6' names w2, which left at step 5"),
+        ("hang:w2@5,link-down:w0-w2@6", "'link-down:w0-w2@6' names w2, which hung at step 5"),
+        ("crash:w1@3,join:w1@5", "'join:w1@5' joins w1, which already exists"),
+        ("crash:w4@3,join@5", "'crash:w4@3' names w4, which is not a worker of this job by step 3"),
+        (
+            "link-down:w0-w1@3,link-down:w1-w0@4",
+            "'link-down:w1-w0@4': the link w1-w0 is already down",
+        ),
+        ("link-up:w0-w1@3", "'link-up:w0-w1@3': the link w0-w1 is not down"),
+        ("leave:w0@1,crash:w1@2,hang:w2@2,leave:w3@3", "'leave:w3@3' leaves no worker"),
+    ],
+)
+def test_an_event_on_a_worker_that_is_not_there_is_named(spec: str, why: str) -> None:
+    with pytest.raises(ChurnError, match=re.escape(f"--churn: {why}")):
+        parse_churn(spec, 4)
+
+
 def test_churn_error_is_a_value_error() -> None:
     assert issubclass(ChurnError, ValueError)
 
@@ -135,6 +160,12 @@ def test_default_churn_crashes_a_worker_that_is_still_there(workers: int) -> Non
     assert crash.worker != leave.worker
     link = next(e for e in events if e.kind == "link-down")
     assert {leave.worker, crash.worker}.isdisjoint({link.worker, link.peer})
+
+
+@pytest.mark.parametrize("workers", [3, 4, 8])
+def test_default_churn_fits_any_number_of_steps(workers: int) -> None:
+    assert default_churn(workers, 1) == default_churn(workers, 2) == "none"
+    assert all(e.step < 3 for e in parse_churn(default_churn(workers, 3), workers))
 
 
 def test_three_worker_default_churn_crashes_a_worker_and_admits_a_new_one() -> None:

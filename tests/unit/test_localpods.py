@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from chaos_cli.errors import UserError
 from chaos_cli.local import localpods
-from chaos_cli.local.churn import ChurnEvent, parse_churn
+from chaos_cli.local.churn import ChurnError, ChurnEvent, parse_churn
 from chaos_cli.local.reconciled import load_manifest, pod_churn
 from chaos_operator.pods import ANN_NEXT_MEMBER, Options
 from chaos_operator.reconcile import reconcile
@@ -75,5 +75,8 @@ def test_churn_names_become_pod_names_and_replicas_stay_in_bounds() -> None:
     ]
     with pytest.raises(UserError, match=r"join:w5@4 would take spec.replicas to 6"):
         pod_churn(job, parse_churn("join@2,join@3,join@4", 3, reconciled=True))
+    leaves = [ChurnEvent("leave", step, f"w{step - 2}") for step in (2, 3, 4)]
     with pytest.raises(UserError, match=r"minReplicas \(1\)"):
-        pod_churn(job, parse_churn("leave:w0@2,leave:w1@3,leave:w2@4", 3, reconciled=True))
+        pod_churn(job, leaves)
+    with pytest.raises(ChurnError, match=r"'leave:w2@4' leaves no worker"):
+        parse_churn("leave:w0@2,leave:w1@3,leave:w2@4", 3, reconciled=True)

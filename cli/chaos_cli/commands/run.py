@@ -17,6 +17,10 @@ from pathlib import Path
 from chaos_cli.errors import UserError
 
 DEFAULT_EXAMPLE = "digits"
+MAX_GLOBAL_BATCH = 1 << 24
+"""The most samples per step: float32 gradients count their samples exactly up to 2**24."""
+DEFAULT_LOAD_TIMEOUT_S = 120.0
+"""How long `--load-timeout` gives the entry: importing torch, its module, one factory call."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="schedule such as 'leave:w2@40,crash:w1@80,link-down:w0-w3@100,"
         "link-up:w0-w3@120,join@150' (numbers are steps); 'none' turns churn off; "
         "'default' scales that schedule to --steps",
+    )
+    parser.add_argument(
+        "--load-timeout",
+        type=float,
+        default=DEFAULT_LOAD_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long loading the entry once, before any worker starts, may take "
+        f"(default {DEFAULT_LOAD_TIMEOUT_S:g})",
     )
     parser.add_argument("--global-batch", type=int, help="samples per step (default 64)")
     parser.add_argument("--seed", type=int, help="model and sample order seed (default 0)")
@@ -137,7 +149,7 @@ def options_from(args: argparse.Namespace, job=None):
     from chaos_worker.examples import EXAMPLES
 
     from chaos_cli.local.churn import ChurnError, default_churn, parse_churn
-    from chaos_cli.local.launcher import JobOptions, worker_names
+    from chaos_cli.local.launcher import MAX_WORKERS, JobOptions, worker_names
 
     if job is not None:
         for dest, (flag, field) in MANIFEST_SETS.items():
@@ -157,22 +169,27 @@ def options_from(args: argparse.Namespace, job=None):
         example = args.entry or args.example or DEFAULT_EXAMPLE
         entry = args.entry or EXAMPLES.get(example)
     workers = fixed["workers"]
-    if workers < 1:
-        raise UserError("--workers must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UserError(f"--workers must lie in 1..{MAX_WORKERS}")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     if not 0 <= args.join_probe_frames <= 64:
         raise UserError("--join-probe-frames must lie in 0..64")
-    if fixed["global_batch"] < 1:
-        raise UserError("--global-batch must be at least 1")
+    if not 1 <= fixed["global_batch"] <= MAX_GLOBAL_BATCH:
+        where = f"{args.manifest}: spec.globalBatch:" if job else "--global-batch"
+        raise UserError(f"{where} must lie in 1..{MAX_GLOBAL_BATCH} (2**24) to run locally")
     if not 0 < args.heartbeat_interval < args.failure_timeout < math.inf:
         raise UserError("need 0 < --heartbeat-interval < --failure-timeout, both finite")
+    if not 0 < args.load_timeout < math.inf:
+        raise UserError("--load-timeout must be a positive, finite number of seconds")
     if not 0 <= fixed["seed"] <= MAX_SEED:
         raise UserError(f"--seed must lie in 0..{MAX_SEED}")
     _check_device(args.device)
     _check_writable("--report", Path(args.report))
     if args.plot:
         _check_writable("--plot", Path(args.plot))
+    if _plot_path(args).resolve() == Path(args.report).resolve():
+        raise UserError(f"--plot {_plot_path(args)} is the --report file; give another --plot")
     if not 0 <= args.base_port <= 65535 - workers:
         raise UserError("--base-port must be a port number")
     if entry is None:
@@ -193,6 +210,8 @@ def options_from(args: argparse.Namespace, job=None):
     from chaos_cli.local.profiles import resolve_links
 
     names = worker_names(workers, churn)
+    if len(names) > MAX_WORKERS:
+        raise UserError(f"--churn: {len(names)} workers in all; at most {MAX_WORKERS} run locally")
     try:
         links = resolve_links(args.links, names)
         named = {end for pair in parse_links(links) if pair != "*" for end in pair.split("|")}
@@ -243,6 +262,11 @@ def _check_device(name: str) -> None:
         raise UserError(f"--device {name}: torch sees no CUDA device here; use cpu or auto")
 
 
+def _plot_path(args: argparse.Namespace) -> Path:
+    """`--plot`, by default the report path with `.png`."""
+    return Path(args.plot) if args.plot else Path(args.report).with_suffix(".png")
+
+
 def _check_writable(flag: str, path: Path) -> None:
     """Fail now, not after the run, when `path` cannot be written."""
     folder = path.parent if str(path.parent) else Path(".")
@@ -252,23 +276,22 @@ def _check_writable(flag: str, path: Path) -> None:
         raise UserError(f"{flag} {path}: cannot write in {folder}")
 
 
-def check_entry(options, where: str = "") -> None:
-    """Load the job once here so that a broken factory fails before any worker starts.
+def check_entry(options, timeout_s: float, where: str = "") -> None:
+    """Load the job once, in a child process, so that a broken factory (one that raises,
+    exits or hangs) fails before any worker starts.
 
     `where` prefixes the error (e.g. the manifest's `FILE: spec.entry: `)."""
-    import torch
-    from chaos_worker.process import pick_device
-    from chaos_worker.training.trainspec import FactoryError, load_trainspec
+    from chaos_cli.local.entrycheck import load_error
 
-    try:
-        load_trainspec(
-            options.entry,
-            seed=options.seed,
-            dtype=getattr(torch, options.dtype),
-            device=pick_device(options.device),
-        )
-    except FactoryError as exc:
-        raise UserError(f"{where}{exc}") from None
+    error = load_error(
+        options.entry,
+        seed=options.seed,
+        dtype=options.dtype,
+        device=options.device,
+        timeout_s=timeout_s,
+    )
+    if error:
+        raise UserError(f"{where}{error}")
 
 
 def _interrupt(signum, frame) -> None:
@@ -286,7 +309,8 @@ def handle(args: argparse.Namespace) -> int:
 
         job = load_manifest(args.manifest)
     options = options_from(args, job)
-    check_entry(options, f"{args.manifest}: spec.entry: " if job else "")
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up (processes, namespaces) as on Ctrl-C
+    check_entry(options, args.load_timeout, f"{args.manifest}: spec.entry: " if job else "")
     if options.netns:
         from chaos_cli.local.netns import unavailable_reason
 
@@ -297,7 +321,6 @@ def handle(args: argparse.Namespace) -> int:
                 f"chaos run: --netns unavailable ({why}); shaping links in-process", file=sys.stderr
             )
             options.netns = False
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up (processes, namespaces) as on Ctrl-C
     live = LiveView(options, enabled=not args.quiet)
     try:
         if job is None:
@@ -312,7 +335,7 @@ def handle(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         raise UserError(str(exc)) from None
     report_path = Path(args.report)
-    plot_path = Path(args.plot) if args.plot else report_path.with_suffix(".png")
+    plot_path = _plot_path(args)
     write_report(report, report_path)
     plot_report(report, plot_path)
     live.summary(report, report_path, plot_path)

@@ -43,7 +43,7 @@ class ChurnEvent:
 
 def default_churn(workers: int, steps: int) -> str:
     """A schedule that shows every event kind once, scaled to the job's length."""
-    if workers < 3:
+    if workers < 3 or steps < 3:  # no step before the last one for a join
         return "none"
     if workers == 3:  # too few to lose two members and keep a link to cut
         return f"crash:w1@{max(1, steps * 2 // 5)},join@{max(2, steps * 4 // 5)}"
@@ -58,6 +58,10 @@ def default_churn(workers: int, steps: int) -> str:
 def parse_churn(spec: str, workers: int, *, reconciled: bool = False) -> list[ChurnEvent]:
     """Parse and check a schedule against the initial workers w0..w{workers-1}.
 
+    Events happen in step order (ties in the written order): an event may not name a
+    worker that has not joined yet or has already crashed, hung or left, a link goes down
+    before it comes up, and at least one worker is left at every step.
+
     `reconciled`: members are named by the reconcile of a ChaosJob (`chaos run FILE`), in
     step order: a crashed member is replaced by a new one, `w<next>`, and so is each join,
     which therefore cannot name its worker.
@@ -65,20 +69,11 @@ def parse_churn(spec: str, workers: int, *, reconciled: bool = False) -> list[Ch
     spec = spec.strip()
     if spec in ("", "none"):
         return []
-    items: list[tuple[str, str, int, str]] = []
-    for raw in spec.split(","):
-        item = raw.strip()
-        match = _ITEM.match(item)
-        if not match:
-            raise ChurnError(f"--churn: {item!r} is not KIND:TARGET@STEP (e.g. crash:w1@80)")
-        kind, target, step = match["kind"], match["target"] or "", int(match["step"])
-        if kind not in KINDS:
-            raise ChurnError(f"--churn: unknown event {kind!r} in {item!r}; use one of {KINDS}")
-        items.append((kind, target, step, item))
-    if reconciled:
-        items.sort(key=lambda i: i[2])
+    items = sorted((_parse_item(raw.strip()) for raw in spec.split(",")), key=lambda i: i[2])
     events: list[ChurnEvent] = []
     known = {f"w{i}" for i in range(workers)}
+    gone: dict[str, str] = {}  # worker -> what became of it, e.g. "crashed at step 80"
+    down: set[frozenset[str]] = set()
     joined = workers
     for kind, target, step, item in items:
         if kind == "join":
@@ -93,24 +88,48 @@ def parse_churn(spec: str, workers: int, *, reconciled: bool = False) -> list[Ch
                 raise ChurnError(f"--churn: {item!r} joins {name}, which already exists")
             known.add(name)
             events.append(ChurnEvent("join", step, name))
-        elif kind.startswith("link-"):
-            ends = target.split("-") if target else []
-            if len(ends) != 2 or ends[0] == ends[1]:
-                raise ChurnError(f"--churn: {item!r} needs two different workers, e.g. w0-w3")
-            for end in ends:
-                _check_known(end, known, item)
+            continue
+        ends = target.split("-") if kind.startswith("link-") and target else [target]
+        if kind.startswith("link-") and (len(ends) != 2 or ends[0] == ends[1]):
+            raise ChurnError(f"--churn: {item!r} needs two different workers, e.g. w0-w3")
+        if not target:
+            raise ChurnError(f"--churn: {item!r} needs a worker, e.g. {kind}:w1@{step}")
+        for end in ends:
+            if end not in known:
+                raise ChurnError(
+                    f"--churn: {item!r} names {end}, which is not a worker of this job "
+                    f"by step {step}"
+                )
+        for end in ends:
+            if end in gone:
+                raise ChurnError(f"--churn: {item!r} names {end}, which {gone[end]}")
+        if kind.startswith("link-"):
+            link = frozenset(ends)
+            if (kind == "link-down") == (link in down):
+                state = "already down" if link in down else "not down"
+                raise ChurnError(f"--churn: {item!r}: the link {target} is {state} by then")
+            down ^= {link}
             events.append(ChurnEvent(kind, step, ends[0], ends[1]))
-        else:
-            if not target:
-                raise ChurnError(f"--churn: {item!r} needs a worker, e.g. {kind}:w1@{step}")
-            _check_known(target, known, item)
-            events.append(ChurnEvent(kind, step, target))
-            if reconciled and kind == "crash":  # its replacement
-                known.add(f"w{joined}")
-                joined += 1
-    return sorted(events, key=lambda e: e.step)
+            continue
+        events.append(ChurnEvent(kind, step, target))
+        gone[target] = f"{_PAST[kind]} at step {step}"
+        if reconciled and kind == "crash":  # its replacement
+            known.add(f"w{joined}")
+            joined += 1
+        if len(known) == len(gone):
+            raise ChurnError(f"--churn: {item!r} leaves no worker to train")
+    return events
 
 
-def _check_known(worker: str, known: set[str], item: str) -> None:
-    if worker not in known:
-        raise ChurnError(f"--churn: {item!r} names {worker}, which is not a worker of this job")
+_PAST = {"crash": "crashed", "hang": "hung", "leave": "left"}
+
+
+def _parse_item(item: str) -> tuple[str, str, int, str]:
+    """`(kind, target, step, item)` of one `KIND:TARGET@STEP` item."""
+    match = _ITEM.match(item)
+    if not match:
+        raise ChurnError(f"--churn: {item!r} is not KIND:TARGET@STEP (e.g. crash:w1@80)")
+    kind = match["kind"]
+    if kind not in KINDS:
+        raise ChurnError(f"--churn: unknown event {kind!r} in {item!r}; use one of {KINDS}")
+    return kind, match["target"] or "", int(match["step"]), item

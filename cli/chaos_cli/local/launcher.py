@@ -38,6 +38,8 @@ from chaos_cli.local.timeline import Fired, Timeline
 from chaos_cli.local.verdict import problems
 
 GRACE_S = 10.0
+MAX_WORKERS = 64
+"""The most worker processes a local run starts: its initial workers and its joiners."""
 NETNS_PORT = 7000
 """Port every worker listens on in its own namespace (without --base-port)."""
 KEEP_RUN_DIR = "CHAOS_KEEP_RUN_DIR"

@@ -46,7 +46,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from chaos_operator.api import ChaosJob, ChaosJobStatus
 from chaos_operator.api.chaosjob import NAME_PATTERN
 from chaos_operator.controller import PodBackend, apply_plan
@@ -66,8 +65,9 @@ from pydantic import ValidationError
 from chaos_cli.errors import UserError
 from chaos_cli.local import localpods
 from chaos_cli.local.churn import ChurnEvent
-from chaos_cli.local.launcher import JobOptions, LaunchError, LocalRun, free_ports
+from chaos_cli.local.launcher import MAX_WORKERS, JobOptions, LaunchError, LocalRun, free_ports
 from chaos_cli.validation import describe_validation_error
+from chaos_cli.yamlfile import read_yaml
 
 POD_HOST = "127.0.0.1"
 SPARE_ORDINALS = 8
@@ -85,23 +85,13 @@ def load_manifest(path: str) -> ChaosJob:
 
     Raises UserError with one line that names the problem (and the field).
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"{path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file") from None
-    try:
-        body = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"{path}: not valid YAML{where}: {' '.join(problem.split())}") from None
+    body = read_yaml(path)
     if not isinstance(body, dict):
         raise UserError(f"{path}: not a ChaosJob manifest (expected a YAML mapping)")
     try:
-        job = ChaosJob.model_validate(body)
+        # Strict, as the API server's schema: `globalBatch: "64"` is no integer. Its status is
+        # left out, as the API server ignores it on create (the status subresource).
+        job = ChaosJob.model_validate({k: v for k, v in body.items() if k != "status"}, strict=True)
     except ValidationError as exc:
         raise UserError(f"{path}: {describe_validation_error(exc)}") from None
     name = job.metadata.name
@@ -112,8 +102,8 @@ def load_manifest(path: str) -> ChaosJob:
             f"{path}: metadata.name: must be a lowercase DNS label of at most {MAX_NAME} "
             f"characters (letters, digits, '-'), not {name!r}"
         )
-    if job.spec.replicas < 1:
-        raise UserError(f"{path}: spec.replicas: must be at least 1 to run locally")
+    if not 1 <= job.spec.replicas <= MAX_WORKERS:
+        raise UserError(f"{path}: spec.replicas: must lie in 1..{MAX_WORKERS} to run locally")
     annotations = {k: v for k, v in job.metadata.annotations.items() if k != ANN_NEXT_MEMBER}
     meta = job.metadata.model_copy(
         update={"annotations": annotations, "generation": 1, "namespace": "default"}

@@ -59,7 +59,8 @@ class FactoryError(Exception):
     """A training factory could not be loaded or returned something unusable (one line)."""
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """`Type: message` of `exc` on one line of at most about 300 characters."""
     text = " ".join(str(exc).split())
     if len(text) > 300:
         text = text[:297] + "..."
@@ -79,9 +80,9 @@ def _import(module: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
             raise FactoryError(f"module {module!r} not found") from None
-        raise FactoryError(f"importing module {module!r} failed: {_describe(exc)}") from None
+        raise FactoryError(f"importing module {module!r} failed: {describe_error(exc)}") from None
     except Exception as exc:
-        raise FactoryError(f"importing module {module!r} failed: {_describe(exc)}") from None
+        raise FactoryError(f"importing module {module!r} failed: {describe_error(exc)}") from None
 
 
 def _resolve(entry: str) -> Callable[..., Any]:
@@ -125,7 +126,7 @@ def _check_dataset(entry: str, dataset: Any) -> None:
         size = len(dataset)
         item = dataset[0] if size > 0 else None
     except Exception as exc:
-        raise FactoryError(f"{entry}: reading the dataset raised {_describe(exc)}") from None
+        raise FactoryError(f"{entry}: reading the dataset raised {describe_error(exc)}") from None
     if size <= 0:
         raise FactoryError(f"{entry}: dataset is empty")
     if not (
@@ -147,7 +148,7 @@ def load_trainspec(entry: str, *, seed: int, dtype: torch.dtype, device: torch.d
     try:
         result = factory(seed=seed, dtype=dtype, device=device)
     except Exception as exc:
-        raise FactoryError(f"{entry} raised {_describe(exc)}") from None
+        raise FactoryError(f"{entry} raised {describe_error(exc)}") from None
     if not isinstance(result, tuple | list) or len(result) not in (3, 4):
         raise FactoryError(
             f"{entry} must return (model, optimizer, dataset[, loss_fn]), "
