@@ -60,7 +60,8 @@ def parse_churn(spec: str, workers: int, *, reconciled: bool = False) -> list[Ch
 
     Events happen in step order (ties in the written order): an event may not name a
     worker that has not joined yet or has already crashed, hung or left, a link goes down
-    before it comes up, and at least one worker is left at every step.
+    before it comes up, and at least one worker is left at every step unless every worker
+    leaves on request (scale to zero).
 
     `reconciled`: members are named by the reconcile of a ChaosJob (`chaos run FILE`), in
     step order: a crashed member is replaced by a new one, `w<next>`, and so is each join,
@@ -116,12 +117,18 @@ def parse_churn(spec: str, workers: int, *, reconciled: bool = False) -> list[Ch
         if reconciled and kind == "crash":  # its replacement
             known.add(f"w{joined}")
             joined += 1
-        if len(known) == len(gone):
+        if len(known) == len(gone) and not _scales_to_zero(events, reconciled):
             raise ChurnError(f"--churn: {item!r} leaves no worker to train")
     return events
 
 
 _PAST = {"crash": "crashed", "hang": "hung", "leave": "left"}
+
+
+def _scales_to_zero(events: list[ChurnEvent], reconciled: bool) -> bool:
+    """Every worker left on request, none crashed or hung: the job ends cleanly, scaled to
+    zero (a ChaosJob cannot: its minReplicas is at least 1)."""
+    return not reconciled and all(e.kind not in ("crash", "hang") for e in events)
 
 
 def _parse_item(item: str) -> tuple[str, str, int, str]:

@@ -1,0 +1,168 @@
+"""Faults `chaos run` does not announce, caused for real from outside the run: a worker
+paused with SIGSTOP for longer than the failure timeout, TCP connections reset by the
+kernel (`ss -K`), a worker's network cut in its namespace. The job must go on with no step
+lost, the losses of the churn-free run, equal final states, and every member back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.test_netns import netns  # noqa: F401 (a fixture)
+from tests.cluster.test_run import assert_same_losses, chaos, run_job
+
+pytestmark = pytest.mark.cluster
+
+STEPS = "600"
+LIKE = ("--workers", "3", "--steps", STEPS, "--dtype", "float64", "--churn", "none")
+
+
+class Watched:
+    """A `chaos run` in the background whose workers log their progress (INFO) into a
+    run directory kept under `tmp_path`, so that a test can act at a given step."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.report = tmp_path / "faulted.json"
+        self._tmp = tmp_path / "runs"
+        self._tmp.mkdir()
+        env = {
+            **os.environ,
+            "TMPDIR": str(self._tmp),
+            "CHAOS_KEEP_RUN_DIR": "1",
+            "CHAOS_LOG_LEVEL": "INFO",
+        }
+        command = [sys.executable, "-m", "chaos_cli.main", "run", "--quiet"]
+        self.proc = subprocess.Popen(
+            [*command, "--report", str(self.report), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def run_dir(self) -> Path:
+        return self._wait(lambda: next(self._tmp.glob("chaos-run-*"), None), "the run directory")
+
+    def at_step(self, worker: str, step: int) -> None:
+        """Wait until `worker` has logged completing `step`."""
+        log = self.run_dir() / f"{worker}.stderr"
+        needle = f"progress {{'step': {step},"
+        self._wait(lambda: log.exists() and needle in log.read_text(errors="replace"), needle)
+
+    def pid(self, worker: str) -> int:
+        config = str(self.run_dir() / f"{worker}.json")
+        found = subprocess.run(["pgrep", "-f", config], capture_output=True, text=True)
+        return int(found.stdout.split()[0])
+
+    def address(self, worker: str) -> str:
+        log = self.run_dir() / f"{worker}.stderr"
+        for line in log.read_text().splitlines():
+            if " ready {" in line:
+                return line.split("'address': '")[1].split("'")[0]
+        raise AssertionError(f"{worker} never said where it listens")
+
+    def finish(self) -> tuple[dict, str]:
+        _, stderr = self.proc.communicate(timeout=600)
+        assert self.proc.returncode == 0, stderr
+        return json.loads(self.report.read_text()), stderr
+
+    def _wait(self, found, what: str):
+        deadline = time.monotonic() + 300  # only turns a hang into a failure
+        while not (value := found()):
+            assert self.proc.poll() is None, f"the run ended before {what}"
+            assert time.monotonic() < deadline, f"gave up waiting for {what}"
+            time.sleep(0.02)
+        return value
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> dict:
+    return run_job(tmp_path_factory.mktemp("baseline"), "baseline", *LIKE)
+
+
+def assert_whole(report: dict, baseline: dict, workers: int = 3) -> None:
+    """Every step, the churn-free losses, one final state, every worker to the end."""
+    assert [s for s, _ in report["loss_curve"]] == list(range(int(STEPS)))
+    assert_same_losses(report["loss_curve"], baseline["loss_curve"])
+    assert report["problems"] == []
+    digests = {p["name"]: p["state_sha256"] for p in report["processes"]}
+    assert sorted(digests) == [f"w{i}" for i in range(workers)]
+    assert len(set(digests.values())) == 1
+    assert {p["exit_code"] for p in report["processes"]} == {0}
+
+
+@pytest.mark.parametrize("worker", ["w1", "w0"])  # a member, and the root
+def test_a_worker_paused_past_the_timeout_is_removed_and_rejoins_by_itself(
+    worker: str, baseline: dict, tmp_path: Path
+) -> None:
+    run = Watched(tmp_path, *LIKE, "--failure-timeout", "1")
+    run.at_step(worker, 100)
+    pid = run.pid(worker)
+    os.kill(pid, signal.SIGSTOP)  # a GC pause, VM steal: 2.5 failure timeouts
+    time.sleep(2.5)
+    os.kill(pid, signal.SIGCONT)
+    report, _ = run.finish()
+    assert_whole(report, baseline)
+    changes = [(c["removed"], c["added"]) for c in report["membership"]]
+    assert changes == [([worker], []), ([], [worker])]  # out, then back by itself
+    assert report["events"] == []  # nothing was injected
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to reset sockets")
+def test_reset_connections_are_not_crashes(baseline: dict, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("ss -K needs root")
+    run = Watched(tmp_path, *LIKE)
+    run.at_step("w0", 100)
+    port = run.address("w2").rpartition(":")[2]
+    # every member's link into w2 gets a RST, as a middlebox or a NAT timeout would cause
+    subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], check=True)
+    report, _ = run.finish()
+    assert_whole(report, baseline)
+    assert report["membership"] == []  # nobody was removed
+
+
+def test_scaling_to_zero_ends_the_run_cleanly(tmp_path: Path) -> None:
+    churn = "leave:w0@10,leave:w1@10,leave:w2@10"
+    result = chaos(
+        "run", "--quiet", "--workers", "3", "--steps", "50", "--churn", churn, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "scaled to zero" in result.stdout and "Traceback" not in result.stderr
+    report = json.loads((tmp_path / "chaos-report.json").read_text())
+    assert report["membership"][-1]["members"] == []
+    assert {p["exit_code"] for p in report["processes"]} == {0}
+
+
+@pytest.mark.usefixtures("netns")
+def test_a_worker_cut_off_pauses_and_rejoins_when_its_network_is_back(
+    baseline: dict, tmp_path: Path
+) -> None:
+    """A real partition: w3's interface goes down in its namespace (packets vanish, no
+    reset, no goodbye). The three others hold the majority and train on; w3, alone, pauses
+    (it must not train a second copy of the job) and, once the link is back, asks to be
+    admitted again and comes back with the state it missed."""
+    run = Watched(tmp_path, *LIKE[:1], "4", *LIKE[2:], "--netns")
+    run.at_step("w0", 100)
+    namespace = subprocess.run(
+        ["ip", "netns", "identify", str(run.pid("w3"))], capture_output=True, text=True
+    ).stdout.strip()
+    subprocess.run(["ip", "-n", namespace, "link", "set", "eth0", "down"], check=True)
+    w3 = run.run_dir() / "w3.stderr"
+    run._wait(lambda: " paused {" in w3.read_text(), "w3 to pause")
+    run.at_step("w0", 300)  # the majority trains on meanwhile
+    subprocess.run(["ip", "-n", namespace, "link", "set", "eth0", "up"], check=True)
+    report, _ = run.finish()
+    assert_whole(report, baseline, workers=4)
+    changes = [(c["removed"], c["added"]) for c in report["membership"]]
+    assert changes == [(["w3"], []), ([], ["w3"])]
