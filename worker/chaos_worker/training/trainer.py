@@ -75,6 +75,8 @@ class Trainer:
         self._publish_s = 0.0
         self._ready_t = 0.0
         self._like = flatten_grads(spec.model).detach().cpu().numpy()
+        self._slice: tuple[int, int] | None = None
+        """(offset, count) of this member's samples in the step's sample list."""
 
     def cancel_step(self) -> None:
         """Abort the all-reduce in flight (the protocol began an abort)."""
@@ -102,7 +104,10 @@ class Trainer:
             )
             view = membership.view
             shares = view.shares(first_step=progress.step == membership.view_step)
-            mine = split_by_throughput(ids, shares).get(self.me, [])
+            split = split_by_throughput(ids, shares)
+            mine = split.get(self.me, [])
+            # where this member's slice starts in the step's sample list (sorted id order)
+            self._slice = (sum(len(v) for m, v in split.items() if m < self.me), len(mine))
             log.debug("step %d epoch %d: %d samples", progress.step, view.epoch, len(mine))
             loss = await asyncio.to_thread(
                 gradient_sum, self._spec, mine, micro_batch=self._cfg.micro_batch
@@ -186,6 +191,7 @@ class Trainer:
             samples_per_s=progress.samples_per_s,
             publish_s=self._publish_s,
             ready_t=self._ready_t,
+            slice=self._slice,
             t=self._clock(),
         )
         progress.step += 1
@@ -202,6 +208,7 @@ class Trainer:
                 view, decision.replay_step, self.last_total, like
             )
             if progress.completed < decision.replay_step:
+                self._slice = None  # the total of others' attempt: nothing computed here
                 self.apply(total)
         if self.me in view.members:
             progress.step = decision.effective_step
