@@ -16,7 +16,9 @@
 #   bash scripts/gpu-check.sh --cpu     the same steps on cpu with small sizes (also:
 #                                       GPU_CHECK_DEVICE=cpu); a dry run for a machine without one
 # Python: .venv/bin/python if it runs Chaos, else a python3 that imports torch (with the
-# sources on PYTHONPATH), else `bash scripts/install.sh` (needs package registries).
+# sources on PYTHONPATH), else that python3 with the wheels in gpu-wheels/ (made elsewhere
+# by scripts/gpu-wheels.sh, for a machine without registries), else `bash
+# scripts/install.sh` (needs package registries).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd -P)
@@ -27,7 +29,7 @@ while (($#)); do
   case "$1" in
     --cpu) device=cpu ;;
     --budget) budget=${2:?--budget needs seconds}; shift ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (--cpu, --budget S)" >&2; exit 2 ;;
   esac
   shift
@@ -141,7 +143,14 @@ pick_python() {
   [[ -n "$PY" ]]
 }
 : >"$OUT/python-probe.txt"
-if ! pick_python; then
+if ! pick_python && compgen -G "gpu-wheels/*.whl" >/dev/null; then
+  # a machine without registries: the wheels scripts/gpu-wheels.sh downloaded elsewhere
+  log "no Python runs Chaos here; installing gpu-wheels/ into $WORK/site"
+  step wheels setup 120 "" python3 -m pip install -q --no-deps --no-index \
+    --target "$WORK/site" gpu-wheels/*.whl
+  export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
+if [[ -z "$PY" ]] && ! pick_python; then
   log "no Python runs Chaos here; trying scripts/install.sh (needs package registries)"
   step install setup 240 "" bash scripts/install.sh
   pick_python || true
