@@ -93,12 +93,16 @@ def finish(proc: subprocess.Popen) -> str:
 
 
 def chaos_popen(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    """`chaos` as a user's shell starts it: with Ctrl-C (SIGINT) at its default. A suite
+    started in the background by a non-interactive shell (`.ci/run &`) runs with SIGINT
+    ignored, and a child inherits that; a run started so would rightly not stop on it."""
     return subprocess.Popen(
         [sys.executable, "-m", "chaos_cli.main", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kwargs,
     )
 
