@@ -25,8 +25,9 @@ Rules:
   (`Ready` False, `WaitingForSeed`) until its members run. A remote party's `maxWorkers` caps
   how many workers this party runs while it trains with that party's members. Nothing is ever
   created or deleted for another party.
-* The job is Succeeded once every pod it has ended with Succeeded (training reached its last
-  step); then nothing is created any more. Once the current step is the last one
+* The job is Succeeded once every pod it has ended with Succeeded and training reached its
+  last step (or the step is unknown); then nothing is created any more. Every pod ended
+  with Succeeded short of the last step is a loss of every member, not a success. Once the current step is the last one
   (`options.steps`), members that end are not replaced either: they are finishing.
 """
 
@@ -159,11 +160,16 @@ def reconcile(
     pods = sorted(pods, key=lambda p: (p.ordinal, p.name))
     live = [p for p in pods if p.live]
     ended = [p for p in pods if not p.deleting and not p.live]
-    finished = previous.get("phase") == "Succeeded" or (
-        bool(ended) and not live and all(p.phase == "Succeeded" for p in ended)
-    )
     step = current_step if current_step is not None else previous.get("currentStep")
     trained = step is not None and step >= options.steps - 1
+    # every member ended well; short of the last step (when known) that is a loss, not
+    # the end of training: members that leave, or that thought the others dead, exit 0 too
+    finished = previous.get("phase") == "Succeeded" or (
+        bool(ended)
+        and not live
+        and all(p.phase == "Succeeded" for p in ended)
+        and (trained or step is None)
+    )
     ordinal = next_member(job, pods)
     create: list[dict[str, Any]] = []
     delete: list[str] = []

@@ -328,6 +328,18 @@ def test_a_finished_job_creates_nothing_and_keeps_its_pods() -> None:
     assert plan.create == [] and plan.status["phase"] == "Succeeded"
 
 
+def test_members_that_all_end_well_short_of_the_last_step_are_lost_not_finished() -> None:
+    world = World(2, Options(steps=50))
+    world.step()
+    world.run_all()
+    for name in list(world.pods):
+        world.pods[name] = replace(world.pods[name], phase="Succeeded")
+    plan = reconcile(world.job, list(world.pods.values()), now=NOW, current_step=10,
+                     options=world.options)  # fmt: skip
+    assert plan.status["phase"] != "Succeeded"
+    assert sorted(plan.delete) == sorted(world.pods)  # replaced, as lost members are
+
+
 def test_a_member_that_exits_while_others_train_is_replaced() -> None:
     world = World(2)
     world.step()
