@@ -296,6 +296,7 @@ class Membership:
         self._out.report(
             "evicted", reason=reason, epoch=view.epoch, members=sorted(view.members), t=now
         )
+        self._telemetry.evicted("removed")
         self._view_installed()
 
     def _ask_back(self) -> None:
@@ -530,6 +531,7 @@ class Membership:
         waited = RECOVERY_PATIENCE * self._failure_timeout_s
         reason = f"no recovery decision within {waited:g} s"
         self._out.report("evicted", reason=reason, epoch=view.epoch, members=sorted(others), t=now)
+        self._telemetry.evicted("no_decision")
 
     def _recovery_deadline(self, now: float) -> float | None:
         """Seconds until the coordinator suspects the members that have not reported."""

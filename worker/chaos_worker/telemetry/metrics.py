@@ -26,7 +26,8 @@ from chaos_worker.telemetry.linktable import LinkReading, LinkTable
 
 EVENT_BUCKETS = STEP_BUCKETS
 SCALE_OUT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-EVENT_TYPES = frozenset({"join", "leave", "crash", "link_down", "link_up"})
+EVENT_TYPES = frozenset({"join", "leave", "crash", "link_down", "link_up", "reset"})
+EVICTION_REASONS = frozenset({"removed", "no_decision"})
 DIRECTIONS = frozenset({"sent", "received"})
 
 
@@ -109,6 +110,13 @@ class WorkerMetrics(Exporter):
             ["type"],
             registry=r,
         )
+        self.evictions = Counter(
+            "chaos_evictions",
+            "Times this worker was removed from the job while alive (suspected while slow or "
+            "cut off) and went back to asking to be admitted again, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.event_handling = Histogram(
             "chaos_event_handling_seconds",
             "From the detection of a membership event to its decision being applied here.",
@@ -164,6 +172,11 @@ class WorkerMetrics(Exporter):
         self.events.labels(label).inc()
         if math.isfinite(handling_s) and handling_s >= 0:
             self.event_handling.labels(label).observe(handling_s)
+
+    def observe_eviction(self, reason: str) -> None:
+        """This worker was removed while alive: `removed` from a view, or took itself out
+        when `no_decision` reached it."""
+        self.evictions.labels(reason if reason in EVICTION_REASONS else "removed").inc()
 
     def observe_scale_out(self, seconds: float) -> None:
         self.scale_out.observe(seconds)

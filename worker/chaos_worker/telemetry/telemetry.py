@@ -116,6 +116,11 @@ class Telemetry:
         except ValueError as exc:
             log.warning("ignored link figures: %s", exc)
 
+    def evicted(self, reason: str) -> None:
+        """This member was removed while alive (`WorkerMetrics.observe_eviction`)."""
+        if self.metrics is not None:
+            self.metrics.observe_eviction(reason)
+
     def observe_decision(self, decision: Decision) -> None:
         """Count the causes of an applied decision; handling time from their detection."""
         if self.metrics is None:
