@@ -173,11 +173,12 @@ def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
         "hang:w3@12",
         "--failure-timeout",
         "0.5",
+        env=in_tmp(tmp_path),
     )
     assert_same_losses(hung["loss_curve"], baseline["loss_curve"])
     (event,) = hung["events"]
     assert event["type"] == "crash" and event["detail"].startswith("detected after")
-    assert leftover_workers() == []
+    assert leftover_workers(tmp_path) == []
 
 
 @pytest.mark.parametrize(
@@ -243,8 +244,9 @@ def test_taken_port_is_reported(tmp_path):
             "--base-port",
             str(port),
             cwd=tmp_path,
+            env=in_tmp(tmp_path),
         )
     assert result.returncode == 2
     assert f"port {port}" in result.stderr and "taken" in result.stderr
     assert "Traceback" not in result.stderr
-    assert leftover_workers() == []
+    assert leftover_workers(tmp_path) == []
