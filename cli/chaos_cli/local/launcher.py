@@ -285,12 +285,18 @@ class LocalRun:
         return min(counts.values()) >= wanted
 
     def _idle(self, proc: _Proc) -> bool:
-        """A process that will never finish on its own: stopped, paused, or not admitted."""
-        paused = {r["worker"] for r in self.timeline.of("paused")}
-        installed = {r["worker"] for r in self.timeline.of("installed") if not r.get("paused")}
-        joining = {r["worker"] for r in self.timeline.of("standby")}
-        waiting = proc.name in paused or proc.name in joining
-        return proc.stopped or (waiting and proc.name not in installed)
+        """A process that will never finish on its own: stopped, or waiting to be admitted
+        (in standby, paused in a minority, removed) since the last view it trained in."""
+        state = ""
+        for record in self.timeline.records:
+            if record.get("worker") != proc.name:
+                continue
+            kind = record.get("kind")
+            if kind in ("standby", "paused", "evicted"):
+                state = "waiting"
+            elif kind == "installed" and not record.get("paused"):
+                state = "training"
+        return proc.stopped or state == "waiting"
 
     def _fire_due(self) -> None:
         standby = {r["worker"] for r in self.timeline.of("standby")}

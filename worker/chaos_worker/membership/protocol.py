@@ -491,35 +491,29 @@ class Membership:
     def withdraw(self, decision: Decision, now: float) -> None:
         """A newcomer admitted by `decision` that cannot take its place (its state never
         came) tells the members it is gone, so that nobody waits for it."""
+        self._gone(decision.view.epoch, now)
+        self._out.report("detected", event="crash", subject=self.me, t=now, reason="withdrawn")
+
+    def _gone(self, epoch: int, now: float) -> None:
+        """Flood a confirmed crash of this member's own: the others drop it at once."""
         proposal = Proposal(
-            id=f"crash:{self.me}:{decision.view.epoch}:{self.me}!",
+            id=f"crash:{self.me}:{epoch}:{self.me}!",
             origin=self.me,
             kind="crash",
             subject=self.me,
             detected_at=now,
-            epoch=decision.view.epoch,
+            epoch=epoch,
             confirmed=True,
         )
         self._seen.add(proposal.id)
         self._out.flood(proposal)
-        self._out.report("detected", event="crash", subject=self.me, t=now, reason="withdrawn")
 
     def _leave_now(self, now: float) -> None:
         """No recovery decision came: this member is the one the others cannot reach (or
-        that cannot reach them). It tells them it is gone (a confirmed crash of its own,
-        so nobody waits for it) and pauses outside the view until admitted again."""
+        that cannot reach them). It tells them it is gone and pauses outside the view
+        until admitted again."""
         view = self.view
-        proposal = Proposal(
-            id=f"crash:{self.me}:{view.epoch}:{self.me}!",
-            origin=self.me,
-            kind="crash",
-            subject=self.me,
-            detected_at=now,
-            epoch=view.epoch,
-            confirmed=True,
-        )
-        self._seen.add(proposal.id)
-        self._out.flood(proposal)
+        self._gone(view.epoch, now)
         others = {m: a for m, a in view.members.items() if m != self.me}
         self._immediate = Decision(
             id=f"out:{self.me}:{view.epoch}",
