@@ -32,6 +32,7 @@ import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from chaos_worker.membership.readiness import switch_steps
 from chaos_worker.membership.rules import (
@@ -161,17 +162,26 @@ class Membership:
 
     def propose(self, kind: str, subject: str, now: float, *, peer: str = "") -> None:
         """Propose a change this member observed (a leave, a link going down or up)."""
-        proposal = Proposal(
-            id=f"{kind}:{subject}:{peer}:{uuid.uuid4().hex[:8]}",
-            origin=self.me,
-            kind=kind,
-            subject=subject,
-            peer=peer,
-            detected_at=now,
-            epoch=self.view.epoch if self.view else -1,
+        epoch = self.view.epoch if self.view else -1
+        proposal = self._mine(
+            f"{kind}:{subject}:{peer}:{uuid.uuid4().hex[:8]}", kind, subject, now, epoch, peer=peer
         )
         self._out.report("detected", event=kind, subject=subject, peer=peer, t=now, id=proposal.id)
         self.on_proposal(proposal, now)
+
+    def _mine(
+        self, key: str, kind: str, subject: str, now: float, epoch: int, **extra: Any
+    ) -> Proposal:
+        """A proposal this member makes (`key`: its id)."""
+        return Proposal(
+            id=key,
+            origin=self.me,
+            kind=kind,
+            subject=subject,
+            detected_at=now,
+            epoch=epoch,
+            **extra,
+        )
 
     def leave(self, now: float) -> None:
         """Ask to leave at an agreed step (once)."""
@@ -189,15 +199,10 @@ class Membership:
         tell everybody and abort the step in flight."""
         if self.view is None or member not in self.view.members or member in self.suspects:
             return
-        proposal = Proposal(  # one id per origin: a refused suspicion must not hide another
-            id=f"crash:{member}:{self.view.epoch}:{self.me}" + ("!" if confirmed else ""),
-            origin=self.me,
-            kind="crash",
-            subject=member,
-            detected_at=now,
-            epoch=self.view.epoch,
-            confirmed=confirmed,
-        )
+        epoch = self.view.epoch
+        # one id per origin: a refused suspicion must not hide another
+        key = f"crash:{member}:{epoch}:{self.me}" + ("!" if confirmed else "")
+        proposal = self._mine(key, "crash", member, now, epoch, confirmed=confirmed)
         self._out.report("detected", event="crash", subject=member, t=now)
         self.on_proposal(proposal, now)
 
@@ -206,16 +211,9 @@ class Membership:
         lost, so the step is aborted and redone (the view does not change)."""
         if self.view is None or peer not in self.view.members:
             return
-        key = link_key(self.me, peer)
-        proposal = Proposal(
-            id=f"reset:{key}:{self.view.epoch}",
-            origin=self.me,
-            kind="reset",
-            subject=self.me,
-            peer=peer,
-            detected_at=now,
-            epoch=self.view.epoch,
-        )
+        epoch = self.view.epoch
+        key = f"reset:{link_key(self.me, peer)}:{epoch}"
+        proposal = self._mine(key, "reset", self.me, now, epoch, peer=peer)
         self._out.report("detected", event="reset", subject=self.me, peer=peer, t=now)
         self.on_proposal(proposal, now)
 
@@ -496,14 +494,8 @@ class Membership:
 
     def _gone(self, epoch: int, now: float) -> None:
         """Flood a confirmed crash of this member's own: the others drop it at once."""
-        proposal = Proposal(
-            id=f"crash:{self.me}:{epoch}:{self.me}!",
-            origin=self.me,
-            kind="crash",
-            subject=self.me,
-            detected_at=now,
-            epoch=epoch,
-            confirmed=True,
+        proposal = self._mine(
+            f"crash:{self.me}:{epoch}:{self.me}!", "crash", self.me, now, epoch, confirmed=True
         )
         self._seen.add(proposal.id)
         self._out.flood(proposal)
