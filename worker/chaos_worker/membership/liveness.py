@@ -3,8 +3,9 @@
 Every member floods a heartbeat each `heartbeat_interval_s` (its epoch, step, speed and
 replicator address) on every link; a member not heard from over any path for
 `failure_timeout_s` is suspected crashed (one never heard from gets `STARTUP_TIMEOUT_S`:
-it is still starting). A neighbour heard through others but not over its own link for as
-long has a silent link: that link is reported down, and the overlay routes around it.
+it is still starting). A neighbour heard through others but not over its own link for
+`LINK_SILENCE` timeouts has a silent link: that link is reported down, and the overlay
+routes around it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ GOSSIP_EVERY = 10
 """Heartbeats between two link-table gossips to the neighbours (1 s by default)."""
 PING_EVERY = 5
 """Heartbeats between two pings of every link."""
+LINK_SILENCE = 3.0
+"""Failure timeouts a link may carry nothing while its neighbour is heard through others
+before it is reported down: a frame arrives whole, and a large one on a slow or congested
+link (a 4 MiB bucket at 2 MB/s) keeps a live link quiet for seconds."""
 
 
 class Liveness:
@@ -124,7 +129,8 @@ class Liveness:
             last = self._link_heard.get(peer)
             if last is None or last < self._link_since[peer] or (view.epoch, peer) in self._cut:
                 continue
-            if now - last > self._timeout and not self._silent(self._heard, peer, now):
+            quiet = now - last > LINK_SILENCE * self._timeout
+            if quiet and not self._silent(self._heard, peer, now):
                 self._cut.add((view.epoch, peer))
                 self._membership.propose("link_down", self.me, now, peer=peer)
 
