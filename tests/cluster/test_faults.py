@@ -166,3 +166,30 @@ def test_a_worker_cut_off_pauses_and_rejoins_when_its_network_is_back(
     assert_whole(report, baseline, workers=4)
     changes = [(c["removed"], c["added"]) for c in report["membership"]]
     assert changes == [(["w3"], []), ([], ["w3"])]
+
+
+@pytest.mark.usefixtures("netns")
+def test_a_silent_link_is_routed_around_and_nobody_is_removed(
+    baseline: dict, tmp_path: Path
+) -> None:
+    """w0 and w1 cannot reach each other any more (a blackhole route in each namespace),
+    while both still reach w2: each hears the other through w2's flooded heartbeats but
+    nothing over their own link, so that link is reported down and the tree goes around
+    it. Nobody is suspected."""
+    run = Watched(tmp_path, *LIKE, "--netns")
+    run.at_step("w0", 100)
+    spaces = {}
+    for worker in ("w0", "w1"):
+        found = subprocess.run(
+            ["ip", "netns", "identify", str(run.pid(worker))], capture_output=True, text=True
+        )
+        spaces[worker] = found.stdout.strip()
+    ips = {w: run.address(w).rpartition(":")[0] for w in ("w0", "w1")}
+    for here, there in (("w0", "w1"), ("w1", "w0")):
+        route = ["ip", "-n", spaces[here], "route", "add", "blackhole", f"{ips[there]}/32"]
+        subprocess.run(route, check=True)
+    report, _ = run.finish()
+    assert_whole(report, baseline)
+    assert report["membership"] == []
+    logs = "".join((run.run_dir() / f"{w}.stderr").read_text() for w in ("w0", "w1", "w2"))
+    assert "'event': 'link_down'" in logs
