@@ -1,23 +1,12 @@
-"""The membership protocol: proposals, decisions, recovery rounds, partitions.
+"""The membership protocol: proposals, decisions, recovery rounds, partitions, rejoins.
 
-Every change takes effect at a step boundary:
-
-* Liveness (`liveness.py`): every member floods a heartbeat each `heartbeat_interval_s`; a
-  member not heard from (over any path) for `failure_timeout_s`, or whose connection
-  closes without a goodbye, is suspected crashed. Links are reported down by their ends
-  (in local runs, on the launcher's command).
-* Planned changes (leave, join, link up, link down off the tree) are proposals flooded to
-  everybody; the epoch's root decides them into the next view with an effective step `T`
-  from the switch-step rule and floods the decision. Decisions and the down-pass of every
-  all-reduce travel the same FIFO links from the root, so each member holds the decision
-  before it can finish step `T - 1`.
-* Immediate changes (crash, link down on the tree) abort the all-reduce in flight. Every
-  member floods its last completed step; the recovery coordinator (the smallest id not
-  suspected on its side) decides the next view. If some member already holds the total of
-  the aborted step, a member that holds it becomes root and sends it down the new tree;
-  otherwise the step is redone with the same sample ids. No step is lost.
-* Partition: only the side with the majority of the previous epoch's throughput goes on;
-  the other side pauses, says so, and rejoins as newcomers when a link heals.
+Every change takes effect at a step boundary. Planned changes (leave, join, link up, link
+down off the tree) are decided by the epoch's root and flooded ahead of the totals they
+must precede. Immediate changes (crash, reset, link down on the tree) abort the step in
+flight; the recovery coordinator (the smallest id not suspected on its side) decides the
+next view and the aborted step is replayed or redone. Only the side with the majority of
+the previous epoch's throughput goes on; a member paused or removed asks to come back.
+The rules in full, with their reasons: `docs/runtime.md`; the pure ones: `rules.py`.
 
 `Membership` holds this member's part of it. It sends through an `Outbox`, reads time from
 a `Clock` (or the `now` a call brings), and tells the other roles what happened through
@@ -34,11 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chaos_worker.membership.planned import Planned
 from chaos_worker.membership.readiness import switch_steps
 from chaos_worker.membership.rules import (
     change_of,
     crash_change,
     fenced,
+    moot,
     on_tree,
     preferred,
     reachable,
@@ -116,8 +107,7 @@ class Membership:
         self.view: View | None = None
         self.view_step = -1
         """The step the view in force took effect at (`View.shares`)."""
-        self.pending: Decision | None = None
-        """The planned decision agreed and not yet in force (one at a time)."""
+        self._planned = Planned()
         self.aborting = False
         self.leaving = False
         self.suspects: set[str] = set()
@@ -144,6 +134,11 @@ class Membership:
         """Every member address seen in a view: where to ask to be admitted again."""
         self.silence: Callable[[str, float], float] = lambda _member, _now: math.inf
         """Seconds since this member last heard from another (set by `Liveness`)."""
+
+    @property
+    def pending(self) -> Decision | None:
+        """The next planned decision agreed and not yet in force."""
+        return self._planned.next
 
     async def changed(self, timeout: float | None = None) -> None:
         """Until the protocol's state changes (a decision, an abort, a status, a view), or
@@ -269,9 +264,12 @@ class Membership:
         while True:
             if self.aborting:
                 return False
-            pending = self.pending
             step = self._progress.step
-            if pending is not None and not self.view.paused and pending.effective_step <= step:
+            while (
+                (pending := self.pending) is not None
+                and not self.view.paused
+                and pending.effective_step <= step
+            ):
                 self.install(pending, self._clock())
             if self.me not in self.view.members:
                 if self.leaving:
@@ -290,7 +288,7 @@ class Membership:
         cut off): it stops contributing and pauses until a view admits it again."""
         view = self.view
         self.view = view.model_copy(update={"paused": True})
-        self.pending = None
+        self._planned.clear()
         self._out.report(
             "evicted", reason=reason, epoch=view.epoch, members=sorted(view.members), t=now
         )
@@ -394,7 +392,8 @@ class Membership:
                 if removed and self.view is not None and not self.view.paused:
                     self._begin_abort(now)  # stop contributing at once; recover() installs it
         else:
-            self.pending = decision
+            replace = self.view is None or self.view.paused  # it will take a state copy
+            self._planned.add(decision, replace=replace)
         self._changed.notify()
 
     def install(self, decision: Decision, now: float, *, send_state: bool = True) -> None:
@@ -402,15 +401,22 @@ class Membership:
         old = self.view
         self.view = decision.view
         self.view_step = decision.effective_step
-        self.pending = None
+        self._planned.drop_through(decision.view.epoch)
         for cause in decision.causes:
             self._open.pop(cause.id, None)
             self._received_at.pop(cause.id, None)
+        self._drop_settled()
         joiners = [m for m in self.view.members if old is None or m not in old.members]
         for admitted in self.listeners.admitted:
             admitted(decision, old, joiners, send_state)
         self._view_installed()
         self._report_installed(decision, now)
+
+    def _drop_settled(self) -> None:
+        """Forget open planned proposals the view in force makes moot (`rules.moot`)."""
+        for key in moot(self.view, self._open.values()):
+            del self._open[key]
+            self._received_at.pop(key, None)
 
     def _view_installed(self) -> None:
         self._asked_back = self._asked_back and self.view.paused
@@ -476,8 +482,7 @@ class Membership:
             self._open.pop(cause.id, None)
         self.suspects.clear()
         self.confirmed.clear()
-        if self.pending is not None and self.pending.view.epoch <= view.epoch:
-            self.pending = None  # planned before the abort: the recovery view replaces it
+        self._planned.drop_through(view.epoch)  # planned before the abort: recovery replaces it
         self._recovery = None
         self.aborting = False
         self._floor_epoch = view.epoch
@@ -553,7 +558,7 @@ class Membership:
             return
         statuses = self._recovery.statuses
         latest = max(statuses.values(), default=self._progress.completed)
-        base, done = recovery_base(self.view, self.pending, latest)
+        base, done = recovery_base(self.view, self._planned.all(), latest)
         down = {link_key(p.subject, p.peer) for p in self._open.values() if p.kind == "link_down"}
         side = reachable(base, self.me, self.suspects, down | set(base.down))
         if min(side) != self.me:

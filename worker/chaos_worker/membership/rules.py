@@ -44,6 +44,19 @@ def ready_wait(
     return max([0.0, *waits])
 
 
+def moot(view: View, proposals: Iterable[Proposal]) -> list[str]:
+    """Ids of open planned proposals `view` makes moot (a leave done, a join admitted, a
+    link already down or up). Decided later, they would undo a change made since: the
+    other end's `link_down` would cut a healed link, a stale join re-admit a removed
+    member. Observer joins wait for their shard plan and are never moot here."""
+    planned = ("leave", "link_up", "link_down", "join")
+    return [
+        p.id
+        for p in proposals
+        if p.kind in planned and p.mode != "observe" and not relevant(view, p)
+    ]
+
+
 def reachable(view: View, me: str, suspects: Iterable[str], down: Iterable[str]) -> set[str]:
     """Members of `view` that `me` reaches over links not `down`, suspects excluded."""
     alive = set(view.members) - set(suspects)
@@ -59,14 +72,18 @@ def reachable(view: View, me: str, suspects: Iterable[str], down: Iterable[str])
     return set(next(c for c in components if me in c))
 
 
-def recovery_base(view: View, pending: Decision | None, latest: int) -> tuple[View, set[str]]:
+def recovery_base(
+    view: View, planned: Iterable[Decision | None], latest: int
+) -> tuple[View, set[str]]:
     """The view in force for step `latest + 1`, and the proposals it already covers.
 
-    A planned decision effective at or before that step has been installed by the members
-    that got there, so the recovery builds on it rather than on the older view.
+    Planned decisions (in epoch order) effective at or before that step have been
+    installed by the members that got there, so the recovery builds on the last of them
+    rather than on the older view.
     """
-    if pending is not None and pending.effective_step <= latest + 1:
-        return pending.view, {c.id for c in pending.causes}
+    due = [d for d in planned if d is not None and d.effective_step <= latest + 1]
+    if due:
+        return due[-1].view, {c.id for d in due for c in d.causes}
     return view, set()
 
 
