@@ -66,7 +66,26 @@ class _Progress:
         if run.max_step != self.step:
             self.step, self.since = run.max_step, now
         elif self.step >= 0 and now - self.since > STALL_S:
-            raise Stalled(f"stalled: no step completed for {STALL_S:g} s after step {self.step}")
+            raise Stalled(
+                f"stalled: no step completed for {STALL_S:g} s after step {self.step}; "
+                f"views in force: {views_in_force(run.timeline.records)}"
+            )
+
+
+def views_in_force(records: list[dict]) -> str:
+    """Each member's last installed view, e.g. `w0 e10, w1 e9, w2 e5 paused`: members in
+    different epochs at one step, or a job with every side paused, explain a stall."""
+    last: dict[str, dict] = {}
+    for record in records:
+        if record.get("kind") == "installed":
+            last[record["worker"]] = record
+    return (
+        ", ".join(
+            f"{w} e{r['epoch']}" + (" paused" if r.get("paused") else "")
+            for w, r in sorted(last.items())
+        )
+        or "none installed"
+    )
 
 
 @dataclass
