@@ -126,3 +126,29 @@ def test_ids_sort_as_strings_like_the_trainer() -> None:
         progress("w9", 0, (8, 4), members=3),
     ]
     assert account(records, G, names).problems == []
+
+
+def test_a_step_only_a_partitions_minority_applied_is_orphaned_not_duplicated() -> None:
+    """The cut comes while the total of step 98 travels down: w0 and w3 (one party) got it
+    and applied it, then paused as the minority; w1 and w2 did not, and redid step 98 in
+    their recovery view. The job's step 98 is the redo."""
+    redo = {"kind": "agreed", "decision": "r", "epoch": 1, "members": ["w1", "w2"]}
+    minority = [
+        {"kind": "installed", "worker": w, "decision": "m", "epoch": 1, "step": 99, "paused": True}
+        for w in ("w0", "w3")
+    ]
+    records = [
+        progress("w0", 98, (0, 3)),
+        progress("w3", 98, (9, 3)),  # w1 and w2 computed [3, 9) but never got the total
+        redo,
+        {"kind": "installed", "decision": "r", "epoch": 1, "step": 98, "paused": False},
+        progress("w1", 98, (0, 6), epoch=1, members=2),
+        progress("w2", 98, (6, 6), epoch=1, members=2),
+        *minority,
+    ]
+    found = account(records, G, FOUR)
+    assert found.problems == []
+    assert (found.samples, found.inferred, found.orphaned) == (G, 0, 6)
+    # without the minority's pause, the two attempts are a step computed twice
+    problems = account(records[:-2], G, FOUR).problems
+    assert problems[0] == "step 98: computed in epochs [0, 1] (a duplicated step)"

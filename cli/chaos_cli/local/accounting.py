@@ -12,11 +12,17 @@ member that missed the total and applied it from the recovery's replay reports
 but before its record left reports nothing. Their slices are unknown, so a gap is
 accepted exactly where such members sit in sorted id order, and its samples are counted
 as `inferred`, not as `accounted`.
+
+A partition can cut a step's down-pass: the members that got the total apply it, the
+others redo the step in their recovery view. When the side that applied it is the
+minority, it pauses at the next step and the majority's redo is the step of the job; the
+minority's attempt is `orphaned` (its state is replaced by a full copy when it rejoins),
+not a step computed twice.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -31,6 +37,8 @@ class Accounting:
     """Samples whose computing member reported its slice."""
     inferred: int = 0
     """Samples placed in the slices of members that reported none (see the module)."""
+    orphaned: int = 0
+    """Samples of attempts only a partition's minority applied (see the module)."""
     problems: list[str] = field(default_factory=list)
 
 
@@ -44,41 +52,67 @@ def account(records: Iterable[dict], global_batch: int, initial: list[str]) -> A
     for record in records:
         if record.get("kind") == "progress":
             by_step[int(record["step"])].append(record)
+    paused_at: dict[str, set[int]] = defaultdict(set)
+    for record in records:
+        if record.get("kind") == "installed" and record.get("paused"):
+            paused_at[record["worker"]].add(int(record["step"]))
     result = Accounting(steps=len(by_step))
     for step in sorted(by_step):
-        found = _check_step(step, by_step[step], global_batch, views)
+        found = _check_step(step, by_step[step], global_batch, views, paused_at)
         result.samples += found.samples
         result.inferred += found.inferred
+        result.orphaned += found.orphaned
         result.problems += found.problems
     return result
 
 
-def _check_step(step: int, reports: list[dict], g: int, views: _Views) -> Accounting:
-    """The accounting of one step from its progress records."""
+def _check_step(
+    step: int, reports: list[dict], g: int, views: _Views, paused_at: dict[str, set[int]]
+) -> Accounting:
+    """The accounting of one step from its progress records; `paused_at`: worker -> the
+    steps at which it installed a paused view (a partition's minority)."""
     out = Accounting(steps=1)
-    seen: dict[str, int] = defaultdict(int)
-    for record in reports:
-        seen[record["worker"]] += 1
+    seen = Counter(r["worker"] for r in reports)
     out.problems += [
         f"step {step}: {w} reported it {n} times (a duplicated step)"
         for w, n in sorted(seen.items())
         if n > 1
     ]
-    slices: dict[str, tuple[int, int]] = {}
+    attempts: dict[int, dict[str, tuple[int, int]]] = defaultdict(dict)
+    sizes: dict[int, set[int]] = defaultdict(set)
     for record in reports:
         if record.get("slice") is not None:
             offset, count = record["slice"]
-            slices.setdefault(record["worker"], (int(offset), int(count)))
-    if not slices:
+            attempts[record["epoch"]].setdefault(record["worker"], (int(offset), int(count)))
+            sizes[record["epoch"]].add(record["members"])
+    if not attempts:
         out.problems.append(f"step {step}: no member reported computing any of its samples")
         return out
-    epochs = sorted({r["epoch"] for r in reports if r.get("slice") is not None})
-    if len(epochs) > 1:
-        out.problems.append(f"step {step}: computed in epochs {epochs} (a duplicated step)")
-    sizes = {r["members"] for r in reports if r.get("slice") is not None}
-    members = views.of(epochs[0], set(slices), sizes.pop() if len(sizes) == 1 else None)
-    members = sorted(set(members) | set(seen))
-    position, unknown, covered = 0, False, 0
+    # an attempt whose members all paused at the next step was applied only by a
+    # partition's minority: the majority redid the step, and the minority's state is
+    # replaced when it rejoins
+    kept = {
+        epoch: slices
+        for epoch, slices in attempts.items()
+        if not all(step + 1 in paused_at.get(w, ()) for w in slices)
+    } or attempts
+    out.orphaned = sum(c for e in set(attempts) - set(kept) for _, c in attempts[e].values())
+    if len(kept) > 1:
+        out.problems.append(f"step {step}: computed in epochs {sorted(kept)} (a duplicated step)")
+    lagging = {r["worker"] for r in reports if r.get("slice") is None}
+    for epoch, slices in sorted(kept.items()):
+        size = sizes[epoch].pop() if len(sizes[epoch]) == 1 else None
+        members = sorted(set(views.of(epoch, set(slices), size)) | lagging)
+        _cover(step, slices, members, g, out)
+    return out
+
+
+def _cover(
+    step: int, slices: dict[str, tuple[int, int]], members: list[str], g: int, out: Accounting
+) -> None:
+    """Walk the slices in sorted member order: they must tile [0, G); a gap is accepted
+    (and its samples inferred) only where a member without a known slice sits."""
+    position, unknown = 0, False
     for member in members:
         if member not in slices:
             unknown = True  # a member whose slice is not known sits here
@@ -93,7 +127,7 @@ def _check_step(step: int, reports: list[dict], g: int, views: _Views) -> Accoun
             out.problems.append(f"step {step}: samples [{position}, {offset}) were not computed")
         else:
             out.inferred += offset - position
-        covered += count
+        out.samples += count
         position = max(position, offset + count)
         unknown = False
     if position > g:
@@ -102,8 +136,6 @@ def _check_step(step: int, reports: list[dict], g: int, views: _Views) -> Accoun
         out.problems.append(f"step {step}: samples [{position}, {g}) were not computed")
     elif position < g:
         out.inferred += g - position
-    out.samples = covered
-    return out
 
 
 class _Views:

@@ -115,6 +115,7 @@ class Round:
     steps: int = 0
     samples: int = 0
     inferred: int = 0
+    orphaned: int = 0
     events: list[dict] = field(default_factory=list)
     checks: dict[str, dict] = field(default_factory=dict)
     records: str = ""
@@ -136,6 +137,7 @@ class Round:
             "steps": self.steps,
             "samples_accounted": self.samples,
             "samples_inferred": self.inferred,
+            "samples_orphaned": self.orphaned,
             "checks": self.checks,
             "passed": self.passed,
             "wall_s": round(self.wall_s, 2),
@@ -267,12 +269,17 @@ class Soak:
             missing=len(missing),
         )
         found = account(runner.timeline.records, runner.opts.global_batch, runner.initial_members())
-        result.samples, result.inferred = found.samples, found.inferred
+        result.samples, result.inferred, result.orphaned = (
+            found.samples,
+            found.inferred,
+            found.orphaned,
+        )
         result.checks["samples"] = check(
             found.problems[:20],
             steps=found.steps,
             accounted=found.samples,
             inferred=found.inferred,
+            orphaned=found.orphaned,
             problems_total=len(found.problems),
         )
         wrong = loss_mismatches(curve, self.reference)
@@ -320,6 +327,7 @@ class Soak:
             "steps": sum(r.steps for r in self.rounds),
             "samples_accounted": sum(r.samples for r in self.rounds),
             "samples_inferred": sum(r.inferred for r in self.rounds),
+            "samples_orphaned": sum(r.orphaned for r in self.rounds),
             "events": dict(sorted(episodes.items())),
             "failed_checks": self.failures(),
             "wall_s": round(time.monotonic() - self.started, 1),
