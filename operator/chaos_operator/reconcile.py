@@ -27,8 +27,9 @@ Rules:
   created or deleted for another party.
 * The job is Succeeded once every pod it has ended with Succeeded and training reached its
   last step (or the step is unknown); then nothing is created any more. Every pod ended
-  with Succeeded short of the last step is a loss of every member, not a success. Once the current step is the last one
-  (`options.steps`), members that end are not replaced either: they are finishing.
+  with Succeeded short of the last step is a loss of every member, not a success. Once the
+  current step is the last one (`options.steps`), members that end are not replaced
+  either: they are finishing.
 """
 
 from __future__ import annotations

@@ -22,13 +22,16 @@ def test_the_documented_example_parses() -> None:
 
 
 def test_every_kind_and_its_label() -> None:
-    spec = "hang:w1@8, join:w9@5 ,leave:w0@3,crash:w2@4,link-down:w3-w9@9,link-up:w9-w3@10"
+    spec = (
+        "hang:w1@8, join:w9@5 ,leave:w0@3,crash:w2@4,link-down:w3-w9@9,link-up:w9-w3@10,pause:w1@6"
+    )
     events = parse_churn(spec, 4)
     assert {e.kind for e in events} == set(KINDS)
     assert [e.label for e in events] == [
         "leave:w0@3",
         "crash:w2@4",
         "join:w9@5",
+        "pause:w1@6",  # a paused worker comes back: the hang may name it
         "hang:w1@8",
         "link-down:w3-w9@9",
         "link-up:w9-w3@10",
@@ -76,6 +79,7 @@ def test_joiners_are_numbered_after_the_initial_workers() -> None:
         ("crash@3", "needs a worker"),
         ("leave@3", "needs a worker"),
         ("hang@3", "needs a worker"),
+        ("pause@3", "needs a worker"),
         ("crash:w7@3", "names w7, which is not a worker"),
         ("leave:x@3", "names x, which is not a worker"),
         ("link-down:w0@3", "needs two different workers"),
@@ -111,6 +115,7 @@ def test_a_joiner_name_cannot_be_taken_twice() -> None:
         ("hang:w1@20,crash:w1@10", "'hang:w1@20' names w1, which crashed at step 10"),
         ("leave:w2@5,hang:w2@6", "'hang:w2@6' names w2, which left at step 5"),
         ("hang:w2@5,link-down:w0-w2@6", "'link-down:w0-w2@6' names w2, which hung at step 5"),
+        ("crash:w2@5,pause:w2@6", "'pause:w2@6' names w2, which crashed at step 5"),
         ("crash:w1@3,join:w1@5", "'join:w1@5' joins w1, which already exists"),
         ("crash:w4@3,join@5", "'crash:w4@3' names w4, which is not a worker of this job by step 3"),
         (
@@ -124,6 +129,13 @@ def test_a_joiner_name_cannot_be_taken_twice() -> None:
 def test_an_event_on_a_worker_that_is_not_there_is_named(spec: str, why: str) -> None:
     with pytest.raises(ChurnError, match=re.escape(f"--churn: {why}")):
         parse_churn(spec, 4)
+
+
+def test_a_paused_worker_stays_in_the_job() -> None:
+    events = parse_churn("pause:w1@5,pause:w1@9,link-down:w1-w2@10,leave:w1@12", 3)
+    assert [e.kind for e in events] == ["pause", "pause", "link-down", "leave"]
+    # pausing every worker leaves them all in the job: not a schedule without workers
+    assert len(parse_churn("pause:w0@1,pause:w1@1", 2)) == 2
 
 
 def test_churn_error_is_a_value_error() -> None:

@@ -340,3 +340,31 @@ def test_a_joins_stall_is_the_time_the_incumbents_waited_for_the_newcomer() -> N
     # steps 14, 15, 16 are its first three: 5 ms + 0 + 0 (it was early); step 17 is past them
     assert event.incumbent_stall_s == pytest.approx(0.005)
     assert event.incumbent_slowdown_s is not None and event.incumbent_slowdown_s > 0.05
+
+
+# ---------------------------------------------------------------------------- pause
+
+
+def test_a_pause_names_when_its_worker_was_removed_and_when_it_rejoined() -> None:
+    fired = Fired(ChurnEvent("pause", 10, "w2"), 101.0, 10)
+    replaced = agreed("w0", "d0", 102.1, ["w0", "w1", "w2"])  # planned, never installed
+    removed = agreed("w0", "d1", 102.2, ["w0", "w1"])
+    back = {**agreed("w0", "d2", 105.0, ["w0", "w1", "w2"], epoch=2), "effective_step": 40}
+    stale = agreed("w2", "d0", 104.0, ["w0", "w1", "w2"])  # w2 wakes and hears it late
+    records = [
+        *steady(["w0", "w1", "w2"], range(0, 50)),
+        detected_crash("w0", "w2", 102.05),
+        replaced,
+        removed,
+        installed("w0", "d1", 102.3),
+        stale,
+        back,
+        installed("w0", "d2", 105.1),
+    ]
+    (event,) = timeline(records, [fired]).events()
+    assert event.type == "pause" and event.worker == "w2"
+    assert event.detail == "removed at step 12, rejoined at step 40"
+    (alone,) = timeline(records[:-2], [fired]).events()
+    assert alone.detail == "removed at step 12, did not rejoin"
+    (unnoticed,) = timeline(records[:-6], [fired]).events()
+    assert unnoticed.detail == "not removed"

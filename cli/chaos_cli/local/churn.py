@@ -6,6 +6,8 @@ event is injected when the job first reports reaching that step):
     leave:w2@40            graceful leave (scale-in)
     crash:w1@80            SIGKILL, no goodbye
     hang:w1@80             SIGSTOP: a silent crash, found by heartbeat timeout
+    pause:w1@80            SIGSTOP, SIGCONT after PAUSE_TIMEOUTS failure timeouts: a false
+                           suspicion; the worker is removed, wakes and rejoins by itself
     link-down:w0-w3@100    the link between w0 and w3 goes down
     link-up:w0-w3@120      and comes back
     join@150               a new worker joins (named w<next>); join:w9@150 names it
@@ -18,7 +20,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-KINDS = ("leave", "crash", "hang", "link-down", "link-up", "join")
+KINDS = ("leave", "crash", "hang", "pause", "link-down", "link-up", "join")
+PAUSE_TIMEOUTS = 2.5
+"""How long a `pause` stops its worker, in failure timeouts: long enough to be suspected
+and removed, short enough that it wakes while the job still runs."""
 _ITEM = re.compile(
     r"^(?P<kind>[a-z-]+)(?::(?P<target>[A-Za-z0-9_.-]+(?:-[A-Za-z0-9_.]+)?))?@(?P<step>\d+)$"
 )
@@ -59,7 +64,8 @@ def parse_churn(spec: str, workers: int, *, reconciled: bool = False) -> list[Ch
     """Parse and check a schedule against the initial workers w0..w{workers-1}.
 
     Events happen in step order (ties in the written order): an event may not name a
-    worker that has not joined yet or has already crashed, hung or left, a link goes down
+    worker that has not joined yet or has already crashed, hung or left (a paused worker
+    comes back, so later events may name it), a link goes down
     before it comes up, and at least one worker is left at every step unless every worker
     leaves on request (scale to zero).
 
@@ -113,6 +119,8 @@ def parse_churn(spec: str, workers: int, *, reconciled: bool = False) -> list[Ch
             events.append(ChurnEvent(kind, step, ends[0], ends[1]))
             continue
         events.append(ChurnEvent(kind, step, target))
+        if kind == "pause":  # it wakes and comes back: later events may name it
+            continue
         gone[target] = f"{_PAST[kind]} at step {step}"
         if reconciled and kind == "crash":  # its replacement
             known.add(f"w{joined}")

@@ -31,11 +31,11 @@ from chaos_worker.net.control import UNIX
 from chaos_worker.net.shaping import parse_links
 from chaos_worker.priority import die_with_parent
 
-from chaos_cli.local.churn import ChurnEvent
+from chaos_cli.local.churn import PAUSE_TIMEOUTS, ChurnEvent
 from chaos_cli.local.netns import NetnsError, NetnsTestbed
 from chaos_cli.local.report import Report, links_matrix
 from chaos_cli.local.timeline import Fired, Timeline
-from chaos_cli.local.verdict import problems
+from chaos_cli.local.verdict import EXPLAINED, problems
 
 GRACE_S = 10.0
 MAX_WORKERS = 64
@@ -132,6 +132,7 @@ class LocalRun:
         self.disconnected: set[str] = set()  # workers whose control connection has closed
         self.testbed: NetnsTestbed | None = None
         self.tc_sent: dict[tuple[str, str], int] = {}  # netns: bytes per shaped link
+        self._wakeups: list[asyncio.TimerHandle] = []  # the SIGCONTs of pauses to come
 
     async def run(self) -> Report:
         path = self._tmp / "control.sock"
@@ -142,6 +143,8 @@ class LocalRun:
             await self._supervise()
         finally:
             server.close()
+            for wakeup in self._wakeups:
+                wakeup.cancel()  # _reap wakes every stopped process
             self._reap()
             self._remove_testbed()
             if not os.environ.get(KEEP_RUN_DIR):
@@ -327,27 +330,44 @@ class LocalRun:
             proc.killed = proc.stopped = True
             with contextlib.suppress(ProcessLookupError):
                 proc.popen.send_signal(signal.SIGSTOP)
+        elif event.kind == "pause" and proc and proc.popen.poll() is None:
+            proc.stopped = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGSTOP)
+            later = PAUSE_TIMEOUTS * self.opts.failure_timeout_s
+            self._wakeups.append(asyncio.get_running_loop().call_later(later, self._wake, proc))
         elif event.kind in ("link-down", "link-up"):
             cmd = event.kind.replace("-", "_")
             for a, b in ((event.worker, event.peer), (event.peer, event.worker)):
                 address = self.procs[b].address if b in self.procs else ""
                 self.command(a, {"cmd": cmd, "peer": b, "address": address})
         elif event.kind == "join":
-            seeds = self._live_members()
+            seeds = self._live_members(newcomer=event.worker)
             self.command(event.worker, {"cmd": "join", "seed": seeds[0], "seeds": seeds[1:]})
 
-    def _live_members(self) -> list[str]:
+    def _wake(self, proc: _Proc) -> None:
+        """The end of a pause: the worker goes on from where it stopped."""
+        proc.stopped = False
+        if proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGCONT)
+
+    def _live_members(self, newcomer: str = "") -> list[str]:
         """Addresses of the workers still in the job, in name order (the first is the
-        seed a newcomer asks through; the others are its fallbacks)."""
-        gone = {e.event.worker for e in self.timeline.fired if e.event.kind != "join"}
+        seed `newcomer` asks through; the others are its fallbacks). Workers some event
+        touched (a cut link, a pause: they may be outside the view now) come last."""
+        fired = [f.event for f in self.timeline.fired if f.event.kind != "join"]
+        gone = {e.worker for e in fired if e.kind in EXPLAINED}
+        gone |= {newcomer} | {e.worker for e in self._pending if e.kind == "join"}
+        touched = {w for e in fired for w in (e.worker, e.peer)}
         live = [
-            proc.address
-            for name, proc in sorted(self.procs.items())
-            if proc.address and proc.popen.poll() is None and name not in gone
+            (name in touched, name, proc.address)
+            for name, proc in self.procs.items()
+            if proc.address and proc.popen.poll() is None and name not in gone and not proc.stopped
         ]
         if not live:
             raise LaunchError("no live member left to join through")
-        return live
+        return [address for _, _, address in sorted(live)]
 
     @property
     def run_dir(self) -> Path:

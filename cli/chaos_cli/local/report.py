@@ -8,12 +8,13 @@ from typing import Literal
 from chaos_worker.net.shaping import LinkShape, shape_for
 from pydantic import BaseModel, Field
 
-EventType = Literal["join", "leave", "crash", "link_down", "link_up", "partition", "heal"]
+EventType = Literal["join", "leave", "crash", "pause", "link_down", "link_up", "partition", "heal"]
 
 _EVENT_COLORS: dict[str, str] = {
     "join": "tab:green",
     "leave": "tab:orange",
     "crash": "tab:red",
+    "pause": "tab:pink",
     "link_down": "tab:purple",
     "link_up": "tab:cyan",
     "partition": "tab:brown",

@@ -19,6 +19,7 @@ TYPE_OF = {
     "leave": "leave",
     "crash": "crash",
     "hang": "crash",
+    "pause": "pause",
     "link-down": "link_down",
     "link-up": "link_up",
     "join": "join",
@@ -94,6 +95,8 @@ class Timeline:
                     if detected is not None
                     else "not detected (the worker had already left)"
                 )
+        if kind == "pause":
+            detail = self._pause_detail(fired)
         if kind == "link-down" and self._paused_after(fired.at):
             detail = "partition: minority side paused"
         return RunEvent(
@@ -112,7 +115,7 @@ class Timeline:
 
     def _detected(self, fired: Fired) -> float | None:
         kind = fired.event.kind
-        if kind in ("crash", "hang"):
+        if kind in ("crash", "hang", "pause"):
             times = [
                 r["t"]
                 for r in self.of("detected")
@@ -142,6 +145,21 @@ class Timeline:
         if fired.event.kind == "join":
             later = [r for r in later if fired.event.worker in r.get("members", [])]
         return later[0]["decision"] if later else None
+
+    def _pause_detail(self, fired: Fired) -> str:
+        """When the paused worker was removed from the view and when it was back in one."""
+        worker = fired.event.worker
+        views = [r for r in self._views_in_force() if r["t"] >= fired.at]
+        out = next((r for r in views if worker not in r["members"]), None)
+        if out is None:
+            return "not removed"
+        back = next(
+            (r for r in views if r["epoch"] > out["epoch"] and worker in r["members"]), None
+        )
+        removed = f"removed at step {out['effective_step']}"
+        if back is None:
+            return f"{removed}, did not rejoin"
+        return f"{removed}, rejoined at step {back['effective_step']}"
 
     def _first_progress_after(self, t: float) -> float | None:
         times = [r["t"] for r in self.of("progress") if r["t"] > t]
@@ -243,14 +261,8 @@ class Timeline:
         """Every change of the members in force, injected or not: for each installed view
         that differs from the one before it (the first: `initial`), its epoch, effective
         step, who came and went, and the proposals behind it (`kind:subject`)."""
-        agreed = {r["decision"]: r for r in self.of("agreed")}
-        installed = {r["decision"] for r in self.of("installed") if not r.get("paused")}
-        views = sorted(
-            (agreed[d] for d in installed if d in agreed),
-            key=lambda r: (r["epoch"], r["effective_step"]),
-        )
         changes, before = [], set(initial)
-        for record in views:
+        for record in self._views_in_force():
             members = set(record["members"])
             if members != before:
                 changes.append(
@@ -265,6 +277,19 @@ class Timeline:
                 )
             before = members
         return changes
+
+    def _views_in_force(self) -> list[dict]:
+        """The `agreed` record (first report) of every decision some member installed
+        as a training view (not paused), in epoch order; a planned decision that a
+        recovery replaced before its step was agreed but never installed."""
+        agreed: dict[str, dict] = {}
+        for record in self.of("agreed"):
+            agreed.setdefault(record["decision"], record)
+        installed = {r["decision"] for r in self.of("installed") if not r.get("paused")}
+        return sorted(
+            (agreed[d] for d in installed if d in agreed),
+            key=lambda r: (r["epoch"], r["effective_step"]),
+        )
 
     def steps_lost(self) -> int:
         """Steps between the first and last completed step that never completed."""
