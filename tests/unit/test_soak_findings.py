@@ -7,8 +7,22 @@ Both are fixed (`membership/planned.py`, `rules.moot`); the tests keep them fixe
 from __future__ import annotations
 
 import pytest
+from chaos_worker.net.wire import MemberStatus, Proposal
 
-from tests.unit.test_membership_protocol import W4, boundary, decision, proposal, run_table
+from tests.unit.test_membership_protocol import (
+    W3,
+    W4,
+    boundary,
+    command,
+    decision,
+    event,
+    install_pending,
+    mesh,
+    proposal,
+    recovery,
+    run_table,
+    silent,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -44,3 +58,61 @@ def test_the_other_ends_link_down_does_not_cut_a_healed_link_again() -> None:
     assert h.membership.view.down == []
     pending = h.membership.pending
     assert pending is None or pending.view.down == [], "the healed link goes down again"
+
+
+def _rejoined_then_cut(*, suspected: bool):
+    """w1 is removed by the others' recovery (having first suspected w0 and w2 itself,
+    when `suspected`), rejoins, and then w0 is cut off from w1 and w2. w1, the smallest
+    id of its side {w1, w2}, coordinates that side's recovery; returns its membership."""
+    without_w1 = mesh("w0", "w2").model_copy(update={"epoch": 1})
+    back = W3.model_copy(update={"epoch": 2})
+
+    def cut(subject: str, peer: str) -> Proposal:
+        return Proposal(
+            id=f"link_down:{subject}:{peer}",
+            origin=subject,
+            kind="link_down",
+            subject=subject,
+            peer=peer,
+            detected_at=3.0,
+            epoch=2,
+        )
+
+    def status(origin: str, completed: int) -> MemberStatus:
+        return MemberStatus(
+            id=f"status:{origin}:2:0", origin=origin, epoch=2, round=0, completed=completed
+        )
+
+    woke = [(1.0, silent("w0"), None), (1.0, silent("w2"), None)] if suspected else []
+    h = run_table("w1", W3, [
+        *woke,  # awake after 2.5 failure timeouts: it heard nobody
+        (1.0, decision(without_w1, 5, immediate=True), None),  # the others' recovery
+        (1.0, recovery(), None),
+        (1.1, boundary(5), None),  # not in the view: paused, asks to come back
+        (2.0, decision(back, 9), None),
+        (2.1, install_pending(9), None),  # back in the job
+        (3.0, command("link_down", "w0"), None),  # w0 is cut off (on the tree: abort)
+        (3.0, event(lambda h: h.membership.on_proposal(cut("w2", "w0"), h.now)), None),
+        (3.1, recovery(), None),
+        (3.2, event(lambda h: h.membership.on_status(status("w2", 8), h.now)), None),
+    ], step=5)  # fmt: skip
+    return h.membership
+
+
+def test_a_member_that_rejoined_coordinates_its_sides_recovery() -> None:
+    membership = _rejoined_then_cut(suspected=False)
+    assert sorted(membership.view.members) == ["w1", "w2"] and not membership.view.paused
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a member's own crash proposals stay open after the others removed it and it "
+    "rejoined; when it later coordinates a recovery they remove healthy members (soak: a "
+    "paused worker wakes, suspects everybody; at the next partition its side pauses)",
+)
+def test_suspicions_a_member_made_before_it_was_removed_do_not_outlive_its_rejoin() -> None:
+    """As above, but w1 woke from a pause longer than the failure timeout and suspected
+    w0 and w2 before it heard that it had been removed: that old suspicion of w2 must not
+    take w2 out of the view of the recovery w1 coordinates after its rejoin."""
+    membership = _rejoined_then_cut(suspected=True)
+    assert sorted(membership.view.members) == ["w1", "w2"] and not membership.view.paused
