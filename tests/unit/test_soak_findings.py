@@ -1,7 +1,7 @@
 """Protocol faults that `chaos soak` found, each reduced to the one member that goes wrong
 (the membership protocol with a fake clock, as in `test_membership_protocol.py`).
 
-Both are fixed (`membership/planned.py`, `rules.moot`); the tests keep them fixed.
+All three are fixed (`membership/planned.py`, `rules.moot`); the tests keep them fixed.
 """
 
 from __future__ import annotations
@@ -104,12 +104,6 @@ def test_a_member_that_rejoined_coordinates_its_sides_recovery() -> None:
     assert sorted(membership.view.members) == ["w1", "w2"] and not membership.view.paused
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a member's own crash proposals stay open after the others removed it and it "
-    "rejoined; when it later coordinates a recovery they remove healthy members (soak: a "
-    "paused worker wakes, suspects everybody; at the next partition its side pauses)",
-)
 def test_suspicions_a_member_made_before_it_was_removed_do_not_outlive_its_rejoin() -> None:
     """As above, but w1 woke from a pause longer than the failure timeout and suspected
     w0 and w2 before it heard that it had been removed: that old suspicion of w2 must not

@@ -405,7 +405,6 @@ class Membership:
         for cause in decision.causes:
             self._open.pop(cause.id, None)
             self._received_at.pop(cause.id, None)
-        self._drop_settled()
         joiners = [m for m in self.view.members if old is None or m not in old.members]
         for admitted in self.listeners.admitted:
             admitted(decision, old, joiners, send_state)
@@ -419,6 +418,7 @@ class Membership:
             self._received_at.pop(key, None)
 
     def _view_installed(self) -> None:
+        self._drop_settled()
         self._asked_back = self._asked_back and self.view.paused
         for installed in self.listeners.installed:
             installed()

@@ -45,15 +45,18 @@ def ready_wait(
 
 
 def moot(view: View, proposals: Iterable[Proposal]) -> list[str]:
-    """Ids of open planned proposals `view` makes moot (a leave done, a join admitted, a
-    link already down or up). Decided later, they would undo a change made since: the
-    other end's `link_down` would cut a healed link, a stale join re-admit a removed
-    member. Observer joins wait for their shard plan and are never moot here."""
+    """Ids of open proposals `view` makes moot: planned ones it settles (a leave done, a
+    join admitted, a link already down or up), which decided later would undo a change
+    made since (the other end's `link_down` would cut a healed link, a stale join re-admit
+    a removed member), and suspicions of an earlier epoch (those a member made before it
+    was removed would otherwise take healthy members out of a recovery after its rejoin).
+    Observer joins wait for their shard plan and are never moot here."""
     planned = ("leave", "link_up", "link_down", "join")
     return [
         p.id
         for p in proposals
-        if p.kind in planned and p.mode != "observe" and not relevant(view, p)
+        if (p.kind in planned and p.mode != "observe" and not relevant(view, p))
+        or (p.kind in IMMEDIATE and p.epoch < view.epoch)  # stale: fenced if it came now
     ]
 
 
