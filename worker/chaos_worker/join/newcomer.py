@@ -18,6 +18,7 @@ import itertools
 import logging
 import uuid
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -148,16 +149,21 @@ class Newcomer:
                     raise
                 self._out.report("join_fallback", reason=str(exc), t=self._clock())
         self._ask("copy")
-        deadline = self._clock() + patience
-        while self._decision is None:
-            if self._clock() >= deadline:
-                raise JoinFailed(f"no member admitted us within {patience:g} s")
-            await self._news.wait(deadline - self._clock())
+        await self._until(lambda: self._decision is not None, patience, "member admitted us")
         decision = self._decision
         await self._take_state(patience)
         self._out.disconnect(SEED)
         self._membership.install(decision, self._clock(), send_state=False)
         self._out.report("joined", path="stop-and-copy", t=self._clock())
+
+    async def _until(self, done: Callable[[], bool], patience: float, what: str) -> None:
+        """Wait for news until `done()`; JoinFailed ("no `what` within ...") after
+        `patience` seconds."""
+        deadline = self._clock() + patience
+        while not done():
+            if self._clock() >= deadline:
+                raise JoinFailed(f"no {what} within {patience:g} s")
+            await self._news.wait(deadline - self._clock())
 
     def _next_seed(self, attempt: int) -> str:
         """The member to ask through: the seeds given, then every member address heard."""
@@ -240,11 +246,7 @@ class Newcomer:
     async def _join_as_observer(self, patience: float) -> None:
         """Pull the planned snapshot from several members, replay the observed totals, and
         ask to contribute once current; incumbents never wait for the transfer."""
-        deadline = self._clock() + patience
-        while self._plan is None:
-            if self._clock() >= deadline:
-                raise JoinFailed(f"no shard plan within {patience:g} s")
-            await self._news.wait(deadline - self._clock())
+        await self._until(lambda: self._plan is not None, patience, "shard plan")
         plan = self._plan
         started = self._clock()
         last = [0.0]

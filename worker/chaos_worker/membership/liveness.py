@@ -108,7 +108,7 @@ class Liveness:
             for member in view.members:
                 if member == self.me or member in membership.suspects:
                     continue
-                if self._silent(self._heard, member, now):
+                if self._silent(member, now):
                     membership.suspect(member, now)
             self._watch_links(view, now)
             if membership.aborting:
@@ -130,14 +130,15 @@ class Liveness:
             if last is None or last < self._link_since[peer] or (view.epoch, peer) in self._cut:
                 continue
             quiet = now - last > LINK_SILENCE * self._timeout
-            if quiet and not self._silent(self._heard, peer, now):
+            if quiet and not self._silent(peer, now):
                 self._cut.add((view.epoch, peer))
                 self._membership.propose("link_down", self.me, now, peer=peer)
 
-    def _silent(self, heard: dict[str, float], member: str, now: float) -> bool:
-        """Not heard from for longer than the failure timeout. One never heard from is
-        still starting (importing torch, loading the job): it gets the start-up allowance."""
-        last = heard.get(member)
+    def _silent(self, member: str, now: float) -> bool:
+        """Not heard from (over any path) for longer than the failure timeout. One never
+        heard from is still starting (importing torch, loading the job): it gets the
+        start-up allowance."""
+        last = self._heard.get(member)
         silent = now - (last if last is not None else self._born)
         return silent > (self._timeout if last is not None else STARTUP_TIMEOUT_S)
 
