@@ -10,5 +10,5 @@ rm -rf gpu-wheels
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux_2_28_x86_64 -d gpu-wheels \
   "pydantic>=2.6,<3" "prometheus-client>=0.20,<1" "rich>=13,<16" "pyyaml>=6,<7" \
-  "pulp>=2.8,<4" "matplotlib>=3.7,<4" "numpy>=1.26,<3"
+  "pulp>=2.8,<4" "matplotlib>=3.7,<4" "numpy>=1.26,<3" "cryptography>=42,<51" "safetensors>=0.4,<1"
 du -sh gpu-wheels

@@ -19,7 +19,7 @@ DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
 # (api group, resource, verbs) the operator needs in every watched namespace: docs/operator.md,
 # "Permissions it needs". The chart must grant exactly these.
 PERMISSIONS: list[tuple[str, str, frozenset[str]]] = [
-    ("chaos.training.dev", "chaosjobs", frozenset({"get", "list", "watch", "patch"})),
+    ("chaos.training.dev", "chaosjobs", frozenset({"get", "list", "watch", "patch", "delete"})),
     ("chaos.training.dev", "chaosjobs/status", frozenset({"patch"})),
     ("chaos.training.dev", "chaosjobs/scale", frozenset({"patch"})),
     ("chaos.training.dev", "chaosjobs/finalizers", frozenset({"update"})),
@@ -27,6 +27,7 @@ PERMISSIONS: list[tuple[str, str, frozenset[str]]] = [
     ("chaos.training.dev", "chaospeers/status", frozenset({"patch"})),
     ("", "pods", frozenset({"get", "list", "watch", "create", "delete"})),
     ("", "services", frozenset({"create"})),
+    ("", "secrets", frozenset({"get", "create", "update"})),
     ("", "events", frozenset({"create"})),
     ("", "resourcequotas", frozenset({"list"})),
 ]

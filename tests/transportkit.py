@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from chaos_worker.net.bounds import Guard, Limits
 from chaos_worker.net.transport import TcpTransport, Transport, TransportFactory
 from chaos_worker.net.wire import Chunk, Message
 
@@ -40,6 +41,8 @@ async def start(
         lambda peer, graceful: gone.append((peer, graceful)),
         max_payload=max_payload,
     )
+    # the kit's frames are chunks of any size: each type may carry up to `max_payload`
+    transport.guard = Guard(Limits(chunk_bytes=max_payload, state_bytes=max_payload))
     port = await transport.listen("127.0.0.1", 0)
     return Node(name, transport, f"127.0.0.1:{port}", got, gone)
 
@@ -54,7 +57,7 @@ async def until(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.005)
 
 
-def chunk(sender: str, index: int, *, count: int = 1) -> Chunk:
+def chunk(sender: str, index: int, *, count: int = 1 << 20) -> Chunk:
     return Chunk(sender=sender, epoch=0, step=0, phase="up", index=index, count=count)
 
 

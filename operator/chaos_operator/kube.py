@@ -10,6 +10,7 @@ error, only reported as False (`ignoring`), and a status patch of a job deleted 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -27,6 +28,22 @@ FIELD_MANAGER = "chaos-operator"
 log = logging.getLogger("chaos_operator")
 
 
+def final_step(pod: client.V1Pod) -> int | None:
+    """The last step the pod's ended trainer says it completed in its termination message
+    (`{"step": N}` in `/dev/termination-log`, which the kubelet copies into the container's
+    status); None when it said nothing usable."""
+    for container in (pod.status and pod.status.container_statuses) or ():
+        ended = container.state and container.state.terminated
+        if container.name != "trainer" or not ended or not ended.message:
+            continue
+        try:
+            step = json.loads(ended.message).get("step")
+        except (ValueError, AttributeError):
+            return None
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+    return None
+
+
 def observe_pod(pod: client.V1Pod) -> ObservedPod:
     """The reconcile's view of one pod."""
     meta, status = pod.metadata, pod.status
@@ -34,6 +51,7 @@ def observe_pod(pod: client.V1Pod) -> ObservedPod:
     return ObservedPod(
         name=meta.name,
         phase=(status and status.phase) or "Pending",
+        uid=meta.uid or "",
         labels=dict(meta.labels or {}),
         annotations=dict(meta.annotations or {}),
         ready=any(c.type == "Ready" and c.status == "True" for c in conditions),
@@ -43,6 +61,7 @@ def observe_pod(pod: client.V1Pod) -> ObservedPod:
             c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable"
             for c in conditions
         ),
+        final_step=final_step(pod),
     )
 
 
@@ -160,6 +179,12 @@ class KubePods:
             "metadata": {"name": name, "namespace": namespace, "uid": uid},
         }
         post_event(self.core, about, event.reason, event.message, event.type)
+
+    def delete_job(self, job: ChaosJob) -> None:
+        name, namespace, _ = job_meta(job)
+        log.info("%s/%s: deleting the finished job (ttlSecondsAfterFinished)", namespace, name)
+        ignoring(404, self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace,
+                 PLURAL, name)  # fmt: skip
 
     def patch_status(self, job: ChaosJob, status: dict[str, Any]) -> None:
         name, namespace, _ = job_meta(job)

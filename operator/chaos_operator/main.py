@@ -1,13 +1,19 @@
 """`run_operator(settings)`: the operator's composition root (what `chaos operator` runs).
 
 Kubernetes configuration (in-cluster, else kubeconfig) → one `ApiClient` → `KubePods`, the
-`Autoscaler` and the metrics server → the `JobController` → with an identity, the
-`FederationService` → `kopf.operator` (standalone, no peering) with `handlers.registry`.
+`Autoscaler`, with worker TLS the `WorkerIdentities`, and the metrics server → the
+`JobController` → with an identity, the `FederationService` → `kopf.operator` (standalone,
+no peering) with `handlers.registry`.
+
+Worker TLS (`Options.worker_tls`) is for one party's workers only: a federating operator
+(`identity`) runs its workers plaintext, as their certificates would not verify at the other
+parties' workers yet (docs/operator.md, "Worker identities").
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field, replace
 
 import kopf
@@ -18,8 +24,11 @@ from chaos_operator.controller import Context, JobController
 from chaos_operator.federation.identity import Identity
 from chaos_operator.federation.service import FederationService
 from chaos_operator.handlers import registry
+from chaos_operator.identities import WorkerIdentities
 from chaos_operator.kube import KubePods
 from chaos_operator.pods import Options
+
+log = logging.getLogger("chaos_operator")
 
 
 class StartupError(Exception):
@@ -37,7 +46,8 @@ class Settings:
     namespaces: tuple[str, ...] = ()
     """Watched namespaces; empty: every namespace."""
     options: Options = field(default_factory=Options)
-    """Pod addressing and training length; the identity's party is set by `run_operator`."""
+    """Pod addressing, training length, worker TLS; the identity's party is set by
+    `run_operator`."""
     resync_s: float = 10.0
     liveness: str | None = "http://0.0.0.0:8080/healthz"
     """kopf's liveness endpoint; None: none."""
@@ -70,12 +80,17 @@ def run_operator(settings: Settings) -> None:
     load_kube_config()
     api = client.ApiClient()
     identity = settings.identity
+    options = replace(settings.options, party=identity.party if identity else None)
+    if options.worker_tls and identity:
+        log.warning("federation is on: worker links stay plaintext (no cross-party worker trust)")
+        options = replace(options, worker_tls=False)
     ctx = Context(
-        options=replace(settings.options, party=identity.party if identity else None),
+        options=options,
         resync_s=settings.resync_s,
         autoscaler=Autoscaler(
             api, prometheus_url=settings.prometheus_url, prometheus_query=settings.prometheus_query
         ),
+        identities=WorkerIdentities(client.CoreV1Api(api)) if options.worker_tls else None,
     )
     controller = JobController(ctx, KubePods(api, settings.namespaces))
     if settings.metrics_port:

@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.controlplane.plane import REPO, ControlPlane, _die_with_parent
+from tests.controlplane.plane import REPO, ControlPlane, _die_with_parent, free_port
 from tests.controlplane.plane import poll as plane_poll
 from tests.controlplane.podrunner import PodRunner
 
@@ -37,12 +37,6 @@ def free_range(count: int) -> int:
         except OSError:
             continue
     raise RuntimeError("no free port range")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class JobView:

@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from chaos_cli.local.launcher import free_ports
 from chaos_operator.federation.identity import self_signed_ca
 from chaos_worker.priority import die_with_parent
 from cryptography import x509
@@ -85,10 +85,9 @@ def find_binaries() -> tuple[Path, Path]:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nobody listens on right now, below the ephemeral range
+    (see `chaos_cli.local.launcher.free_ports`)."""
+    return free_ports(1, 0)[0]
 
 
 _die_with_parent = die_with_parent(signal.SIGTERM)

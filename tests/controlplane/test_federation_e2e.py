@@ -84,12 +84,12 @@ class Party:
         return f"=== {self.name}: " + (self.run.diagnose() if self.run else "not started")
 
 
-def chaos_peer(name: str, ns: str, endpoint: str, **trust: str) -> dict[str, Any]:
+def chaos_peer(name: str, ns: str, party: str, endpoint: str, **trust: str) -> dict[str, Any]:
     return {
         "apiVersion": "chaos.training.dev/v1alpha1",
         "kind": "ChaosPeer",
         "metadata": {"name": name, "namespace": ns},
-        "spec": {"endpoint": endpoint, **trust},
+        "spec": {"party": party, "endpoint": endpoint, **trust},
     }
 
 
@@ -119,13 +119,13 @@ def test_two_parties_train_together_and_each_goes_on_without_the_other(
     # alpha pins beta's key; beta trusts alpha's CA (both ways of pinning); a third ChaosPeer
     # in alpha pins the wrong key for beta's endpoint.
     plane_a.apply(
-        chaos_peer("beta", ns, f"https://127.0.0.1:{beta.port}",
+        chaos_peer("beta", ns, "beta", f"https://127.0.0.1:{beta.port}",
                    keyFingerprint=beta.identity.fingerprint),
-        chaos_peer("beta-wrong", wrong_ns, f"https://127.0.0.1:{beta.port}",
+        chaos_peer("beta-wrong", wrong_ns, "beta", f"https://127.0.0.1:{beta.port}",
                    keyFingerprint=alpha.identity.fingerprint),
     )  # fmt: skip
     plane_b.apply(
-        chaos_peer("alpha", ns, f"https://localhost:{alpha.port}",
+        chaos_peer("alpha", ns, "alpha", f"https://localhost:{alpha.port}",
                    caBundle=alpha.identity.ca_cert.decode()),
     )  # fmt: skip
     job_a, job_b = JobView(plane_a, ns, "digits"), JobView(plane_b, ns, "digits")

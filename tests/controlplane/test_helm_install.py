@@ -100,9 +100,10 @@ def test_install_upgrade_uninstall_and_rbac(
     for verb, resource, ns in [
         ("create", "pods", "elsewhere"),
         ("get", "chaosjobs.chaos.training.dev", "chaos-system"),
-        ("delete", "chaosjobs.chaos.training.dev", "ml-a"),
+        ("delete", "chaospeers.chaos.training.dev", "ml-a"),  # chaosjobs: the TTL deletes
         ("update", "chaosjobs.chaos.training.dev", "ml-a"),
-        ("get", "secrets", "ml-a"),
+        ("list", "secrets", "ml-a"),  # only the Secrets it names: its CA, its pods'
+        ("delete", "secrets", "ml-a"),
         ("delete", "services", "ml-a"),
         ("create", "pods", None),
     ]:
@@ -116,7 +117,7 @@ def test_install_upgrade_uninstall_and_rbac(
     install(plane, helm_home, "chaos-system", "--reuse-values", "--set", "watchAll=true")
     assert can(plane, "chaos-system", "create", "pods", "elsewhere")
     assert can(plane, "chaos-system", "patch", "chaosjobs.chaos.training.dev/status", "elsewhere")
-    assert not can(plane, "chaos-system", "get", "secrets", "elsewhere")
+    assert not can(plane, "chaos-system", "list", "secrets", "elsewhere")
     roles = plane.kubectl("get", "roles", "-n", "ml-a", "-o", "name").stdout.split()
     assert f"role.rbac.authorization.k8s.io/{RELEASE}" not in roles
     args = deployment_args(plane, "chaos-system")
@@ -215,6 +216,14 @@ def test_operator_works_with_only_the_charts_rights(
 
         # Nothing runs pods here: they stay Pending, which is enough to see every right used.
         check(lambda: pods() == {"digits-w0", "digits-w1", "digits-w2"}, "3 pods")
+        # and their identities (worker TLS is the operator's default)
+        check(
+            lambda: (
+                {f"secret/digits-w{n}-tls" for n in range(3)} | {"secret/chaos-worker-ca"}
+                <= set(plane.kubectl("get", "secrets", "-n", "ml-a", "-o", "name").stdout.split())
+            ),
+            "identity Secrets",
+        )
         plane.get("service", "digits-workers", "ml-a")
         check(
             lambda: (

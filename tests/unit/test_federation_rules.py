@@ -128,16 +128,23 @@ def test_a_new_job_waits_for_an_exchange_with_each_peer_is_waited_for_then_not()
     assert "alpha (NotSynced)" in synced["message"]
 
 
-def test_the_remote_limit_caps_our_workers() -> None:
+def test_the_remote_limit_decides_where_we_join_not_how_many_we_run() -> None:
+    # alpha admits 1 of our workers, we want 3: we run 3, in a set of our own, and say why
     plan = reconcile(make_job(3), [], now=NOW, options=FED, federation=view(alpha(max_workers=1)))
-    assert len(plan.create) == 1
+    assert len(plan.create) == 3 and all("members" in config_of(p) for p in plan.create)
+    message = conditions(plan)["FederationSynced"]["message"]
+    assert "party alpha admits at most 1 of our workers" in message
+    # alpha admits all 3: they join through alpha
+    plan = reconcile(make_job(3), [], now=NOW, options=FED, federation=view(alpha(max_workers=3)))
+    assert [config_of(p)["join"] for p in plan.create] == ["10.0.0.1:7070"] * 3
+    # a limit below what already runs removes nothing of ours
     world = World(3, FED)
     world.step()
     world.run_all()
     plan = reconcile(world.job, list(world.pods.values()), now=NOW, options=FED,
                      federation=view(alpha(max_workers=2)))  # fmt: skip
-    assert plan.delete == ["digits-w2"]  # only our own newest member goes
-    assert plan.status["phase"] != "Recovering"
+    assert plan.delete == [] and plan.create == []
+    assert plan.status["phase"] == "Running"
 
 
 def test_without_federation_nothing_changes() -> None:
@@ -152,6 +159,7 @@ def peer(name: str = "alpha", ns: str = "ns", **policy) -> ChaosPeer:
         {
             "metadata": {"name": name, "namespace": ns, "generation": 2},
             "spec": {
+                "party": name,
                 "endpoint": "https://127.0.0.1:1",
                 "keyFingerprint": "sha256:" + "0" * 64,
                 "policy": policy,
@@ -244,7 +252,7 @@ def test_identity_init_writes_a_secret_layout_and_prints_the_fingerprint(
     sans = cert.extensions.get_extension_for_class(ident.x509.SubjectAlternativeName).value
     assert [str(n.value) for n in sans] == ["chaos.alpha.example", "10.1.2.3"]
     ChaosPeer.model_validate(
-        {"spec": {"endpoint": "https://x", "keyFingerprint": loaded.fingerprint}}
+        {"spec": {"party": "alpha", "endpoint": "https://x", "keyFingerprint": loaded.fingerprint}}
     )
     # bad input: one line, exit code 2, nothing overwritten
     assert main(["identity", "init", "--party", "alpha", "--out", str(out)]) == 2

@@ -27,8 +27,13 @@ def make_identity(tmp: Path, party: str, sans: tuple[str, ...] = ident.DEFAULT_S
 
 
 def peer(name: str, port: int, *, fingerprint: str | None = None, bundle: bytes | None = None,
-         ns: str = "ns", **policy: Any) -> ChaosPeer:  # fmt: skip
-    spec: dict[str, Any] = {"endpoint": f"https://127.0.0.1:{port}", "policy": policy}
+         ns: str = "ns", party: str | None = None, **policy: Any) -> ChaosPeer:  # fmt: skip
+    """A ChaosPeer `name` for the party `party` (default: `name`) on loopback `port`."""
+    spec: dict[str, Any] = {
+        "party": party or name,
+        "endpoint": f"https://127.0.0.1:{port}",
+        "policy": policy,
+    }
     if fingerprint:
         spec["keyFingerprint"] = fingerprint
     if bundle:
@@ -96,7 +101,7 @@ def test_pinned_fingerprints_federate_both_ways(parties: dict[str, Any]) -> None
     assert remote.party == "alpha"
     assert remote.members == {"alpha.digits-w0": "127.0.0.1:7070"}
     assert remote.admits_us and remote.max_workers is None
-    assert view.seed() == (remote, "alpha.digits-w0", "127.0.0.1:7070")
+    assert view.seed(1) == (remote, "alpha.digits-w0", "127.0.0.1:7070")
     # alpha's server stored beta's message too, with beta's admission decision for alpha.
     assert alpha.records()[("ns", "beta")].message.federation("mnist").max_workers == 3
 

@@ -50,6 +50,10 @@ class Outbox(Protocol):
         ...
 
 
+RATE_WINDOW = 16
+"""Steps over which a member's speed is taken (their median)."""
+
+
 @dataclass
 class Progress:
     """Where training stands: written by the trainer (and a newcomer's state load), read
@@ -62,9 +66,21 @@ class Progress:
     started: float = 0.0
     """When `step` began (clock seconds)."""
     samples_per_s: float = 0.0
-    """This member's compute speed in its last step with samples."""
+    """This member's compute speed: the median samples/s of its last steps with samples."""
+    rates: deque[float] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))
+    """samples/s of the last steps with samples."""
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=10))
     """Wall time of the last steps, compute and all-reduce."""
+
+    def computed(self, samples: int, seconds: float) -> None:
+        """Record one step's compute. The median over a window, not the last step, is the
+        speed the batch is split by and the majority weighed by: one step's figure swings
+        several-fold with scheduling, and splits that follow such swings drift the batch
+        onto a few members (whose slices amortise the fixed cost of a step, so they then
+        measure faster still)."""
+        if samples > 0:
+            self.rates.append(samples / max(seconds, 1e-6))
+            self.samples_per_s = statistics.median(self.rates)
 
     def period(self) -> float | None:
         """The median step time; None before the first step."""

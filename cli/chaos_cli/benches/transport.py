@@ -1,4 +1,5 @@
-"""one-way loopback transfer time of the asyncio TcpTransport against raw blocking sockets
+"""one-way loopback transfer time of the asyncio TcpTransport, plaintext and over mutual TLS,
+against raw blocking sockets
 
 The receiver runs in a second process (spawned) so that sender and receiver do not share a
 GIL, as two workers would not. The sender stamps `time.perf_counter()` just before handing
@@ -8,8 +9,11 @@ preallocated bytearray returned) and ships the stamp back over a pipe. On Linux
 `perf_counter` is CLOCK_MONOTONIC, one clock for every process on the host, so the
 difference is the one-way time, with no ack round trip to subtract. The TcpTransport message
 is a `Chunk` header plus the payload; the raw message is an 8-byte length plus the payload.
-Both links are set up before timing, and every size is sent once untimed on each path
-before its timed repeats; times are medians.
+The TLS path is a second pair of TcpTransports with the mutual TLS 1.3 of `chaos run`
+(certificates of a CA made for the bench in a private directory). All links are set up
+before timing, and every size is sent once untimed on each path before its timed repeats;
+times are medians. `tls` sums it up: bytes over the sum of the median times, plaintext and
+TLS, and their ratio.
 """
 
 from __future__ import annotations
@@ -17,19 +21,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import shutil
 import socket
 import statistics
 import struct
 import sys
+import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from chaos_cli.argtypes import positive_int, positive_ints
 
 MB = 1 << 20
 _LENGTH = struct.Struct("!Q")
 _MAX_PAYLOAD = 1 << 34
+PATHS = ("transport", "tls", "raw")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,42 +56,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     if time.get_clock_info("perf_counter").implementation != "clock_gettime(CLOCK_MONOTONIC)":
         raise SystemExit("bench transport needs perf_counter to be CLOCK_MONOTONIC (Linux)")
+    from chaos_operator.federation.workerca import WorkerCA
+
+    directory = Path(tempfile.mkdtemp(prefix="chaos-bench-tls-"))
     context = multiprocessing.get_context("spawn")
     ports_rx, ports_tx = context.Pipe(duplex=False)
     stamps_rx, stamps_tx = context.Pipe(duplex=False)
     stop_rx, stop_tx = context.Pipe(duplex=False)
-    child = context.Process(
-        target=_receiver, args=(ports_tx, stamps_tx, stop_rx, max(args.sizes) * MB), daemon=True
-    )
-    child.start()
     try:
-        raw_port, transport_port = ports_rx.recv()
-        transport_s, raw_s = asyncio.run(
-            _sender(args.sizes, args.repeats, raw_port, transport_port, stamps_rx)
+        ca = WorkerCA(directory, "bench")
+        rx_files = ca.issue("rx")
+        child = context.Process(
+            target=_receiver,
+            args=(ports_tx, stamps_tx, stop_rx, max(args.sizes) * MB, rx_files),
+            daemon=True,
         )
+        child.start()
+        try:
+            ports = ports_rx.recv()
+            times = asyncio.run(_sender(args.sizes, args.repeats, ports, stamps_rx, ca.issue("tx")))
+        finally:
+            stop_tx.send(None)
+            child.join(10)
+            if child.is_alive():
+                child.terminate()
     finally:
-        stop_tx.send(None)
-        child.join(10)
-        if child.is_alive():
-            child.terminate()
+        shutil.rmtree(directory, ignore_errors=True)
     runs = []
     for size in args.sizes:
-        t, r = statistics.median(transport_s[size]), statistics.median(raw_s[size])
-        runs.append(
-            {
-                "size_mb": size,
-                "transport_s": round(t, 5),
-                "transport_mb_per_s": round(size / t, 1),
-                "raw_s": round(r, 5),
-                "raw_mb_per_s": round(size / r, 1),
-                "ratio": round(t / r, 2),
-            }
-        )
+        median = {path: statistics.median(times[path][size]) for path in PATHS}
+        run = {"size_mb": size}
+        for path in PATHS:
+            run[f"{path}_s"] = round(median[path], 5)
+            run[f"{path}_mb_per_s"] = round(size / median[path], 1)
+        run["ratio"] = round(median["transport"] / median["raw"], 2)
+        run["tls_ratio"] = round(median["transport"] / median["tls"], 2)
+        runs.append(run)
     return {
         "runs": runs,
+        "tls": _tls_summary(args.sizes, times),
         "repeats": args.repeats,
         "python": sys.version.split()[0],
         "note": _note(runs),
+    }
+
+
+def _tls_summary(sizes: list[int], times: dict[str, dict[int, list[float]]]) -> dict:
+    """Plaintext and TLS throughput over all sizes (GiB over the sum of median seconds)."""
+    gib = sum(sizes) / 1024
+    plain = gib / sum(statistics.median(times["transport"][size]) for size in sizes)
+    tls = gib / sum(statistics.median(times["tls"][size]) for size in sizes)
+    return {
+        "plain_gib_per_s": round(plain, 3),
+        "tls_gib_per_s": round(tls, 3),
+        "tls_over_plain": round(tls / plain, 3),
     }
 
 
@@ -91,7 +117,8 @@ def _note(runs: list[dict]) -> str:
     """How the times were taken and, when the asyncio path lags, why."""
     note = (
         "one-way: perf_counter before send on the sender, after the whole payload is in "
-        "memory on the receiver (separate processes, same CLOCK_MONOTONIC); medians."
+        "memory on the receiver (separate processes, same CLOCK_MONOTONIC); medians. "
+        "tls_ratio: TLS throughput over plaintext TcpTransport throughput."
     )
     slow = [r["size_mb"] for r in runs if r["ratio"] > 2]
     if slow:
@@ -109,11 +136,27 @@ def _note(runs: list[dict]) -> str:
     return note
 
 
-async def _sender(
-    sizes: list[int], repeats: int, raw_port: int, transport_port: int, stamps: Connection
-) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
-    """Send every message on both paths; one-way seconds per size and path."""
+def _transport(me: str, on_message, tls_files=None):
+    """A TcpTransport for the bench, with the mutual TLS of `tls_files` if given."""
+    from chaos_worker.net.bounds import Guard, Limits
+    from chaos_worker.net.tls import LinkTls
     from chaos_worker.net.transport import TcpTransport
+
+    tls = LinkTls(tls_files, me) if tls_files is not None else None
+    factory = TcpTransport.secured(tls)
+    transport = factory(me, on_message, _ignore, max_payload=_MAX_PAYLOAD)
+    transport.guard = Guard(Limits(chunk_bytes=_MAX_PAYLOAD))  # its messages: chunks of any size
+    return transport
+
+
+def _ignore(*_: object) -> None:
+    """What the bench does with what it does not measure (a sender's incoming frames)."""
+
+
+async def _sender(
+    sizes: list[int], repeats: int, ports: dict[str, int], stamps: Connection, tls_files
+) -> dict[str, dict[int, list[float]]]:
+    """Send every message on every path; one-way seconds per path and size."""
     from chaos_worker.net.wire import Chunk
 
     loop = asyncio.get_running_loop()
@@ -121,15 +164,16 @@ async def _sender(
     async def stamp() -> tuple[float, int]:
         return await loop.run_in_executor(None, stamps.recv)
 
-    tx = TcpTransport("tx", lambda *_: None, lambda *_: None, max_payload=_MAX_PAYLOAD)
-    tx.connect("rx", f"127.0.0.1:{transport_port}")
-    raw = socket.create_connection(("127.0.0.1", raw_port))
+    senders = {"transport": _transport("tx", _ignore), "tls": _transport("tx", _ignore, tls_files)}
+    for path, tx in senders.items():
+        tx.connect("rx", f"127.0.0.1:{ports[path]}")
+    raw = socket.create_connection(("127.0.0.1", ports["raw"]))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    async def one_transport(payload: bytes, index: int) -> float:
-        chunk = Chunk(sender="tx", epoch=0, step=0, phase="up", index=index, count=1)
+    async def one_transport(path: str, payload: bytes, index: int) -> float:
+        chunk = Chunk(sender="tx", epoch=0, step=0, phase="up", index=index, count=index + 1)
         start = time.perf_counter()
-        tx.send("rx", chunk, payload)
+        senders[path].send("rx", chunk, payload)
         end, nbytes = await stamp()
         assert nbytes == len(payload), (nbytes, len(payload))
         return end - start
@@ -146,32 +190,39 @@ async def _sender(
         assert nbytes == len(payload), (nbytes, len(payload))
         return end - start
 
+    async def one(path: str, payload: bytes, index: int) -> float:
+        if path == "raw":
+            return await one_raw(payload)
+        return await one_transport(path, payload, index)
+
     try:
-        await one_transport(b"warm", 0)
-        await one_raw(b"warm")
-        transport_s: dict[int, list[float]] = {}
-        raw_s: dict[int, list[float]] = {}
+        times: dict[str, dict[int, list[float]]] = {path: {} for path in PATHS}
+        for path in PATHS:
+            await one(path, b"warm", 0)
         for size in sizes:
             payload = bytes(size * MB)
-            await one_transport(payload, 0)
-            transport_s[size] = [await one_transport(payload, i) for i in range(repeats)]
-            await one_raw(payload)
-            raw_s[size] = [await one_raw(payload) for _ in range(repeats)]
+            for path in PATHS:
+                await one(path, payload, 0)
+                times[path][size] = [await one(path, payload, i) for i in range(repeats)]
             del payload
-        return transport_s, raw_s
+        return times
     finally:
         raw.close()
-        await tx.close()
+        for tx in senders.values():
+            await tx.close()
 
 
-def _receiver(ports: Connection, stamps: Connection, stop: Connection, max_bytes: int) -> None:
-    """Child process: a TcpTransport and a raw socket that stamp every completed message."""
-    asyncio.run(_receive(ports, stamps, stop, max_bytes))
+def _receiver(
+    ports: Connection, stamps: Connection, stop: Connection, max_bytes: int, tls_files
+) -> None:
+    """Child process: TcpTransports (plaintext, TLS) and a raw socket that stamp every
+    completed message."""
+    asyncio.run(_receive(ports, stamps, stop, max_bytes, tls_files))
 
 
-async def _receive(ports: Connection, stamps: Connection, stop: Connection, max_bytes: int):
-    from chaos_worker.net.transport import TcpTransport
-
+async def _receive(
+    ports: Connection, stamps: Connection, stop: Connection, max_bytes: int, tls_files
+) -> None:
     lock = threading.Lock()
 
     def report(nbytes: int) -> None:
@@ -179,18 +230,20 @@ async def _receive(ports: Connection, stamps: Connection, stop: Connection, max_
         with lock:
             stamps.send((end, nbytes))
 
-    rx = TcpTransport(
-        "rx",
-        lambda _s, _m, payload: report(len(payload)),
-        lambda *_: None,
-        max_payload=_MAX_PAYLOAD,
-    )
-    transport_port = await rx.listen("127.0.0.1", 0)
+    def on_message(_sender, _message, payload: bytes) -> None:
+        report(len(payload))
+
+    receivers = {
+        "transport": _transport("rx", on_message),
+        "tls": _transport("rx", on_message, tls_files),
+    }
+    bound = {path: await rx.listen("127.0.0.1", 0) for path, rx in receivers.items()}
     server = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_raw_receiver, args=(server, report, max_bytes), daemon=True).start()
-    ports.send((server.getsockname()[1], transport_port))
+    ports.send({**bound, "raw": server.getsockname()[1]})
     await asyncio.get_running_loop().run_in_executor(None, stop.recv)
-    await rx.close()
+    for rx in receivers.values():
+        await rx.close()
     server.close()
 
 

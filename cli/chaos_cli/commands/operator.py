@@ -69,6 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="training steps of every worker (default: train until the job is deleted)",
     )
     parser.add_argument(
+        "--insecure-workers",
+        action="store_true",
+        help="run worker links plaintext: issue no certificates (default: mutual TLS, each pod "
+        "a certificate in the Secret <pod>-tls from the namespace's chaos-worker-ca; off "
+        "anyway with --identity)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=8081,
@@ -135,7 +142,12 @@ def handle(args: argparse.Namespace) -> int:
     identity, listen = _federation_args(args)
     settings = Settings(
         namespaces=tuple(args.namespace or ()),
-        options=Options(pod_host=args.pod_host, base_port=args.base_port, steps=args.steps),
+        options=Options(
+            pod_host=args.pod_host,
+            base_port=args.base_port,
+            steps=args.steps,
+            worker_tls=not args.insecure_workers,
+        ),
         resync_s=args.resync,
         liveness=None if args.liveness == "off" else args.liveness,
         metrics_host=args.metrics_host,

@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from chaos_worker.net.shaping import ShapeError, parse_links
+    from chaos_worker.net.shaping import parse_links
+    from chaos_worker.net.tls import TlsError
     from chaos_worker.net.transport import parse_address
+    from chaos_worker.priority import exit_at_once
     from chaos_worker.replication.sidecar import options, serve
 
     directory = Path(args.dir)
@@ -37,11 +39,14 @@ def handle(args: argparse.Namespace) -> int:
         raise UserError(f"--listen: {exc}") from None
     try:
         parse_links(args.links)
-    except ShapeError as exc:
+        kwargs = options(args)
+    except ValueError as exc:  # ShapeError included
         raise UserError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s replicator %(message)s")
     try:
-        asyncio.run(serve(args.id, directory, host, port, **options(args)))
+        asyncio.run(serve(args.id, directory, host, port, **kwargs))
+    except TlsError as exc:
+        raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"--listen {args.listen}: {exc.strerror or exc}") from None
-    return 0
+    exit_at_once(0)

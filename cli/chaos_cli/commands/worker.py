@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from chaos_worker.config import WorkerConfig
+    from chaos_worker.priority import exit_at_once
     from chaos_worker.process import run_worker
 
     try:
@@ -29,4 +30,4 @@ def handle(args: argparse.Namespace) -> int:
         raise UserError(f"--config {args.config}: {exc}") from None
     except ValidationError as exc:
         raise UserError(f"--config {args.config}: {describe_validation_error(exc)}") from None
-    return run_worker(config)
+    exit_at_once(run_worker(config))

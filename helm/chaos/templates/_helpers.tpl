@@ -70,7 +70,7 @@ releases of the same name in one cluster do not collide. */}}
 {{- define "chaos.rules" -}}
 - apiGroups: [chaos.training.dev]
   resources: [chaosjobs]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, patch, delete]
 - apiGroups: [chaos.training.dev]
   resources: [chaosjobs/status]
   verbs: [patch]
@@ -92,6 +92,9 @@ releases of the same name in one cluster do not collide. */}}
 - apiGroups: [""]
   resources: [services]
   verbs: [create]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, update]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from chaos_operator.api.chaosjob import NAME_PATTERN
 from chaos_operator.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta, conditions_field
 
 #: An https URL with a host and an optional port and path; peers always talk mutual TLS.
@@ -47,6 +48,15 @@ class ChaosPeerSpec(ApiModel):
         }
     )
 
+    party: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=NAME_PATTERN,
+        description=(
+            "The remote party's name. Its operator certificate must name this party (common "
+            "name); whatever it sends counts for this party and for no other."
+        ),
+    )
     endpoint: str = Field(
         max_length=2048,
         pattern=ENDPOINT_PATTERN,

@@ -117,6 +117,59 @@ def self_signed_ca(
     return key, cert
 
 
+def issue(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_name: x509.Name,
+    subject: x509.Name,
+    sans: list[x509.GeneralName],
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new P-256 key and a leaf certificate for it, signed by the CA (`ca_key`, `ca_name`),
+    for TLS server and client authentication alike."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage(ca=False), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM (to be written with `write_file`, mode 0600)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` anew, created with its final `mode`: a key is never readable by others,
+    not even briefly."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, mode)
+
+
 def create(party: str, sans: tuple[str, ...] = DEFAULT_SANS, days: int = 365) -> NewIdentity:
     """A new party CA (valid 10 years) and an operator certificate (valid `days`) signed by it."""
     if not (re.fullmatch(NAME_PATTERN, party) and len(party) <= 63):
@@ -136,47 +189,27 @@ def create(party: str, sans: tuple[str, ...] = DEFAULT_SANS, days: int = 365) ->
     ca_key, ca = self_signed_ca(
         ca_name, now - dt.timedelta(minutes=5), now + dt.timedelta(days=3650)
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, party),
-                    x509.NameAttribute(NameOID.COMMON_NAME, party),
-                ]
-            )
-        )
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(key_usage(ca=False), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, party),
+            x509.NameAttribute(NameOID.COMMON_NAME, party),
+        ]
+    )
+    key, cert = issue(
+        ca_key,
+        ca_name,
+        subject,
+        names,
+        now - dt.timedelta(minutes=5),
+        now + dt.timedelta(days=days),
     )
     pem = serialization.Encoding.PEM
-
-    def private(k: ec.EllipticCurvePrivateKey) -> bytes:
-        return k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
     return NewIdentity(
         party=party,
         ca_cert=ca.public_bytes(pem),
-        ca_key=private(ca_key),
+        ca_key=private_pem(ca_key),
         cert=cert.public_bytes(pem),
-        key=private(key),
+        key=private_pem(key),
         fingerprint=spki_fingerprint(cert),
     )
 
@@ -195,12 +228,7 @@ def write(identity: NewIdentity, out: Path, *, force: bool = False) -> list[Path
         raise IdentityError(f"{out} already holds {', '.join(existing)} (use --force to replace)")
     out.mkdir(parents=True, exist_ok=True)
     for path, (data, mode) in zip(paths, files.values(), strict=True):
-        # Create with the final mode, so a key is never readable by others, not even briefly.
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(path, mode)
+        write_file(path, data, mode)
     return paths
 
 

@@ -5,13 +5,25 @@ One exchange is `POST /v1/sync` over mutually authenticated TLS: the client send
 members the sender runs (id -> data-plane address), how many workers it wants, and whether the
 *receiving* party's workers may join (its `ChaosPeer` policy for the receiver). It is only
 information: nothing in it asks the receiver to create or delete anything.
+
+Everything is bounded and checked before it is used: the body's size, the counts, every
+string by pattern and length, every number by range; numbers are JSON integers only (strict:
+no floats, NaN, Infinity, strings or booleans in their place). Which values a receiver then
+trusts, and for whose workers, is `rules`' business.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from chaos_operator.api.chaosjob import NAME_PATTERN
@@ -21,17 +33,35 @@ SYNC_PATH = "/v1/sync"
 MAX_BODY_BYTES = 1 << 20
 MAX_MEMBERS = 1000
 MAX_FEDERATIONS = 256
+MAX_WORKERS = 100_000
 
 PartyName = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
 MemberId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$", max_length=253)]
+
+
+def _port_in_range(address: str) -> str:
+    if not 0 < int(address.rpartition(":")[2]) < 65536:
+        raise ValueError(f"port of {address!r} out of 1..65535")
+    return address
+
+
 Address = Annotated[
-    str, StringConstraints(pattern=r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$", max_length=259)
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$", max_length=259),
+    AfterValidator(_port_in_range),
 ]
+"""host:port of a trainer: a DNS name or IPv4 address and a port in 1..65535."""
+Count = Annotated[int, Field(ge=0, le=MAX_WORKERS)]
 
 
 class _Message(BaseModel):
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        allow_inf_nan=False,
     )
 
 
@@ -44,15 +74,17 @@ class FederationInfo(_Message):
         max_length=MAX_MEMBERS,
         description="The sender's running members: id -> host:port of the trainer.",
     )
-    replicas: int = Field(ge=0, le=100_000, description="Workers the sender wants to run.")
-    starting: int = Field(
-        0, ge=0, le=100_000, description="The sender's members created but not running yet."
-    )
+    replicas: Count = Field(description="Workers the sender wants to run.")
+    starting: Count = Field(0, description="The sender's members created but not running yet.")
     admitted: bool = Field(
         description="Whether the receiver's workers may join this federation at the sender."
     )
-    max_workers: int | None = Field(
-        None, ge=0, description="Most workers of the receiver admitted at once; None: no limit."
+    max_workers: Count | None = Field(
+        None, description="Most workers of the receiver admitted at once; None: no limit."
+    )
+    steps: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = Field(
+        None,
+        description="The job's length (ChaosJob spec.steps); parties must agree. None: unsaid.",
     )
 
 

@@ -1,8 +1,9 @@
 """The federation service inside `chaos operator`: an HTTPS server and a sync loop.
 
 * The server (`--federation-listen HOST:PORT`) answers `POST /v1/sync` only to clients whose
-  certificate matches one of this party's ChaosPeer objects (`tls.match_client`); it stores the
-  client's message and answers with ours for that peer.
+  certificate matches one of this party's ChaosPeer objects (`tls.match_client`: pin, dates
+  and the party the ChaosPeer names); it stores the client's message as that party's and
+  answers with ours for that peer. A refused client is logged once per reason.
 * The sync loop, every `interval_s`, lists the ChaosPeers, exchanges messages with each peer
   (`tls.exchange`), writes each ChaosPeer's status (and an Event when its `Federated`
   condition changes), and asks for a reconcile of every local job whose view changed.
@@ -32,7 +33,7 @@ from pydantic import ValidationError
 
 from chaos_operator.api import GROUP, VERSION, ChaosPeer
 from chaos_operator.federation import tls
-from chaos_operator.federation.identity import Identity, parse_certificate, party_of
+from chaos_operator.federation.identity import Identity
 from chaos_operator.federation.protocol import MAX_BODY_BYTES, SYNC_PATH, SyncMessage
 from chaos_operator.federation.rules import (
     TRUST_FAILURES,
@@ -90,6 +91,8 @@ class FederationService:
         self._views: dict[Key, FederationView] = {}
         self._appeared: dict[Key, float] = {}
         """When each local job was first published (monotonic)."""
+        self._refusals: set[str] = set()
+        """Reasons for refusing a client already logged (bounded)."""
         self._started = time.monotonic()
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task | None = None
@@ -176,15 +179,19 @@ class FederationService:
         der = sslobj.getpeercert(binary_form=True) if sslobj else None
         with self._lock:
             peers = list(self._peers)
-        matched = sorted(tls.match_client(peers, der), key=peer_key)
-        if not matched or der is None:
+        matched, why = tls.match_client(peers, der)
+        if not matched:
+            self._refused(request.remote, why)
             return web.json_response({"error": "unknown party"}, status=403)
-        party = party_of(parse_certificate(der))
+        matched.sort(key=peer_key)
+        party = matched[0].spec.party
         try:
             message = SyncMessage.decode(await request.read())
         except (ValidationError, ValueError) as exc:
             return web.json_response({"error": f"invalid message: {exc}"[:500]}, status=400)
-        if party is None or message.party != party or party == self.party:
+        if message.party != party or party == self.party:
+            self._refused(request.remote, f"PartyMismatch: message from {message.party} over "
+                          f"a certificate of party {party}")  # fmt: skip
             return web.json_response({"error": "party does not match certificate"}, status=403)
         now = time.monotonic()
         with self._lock:
@@ -195,6 +202,15 @@ class FederationService:
             body=outgoing(self.party, matched[0], local).encode(),
             content_type="application/json",
         )
+
+    def _refused(self, remote: str | None, why: str) -> None:
+        """Log a refused client, once per reason (at most 256 reasons remembered)."""
+        if why in self._refusals:
+            return
+        if len(self._refusals) >= 256:
+            self._refusals.clear()
+        self._refusals.add(why)
+        log.warning("federation: refused a client at %s: %s", remote, why)
 
     # --------------------------------------------------------------------- client
 
@@ -255,9 +271,13 @@ class FederationService:
                 )
         except tls.PeerError as exc:
             with self._lock:
+                changed = self._failures.get(key) != exc.reason
                 self._failures[key] = exc.reason
                 if exc.reason in TRUST_FAILURES:
                     self._records.pop(key, None)
+            if changed and exc.reason in TRUST_FAILURES:
+                log.warning("federation: ChaosPeer %s/%s distrusted: %s (%s)", *key, exc,
+                            exc.reason)  # fmt: skip
             return ExchangeOutcome(False, exc.reason, str(exc))
         with self._lock:
             self._failures.pop(key, None)

@@ -4,8 +4,13 @@ Trust is never the public PKI: a peer is trusted through its `ChaosPeer`, either
 
 * `caBundle`: ordinary chain verification against that bundle only (and the endpoint's host
   name), or
-* `keyFingerprint`: no CA check at all; right after the handshake, and before a byte of the
-  request is sent, the SHA-256 of the leaf's SubjectPublicKeyInfo must equal the pin.
+* `keyFingerprint`: no CA check; right after the handshake, and before a byte of the request
+  is sent, the SHA-256 of the leaf's SubjectPublicKeyInfo must equal the pin and the leaf must
+  be within its validity dates.
+
+Either way the certificate's common name must be the party the `ChaosPeer` names
+(`spec.party`): a party's CA cannot speak for another party, and a peer's messages count for
+the party its ChaosPeer names and no other.
 
 The server requires a client certificate. Python's `ssl` cannot accept an arbitrary client
 certificate and judge it afterwards (there is no verify callback), so the server's trust store
@@ -16,7 +21,8 @@ client has checked the server's certificate before the server judges the client'
 refused first attempt teaches the client the peer's key, and the next round succeeds both ways.
 A client that none of the anchors verifies fails the handshake. After the handshake
 `match_client` decides, from the current `ChaosPeer` objects only, which peer the client is
-(anchors of deleted or re-pinned peers thus grant nothing).
+(anchors of deleted or re-pinned peers thus grant nothing), with the same checks of party and
+dates as the client's.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import http.client
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -94,8 +101,35 @@ def issued_by_bundle(cert: x509.Certificate, bundle: str) -> bool:
     return False
 
 
-def check_server(peer: ChaosPeer, leaf_der: bytes | None) -> x509.Certificate:
-    """After the handshake: the server's leaf must match the peer's pin (fingerprint case)."""
+def dates_error(cert: x509.Certificate, now: datetime | None = None) -> PeerError | None:
+    """`CertificateInvalid` if `now` lies outside the certificate's validity dates."""
+    now, fmt = now or datetime.now(UTC), "%Y-%m-%dT%H:%M:%SZ"
+    if now < cert.not_valid_before_utc:
+        why = f"is not valid before {cert.not_valid_before_utc:{fmt}}"
+    elif now > cert.not_valid_after_utc:
+        why = f"expired at {cert.not_valid_after_utc:{fmt}}"
+    else:
+        return None
+    return PeerError("CertificateInvalid", f"the peer's certificate {why}")
+
+
+def party_error(peer: ChaosPeer, cert: x509.Certificate) -> PeerError | None:
+    """`PartyMismatch` unless the certificate names the party that the ChaosPeer names."""
+    named = party_of(cert)
+    if named != peer.spec.party:
+        return PeerError(
+            "PartyMismatch",
+            f"the certificate names party {named or '(none)'}, the ChaosPeer "
+            f"{peer.metadata.name} names party {peer.spec.party}",
+        )
+    return None
+
+
+def check_server(
+    peer: ChaosPeer, leaf_der: bytes | None, now: datetime | None = None
+) -> x509.Certificate:
+    """After the handshake: the server's leaf must match the peer's pin (fingerprint case:
+    the key and the validity dates) and name the ChaosPeer's party; PeerError otherwise."""
     if not leaf_der:
         raise PeerError("Rejected", "the peer presented no certificate")
     cert = parse_certificate(leaf_der)
@@ -106,24 +140,39 @@ def check_server(peer: ChaosPeer, leaf_der: bytes | None) -> x509.Certificate:
                 "FingerprintMismatch",
                 f"the peer's key is {got}, the ChaosPeer pins {peer.spec.key_fingerprint}",
             )
+        if error := dates_error(cert, now):
+            raise error
+    if error := party_error(peer, cert):
+        raise error
     return cert
 
 
-def match_client(peers: Iterable[ChaosPeer], leaf_der: bytes | None) -> list[ChaosPeer]:
-    """The ChaosPeers that a client certificate (verified by the TLS layer) belongs to."""
+def match_client(
+    peers: Iterable[ChaosPeer], leaf_der: bytes | None, now: datetime | None = None
+) -> tuple[list[ChaosPeer], str]:
+    """The ChaosPeers a client certificate (verified by the TLS layer) belongs to: pinned by
+    them (key or CA bundle), within its dates, naming their party. With none, why not."""
     if not leaf_der:
-        return []
+        return [], "no client certificate"
     try:
         cert = parse_certificate(leaf_der)
     except IdentityError:
-        return []
+        return [], "the client certificate does not parse"
     fingerprint = spki_fingerprint(cert)
-    return [
+    pinned = [
         p
         for p in peers
         if (p.spec.key_fingerprint and p.spec.key_fingerprint == fingerprint)
         or (p.spec.ca_bundle and issued_by_bundle(cert, p.spec.ca_bundle))
     ]
+    if not pinned:
+        return [], f"no ChaosPeer pins the key {fingerprint} or its CA"
+    if error := dates_error(cert, now):
+        return [], f"CertificateInvalid: {error}"
+    matched = [p for p in pinned if party_error(p, cert) is None]
+    if not matched:
+        return [], f"PartyMismatch: {party_error(pinned[0], cert)}"
+    return matched, ""
 
 
 def pem_of(cert: x509.Certificate) -> bytes:
@@ -135,7 +184,7 @@ class Exchange:
     """The answer of one successful exchange with a peer."""
 
     party: str
-    """The peer's party, from its verified certificate."""
+    """The peer's party: the one its ChaosPeer names, which its certificate names too."""
     certificate: x509.Certificate
     body: bytes
 
@@ -174,13 +223,11 @@ def exchange(
         except (OSError, ssl.SSLError) as exc:
             raise _classify(exc, connected=False) from None
         cert = check_server(peer, conn.sock.getpeercert(binary_form=True))
-        if on_verified is not None:
-            on_verified(cert)
-        party = party_of(cert)
-        if party is None:
-            raise PeerError("PartyMismatch", "the peer's certificate names no party")
+        party = peer.spec.party
         if party == identity.party:
             raise PeerError("PartyMismatch", f"the peer claims our own party name {party}")
+        if on_verified is not None:
+            on_verified(cert)
         try:
             conn.request(
                 "POST",

@@ -6,13 +6,15 @@ asks the root with those figures, pulls the planned snapshot from several member
 (`membership/readiness.py`), loads the state, and replays the totals the root streams
 until the decision that admits it takes effect. Incumbents never wait for the transfer.
 A `copy` join (or an observe join that fails before a switch step is agreed) waits for the
-decision and takes the whole state from one member at its switch step.
+decision and takes the whole state from one member at its switch step. With TLS, no byte
+of a state or a shard is used unless it matches a digest sealed by the member whose
+snapshot it is (`join/state.py`, `replication/puller.py`); what fails is refused as
+`forged`, and the join fetches it elsewhere or asks again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import itertools
 import logging
@@ -23,12 +25,16 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import WorkerConfig
 from chaos_worker.join.probe import probe_downlinks
+from chaos_worker.join.state import StateInbox
 from chaos_worker.membership.liveness import Liveness
 from chaos_worker.membership.protocol import Membership
 from chaos_worker.membership.readiness import ask_now, ready_in, step_period, switch_decision
+from chaos_worker.net.bounds import Reject
 from chaos_worker.net.shaping import TokenBucket
+from chaos_worker.net.signing import Verifier
 from chaos_worker.net.transport import TcpTransport, TransportFactory
 from chaos_worker.net.wire import Decision, JoinPlan, ObservedTotal, Proposal, StateTransfer
 from chaos_worker.ports import Clock, Outbox, Progress, Signal
@@ -69,13 +75,18 @@ class Newcomer:
         membership: Membership,
         liveness: Liveness,
         trainer: Trainer,
+        collective: TreeAllReduce,
         store: SnapshotStore,
         telemetry: Telemetry,
         outbox: Outbox,
         progress: Progress,
         clock: Clock,
+        reject: Reject,
         transport_factory: TransportFactory = TcpTransport,
+        verifier: Verifier | None = None,
     ) -> None:
+        """`collective` checks the totals streamed here; `reject` counts those refused;
+        `verifier` (with TLS) checks the seals on states and manifests."""
         self.me = me
         self._transport_factory = transport_factory
         self.address = config.listen
@@ -86,6 +97,8 @@ class Newcomer:
         self._membership = membership
         self._liveness = liveness
         self._trainer = trainer
+        self._collective = collective
+        self._reject = reject
         self._store = store
         self._telemetry = telemetry
         self._out = outbox
@@ -99,8 +112,7 @@ class Newcomer:
         self._observed: dict[int, np.ndarray] = {}
         self._observed_at: deque[float] = deque(maxlen=8)  # arrivals: the step period
         self._asked_ready = False
-        self._state: tuple[str, int, bytes] | None = None  # sender, step, torch.save bytes
-        self._state_event = asyncio.Event()
+        self._states = StateInbox(verifier, reject)  # full-state copies offered
         self._rejoining: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ joining
@@ -151,16 +163,19 @@ class Newcomer:
         self._ask("copy")
         await self._until(lambda: self._decision is not None, patience, "member admitted us")
         decision = self._decision
-        await self._take_state(patience)
+        await self._take_state(decision, patience)
         self._out.disconnect(SEED)
         self._membership.install(decision, self._clock(), send_state=False)
         self._out.report("joined", path="stop-and-copy", t=self._clock())
 
-    async def _until(self, done: Callable[[], bool], patience: float, what: str) -> None:
+    async def _until(self, done: Callable[[], bool], patience: float | None, what: str) -> None:
         """Wait for news until `done()`; JoinFailed ("no `what` within ...") after
-        `patience` seconds."""
-        deadline = self._clock() + patience
+        `patience` seconds (None: wait for ever)."""
+        deadline = None if patience is None else self._clock() + patience
         while not done():
+            if deadline is None:
+                await self._news.wait()
+                continue
             if self._clock() >= deadline:
                 raise JoinFailed(f"no {what} within {patience:g} s")
             await self._news.wait(deadline - self._clock())
@@ -183,8 +198,7 @@ class Newcomer:
         self._decision = None
         self._observed.clear()
         self._asked_ready = False
-        self._state = None
-        self._state_event.clear()
+        self._states.clear()
 
     def _ask(self, mode: str, ready_in_s: float = 0.0) -> None:
         now = self._clock()
@@ -258,7 +272,7 @@ class Newcomer:
                 self._out.report("join_progress", bytes=received, done=done, shards=shards, t=now)
 
         loop = asyncio.get_running_loop()
-        downlink = self._cfg.downlink_bytes_per_s
+        downlink, tls = self._cfg.downlink_bytes_per_s, self._cfg.tls
         pullers: list[Puller] = []
         pulled: asyncio.Future[PullResult] = loop.create_future()
 
@@ -278,6 +292,9 @@ class Newcomer:
                     # the result goes to this loop at once; closing the links comes after
                     on_result=lambda r: loop.call_soon_threadsafe(take, r),
                     transport_factory=self._transport_factory,
+                    # a verifier of its own thread; refusals are counted on this loop
+                    verifier=Verifier(tls.ca) if tls else None,
+                    reject=lambda *a: loop.call_soon_threadsafe(self._reject, *a),
                 )
                 pullers.append(puller)
                 return await puller.run()
@@ -364,17 +381,20 @@ class Newcomer:
             if self._observed or self._decision is not None:
                 heard = self._clock()
 
-    async def _take_state(self, patience: float | None = None) -> None:
-        """Wait for the full-state copy of a join (JoinFailed after `patience` seconds)
-        and load it."""
-        try:
-            await asyncio.wait_for(self._state_event.wait(), patience)
-        except TimeoutError:
-            raise JoinFailed(f"no state arrived within {patience:g} s") from None
-        self._state_event.clear()
-        assert self._state is not None
-        sender, step, blob = self._state
-        self._telemetry.count_replication(sender, "received", len(blob))
+    async def _take_state(self, decision: Decision, patience: float | None = None) -> None:
+        """Wait for the full-state copy `decision` admits this member with (JoinFailed
+        after `patience` seconds) and load it."""
+        taken: list[tuple[StateTransfer, bytes]] = []
+
+        def arrived() -> bool:
+            state = self._states.take(decision)
+            taken.extend([state] if state is not None else [])
+            return bool(taken)
+
+        await self._until(arrived, patience, "state of the decision that admits us")
+        message, blob = taken[0]
+        step = message.step
+        self._telemetry.count_replication(message.sender, "received", len(blob))
         state = torch.load(io.BytesIO(blob), map_location=self._device, weights_only=True)
         self._spec.model.load_state_dict(state["model"])
         self._spec.optimizer.load_state_dict(state["optimizer"])
@@ -394,20 +414,28 @@ class Newcomer:
         self._decision = switch_decision(self._decision, decision, self.me)
         self._news.notify()
 
-    def on_total(self, message: ObservedTotal, payload: bytes, now: float) -> None:
-        """A total the root streams to this observer, to replay."""
-        if self._membership.view is None and message.step >= self._progress.step:
-            self._observed_at.append(now)
-            self._observed[message.step] = np.frombuffer(payload, dtype=message.dtype).copy()
-            self._news.notify()
+    def on_total(self, sender: str, message: ObservedTotal, payload: bytes, now: float) -> None:
+        """A total the root streams to this observer, to replay: checked as a bucket is,
+        and held for at most one step past the backlog that makes the join fail."""
+        if self._membership.view is not None or message.step < self._progress.step:
+            return
+        fault = self._collective.check_total(message.dtype, payload)
+        if fault is None and len(self._observed) > self._cfg.observer_max_backlog:
+            fault = "unexpected", f"{len(self._observed)} totals held already"
+        if fault is not None:
+            self._reject(sender, fault[0], f"total of step {message.step}: {fault[1]}")
+            return
+        self._observed_at.append(now)
+        self._observed[message.step] = np.frombuffer(payload, dtype=message.dtype).copy()
+        self._news.notify()
 
     def on_state(self, sender: str, message: StateTransfer, payload: bytes) -> None:
-        """The full state of a `copy` join (or a rejoin)."""
-        if hashlib.sha256(payload).hexdigest() != message.sha256:
-            log.warning("state from %s failed its checksum; ignored", sender)
-            return
-        self._state = (sender, message.step, payload)
-        self._state_event.set()
+        """The full state of a `copy` join (or a rejoin), held once checked."""
+        decision = self._decision if self._membership.view is None else self._membership.pending
+        if decision is not None and self.me not in decision.view.members:
+            decision = None  # not the one admitting this member: judged when that one is
+        if self._states.offer(sender, message, payload, decision):
+            self._news.notify()
 
     # ------------------------------------------------------------------ rejoining
 
@@ -447,7 +475,7 @@ class Newcomer:
             if self._clock() >= asked + every and membership.pending is None:
                 self._ask_back()
                 asked = self._clock()
-        await self._take_state()
+        await self._take_state(decision)
         membership.install(decision, self._clock(), send_state=False)
         self._rejoining = None
 

@@ -23,6 +23,7 @@ from chaos_planner.models import Source
 from chaos_worker.config import WorkerConfig
 from chaos_worker.join.plan import shard_plan, source_bandwidths
 from chaos_worker.membership.protocol import Membership
+from chaos_worker.membership.rules import state_source
 from chaos_worker.membership.view import View
 from chaos_worker.net.shaping import LinkShape, shape_for
 from chaos_worker.net.wire import Decision, JoinPlan, ObservedTotal, Proposal, StateTransfer
@@ -139,7 +140,7 @@ class JoinSponsor:
             # the manifest's hashes ahead of its request, at this process's priority (a
             # replicator process takes them from the snapshot directory)
             manifest = self.me == plan.manifest_from
-            self._store.want(plan.step, plan.shards if manifest else None)
+            self._store.want(plan.step, plan.shards if manifest else None, plan.joiner)
         self.observers[plan.joiner] = plan
         self._out.connect(plan.joiner, plan.joiner_address)
         if plan.origin == self.me:
@@ -179,11 +180,15 @@ class JoinSponsor:
                 self._unpin_after[plan.step] = self._progress.step
         copying = {c.subject for c in decision.causes if c.kind == "join" and c.mode == "copy"}
         copying = [m for m in joiners if m in copying]
-        if send_state and copying and self.me == _state_source(decision.view, old):
+        if send_state and copying and self.me == state_source(decision):
             blob = self._save_state()
-            digest = hashlib.sha256(blob).hexdigest()
-            for joiner in copying:
-                message = StateTransfer(sender=self.me, step=self._progress.step, sha256=digest)
+            message = StateTransfer(
+                sender=self.me,
+                step=self._progress.step,
+                epoch=decision.view.epoch,
+                sha256=hashlib.sha256(blob).hexdigest(),
+            )
+            for joiner in copying:  # sealed (with TLS) by the outbox, as this member's word
                 self._out.send(joiner, message, blob)
                 self._telemetry.count_replication(joiner, "sent", len(blob))
 
@@ -202,9 +207,3 @@ class JoinSponsor:
         }
         torch.save(state, buffer)
         return buffer.getvalue()
-
-
-def _state_source(view: View, old: View) -> str:
-    """Who sends a `copy` joiner the state: the root, or the smallest old member if the
-    root is new itself."""
-    return view.root if view.root in old.members else min(old.members)

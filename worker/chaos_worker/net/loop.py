@@ -2,8 +2,9 @@
 
 `LoopNetwork` maps listening addresses to transports; `LoopNetwork.factory()` is a
 `TransportFactory`. Frames still go through the wire codec (`encode`, then the receiver's
-`parse_lengths` with its own `max_payload` and `decode_header`), so the bounds and the
-validation are those of `TcpTransport`; only the bytes never leave the process. Each outgoing
+`parse_lengths` with its own `max_payload`, and its `guard`), so the bounds and the
+validation are those of `TcpTransport`; only the bytes never leave the process (and there
+is no handshake or idle connection to time out). Each outgoing
 link is a queue drained by one task, which keeps FIFO order per peer and applies a link
 shape's added delay (not its rate). It keeps the contract in `chaos_worker.net.transport`.
 """
@@ -26,13 +27,7 @@ from chaos_worker.net.transport import (
     Transport,
     TransportFactory,
 )
-from chaos_worker.net.wire import (
-    FRAME,
-    Goodbye,
-    WireError,
-    decode_header,
-    parse_lengths,
-)
+from chaos_worker.net.wire import FRAME, FrameError, Goodbye, parse_lengths
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +138,8 @@ class LoopTransport(QueuedTransport):
         return link
 
     def _deliver(self, link: _Link, frame: Frame) -> None:
-        """Decode one frame as the TCP reader would; a frame that breaks a limit drops it."""
+        """Decode one frame as the TCP reader would: one over `max_payload` drops the link,
+        an invalid message only itself."""
         if not link.open:
             return
         if link.sender in self._blocked:
@@ -152,11 +148,13 @@ class LoopTransport(QueuedTransport):
         data = b"".join(bytes(part) for part in frame)
         try:
             header_len, payload_len = parse_lengths(data[: FRAME.size], self._max_payload)
-            header_end = FRAME.size + header_len
-            message = decode_header(data[FRAME.size : header_end])
-        except WireError as exc:
-            log.warning("dropping link from %s: %s", link.sender, exc)
+        except FrameError as exc:
+            self.guard.rejections(link.sender, exc.reason, f"dropping the link: {exc}")
             self._end(link)
+            return
+        header_end = FRAME.size + header_len
+        message = self.guard.admit(link.sender, data[FRAME.size : header_end], payload_len)
+        if message is None:  # refused alone (counted): the link goes on
             return
         if isinstance(message, Goodbye):
             link.graceful = True

@@ -12,6 +12,9 @@ checked for both by `tests/unit/test_transport_contract.py`:
   disconnect;
 - a frame whose payload is over the receiver's `max_payload` is never delivered: the receiver
   drops the link (`on_disconnect(sender, False)`);
+- a message that is invalid, or whose payload is over what its type may carry
+  (`guard.limits`), is never delivered either, but only it is dropped: the link goes on
+  (`chaos_worker.net.bounds`);
 - an outgoing link that breaks is opened again and goes on with the frames still queued
   (those in flight are lost; the receiver saw `on_disconnect(sender, False)`);
 - `reachable(address)` tells a dead peer (nothing accepts there: False) from a live one
@@ -22,22 +25,31 @@ order (the membership protocol relies on that order); incoming connections deliv
 frames to `on_message` in arrival order. Links can be blocked to emulate a link going down: a
 blocked link neither sends nor accepts frames. Outgoing links may be shaped (rate and added
 delay, see `chaos_worker.net.shaping`) and incoming bytes may share one downlink bucket.
+
+With `tls` (`chaos_worker.net.tls`) every connection is mutual TLS 1.3: an incoming peer is
+the member its certificate names (a Hello that claims another id is refused), and an
+outgoing link carries frames only once the server's certificate names the peer it is for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from chaos_worker.net.bounds import HELLO_HEADER_BYTES, Guard
 from chaos_worker.net.shaping import LinkShape, TokenBucket
+from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, names, peer_of
 from chaos_worker.net.wire import (
     FRAME,
+    MAX_HEADER_BYTES,
     Goodbye,
     Hello,
     Message,
@@ -58,6 +70,9 @@ class Transport(Protocol):
     """Frames to and from named peers (see the module docstring for the contract)."""
 
     me: str
+    guard: Guard
+    """What it lets in from peers (limits, timeouts) and the count of what it refused; its
+    owner may replace it before listening."""
 
     async def listen(self, host: str, port: int) -> int:
         """Start accepting links; the bound port (useful with port 0)."""
@@ -99,7 +114,7 @@ class Transport(Protocol):
 
 TransportFactory = Callable[..., Transport]
 """Builds a `Transport`, called as `TcpTransport` is: `(me, on_message, on_disconnect, *,
-max_payload, shape=None, downlink=None)`."""
+max_payload, shape=None, downlink=None)` (TLS is bound beforehand: `TcpTransport.secured`)."""
 
 
 # Payloads above this size are written and read in pieces: `writelines` would join the
@@ -184,6 +199,7 @@ class QueuedTransport:
         self._on_message = on_message
         self._on_disconnect = on_disconnect
         self._max_payload = max_payload
+        self.guard = Guard()
         self._out: dict[str, OutgoingLink] = {}
         self._blocked: set[str] = set()
         self._closing = False
@@ -282,15 +298,28 @@ class TcpTransport(QueuedTransport):
         max_payload: int,
         shape: Callable[[str], LinkShape] | None = None,
         downlink: TokenBucket | None = None,
+        tls: LinkTls | None = None,
     ) -> None:
         super().__init__(me, on_message, on_disconnect, max_payload, shape)
         self._downlink = downlink
+        self._tls = tls
+        self._warned: set[tuple[str, str]] = set()  # (peer, what): refusals logged once
         self._in: dict[str, set[asyncio.StreamWriter]] = {}  # a sender may have several
         self._server: asyncio.Server | None = None
 
+    @classmethod
+    def secured(cls, tls: LinkTls | None) -> TransportFactory:
+        """A `TransportFactory` of TcpTransports with `tls` (None: plaintext)."""
+        return functools.partial(cls, tls=tls)
+
     async def listen(self, host: str, port: int) -> int:
         """Start accepting connections; returns the bound port (useful with port 0)."""
-        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        secure = {}
+        if self._tls is not None:
+            secure = {"ssl": self._tls.server, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S}
+        self._server = await asyncio.start_server(
+            self._serve, host, port, reuse_address=True, **secure
+        )
         return self._server.sockets[0].getsockname()[1]
 
     def _drop_incoming(self, peer: str) -> None:
@@ -318,6 +347,8 @@ class TcpTransport(QueuedTransport):
         except OSError:
             return None
         try:
+            if self._tls is not None:  # a handshake that hangs: accepted and open, as below
+                await asyncio.wait_for(writer.start_tls(self._tls.client), timeout)
             closed = await asyncio.wait_for(reader.read(1), LINGER_S) == b""
         except TimeoutError:
             closed = False
@@ -332,7 +363,7 @@ class TcpTransport(QueuedTransport):
         in order; when the link breaks, open it again and go on with the queue."""
         host, port = parse_address(out.address)
         while True:
-            writer = await _open(host, port)
+            writer = await self._open_to(peer, host, port)
             try:
                 writer.writelines(encode(Hello(sender=self.me)))
                 while True:
@@ -354,6 +385,44 @@ class TcpTransport(QueuedTransport):
             finally:
                 writer.close()
 
+    async def _open_to(self, peer: str, host: str, port: int) -> asyncio.StreamWriter:
+        """`_open`'s connection; with TLS, retried (backing off to 0.5 s) until the handshake
+        succeeds and the server's certificate names `peer` (see `tls.names`)."""
+        delay = 0.01
+        while True:
+            writer = await _open(host, port)
+            if self._tls is None:
+                return writer
+            try:
+                await writer.start_tls(self._tls.client, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+                server = peer_of(writer.get_extra_info("ssl_object"))
+                if names(peer, server):
+                    return writer
+                self._warn_once(peer, "names", "the server for %s is %s", peer, server)
+            except ssl.SSLError as exc:  # verification failed, one way or the other
+                self._warn_once(peer, "handshake", "TLS to %s failed: %s", peer, exc)
+            except OSError:  # reset or closed during the handshake: as a failed connect
+                pass
+            writer.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _authentic(self, claimed: str, writer: asyncio.StreamWriter) -> bool:
+        """Whether an incoming peer that says Hello as `claimed` is that member: always
+        without TLS; with it, only if its certificate names `claimed`."""
+        if self._tls is None:
+            return True
+        holder = peer_of(writer.get_extra_info("ssl_object"))
+        if holder is not None and holder.member == claimed:
+            return True
+        self._warn_once(claimed, "hello", "refused a Hello as %s from %s", claimed, holder)
+        return False
+
+    def _warn_once(self, peer: str, what: str, text: str, *args: object) -> None:
+        if (peer, what) not in self._warned:
+            self._warned.add((peer, what))
+            log.warning(text, *args)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -364,12 +433,16 @@ class TcpTransport(QueuedTransport):
             first, _ = await self._read_frame(reader)
             if not isinstance(first, Hello) or first.sender in self._blocked:
                 return
+            if not self._authentic(first.sender, writer):
+                return
             sender = first.sender
             self._in.setdefault(sender, set()).add(writer)
             while True:
-                message, payload = await self._read_frame(reader)
+                message, payload = await self._read_frame(reader, sender)
                 if sender in self._blocked:
                     return
+                if message is None:  # refused alone (counted): the link goes on
+                    continue
                 if isinstance(message, Goodbye):
                     graceful = True
                     continue
@@ -379,22 +452,47 @@ class TcpTransport(QueuedTransport):
                     log.exception("handling %s from %s failed", message.type, sender)
         except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.CancelledError):
             pass
-        except WireError as exc:
-            log.warning("dropping connection from %s: %s", sender or "unknown peer", exc)
+        except WireError as exc:  # framing lost, or no valid Hello: the connection goes
+            peer = sender or _host_of(writer)
+            self.guard.rejections(peer, exc.reason, f"dropping the connection: {exc}")
         finally:
             writer.close()
             if sender is not None and writer in self._in.get(sender, ()):
                 self._in[sender].discard(writer)
                 self._report_disconnect(sender, graceful)
 
-    async def _read_frame(self, reader: asyncio.StreamReader) -> tuple[Message, bytes]:
+    async def _read_frame(
+        self, reader: asyncio.StreamReader, sender: str | None = None
+    ) -> tuple[Message | None, bytes]:
+        """The next frame of a connection; its message is None when refused alone (its
+        payload is read to nothing, never held). Without `sender` it is the first frame:
+        small, no payload, within the handshake timeout, and any fault raises."""
+        limits = self.guard.limits
+        first = sender is None
+        timeout = limits.handshake_timeout_s if first else limits.idle_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                prefix = await reader.readexactly(FRAME.size)
+        except TimeoutError:
+            what = "no hello" if first else "nothing"
+            log.info("closing the link from %s: %s for %g s", sender, what, timeout)
+            raise
         header_len, payload_len = parse_lengths(
-            await reader.readexactly(FRAME.size), self._max_payload
+            prefix,
+            0 if first else self._max_payload,
+            HELLO_HEADER_BYTES if first else MAX_HEADER_BYTES,
         )
-        message = decode_header(await reader.readexactly(header_len))
+        async with asyncio.timeout(timeout):
+            header = await reader.readexactly(header_len)
         if self._downlink is not None:
             await self._downlink.consume(FRAME.size + header_len)
-        return message, await _read_payload(reader, payload_len, self._downlink)
+        if first:
+            return decode_header(header), b""
+        message = self.guard.admit(sender, header, payload_len)
+        payload = await _read_payload(
+            reader, payload_len, self._downlink, timeout, keep=message is not None
+        )
+        return message, payload
 
 
 async def _open(host: str, port: int) -> asyncio.StreamWriter:
@@ -414,23 +512,38 @@ async def _open(host: str, port: int) -> asyncio.StreamWriter:
 
 
 async def _read_payload(
-    reader: asyncio.StreamReader, size: int, bucket: TokenBucket | None = None
+    reader: asyncio.StreamReader,
+    size: int,
+    bucket: TokenBucket | None = None,
+    timeout: float | None = None,
+    *,
+    keep: bool = True,
 ) -> bytes:
-    """Exactly `size` bytes from `reader`; large payloads as pieces joined once.
+    """Exactly `size` bytes from `reader`, as pieces joined once; no piece waits longer than
+    `timeout` for its first byte. `keep=False` reads them to nothing (a refused message's
+    payload: nothing of its size is ever allocated).
 
     With a `bucket` (the receiver's shaped downlink), each piece waits for its tokens.
     """
-    if size <= _PIECE and bucket is None:
-        return await reader.readexactly(size) if size else b""
+    if not size:
+        return b""
     step = _PIECE if bucket is None else min(_PIECE, int(bucket.burst))
     pieces = []
     left = size
     while left:
-        piece = await reader.read(min(left, step))
+        async with asyncio.timeout(timeout):
+            piece = await reader.read(min(left, step))
         if not piece:
             raise asyncio.IncompleteReadError(b"".join(pieces), size)
         if bucket is not None:
             await bucket.consume(len(piece))
-        pieces.append(piece)
+        if keep:
+            pieces.append(piece)
         left -= len(piece)
     return b"".join(pieces)
+
+
+def _host_of(writer: asyncio.StreamWriter) -> str:
+    """The remote host of a connection that has not named itself (logged once per host)."""
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]} (before hello)" if peer else "unknown peer (before hello)"

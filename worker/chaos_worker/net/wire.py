@@ -2,15 +2,29 @@
 
 A frame is `!II` (header length, payload length), a UTF-8 JSON header validated against
 the `Message` union, then the payload (tensor bytes, possibly empty). Lengths are bounded
-and every header is validated before use: bytes from a peer are never trusted.
+and every header is validated before use: bytes from a peer are never trusted. Every float
+on the wire is finite (NaN and infinities, also those a number too large makes, are refused
+at decode) and every integer lies in a declared range. What a transport accepts per message
+type and how long it waits: `chaos_worker.net.bounds`.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from chaos_worker.membership.view import View
 from chaos_worker.telemetry.linktable import plausible
@@ -18,6 +32,15 @@ from chaos_worker.telemetry.linktable import plausible
 FRAME = struct.Struct("!II")
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = (1 << 32) - 1
+
+MAX_WIRE_INT = 2**53 - 1
+"""The largest integer a message may carry: every JSON reader holds it exactly."""
+Number = Annotated[int, Field(ge=-1, le=MAX_WIRE_INT)]
+"""An epoch, a step or a sequence number (-1: none yet, e.g. a newcomer's epoch)."""
+Count = Annotated[int, Field(ge=0, le=MAX_WIRE_INT)]
+"""A size, an index or a count."""
+NonNegative = Annotated[float, Field(ge=0)]
+"""A duration, a rate or a bandwidth (finite, as every float on the wire)."""
 
 
 MAX_LINK_ENTRIES = 512
@@ -53,12 +76,59 @@ LinkShare = Annotated[
 """`LinkTable.share()` on the wire: `{kind: {"src|dst": [value, age_s, samples]}}`."""
 
 
+def _bounded_json(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    """A free-form JSON object holds no NaN or infinity either, nor an integer past
+    `MAX_WIRE_INT`."""
+    todo: list[JsonValue] = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise PydanticCustomError("finite_number", "Input should be a finite number")
+        if isinstance(item, int) and abs(item) > MAX_WIRE_INT:
+            raise ValueError(f"integer past {MAX_WIRE_INT}")
+        if isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return value
+
+
+BoundedJson = Annotated[dict[str, JsonValue], AfterValidator(_bounded_json)]
+
+
 class WireError(Exception):
-    """A peer sent a frame that does not parse or breaks a limit."""
+    """A peer sent a frame that does not parse or breaks a limit.
+
+    `reason` is one of `bounds.REASONS`: why the message was refused.
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class FrameError(WireError):
+    """A frame's lengths break the limits: where the next frame starts is unknown (or not
+    worth reading to), so the connection must go."""
 
 
 class WireMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+MAX_SEAL_CERT = 4096
+"""Most base64 characters of a seal's certificate (a P-256 leaf is about 700)."""
+
+
+class Seal(BaseModel):
+    """The origin's signature of a flooded message (`chaos_worker.net.signing`): its
+    certificate (base64 DER) and an ECDSA signature (base64 DER) of the message's JSON
+    without the seal."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert: str = Field(max_length=MAX_SEAL_CERT, pattern=r"^[A-Za-z0-9+/=]+$")
+    sig: str = Field(max_length=256, pattern=r"^[A-Za-z0-9+/=]+$")
 
 
 class Hello(WireMessage):
@@ -80,13 +150,14 @@ class Heartbeat(WireMessage):
 
     type: Literal["heartbeat"] = "heartbeat"
     origin: str
-    seq: int
-    epoch: int
-    step: int
-    samples_per_s: float
+    seq: Number
+    epoch: Number
+    step: Number
+    samples_per_s: NonNegative
     sent_at: float
     replicator: str = ""
     members: int = Field(0, ge=0, le=1 << 16)  # size of its view (0: not a member)
+    seal: Seal | None = None
 
 
 class Ping(WireMessage):
@@ -103,7 +174,7 @@ class Pong(WireMessage):
     echo: float
     # answering a probe's payload Ping: seconds between reading the pair's empty marker and
     # reading the payload, on the answering member's clock (probes.py)
-    gap_s: float | None = Field(None, ge=0, le=3600, allow_inf_nan=False)
+    gap_s: float | None = Field(None, ge=0, le=3600)
 
 
 ProposalKind = Literal["leave", "crash", "link_down", "link_up", "join", "reset"]
@@ -121,14 +192,15 @@ class Proposal(WireMessage):
     peer: str = ""
     address: str = ""
     detected_at: float
-    epoch: int
+    epoch: Number
     mode: Literal["observe", "copy", "ready", "probe"] = "copy"
     links: LinkShare = Field(default_factory=dict)
-    ready_in_s: float = Field(0.0, ge=0, le=600, allow_inf_nan=False)
+    ready_in_s: float = Field(0.0, ge=0, le=600)
     """A `ready` join: seconds until the newcomer expects to hold the state (0: now)."""
     confirmed: bool = False
     """A crash: the subject's address refused a connection, so it is known to be dead
     (not merely cut off), and the majority rule does not count it."""
+    seal: Seal | None = None
 
 
 class LinkGossip(WireMessage):
@@ -145,15 +217,16 @@ class MemberStatus(WireMessage):
     type: Literal["status"] = "status"
     id: str
     origin: str
-    epoch: int
-    round: int
-    completed: int
+    epoch: Number
+    round: Count
+    completed: Number
+    seal: Seal | None = None
 
 
 class Cause(BaseModel):
     """The proposal behind a decision, as the decision carries it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: str
     kind: ProposalKind
@@ -181,10 +254,11 @@ class Decision(WireMessage):
     id: str
     origin: str
     view: View
-    effective_step: int
+    effective_step: Number
     immediate: bool
-    replay_step: int | None = None
+    replay_step: Number | None = None
     causes: list[Cause] = Field(default_factory=list)
+    seal: Seal | None = None
 
 
 class Chunk(WireMessage):
@@ -192,20 +266,34 @@ class Chunk(WireMessage):
 
     type: Literal["chunk"] = "chunk"
     sender: str
-    epoch: int
-    step: int
+    epoch: Number
+    step: Number
     phase: Literal["up", "down"]
-    index: int
-    count: int
+    index: Count
+    count: Count
+
+    @model_validator(mode="after")
+    def _index_within_count(self) -> Chunk:
+        if self.index >= self.count:
+            raise ValueError(f"bucket {self.index} of {self.count}")
+        return self
+
+
+SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+"""A SHA-256 digest in lower-case hex."""
 
 
 class StateTransfer(WireMessage):
-    """Full training state for a newcomer (payload: torch.save bytes, weights only)."""
+    """Full training state for a newcomer (payload: torch.save bytes, weights only); with
+    TLS sealed by `sender`, whose state it is (`net.signing`)."""
 
     type: Literal["state"] = "state"
     sender: str
-    step: int
-    sha256: str
+    step: Number
+    epoch: Number = -1
+    """The epoch of the decision that admits the newcomer (-1: not said)."""
+    sha256: SHA256
+    seal: Seal | None = None
 
 
 class JoinPlan(WireMessage):
@@ -216,16 +304,17 @@ class JoinPlan(WireMessage):
     origin: str
     joiner: str
     joiner_address: str
-    step: int
-    state_bytes: int
-    shards: int
-    assignment: dict[str, list[int]]
+    step: Number
+    state_bytes: Count
+    shards: Count
+    assignment: dict[str, list[Count]]
     replicators: dict[str, str]
-    bandwidths: dict[str, float]
+    bandwidths: dict[str, NonNegative]
     manifest_from: str
-    predicted_s: float
+    predicted_s: NonNegative
     strategy: str
     figures: dict[str, Literal["measured", "shaped", "default"]] = Field(default_factory=dict)
+    seal: Seal | None = None
 
 
 class ObservedTotal(WireMessage):
@@ -233,8 +322,8 @@ class ObservedTotal(WireMessage):
 
     type: Literal["observed"] = "observed"
     sender: str
-    step: int
-    dtype: str
+    step: Number
+    dtype: Literal["<f4", "<f8", ">f4", ">f8"]
 
 
 class SnapshotRequest(WireMessage):
@@ -243,20 +332,22 @@ class SnapshotRequest(WireMessage):
     type: Literal["snap_req"] = "snap_req"
     sender: str
     reply_to: str
-    step: int
+    step: Number
     shards: int = Field(gt=0, le=1 << 20)
-    index: int | None = None
+    index: Count | None = None
 
 
 class SnapshotManifest(WireMessage):
-    """What snapshot `step` holds: its layout and the SHA-256 of each of `shards` shards."""
+    """What snapshot `step` holds: its layout and the SHA-256 of each of `shards` shards;
+    with TLS sealed by `sender`, the member whose snapshot it is (`net.signing`)."""
 
     type: Literal["snap_manifest"] = "snap_manifest"
     sender: str
-    step: int
-    shards: int
-    layout: dict
-    sha256: list[str]
+    step: Number
+    shards: Count
+    layout: BoundedJson
+    sha256: list[SHA256] = Field(max_length=1 << 20)
+    seal: Seal | None = None
 
 
 class ShardData(WireMessage):
@@ -264,9 +355,9 @@ class ShardData(WireMessage):
 
     type: Literal["shard"] = "shard"
     sender: str
-    step: int
-    shards: int
-    index: int
+    step: Number
+    shards: Count
+    index: Count
 
 
 class ProbeRequest(WireMessage):
@@ -284,8 +375,8 @@ class ProbeData(WireMessage):
 
     type: Literal["probe_data"] = "probe_data"
     sender: str
-    index: int
-    frames: int
+    index: Count
+    frames: Count
 
 
 class SnapshotGone(WireMessage):
@@ -293,7 +384,7 @@ class SnapshotGone(WireMessage):
 
     type: Literal["snap_gone"] = "snap_gone"
     sender: str
-    step: int
+    step: Number
     reason: str
 
 
@@ -328,19 +419,28 @@ def encode(message: WireMessage, payload: bytes | memoryview = b"") -> list[byte
     return [FRAME.pack(len(header), memoryview(payload).nbytes), header, payload]
 
 
-def parse_lengths(prefix: bytes, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[int, int]:
-    """Header and payload lengths from a frame prefix, checked against the limits."""
+def parse_lengths(
+    prefix: bytes, max_payload: int = MAX_PAYLOAD_BYTES, max_header: int = MAX_HEADER_BYTES
+) -> tuple[int, int]:
+    """Header and payload lengths from a frame prefix, checked against the limits (before
+    anything of that size is read or allocated); `FrameError` when they break one."""
     header_len, payload_len = FRAME.unpack(prefix)
-    if not 0 < header_len <= MAX_HEADER_BYTES:
-        raise WireError(f"header length {header_len} out of range")
+    if header_len == 0:
+        raise FrameError("header length 0 out of range", "malformed")
+    if header_len > max_header:
+        raise FrameError(f"header length {header_len} out of range (> {max_header})", "oversize")
     if payload_len > max_payload:
-        raise WireError(f"payload length {payload_len} exceeds {max_payload}")
+        raise FrameError(f"payload length {payload_len} exceeds {max_payload}", "oversize")
     return header_len, payload_len
 
 
 def decode_header(raw: bytes) -> Message:
-    """Validate a JSON header against the message union."""
+    """Validate a JSON header against the message union; `WireError` (reason `nonfinite`
+    for a NaN or an infinity, else `malformed`) when it is not a valid message."""
     try:
         return _ADAPTER.validate_json(raw)
     except ValidationError as exc:
-        raise WireError(f"invalid message: {exc.errors()[0]['msg']}") from None
+        errors = exc.errors(include_url=False, include_input=False)
+        nonfinite = any(error["type"] == "finite_number" for error in errors)
+        reason = "nonfinite" if nonfinite else "malformed"
+        raise WireError(f"invalid message: {errors[0]['msg']}", reason) from None

@@ -4,18 +4,22 @@ A replicator that runs as a process of its own (the pod's sidecar container, or 
 a trainer starts) shares only the snapshot directory with its trainer. It keeps its totals
 there (`SentLedger`), and the trainer turns them into its
 `chaos_replication_bytes_total{direction="sent"}` counter (`SentReader`), so a pod's one
-metrics endpoint counts what its sidecar served.
+metrics endpoint counts what its sidecar served. The requests it refused are kept the same
+way, per reason (`REFUSED_FILE`), for `chaos_rejected_messages_total`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 from pydantic import NonNegativeInt, TypeAdapter, ValidationError
 
+from chaos_worker.replication.private import write_atomically
+
 LEDGER_FILE = "sent.json"
+REFUSED_FILE = "refused.json"
+"""Requests a replicator process refused, per reason (`net.bounds.REASONS`)."""
 WRITE_EVERY_S = 0.2
 """How often a replicator rewrites its ledger while it grows."""
 
@@ -23,10 +27,11 @@ _TOTALS = TypeAdapter(dict[str, NonNegativeInt])
 
 
 class SentLedger:
-    """The replicator's side: bytes sent per peer since it started, kept in `LEDGER_FILE`."""
+    """The replicator's side: bytes sent per peer since it started, kept in `LEDGER_FILE`
+    (or counts per key in the file `name`)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / LEDGER_FILE
+    def __init__(self, directory: Path, name: str = LEDGER_FILE) -> None:
+        self.path = directory / name
         self.totals: dict[str, int] = {}
         self._dirty = False
 
@@ -39,10 +44,8 @@ class SentLedger:
         if not self._dirty:
             return
         self._dirty = False
-        partial = self.path.with_name(f".{LEDGER_FILE}.{os.getpid()}")
         try:
-            partial.write_bytes(_TOTALS.dump_json(self.totals))
-            os.replace(partial, self.path)
+            write_atomically(self.path, _TOTALS.dump_json(self.totals))
         except OSError:  # the directory is going away with the trainer
             self._dirty = True
 
@@ -57,10 +60,11 @@ class SentLedger:
 
 
 class SentReader:
-    """The trainer's side: what its replicator sent since the last look."""
+    """The trainer's side: what its replicator sent (or counted in `name`) since the last
+    look."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / LEDGER_FILE
+    def __init__(self, directory: Path, name: str = LEDGER_FILE) -> None:
+        self.path = directory / name
         self._seen: dict[str, int] = {}
         self._version: int | None = None
 

@@ -7,6 +7,13 @@ checksum (that shard is fetched from another source). It also times every source
 (`PullResult.transfers`): from a request sent to a source with nothing outstanding to the last
 byte of the shards requested meanwhile, on the newcomer's clock, so the link table learns the
 throughput each source actually gave.
+
+With TLS (a `verifier`) the manifest must be sealed by the source that sent it, a source of
+the plan (`net.signing`): its digests are then that member's word on its own snapshot. A
+manifest that is not is refused as `forged` and its source dropped (its shards re-planned,
+the manifest asked of another source), and a shard whose bytes do not match the sealed
+digest is refused as `forged` too and fetched from another source. No byte is placed
+before it matches.
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from chaos_planner.greedy import greedy_assignment
 from chaos_planner.models import Source
+from pydantic import ValidationError
 
+from chaos_worker.net.bounds import Guard, Limits, Reject, Rejections
 from chaos_worker.net.shaping import TokenBucket
+from chaos_worker.net.signing import Verifier
 from chaos_worker.net.transport import TcpTransport, TransportFactory
 from chaos_worker.net.wire import (
     JoinPlan,
@@ -131,17 +141,29 @@ class Puller:
         on_progress: Callable[[dict[str, int], int, int], None] | None = None,
         on_result: Callable[[PullResult], None] | None = None,
         transport_factory: TransportFactory = TcpTransport,
+        verifier: Verifier | None = None,
+        reject: Reject | None = None,
     ) -> None:
+        """`verifier` (with TLS) checks the manifest's seal; `reject` counts what is
+        refused as forged."""
         self.me = me
+        self._verifier = verifier
+        self._reject = reject if reject is not None else Rejections()
         self.on_result = on_result
         self.plan = plan
         self.host = host
         self.stall_timeout_s = stall_timeout_s
         self.on_progress = on_progress
         self.adaptive = plan.strategy == "greedy"
+        # nothing a source sends is larger than the state (a shard of it)
         self.transport = transport_factory(
-            me, self._on_message, self._on_disconnect, max_payload=1 << 34, downlink=downlink
+            me,
+            self._on_message,
+            self._on_disconnect,
+            max_payload=plan.state_bytes,
+            downlink=downlink,
         )
+        self.transport.guard = Guard(Limits(state_bytes=plan.state_bytes))
         self.sources = {
             sid: _SourceState(sid, plan.replicators[sid], plan.bandwidths.get(sid, 1e8))
             for sid in plan.replicators
@@ -270,15 +292,22 @@ class Puller:
             return
         source.last_heard = time.monotonic()
         if isinstance(message, SnapshotManifest):
+            if self.manifest is None and self._unsealed(sender, message):
+                self._drop(source)
+                self._wake.set()
+                return
+            layout = _layout(message.layout)
             valid = (
                 message.step == self.plan.step
                 and message.shards == self.plan.shards
                 and len(message.sha256) == self.plan.shards
+                and layout is not None
+                and layout.total_bytes <= self.plan.state_bytes  # no more than the root planned
             )
             if self.manifest is None and valid:
                 self.manifest = message
                 # pages are touched as shards land, not all at once on this loop
-                self.data = np.empty(Layout.model_validate(message.layout).total_bytes, np.uint8)
+                self.data = np.empty(layout.total_bytes, np.uint8)
                 early, self._early = self._early, []
                 self._checking -= len(early)
                 for source_state, shard, data in early:
@@ -334,6 +363,9 @@ class Puller:
         if not good:
             self.rejected += 1
             self._bad.setdefault(index, set()).add(source.id)
+            if self._verifier is not None:
+                detail = f"shard {index} does not match the digest {self.manifest.sender} sealed"
+                self._reject(source.id, "forged", detail)
             log.warning("shard %d from %s failed its checksum; fetching it again", index, source.id)
             self._replan([index])
             return
@@ -342,6 +374,18 @@ class Puller:
         if self.on_progress is not None:
             received = {s.id: s.received_bytes for s in self.sources.values()}
             self.on_progress(received, len(self.done), self.plan.shards)
+
+    def _unsealed(self, sender: str, manifest: SnapshotManifest) -> bool:
+        """With TLS: whether `manifest` is not sealed by `sender`, the source that sent it
+        (then refused as forged)."""
+        if self._verifier is None:
+            return False
+        why = self._verifier.check(manifest)
+        if why is None and manifest.sender != sender:
+            why = f"it names {manifest.sender} as its sender"
+        if why is not None:
+            self._reject(sender, "forged", f"manifest of snapshot {manifest.step}: {why}")
+        return why is not None
 
     def _on_disconnect(self, peer: str, graceful: bool) -> None:
         source = self.sources.get(peer)
@@ -444,3 +488,11 @@ class Puller:
             counts = greedy_assignment(self._candidates(allowed, now), shard_bytes, 1)
             self.sources[next(iter(counts))].planned.appendleft(index)
         self._fill_all()
+
+
+def _layout(raw: dict) -> Layout | None:
+    """A manifest's layout, or None when it is not one."""
+    try:
+        return Layout.model_validate(raw)
+    except ValidationError:
+        return None

@@ -5,6 +5,13 @@
 over its own shaped links. Requests of one newcomer are served in order, so a source streams
 its shards back to back. It also answers a newcomer's downlink probe (`ProbeRequest`, see
 `join/probe.py`) with a train of zero-filled frames.
+
+With TLS (a `signer`: the member's own key) it seals each manifest as its member's word,
+and serves a snapshot only to a newcomer its member admitted to pull it
+(`replication.admission`): the newcomer is the member the requesting connection's
+certificate names, and the answer goes back under that name, so only to a server holding
+that certificate. A request of anyone else waits a little for the member to record the
+plan (the newcomer may hear of it first), then is refused (`forged`) and answered nothing.
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
+from chaos_worker.net.bounds import Reject, Rejections
 from chaos_worker.net.shaping import LinkShape
+from chaos_worker.net.signing import Signer
 from chaos_worker.net.transport import TcpTransport, TransportFactory
 from chaos_worker.net.wire import (
     Message,
@@ -31,6 +41,12 @@ log = logging.getLogger(__name__)
 
 WAIT_FOR_SNAPSHOT_S = 30.0
 """How long a replicator waits for a requested snapshot that has not been published yet."""
+WAIT_FOR_ADMISSION_S = 10.0
+"""How long a request waits for its newcomer's admission to be recorded (with TLS)."""
+MAX_QUEUED = 4096
+"""Shard requests of one peer queued at once (a puller keeps a few in flight)."""
+MAX_MANIFESTS = 4
+"""Manifest requests of one peer answered at once (a puller asks one per source)."""
 
 
 class Replicator:
@@ -45,8 +61,16 @@ class Replicator:
         corrupt_once: bool = False,
         on_sent: Callable[[str, int], None] | None = None,
         transport_factory: TransportFactory = TcpTransport,
+        signer: Signer | None = None,
+        reject: Reject | None = None,
+        admission_wait_s: float = WAIT_FOR_ADMISSION_S,
     ) -> None:
+        """`signer`: seal manifests and serve admitted newcomers only (with TLS);
+        `reject` counts the requests refused."""
         self.me = me
+        self._signer = signer
+        self._reject = reject if reject is not None else Rejections()
+        self._admission_wait_s = admission_wait_s
         self.on_sent = on_sent  # (peer, shard bytes) after each shard sent
         self.store = store
         self.transport = transport_factory(
@@ -58,6 +82,8 @@ class Replicator:
         self._queues: dict[str, asyncio.Queue[SnapshotRequest]] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._cache: dict[int, Snapshot] = {}
+        self._manifests: Counter[str] = Counter()  # manifest requests in flight, per peer
+        self._refused: set[tuple[str, int]] = set()  # (peer, step) found not admitted
 
     async def start(self, host: str, port: int = 0) -> str:
         """Listen; returns `host:port`."""
@@ -77,13 +103,27 @@ class Replicator:
         if not isinstance(message, SnapshotRequest):
             return
         if message.index is None:  # a manifest is small but needs hashing: do not queue it
-            asyncio.get_running_loop().create_task(self._answer(sender, message))
+            if self._manifests[sender] >= MAX_MANIFESTS:
+                self._reject(sender, "unexpected", f"over {MAX_MANIFESTS} manifests asked at once")
+                return
+            self._manifests[sender] += 1
+            task = asyncio.get_running_loop().create_task(self._answer(sender, message))
+            task.add_done_callback(lambda _: self._manifest_done(sender))
             return
-        queue = self._queues.setdefault(sender, asyncio.Queue())
-        queue.put_nowait(message)
+        queue = self._queues.setdefault(sender, asyncio.Queue(MAX_QUEUED))
+        try:
+            queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self._reject(sender, "unexpected", f"over {MAX_QUEUED} shard requests queued")
+            return
         task = self._workers.get(sender)
         if task is None or task.done():
             self._workers[sender] = asyncio.get_running_loop().create_task(self._serve(sender))
+
+    def _manifest_done(self, peer: str) -> None:
+        self._manifests[peer] -= 1
+        if self._manifests[peer] <= 0:
+            del self._manifests[peer]
 
     def _on_disconnect(self, peer: str, _graceful: bool) -> None:
         task = self._workers.pop(peer, None)
@@ -98,7 +138,12 @@ class Replicator:
             await self._answer(peer, await queue.get())
 
     async def _answer(self, peer: str, request: SnapshotRequest) -> None:
-        """Send the manifest or the shard that `request` asks for."""
+        """Send the manifest or the shard that `request` asks for (to `peer` only)."""
+        if not await self._admitted(peer, request.step):
+            what = "a manifest" if request.index is None else f"shard {request.index}"
+            detail = f"{what} of snapshot {request.step} for a newcomer not admitted to it"
+            self._reject(peer, "forged", detail)
+            return
         self.transport.connect(peer, request.reply_to)
         snap = await self._snapshot(request.step)
         if snap is None:
@@ -113,6 +158,8 @@ class Replicator:
                 layout=snap.layout.model_dump(),
                 sha256=hashes,
             )
+            if self._signer is not None:
+                manifest = self._signer.seal(manifest)
             self.transport.send(peer, manifest)
         elif 0 <= request.index < request.shards:
             data: memoryview | bytes = snap.shard(request.shards, request.index)
@@ -149,6 +196,23 @@ class Replicator:
                 return theirs
             await asyncio.wait({own}, timeout=0.005)
         return own.result()
+
+    async def _admitted(self, peer: str, step: int) -> bool:
+        """Whether `peer` may pull snapshot `step` (always without TLS), waiting a while
+        for this member to record its plan."""
+        if self._signer is None:
+            return True
+        admissions = self.store.admissions
+        waited = (peer, step) in self._refused  # waited once already: not again
+        deadline = time.monotonic() + (0.0 if waited else self._admission_wait_s)
+        while not admissions.admits(peer, step):
+            if time.monotonic() >= deadline:
+                if len(self._refused) >= MAX_QUEUED:
+                    self._refused.clear()
+                self._refused.add((peer, step))
+                return False
+            await asyncio.sleep(0.005)
+        return True
 
     async def _snapshot(self, step: int) -> Snapshot | None:
         """Snapshot `step`, waiting a while for it to be published."""

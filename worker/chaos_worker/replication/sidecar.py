@@ -18,13 +18,25 @@ import signal
 import sys
 from pathlib import Path
 
+from chaos_worker.config import TlsFiles
+from chaos_worker.net.bounds import Rejections
 from chaos_worker.net.shaping import delays_only, parse_links, shape_for
-from chaos_worker.priority import die_with_parent, lower_this_thread
-from chaos_worker.replication.ledger import SentLedger
+from chaos_worker.net.signing import Signer
+from chaos_worker.net.tls import LinkTls
+from chaos_worker.net.transport import TcpTransport, parse_address
+from chaos_worker.priority import die_with_parent, exit_at_once, lower_this_thread
+from chaos_worker.replication.ledger import REFUSED_FILE, SentLedger
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.snapshot import SnapshotStore
 
 START_TIMEOUT_S = 60.0
+STOP_GRACE_S = 1.0
+"""How long a trainer lets its child replicator exit on SIGTERM before killing it. The
+child runs at lower priority (`priority.lower_this_thread`): on a busy machine its
+graceful exit (closing links, the interpreter's teardown) can take many seconds, and all
+it would still do is flush a ledger nobody reads any more (the trainer has exited its
+loop and removes the directory itself). Waiting longer held the trainer's own exit past
+`chaos run`'s grace, which then terminated it (exit -15 after a complete run)."""
 
 
 async def serve(
@@ -36,17 +48,22 @@ async def serve(
     links: str = "",
     kernel_shaped: bool = False,
     remove_dir: bool = False,
+    tls: TlsFiles | None = None,
 ) -> None:
     """Serve `directory` on host:port until SIGINT or SIGTERM (`links`: emulated shapes;
-    `remove_dir`: delete `directory` on the way out, also when the parent was killed)."""
+    `remove_dir`: delete `directory` on the way out, also when the parent was killed;
+    `tls`: mutual TLS with the member's own certificate, as its trainer's links)."""
     shapes = parse_links(links)
     wire = delays_only(shapes) if kernel_shaped else shapes
-    ledger = SentLedger(directory)
+    ledger, refused = SentLedger(directory), SentLedger(directory, REFUSED_FILE)
     replicator = Replicator(
         member,
         SnapshotStore(directory),
         shape=lambda peer: shape_for(wire, member, peer),
         on_sent=ledger.add,
+        transport_factory=TcpTransport.secured(LinkTls(tls, member) if tls else None),
+        signer=Signer(tls, member) if tls else None,
+        reject=Rejections(lambda reason: refused.add(reason, 1)),
     )
     address = await replicator.start(host, port)
     print(f"serving {directory} on {address}", flush=True)
@@ -54,14 +71,15 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    writer = loop.create_task(ledger.keep_written())
+    writers = [loop.create_task(kept.keep_written()) for kept in (ledger, refused)]
     try:
         await stop.wait()
     finally:
         await replicator.close()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+        for writer in writers:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
         if remove_dir:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -74,11 +92,12 @@ class Child:
         self.address = address
 
     async def stop(self) -> None:
+        """Ask the child to exit (SIGTERM); kill it after `STOP_GRACE_S`."""
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.terminate()
             try:
-                await asyncio.wait_for(self.process.wait(), 5.0)
+                await asyncio.wait_for(self.process.wait(), STOP_GRACE_S)
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
@@ -90,7 +109,13 @@ def _child_setup() -> None:  # in the child before exec: serving yields to train
 
 
 async def start_child(
-    member: str, directory: Path, host: str, *, links: str = "", kernel_shaped: bool = False
+    member: str,
+    directory: Path,
+    host: str,
+    *,
+    links: str = "",
+    kernel_shaped: bool = False,
+    tls: TlsFiles | None = None,
 ) -> Child:
     """Start `python -m chaos_worker.replication.sidecar` serving `directory` on `host`
     (any port)."""
@@ -99,6 +124,8 @@ async def start_child(
     argv.append("--remove-dir")  # the trainer's private directory: gone with both of them
     if kernel_shaped:
         argv.append("--kernel-shaped")
+    if tls is not None:  # paths only: the key stays in its file
+        argv += ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -120,22 +147,25 @@ async def start_child(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m chaos_worker.replication.sidecar`: the arguments of `chaos replicator`."""
-    from chaos_worker.net.transport import parse_address
-
     parser = argparse.ArgumentParser(prog="chaos replicator")
     add_arguments(parser)
     args = parser.parse_args(argv)
     host, port = parse_address(args.listen)
     asyncio.run(serve(args.id, Path(args.dir), host, port, **options(args)))
-    return 0
+    exit_at_once(0)
 
 
 def options(args) -> dict:
-    """`serve`'s keyword arguments from parsed `add_arguments` options."""
+    """`serve`'s keyword arguments from parsed `add_arguments` options (ValueError if
+    they do not go together)."""
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if any(files) and not all(files):
+        raise ValueError("--tls-cert, --tls-key and --tls-ca go together")
     return {
         "links": args.links,
         "kernel_shaped": args.kernel_shaped,
         "remove_dir": args.remove_dir,
+        "tls": TlsFiles(cert=files[0], key=files[1], ca=files[2]) if all(files) else None,
     }
 
 
@@ -153,6 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the rates of --links are enforced by tc (network namespaces): add only delays",
     )
     parser.add_argument("--remove-dir", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-cert", metavar="PEM", help="the member's certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="PEM", help="its private key")
+    parser.add_argument("--tls-ca", metavar="PEM", help="the CA bundle peers must chain to")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ of step `s`: parameters, buffers, optimizer state). The tensors are copied into 
 byte buffer laid out by a `Layout`; the copy runs in a thread while the next step computes
 and is awaited only before the next optimizer step changes the tensors, so publishing costs
 little of the step time. Two slots alternate; a slot holding a snapshot that a join is
-pulling is pinned and left alone until the join is over. With a directory (memory-backed in
+pulling is pinned and left alone until the join is over, and so is one a checkpoint is
+copying out (`hold`). With a directory (memory-backed in
 a pod, e.g. /dev/shm) the slots are files that `chaos replicator` in another process serves.
 
 A snapshot is split into `K` shards by byte range (`shard_bounds`); their SHA-256 digests
@@ -21,7 +22,6 @@ import collections
 import hashlib
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from chaos_worker.priority import in_background
+from chaos_worker.replication.admission import Admissions
+from chaos_worker.replication.private import DIR_MODE, create_file, write_atomically
 
 if TYPE_CHECKING:  # torch is imported where used: `chaos replicator` runs without it
     import torch
@@ -249,9 +251,7 @@ def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> st
 
 def _write_json(path: Path, body: dict) -> None:
     """Replace `path` atomically: a reader in another process never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(body).encode())
 
 
 def shard_bounds(total_bytes: int, shards: int, index: int) -> tuple[int, int]:
@@ -296,8 +296,7 @@ class _Buffer:
         if path is None:
             self.array = np.zeros(max(size, 1), dtype=np.uint8)
         else:
-            with open(path, "wb") as handle:
-                handle.truncate(max(size, 1))
+            create_file(path, max(size, 1))
             self.array = np.memmap(path, dtype=np.uint8, mode="r+", shape=(max(size, 1),))
 
     @property
@@ -311,7 +310,7 @@ class SnapshotStore:
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = directory
         if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(DIR_MODE, parents=True, exist_ok=True)
         self._buffers: list[_Buffer | None] = [None, None]
         # per slot: the layout its bytes follow and the identity of each tensor copied there
         self._held: list[tuple[Layout, list[tuple[int, int] | None]] | None] = [None, None]
@@ -319,17 +318,23 @@ class SnapshotStore:
         self._filled: dict[int, Layout] = {}  # slots `fill` wrote, until `adopt`
         self._snapshots: dict[int, Snapshot] = {}
         self._pinned: set[int] = set()
+        self._holding: collections.Counter[int] = collections.Counter()  # `hold` counts
         self._wanted: dict[int, int | None] = {}
         self._lock = threading.Lock()
         self._preparing: asyncio.Future | None = None  # a newcomer filling its slots
+        self.admissions = Admissions(directory)
+        """The newcomers this member's replicator may serve (`replication.admission`)."""
 
     # ------------------------------------------------------------- trainer side
 
-    def want(self, step: int, shards: int | None = None) -> None:
+    def want(self, step: int, shards: int | None = None, joiner: str | None = None) -> None:
         """Pin snapshot `step` as soon as it is published (a join will pull it).
 
-        With `shards`, also hash its shards ahead of the manifest request (in a thread).
+        With `shards`, also hash its shards ahead of the manifest request (in a thread);
+        with `joiner`, admit it to pull the snapshot (`admissions`).
         """
+        if joiner is not None:
+            self.admissions.admit(joiner, step)
         with self._lock:
             self._wanted[step] = shards
             held = self._holds(step)
@@ -339,10 +344,28 @@ class SnapshotStore:
             threading.Thread(target=self._prehash, args=(step,), daemon=True).start()
 
     def release(self, step: int) -> None:
-        """The join that pulled `step` is over: its slot may be reused."""
+        """The join that pulled `step` is over: its slot may be reused, and its newcomers
+        are admitted no longer."""
+        self.admissions.forget(step)
         with self._lock:
             self._wanted.pop(step, None)
             self._pinned.discard(step)
+
+    def hold(self, step: int) -> Snapshot | None:
+        """Snapshot `step`, its slot kept from reuse until `unhold` (a checkpoint copying it
+        out); None if no slot holds it. Holds count, apart from a join's pin."""
+        with self._lock:
+            if not self._holds(step) or step not in self._snapshots:
+                return None
+            self._holding[step] += 1
+            return self._snapshots[step]
+
+    def unhold(self, step: int) -> None:
+        """The end of one `hold` of `step`."""
+        with self._lock:
+            self._holding[step] -= 1
+            if self._holding[step] <= 0:
+                del self._holding[step]
 
     def publish(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Copy the current state into a free slot as snapshot `step` (call from a thread)."""
@@ -480,7 +503,8 @@ class SnapshotStore:
     def _free_slot(self) -> int | None:
         """The slot to overwrite: not pinned, and not the newest unless the other is pinned."""
         steps = [meta[0] if meta else -1 for meta in self._meta]
-        free = [i for i in (0, 1) if steps[i] not in self._pinned or steps[i] < 0]
+        kept = self._pinned | set(self._holding)
+        free = [i for i in (0, 1) if steps[i] not in kept or steps[i] < 0]
         if not free:
             return None
         return min(free, key=lambda i: steps[i])

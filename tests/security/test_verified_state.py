@@ -1,0 +1,359 @@
+"""Verified state (issue #15): a newcomer uses no byte of a state or a shard unless it matches
+a digest sealed by the member whose snapshot it is, and a replicator serves snapshots only to
+the newcomers its member admitted.
+
+Real sockets and TLS 1.3 throughout, certificates of one run CA. The attacker w9 holds a
+valid certificate: its links are authenticated, so only the seals and the admissions stand
+between it and a newcomer. Refusals are observed on the real counter
+(`chaos_rejected_messages_total{reason}`); "nothing was served" is checked once the refusal
+is counted, which comes before any answer could. The honest outcome is checked by loading
+what the newcomer took and comparing `state_digest` with the incumbents'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from chaos_operator.federation.workerca import WorkerCA
+from chaos_worker.config import TlsFiles
+from chaos_worker.join.state import StateInbox
+from chaos_worker.member import LinkOutbox
+from chaos_worker.membership.view import full_mesh, initial_view
+from chaos_worker.net.bounds import Rejections
+from chaos_worker.net.signing import Signer, Verifier
+from chaos_worker.net.tls import LinkTls
+from chaos_worker.net.transport import TcpTransport
+from chaos_worker.net.wire import (
+    Cause,
+    Decision,
+    JoinPlan,
+    Message,
+    ShardData,
+    SnapshotManifest,
+    SnapshotRequest,
+    StateTransfer,
+)
+from chaos_worker.replication.ledger import REFUSED_FILE, SentReader
+from chaos_worker.replication.puller import Puller
+from chaos_worker.replication.replicator import Replicator
+from chaos_worker.replication.sidecar import start_child
+from chaos_worker.replication.snapshot import SnapshotStore, load_from, state_digest
+from chaos_worker.telemetry.metrics import WorkerMetrics
+
+from tests.transportkit import Node, close_all, start, until
+
+pytestmark = pytest.mark.security
+
+STEP = 3
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> WorkerCA:
+    return WorkerCA(tmp_path / "run-ca", "local")
+
+
+def job(seed: int = 0, steps: int = 2) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        model(torch.randn(4, 32)).square().sum().backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def saved(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bytes:
+    """A copy join's payload, as `JoinSponsor` makes it."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+def forged_counter(name: str) -> tuple[Rejections, WorkerMetrics]:
+    metrics = WorkerMetrics(name)
+    return Rejections(metrics.observe_rejected), metrics
+
+
+def rejected(metrics: WorkerMetrics, reason: str = "forged") -> float:
+    value = metrics.registry.get_sample_value("chaos_rejected_messages_total", {"reason": reason})
+    return value or 0.0
+
+
+def secured(files: TlsFiles, name: str):
+    return TcpTransport.secured(LinkTls(files, name))
+
+
+def admitting(epoch: int = 4) -> Decision:
+    """w0's decision that admits w5 by a copy: its view's root w0 sends the state."""
+    members = {m: f"127.0.0.1:{9000 + i}" for i, m in enumerate(("w0", "w1", "w5", "w9"))}
+    view = initial_view(members, full_mesh(members)).model_copy(update={"epoch": epoch})
+    join = Cause(id="j5", kind="join", mode="copy", subject="w5", detected_at=1.0)
+    return Decision(
+        id="d4", origin="w0", view=view, effective_step=20, immediate=False, causes=[join]
+    )
+
+
+def test_a_forged_state_transfer_is_refused_counted_and_the_honest_state_taken(
+    ca: WorkerCA,
+) -> None:
+    honest_model, honest_opt = job()
+    honest, forged = saved(honest_model, honest_opt), saved(*job(seed=9))
+    decision = admitting()
+
+    async def scenario() -> None:
+        reject, metrics = forged_counter("w5")
+        inbox = StateInbox(Verifier(str(ca.ca_file)), reject)
+        known: list[Decision | None] = [decision]
+        arrived: list[str] = []
+
+        def on_message(sender: str, message: Message, payload: bytes) -> None:
+            if isinstance(message, StateTransfer):
+                inbox.offer(sender, message, payload, known[0])
+                arrived.append(sender)
+
+        w5_files = ca.issue("w5")
+        w5 = TcpTransport(
+            "w5", on_message, lambda *_: None, max_payload=1 << 24, tls=LinkTls(w5_files, "w5")
+        )
+        w5_address = f"127.0.0.1:{await w5.listen('127.0.0.1', 0)}"
+        w0_files, w9_files = ca.issue("w0"), ca.issue("w9")
+        w0 = await start("w0", factory=secured(w0_files, "w0"))
+        w9 = await start("w9", factory=secured(w9_files, "w9"))
+        try:
+            w0.transport.connect("w5", w5_address)
+            w9.transport.connect("w5", w5_address)
+            w0_seal, w9_seal = Signer(w0_files, "w0").seal, Signer(w9_files, "w9").seal
+
+            def state(sender: str, blob: bytes, epoch: int = 4) -> StateTransfer:
+                digest = hashlib.sha256(blob).hexdigest()  # the sender's own digest
+                return StateTransfer(sender=sender, step=20, epoch=epoch, sha256=digest)
+
+            genuine = w0_seal(state("w0", honest))
+            by_w9 = [
+                (state("w9", forged), forged),  # a self-computed digest, no seal
+                (w9_seal(state("w9", forged)), forged),  # sealed, but w0 sends this state
+                (state("w0", forged), forged),  # in w0's name, unsealed
+                (genuine, forged),  # w0's genuine seal, relayed, on other bytes
+            ]
+            by_w0 = [
+                (genuine, forged),  # w0's own link, bytes that do not match its seal
+                (w0_seal(state("w0", forged, epoch=3)), forged),  # an old join's state
+            ]
+            for message, payload in by_w9:
+                assert w9.transport.send("w5", message, payload)
+            for message, payload in by_w0:
+                assert w0.transport.send("w5", message, payload)
+            # the sponsor's own path: the outbox seals the state as w0's word
+            outbox = LinkOutbox("w0", w0.transport, None, Signer(w0_files, "w0"))  # type: ignore[arg-type]
+            assert outbox.send("w5", state("w0", honest), honest)
+            await until(lambda: len(arrived) == 7, "every state")
+            assert rejected(metrics) == 6
+            message, blob = inbox.take(decision)
+            assert message.sender == "w0" and message.seal is not None and blob == honest
+            # before the decision is known, a state sealed by a member is held; the
+            # decision it was not sent for refuses it when the state is taken
+            known[0] = None
+            assert w9.transport.send("w5", w9_seal(state("w9", forged)), forged)
+            await until(lambda: len(arrived) == 8, "w9's state")
+            assert rejected(metrics) == 6
+            assert inbox.take(decision) is None
+            assert rejected(metrics) == 7
+        finally:
+            await w5.close()
+            await close_all(w0, w9)
+        loaded_model, loaded_opt = job(seed=5, steps=0)
+        state_dicts = torch.load(io.BytesIO(blob), weights_only=True)
+        loaded_model.load_state_dict(state_dicts["model"])
+        loaded_opt.load_state_dict(state_dicts["optimizer"])
+        assert state_digest(loaded_model, loaded_opt) == state_digest(honest_model, honest_opt)
+
+    asyncio.run(scenario())
+
+
+async def replicator(
+    name: str, ca: WorkerCA, model, optimizer, *, seal: bool = True, corrupt: bool = False
+) -> Replicator:
+    """A member's replicator over TLS serving snapshot `STEP` of (`model`, `optimizer`),
+    its member having admitted w5 to pull it."""
+    store = SnapshotStore()
+    store.publish(STEP, model, optimizer)
+    store.want(STEP, joiner="w5")
+    files = ca.issue(name)
+    served = Replicator(
+        name,
+        store,
+        transport_factory=secured(files, name),
+        signer=Signer(files, name) if seal else None,
+        corrupt_once=corrupt,
+    )
+    await served.start("127.0.0.1")
+    return served
+
+
+def test_a_forged_manifest_or_shard_is_refused_counted_and_the_pull_ends_honest(
+    ca: WorkerCA,
+) -> None:
+    """w9's replicator serves a forged snapshot with a manifest of digests it computed
+    itself (unsealed); w1's flips a byte of the first shard it sends. The manifest is
+    asked of w9 first."""
+    model, opt = job()
+    forged_model, forged_opt = job(seed=9)
+
+    async def scenario():
+        sources = {
+            "w0": await replicator("w0", ca, model, opt),
+            "w1": await replicator("w1", ca, model, opt, corrupt=True),
+            "w9": await replicator("w9", ca, forged_model, forged_opt, seal=False),
+        }
+        total = sources["w0"].store.get(STEP).layout.total_bytes
+        assert sources["w9"].store.get(STEP).layout.total_bytes == total
+        plan = JoinPlan(
+            id="p",
+            origin="w0",
+            joiner="w5",
+            joiner_address="",
+            step=STEP,
+            state_bytes=total,
+            shards=6,
+            assignment={"w9": [0, 1], "w0": [2, 3], "w1": [4, 5]},
+            replicators={s: r.address for s, r in sources.items()},
+            bandwidths={s: 1e8 for s in sources},
+            manifest_from="w9",
+            predicted_s=0.1,
+            strategy="equal",
+        )
+        reject, metrics = forged_counter("w5")
+        puller = Puller(
+            "w5",
+            plan,
+            transport_factory=secured(ca.issue("w5"), "w5"),
+            verifier=Verifier(str(ca.ca_file)),
+            reject=reject,
+        )
+        try:
+            result = await puller.run()
+        finally:
+            for served in sources.values():
+                await served.close()
+        return result, metrics, puller.manifest
+
+    result, metrics, manifest = asyncio.run(scenario())
+    assert rejected(metrics) == 2  # w9's manifest, w1's flipped shard
+    assert result.rejected == 1
+    assert manifest.sender in ("w0", "w1") and manifest.seal is not None
+    assert result.bytes_per_source["w9"] == 0
+    fresh_model, fresh_opt = job(seed=5, steps=0)
+    load_from(result.data, result.layout, fresh_model, fresh_opt, torch.device("cpu"))
+    assert state_digest(fresh_model, fresh_opt) == state_digest(model, opt)
+
+
+def test_a_snapshot_request_from_a_member_not_admitted_is_refused_and_counted(
+    ca: WorkerCA, tmp_path: Path
+) -> None:
+    """The replicator reads its member's admissions from the snapshot directory, as a
+    replicator process does."""
+    model, opt = job()
+
+    async def scenario() -> None:
+        directory = tmp_path / "snapshots"
+        trainer = SnapshotStore(directory)  # the member's side: it publishes and admits
+        trainer.publish(STEP, model, opt)
+        trainer.want(STEP, shards=2, joiner="w5")
+        reject, metrics = forged_counter("w0")
+        files = ca.issue("w0")
+        served = Replicator(
+            "w0",
+            SnapshotStore(directory),  # the replicator process's side: it reads the files
+            transport_factory=secured(files, "w0"),
+            signer=Signer(files, "w0"),
+            reject=reject,
+            admission_wait_s=0.2,
+        )
+        await served.start("127.0.0.1")
+        w5 = await start("w5", factory=secured(ca.issue("w5"), "w5"))
+        w6 = await start("w6", factory=secured(ca.issue("w6"), "w6"))
+
+        def ask(node: Node, step: int = STEP, index: int | None = None) -> None:
+            request = SnapshotRequest(
+                sender=node.name, reply_to=node.address, step=step, shards=2, index=index
+            )
+            node.transport.connect("w0", served.address)
+            assert node.transport.send("w0", request)
+
+        try:
+            # an authenticated member that is no admitted newcomer, for itself or for w5
+            ask(w6)
+            ask(w6, index=0)
+            w6.transport.connect("w0", served.address)
+            reflect = SnapshotRequest(
+                sender="w5", reply_to=w5.address, step=STEP, shards=2, index=1
+            )
+            assert w6.transport.send("w0", reflect)
+            # the admitted newcomer, for a snapshot it was not admitted to pull
+            ask(w5, step=STEP - 1, index=1)
+            await until(lambda: rejected(metrics) == 4, "four refusals")
+            assert w6.got == [] and w5.got == [] and served.sent_bytes == {}
+            # the admitted newcomer gets the manifest, sealed by w0, and a shard
+            ask(w5)
+            ask(w5, index=1)
+            await until(lambda: len(w5.got) == 2, "the manifest and the shard")
+            replies = {type(message): message for _, message, _ in w5.got}
+            assert {sender for sender, _, _ in w5.got} == {"w0"}
+            assert Verifier(str(ca.ca_file)).check(replies[SnapshotManifest]) is None
+            assert ShardData in replies and served.sent_bytes["w5"] > 0
+            # once the join is over, w5 is admitted no longer
+            trainer.release(STEP)
+            ask(w5, index=0)
+            await until(lambda: rejected(metrics) == 5, "the fifth refusal")
+            assert len(w5.got) == 2 and w6.got == []
+        finally:
+            await served.close()
+            await close_all(w5, w6)
+
+    asyncio.run(scenario())
+
+
+def test_a_replicator_process_serves_admitted_newcomers_and_counts_the_others(
+    ca: WorkerCA, tmp_path: Path
+) -> None:
+    """The trainer's own replicator process (`start_child`, as a member starts it): it
+    reads the admissions from the directory, and its member's metrics count its refusals
+    (`REFUSED_FILE`)."""
+    model, opt = job()
+
+    async def scenario() -> None:
+        directory = tmp_path / "shm"
+        trainer = SnapshotStore(directory)
+        trainer.publish(STEP, model, opt)
+        trainer.want(STEP, joiner="w5")
+        child = await start_child("w0", directory, "127.0.0.1", tls=ca.issue("w0"))
+        refused = SentReader(directory, REFUSED_FILE)
+        counted: dict[str, int] = {}
+
+        def refusals() -> bool:
+            counted.update(refused.news())
+            return bool(counted)
+
+        w5 = await start("w5", factory=secured(ca.issue("w5"), "w5"))
+        w6 = await start("w6", factory=secured(ca.issue("w6"), "w6"))
+        try:
+            for node in (w6, w5):
+                request = SnapshotRequest(
+                    sender=node.name, reply_to=node.address, step=STEP, shards=1, index=0
+                )
+                node.transport.connect("w0", child.address)
+                assert node.transport.send("w0", request)
+            await until(lambda: len(w5.got) == 1, "w5's shard")
+            assert isinstance(w5.got[0][1], ShardData)
+            await until(refusals, "w6's refusal")
+            assert counted == {"forged": 1} and w6.got == []
+        finally:
+            await close_all(w5, w6)
+            await child.stop()
+
+    asyncio.run(scenario())
