@@ -8,6 +8,7 @@ COPY pyproject.toml README.md ./
 COPY planner planner
 COPY worker worker
 COPY operator operator
+COPY cli cli
 RUN pip install --no-cache-dir . && useradd --uid 10001 --no-create-home chaos
 USER 10001
 ENTRYPOINT ["chaos"]

@@ -2,12 +2,14 @@
 
 `JobController.sync(namespace, name)` is one reconcile of one job (one at a time per job):
 
-* `_observe`: the job, the pods it owns, on a resync its members' `/metrics`
-  (`scrape.scrape_members`), and what it sees of the federation;
+* `_observe`: the job, the pods it owns, on a resync (and when a member ended while others
+  live) its members' `/metrics` (`scrape.scrape_members`), and what it sees of the federation;
 * `_decide`: the pure `reconcile.reconcile`, published to the federation, then on a resync the
   autoscaler, whose result is merged into a new status (the reconcile's plan is not changed);
 * `_apply`: `apply_plan` (the `next-member` annotation, the Service, pod creates and deletes
-  with their Events, the status) and the pod counters.
+  with their Events, the status) and the pod counters; then, with worker TLS, the identity
+  Secrets of the pods observed (`identities.WorkerIdentities.ensure`; a pod created now gets
+  its own at the sync its creation triggers).
 
 `apply_plan` is the one plan-apply loop: `chaos run FILE` applies its plans with it too, on
 local processes (`chaos_cli.local.reconciled.LocalPods`). The backend on Kubernetes is
@@ -42,6 +44,7 @@ from chaos_operator.scrape import MemberMetrics, latest_step, scale_out_delay, s
 
 if TYPE_CHECKING:
     from chaos_operator.federation.service import FederationService
+    from chaos_operator.identities import WorkerIdentities
 
 log = logging.getLogger("chaos_operator")
 JobKey = tuple[str, str]
@@ -86,6 +89,10 @@ class PodBackend(Protocol):
         """Write the job's whole status."""
         ...
 
+    def delete_job(self, job: ChaosJob) -> None:
+        """Delete the ChaosJob itself (its TTL after finishing ran out); gone is fine."""
+        ...
+
 
 @dataclass(frozen=True)
 class Applied:
@@ -100,7 +107,8 @@ def apply_plan(job: ChaosJob, plan: PodPlan, backend: PodBackend) -> Applied:
 
     The next ordinal is remembered before any pod carries it, so no id is ever reused; an Event
     is posted only for a create or delete that happened, so a repeated plan posts nothing; the
-    status is written only when it changed.
+    status is written only when it changed, and the job's own Events (a phase transition)
+    after it; a job whose TTL ran out is deleted last.
     """
     if str(plan.next_member) != job.metadata.annotations.get(ANN_NEXT_MEMBER):
         backend.set_next_member(job, plan.next_member)
@@ -118,6 +126,10 @@ def apply_plan(job: ChaosJob, plan: PodPlan, backend: PodBackend) -> Applied:
             backend.post_event(job, plan.events[name])
     if plan.status != (job.status.to_k8s() if job.status else {}):
         backend.patch_status(job, plan.status)
+    for event in plan.job_events:
+        backend.post_event(job, event)
+    if plan.delete_job:
+        backend.delete_job(job)
     return Applied(created, deleted)
 
 
@@ -132,6 +144,7 @@ def published_job(job: ChaosJob, pods: list[ObservedPod], plan: PodPlan) -> Publ
         members=members,
         replicas=job.spec.replicas,
         starting=max(0, int(plan.status.get("replicas", 0)) - len(members)),
+        steps=plan.status.get("steps"),
     )
 
 
@@ -158,6 +171,8 @@ class Context:
     """Runs on every resync of a job; None: no autoscaling."""
     federation: FederationService | None = None
     """Set when the operator federates (`--federation-listen`)."""
+    identities: WorkerIdentities | None = None
+    """Issues the worker pods' certificates (`Options.worker_tls`); None: no worker TLS."""
 
 
 @dataclass(frozen=True)
@@ -214,9 +229,11 @@ class JobController:
             if seen is None:
                 if self.ctx.federation:
                     self.ctx.federation.forget(namespace, name)
+                if self.ctx.identities:
+                    self.ctx.identities.forget(namespace, name)
                 return None
             decision = self._decide(seen)
-            self._apply(seen.job, decision)
+            self._apply(seen, decision)
             return decision.plan
 
     def _observe(self, namespace: str, name: str, *, resync: bool) -> JobObservation | None:
@@ -224,7 +241,11 @@ class JobController:
         if job is None:
             return None
         pods = self.backend.observe(job)
-        scrapes = scrape_members(pods, self.ctx.scrape_timeout_s) if resync else {}
+        # A member that ended may have finished the last step: ask the others (who linger a
+        # heartbeat or more after it) before deciding it is lost.
+        ended = any(not p.live and not p.deleting for p in pods)
+        scrape = resync or (ended and any(p.live for p in pods))
+        scrapes = scrape_members(pods, self.ctx.scrape_timeout_s) if scrape else {}
         fed = self.ctx.federation
         view = fed.view(namespace, job.spec.federation, name) if fed else None
         return JobObservation(job, pods, scrapes, view, self.clock(), resync)
@@ -245,7 +266,9 @@ class JobController:
             self.ctx.federation.publish(published_job(job, pods, plan))
         autoscaler = self.ctx.autoscaler
         # The autoscaler changes spec.replicas (scale subresource); the next reconcile acts.
-        if not seen.resync or autoscaler is None:
+        # A suspended or finished job has no pods to measure: it is left alone.
+        stopped = plan.status.get("phase") in ("Suspended", "Succeeded", "Failed")
+        if not seen.resync or autoscaler is None or stopped:
             return Decision(plan)
         scaling = autoscaler.run(job, pods, scrapes, plan.status, now)
         if scaling is None:
@@ -253,8 +276,8 @@ class JobController:
         status = scaling.merged(plan.status, job.metadata.generation, now)
         return Decision(replace(plan, status=status), scaling.event)
 
-    def _apply(self, job: ChaosJob, decision: Decision) -> None:
-        plan = decision.plan
+    def _apply(self, seen: JobObservation, decision: Decision) -> None:
+        job, plan = seen.job, decision.plan
         if decision.scaled is not None:
             self.backend.post_event(job, decision.scaled)
         if plan.create or plan.delete:
@@ -262,6 +285,9 @@ class JobController:
         applied = apply_plan(job, plan, self.backend)
         self.ctx.metrics.pods_created.inc(len(applied.created))
         self.ctx.metrics.pods_deleted.inc(len(applied.deleted))
+        if self.ctx.identities:
+            gone = set(applied.deleted)
+            self.ctx.identities.ensure(job, [p for p in seen.pods if p.name not in gone], seen.now)
 
     def measured_sync(self, namespace: str, name: str, *, resync: bool = False) -> None:
         """`sync`, timed and counted in the operator's metrics."""

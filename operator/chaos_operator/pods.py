@@ -11,17 +11,28 @@ pod on 127.0.0.1). Ports differ between members so that pods sharing one host do
 The member's `WorkerConfig` (the control plane's contract with `chaos worker`) goes into the
 pod's annotation `chaos.training.dev/config`, which a downwardAPI volume projects as the
 trainer's config file.
+
+Identity (`Options.worker_tls`): the config's `tls` names files under `/etc/chaos-tls`, where
+the trainer and the replicator mount the Secret `<pod>-tls` read-only (`tls_secret`: the
+member's certificate and key and the CA bundle, owned by the pod). The operator issues it
+(`chaos_operator.identities`); paths only ever reach the pod's annotations and arguments.
 """
 
 from __future__ import annotations
 
+import base64
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from chaos_worker.config import WorkerConfig
+from chaos_worker.config import TlsFiles, WorkerConfig
 
 from chaos_operator.api import API_VERSION, ChaosJob
+from chaos_operator.api.template import CONFIG_DIR, SNAPSHOT_DIR, TLS_DIR
+
+TERMINATION_LOG = "/dev/termination-log"
+"""The trainer's terminationMessagePath: it writes its last step there on exit."""
 
 LABEL_JOB = "chaos.training.dev/job"
 LABEL_MEMBER = "chaos.training.dev/member"
@@ -35,8 +46,10 @@ COMMON_LABELS = {
     "app.kubernetes.io/part-of": "chaos",
     "app.kubernetes.io/component": "worker",
 }
-CONFIG_DIR = "/etc/chaos"
-SNAPSHOT_DIR = "/snapshots"
+TLS_FILES = TlsFiles(cert=f"{TLS_DIR}/tls.crt", key=f"{TLS_DIR}/tls.key", ca=f"{TLS_DIR}/ca.crt")
+TLS_MODE = 0o444
+"""The Secret's files are readable by the pod's processes whatever user the job's image runs
+as (the operator cannot know it); nothing outside the pod sees them."""
 PORTS_PER_MEMBER = 3
 PORT_WRAP = 1000
 
@@ -49,10 +62,20 @@ class Options:
     pod_host: str | None = None
     cluster_domain: str = "cluster.local"
     steps: int = 1_000_000_000
+    """Steps of a job whose spec has none (practically unbounded)."""
     heartbeat_interval_s: float = 0.25
     failure_timeout_s: float = 5.0
     party: str | None = None
     """This party's name when federation is on: member ids become `<party>.<pod name>`."""
+    seed_wait_s: float = 300.0
+    """Longest wait for another party's initial set, counted from `Ready` turning False."""
+    worker_tls: bool = False
+    """Workers speak mutual TLS with a certificate from the operator (Secret `<pod>-tls`)."""
+
+
+def job_steps(job: ChaosJob, options: Options) -> int:
+    """The job's length: `spec.steps`, else the operator's default."""
+    return job.spec.steps if job.spec.steps is not None else options.steps
 
 
 def job_meta(job: ChaosJob) -> tuple[str, str, str]:
@@ -71,6 +94,11 @@ def selector(job: str) -> str:
 
 def member_name(job: str, ordinal: int) -> str:
     return f"{job}-w{ordinal}"
+
+
+def tls_secret_name(pod: str) -> str:
+    """The Secret holding the identity of pod `pod`."""
+    return f"{pod}-tls"
 
 
 def member_id(job: str, ordinal: int, options: Options) -> str:
@@ -123,11 +151,12 @@ def worker_config(
         "entry": job.spec.entry,
         "seed": job.spec.seed,
         "global_batch": job.spec.global_batch,
-        "steps": options.steps,
+        "steps": job_steps(job, options),
         "heartbeat_interval_s": options.heartbeat_interval_s,
         "failure_timeout_s": options.failure_timeout_s,
         "metrics_port": port + 1,
         "snapshot_dir": SNAPSHOT_DIR,
+        "termination_log": TERMINATION_LOG,
         # the pod's `replicator` container serves the snapshots (see worker_pod)
         "replicator_address": f"{address.rpartition(':')[0]}:{port + 2}",
     }
@@ -135,11 +164,14 @@ def worker_config(
         fields["members"] = dict(sorted(members.items()))
     else:
         fields["join"] = join
+    if options.worker_tls:
+        fields["tls"] = TLS_FILES
     return WorkerConfig(**fields)
 
 
 def worker_pod(job: ChaosJob, ordinal: int, config: WorkerConfig) -> dict[str, Any]:
-    """The pod of one member: trainer and replicator sharing a memory-backed volume."""
+    """The pod of one member: trainer and replicator sharing a memory-backed volume (and,
+    with `config.tls`, the identity Secret `<pod>-tls`)."""
     name, namespace, _ = job_meta(job)
     pod_name = member_name(name, ordinal)
     port = int(config.listen.rpartition(":")[2])
@@ -149,6 +181,7 @@ def worker_pod(job: ChaosJob, ordinal: int, config: WorkerConfig) -> dict[str, A
         "name": "trainer",
         "image": job.spec.image,
         "command": ["chaos", "worker", "--config", f"{CONFIG_DIR}/config.json"],
+        "terminationMessagePath": TERMINATION_LOG,
         "ports": [
             {"name": "peers", "containerPort": port},
             {"name": "metrics", "containerPort": port + 1},
@@ -173,7 +206,34 @@ def worker_pod(job: ChaosJob, ordinal: int, config: WorkerConfig) -> dict[str, A
         "ports": [{"name": "replication", "containerPort": port + 2}],
         "volumeMounts": [snapshots],
     }
-    return {
+    volumes: list[dict[str, Any]] = [
+        {"name": "snapshots", "emptyDir": {"medium": "Memory"}},
+        {
+            "name": "config",
+            "downwardAPI": {
+                "items": [
+                    {
+                        "path": "config.json",
+                        "fieldRef": {"fieldPath": f"metadata.annotations['{ANN_CONFIG}']"},
+                    }
+                ]
+            },
+        },
+    ]
+    if config.tls is not None:
+        tls = config.tls
+        volumes.append(
+            {
+                "name": "tls",
+                "secret": {"secretName": tls_secret_name(pod_name), "defaultMode": TLS_MODE},
+            }
+        )
+        for container in (trainer, replicator):
+            container["volumeMounts"].append(
+                {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+            )
+        replicator["command"] += ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
+    pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
@@ -194,21 +254,87 @@ def worker_pod(job: ChaosJob, ordinal: int, config: WorkerConfig) -> dict[str, A
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 30,
             "containers": [trainer, replicator],
-            "volumes": [
-                {"name": "snapshots", "emptyDir": {"medium": "Memory"}},
-                {
-                    "name": "config",
-                    "downwardAPI": {
-                        "items": [
-                            {
-                                "path": "config.json",
-                                "fieldRef": {"fieldPath": f"metadata.annotations['{ANN_CONFIG}']"},
-                            }
-                        ]
-                    },
-                },
+            "volumes": volumes,
+        },
+    }
+    if job.spec.template is None:
+        return pod
+    return merge_template(pod, job.spec.template.to_k8s())
+
+
+def merge_template(pod: dict[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
+    """`pod` (the operator's) merged with the user's pod `template` (a PodTemplateSpec).
+
+    The template's labels and annotations are added (the operator's keys win); its pod spec
+    fields are taken, except the containers and volumes, which are merged: a template
+    container named `trainer` or `replicator` adds to the operator's container of that name
+    (its env, envFrom and volumeMounts are appended, its resources override the job's name by
+    name, any other field is taken), other containers are added after them, and the
+    template's volumes after the operator's. The API model refuses templates that set what
+    the operator owns (`api.template`), so nothing here overrides it.
+    """
+    meta, spec = pod["metadata"], pod["spec"]
+    user_meta = template.get("metadata") or {}
+    for key in ("labels", "annotations"):
+        meta[key] = {**(user_meta.get(key) or {}), **meta[key]}
+    user = copy.deepcopy(dict(template.get("spec") or {}))
+    user_containers = {c.get("name"): c for c in user.pop("containers", None) or ()}
+    user_volumes = user.pop("volumes", None) or []
+    merged = {**user, **spec}
+    if "terminationGracePeriodSeconds" in user:
+        merged["terminationGracePeriodSeconds"] = user["terminationGracePeriodSeconds"]
+    containers = []
+    for ours in spec["containers"]:
+        theirs = user_containers.pop(ours["name"], None)
+        containers.append(_merge_container(ours, theirs) if theirs else ours)
+    merged["containers"] = containers + list(user_containers.values())
+    merged["volumes"] = spec["volumes"] + user_volumes
+    pod["spec"] = merged
+    return pod
+
+
+def _merge_container(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    out = {**theirs, **ours}
+    for key in ("env", "envFrom", "volumeMounts"):
+        if theirs.get(key):
+            out[key] = [*(ours.get(key) or ()), *theirs[key]]
+    mine, given = ours.get("resources") or {}, theirs.get("resources") or {}
+    resources = {**given}  # e.g. claims
+    for kind in ("requests", "limits"):
+        value = {**mine.get(kind, {}), **given.get(kind, {})}
+        if value:
+            resources[kind] = value
+    if resources:
+        out["resources"] = resources
+    return out
+
+
+def tls_secret(
+    namespace: str,
+    pod: str,
+    pod_uid: str,
+    labels: Mapping[str, str],
+    *,
+    cert: bytes,
+    key: bytes,
+    ca: bytes,
+) -> dict[str, Any]:
+    """The `kubernetes.io/tls` Secret `<pod>-tls` with a member's certificate, key and CA
+    bundle (PEM), labelled `labels` (the pod's) and owned by the pod: it goes with it."""
+    data = {"tls.crt": cert, "tls.key": key, "ca.crt": ca}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {
+            "name": tls_secret_name(pod),
+            "namespace": namespace,
+            "labels": dict(labels),
+            "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": pod_uid, "controller": True}
             ],
         },
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
     }
 
 

@@ -19,29 +19,35 @@ Rules:
 * Scaling down deletes the newest members.
 * Federation (when the operator has an identity and passes a `FederationView`): member ids
   carry the party (`<party>.<pod>`), so ids of different parties never clash. A party with no
-  live member joins through a remote member (of the smallest party that admits it) instead of
-  forming an initial set. With no member anywhere, the initial set is formed by the smallest
-  party name among the parties that want workers and admit each other's; the others wait
-  (`Ready` False, `WaitingForSeed`) until its members run. A remote party's `maxWorkers` caps
-  how many workers this party runs while it trains with that party's members. Nothing is ever
-  created or deleted for another party.
+  live member joins through a remote member (of the smallest party that admits all the
+  workers it adds) instead of forming an initial set. With no member anywhere, the initial
+  set is formed by the smallest party name among the parties that want workers and admit
+  each other's; the others wait (`Ready` False, `WaitingForSeed`) until its members run, for
+  at most `options.seed_wait_s` after `Ready` turned False; then they form their own set (a
+  Warning Event says why). Nothing a remote party sends changes how many workers this party
+  runs (`spec.replicas` alone), and nothing is ever created or deleted for another party.
 * The job is Succeeded once every pod it has ended with Succeeded and training reached its
-  last step (or the step is unknown); then nothing is created any more. Every pod ended
-  with Succeeded short of the last step is a loss of every member, not a success. Once the
-  current step is the last one (`options.steps`), members that end are not replaced
-  either: they are finishing.
+  last step (or the step is unknown), or the last step is done and no pod is left; then
+  nothing is created any more. Every pod ended with Succeeded short of the last step is a
+  loss of every member, not a success. Once the current step is the last one (`spec.steps`,
+  else `options.steps`), members that end are not replaced either: they are finishing.
+* Lifecycle (`chaos_operator.lifecycle`): a suspended job and a Failed one (deadline,
+  failure policy) have no pods; Succeeded and Failed never change again; a finished job
+  with `ttlSecondsAfterFinished` is deleted once that has passed. Conditions `Suspended`,
+  `Complete` and `Failed` and an Event on each transition say why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from chaos_operator.api import ChaosJob
 from chaos_operator.api.conditions import set_condition
 from chaos_operator.federation.rules import FederationView, synced_condition
+from chaos_operator.lifecycle import Lifecycle, decide
 from chaos_operator.pods import (
     ANN_ADDRESS,
     ANN_NEXT_MEMBER,
@@ -50,6 +56,7 @@ from chaos_operator.pods import (
     Options,
     headless_service,
     job_meta,
+    job_steps,
     member_address,
     member_id,
     member_name,
@@ -78,6 +85,10 @@ class ObservedPod:
     """Where the pod's `/metrics` can be scraped (its IP, once it has one)."""
     unschedulable: bool = False
     """The scheduler found no node for it (`PodScheduled` False, `Unschedulable`)."""
+    uid: str = ""
+    """The pod's uid (its identity Secret's owner)."""
+    final_step: int | None = None
+    """The last step its ended trainer reported in its termination message, if any."""
 
     @property
     def member(self) -> str:
@@ -125,6 +136,10 @@ class PodPlan:
     next_member: int
     events: dict[str, PodEvent]
     """Keyed by the pod name whose creation or deletion the event reports."""
+    job_events: list[PodEvent] = field(default_factory=list)
+    """About the job itself (suspended, resumed, failed, succeeded): posted with the status."""
+    delete_job: bool = False
+    """Delete the ChaosJob (its TTL after finishing ran out)."""
 
 
 def running_members(pods: Sequence[ObservedPod]) -> dict[str, str]:
@@ -154,29 +169,44 @@ def reconcile(
     """Plan one reconcile of `job` given its observed pods (see the module docstring)."""
     name, namespace, _ = job_meta(job)
     spec = job.spec
-    cap = federation.cap() if federation else None
-    want = spec.replicas if cap is None else min(spec.replicas, cap)
+    want = spec.replicas  # ours alone: nothing a remote party says lowers it
     waiting: str | None = None
+    gave_up: str | None = None
     previous = job.status.to_k8s() if job.status else {}
     pods = sorted(pods, key=lambda p: (p.ordinal, p.name))
     live = [p for p in pods if p.live]
     ended = [p for p in pods if not p.deleting and not p.live]
+    reported = [p.final_step for p in ended if p.final_step is not None]
+    if reported:  # what ended trainers said beats a scrape that missed the last steps
+        current_step = max([*reported, *([] if current_step is None else [current_step])])
     step = current_step if current_step is not None else previous.get("currentStep")
-    trained = step is not None and step >= options.steps - 1
-    # every member ended well; short of the last step (when known) that is a loss, not
-    # the end of training: members that leave, or that thought the others dead, exit 0 too
-    finished = previous.get("phase") == "Succeeded" or (
-        bool(ended)
-        and not live
-        and all(p.phase == "Succeeded" for p in ended)
-        and (trained or step is None)
+    steps = job_steps(job, options)
+    trained = step is not None and step >= steps - 1
+    if federation is not None:  # parties that train another length are left out
+        federation = federation.agreeing(steps)
+    life = decide(
+        job,
+        previous,
+        [(p.name, p.phase) for p in ended],
+        live=len(live),
+        now=now,
+        trained=trained,
+        step_known=step is not None,
     )
+    finished = life.phase == "Succeeded"
     ordinal = next_member(job, pods)
     create: list[dict[str, Any]] = []
     delete: list[str] = []
     events: dict[str, PodEvent] = {}
 
-    if not finished and not trained:
+    if life.stops:
+        for pod in [*live, *ended]:
+            delete.append(pod.name)
+            events[pod.name] = PodEvent(
+                "MemberRemoved", f"job {life.phase.lower()}: member {pod.member} stops"
+            )
+        live = []
+    elif not finished and not trained:
         for pod in ended:
             delete.append(pod.name)
             events[pod.name] = PodEvent(
@@ -191,9 +221,13 @@ def reconcile(
         missing = want - len(live)
         seeds = [p for p in live if p.address]
         seeds.sort(key=lambda p: (not p.running, p.ordinal))
-        remote = federation.seed() if federation and not seeds else None
+        remote = federation.seed(want) if federation and not seeds else None
         if missing > 0 and not seeds and not remote and federation:
-            waiting = federation.waiting_for()
+            waiting = federation.waiting_for(want)
+            if waiting and not_ready_s(previous, now) >= options.seed_wait_s:
+                gave_up, waiting = waiting, None
+            elif waiting:
+                waiting += f" (a wait of at most {options.seed_wait_s:g} s)"
         if missing > 0 and not waiting:
             new = list(range(ordinal, ordinal + missing))
             joins = (seeds[0].member, seeds[0].address) if seeds else None
@@ -212,12 +246,14 @@ def reconcile(
                     member_id(name, n, options): member_address(name, namespace, n, options)
                     for n in new
                 }
+                note = f" after waiting {options.seed_wait_s:g} s for: {gave_up}" if gave_up else ""
                 for n in new:
                     config = worker_config(job, n, options, members=members)
                     create.append(worker_pod(job, n, config))
                     events[member_name(name, n)] = PodEvent(
                         "MemberAdded",
-                        f"member {member_name(name, n)} starts the initial set of {len(new)}",
+                        f"member {member_name(name, n)} starts the initial set of {len(new)}{note}",
+                        "Warning" if gave_up else "Normal",
                     )
             ordinal += missing
 
@@ -237,6 +273,8 @@ def reconcile(
         federation=federation,
         waiting=waiting,
     )
+    status = lifecycle_status(job, status, life, steps, now)
+    job_events = [PodEvent(*life.event)] if life.event else []
     return PodPlan(
         create=create,
         delete=delete,
@@ -244,7 +282,64 @@ def reconcile(
         status=status,
         next_member=ordinal,
         events=events,
+        job_events=job_events,
+        delete_job=life.delete_job,
     )
+
+
+def lifecycle_status(
+    job: ChaosJob, status: dict[str, Any], life: Lifecycle, steps: int, now: datetime
+) -> dict[str, Any]:
+    """`status` with the lifecycle's phase, conditions, times, failures and progress."""
+    out = {k: v for k, v in status.items() if k not in ("startTime", "completionTime")}
+    out.pop("memberFailures", None)
+    out.update(life.status)
+    out["steps"] = steps
+    done = out.get("currentStep")
+    out["progress"] = f"{0 if done is None else min(done + 1, steps)}/{steps}"
+    generation = job.metadata.generation
+    conditions = out["conditions"]
+    suspended = life.phase == "Suspended"
+    if suspended or any(c.get("type") == "Suspended" for c in conditions):
+        # as a Kubernetes Job's: present once the job was ever suspended
+        conditions = set_condition(
+            conditions,
+            "Suspended",
+            "True" if suspended else "False",
+            "JobSuspended" if suspended else "JobResumed",
+            life.message if suspended else "spec.suspend is false",
+            generation,
+            now,
+        )
+    if life.phase in ("Succeeded", "Failed"):
+        kind = "Complete" if life.phase == "Succeeded" else "Failed"
+        conditions = set_condition(
+            conditions, kind, "True", life.reason, life.message, generation, now
+        )
+        reason = "TrainingFinished" if life.phase == "Succeeded" else life.reason
+        conditions = set_condition(
+            conditions, "Ready", "False", reason, life.message, generation, now
+        )
+    if life.phase is not None:
+        out["phase"] = life.phase
+    if suspended:
+        conditions = set_condition(
+            conditions, "Ready", "False", "JobSuspended", "the job is suspended", generation, now
+        )
+    out["conditions"] = conditions
+    return out
+
+
+def not_ready_s(previous: Mapping[str, Any], now: datetime) -> float:
+    """Seconds since the job's `Ready` condition turned False (0 when it is not False)."""
+    ready = next((c for c in previous.get("conditions", []) if c.get("type") == "Ready"), None)
+    if ready is None or ready.get("status") != "False":
+        return 0.0
+    try:
+        since = datetime.strptime(ready["lastTransitionTime"], "%Y-%m-%dT%H:%M:%SZ")
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return (now - since.replace(tzinfo=UTC)).total_seconds()
 
 
 def job_status(

@@ -7,6 +7,7 @@ of the plain `chaos run` of the same job without churn.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,51 @@ def test_a_missing_manifest_is_one_line(tmp_path):
         result.stderr.strip()
         == f"chaos run: error: {tmp_path / 'nope.yaml'}: No such file or directory"
     )
+
+
+TEMPLATE = """
+  template:
+    spec:
+      containers:
+        - name: trainer
+          env:
+            - name: CHAOS_DATA
+              value: /data/samples.txt
+          volumeMounts:
+            - name: data
+              mountPath: /data
+      volumes:
+        - name: data
+          hostPath:
+            path: {data}
+"""
+
+
+def test_the_templates_env_and_volumes_reach_the_workers(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "samples.txt").write_text("digits\n")
+    text = (
+        MANIFEST.read_text()
+        .replace("chaos_worker.examples.digits:factory", "tests.cluster.datafactory:factory")
+        .replace("replicas: 3", "replicas: 2")
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text(text.rstrip("\n") + TEMPLATE.format(data=data))
+    importable = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**in_tmp(tmp_path), **importable}  # the factory lives in tests/
+    result = chaos("run", "--quiet", "--steps", "10", str(path), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    # the entry check and each of the 2 workers read /data/samples.txt: the env's path
+    # mapped into the hostPath volume
+    marks = sorted(p.read_text() for p in data.glob("seen-*"))
+    assert marks == ["digits"] * 3
+
+
+def test_a_suspended_manifest_starts_nothing(tmp_path):
+    path = _manifest(tmp_path, "replicas: 3", "replicas: 3\n  suspend: true")
+    result = chaos("run", "--quiet", "--steps", "10", path, cwd=tmp_path, env=in_tmp(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "suspended" in result.stdout
+    assert leftover_workers(tmp_path) == []
+    assert not (tmp_path / "chaos-report.json").exists()

@@ -4,7 +4,9 @@ It polls the pods of a namespace on a real API server (a list every `interval`; 
 than a watch and it cannot miss a deletion) and for each new pod:
 
 * lays out a directory per pod and one per volume, and maps the pod's paths into them
-  (`chaos_cli.local.localpods`, which the local backend of `chaos run FILE` uses too);
+  (`chaos_cli.local.localpods`, which the local backend of `chaos run FILE` uses too); a
+  `secret` volume gets the Secret's data as files, read once at the start: like the kubelet,
+  it starts no pod before every Secret it mounts exists;
 * starts every container's `command + args` as a local process group: `chaos` becomes this
   checkout's `.venv/bin/chaos`;
 * writes the pod status back: phase `Running`, `podIP` 127.0.0.1 (every pod shares the
@@ -19,6 +21,7 @@ up the other pods meanwhile. Logs: `<workdir>/<pod>/<container>.log`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -174,11 +177,31 @@ class PodRunner:
 
     # ---------------------------------------------------------------------- starting
 
+    def _secrets(self, body: dict[str, Any]) -> dict[str, dict[str, bytes]] | None:
+        """Secret name -> key -> bytes of every Secret the pod mounts; None while one is
+        missing."""
+        out: dict[str, dict[str, bytes]] = {}
+        for volume in body["spec"].get("volumes") or ():
+            name = (volume.get("secret") or {}).get("secretName")
+            if not name:
+                continue
+            try:
+                secret = self.core.read_namespaced_secret(name, self.namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            out[name] = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+        return out
+
     def _start(self, pod: client.V1Pod) -> None:
         meta, spec = pod.metadata, pod.spec
         directory = self.workdir / meta.name
         body = self._serializer.sanitize_for_serialization(pod)
-        volumes = localpods.lay_out(body, directory)
+        secrets = self._secrets(body)
+        if secrets is None:  # tried again on the next round
+            return
+        volumes = localpods.lay_out(body, directory, secrets)
         running = RunningPod(
             meta.name,
             meta.uid,
@@ -189,10 +212,7 @@ class PodRunner:
             self.pods[meta.name] = running
         for container in body["spec"]["containers"]:
             argv = localpods.command(container, volumes, str(REPO / ".venv" / "bin" / "chaos"))
-            env = dict(self.env)
-            for var in container.get("env") or ():
-                if var.get("value") is not None:
-                    env[var["name"]] = var["value"]
+            env = {**self.env, **localpods.container_env(container, volumes)}
             log = directory / f"{container['name']}.log"
             with log.open("ab") as out:
                 running.processes[container["name"]] = subprocess.Popen(
@@ -245,7 +265,7 @@ class PodRunner:
                 "restartCount": 0,
                 "image": name,
                 "imageID": "",
-                "state": {"terminated": {"exitCode": code, "finishedAt": now}},
+                "state": {"terminated": self._terminated(running, name, code, now)},
             }
             for name, code in codes.items()
         ]
@@ -257,6 +277,16 @@ class PodRunner:
             running.name,
             {"phase": phase, "conditions": conditions, "containerStatuses": statuses},
         )
+
+    @staticmethod
+    def _terminated(running: RunningPod, container: str, code: int, now: str) -> dict[str, Any]:
+        """A container's `terminated` state, with its termination message as a kubelet
+        copies it (at most 4096 bytes)."""
+        state: dict[str, Any] = {"exitCode": code, "finishedAt": now}
+        path = localpods.termination_log(running.directory, container)
+        if path.exists():
+            state["message"] = path.read_text(errors="replace")[:4096]
+        return state
 
     def _patch_status(self, name: str, status: dict[str, Any]) -> None:
         try:

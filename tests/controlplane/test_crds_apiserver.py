@@ -43,7 +43,7 @@ def peer(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
         "apiVersion": "chaos.training.dev/v1alpha1",
         "kind": "ChaosPeer",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"endpoint": "https://chaos.party-b.example:8443", **spec},
+        "spec": {"party": "party-b", "endpoint": "https://chaos.party-b.example:8443", **spec},
     }
 
 
@@ -198,6 +198,8 @@ def test_status_is_kept_and_printed(
     status = {
         "phase": "Running",
         "currentStep": 42,
+        "steps": 100,
+        "progress": "43/100",
         "localMembers": 2,
         "remoteMembers": 3,
         "lastScaleOutDelaySeconds": 1.5,
@@ -224,10 +226,10 @@ def test_status_is_kept_and_printed(
     assert ChaosJob.model_validate(stored).status.conditions[0].reason == "WorkersReady"
     table = control_plane.kubectl("get", "chaosjob", "st", "-n", namespace, "-o", "wide").stdout
     header, row = table.splitlines()
-    assert header.split()[:8] == [
-        "NAME", "FEDERATION", "PHASE", "REPLICAS", "READY", "LOCAL", "REMOTE", "STEP"
+    assert header.split()[:9] == [
+        "NAME", "FEDERATION", "PHASE", "REPLICAS", "READY", "LOCAL", "REMOTE", "STEP", "PROGRESS"
     ]  # fmt: skip
-    assert row.split()[:8] == ["st", "mnist", "Running", "2", "True", "2", "3", "42"]
+    assert row.split()[:9] == ["st", "mnist", "Running", "2", "True", "2", "3", "42", "43/100"]
     # A bad condition is refused by the status subresource too.
     bad = {"conditions": [{**status["conditions"][0], "status": "Maybe"}]}
     done = control_plane.kubectl(
@@ -270,3 +272,98 @@ def test_second_api_server_on_the_same_etcd_is_separate(
     assert control_plane.kubectl("get", "namespace", other, check=False).returncode != 0
     version = json.loads(party_b.kubectl("version", "-o", "json").stdout)
     assert version["serverVersion"]["gitVersion"] == version["clientVersion"]["gitVersion"]
+
+
+TEMPLATE = {
+    "metadata": {"labels": {"team": "vision"}},
+    "spec": {
+        "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "training",
+        "imagePullSecrets": [{"name": "registry"}],
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "imagenet"}}],
+        "containers": [
+            {
+                "name": "trainer",
+                "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+                "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}},
+                "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
+            }
+        ],
+    },
+}
+
+OWNED_TEMPLATES = [
+    pytest.param(
+        {"spec": {"restartPolicy": "Always"}},
+        "spec.template.spec.restartPolicy",
+        id="restart-policy",
+    ),
+    pytest.param(
+        {"spec": {"containers": [{"name": "trainer", "command": ["python"]}]}},
+        "spec.template.spec.containers[].command",
+        id="trainer-command",
+    ),
+    pytest.param(
+        {"spec": {"containers": [{"name": "replicator", "ports": [{"containerPort": 1}]}]}},
+        "spec.template.spec.containers[].ports",
+        id="replicator-ports",
+    ),
+    pytest.param(
+        {"spec": {"volumes": [{"name": "snapshots", "emptyDir": {}}]}},
+        "spec.template.spec.volumes[].name",
+        id="snapshot-volume",
+    ),
+    pytest.param(
+        {"metadata": {"labels": {"chaos.training.dev/job": "x"}}},
+        "spec.template.metadata.labels",
+        id="owned-label",
+    ),
+]
+
+
+def test_template_is_a_pod_template_with_quantities_and_explain(
+    control_plane: ControlPlane, crds: list[str], namespace: str
+) -> None:
+    create(control_plane, job("templated", namespace, template=TEMPLATE, steps=100), check=True)
+    stored = control_plane.get("chaosjob", "templated", namespace)["spec"]["template"]
+    assert stored == TEMPLATE  # nothing pruned: the schema is the PodTemplateSpec's
+    ChaosJob.model_validate(job("templated", namespace, template=TEMPLATE))
+    bad = json.loads(json.dumps(TEMPLATE))
+    bad["spec"]["tolerations"][0]["tolerationSeconds"] = "soon"
+    done = create(control_plane, job("typed", namespace, template=bad))
+    assert done.returncode != 0 and "tolerationSeconds" in done.stderr, done.stderr
+
+    def explain() -> subprocess.CompletedProcess | None:
+        done = control_plane.kubectl(
+            "explain", "chaosjob.spec.template.spec.nodeSelector", check=False
+        )
+        return done if done.returncode == 0 else None
+
+    text = " ".join(poll(explain, "OpenAPI of chaosjobs").stdout.split())
+    assert "NodeSelector is a selector which must be true for the pod to fit on a node" in text
+
+
+@pytest.mark.parametrize(("template", "field"), OWNED_TEMPLATES)
+def test_owned_template_fields_are_refused_naming_the_field(
+    control_plane: ControlPlane, crds: list[str], namespace: str, template, field: str
+) -> None:
+    manifest = job("owned", namespace, template=template)
+    done = create(control_plane, manifest)
+    assert done.returncode != 0, f"accepted: {template}"
+    assert field in done.stderr and "operator" in done.stderr, done.stderr
+    with pytest.raises(ValidationError, match="operator"):
+        ChaosJob.model_validate(manifest)
+
+
+@pytest.mark.parametrize("name", ["chaosjob.yaml", "chaosjob-gpu.yaml"])
+def test_example_jobs_are_admitted(
+    control_plane: ControlPlane, crds: list[str], namespace: str, name: str
+) -> None:
+    import yaml
+
+    from tests.controlplane.plane import REPO
+
+    body = yaml.safe_load((REPO / "examples" / name).read_text())
+    body["metadata"]["namespace"] = namespace
+    create(control_plane, body, check=True)

@@ -211,6 +211,35 @@ def test_a_gone_job_is_forgotten_by_the_federation_and_counted_gone() -> None:
     assert counted(c, "chaos_operator_reconcile_total", result="gone") == 1
 
 
+class Identities:
+    """Records what the controller asks of `WorkerIdentities`."""
+
+    def __init__(self) -> None:
+        self.ensured: list[list[str]] = []
+        self.forgotten: list[tuple[str, str]] = []
+
+    def ensure(self, job: ChaosJob, pods: list[ObservedPod], now: datetime) -> list[str]:
+        self.ensured.append(sorted(p.name for p in pods))
+        return []
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.forgotten.append((namespace, name))
+
+
+def test_identities_are_ensured_after_the_plan_for_the_pods_it_keeps() -> None:
+    pods, identities = FakePods(make_job(2)), Identities()
+    c = controller_for(pods, identities=identities)
+    c.sync(NS, NAME)  # pods created now get theirs at the sync their creation triggers
+    pods.run_all()
+    c.sync(NS, NAME)
+    pods.scale(1)
+    c.sync(NS, NAME)  # w1 is deleted: no certificate for it
+    assert identities.ensured == [[], ["digits-w0", "digits-w1"], ["digits-w0"]]
+    pods.jobs.clear()
+    assert c.sync(NS, NAME) is None
+    assert identities.forgotten == [(NS, NAME)]
+
+
 def test_the_autoscaler_is_merged_into_a_new_status_and_the_plan_is_left_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

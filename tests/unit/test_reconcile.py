@@ -63,7 +63,8 @@ def make_job(
     return ChaosJob.model_validate(body)
 
 
-def observed(pod: dict[str, Any], phase: str = "Pending") -> ObservedPod:
+def observed(pod: dict[str, Any], phase: str = "Pending", uid: str = "") -> ObservedPod:
+    """The reconcile's view of a pod it planned, in `phase` (ready while Running)."""
     meta = pod["metadata"]
     return ObservedPod(
         name=meta["name"],
@@ -71,6 +72,7 @@ def observed(pod: dict[str, Any], phase: str = "Pending") -> ObservedPod:
         labels=dict(meta["labels"]),
         annotations=dict(meta["annotations"]),
         ready=phase == "Running",
+        uid=uid,
     )
 
 

@@ -4,12 +4,15 @@ Shared by the local backend of `chaos run FILE` (`chaos_cli.local.reconciled`) a
 pod runner (`tests/controlplane/podrunner.py`). Pods are plain dicts in the API's JSON shape
 (camelCase keys), as `reconcile` builds them and as the API server returns them.
 
-* Every volume becomes a directory `<pod dir>/volumes/<name>`: an `emptyDir` stays empty,
+* Every volume becomes a directory `<pod dir>/volumes/<name>` (a `hostPath` is its path
+  on this machine, which is the node): an `emptyDir` stays empty,
   a `downwardAPI` volume gets one file per item whose field reference is
-  `metadata.annotations['…']`, `metadata.name` or `metadata.namespace`.
+  `metadata.annotations['…']`, `metadata.name` or `metadata.namespace`, a `secret` volume
+  one file per entry of the Secret's data (which the caller reads), with its `defaultMode`.
 * Each pod has, in effect, its own root: an absolute path under a container's mount point
-  (in its command line, and in JSON files a downwardAPI volume projects) is rewritten to the
-  directory of that volume.
+  (in its command line, its environment's values, and JSON files a downwardAPI volume
+  projects) is rewritten to the directory of that volume.
+* A container's `terminationMessagePath` becomes `<pod dir>/<container>.termination-log`.
 * `chaos` as a command's first word becomes the given executable.
 """
 
@@ -22,27 +25,64 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from chaos_operator.federation.identity import write_file
+
 FIELD = re.compile(r"^metadata\.annotations\['(?P<key>[^']+)'\]$")
 
 
-def lay_out(pod: Mapping[str, Any], directory: Path) -> dict[str, Path]:
-    """Make the pod's volume directories under `directory` and project its downwardAPI files.
+def lay_out(
+    pod: Mapping[str, Any],
+    directory: Path,
+    secrets: Mapping[str, Mapping[str, bytes]] | None = None,
+) -> dict[str, Path]:
+    """Make the pod's volume directories under `directory` and project its downwardAPI files
+    and the data of its Secrets (`secrets`: Secret name -> key -> bytes; a Secret not given
+    leaves its volume empty).
 
     Returns volume name -> directory.
     """
     spec = pod.get("spec") or {}
     volumes: dict[str, Path] = {}
     for volume in spec.get("volumes") or ():
+        host = (volume.get("hostPath") or {}).get("path")
+        if host:  # this machine is the node: the path itself
+            volumes[volume["name"]] = Path(host)
+            continue
         path = directory / "volumes" / volume["name"]
         path.mkdir(parents=True, exist_ok=True)
         volumes[volume["name"]] = path
-    every_mount: dict[str, Path] = {}
-    for each in spec.get("containers") or ():
-        every_mount.update(mounts(each, volumes))
     for volume in spec.get("volumes") or ():
         if volume.get("downwardAPI") is not None:
-            _project(pod, volume["downwardAPI"], volumes[volume["name"]], every_mount)
+            where = _paths_of_readers(spec, volume["name"], volumes, directory)
+            _project(pod, volume["downwardAPI"], volumes[volume["name"]], where)
+        source = volume.get("secret")
+        if source is not None:
+            data = (secrets or {}).get(source.get("secretName", ""), {})
+            mode = source.get("defaultMode", 0o644)
+            for key, value in data.items():
+                write_file(volumes[volume["name"]] / key, value, mode)
     return volumes
+
+
+def _paths_of_readers(
+    spec: Mapping[str, Any], volume: str, volumes: Mapping[str, Path], directory: Path
+) -> dict[str, Path]:
+    """Path -> local path, as seen by the containers that mount `volume`: their mount points
+    and their termination message paths (each container has its own)."""
+    where: dict[str, Path] = {}
+    for each in spec.get("containers") or ():
+        if not any(m["name"] == volume for m in each.get("volumeMounts") or ()):
+            continue
+        where.update(mounts(each, volumes))
+        if each.get("terminationMessagePath"):
+            where[each["terminationMessagePath"]] = termination_log(directory, each["name"])
+    return where
+
+
+def termination_log(directory: Path, container: str) -> Path:
+    """Where a container's terminationMessagePath lies in the pod's directory (what the
+    kubelet would copy into its status as `terminated.message`)."""
+    return directory / f"{container}.termination-log"
 
 
 def mounts(container: Mapping[str, Any], volumes: Mapping[str, Path]) -> dict[str, Path]:
@@ -57,6 +97,18 @@ def command(container: Mapping[str, Any], volumes: Mapping[str, Path], chaos: st
         argv[0] = chaos
     where = mounts(container, volumes)
     return [map_path(a, where) for a in argv]
+
+
+def container_env(container: Mapping[str, Any], volumes: Mapping[str, Path]) -> dict[str, str]:
+    """The container's environment variables given by `value` (those `valueFrom` a Secret,
+    ConfigMap or field have no local source and are left out), with paths under its mount
+    points mapped as in its command line."""
+    where = mounts(container, volumes)
+    return {
+        var["name"]: map_path(str(var["value"]), where)
+        for var in container.get("env") or ()
+        if var.get("value") is not None
+    }
 
 
 def find_container(pod: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -55,6 +55,7 @@ from chaos_operator.pods import (
     Options,
     job_meta,
     member_name,
+    merge_template,
     worker_config,
     worker_pod,
 )
@@ -109,6 +110,20 @@ def load_manifest(path: str) -> ChaosJob:
         update={"annotations": annotations, "generation": 1, "namespace": "default"}
     )
     return job.model_copy(update={"metadata": meta, "status": None})
+
+
+def trainer_env(job: ChaosJob, directory: Path) -> dict[str, str]:
+    """The environment the job's pod template gives its trainers, for a pod laid out under
+    `directory` (the entry check loads the factory with it, as a worker will)."""
+    if job.spec.template is None:
+        return {}
+    bare = {
+        "metadata": {"labels": {}, "annotations": {}},
+        "spec": {"containers": [{"name": "trainer"}], "volumes": []},
+    }
+    pod = merge_template(bare, job.spec.template.to_k8s())
+    volumes = localpods.lay_out(pod, directory)
+    return localpods.container_env(localpods.find_container(pod, "trainer"), volumes)
 
 
 def pod_churn(job: ChaosJob, events: list[ChurnEvent]) -> list[ChurnEvent]:
@@ -224,7 +239,7 @@ class LocalPods(PodBackend):
 
     def create(self, job: ChaosJob, body: dict[str, Any]) -> bool:
         name = body["metadata"]["name"]
-        config = self._trainer_config(body)
+        config, env = self._trainer_config(body)
         self.pods[name] = LocalPod(body)
         if config.get("join"):
             self._note_join(name)
@@ -237,7 +252,7 @@ class LocalPods(PodBackend):
             return True
         if spare is not None and proc is not None:  # unfit for this pod: a fresh process
             self._kill(name)
-        self.run.launch(name, self._local_config(config))
+        self.run.launch(name, self._local_config(config), env=env)
         return True
 
     def delete(self, job: ChaosJob, name: str) -> bool:
@@ -319,15 +334,16 @@ class LocalPods(PodBackend):
 
     # ------------------------------------------------------------------ processes
 
-    def _trainer_config(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Lay the pod out and read the config its trainer would be started with."""
+    def _trainer_config(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Lay the pod out; the config its trainer would be started with, and the
+        environment its template gives the trainer (paths mapped)."""
         name = body["metadata"]["name"]
         volumes = localpods.lay_out(body, self.run.run_dir / "pods" / name)
         trainer = localpods.find_container(body, "trainer")
         argv = localpods.command(trainer, volumes, "chaos")
         if len(argv) != 4 or argv[:3] != ["chaos", "worker", "--config"]:
             raise LaunchError(f"pod {name}: the trainer does not run `chaos worker --config`")
-        return json.loads(Path(argv[3]).read_text())
+        return json.loads(Path(argv[3]).read_text()), localpods.container_env(trainer, volumes)
 
     def _local_config(self, config: dict[str, Any], **extra: Any) -> WorkerConfig:
         """The pod's config plus what only this machine knows (module docstring)."""
@@ -342,10 +358,11 @@ class LocalPods(PodBackend):
         config = worker_config(self.job, ordinal, self.options, join=UNKNOWN_SEED)
         body = worker_pod(self.job, ordinal, config)
         name = member_name(self.job.metadata.name or "", ordinal)
-        mapped = self._trainer_config(body)
+        mapped, env = self._trainer_config(body)
         self.spares[name] = mapped
         # in standby until the plan creates its pod; the join command then names the seed
-        self.run.launch(name, self._local_config({**mapped, "join": None}, standby=True))
+        config = self._local_config({**mapped, "join": None}, standby=True)
+        self.run.launch(name, config, env=env)
 
     def _deliver_join_orders(self) -> None:
         if not self._join_orders:
@@ -420,4 +437,5 @@ def run_options(job: ChaosJob) -> dict[str, Any]:
         "entry": job.spec.entry,
         "global_batch": job.spec.global_batch,
         "seed": job.spec.seed,
+        **({"steps": job.spec.steps} if job.spec.steps is not None else {}),
     }

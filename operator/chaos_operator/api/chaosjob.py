@@ -16,6 +16,7 @@ from chaos_operator.api.meta import (
     ObjectMeta,
     conditions_field,
 )
+from chaos_operator.api.template import TemplateField
 
 #: `module:factory`, e.g. `chaos_worker.examples.digits:factory` (see examples/README.md).
 ENTRY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
@@ -48,7 +49,11 @@ Quantity = Annotated[
 ]
 
 #: Human summary of a job's state; the conditions carry the details.
-Phase = Literal["Pending", "Running", "Scaling", "Recovering", "Paused", "Succeeded", "Failed"]
+Phase = Literal[
+    "Pending", "Running", "Scaling", "Recovering", "Paused", "Suspended", "Succeeded", "Failed"
+]
+#: Phases a job never leaves.
+TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
 def immutable(field: str) -> dict[str, Any]:
@@ -114,6 +119,21 @@ class AutoscalingPolicy(ApiModel):
         if self.enabled and self.target_goodput_per_worker is None:
             raise ValueError("targetGoodputPerWorker is required when autoscaling is enabled")
         return self
+
+
+class FailurePolicy(ApiModel):
+    """When lost members fail the whole job instead of being replaced."""
+
+    max_member_failures: int = Field(
+        ge=0,
+        description=(
+            "Most members that may end Failed within windowSeconds; one more fails the job "
+            "(reason TooManyMemberFailures)."
+        ),
+    )
+    window_seconds: int = Field(
+        600, ge=1, le=604800, description="The sliding window the failures are counted in."
+    )
 
 
 class ChaosJobSpec(ApiModel):
@@ -194,8 +214,53 @@ class ChaosJobSpec(ApiModel):
     )
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements,
-        description="Compute resources of each worker pod.",
+        description=(
+            "Compute resources of each worker's trainer container; the template's trainer "
+            "container resources win, name by name."
+        ),
         json_schema_extra={"default": {}},
+    )
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000_000,
+        description=(
+            "Training steps of the job (its length); the job Succeeds once the last one is "
+            "reduced. Unset: the operator's default (practically unbounded). Every party of a "
+            "federation must give the same value. Immutable."
+        ),
+        json_schema_extra=immutable("steps"),
+    )
+    template: TemplateField | None = Field(
+        None,
+        description=(
+            "Pod template (core/v1 PodTemplateSpec) merged into every worker pod; fields the "
+            "operator owns are refused (docs/operator.md, Pod template)."
+        ),
+    )
+    suspend: bool = Field(
+        False,
+        description=(
+            "Suspend the job: its pods are deleted and none is created until it is false "
+            "again (how Kueue admits a job). Training restarts from its latest checkpoint."
+        ),
+    )
+    active_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Seconds the job may run (counted while not suspended) before it Fails with "
+            "reason DeadlineExceeded."
+        ),
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        description="Delete the ChaosJob this many seconds after it Succeeded or Failed.",
+    )
+    failure_policy: FailurePolicy | None = Field(
+        None,
+        description="Fail the job when too many members fail; unset: replace them forever.",
     )
     autoscaling: AutoscalingPolicy = Field(
         default_factory=AutoscalingPolicy,
@@ -245,6 +310,13 @@ class AutoscalingStatus(ApiModel):
     )
 
 
+class MemberFailure(ApiModel):
+    """One member that ended Failed (what the failure policy counts)."""
+
+    member: str = Field(max_length=253, description="The member's pod name.")
+    time: datetime = Field(description="When the operator saw it failed.")
+
+
 class ChaosJobStatus(ApiModel):
     """Observed state of this party's part of the job, written by the operator."""
 
@@ -269,6 +341,21 @@ class ChaosJobStatus(ApiModel):
     )
     current_step: int | None = Field(
         None, ge=0, description="Latest training step the job has completed."
+    )
+    steps: int | None = Field(None, ge=1, description="The job's length (spec.steps) in steps.")
+    progress: str | None = Field(
+        None, max_length=64, description="Steps completed of the job's steps, e.g. 120/1000."
+    )
+    start_time: datetime | None = Field(
+        None,
+        description="When the job last started running (unset while suspended); the deadline "
+        "counts from it.",
+    )
+    completion_time: datetime | None = Field(None, description="When the job Succeeded or Failed.")
+    member_failures: list[MemberFailure] | None = Field(
+        None,
+        max_length=1000,
+        description="Members that ended Failed within the failure policy's window.",
     )
     last_scale_out_delay_seconds: float | None = Field(
         None,

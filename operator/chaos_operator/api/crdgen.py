@@ -46,6 +46,7 @@ KEY_ORDER = (
     "pattern",
     "minItems",
     "maxItems",
+    "maxProperties",
     "required",
     "x-kubernetes-int-or-string",
     "x-kubernetes-preserve-unknown-fields",
@@ -114,6 +115,7 @@ KINDS: tuple[CrdKind, ...] = (
             _column("Local", "integer", ".status.localMembers", "Members of this party.", 1),
             _column("Remote", "integer", ".status.remoteMembers", "Members of other parties.", 1),
             _column("Step", "integer", ".status.currentStep", "Latest completed step."),
+            _column("Progress", "string", ".status.progress", "Steps done of the job's steps."),
             _AGE,
         ),
     ),
@@ -122,6 +124,7 @@ KINDS: tuple[CrdKind, ...] = (
         plural="chaospeers",
         singular="chaospeer",
         columns=(
+            _column("Party", "string", ".spec.party", "Remote party."),
             _column("Endpoint", "string", ".spec.endpoint", "Remote operator."),
             _column("Reachable", "boolean", ".status.reachable", "Last handshake succeeded."),
             _column("Members", "integer", ".status.members", "Remote workers in our jobs."),
