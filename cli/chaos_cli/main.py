@@ -14,7 +14,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
-from chaos_cli.errors import UserError
+from chaos_cli.errors import RunFailed, UserError
 
 
 def _version() -> str:
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"chaos {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"chaos {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"chaos {args.command}: interrupted", file=sys.stderr)
         return 130
