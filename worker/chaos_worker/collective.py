@@ -4,6 +4,16 @@ The flat buffer is cut into buckets; a member forwards bucket `i` as soon as it 
 bucket `i` from every child, and the root starts sending totals of bucket `i` down before
 later buckets have arrived, so a large model streams through the tree instead of waiting
 for the whole gradient at every hop. Cancelling the awaiting task aborts the operation.
+
+Every buffer of a job has the same size and dtype, so every bucket has a known length. A
+bucket that arrives is checked before it is held: one of the wrong length or count, with
+a NaN or an infinity, or for an operation this member does not expect (`expects`: from a
+member of no view it knows, or past the newest epoch and step it knows of) is refused
+(counted, never held) and the operation goes on waiting for a valid one. Buckets of
+operations ahead of the current one are held for at most `MAX_AHEAD_OPS` operations.
+A malformed or non-finite bucket for the operation in progress is reported to `on_bad`:
+the member then takes its sender for crashed (a confirmed crash: see `Member`), so the
+step is redone without it and it must come back as a newcomer (`docs/security.md`).
 """
 
 from __future__ import annotations
@@ -15,62 +25,136 @@ from collections.abc import Callable
 import numpy as np
 
 from chaos_worker.membership.view import View
+from chaos_worker.net.bounds import Reject, Rejections
 from chaos_worker.net.wire import Chunk
 
-Key = tuple[int, int, str, int, str]  # epoch, step, phase, bucket index, sender
+Op = tuple[int, int]  # epoch, step
+Bucket = tuple[str, int, str]  # phase, bucket index, sender
 Send = Callable[[str, Chunk, bytes | memoryview], bool]
+Expects = Callable[[str, int, int], bool]
+"""Whether a bucket from `sender` for the all-reduce of (epoch, step) may come."""
+
+BAD_CONTRIBUTION = ("malformed", "nonfinite")
+"""Refusals that show a sender's bucket for the operation in progress unusable: `on_bad`
+hears of them, and the member has the step redone without that sender."""
+
+MAX_AHEAD_OPS = 8
+"""Operations (epoch, step) whose buckets may be held before they begin here: in practice
+the next step, and the first step of a view decided but not yet in force."""
 
 
 class TreeAllReduce:
-    """All-reduce (sum) of a flat numpy buffer over the tree of a view."""
+    """All-reduce (sum) of a flat numpy buffer of `size` elements of `dtype` over the tree
+    of a view."""
 
-    def __init__(self, me: str, send: Send, *, bucket_bytes: int = 4 << 20) -> None:
+    def __init__(
+        self,
+        me: str,
+        send: Send,
+        *,
+        size: int,
+        dtype: np.dtype | type,
+        bucket_bytes: int = 4 << 20,
+        expects: Expects = lambda _sender, _epoch, _step: True,
+        reject: Reject | None = None,
+        on_bad: Callable[[str], None] | None = None,
+    ) -> None:
         self.me = me
         self._send = send
         self.bucket_bytes = bucket_bytes
-        self._inbox: dict[Key, bytes] = {}
-        self._waiting: dict[Key, asyncio.Future] = {}
+        self.size = size
+        self.dtype = np.dtype(dtype)
+        self._per = max(1, bucket_bytes // self.dtype.itemsize)
+        self._count = max(1, math.ceil(size / self._per))
+        self._expects = expects
+        self._reject = reject or Rejections()
+        self._on_bad = on_bad
+        self._at: Op = (-1, -1)
+        """The operation begun last: buckets of earlier ones are over here."""
+        self._inbox: dict[Op, dict[Bucket, bytes]] = {}
+        self._waiting: dict[tuple[Op, Bucket], asyncio.Future] = {}
         self.down_sent: tuple[int, int] | None = None
         """(epoch, step) of the last all-reduce whose totals this member, as root, began
         to send down: anything it sends before that precedes the totals on every path."""
 
+    @property
+    def held(self) -> int:
+        """Buckets held for operations that have not awaited them yet."""
+        return sum(len(buckets) for buckets in self._inbox.values())
+
     def deliver(self, sender: str, chunk: Chunk, payload: bytes) -> None:
-        """Hand over a bucket received from `sender` (may arrive before it is awaited)."""
-        key = (chunk.epoch, chunk.step, chunk.phase, chunk.index, sender)
-        future = self._waiting.pop(key, None)
+        """Hand over a bucket received from `sender` (may arrive before it is awaited);
+        one that is not valid or not expected is refused (see the module docstring)."""
+        op = (chunk.epoch, chunk.step)
+        if op < self._at:
+            return  # an earlier operation's (normal after an abort): it is over here
+        fault = self._fault(sender, chunk, payload)
+        if fault is not None:
+            self._reject(sender, *fault)
+            if fault[0] in BAD_CONTRIBUTION and op == self._at and self._on_bad is not None:
+                self._on_bad(sender)  # the operation in progress cannot use it: redo it
+            return
+        bucket = (chunk.phase, chunk.index, sender)
+        future = self._waiting.pop((op, bucket), None)
         if future is not None and not future.done():
             future.set_result(payload)
         else:
-            self._inbox[key] = payload
+            self._inbox.setdefault(op, {}).setdefault(bucket, payload)  # the first one holds
+
+    def _fault(self, sender: str, chunk: Chunk, payload: bytes) -> tuple[str, str] | None:
+        """(reason, detail) when `chunk` with `payload` is refused, else None."""
+        op = (chunk.epoch, chunk.step)
+        where = f"bucket {chunk.index} ({chunk.phase}) of epoch {op[0]} step {op[1]}"
+        if chunk.count != self._count:
+            return "malformed", f"{where}: {chunk.count} buckets, not {self._count}"
+        if not self._expects(sender, *op):
+            return "unexpected", f"{where}: no such operation is known here"
+        if op not in self._inbox and op != self._at and len(self._inbox) >= MAX_AHEAD_OPS:
+            return "unexpected", f"{where}: {MAX_AHEAD_OPS} operations ahead already held"
+        fault = _numbers_fault(payload, self._span(chunk.index), self.dtype)
+        return None if fault is None else (fault[0], f"{where}: {fault[1]}")
+
+    def check_total(self, dtype: str, payload: bytes) -> tuple[str, str] | None:
+        """(reason, detail) when `payload`, of `dtype`, is not a whole buffer of this job
+        (a step's total streamed to a newcomer), else None."""
+        if np.dtype(dtype) != self.dtype:
+            return "malformed", f"a total of {dtype}, not {self.dtype.str}"
+        return _numbers_fault(payload, self.size, self.dtype)
+
+    def _span(self, index: int) -> int:
+        """Elements in bucket `index`."""
+        return min(self._per, self.size - index * self._per)
 
     def forget_before(self, epoch: int, step: int) -> None:
-        """Drop buffered buckets of earlier operations."""
-        for key in [k for k in self._inbox if (k[0], k[1]) < (epoch, step)]:
-            del self._inbox[key]
+        """Begin operation (`epoch`, `step`): drop buffered buckets of earlier ones."""
+        self._at = max(self._at, (epoch, step))
+        for op in [op for op in self._inbox if op < self._at]:
+            del self._inbox[op]
 
     async def allreduce(self, view: View, step: int, buf: np.ndarray) -> np.ndarray:
         """Sum `buf` over the members of `view`; every member gets the same total."""
         tree = view.tree()
         parent = tree.parent[self.me]
         children = tree.children(self.me)
-        total = buf.copy()
+        total = self._own(buf)
         slices = self._slices(total)
         self.forget_before(view.epoch, step)
+        op = (view.epoch, step)
 
         async def up() -> None:
             for index, part in enumerate(slices):
                 for child in children:
-                    data = await self._receive((view.epoch, step, "up", index, child))
+                    data = await self._receive(op, ("up", index, child))
                     part += np.frombuffer(data, dtype=total.dtype)
                 if parent is None:
-                    self.down_sent = (view.epoch, step)
+                    self.down_sent = op
                     self._fan_out(children, view.epoch, step, "down", index, len(slices), part)
                 else:
                     self._post(parent, view.epoch, step, "up", index, len(slices), part)
 
         async def down() -> None:
             for index, part in enumerate(slices):
-                data = await self._receive((view.epoch, step, "down", index, parent))
+                data = await self._receive(op, ("down", index, parent))
                 part[:] = np.frombuffer(data, dtype=total.dtype)
                 self._fan_out(children, view.epoch, step, "down", index, len(slices), data)
 
@@ -80,24 +164,30 @@ class TreeAllReduce:
             await asyncio.gather(up(), down())
         return total
 
-    async def broadcast(self, view: View, step: int, buf: np.ndarray | None, like: np.ndarray):
-        """Send the root's `buf` down the tree; returns it on every member."""
+    async def broadcast(self, view: View, step: int, buf: np.ndarray | None) -> np.ndarray:
+        """Send the root's `buf` down the tree (zeros where a member holds none); returns
+        it on every member."""
         tree = view.tree()
         parent = tree.parent[self.me]
         children = tree.children(self.me)
-        out = like.copy() if buf is None else buf.copy()
+        out = np.zeros(self.size, self.dtype) if buf is None else self._own(buf)
         slices = self._slices(out)
+        self.forget_before(view.epoch, step)
         for index, part in enumerate(slices):
             if parent is not None:
-                data = await self._receive((view.epoch, step, "down", index, parent))
+                data = await self._receive((view.epoch, step), ("down", index, parent))
                 part[:] = np.frombuffer(data, dtype=out.dtype)
             self._fan_out(children, view.epoch, step, "down", index, len(slices), part)
         return out
 
+    def _own(self, buf: np.ndarray) -> np.ndarray:
+        """A copy of `buf`, which must be of this job's size and dtype."""
+        if buf.shape != (self.size,) or buf.dtype != self.dtype:
+            raise ValueError(f"buffer {buf.shape} {buf.dtype}, not ({self.size},) {self.dtype}")
+        return buf.copy()
+
     def _slices(self, flat: np.ndarray) -> list[np.ndarray]:
-        per = max(1, self.bucket_bytes // flat.itemsize)
-        count = max(1, math.ceil(flat.size / per))
-        return [flat[i * per : (i + 1) * per] for i in range(count)]
+        return [flat[i * self._per : (i + 1) * self._per] for i in range(self._count)]
 
     def _post(self, peer, epoch, step, phase, index, count, data) -> None:
         chunk = Chunk(sender=self.me, epoch=epoch, step=step, phase=phase, index=index, count=count)
@@ -110,12 +200,25 @@ class TreeAllReduce:
         for child in children:
             self._post(child, epoch, step, phase, index, count, data)
 
-    async def _receive(self, key: Key) -> bytes:
-        if key in self._inbox:
-            return self._inbox.pop(key)
+    async def _receive(self, op: Op, bucket: Bucket) -> bytes:
+        held = self._inbox.get(op, {})
+        if bucket in held:
+            data = held.pop(bucket)
+            if not held:
+                del self._inbox[op]
+            return data
         future = asyncio.get_running_loop().create_future()
-        self._waiting[key] = future
+        self._waiting[(op, bucket)] = future
         try:
             return await future
         finally:
-            self._waiting.pop(key, None)
+            self._waiting.pop((op, bucket), None)
+
+
+def _numbers_fault(payload: bytes, elements: int, dtype: np.dtype) -> tuple[str, str] | None:
+    """(reason, detail) when `payload` is not `elements` finite numbers of `dtype`."""
+    if len(payload) != elements * dtype.itemsize:
+        return "malformed", f"{len(payload)} bytes, not {elements * dtype.itemsize}"
+    if not np.isfinite(np.frombuffer(payload, dtype)).all():
+        return "nonfinite", "not finite"
+    return None

@@ -1,7 +1,8 @@
 """`chaos bench <what>`: benchmarks that print JSON on stdout.
 
 Each benchmark is a module `chaos_cli.benches.<what>` whose docstring's first line is its
-help, with `add_arguments(parser)` and `run(args) -> dict`.
+help, with `add_arguments(parser)` and `run(args) -> dict`. Modules whose name starts with
+an underscore are helpers of the benches, not benches.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from chaos_cli import benches
 
     for info in sorted(pkgutil.iter_modules(benches.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
         module = importlib.import_module(f"chaos_cli.benches.{info.name}")
         help_text = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None
         bench_parser = inner.add_parser(info.name, help=help_text)

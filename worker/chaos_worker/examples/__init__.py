@@ -8,10 +8,13 @@ Each entry is a ``module:factory`` string for
   corpus (Adam).
 - ``bigstate``: the digits MLP with a large frozen table (``CHAOS_STATE_MB``), for the
   scale-out benchmark: big state, small gradient.
+- ``mlp``: 4 x Linear(w, w) + GELU sized by ``CHAOS_MLP_PARAMS`` (AdamW, synthetic data),
+  for the throughput benchmark.
 """
 
 EXAMPLES: dict[str, str] = {
     "digits": "chaos_worker.examples.digits:factory",
     "chartransformer": "chaos_worker.examples.chartransformer:factory",
     "bigstate": "chaos_worker.examples.bigstate:factory",
+    "mlp": "chaos_worker.examples.mlp:factory",
 }

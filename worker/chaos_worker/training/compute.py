@@ -14,9 +14,83 @@ import torch
 from chaos_worker.training.trainspec import TrainSpec
 
 
+class NonFiniteGradient(RuntimeError):
+    """This member's own contribution to a step is not finite: it stops, loudly, rather
+    than send what every receiver refuses."""
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters that get gradients, in the order of the flat buffer."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+class FlatGradients:
+    """The trainable parameters' `.grad` tensors as views of one flat vector, `flat`, in
+    the order of `flatten_grads`: backward accumulates into it in place (autograd adds to
+    an existing `.grad`), so the step's gradient needs no flattening copy, and the
+    reduced total is written back with one multiply (`assign`).
+
+    `bind()` (called by `gradient_sum`) puts a view back wherever something replaced a
+    `.grad` (an optimizer's `zero_grad(set_to_none=True)`, user code), keeping its values.
+    """
+
+    def __init__(self, model: torch.nn.Module, flat: torch.Tensor) -> None:
+        params = trainable_parameters(model)
+        count = sum(p.numel() for p in params)
+        if flat.dim() != 1 or flat.numel() < count:
+            raise ValueError(f"flat buffer of shape {list(flat.shape)} holds no {count} elements")
+        self.flat = flat[:count]
+        self._params = params
+        self._views: list[torch.Tensor] = []
+        offset = 0
+        for p in params:
+            self._views.append(self.flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.bind()
+
+    @staticmethod
+    def fits(model: torch.nn.Module, flat: torch.Tensor) -> bool:
+        """Whether every trainable parameter has `flat`'s dtype and device (a `.grad` view
+        must)."""
+        params = trainable_parameters(model)
+        return bool(params) and all(
+            p.dtype == flat.dtype and p.device == flat.device for p in params
+        )
+
+    def bind(self) -> None:
+        """Make every parameter's `.grad` its view again (values kept)."""
+        for p, view in zip(self._params, self._views, strict=True):
+            grad = p.grad
+            if grad is view or (grad is not None and _same_memory(grad, view)):
+                continue
+            if grad is not None:
+                view.copy_(grad)
+            else:
+                view.zero_()
+            p.grad = view
+
+    def assign(self, total: torch.Tensor, scale: float) -> None:
+        """`.grad = total * scale`, written into the views: the values
+        `apply_flat_grads(model, total, scale)` writes."""
+        if total.shape != self.flat.shape:
+            raise ValueError(
+                f"flat gradient has shape {list(total.shape)}, expected {list(self.flat.shape)}"
+            )
+        self.bind()
+        if total.device == self.flat.device:
+            torch.mul(total, scale, out=self.flat)
+        else:
+            self.flat.copy_(total)
+            self.flat.mul_(scale)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
 
 
 def _zero_grads(model: torch.nn.Module) -> None:
@@ -31,17 +105,28 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return trainable_parameters(model)[0].device
 
 
-def gradient_sum(spec: TrainSpec, sample_ids: Sequence[int], *, micro_batch: int = 64) -> float:
+def gradient_sum(
+    spec: TrainSpec,
+    sample_ids: Sequence[int],
+    *,
+    micro_batch: int = 64,
+    grads: FlatGradients | None = None,
+) -> float:
     """Set ``.grad`` to the gradient of the summed per-sample loss over ``sample_ids``.
 
     Works in micro-batches of at most ``micro_batch`` samples, accumulating gradients.
     Every trainable parameter ends up with a ``.grad`` tensor (zeros when there are no
-    samples). Returns the summed loss as a Python float.
+    samples); with ``grads``, the views of its flat vector. Returns the summed loss as a
+    Python float.
     """
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     model, dataset = spec.model, spec.dataset
-    _zero_grads(model)
+    if grads is None:
+        _zero_grads(model)
+    else:
+        grads.bind()
+        grads.flat.zero_()
     model.train()
     device = _device_of(model)
     total: torch.Tensor | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -22,13 +23,27 @@ from chaos_worker.config import WorkerConfig
 from chaos_worker.membership.protocol import Membership
 from chaos_worker.net.wire import Decision
 from chaos_worker.ports import Clock, Outbox, Progress
+from chaos_worker.replication.checkpointer import Checkpointer
 from chaos_worker.replication.snapshot import SnapshotStore
 from chaos_worker.telemetry.telemetry import Telemetry
-from chaos_worker.training.compute import apply_flat_grads, flatten_grads, gradient_sum
+from chaos_worker.training.compute import (
+    FlatGradients,
+    NonFiniteGradient,
+    apply_flat_grads,
+    flatten_grads,
+    gradient_sum,
+)
 from chaos_worker.training.sampling import split_by_throughput, step_sample_ids
 from chaos_worker.training.trainspec import TrainSpec
 
 log = logging.getLogger(__name__)
+
+
+def reduced_layout(spec: TrainSpec) -> tuple[int, np.dtype]:
+    """Elements and dtype of what every step all-reduces: the flat gradient of the
+    trainable parameters, then the loss and the sample count (`Trainer.run`)."""
+    flat = flatten_grads(spec.model).detach().cpu().numpy()
+    return flat.size + 2, flat.dtype
 
 
 class Trainer:
@@ -50,16 +65,22 @@ class Trainer:
         clock: Clock,
         on_reduced: Callable[[int, np.ndarray], None],
         on_stepped: Callable[[int], None],
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         """`on_reduced(step, total)` runs first when a total is applied (the root streams
         it to observers); `on_stepped(step)` after the optimizer step of a step this
-        member trained (not replayed), before its snapshot is published."""
+        member trained (not replayed), before its snapshot is published; `checkpointer`
+        copies the due snapshots out on the snapshot thread, after their publish."""
         self.me = me
         self.last_total: np.ndarray | None = None
         self.loss_curve: list[tuple[int, float]] = []
         self._cfg = config
         self._spec = spec
         self._device = device
+        # one torch thread on a CPU: the computing thread's own CPU time is the work, and
+        # members sharing cores (a `chaos run` on one machine) do not measure each other's
+        # load; elsewhere (a GPU, several intra-op threads) wall time is
+        self._measure_cpu = device.type == "cpu" and torch.get_num_threads() == 1
         self._membership = membership
         self._collective = collective
         self._store = store
@@ -69,14 +90,18 @@ class Trainer:
         self._clock = clock
         self._on_reduced = on_reduced
         self._on_stepped = on_stepped
+        self._checkpointer = checkpointer
         self._op: asyncio.Future | None = None  # the all-reduce in flight
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
         self._publishing: concurrent.futures.Future | None = None
         self._publish_s = 0.0
         self._ready_t = 0.0
-        self._like = flatten_grads(spec.model).detach().cpu().numpy()
         self._slice: tuple[int, int] | None = None
         """(offset, count) of this member's samples in the step's sample list."""
+        self._buf = np.zeros(collective.size, collective.dtype)
+        """What every step all-reduces (`reduced_layout`), reused: on a CPU the gradients
+        are views of it (`FlatGradients`), so backward writes it in place."""
+        self._grads = _flat_gradients(spec.model, self._buf, device)
 
     def cancel_step(self) -> None:
         """Abort the all-reduce in flight (the protocol began an abort)."""
@@ -109,17 +134,21 @@ class Trainer:
             # where this member's slice starts in the step's sample list (sorted id order)
             self._slice = (sum(len(v) for m, v in split.items() if m < self.me), len(mine))
             log.debug("step %d epoch %d: %d samples", progress.step, view.epoch, len(mine))
-            loss = await asyncio.to_thread(
-                gradient_sum, self._spec, mine, micro_batch=self._cfg.micro_batch
+            compute = functools.partial(gradient_sum, grads=self._grads)
+            loss, cpu_s = await asyncio.to_thread(
+                _on_cpu_clock, compute, self._spec, mine, self._cfg.micro_batch
             )
             compute_s = time.perf_counter() - started
             self._ready_t = self._clock()  # this member's gradient is ready to reduce
-            if mine:
-                progress.samples_per_s = len(mine) / max(compute_s, 1e-6)
+            progress.computed(len(mine), cpu_s if self._measure_cpu else compute_s)
             if membership.aborting:
                 continue
-            flat = flatten_grads(self._spec.model).detach().cpu().numpy()
-            buf = np.concatenate([flat, np.array([loss, len(mine)], dtype=flat.dtype)])
+            buf = self._reduced(loss, len(mine))
+            if not np.isfinite(buf.sum()):  # one NaN or infinity makes the sum one
+                raise NonFiniteGradient(
+                    f"step {progress.step}: this member's loss or gradient is not finite "
+                    "(training diverged, or a sample holds a NaN); the others refuse it"
+                )
             reduce = self._collective.allreduce(membership.view, progress.step, buf)
             self._op = asyncio.ensure_future(reduce)
             try:
@@ -141,6 +170,19 @@ class Trainer:
                 step=progress.completed,
             )
 
+    def _reduced(self, loss: float, samples: int) -> np.ndarray:
+        """This step's buffer to all-reduce: the flat gradient, the loss, the sample count.
+        It is reused every step (the collective copies it when the operation begins)."""
+        buf = self._buf
+        if self._grads is None:
+            flat = flatten_grads(self._spec.model).detach().cpu().numpy()
+            buf[:-2] = flat
+        elif self._grads.flat.device.type != "cpu":
+            torch.from_numpy(buf[:-2]).copy_(self._grads.flat)
+        buf[-2] = loss
+        buf[-1] = samples
+        return buf
+
     def _probe_links(self) -> None:
         """This member's bandwidth probes of the current round (see `probes.py`); none
         while a membership change is pending, so probes never load its switch steps."""
@@ -159,8 +201,13 @@ class Trainer:
         """
         progress = self._progress
         self._on_reduced(progress.step, total)
-        grads = torch.from_numpy(total[:-2].copy()).to(self._device)
-        apply_flat_grads(self._spec.model, grads, 1.0 / self._cfg.global_batch)
+        scale = 1.0 / self._cfg.global_batch
+        gradient = total[:-2] if total.flags.writeable else total[:-2].copy()
+        if self._grads is not None:
+            self._grads.assign(torch.from_numpy(gradient), scale)
+        else:
+            grads = torch.from_numpy(gradient.copy()).to(self._device)
+            apply_flat_grads(self._spec.model, grads, scale)
         self.settle_publish()
         self._spec.optimizer.step()
         loss = float(total[-2]) / self._cfg.global_batch
@@ -176,11 +223,15 @@ class Trainer:
             progress.step += 1
             return
         self._on_stepped(progress.step)
+        view = self._membership.view
         if self._store.ready():
             self._publishing = self._publisher.submit(
                 self._store.publish, progress.step + 1, self._spec.model, self._spec.optimizer
             )
-        view = self._membership.view
+            ckpt = self._checkpointer
+            if ckpt is not None and ckpt.claim(progress.step + 1, view.root == self.me):
+                # same thread, after the publish and before the next: the slot stays put
+                self._publisher.submit(ckpt.capture, self._store, progress.step + 1)
         self._out.report(
             "progress",
             step=progress.step,
@@ -203,10 +254,7 @@ class Trainer:
         view = decision.view
         progress = self._progress
         if self.me in view.members and decision.replay_step is not None and not view.paused:
-            like = np.zeros(self._like.size + 2, dtype=self._like.dtype)
-            total = await self._collective.broadcast(
-                view, decision.replay_step, self.last_total, like
-            )
+            total = await self._collective.broadcast(view, decision.replay_step, self.last_total)
             if progress.completed < decision.replay_step:
                 self._slice = None  # the total of others' attempt: nothing computed here
                 self.apply(total)
@@ -225,3 +273,25 @@ class Trainer:
         """Settle the last publish and stop the publishing thread."""
         self.settle_publish()
         self._publisher.shutdown()
+
+
+def _flat_gradients(
+    model: torch.nn.Module, buf: np.ndarray, device: torch.device
+) -> FlatGradients | None:
+    """The model's gradients as views of `buf` (on a CPU) or of one vector on `device`;
+    None when the parameters' dtypes or devices differ (then each step flattens them)."""
+    host = torch.from_numpy(buf[:-2])
+    flat = host if device.type == "cpu" else torch.zeros_like(host, device=device)
+    return FlatGradients(model, flat) if FlatGradients.fits(model, flat) else None
+
+
+def _on_cpu_clock(
+    compute: Callable[..., float],
+    spec: TrainSpec,
+    ids: list[int],
+    micro_batch: int,
+) -> tuple[float, float]:
+    """`compute(spec, ids, micro_batch)` and the CPU seconds the calling thread spent on it."""
+    before = time.thread_time()
+    loss = compute(spec, ids, micro_batch=micro_batch)
+    return loss, time.thread_time() - before

@@ -1,0 +1,129 @@
+"""The baseline of `chaos bench throughput`: torch DistributedDataParallel over gloo on
+loopback, one spawned process per rank, one torch thread each.
+
+Every rank loads the same `module:factory` entry as a Chaos worker, takes the same sample
+ids per step (`step_sample_ids`) and an even contiguous slice of them, backpropagates the
+sum of its per-sample losses scaled so that DDP's averaging over ranks gives the same
+`sum / global_batch` gradient Chaos applies, and steps the optimizer. Rank 0 stamps
+`time.monotonic()` when each step's `optimizer.step()` has returned; the bench takes the
+gaps between consecutive stamps, as the Chaos report takes the gaps between consecutive
+completed steps. Every rank also notes its process's CPU time (`time.process_time()`, all
+threads, gloo's included) at every step.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass
+class DdpResult:
+    step_stamps: list[float]
+    """monotonic seconds at which rank 0 finished each step."""
+    losses: list[float]
+    """rank 0's mean loss over its own slice, per step."""
+    cpu_s: list[list[float]]
+    """per rank, its process's CPU seconds (every thread) when each step had finished."""
+
+
+def train(
+    entry: str,
+    *,
+    workers: int,
+    steps: int,
+    global_batch: int,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    timeout_s: float = 600.0,
+) -> DdpResult:
+    """Train `steps` steps of `entry` with `workers` DDP ranks; rank 0's stamps."""
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    rx, tx = context.Pipe(duplex=False)
+    procs = [
+        context.Process(
+            target=_rank,
+            args=(rank, workers, port, entry, steps, global_batch, seed, dtype, device, tx),
+            daemon=True,
+        )
+        for rank in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    tx.close()
+    results: dict[int, object] = {}
+    try:
+        while len(results) < workers:
+            if not rx.poll(timeout_s):
+                raise RuntimeError(f"DDP baseline: no result within {timeout_s:.0f} s")
+            rank, got = rx.recv()
+            results[rank] = got
+            if isinstance(got, str):
+                break
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    errors = [r for r in results.values() if isinstance(r, str)]
+    if failed or errors:
+        raise RuntimeError(f"DDP baseline failed: {errors or failed}")
+    stamps, losses, _ = results[0]
+    return DdpResult(stamps, losses, [results[r][2] for r in range(workers)])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank(rank, workers, port, entry, steps, global_batch, seed, dtype, device, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from chaos_worker.process import pick_device
+    from chaos_worker.training.sampling import step_sample_ids
+    from chaos_worker.training.trainspec import load_trainspec
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    try:
+        where = pick_device(device)
+        spec = load_trainspec(entry, seed=seed, dtype=getattr(torch, dtype), device=where)
+        dist.init_process_group("gloo", rank=rank, world_size=workers)
+        model = DistributedDataParallel(spec.model)
+        # DDP averages over ranks: scale the summed loss so the gradient is sum / G
+        scale = workers / global_batch
+        per = [global_batch // workers + (r < global_batch % workers) for r in range(workers)]
+        begin = sum(per[:rank])
+        stamps, losses, cpu = [], [], []
+        for step in range(steps):
+            ids = step_sample_ids(seed, step, global_batch, len(spec.dataset))
+            mine = ids[begin : begin + per[rank]]
+            inputs, targets = zip(*(spec.dataset[int(i)] for i in mine), strict=True)
+            x = torch.stack(inputs).to(where)
+            y = torch.stack(targets).to(where)
+            per_sample = spec.loss_fn(model(x), y)
+            (per_sample.sum() * scale).backward()
+            spec.optimizer.step()
+            spec.optimizer.zero_grad(set_to_none=True)
+            if where.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.monotonic())
+            cpu.append(time.process_time())
+            losses.append(float(per_sample.detach().mean()))
+        dist.barrier()
+        out.send((rank, (stamps, losses, cpu)))
+        dist.destroy_process_group()
+    except Exception as exc:  # the parent reports it as one line
+        out.send((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
+        raise

@@ -1,0 +1,44 @@
+"""`chaos bench throughput`: DDP and a local Chaos job train the same model; the JSON's shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from chaos_cli.main import main
+
+pytestmark = pytest.mark.cluster
+
+
+def test_bench_throughput_trains_both_sides_the_same_steps(capsys) -> None:
+    argv = ["bench", "throughput", "--sizes", "20K", "--examples", ""]
+    # enough steps after warm-up for the CPU figures (read in 1/100 s ticks) to move
+    argv += ["--steps", "40", "--warmup", "2", "--workers", "2"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["workers"], result["global_batch"], result["steps"]) == (2, 64, 40)
+    assert result["tls"] is True
+    (model,) = result["models"]
+    assert model["model"] == "mlp-20K"
+    assert 15_000 < model["params"] < 25_000
+    for side in ("ddp", "chaos"):
+        assert model[side]["steps"] == [40]
+        assert model[side]["step_s"] > 0
+        assert model[side]["runs_step_s"] == [model[side]["step_s"]]
+    assert model["chaos"]["compute_s"] > 0
+    assert model["chaos"]["cpu_s"] > 0 and model["ddp"]["cpu_s"] > 0
+    assert model["cpu_ratio"] > 0
+    assert model["ratio"] == pytest.approx(model["chaos"]["step_s"] / model["ddp"]["step_s"], 0.01)
+
+
+def test_bench_throughput_refuses_bad_input(capsys) -> None:
+    assert main(["bench", "throughput", "--sizes", "big", "--examples", ""]) == 2
+    assert "--sizes" in capsys.readouterr().err
+    assert main(["bench", "throughput", "--sizes", "", "--examples", "nosuch"]) == 2
+    assert "--examples" in capsys.readouterr().err
+
+
+def test_bench_helpers_are_not_benches(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "_ddp"])
+    assert "invalid choice" in capsys.readouterr().err
