@@ -108,8 +108,13 @@ def test_a_worker_paused_past_the_timeout_is_removed_and_rejoins_by_itself(
     run = Watched(tmp_path, *LIKE, "--failure-timeout", "1")
     run.at_step(worker, 100)
     pid = run.pid(worker)
-    os.kill(pid, signal.SIGSTOP)  # a GC pause, VM steal: 2.5 failure timeouts
-    time.sleep(2.5)
+    os.kill(pid, signal.SIGSTOP)  # a GC pause, VM steal: past the failure timeout
+    # woken once the others removed it, not after a fixed time: the job must still have
+    # steps left for the rejoin (two members of this job can train the remaining 500 steps
+    # in under 2 s, and a sleep of 2.5 s once let the job end before the rejoin's step)
+    survivor = run.run_dir() / ("w2.stderr" if worker == "w0" else "w0.stderr")
+    removed = f"'causes': ['crash:{worker}']"
+    run._wait(lambda: removed in survivor.read_text(errors="replace"), f"{worker} removed")
     os.kill(pid, signal.SIGCONT)
     report, _ = run.finish()
     assert_whole(report, baseline)

@@ -2,10 +2,10 @@
 
 A real 4-worker local job (`LocalRun`, real processes, shaped loopback links) where the
 link from w1 to the newcomer w4 is eight times slower than the others. The newcomer times
-its downlink from every member before it asks to join; the plan must then give w1 far
-fewer shard bytes than the others. The tolerance absorbs measurement noise on a loaded
-machine (a fast link can measure anywhere from half to well above its rate), but an equal
-split, and a plan from the configured rates, fail.
+its downlink from every member before it asks to join; the plan must then give w1 the
+fewest shard bytes. An equal split, and a plan from the configured rates (which the figures
+must not be), fail; how much fewer is not asserted, since on a loaded machine the measured
+ratio is the CPU's more than the links'.
 
 While the job runs, a real Prometheus scrapes every worker (without the `prometheus`
 binary the test reads /metrics itself; under CI=true it fails instead) until the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import statistics
 import time
 import urllib.request
 from pathlib import Path
@@ -165,8 +164,13 @@ def test_a_slow_measured_link_gets_proportionally_fewer_shard_bytes(monkeypatch,
     assert bandwidths["w1"] < min(bandwidths[m] for m in others)
     assert bandwidths["w1"] != 4e6
     shard_bytes = join["bytes_per_source"]
-    # w1 may get no shard at all (then it is not in the pull's bytes per source)
-    assert shard_bytes.get("w1", 0) < 0.5 * statistics.median(shard_bytes[m] for m in others)
+    # the plan follows the measured figures: w1, measured slowest, gets fewer bytes than
+    # the source measured fastest (a source may get none: then it is not in the pull's
+    # bytes per source). How much fewer is not asserted: on a loaded machine the figures
+    # are the CPU's as much as the links' (w0's link once measured 166 MB/s, w2's 5 MB/s,
+    # and the plan rightly gave w0 everything).
+    fastest = max(SOURCES, key=lambda m: bandwidths[m])
+    assert shard_bytes.get("w1", 0) < shard_bytes.get(fastest, 0), join
     assert sum(shard_bytes.values()) > 8e6
     # the metrics: one scale-out, and every pulled byte counted on both ends
     assert metrics == _expected(shard_bytes)

@@ -250,3 +250,29 @@ def test_taken_port_is_reported(tmp_path):
     assert f"port {port}" in result.stderr and "taken" in result.stderr
     assert "Traceback" not in result.stderr
     assert leftover_workers(tmp_path) == []
+
+
+def test_a_member_whose_gradient_is_not_finite_stops_the_run_with_one_line(tmp_path):
+    """Every receiver refuses a NaN or an infinity in a gradient bucket (docs/security.md),
+    so a member whose own gradient is not finite (here: a sample holds a NaN) must not send
+    it and wait: it stops, and the run fails (exit 1, not 2: the input was valid) naming the
+    step and the cause."""
+    result = chaos(
+        "run", "--quiet", "--entry", f"{BAD}:nan_sample", "--workers", "2", "--steps", "20",
+        "--global-batch", "8", cwd=Path.cwd(), env=in_tmp(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not finite" in lines[0], result.stderr
+    assert lines[0].startswith("chaos run: failed: worker w"), lines[0]
+    assert leftover_workers(tmp_path) == []
+
+
+def test_members_ports_lie_below_the_ephemeral_range():
+    """A port picked for a member stays free until the member binds it only if no
+    outgoing connection can take it as its source port meanwhile."""
+    from chaos_cli.local.launcher import LOWEST_PORT, _ephemeral_low, free_ports
+
+    ports = free_ports(32, 0)
+    assert len(set(ports)) == 32
+    assert all(LOWEST_PORT <= p < _ephemeral_low() for p in ports), ports

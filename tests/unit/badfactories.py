@@ -128,3 +128,21 @@ def kills_itself(*, seed, dtype, device):
 
 def hangs(*, seed, dtype, device):
     time.sleep(10**6)
+
+
+class _NanAt(_Data):
+    """A dataset whose sample `bad` holds a NaN: whoever computes it has no finite
+    gradient."""
+
+    def __init__(self, n: int, bad: int) -> None:
+        super().__init__(n)
+        self.bad = bad
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.full((2,), float("nan")) if i == self.bad else torch.ones(2)
+        return x, torch.tensor(i % 2)
+
+
+def nan_sample(*, seed, dtype, device):
+    model, opt = _parts(dtype, device)
+    return model, opt, _NanAt(16, 3)

@@ -152,3 +152,28 @@ def test_a_step_only_a_partitions_minority_applied_is_orphaned_not_duplicated() 
     # without the minority's pause, the two attempts are a step computed twice
     problems = account(records[:-2], G, FOUR).problems
     assert problems[0] == "step 98: computed in epochs [0, 1] (a duplicated step)"
+
+
+def test_a_step_only_a_removed_root_applied_is_orphaned_not_duplicated() -> None:
+    """`chaos soak` found it: the root w0 applied step 50 and was paused (SIGSTOP) before
+    the total left it; the others removed it and redid step 50 without it. On waking, w0
+    installs that view (which leaves it out) at step 51 and rejoins by copy."""
+    redo = {"kind": "agreed", "decision": "r", "epoch": 1, "members": ["w1", "w2", "w3"]}
+    records = [
+        progress("w0", 50, (0, 3)),
+        redo,
+        *(
+            {"kind": "installed", "worker": w, "decision": "r", "epoch": 1, "step": 50}
+            for w in ("w1", "w2", "w3")
+        ),
+        progress("w1", 50, (0, 4), epoch=1, members=3),
+        progress("w2", 50, (4, 4), epoch=1, members=3),
+        progress("w3", 50, (8, 4), epoch=1, members=3),
+        {"kind": "installed", "worker": "w0", "decision": "r", "epoch": 1, "step": 51},
+    ]
+    found = account(records, G, FOUR)
+    assert found.problems == []
+    assert (found.samples, found.orphaned) == (G, 3)
+    # had w0 gone on training in the view of epoch 1, its step 50 would count twice
+    problems = account(records[:-1], G, FOUR).problems
+    assert problems[0] == "step 50: computed in epochs [0, 1] (a duplicated step)"

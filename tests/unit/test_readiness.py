@@ -68,7 +68,7 @@ def _decision(epoch: int, members: list[str], *, immediate: bool = False) -> Dec
     )
 
 
-def test_a_newcomer_follows_the_newest_decision_that_admits_it() -> None:
+def test_a_newcomer_switches_in_at_the_first_decision_that_admits_it() -> None:
     planned = _decision(3, ["w0", "w1", "w3"])
     assert switch_decision(None, planned, "w3") is planned
     # a decision without it (another member left, say) leaves its switch as it was
@@ -79,9 +79,15 @@ def test_a_newcomer_follows_the_newest_decision_that_admits_it() -> None:
     assert switch_decision(planned, recovery, "w3") is None
     # ... and an older one does not
     assert switch_decision(planned, _decision(2, ["w0"], immediate=True), "w3") is planned
-    # the root decides the join again: the newer decision is the one to switch in at
+    # a later planned view that keeps it (another join decided right after) follows the
+    # first: the members expect it from the first one's step
+    later = _decision(4, ["w0", "w1", "w3", "w4"])
+    assert switch_decision(planned, later, "w3") is planned
+    # after a recovery voided it, the root decides the join again: that one counts
     again = _decision(4, ["w0", "w3"])
     assert switch_decision(None, again, "w3") is again
-    assert switch_decision(planned, again, "w3") is again
+    # a recovery that admits it replaces the planned view
+    rescue = _decision(4, ["w0", "w3"], immediate=True)
+    assert switch_decision(planned, rescue, "w3") is rescue
     # a stale decision arriving late does not replace a newer one
     assert switch_decision(again, planned, "w3") is again

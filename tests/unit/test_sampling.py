@@ -115,3 +115,18 @@ def test_sample_generator_is_keyed_by_seed_step_and_sample() -> None:
     assert torch.equal(draw(1, 2, 3), draw(1, 2, 3))
     for other in [(0, 2, 3), (1, 1, 3), (1, 2, 4), (1, 3, 2)]:
         assert not torch.equal(draw(1, 2, 3), draw(*other))
+
+
+def test_a_members_speed_is_the_median_of_its_recent_steps_not_the_last_one() -> None:
+    """One descheduled step must not halve a member's share of the next view's batch."""
+    from chaos_worker.ports import RATE_WINDOW, Progress
+
+    progress = Progress()
+    for _ in range(5):
+        progress.computed(10, 0.01)  # 1000 samples/s
+    progress.computed(10, 0.5)  # a step that lost the CPU: 20 samples/s
+    progress.computed(0, 0.0)  # a step with no samples says nothing about speed
+    assert progress.samples_per_s == 1000.0
+    for _ in range(RATE_WINDOW):
+        progress.computed(40, 0.01)
+    assert progress.samples_per_s == 4000.0  # the window moves on

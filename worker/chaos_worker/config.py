@@ -1,7 +1,9 @@
-"""Configuration of one worker process (`chaos worker --config FILE`)."""
+"""Configuration of one worker process (`chaos worker --config FILE`), and the identity a
+worker's certificate carries (`member_uri`), which whoever issues the certificates shares."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
@@ -9,6 +11,33 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 MAX_SEED = 2**53 - 1
 """The largest seed: the largest integer every JSON reader (the API server's schema bounds
 included) holds exactly; torch seeds with 64 bits."""
+BUCKET_BYTES = 4 << 20
+MAX_STATE_BYTES = 16 << 30
+
+
+MEMBER_ID = r"[A-Za-z0-9_.-]+"
+PARTY = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+MEMBER_URI = re.compile(rf"chaos://(?P<party>{PARTY})/(?P<member>[A-Za-z0-9.-][A-Za-z0-9_.-]*)")
+"""A worker certificate's identity: the URI SAN `chaos://<party>/<member id>`. No certificate
+names an id that starts with `_`: such names label links, not members (`net/tls.py`)."""
+
+
+def member_uri(party: str, member: str) -> str:
+    """The URI SAN naming `member` of `party` (ValueError if either is not a valid name)."""
+    uri = f"chaos://{party}/{member}"
+    if not MEMBER_URI.fullmatch(uri):
+        raise ValueError(f"party {party!r} or member id {member!r} is not a valid name")
+    return uri
+
+
+class TlsFiles(BaseModel):
+    """PEM files of a worker's mutual TLS (`chaos_worker.net.tls`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert: str = Field(description="this worker's certificate (URI SAN chaos://PARTY/ID)")
+    key: str = Field(description="its private key")
+    ca: str = Field(description="the CA bundle every peer's certificate must chain to")
 
 
 class WorkerConfig(BaseModel):
@@ -16,7 +45,7 @@ class WorkerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    id: str = Field(min_length=1, pattern=rf"^{MEMBER_ID}$")
     listen: str = Field("127.0.0.1:0", description="host:port to accept peers on")
     entry: str = Field(description="module:factory of the training job")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="model and sample order seed")
@@ -27,7 +56,14 @@ class WorkerConfig(BaseModel):
     micro_batch: PositiveInt = 64
     heartbeat_interval_s: PositiveFloat = 0.1
     failure_timeout_s: PositiveFloat = 1.0
-    bucket_bytes: PositiveInt = 4 << 20
+    bucket_bytes: PositiveInt = Field(
+        BUCKET_BYTES, description="all-reduce bucket; also the largest gradient chunk accepted"
+    )
+    max_state_bytes: PositiveInt = Field(
+        MAX_STATE_BYTES,
+        description="largest training state accepted from a peer (a copy join's state, a "
+        "step's total streamed to a newcomer, a snapshot shard)",
+    )
     members: dict[str, str] = Field(
         default_factory=dict, description="initial members id -> host:port (empty to join)"
     )
@@ -55,6 +91,12 @@ class WorkerConfig(BaseModel):
     )
     downlink_bytes_per_s: PositiveFloat | None = Field(
         None, description="emulated downlink of this worker (all incoming bytes share it)"
+    )
+    termination_log: str | None = Field(
+        None,
+        max_length=4096,
+        description='write `{"step": N}` (the last step completed) here on exit: the '
+        "container's terminationMessagePath in a pod (None: nowhere)",
     )
     snapshot_dir: str | None = Field(
         None,
@@ -96,6 +138,28 @@ class WorkerConfig(BaseModel):
     )
     observer_max_backlog: PositiveInt = Field(
         200, description="observed steps a newcomer may lag before it falls back to a copy"
+    )
+    checkpoint_dir: str | None = Field(
+        None,
+        description="durable directory for checkpoints (a volume that outlives the pod); the "
+        "root of the view writes them there (None: no checkpoints)",
+    )
+    checkpoint_every_steps: PositiveInt | None = Field(
+        100, description="write a checkpoint every this many steps (None: not by steps)"
+    )
+    checkpoint_every_s: PositiveFloat | None = Field(
+        None, description="also write one when this many seconds have passed since the last"
+    )
+    checkpoint_keep: PositiveInt = Field(3, description="checkpoints kept: the newest ones")
+    resume_from: str | None = Field(
+        None,
+        description="an initial member starts from this checkpoint, or from the newest one "
+        "that verifies in this checkpoint directory, instead of step 0",
+    )
+    tls: TlsFiles | None = Field(
+        None,
+        description="mutual TLS 1.3 on every link of this worker and its replicator, the "
+        "peer's member id taken from its certificate (None: plaintext, anyone may connect)",
     )
 
     @model_validator(mode="after")

@@ -17,11 +17,9 @@ listeners wired here; incoming frames go to them through one dispatch table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,9 +33,12 @@ from chaos_worker.join.newcomer import SEED, Newcomer
 from chaos_worker.join.sponsor import JoinSponsor
 from chaos_worker.membership.liveness import Liveness
 from chaos_worker.membership.protocol import Listeners, Membership
-from chaos_worker.membership.view import full_mesh, initial_view
+from chaos_worker.membership.view import View, full_mesh, initial_view
+from chaos_worker.net.bounds import Guard, Limits, Rejections
 from chaos_worker.net.control import ControlLink
 from chaos_worker.net.shaping import TokenBucket, delays_only, parse_links, shape_for
+from chaos_worker.net.signing import Gate, Signer, Verifier
+from chaos_worker.net.tls import LinkTls
 from chaos_worker.net.transport import TcpTransport, Transport, TransportFactory
 from chaos_worker.net.wire import (
     Chunk,
@@ -55,14 +56,21 @@ from chaos_worker.net.wire import (
     WireMessage,
 )
 from chaos_worker.ports import Progress
-from chaos_worker.replication.ledger import SentReader
+from chaos_worker.replication.checkpoint import CheckpointError, load_checkpoint, resolve
+from chaos_worker.replication.checkpointer import Checkpointer
+from chaos_worker.replication.ledger import REFUSED_FILE, SentReader
+from chaos_worker.replication.private import PrivateDirectory
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.sidecar import Child, start_child
 from chaos_worker.replication.snapshot import SnapshotStore, state_digest
 from chaos_worker.telemetry.metrics import WorkerMetrics
 from chaos_worker.telemetry.telemetry import Telemetry
-from chaos_worker.training.trainer import Trainer
+from chaos_worker.training.trainer import Trainer, reduced_layout
 from chaos_worker.training.trainspec import TrainSpec
+
+LINGER_TIMEOUTS = 2
+"""How long (in failure timeouts) a member that ended the job waits for the others to end
+it too before it exits."""
 
 log = logging.getLogger(__name__)
 
@@ -79,37 +87,78 @@ class Member:
         spec: TrainSpec,
         device: torch.device,
         *,
-        transport_factory: TransportFactory = TcpTransport,
+        transport_factory: TransportFactory | None = None,
     ) -> None:
-        """`transport_factory` builds the member's links (`LoopTransport` in one process)."""
+        """`transport_factory` builds the member's links (default: TCP, with the mutual TLS
+        of `config.tls` if set; `LoopTransport` in one process)."""
         self.cfg = config
         self.me = me = config.id
+        if transport_factory is None:
+            tls = LinkTls(config.tls, me) if config.tls else None
+            transport_factory = TcpTransport.secured(tls)
         self.spec = spec
         self.address = config.listen
         shapes = parse_links(config.links)
         wire = delays_only(shapes) if config.kernel_shaped else shapes  # tc shapes the rates
         downlink = config.downlink_bytes_per_s
+        metrics = WorkerMetrics(me) if config.metrics_port is not None else None
+        rejections = Rejections(metrics.observe_rejected if metrics else None)
+        limits = Limits(chunk_bytes=config.bucket_bytes, state_bytes=config.max_state_bytes)
         self.transport = transport_factory(
             me,
             self._on_message,
             self._on_disconnect,
-            max_payload=1 << 34,
+            max_payload=limits.largest,
             shape=lambda peer: shape_for(wire, me, peer),
             downlink=TokenBucket(downlink) if downlink else None,
         )
+        self.transport.guard = Guard(limits, rejections)
         self.control = ControlLink(config.control, self._on_command)
-        self.outbox = outbox = LinkOutbox(me, self.transport, self.control)
+        signer = Signer(config.tls, me) if config.tls else None
+        self.outbox = outbox = LinkOutbox(me, self.transport, self.control, signer)
+        verifier = Verifier(config.tls.ca) if config.tls else None
+        self.gate = Gate(verifier, rejections, self._known_views) if verifier else None
         inline = config.replicator == "inline" and not config.replicator_address
         # a private snapshot directory (removed at exit) unless one is configured
-        self._owned_dir = None if config.snapshot_dir or inline else _private_directory(me)
-        directory = Path(config.snapshot_dir) if config.snapshot_dir else self._owned_dir
+        owned = None if config.snapshot_dir or inline else PrivateDirectory.create(me)
+        self._owned_dir = owned
+        directory = owned.path if owned is not None else None
+        if config.snapshot_dir:
+            directory = Path(config.snapshot_dir)
         self.store = store = SnapshotStore(directory)
+        size, dtype = reduced_layout(spec)
         self.collective = collective = TreeAllReduce(
-            me, self.transport.send, bucket_bytes=config.bucket_bytes
+            me,
+            self.transport.send,
+            size=size,
+            dtype=dtype,
+            bucket_bytes=config.bucket_bytes,
+            expects=lambda sender, epoch, step: membership.expects(sender, epoch, step),
+            reject=rejections,
+            on_bad=self._on_bad_contribution,
         )
         clock = time.monotonic
         self.progress = progress = Progress()
-        metrics = WorkerMetrics(me) if config.metrics_port is not None else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.resumed = self._resume(config, spec, device) if config.members else None
+        if self.resumed is not None:
+            progress.step = self.resumed["step"]
+            progress.completed = progress.step - 1
+        self.checkpointer = (
+            Checkpointer(
+                Path(config.checkpoint_dir),
+                dtype=config.dtype,
+                last_step=config.steps,
+                every_steps=config.checkpoint_every_steps,
+                every_s=config.checkpoint_every_s,
+                keep=config.checkpoint_keep,
+                on_written=self._on_checkpoint,
+                start_step=progress.step,
+                job=job_identity(config),
+            )
+            if config.checkpoint_dir
+            else None
+        )
         self.telemetry = telemetry = Telemetry(me, outbox=outbox, clock=clock, metrics=metrics)
         hooks = Listeners()
         self.membership = membership = Membership(
@@ -121,6 +170,7 @@ class Member:
             failure_timeout_s=config.failure_timeout_s,
             down_sent=lambda: collective.down_sent,
             listeners=hooks,
+            reject=rejections,
         )
         common = {"outbox": outbox, "progress": progress, "clock": clock}
         self.liveness = liveness = Liveness(
@@ -153,6 +203,7 @@ class Member:
             telemetry=telemetry,
             on_reduced=sponsor.stream_to_observers,
             on_stepped=sponsor.release_pins,
+            checkpointer=self.checkpointer,
             **common,
         )
         self.newcomer = newcomer = Newcomer(
@@ -163,9 +214,12 @@ class Member:
             membership=membership,
             liveness=liveness,
             trainer=trainer,
+            collective=collective,
             store=store,
             telemetry=telemetry,
+            reject=rejections,
             transport_factory=transport_factory,
+            verifier=verifier,
             **common,
         )
         membership.silence = liveness.silence
@@ -185,7 +239,7 @@ class Member:
             MemberStatus: lambda _, m, __, now: membership.on_status(m, now),
             Decision: lambda _, m, __, now: membership.on_decision(m, now),
             JoinPlan: self._on_join_plan,
-            ObservedTotal: lambda _, m, payload, now: newcomer.on_total(m, payload, now),
+            ObservedTotal: newcomer.on_total,
             StateTransfer: lambda sender, m, payload, _: newcomer.on_state(sender, m, payload),
         }
         self.replicator = (
@@ -195,6 +249,8 @@ class Member:
                 shape=lambda peer: shape_for(wire, me, peer),
                 on_sent=lambda peer, n: telemetry.count_replication(peer, "sent", n),
                 transport_factory=transport_factory,
+                signer=signer,
+                reject=rejections,
             )
             if inline
             else None
@@ -216,7 +272,9 @@ class Member:
         metrics = self.telemetry.metrics
         metrics_port = metrics.serve(host, self.cfg.metrics_port) if metrics else None
         self.outbox.report("ready", address=self.address, metrics_port=metrics_port)
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        if self.resumed is not None:
+            self.outbox.report("resumed", **self.resumed)
         self._tasks = [
             loop.create_task(self.liveness.heartbeats()),
             loop.create_task(self.liveness.watch()),
@@ -231,10 +289,16 @@ class Member:
             await self.newcomer.join(standby=self.cfg.standby)
         try:
             await self.trainer.run()
+            view = self.membership.view
+            if self.progress.step >= self.cfg.steps and view is not None and not view.paused:
+                patience = LINGER_TIMEOUTS * self.cfg.failure_timeout_s
+                await self.liveness.finished(view.members, self.cfg.steps, patience)
         finally:
             for task in self._tasks:
                 task.cancel()
             self.trainer.close()
+            if self.checkpointer is not None:  # the final state's checkpoint is written
+                self.checkpointer.close()
             digest = state_digest(self.spec.model, self.spec.optimizer)
             self.outbox.report(
                 "exit",
@@ -247,12 +311,39 @@ class Member:
             await self.transport.close()
             await self.control.close()
 
+    @staticmethod
+    def _resume(config: WorkerConfig, spec: TrainSpec, device: torch.device) -> dict | None:
+        """Load `config.resume_from` (a checkpoint, or the newest sound one in a checkpoint
+        directory) into the model and optimizer; what was loaded (None: nothing to resume).
+        CheckpointError if there is no sound checkpoint there."""
+        if not config.resume_from:
+            return None
+        skipped: list[str] = []
+
+        def skip(path: Path, why: str) -> None:
+            log.warning("skipping checkpoint %s: %s", path, why)
+            skipped.append(f"{path.name}: {why}")
+
+        path, _ = resolve(Path(config.resume_from), config.max_state_bytes, skip)
+        manifest = load_checkpoint(path, spec.model, spec.optimizer, device, config.max_state_bytes)
+        if manifest.dtype != config.dtype:
+            raise CheckpointError(f"{path} holds {manifest.dtype} state, the job is {config.dtype}")
+        return {"step": manifest.step, "path": str(path), "skipped": skipped}
+
+    def _on_checkpoint(self, record: dict) -> None:
+        """A checkpoint was written (the writer thread): report it from the event loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(lambda: self.outbox.report("checkpoint", **record))
+
     async def _start_replicator(self, host: str) -> str:
         """Serve snapshots (see `WorkerConfig.replicator`); returns the address to advertise."""
         if self.replicator is not None:
             return await self.replicator.start(host)
         assert self.store.directory is not None
         self.telemetry.served = SentReader(self.store.directory).news
+        self.telemetry.refused = SentReader(self.store.directory, REFUSED_FILE).news
         if self.cfg.replicator_address:
             return self.cfg.replicator_address
         self._child = await start_child(
@@ -261,6 +352,7 @@ class Member:
             host,
             links=self.cfg.links,
             kernel_shaped=self.cfg.kernel_shaped,
+            tls=self.cfg.tls,
         )
         return self._child.address
 
@@ -270,7 +362,7 @@ class Member:
         if self._child is not None:
             await self._child.stop()
         if self._owned_dir is not None:
-            shutil.rmtree(self._owned_dir, ignore_errors=True)
+            self._owned_dir.remove()
 
     # ------------------------------------------------------------------ events
 
@@ -279,13 +371,29 @@ class Member:
         flood before returning, so a decision precedes this link's next frame everywhere."""
         now = time.monotonic()
         self.liveness.heard_from(sender, now)
+        if self.gate is not None and not self.gate.admit(sender, message):
+            return  # forged: neither acted on nor forwarded
         handler = self._handlers.get(type(message))
         if handler is not None:
             handler(sender, message, payload, now)
 
+    def _known_views(self) -> list[View]:
+        """The views this member trains in, in force and next (none while paused)."""
+        view, pending = self.membership.view, self.membership.pending
+        if view is None or view.paused:
+            return []
+        return [view] if pending is None else [view, pending.view]
+
     def _on_join_plan(self, _sender: str, plan: JoinPlan, _payload: bytes, _now: float) -> None:
         if self.sponsor.on_join_plan(plan):  # new, and for this member's own join
             self.newcomer.on_plan(plan)
+
+    def _on_bad_contribution(self, sender: str) -> None:
+        """`sender` sent a bucket of the step in progress that cannot be summed (wrong
+        length, NaN or infinity): the step is redone without it, as after its crash. The
+        link that carried it names its sender (mutual TLS), so nobody else is blamed."""
+        log.warning("%s sent an unusable gradient bucket: the step is redone without it", sender)
+        self.membership.suspect(sender, time.monotonic(), confirmed=True)
 
     def _on_disconnect(self, peer: str, graceful: bool) -> None:
         view = self.membership.view
@@ -365,20 +473,30 @@ class Member:
         return src in known and dst in known
 
 
+def job_identity(config: WorkerConfig) -> dict[str, str | int]:
+    """What a checkpoint must share with the job that resumes from it."""
+    return {"entry": config.entry, "seed": config.seed, "global_batch": config.global_batch}
+
+
 class LinkOutbox:
     """`ports.Outbox` over the transport and the launcher's control link. Sending only
     queues frames on the transport's FIFO links, in the caller's turn: a decision flooded
     inside a message callback goes out before anything this member sends later."""
 
-    def __init__(self, me: str, transport: Transport, control: ControlLink) -> None:
+    def __init__(
+        self, me: str, transport: Transport, control: ControlLink, signer: Signer | None = None
+    ) -> None:
+        """`signer`: seals the flooded messages this member makes (with TLS)."""
         self._me = me
         self._transport = transport
         self._control = control
+        self._seal = signer.seal if signer is not None else lambda message: message
 
     def send(self, peer: str, message: WireMessage, payload: bytes | memoryview = b"") -> bool:
-        return self._transport.send(peer, message, payload)
+        return self._transport.send(peer, self._seal(message), payload)
 
     def flood(self, message: WireMessage) -> None:
+        message = self._seal(message)
         for peer in self._transport.peers():
             self._transport.send(peer, message)
 
@@ -394,10 +512,3 @@ class LinkOutbox:
 
     def peers(self) -> list[str]:
         return self._transport.peers()
-
-
-def _private_directory(me: str) -> Path:
-    """A new directory for snapshot slots, in memory (/dev/shm) where possible."""
-    shm = Path("/dev/shm")
-    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix=f"chaos-{me}-", dir=where))

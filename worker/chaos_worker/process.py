@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import sys
@@ -27,6 +28,9 @@ def run_worker(config: WorkerConfig) -> int:
     import torch
 
     from chaos_worker.member import Member
+    from chaos_worker.net.tls import TlsError
+    from chaos_worker.replication.checkpoint import CheckpointError
+    from chaos_worker.training.compute import NonFiniteGradient
     from chaos_worker.training.trainspec import FactoryError, load_trainspec
 
     logging.basicConfig(
@@ -42,10 +46,32 @@ def run_worker(config: WorkerConfig) -> int:
         print(f"chaos worker {config.id}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(Member(config, spec, device).run())
+        member = Member(config, spec, device)
+    except (TlsError, CheckpointError) as exc:
+        print(f"chaos worker {config.id}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(member.run())
+        write_termination_log(config.termination_log, member.progress.completed)
+    except NonFiniteGradient as exc:
+        print(f"chaos worker {config.id}: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             print(f"chaos worker {config.id}: error: {config.listen} is taken", file=sys.stderr)
             return 2
         raise
     return 0
+
+
+def write_termination_log(path: str | None, step: int) -> None:
+    """Say the last step completed (`{"step": N}`) where the kubelet copies it into the
+    container's status (`terminated.message`), so the operator learns a finished job's
+    last step even when no scrape saw it; a failure to write is logged, not raised."""
+    if not path or step < 0:  # nowhere to say it, or no step completed
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as out:
+            json.dump({"step": step}, out)
+    except OSError as exc:
+        log.warning("cannot write the termination message to %s: %s", path, exc)

@@ -12,9 +12,10 @@ import math
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
-from chaos_cli.errors import UserError
+from chaos_cli.errors import RunFailed, UserError
 
 DEFAULT_EXAMPLE = "digits"
 MAX_GLOBAL_BATCH = 1 << 24
@@ -113,6 +114,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="greedy",
         help="shard plan for joins: greedy (planned, default) or a baseline",
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext worker links that anyone may connect to (default: mutual TLS 1.3, "
+        "every worker with a certificate of a CA made for this run; for comparisons)",
+    )
+    from chaos_cli.local import durable
+
+    durable.add_arguments(parser)
     parser.set_defaults(handler=handle)
 
 
@@ -158,6 +168,7 @@ def options_from(args: argparse.Namespace, job=None):
         from chaos_cli.local.reconciled import run_options
 
         fixed = run_options(job)
+        args.steps = fixed.get("steps", args.steps)  # spec.steps, when the manifest says
         entry = fixed["entry"]
         example = next((k for k, v in EXAMPLES.items() if v == entry), entry)
     else:
@@ -194,13 +205,21 @@ def options_from(args: argparse.Namespace, job=None):
         raise UserError("--base-port must be a port number")
     if entry is None:
         raise UserError(f"--example {example!r} unknown; choose from {sorted(EXAMPLES)}")
+    from chaos_cli.local.durable import checkpoint_options
+
+    durable = checkpoint_options(args, entry=entry, seed=fixed["seed"], batch=fixed["global_batch"])
+    start = durable.get("start_step", 0)
     spec = default_churn(workers, args.steps) if args.churn == "default" else args.churn
+    if start and args.churn == "default":
+        spec = "none"  # a resumed run injects only what it is told to
     try:
         churn = parse_churn(spec, workers, reconciled=job is not None)
     except ChurnError as exc:
         raise UserError(str(exc)) from None
     if any(e.step >= args.steps for e in churn):
         raise UserError(f"--churn: every event must come before the last step ({args.steps})")
+    if any(e.step < start for e in churn):
+        raise UserError(f"--churn: every event must come after the resumed step ({start})")
     if job is not None:
         from chaos_cli.local.reconciled import pod_churn
 
@@ -247,6 +266,8 @@ def options_from(args: argparse.Namespace, job=None):
         join_strategy=args.join_strategy,
         join_probe_frames=args.join_probe_frames,
         netns=args.netns,
+        tls=not args.insecure,
+        **durable,
     )
 
 
@@ -276,20 +297,24 @@ def _check_writable(flag: str, path: Path) -> None:
         raise UserError(f"{flag} {path}: cannot write in {folder}")
 
 
-def check_entry(options, timeout_s: float, where: str = "") -> None:
+def check_entry(options, timeout_s: float, where: str = "", job=None) -> None:
     """Load the job once, in a child process, so that a broken factory (one that raises,
     exits or hangs) fails before any worker starts.
 
-    `where` prefixes the error (e.g. the manifest's `FILE: spec.entry: `)."""
+    `where` prefixes the error (e.g. the manifest's `FILE: spec.entry: `); `job`: the
+    manifest's ChaosJob, whose pod template's environment the factory sees."""
     from chaos_cli.local.entrycheck import load_error
+    from chaos_cli.local.reconciled import trainer_env
 
-    error = load_error(
-        options.entry,
-        seed=options.seed,
-        dtype=options.dtype,
-        device=options.device,
-        timeout_s=timeout_s,
-    )
+    with tempfile.TemporaryDirectory(prefix="chaos-entry-") as scratch:
+        error = load_error(
+            options.entry,
+            seed=options.seed,
+            dtype=options.dtype,
+            device=options.device,
+            timeout_s=timeout_s,
+            env=trainer_env(job, Path(scratch)) if job is not None else None,
+        )
     if error:
         raise UserError(f"{where}{error}")
 
@@ -308,9 +333,14 @@ def handle(args: argparse.Namespace) -> int:
         from chaos_cli.local.reconciled import load_manifest
 
         job = load_manifest(args.manifest)
+        if job.spec.suspend:  # what the operator does: no pods until it is unsuspended
+            print(
+                f"chaos run: {args.manifest}: the job is suspended (spec.suspend): no worker starts"
+            )
+            return 0
     options = options_from(args, job)
     signal.signal(signal.SIGTERM, _interrupt)  # clean up (processes, namespaces) as on Ctrl-C
-    check_entry(options, args.load_timeout, f"{args.manifest}: spec.entry: " if job else "")
+    check_entry(options, args.load_timeout, f"{args.manifest}: spec.entry: " if job else "", job)
     if options.netns:
         from chaos_cli.local.netns import unavailable_reason
 
@@ -333,7 +363,7 @@ def handle(args: argparse.Namespace) -> int:
         with live:
             report = asyncio.run(runner.run())
     except LaunchError as exc:
-        raise UserError(str(exc)) from None
+        raise (RunFailed if exc.failed else UserError)(str(exc)) from None
     report_path = Path(args.report)
     plot_path = _plot_path(args)
     write_report(report, report_path)

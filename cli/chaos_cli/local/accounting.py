@@ -17,7 +17,8 @@ A partition can cut a step's down-pass: the members that got the total apply it,
 others redo the step in their recovery view. When the side that applied it is the
 minority, it pauses at the next step and the majority's redo is the step of the job; the
 minority's attempt is `orphaned` (its state is replaced by a full copy when it rejoins),
-not a step computed twice.
+not a step computed twice. The same holds for a root paused (SIGSTOP) right after it
+applied a step, before the total left it: the others remove it and redo the step.
 """
 
 from __future__ import annotations
@@ -52,13 +53,17 @@ def account(records: Iterable[dict], global_batch: int, initial: list[str]) -> A
     for record in records:
         if record.get("kind") == "progress":
             by_step[int(record["step"])].append(record)
-    paused_at: dict[str, set[int]] = defaultdict(set)
+    members_of = {r["decision"]: r["members"] for r in records if r.get("kind") == "agreed"}
+    out_at: dict[str, set[int]] = defaultdict(set)
     for record in records:
-        if record.get("kind") == "installed" and record.get("paused"):
-            paused_at[record["worker"]].add(int(record["step"]))
+        if record.get("kind") != "installed" or "step" not in record:
+            continue
+        worker = record.get("worker", "")
+        if record.get("paused") or worker not in members_of.get(record["decision"], [worker]):
+            out_at[worker].add(int(record["step"]))
     result = Accounting(steps=len(by_step))
     for step in sorted(by_step):
-        found = _check_step(step, by_step[step], global_batch, views, paused_at)
+        found = _check_step(step, by_step[step], global_batch, views, out_at)
         result.samples += found.samples
         result.inferred += found.inferred
         result.orphaned += found.orphaned
@@ -67,10 +72,11 @@ def account(records: Iterable[dict], global_batch: int, initial: list[str]) -> A
 
 
 def _check_step(
-    step: int, reports: list[dict], g: int, views: _Views, paused_at: dict[str, set[int]]
+    step: int, reports: list[dict], g: int, views: _Views, out_at: dict[str, set[int]]
 ) -> Accounting:
-    """The accounting of one step from its progress records; `paused_at`: worker -> the
-    steps at which it installed a paused view (a partition's minority)."""
+    """The accounting of one step from its progress records; `out_at`: worker -> the
+    steps at which it stopped training: it installed a paused view (a partition's
+    minority) or one that leaves it out (it was removed)."""
     out = Accounting(steps=1)
     seen = Counter(r["worker"] for r in reports)
     out.problems += [
@@ -88,13 +94,14 @@ def _check_step(
     if not attempts:
         out.problems.append(f"step {step}: no member reported computing any of its samples")
         return out
-    # an attempt whose members all paused at the next step was applied only by a
-    # partition's minority: the majority redid the step, and the minority's state is
-    # replaced when it rejoins
+    # an attempt whose members all stopped training at the next step was applied only by
+    # them (a partition's minority, or a member removed while the total left it): the
+    # others redid the step, and the state of those who stopped is replaced when they
+    # rejoin
     kept = {
         epoch: slices
         for epoch, slices in attempts.items()
-        if not all(step + 1 in paused_at.get(w, ()) for w in slices)
+        if not all(step + 1 in out_at.get(w, ()) for w in slices)
     } or attempts
     out.orphaned = sum(c for e in set(attempts) - set(kept) for _, c in attempts[e].values())
     if len(kept) > 1:

@@ -18,10 +18,20 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 
 
-def load_error(entry: str, *, seed: int, dtype: str, device: str, timeout_s: float) -> str | None:
-    """None when `entry` loads as a worker would load it; else one line saying why not."""
+def load_error(
+    entry: str,
+    *,
+    seed: int,
+    dtype: str,
+    device: str,
+    timeout_s: float,
+    env: Mapping[str, str] | None = None,
+) -> str | None:
+    """None when `entry` loads as a worker would load it (with `env` added to ours); else
+    one line saying why not."""
     from chaos_worker.priority import die_with_parent
 
     job = json.dumps({"entry": entry, "seed": seed, "dtype": dtype, "device": device})
@@ -30,7 +40,7 @@ def load_error(entry: str, *, seed: int, dtype: str, device: str, timeout_s: flo
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1"},
         start_new_session=True,  # a group of its own, to be killed with what it started
         preexec_fn=die_with_parent(),
     )

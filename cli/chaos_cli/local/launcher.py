@@ -6,7 +6,9 @@ churn schedule (commands for leave and link events, signals for crashes, new pro
 joins), shows live progress and writes the report. Worker processes die with the launcher
 (PR_SET_PDEATHSIG) and are always reaped on exit. With `netns`, every worker runs in a
 network namespace of its own, with links shaped by tc (`chaos_cli.local.netns`), torn down at
-the end.
+the end. Unless `tls` is off, the run makes a CA in its private directory and gives every
+worker a certificate of its own (`chaos_operator.federation.workerca`): each worker link is
+then mutual TLS, a peer being the member its certificate names.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,14 +26,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos_worker.config import WorkerConfig
+from chaos_operator.federation.workerca import WorkerCA
+from chaos_worker.config import TlsFiles, WorkerConfig
 from chaos_worker.net.control import UNIX
 from chaos_worker.net.shaping import parse_links
 from chaos_worker.priority import die_with_parent
 
+from chaos_cli.local import durable
 from chaos_cli.local.churn import PAUSE_TIMEOUTS, ChurnEvent
 from chaos_cli.local.netns import NetnsError, NetnsTestbed
 from chaos_cli.local.report import Report, links_matrix
@@ -42,12 +48,19 @@ MAX_WORKERS = 64
 """The most worker processes a local run starts: its initial workers and its joiners."""
 NETNS_PORT = 7000
 """Port every worker listens on in its own namespace (without --base-port)."""
+LOCAL_PARTY = "local"
+"""The party named in the certificates of a local run's workers."""
 KEEP_RUN_DIR = "CHAOS_KEEP_RUN_DIR"
 """Set (to anything) to keep the run's directory of worker configs and stderr logs."""
 
 
 class LaunchError(Exception):
-    """The job could not start or a worker failed; the message says why."""
+    """The job could not start or a worker failed; the message says why. `failed`: a
+    worker stopped with an error of its own at run time (not a bad input of the run's)."""
+
+    def __init__(self, message: str, *, failed: bool = False) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 @dataclass
@@ -73,6 +86,13 @@ class JobOptions:
     # end the job once every newcomer has contributed this many steps (benchmarks)
     stop_after_join_steps: int | None = None
     netns: bool = False  # every worker in its own network namespace, rates shaped by tc
+    tls: bool = True  # mutual TLS on every worker link, with certificates of the run's CA
+    checkpoint_dir: str | None = None  # checkpoints and final state here (local/durable.py)
+    checkpoint_every_steps: int | None = 100
+    checkpoint_every_s: float | None = None
+    checkpoint_keep: int = 3
+    resume_from: str | None = None  # the verified checkpoint the initial members start from
+    start_step: int = 0  # its step
 
     def worker_names(self) -> list[str]:
         return worker_names(self.workers, self.churn)
@@ -94,17 +114,50 @@ class _Proc:
 
 
 def free_ports(count: int, base: int) -> list[int]:
-    """`count` ports to listen on: `base`, `base+1`, ... checked free, or any free ones."""
-    ports = []
+    """`count` ports to listen on: `base`, `base+1`, ... checked free, or any free ones
+    below the kernel's ephemeral range (`_unclaimed_port`)."""
+    ports: list[int] = []
     for i in range(count):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", base + i if base else 0))
-            except OSError:
-                raise LaunchError(f"port {base + i} on 127.0.0.1 is taken") from None
-            ports.append(sock.getsockname()[1])
+        port = base + i if base else _unclaimed_port(set(ports))
+        if not _bindable(port):
+            raise LaunchError(f"port {port} on 127.0.0.1 is taken")
+        ports.append(port)
     return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _unclaimed_port(taken: set[int]) -> int:
+    """A free port below the ephemeral range. A port is free between this check and the
+    worker's own bind; one from the ephemeral range (a bind to port 0) could meanwhile
+    become the source port of any outgoing connection on the machine, and the worker then
+    fails with "port is taken"."""
+    low, high = LOWEST_PORT, _ephemeral_low() - 1
+    for _ in range(1000):
+        port = random.randint(low, max(low, high))
+        if port not in taken and _bindable(port):
+            return port
+    raise LaunchError(f"no free port on 127.0.0.1 in {low}..{high}")
+
+
+LOWEST_PORT = 20000
+"""Ports picked for members lie from here to below the ephemeral range."""
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class LocalRun:
@@ -133,6 +186,8 @@ class LocalRun:
         self.testbed: NetnsTestbed | None = None
         self.tc_sent: dict[tuple[str, str], int] = {}  # netns: bytes per shaped link
         self._wakeups: list[asyncio.TimerHandle] = []  # the SIGCONTs of pauses to come
+        self._ca: WorkerCA | None = None  # made with the first certificate (tls on)
+        self._issued: dict[str, TlsFiles] = {}  # worker -> its certificate files
 
     async def run(self) -> Report:
         path = self._tmp / "control.sock"
@@ -216,14 +271,25 @@ class LocalRun:
             join_mode=self.opts.join_mode,
             join_strategy=self.opts.join_strategy,
             join_probe_frames=self.opts.join_probe_frames,
+            **durable.worker_fields(self.opts),
         )
         values.update(fields)
+        if self.opts.tls and values.get("tls") is None:
+            values["tls"] = self._certificate(name)
         if "metrics_port" not in fields:
             values["metrics_port"] = free_ports(1, 0)[0] if self.opts.metrics else None
         return WorkerConfig(**values)
 
-    def launch(self, name: str, config: WorkerConfig) -> None:
-        """Start one `chaos worker` process with `config`."""
+    def _certificate(self, name: str) -> TlsFiles:
+        """Worker `name`'s certificate files, issued once, in this run's private directory."""
+        if name not in self._issued:
+            if self._ca is None:
+                self._ca = WorkerCA(self._tmp / "tls", LOCAL_PARTY)
+            self._issued[name] = self._ca.issue(name)
+        return self._issued[name]
+
+    def launch(self, name: str, config: WorkerConfig, env: Mapping[str, str] | None = None) -> None:
+        """Start one `chaos worker` process with `config` (and `env` added to ours)."""
         if config.metrics_port is not None:
             self.metrics_ports[name] = config.metrics_port
         path = self._tmp / f"{name}.json"
@@ -233,7 +299,7 @@ class LocalRun:
         if self.testbed is not None:
             cmd = self.testbed.exec_prefix(name) + cmd  # ip execs the worker: same pid
         self.spawned_at[name] = time.monotonic()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with stderr.open("wb") as err:
             popen = subprocess.Popen(
                 cmd,
@@ -258,7 +324,8 @@ class LocalRun:
                 tail = proc.stderr.read_text(errors="replace").strip().splitlines()[-3:]
                 raise LaunchError(
                     f"worker {proc.name} exited with code {proc.popen.returncode}: "
-                    + (" | ".join(tail) or "no output")
+                    + (" | ".join(tail) or "no output"),
+                    failed=proc.popen.returncode != 2,  # 2: its input (entry, config) is bad
                 )
             running = [p for p in self.procs.values() if p.popen.poll() is None]
             if not running:
@@ -441,7 +508,7 @@ class LocalRun:
         last = curve[-1][0] if curve else None
         progress = self.timeline.of("progress")
         return problems(
-            steps=self.opts.steps,
+            steps=self.opts.steps - self.opts.start_step,
             completed=len(curve),
             digests=self.digests,
             finishers={r["worker"] for r in progress if r["step"] == last},
@@ -477,6 +544,7 @@ class LocalRun:
                 self.tc_sent if self.opts.netns else None,
             ),
             testbed="netns" if self.opts.netns else "in-process",
+            checkpoints=durable.report_section(self.opts, self.timeline),
             processes=[
                 {
                     "name": p.name,

@@ -124,6 +124,12 @@ class Report(BaseModel):
         description="what went wrong besides missing steps (verdict.py): different final "
         "states, members removed by no injected event, members nobody started",
     )
+    checkpoints: dict | None = Field(
+        None,
+        description="with --checkpoint-dir or --resume: the directory and intervals, the "
+        "checkpoint the run resumed from and its step, every checkpoint written (worker, "
+        "step, path, bytes, copy and write seconds) and the final one (local/durable.py)",
+    )
     joins: list[dict] = Field(
         default_factory=list,
         description="per join: path (observer or stop-and-copy), snapshot step, bytes per "

@@ -15,6 +15,7 @@ import itertools
 from collections.abc import Iterable
 
 from chaos_worker.membership.protocol import Membership
+from chaos_worker.membership.seen import SeenIds
 from chaos_worker.membership.view import View
 from chaos_worker.net.wire import Heartbeat, Ping, Pong
 from chaos_worker.ports import Clock, Outbox, Progress, Signal
@@ -29,6 +30,9 @@ LINK_SILENCE = 3.0
 """Failure timeouts a link may carry nothing while its neighbour is heard through others
 before it is reported down: a frame arrives whole, and a large one on a slow or congested
 link (a 4 MiB bucket at 2 MB/s) keeps a live link quiet for seconds."""
+BEAT_MEMORY = 10.0
+"""Failure timeouts a heartbeat's id is kept, far longer than a copy of it travels (one
+later still would pass for a new beat: harmless)."""
 
 
 class Liveness:
@@ -61,13 +65,14 @@ class Liveness:
         self._progress = progress
         self._clock = clock
         self._seq = itertools.count()
-        self._seen: set[str] = set()
+        self._seen = SeenIds()  # heartbeat ids, tagged with the second they arrived in
         self._heard: dict[str, float] = {}  # member -> last frame of its, over any path
         self._link_heard: dict[str, float] = {}  # neighbour -> last frame over its link
         self._link_since: dict[str, float] = {}  # neighbour -> when its link was added
         self._cut: set[tuple[int, str]] = set()  # (epoch, neighbour) links reported down
         self._born = clock()
         self._ping_read: dict[str, float] = {}  # peer -> when its last empty Ping was read
+        self._steps: dict[str, int] = {}  # member -> the step its latest heartbeat named
 
     def knows_every_replicator(self) -> bool:
         """Every member of the largest view heard of has named its replicator."""
@@ -160,16 +165,32 @@ class Liveness:
 
     def on_heartbeat(self, beat: Heartbeat, now: float) -> None:
         key = f"hb:{beat.origin}:{beat.seq}"
-        if key in self._seen or beat.origin == self.me:
+        if beat.origin == self.me or not self._seen.add(key, int(now)):
             return
-        self._seen.add(key)
+        self._seen.forget_before(int(now - BEAT_MEMORY * self._timeout))
         self._heard[beat.origin] = now
+        self._steps[beat.origin] = max(self._steps.get(beat.origin, -1), beat.step)
         self._membership.heard_speed(beat.origin, beat.samples_per_s)
         if beat.replicator:
             self.replicators[beat.origin] = beat.replicator
         self.job_size = max(self.job_size, beat.members)
         self._out.flood(beat)
         self.beats.notify()
+
+    async def finished(self, members: Iterable[str], steps: int, patience: float) -> bool:
+        """Wait until every one of `members` has said (in a heartbeat) that it is past the
+        last step, for at most `patience` seconds; True when all did. A member that ends
+        the job waits here so that it goes on forwarding until the others have the last
+        total too: otherwise they would take its exit for a crash and redo the step without
+        it."""
+        deadline = self._clock() + patience
+        others = [m for m in members if m != self.me]
+        while any(self._steps.get(m, -1) < steps for m in others):
+            left = deadline - self._clock()
+            if left <= 0:
+                return False
+            await self.beats.wait(left)
+        return True
 
     def on_ping(self, sender: str, ping: Ping, payload: bytes, now: float) -> None:
         """Answer a `Ping`; a probe's payload Ping gets the time since its empty marker

@@ -28,6 +28,7 @@ from chaos_worker.membership.readiness import switch_steps
 from chaos_worker.membership.rules import (
     change_of,
     crash_change,
+    expected,
     fenced,
     moot,
     on_tree,
@@ -37,7 +38,9 @@ from chaos_worker.membership.rules import (
     recovery_base,
     relevant,
 )
+from chaos_worker.membership.seen import Flooded
 from chaos_worker.membership.view import View, link_key, next_view
+from chaos_worker.net.bounds import Reject
 from chaos_worker.net.wire import Cause, Decision, MemberStatus, Proposal
 from chaos_worker.ports import Clock, Outbox, Progress, Signal
 from chaos_worker.telemetry.telemetry import Telemetry
@@ -100,6 +103,7 @@ class Membership:
         failure_timeout_s: float,
         down_sent: Callable[[], tuple[int, int] | None] = lambda: None,
         listeners: Listeners | None = None,
+        reject: Reject | None = None,
     ) -> None:
         """`down_sent()`: (epoch, step) of the last all-reduce whose totals this member,
         as root, began to send down (`TreeAllReduce.down_sent`)."""
@@ -123,7 +127,7 @@ class Membership:
         self._failure_timeout_s = failure_timeout_s
         self._down_sent = down_sent
         self._changed = Signal()
-        self._seen: set[str] = set()
+        self._seen = Flooded(reject)
         self._open: dict[str, Proposal] = {}
         self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
         self._immediate: Decision | None = None
@@ -152,6 +156,11 @@ class Membership:
 
     def heard_speed(self, member: str, samples_per_s: float) -> None:
         self.speeds[member] = samples_per_s
+
+    def expects(self, sender: str, epoch: int, step: int) -> bool:
+        """Whether a bucket from `sender` for (`epoch`, `step`) may come (`rules.expected`)."""
+        held = [d for d in (*self._planned.all(), self._immediate) if d is not None]
+        return expected(self.view, held, self._progress.step, sender, (epoch, step))
 
     # ------------------------------------------------------------------ proposals
 
@@ -186,7 +195,7 @@ class Membership:
 
     def announce(self, proposal: Proposal) -> None:
         """Flood a proposal of this member's own join, which it has nothing to decide on."""
-        self._seen.add(proposal.id)
+        self._seen.first(proposal)
         self._out.flood(proposal)
 
     def suspect(self, member: str, now: float, *, confirmed: bool = False) -> None:
@@ -214,9 +223,8 @@ class Membership:
 
     def on_proposal(self, proposal: Proposal, now: float) -> None:
         """Take a proposal in (once), forward it, and act on it (unless `fenced`)."""
-        if proposal.id in self._seen:
+        if not self._seen.first(proposal):
             return
-        self._seen.add(proposal.id)
         if self.view is not None and not self.view.paused and proposal.mode != "probe":
             pending = self.pending.view if self.pending is not None else None
             why = fenced(self.view, self.suspects, proposal, pending)
@@ -357,9 +365,8 @@ class Membership:
 
     def on_decision(self, decision: Decision, now: float) -> None:
         """Take a decision in (once), forward it, and schedule or start it."""
-        if decision.id in self._seen:
+        if not self._seen.first(decision):
             return
-        self._seen.add(decision.id)
         view = decision.view
         stale = self.view is not None and view.epoch <= self.view.epoch and not self.view.paused
         if stale and not decision.immediate:
@@ -392,7 +399,7 @@ class Membership:
                 if removed and self.view is not None and not self.view.paused:
                     self._begin_abort(now)  # stop contributing at once; recover() installs it
         else:
-            replace = self.view is None or self.view.paused  # it will take a state copy
+            replace = self.view is not None and self.view.paused  # it takes a state copy
             self._planned.add(decision, replace=replace)
         self._changed.notify()
 
@@ -418,6 +425,7 @@ class Membership:
             self._received_at.pop(key, None)
 
     def _view_installed(self) -> None:
+        self._seen.installed(self.view.epoch)
         self._drop_settled()
         self._asked_back = self._asked_back and self.view.paused
         for installed in self.listeners.installed:
@@ -502,7 +510,7 @@ class Membership:
         proposal = self._mine(
             f"crash:{self.me}:{epoch}:{self.me}!", "crash", self.me, now, epoch, confirmed=True
         )
-        self._seen.add(proposal.id)
+        self._seen.first(proposal)
         self._out.flood(proposal)
 
     def _leave_now(self, now: float) -> None:
@@ -540,9 +548,8 @@ class Membership:
             self._out.report("paused", reason="partition minority", members=members, t=now)
 
     def on_status(self, status: MemberStatus, now: float) -> None:
-        if status.id in self._seen:
+        if not self._seen.first(status):
             return
-        self._seen.add(status.id)
         self._out.flood(status)
         if self.view is None or status.epoch < self._floor_epoch:
             return

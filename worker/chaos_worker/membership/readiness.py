@@ -74,12 +74,17 @@ def switch_steps(
 
 def switch_decision(current: Decision | None, decision: Decision, me: str) -> Decision | None:
     """The decision a newcomer `me` switches in at, once `decision` has arrived, when it
-    followed `current` so far. The newest view that admits it wins. A recovery (an
-    immediate decision) of at least `current`'s epoch that leaves it out voids `current`
-    (the members drop that planned view too; the root then decides the join again)."""
+    followed `current` so far. The first planned view that admits it wins: the members
+    expect it from that view's step on, and a later planned view (another join decided
+    right after) follows it as for any member (`Membership`'s queue of planned views).
+    Switching in at the later one instead left the members waiting for its contribution
+    to the first one's steps, and it waiting for theirs: a deadlock. A recovery (an
+    immediate decision) that admits it replaces `current`; one of at least `current`'s
+    epoch that leaves it out voids `current` (the members drop that planned view too; the
+    root then decides the join again)."""
     epoch = -1 if current is None else current.view.epoch
     if me in decision.view.members and decision.view.epoch > epoch:
-        return decision
+        return decision if current is None or decision.immediate else current
     if current is not None and decision.immediate and decision.view.epoch >= epoch:
         return None
     return current

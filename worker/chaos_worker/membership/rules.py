@@ -8,11 +8,25 @@ from collections.abc import Iterable, Mapping
 from chaos_planner.tree import connected_components
 
 from chaos_worker.membership.view import Change, View, link_ends, link_key
-from chaos_worker.net.wire import Decision, Proposal
+from chaos_worker.net.wire import Decision, JoinPlan, Proposal
 
 IMMEDIATE = frozenset({"crash", "link_down", "reset"})
 """Proposals that may abort the step in flight: only the members of the current epoch
 may make them (`fenced`)."""
+
+
+def expected(
+    view: View | None, held: list[Decision], step: int, sender: str, op: tuple[int, int]
+) -> bool:
+    """Whether an all-reduce bucket from `sender` for `op` (epoch, step) may come to a
+    member in `view`, holding decisions `held` not yet in force, at `step`: the sender is
+    a member of one of those views, the epoch no later than theirs (a decision precedes the
+    buckets of its epoch on every FIFO link) and the step at most one past the furthest
+    known (a child may start the next step before this member has applied the last)."""
+    views = [d.view for d in held] + ([view] if view is not None else [])
+    last = max([step, *(d.effective_step for d in held)])
+    newest = max((v.epoch for v in views), default=-1)
+    return op[0] <= newest and op[1] <= last + 1 and any(sender in v.members for v in views)
 
 
 def relevant(view: View, proposal: Proposal) -> bool:
@@ -149,3 +163,63 @@ def change_of(proposal: Proposal) -> Change:
 def crash_change(member: str, confirmed: bool) -> Change:
     """A confirmed crash leaves the majority's count; a suspect stays in it."""
     return Change("crash" if confirmed else "suspect", member)
+
+
+SELF_SPOKEN = frozenset({"leave", "link_down", "link_up", "join", "reset"})
+"""Proposals a member makes only about itself: its leave, its links, its join, a reset of
+its own connection (`subject` is the proposer; `peer` the other end)."""
+
+
+def speaks_for_another(proposal: Proposal) -> str | None:
+    """Why `proposal` must be refused from whoever signed it (its origin): a leave, link
+    change, join or reset made for another member. None: it may be made."""
+    if proposal.kind in SELF_SPOKEN and proposal.subject != proposal.origin:
+        return f"{proposal.origin} speaks for {proposal.subject} ({proposal.kind})"
+    return None
+
+
+def undue_decision(decision: Decision, known: list[View]) -> str | None:
+    """Why `decision` cannot come from its origin (None: it may), judged by the views
+    this member knows (`known`: in force and planned; none when it holds no view or is
+    paused). A decision of epoch e replaces a view of epoch e - 1: a planned one is made
+    by that view's root, an immediate one (a recovery) by a member of it (the coordinator
+    of its side). When no known view has epoch e - 1 (this member is behind), the origin
+    must at least be a member of a known view or of the view decided."""
+    if not known:
+        return None
+    bases = [v for v in known if v.epoch == decision.view.epoch - 1]
+    origin = decision.origin
+    if not bases:
+        if any(origin in v.members for v in (*known, decision.view)):
+            return None
+        return f"{origin} is a member of no view known here"
+    if decision.immediate and any(origin in b.members for b in bases):
+        return None
+    if not decision.immediate and any(origin == b.root for b in bases):
+        return None
+    who = "a member" if decision.immediate else "the root"
+    return f"{origin} is not {who} of epoch {bases[0].epoch}"
+
+
+def undue_plan(plan: JoinPlan, known: list[View]) -> str | None:
+    """Why a join plan cannot come from its origin: it is made by a root, so by a member
+    of a view this member knows (when it knows any)."""
+    if known and not any(plan.origin in v.members for v in known):
+        return f"{plan.origin} is a member of no view known here"
+    return None
+
+
+def joining(decision: Decision) -> set[str]:
+    """The members `decision` admits: the subjects of its join causes."""
+    return {c.subject for c in decision.causes if c.kind == "join"}
+
+
+def state_source(decision: Decision) -> str:
+    """Who sends the state to the `copy` joiners of `decision`, and whose seal they take
+    it with: the root of its view, or the smallest member that does not join if the root
+    joins itself (its origin if every member joins). Both sides judge it from the
+    decision alone, which its origin sealed."""
+    view, new = decision.view, joining(decision)
+    if view.root not in new:
+        return view.root
+    return min((m for m in view.members if m not in new), default=decision.origin)

@@ -12,6 +12,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Annotated
 
 from chaos_planner.tree import Tree, connected_components, maximum_spanning_tree, repair_tree
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,14 +33,17 @@ FIRST_STEP_SHARE = 0.5
 
 
 class View(BaseModel):
-    """One membership epoch, identical on every member."""
+    """One membership epoch, identical on every member (a decision carries it on the wire:
+    every number is finite and in range)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    epoch: int = 0
+    epoch: int = Field(0, ge=0, le=2**53 - 1)
     members: dict[str, str]
-    speeds: dict[str, float]
-    overlay: dict[str, float] = Field(description="link key -> bandwidth estimate (bytes/s)")
+    speeds: dict[str, Annotated[float, Field(ge=0)]]
+    overlay: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        description="link key -> bandwidth estimate (bytes/s)"
+    )
     down: list[str] = Field(default_factory=list, description="link keys that are down")
     root: str
     parent: dict[str, str | None]

@@ -21,6 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from chaos_worker.net.bounds import REASONS
 from chaos_worker.telemetry.exporter import STEP_BUCKETS, Exporter
 from chaos_worker.telemetry.linktable import LinkReading, LinkTable
 
@@ -141,6 +142,15 @@ class WorkerMetrics(Exporter):
             ["peer", "direction"],
             registry=r,
         )
+        self.rejected = Counter(
+            "chaos_rejected_messages",
+            "Messages from peers refused and dropped alone (the link goes on), by reason: "
+            "oversize, malformed, nonfinite, stale, unexpected.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REASONS:
+            self.rejected.labels(reason)
         self.add_build_info("worker", version)
         Gauge(
             "chaos_member_info",
@@ -177,6 +187,10 @@ class WorkerMetrics(Exporter):
         """This worker was removed while alive: `removed` from a view, or took itself out
         when `no_decision` reached it."""
         self.evictions.labels(reason if reason in EVICTION_REASONS else "removed").inc()
+
+    def observe_rejected(self, reason: str, count: int = 1) -> None:
+        """`count` messages from peers were refused for `reason` (`net.bounds.REASONS`)."""
+        self.rejected.labels(reason).inc(count)
 
     def observe_scale_out(self, seconds: float) -> None:
         self.scale_out.observe(seconds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
+from chaos_worker.net.bounds import REASONS
 from chaos_worker.net.wire import Decision, LinkGossip, Ping, Pong
 from chaos_worker.ports import Clock, Outbox
 from chaos_worker.telemetry.metrics import WorkerMetrics
@@ -30,6 +31,8 @@ class Telemetry:
         self.stall = StallMeter()
         self.served: Callable[[], dict[str, int]] | None = None
         """What a replicator process (sidecar or child) sent since the last look."""
+        self.refused: Callable[[], dict[str, int]] | None = None
+        """Requests it refused since the last look, per reason (`net.bounds.REASONS`)."""
         self._out = outbox
         self._clock = clock
         self._scale_out_from: float | None = None  # a newcomer's join request, until it steps
@@ -95,6 +98,10 @@ class Telemetry:
         if self.served is not None:
             for peer, nbytes in self.served().items():
                 self.count_replication(peer, "sent", nbytes)
+        if self.refused is not None:
+            for reason, count in self.refused().items():
+                if reason in REASONS:  # the file is the replicator's, still checked
+                    self.metrics.observe_rejected(reason, count)
 
     def count_replication(self, peer: str, direction: str, nbytes: int) -> None:
         if self.metrics is not None and nbytes:
