@@ -355,18 +355,22 @@ class LocalRun:
         return min(counts.values()) >= wanted
 
     def _idle(self, proc: _Proc) -> bool:
-        """A process that will never finish on its own: stopped, or waiting to be admitted
-        (in standby, paused in a minority, removed) since the last view it trained in."""
+        """A process that will never finish on its own: stopped, or waiting to be admitted."""
+        return proc.stopped or self._waiting(proc.name)
+
+    def _waiting(self, name: str) -> bool:
+        """Whether `name` waits to be admitted (in standby, paused in a minority, removed)
+        since the last view it trained in."""
         state = ""
         for record in self.timeline.records:
-            if record.get("worker") != proc.name:
+            if record.get("worker") != name:
                 continue
             kind = record.get("kind")
             if kind in ("standby", "paused", "evicted"):
                 state = "waiting"
             elif kind == "installed" and not record.get("paused"):
                 state = "training"
-        return proc.stopped or state == "waiting"
+        return state == "waiting"
 
     def _fire_due(self) -> None:
         standby = {r["worker"] for r in self.timeline.of("standby")}
@@ -514,6 +518,7 @@ class LocalRun:
             finishers={r["worker"] for r in progress if r["step"] == last},
             members={m for r in self.timeline.of("agreed") for m in r.get("members", [])},
             started=self.procs,
+            rejoining={n for n, p in self.procs.items() if not p.stopped and self._waiting(n)},
             fired=[f.event for f in self.timeline.fired],
             changes=changes,
         )

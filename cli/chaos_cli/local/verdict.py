@@ -24,6 +24,7 @@ def problems(
     finishers: Iterable[str],
     members: Iterable[str],
     started: Iterable[str],
+    rejoining: Iterable[str] = (),
     fired: Iterable[ChurnEvent],
     changes: list[dict],
 ) -> list[str]:
@@ -31,7 +32,8 @@ def problems(
 
     `digests`: each worker's final state digest; `finishers`: the workers that completed
     the last step; `members`: every worker named in an agreed view; `started`: the
-    worker processes the run started; `fired`: the churn injected; `changes`: the
+    worker processes the run started; `rejoining`: the live workers that were waiting
+    to be admitted again when the run ended; `fired`: the churn injected; `changes`: the
     membership changes (`Timeline.membership_changes`).
     """
     found = []
@@ -47,6 +49,9 @@ def problems(
     if outsiders:
         found.append(f"members this run did not start took part: {', '.join(outsiders)}")
     explained = {e.worker for e in fired if e.kind in EXPLAINED}
+    # a worker paused past the failure timeout is removed and rejoins by itself; one that
+    # woke too near the end was still asking to be admitted when the last step completed
+    explained |= {e.worker for e in fired if e.kind == "pause"} & set(rejoining)
     for index, change in enumerate(changes):
         for worker in change["removed"]:
             back = any(worker in later["added"] for later in changes[index + 1 :])
