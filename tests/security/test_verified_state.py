@@ -39,7 +39,7 @@ from chaos_worker.net.wire import (
     StateTransfer,
 )
 from chaos_worker.replication.ledger import REFUSED_FILE, SentReader
-from chaos_worker.replication.puller import Puller
+from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.sidecar import start_child
 from chaos_worker.replication.snapshot import SnapshotStore, load_from, state_digest
@@ -357,3 +357,88 @@ def test_a_replicator_process_serves_admitted_newcomers_and_counts_the_others(
             await child.stop()
 
     asyncio.run(scenario())
+
+
+def quorum_plan(sources: dict[str, Replicator], total: int) -> JoinPlan:
+    """w5's pull of snapshot `STEP`, two shards a source, the manifest asked of w9 first."""
+    return JoinPlan(
+        id="p",
+        origin="w0",
+        joiner="w5",
+        joiner_address="",
+        step=STEP,
+        state_bytes=total,
+        shards=2 * len(sources),
+        assignment={s: [2 * i, 2 * i + 1] for i, s in enumerate(sorted(sources))},
+        replicators={s: r.address for s, r in sources.items()},
+        bandwidths={s: 1e8 for s in sources},
+        manifest_from="w9",
+        predicted_s=0.1,
+        strategy="equal",
+    )
+
+
+async def pull_from(ca: WorkerCA, sources: dict[str, Replicator]):
+    """w5 pulls from `sources` over TLS; (the result or the JoinFailed, metrics, puller)."""
+    total = next(iter(sources.values())).store.get(STEP).layout.total_bytes
+    reject, metrics = forged_counter("w5")
+    puller = Puller(
+        "w5",
+        quorum_plan(sources, total),
+        transport_factory=secured(ca.issue("w5"), "w5"),
+        verifier=Verifier(str(ca.ca_file)),
+        reject=reject,
+    )
+    try:
+        outcome: PullResult | JoinFailed = await puller.run()
+    except JoinFailed as failed:
+        outcome = failed
+    finally:
+        for served in sources.values():
+            await served.close()
+    return outcome, metrics, puller
+
+
+def test_a_hostile_source_sealing_its_own_forged_snapshot_is_outvoted(ca: WorkerCA) -> None:
+    """w9 seals, in its own name, a manifest of a state of its own whose shards agree with
+    it: the seal holds, but w0 and w1 seal the honest digests, so w9's manifest is refused
+    as forged, its shards are never placed and the pull ends on the incumbents' state."""
+    model, opt = job()
+    forged_model, forged_opt = job(seed=9)
+
+    async def scenario():
+        sources = {
+            "w0": await replicator("w0", ca, model, opt),
+            "w1": await replicator("w1", ca, model, opt),
+            "w9": await replicator("w9", ca, forged_model, forged_opt),
+        }
+        return await pull_from(ca, sources)
+
+    result, metrics, puller = asyncio.run(scenario())
+    assert isinstance(result, PullResult), result
+    assert rejected(metrics) == 1  # w9's manifest, outvoted
+    assert puller.manifest.sender in ("w0", "w1")
+    assert result.bytes_per_source["w9"] == 0
+    fresh_model, fresh_opt = job(seed=5, steps=0)
+    load_from(result.data, result.layout, fresh_model, fresh_opt, torch.device("cpu"))
+    assert state_digest(fresh_model, fresh_opt) == state_digest(model, opt)
+
+
+def test_two_sources_that_seal_different_snapshots_fail_the_pull(ca: WorkerCA) -> None:
+    """With only w0 and w9, nobody can tell which of two sealed manifests is the honest
+    one: the pull fails (the join then asks again, by a full copy through another member)
+    and places nothing."""
+    model, opt = job()
+    forged_model, forged_opt = job(seed=9)
+
+    async def scenario():
+        sources = {
+            "w0": await replicator("w0", ca, model, opt),
+            "w9": await replicator("w9", ca, forged_model, forged_opt),
+        }
+        return await pull_from(ca, sources)
+
+    failed, _, puller = asyncio.run(scenario())
+    assert isinstance(failed, JoinFailed)
+    assert "no 2 sources sealed the same manifest" in str(failed)
+    assert puller.manifest is None and not puller.done

@@ -12,8 +12,10 @@ With TLS (a `verifier`) the manifest must be sealed by the source that sent it, 
 the plan (`net.signing`): its digests are then that member's word on its own snapshot. A
 manifest that is not is refused as `forged` and its source dropped (its shards re-planned,
 the manifest asked of another source), and a shard whose bytes do not match the sealed
-digest is refused as `forged` too and fetched from another source. No byte is placed
-before it matches.
+digest is refused as `forged` too and fetched from another source. While two or more
+sources are live, a manifest is used only once two of them sealed the same one
+(`quorum`): a hostile source's manifest of a state of its own is outvoted, refused as
+`forged` and its source dropped. No byte is placed before it matches.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from chaos_worker.net.wire import (
     SnapshotManifest,
     SnapshotRequest,
 )
+from chaos_worker.replication.quorum import AGREEING, ManifestVotes
 from chaos_worker.replication.snapshot import Layout, shard_bounds
 
 log = logging.getLogger(__name__)
@@ -170,6 +173,8 @@ class Puller:
         }
         self.address = ""
         self.manifest: SnapshotManifest | None = None
+        self._votes = ManifestVotes()
+        self._asked: set[str] = set()  # sources asked for the manifest
         self.data: np.ndarray | None = None
         self.done: set[int] = set()
         self.replans = 0
@@ -194,14 +199,14 @@ class Puller:
             now = time.monotonic()
             for source in self.sources.values():
                 source.last_heard = now
-            asked = self._ask_manifest(self.plan.manifest_from)
+            self._settle_manifest()
             for sid, indices in self.plan.assignment.items():
                 self.sources[sid].planned.extend(indices)
             self._fill_all()
             while len(self.done) < self.plan.shards:
                 await self._nap()
-                if self.manifest is None and not self.sources[asked].alive:
-                    asked = self._ask_manifest(self._next_manifest_source())
+                if self.manifest is None:
+                    self._settle_manifest()
                 self._check_stalls(time.monotonic())
                 if self._failure is not None:
                     raise self._failure
@@ -234,7 +239,45 @@ class Puller:
             (len(s.planned) + s.outstanding) * shard / max(s.rate(now, shard), 1.0) for s in busy
         )
 
-    def _ask_manifest(self, sid: str) -> str:
+    def _needed(self) -> int:
+        """Sources that must seal the same manifest: two while two can (with TLS)."""
+        if self._verifier is None:
+            return 1
+        able = {s.id for s in self.sources.values() if s.alive} | set(self._votes.by_sender)
+        return min(AGREEING, len(able))
+
+    def _settle_manifest(self) -> None:
+        """Use the manifest enough sources agree on, or ask more sources for theirs (the
+        plan's manifest source first, then those with the largest shares)."""
+        needed = self._needed()
+        agreed = self._votes.agreed(needed)
+        if agreed is not None:
+            self._adopt(agreed)
+            return
+        pending = [
+            sid
+            for sid in self._asked
+            if self.sources[sid].alive and sid not in self._votes.by_sender
+        ]
+        for _ in range(self._votes.missing(needed) - len(pending)):
+            unasked = [s for s in self.sources.values() if s.alive and s.id not in self._asked]
+            if not unasked:
+                break
+            first = self.plan.manifest_from
+            pick = max(
+                unasked,
+                key=lambda s: (s.id == first, len(self.plan.assignment.get(s.id, [])), s.id),
+            )
+            self._ask_manifest(pick.id)
+            pending.append(pick.id)
+        if not pending:
+            seen = ", ".join(sorted(self._votes.by_sender)) or "none"
+            self._failure = JoinFailed(
+                f"no {needed} sources sealed the same manifest (manifests from: {seen})"
+            )
+
+    def _ask_manifest(self, sid: str) -> None:
+        self._asked.add(sid)
         source = self.sources[sid]
         source.last_heard = time.monotonic()
         self.transport.connect(sid, source.address)
@@ -242,14 +285,28 @@ class Puller:
             sender=self.me, reply_to=self.address, step=self.plan.step, shards=self.plan.shards
         )
         self.transport.send(sid, request)
-        return sid
 
-    def _next_manifest_source(self) -> str:
-        """The live source with the largest share, to ask for the manifest instead."""
-        alive = [s for s in self.sources.values() if s.alive]
-        if not alive:
-            raise JoinFailed("no source could send the snapshot's manifest")
-        return max(alive, key=lambda s: (len(self.plan.assignment.get(s.id, [])), s.id)).id
+    def _adopt(self, manifest: SnapshotManifest) -> None:
+        """Use `manifest`: place the shards that came early, drop those who sealed another."""
+        self.manifest = manifest
+        layout = Layout.model_validate(manifest.layout)
+        # pages are touched as shards land, not all at once on this loop
+        self.data = np.empty(layout.total_bytes, np.uint8)
+        early, self._early = self._early, []
+        self._checking -= len(early)
+        for sid in self._votes.dissenters(manifest):
+            self._outvoted(sid)
+        for source_state, shard, data in early:
+            if source_state.alive:
+                self._on_shard(source_state, shard, data)
+
+    def _outvoted(self, sid: str) -> None:
+        """Refuse `sid`, whose sealed manifest differs from the one its peers agree on."""
+        detail = f"its manifest of snapshot {self.plan.step} differs from the one others sealed"
+        self._reject(sid, "forged", detail)
+        log.warning("source %s: %s; dropping it", sid, detail)
+        if self.sources[sid].alive:
+            self._drop(self.sources[sid])
 
     async def _nap(self) -> None:
         """Wait for a message or a tenth of a second."""
@@ -304,14 +361,12 @@ class Puller:
                 and layout is not None
                 and layout.total_bytes <= self.plan.state_bytes  # no more than the root planned
             )
-            if self.manifest is None and valid:
-                self.manifest = message
-                # pages are touched as shards land, not all at once on this loop
-                self.data = np.empty(layout.total_bytes, np.uint8)
-                early, self._early = self._early, []
-                self._checking -= len(early)
-                for source_state, shard, data in early:
-                    self._on_shard(source_state, shard, data)
+            if valid and sender not in self._votes.by_sender:
+                self._votes.add(sender, message)
+                if self.manifest is None:
+                    self._settle_manifest()
+                elif sender in self._votes.dissenters(self.manifest):
+                    self._outvoted(sender)
         elif isinstance(message, ShardData):
             current = message.step == self.plan.step and message.index in source.queued
             if current and source.outstanding > 0:
