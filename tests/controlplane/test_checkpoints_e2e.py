@@ -101,6 +101,14 @@ def test_checkpoints_on_a_claim_finish_and_resume(control_plane_factory, tmp_pat
         pods = job.pods()
         assert config_of(pods["long-w0"])["checkpoint_writer"] == "self"
         assert "checkpoint_dir" not in config_of(pods["long-w1"])
+        run.expect(lambda: job.status().get("durableStep", 0) >= 10, "a checkpoint")
+
+        # The writer is lost: its replacement joins (the view's root is not it) and writes.
+        plane.kubectl("delete", "pod", "long-w0", "-n", ns, "--wait=false")
+        run.expect(lambda: job.running() == {"long-w1", "long-w2"}, "a new writer")
+        assert writers(job) == {"long-w2"} and config_of(job.pods()["long-w2"])["join"]
+        run.expect(lambda: (metric(job, "long-w2", "chaos_checkpoint_step") or -1) > 0,
+                   "the new writer writes")  # fmt: skip
         run.expect(lambda: job.status().get("durableStep", 0) >= 30, "three checkpoints")
 
         # Every member goes (scale to 0); the newest checkpoint is then corrupted.
@@ -118,12 +126,12 @@ def test_checkpoints_on_a_claim_finish_and_resume(control_plane_factory, tmp_pat
 
         # Back to 2: the new writer alone resumes from the sound one, the other joins it.
         patch_spec(plane, ns, "long", replicas=2)
-        run.expect(lambda: job.running() == {"long-w2", "long-w3"}, "2 new pods")
+        run.expect(lambda: job.running() == {"long-w3", "long-w4"}, "2 new pods")
         pods = job.pods()
-        assert writers(job) == {"long-w2"}
-        resumed = config_of(pods["long-w2"])
-        assert list(resumed["members"]) == ["long-w2"] and resumed["resume_from"]
-        assert config_of(pods["long-w3"])["join"] == resumed["listen"]
+        assert writers(job) == {"long-w3"}
+        resumed = config_of(pods["long-w3"])
+        assert list(resumed["members"]) == ["long-w3"] and resumed["resume_from"]
+        assert config_of(pods["long-w4"])["join"] == resumed["listen"]
         run.expect(lambda: "step" in job.status().get("resumedFrom", {}), "resumedFrom reported")
         status = job.status()
         assert status["resumedFrom"]["step"] == resume_at, status["resumedFrom"]
@@ -134,14 +142,14 @@ def test_checkpoints_on_a_claim_finish_and_resume(control_plane_factory, tmp_pat
         assert events["CheckpointSkipped"]["type"] == "Warning"
         assert corrupt.name in events["CheckpointSkipped"]["message"]
         assert f"resumed from {sound.name}" in events["ResumedFromCheckpoint"]["message"]
-        assert metric(job, "long-w2", "chaos_checkpoint_resumed_step") == resume_at
+        assert metric(job, "long-w3", "chaos_checkpoint_resumed_step") == resume_at
 
         # It goes on from the checkpoint's step: the writer trained only the steps after it,
         # the newcomer joined and trains, and the job's step is past the checkpoint.
         run.expect(lambda: job.step() >= resume_at + 20, "training after the resume")
-        run.expect(lambda: job.steps_of(job.pods()["long-w3"]) > 0, "the newcomer trains")
-        trained_here = job.steps_of(job.pods()["long-w2"])  # steps it computed itself
-        last = metric(job, "long-w2", "chaos_train_step")  # read after: only later
+        run.expect(lambda: job.steps_of(job.pods()["long-w4"]) > 0, "the newcomer trains")
+        trained_here = job.steps_of(job.pods()["long-w3"])  # steps it computed itself
+        last = metric(job, "long-w3", "chaos_train_step")  # read after: only later
         assert last is not None and 0 < trained_here <= last - resume_at + 1, (trained_here, last)
         assert job.status()["durableStep"] > resume_at  # new checkpoints go on
         assert run.process.poll() is None, run.diagnose()
