@@ -260,11 +260,11 @@ def reconcile(
             if remote:
                 joins = (f"{remote[1]} of party {remote[0].party}", remote[2])
             initial = [] if joins else new
-            restarted = not joins and ordinal > 0
+            restarted = not joins and not live and ordinal > 0
             if restarted and writer is not None:  # the writer resumes; the others join it
                 initial = [writer]
                 joins = (
-                    member_name(name, writer),
+                    member_id(name, writer, options),
                     member_address(name, namespace, writer, options),
                 )
             members = {
