@@ -27,6 +27,7 @@ PERMISSIONS: list[tuple[str, str, frozenset[str]]] = [
     ("chaos.training.dev", "chaospeers/status", frozenset({"patch"})),
     ("", "pods", frozenset({"get", "list", "watch", "create", "delete"})),
     ("", "services", frozenset({"create"})),
+    ("", "persistentvolumeclaims", frozenset({"create"})),
     ("", "secrets", frozenset({"get", "create", "update"})),
     ("", "events", frozenset({"create"})),
     ("", "resourcequotas", frozenset({"list"})),

@@ -6,10 +6,11 @@
   live) its members' `/metrics` (`scrape.scrape_members`), and what it sees of the federation;
 * `_decide`: the pure `reconcile.reconcile`, published to the federation, then on a resync the
   autoscaler, whose result is merged into a new status (the reconcile's plan is not changed);
-* `_apply`: `apply_plan` (the `next-member` annotation, the Service, pod creates and deletes
-  with their Events, the status) and the pod counters; then, with worker TLS, the identity
-  Secrets of the pods observed (`identities.WorkerIdentities.ensure`; a pod created now gets
-  its own at the sync its creation triggers).
+* `_apply`: `apply_plan` (the `next-member` annotation, the Service and the checkpoint
+  claim, pod creates and deletes with their Events, the status) and the pod counters; then,
+  with worker TLS, the identity Secrets of the pods observed
+  (`identities.WorkerIdentities.ensure`; a pod created now gets its own at the sync its
+  creation triggers).
 
 `apply_plan` is the one plan-apply loop: `chaos run FILE` applies its plans with it too, on
 local processes (`chaos_cli.local.reconciled.LocalPods`). The backend on Kubernetes is
@@ -40,7 +41,13 @@ from chaos_operator.federation.rules import FederationView, PublishedJob
 from chaos_operator.metrics import OperatorMetrics
 from chaos_operator.pods import ANN_NEXT_MEMBER, Options
 from chaos_operator.reconcile import ObservedPod, PodEvent, PodPlan, reconcile, running_members
-from chaos_operator.scrape import MemberMetrics, latest_step, scale_out_delay, scrape_members
+from chaos_operator.scrape import (
+    MemberMetrics,
+    durable_reading,
+    latest_step,
+    scale_out_delay,
+    scrape_members,
+)
 
 if TYPE_CHECKING:
     from chaos_operator.federation.service import FederationService
@@ -75,6 +82,10 @@ class PodBackend(Protocol):
 
     def create(self, job: ChaosJob, body: dict[str, Any]) -> bool:
         """Create a pod of the job; False when it existed already."""
+        ...
+
+    def ensure_claim(self, job: ChaosJob, body: dict[str, Any]) -> None:
+        """Create the job's checkpoint claim unless it exists."""
         ...
 
     def delete(self, job: ChaosJob, name: str) -> bool:
@@ -113,6 +124,8 @@ def apply_plan(job: ChaosJob, plan: PodPlan, backend: PodBackend) -> Applied:
     if str(plan.next_member) != job.metadata.annotations.get(ANN_NEXT_MEMBER):
         backend.set_next_member(job, plan.next_member)
     backend.ensure_service(job, plan.service)
+    if plan.claim is not None:
+        backend.ensure_claim(job, plan.claim)
     created: list[str] = []
     deleted: list[str] = []
     for pod in plan.create:
@@ -261,6 +274,7 @@ class JobController:
             scale_out_delay_s=scale_out_delay(scrapes, newest_first),
             options=self.ctx.options,
             federation=seen.view,
+            durable=durable_reading(scrapes.values()),
         )
         if self.ctx.federation:
             self.ctx.federation.publish(published_job(job, pods, plan))

@@ -28,26 +28,33 @@ FIELD_MANAGER = "chaos-operator"
 log = logging.getLogger("chaos_operator")
 
 
-def final_step(pod: client.V1Pod) -> int | None:
-    """The last step the pod's ended trainer says it completed in its termination message
-    (`{"step": N}` in `/dev/termination-log`, which the kubelet copies into the container's
-    status); None when it said nothing usable."""
+def termination_message(pod: client.V1Pod) -> tuple[int | None, int | None]:
+    """(last step completed, newest checkpoint) that the pod's ended trainer wrote in its
+    termination message (`{"step": N, "checkpoint": S}` in `/dev/termination-log`, which the
+    kubelet copies into the container's status); None for what it did not say usably."""
     for container in (pod.status and pod.status.container_statuses) or ():
         ended = container.state and container.state.terminated
         if container.name != "trainer" or not ended or not ended.message:
             continue
         try:
-            step = json.loads(ended.message).get("step")
-        except (ValueError, AttributeError):
-            return None
-        return step if isinstance(step, int) and not isinstance(step, bool) else None
-    return None
+            said = json.loads(ended.message)
+        except ValueError:
+            return None, None
+        if not isinstance(said, dict):
+            return None, None
+        return _count(said.get("step")), _count(said.get("checkpoint"))
+    return None, None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def observe_pod(pod: client.V1Pod) -> ObservedPod:
     """The reconcile's view of one pod."""
     meta, status = pod.metadata, pod.status
     conditions = (status and status.conditions) or ()
+    step, checkpoint = termination_message(pod)
     return ObservedPod(
         name=meta.name,
         phase=(status and status.phase) or "Pending",
@@ -61,7 +68,8 @@ def observe_pod(pod: client.V1Pod) -> ObservedPod:
             c.type == "PodScheduled" and c.status == "False" and c.reason == "Unschedulable"
             for c in conditions
         ),
-        final_step=final_step(pod),
+        final_step=step,
+        final_checkpoint=checkpoint,
     )
 
 
@@ -167,6 +175,9 @@ class KubePods:
 
     def create(self, job: ChaosJob, body: dict[str, Any]) -> bool:
         return ignoring(409, self.core.create_namespaced_pod, job_meta(job)[1], body)
+
+    def ensure_claim(self, job: ChaosJob, body: dict[str, Any]) -> None:
+        ignoring(409, self.core.create_namespaced_persistent_volume_claim, job_meta(job)[1], body)
 
     def delete(self, job: ChaosJob, name: str) -> bool:
         return ignoring(404, self.core.delete_namespaced_pod, name, job_meta(job)[1])

@@ -12,6 +12,12 @@ The member's `WorkerConfig` (the control plane's contract with `chaos worker`) g
 pod's annotation `chaos.training.dev/config`, which a downwardAPI volume projects as the
 trainer's config file.
 
+Checkpoints (`spec.checkpoints`): the writer, one member of the party, mounts the claim
+(`claim_name`; `checkpoint_claim` is the one the operator creates when the spec gives a size)
+at `/checkpoints` and writes there whenever it trains (`checkpoint_writer: self`); its pod is
+annotated `chaos.training.dev/checkpoint-writer`. A resuming writer also reads it
+(`resume_from`), starting at step 0 when it holds no sound checkpoint.
+
 Identity (`Options.worker_tls`): the config's `tls` names files under `/etc/chaos-tls`, where
 the trainer and the replicator mount the Secret `<pod>-tls` read-only (`tls_secret`: the
 member's certificate and key and the CA bundle, owned by the pod). The operator issues it
@@ -29,7 +35,7 @@ from typing import Any
 from chaos_worker.config import TlsFiles, WorkerConfig
 
 from chaos_operator.api import API_VERSION, ChaosJob
-from chaos_operator.api.template import CONFIG_DIR, SNAPSHOT_DIR, TLS_DIR
+from chaos_operator.api.template import CHECKPOINT_DIR, CONFIG_DIR, SNAPSHOT_DIR, TLS_DIR
 
 TERMINATION_LOG = "/dev/termination-log"
 """The trainer's terminationMessagePath: it writes its last step there on exit."""
@@ -41,6 +47,7 @@ ANN_ADDRESS = "chaos.training.dev/address"
 ANN_METRICS = "chaos.training.dev/metrics-port"
 ANN_CONFIG = "chaos.training.dev/config"
 ANN_NEXT_MEMBER = "chaos.training.dev/next-member"
+ANN_WRITER = "chaos.training.dev/checkpoint-writer"
 COMMON_LABELS = {
     "app.kubernetes.io/managed-by": "chaos-operator",
     "app.kubernetes.io/part-of": "chaos",
@@ -120,6 +127,40 @@ def member_address(job: str, namespace: str, ordinal: int, options: Options) -> 
     return f"{host}:{port}"
 
 
+def claim_name(job: ChaosJob) -> str | None:
+    """The claim the job's checkpoints go to (None: no checkpoints)."""
+    policy = job.spec.checkpoints
+    if policy is None:
+        return None
+    return policy.claim_name or f"{job_meta(job)[0]}-checkpoints"
+
+
+def checkpoint_claim(job: ChaosJob) -> dict[str, Any] | None:
+    """The PersistentVolumeClaim the operator creates for the checkpoints (a spec that gives
+    a size), owned by the job; None when the spec names an existing claim or none."""
+    policy = job.spec.checkpoints
+    if policy is None or policy.size is None:
+        return None
+    name, namespace, _ = job_meta(job)
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": policy.size}},
+    }
+    if policy.storage_class_name:
+        spec["storageClassName"] = policy.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": claim_name(job),
+            "namespace": namespace,
+            "labels": {**COMMON_LABELS, LABEL_JOB: name},
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": spec,
+    }
+
+
 def owner_reference(job: ChaosJob) -> dict[str, Any]:
     name, _, uid = job_meta(job)
     return {
@@ -139,9 +180,13 @@ def worker_config(
     *,
     members: Mapping[str, str] | None = None,
     join: str | None = None,
+    writer: bool = False,
+    resume: bool = False,
 ) -> WorkerConfig:
     """The `chaos worker` configuration of one member: an initial one (`members`) or a
-    newcomer (`join`). Only the fields set here are written to the pod (`worker_pod`)."""
+    newcomer (`join`); `writer`: it writes the party's checkpoints, `resume`: it starts
+    from the newest one (an initial member). Only the fields set here are written to the pod
+    (`worker_pod`)."""
     name, namespace, _ = job_meta(job)
     address = member_address(name, namespace, ordinal, options)
     port = int(address.rpartition(":")[2])
@@ -166,6 +211,17 @@ def worker_config(
         fields["join"] = join
     if options.worker_tls:
         fields["tls"] = TLS_FILES
+    policy = job.spec.checkpoints
+    if writer and policy is not None:
+        fields["checkpoint_dir"] = CHECKPOINT_DIR
+        fields["checkpoint_writer"] = "self"
+        fields["checkpoint_every_steps"] = policy.every_steps or None
+        if policy.every_seconds is not None:
+            fields["checkpoint_every_s"] = float(policy.every_seconds)
+        fields["checkpoint_keep"] = policy.keep
+        if resume:
+            fields["resume_from"] = CHECKPOINT_DIR
+            fields["resume_required"] = False
     return WorkerConfig(**fields)
 
 
@@ -220,6 +276,17 @@ def worker_pod(job: ChaosJob, ordinal: int, config: WorkerConfig) -> dict[str, A
             },
         },
     ]
+    annotations = {
+        ANN_ORDINAL: str(ordinal),
+        ANN_ADDRESS: config.listen,
+        ANN_METRICS: str(port + 1),
+        ANN_CONFIG: config.model_dump_json(exclude_unset=True),
+    }
+    claim = claim_name(job)
+    if config.checkpoint_dir and claim:
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}})
+        trainer["volumeMounts"].append({"name": "checkpoints", "mountPath": CHECKPOINT_DIR})
+        annotations[ANN_WRITER] = "true"
     if config.tls is not None:
         tls = config.tls
         volumes.append(
@@ -240,12 +307,7 @@ def worker_pod(job: ChaosJob, ordinal: int, config: WorkerConfig) -> dict[str, A
             "name": pod_name,
             "namespace": namespace,
             "labels": {**COMMON_LABELS, LABEL_JOB: name, LABEL_MEMBER: config.id},
-            "annotations": {
-                ANN_ORDINAL: str(ordinal),
-                ANN_ADDRESS: config.listen,
-                ANN_METRICS: str(port + 1),
-                ANN_CONFIG: config.model_dump_json(exclude_unset=True),
-            },
+            "annotations": annotations,
             "ownerReferences": [owner_reference(job)],
         },
         "spec": {

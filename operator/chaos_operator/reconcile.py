@@ -16,7 +16,13 @@ Rules:
 * New members join through a live member (`join: <seed address>`), the oldest running one.
   When no member is live (a new job, or every member lost), the new members form a fresh
   initial set: each starts with `members` = all of them.
-* Scaling down deletes the newest members.
+* Scaling down deletes the newest members (the checkpoint writer last).
+* Checkpoints (`spec.checkpoints`): one live member of the party is the writer (it mounts
+  the claim); when none is, the first member created becomes it. An initial set formed
+  after every member was lost (ordinals were used before) is the writer alone, resuming
+  from the newest checkpoint that verifies; the other new members join through it.
+  Any such later initial set restarts `currentStep` (it is unknown until the members
+  report). `chaos_operator.durable` keeps `durableStep`, `resumedFrom`, `finalCheckpoint`.
 * Federation (when the operator has an identity and passes a `FederationView`): member ids
   carry the party (`<party>.<pod>`), so ids of different parties never clash. A party with no
   live member joins through a remote member (of the smallest party that admits all the
@@ -46,14 +52,18 @@ from typing import Any
 
 from chaos_operator.api import ChaosJob
 from chaos_operator.api.conditions import set_condition
+from chaos_operator.durable import DurableReading, durable_status
 from chaos_operator.federation.rules import FederationView, synced_condition
 from chaos_operator.lifecycle import Lifecycle, decide
 from chaos_operator.pods import (
     ANN_ADDRESS,
     ANN_NEXT_MEMBER,
     ANN_ORDINAL,
+    ANN_WRITER,
     LABEL_MEMBER,
     Options,
+    checkpoint_claim,
+    claim_name,
     headless_service,
     job_meta,
     job_steps,
@@ -67,6 +77,7 @@ from chaos_operator.pods import (
 
 LIVE_PHASES = frozenset({"Pending", "Running", "Unknown"})
 DEFAULT_OPTIONS = Options()
+NO_READING = DurableReading()
 ConditionState = tuple[str, str, str]
 """(status, reason, message) of one status condition."""
 
@@ -89,6 +100,8 @@ class ObservedPod:
     """The pod's uid (its identity Secret's owner)."""
     final_step: int | None = None
     """The last step its ended trainer reported in its termination message, if any."""
+    final_checkpoint: int | None = None
+    """The newest checkpoint its ended trainer wrote or resumed from (termination message)."""
 
     @property
     def member(self) -> str:
@@ -102,6 +115,11 @@ class ObservedPod:
             return int(raw)
         except ValueError:
             return -1
+
+    @property
+    def writer(self) -> bool:
+        """It mounts the party's checkpoint claim and writes the checkpoints."""
+        return self.annotations.get(ANN_WRITER) == "true"
 
     @property
     def live(self) -> bool:
@@ -140,6 +158,8 @@ class PodPlan:
     """About the job itself (suspended, resumed, failed, succeeded): posted with the status."""
     delete_job: bool = False
     """Delete the ChaosJob (its TTL after finishing ran out)."""
+    claim: dict[str, Any] | None = None
+    """The checkpoint claim to create unless it exists (`pods.checkpoint_claim`)."""
 
 
 def running_members(pods: Sequence[ObservedPod]) -> dict[str, str]:
@@ -165,8 +185,10 @@ def reconcile(
     scale_out_delay_s: float | None = None,
     options: Options = DEFAULT_OPTIONS,
     federation: FederationView | None = None,
+    durable: DurableReading = NO_READING,
 ) -> PodPlan:
-    """Plan one reconcile of `job` given its observed pods (see the module docstring)."""
+    """Plan one reconcile of `job` given its observed pods (see the module docstring);
+    `durable`: what the members' `/metrics` said of the checkpoints."""
     name, namespace, _ = job_meta(job)
     spec = job.spec
     want = spec.replicas  # ours alone: nothing a remote party says lowers it
@@ -195,6 +217,8 @@ def reconcile(
     )
     finished = life.phase == "Succeeded"
     ordinal = next_member(job, pods)
+    claim = claim_name(job)
+    restarted = False  # a new initial set after every member was lost
     create: list[dict[str, Any]] = []
     delete: list[str] = []
     events: dict[str, PodEvent] = {}
@@ -214,10 +238,11 @@ def reconcile(
             )
         surplus = len(live) - want
         if surplus > 0:
-            for pod in live[-surplus:]:
+            gone = sorted(live, key=lambda p: (not p.writer, p.ordinal))[-surplus:]
+            for pod in gone:
                 delete.append(pod.name)
                 events[pod.name] = PodEvent("MemberRemoved", f"scaled down: member {pod.member}")
-            live = live[:-surplus]
+            live = [p for p in live if p not in gone]
         missing = want - len(live)
         seeds = [p for p in live if p.address]
         seeds.sort(key=lambda p: (not p.running, p.ordinal))
@@ -230,33 +255,46 @@ def reconcile(
                 waiting += f" (a wait of at most {options.seed_wait_s:g} s)"
         if missing > 0 and not waiting:
             new = list(range(ordinal, ordinal + missing))
+            writer = new[0] if claim and not any(p.writer for p in live) else None
             joins = (seeds[0].member, seeds[0].address) if seeds else None
             if remote:
                 joins = (f"{remote[1]} of party {remote[0].party}", remote[2])
-            if joins:
-                for n in new:
-                    config = worker_config(job, n, options, join=joins[1])
-                    create.append(worker_pod(job, n, config))
-                    events[member_name(name, n)] = PodEvent(
+            initial = [] if joins else new
+            restarted = not joins and not live and ordinal > 0
+            if restarted and writer is not None:  # the writer resumes; the others join it
+                initial = [writer]
+                joins = (
+                    member_id(name, writer, options),
+                    member_address(name, namespace, writer, options),
+                )
+            members = {
+                member_id(name, n, options): member_address(name, namespace, n, options)
+                for n in initial
+            }
+            note = f" after waiting {options.seed_wait_s:g} s for: {gave_up}" if gave_up else ""
+            for n in new:
+                if n in initial:
+                    config = worker_config(job, n, options, members=members, writer=n == writer,
+                                           resume=restarted)  # fmt: skip
+                    what = f"starts the initial set of {len(initial)}{note}"
+                    if restarted and writer is not None:
+                        what = f"resumes from the newest checkpoint on claim {claim}{note}"
+                    event = PodEvent("MemberAdded", f"member {member_name(name, n)} {what}",
+                                     "Warning" if gave_up else "Normal")  # fmt: skip
+                else:
+                    assert joins is not None
+                    config = worker_config(job, n, options, join=joins[1], writer=n == writer)
+                    event = PodEvent(
                         "MemberAdded",
                         f"member {member_id(name, n, options)} joins through {joins[0]}",
                     )
-            else:
-                members = {
-                    member_id(name, n, options): member_address(name, namespace, n, options)
-                    for n in new
-                }
-                note = f" after waiting {options.seed_wait_s:g} s for: {gave_up}" if gave_up else ""
-                for n in new:
-                    config = worker_config(job, n, options, members=members)
-                    create.append(worker_pod(job, n, config))
-                    events[member_name(name, n)] = PodEvent(
-                        "MemberAdded",
-                        f"member {member_name(name, n)} starts the initial set of {len(new)}{note}",
-                        "Warning" if gave_up else "Normal",
-                    )
+                create.append(worker_pod(job, n, config))
+                events[member_name(name, n)] = event
             ordinal += missing
 
+    if restarted:  # training starts again (from a checkpoint, or from step 0)
+        previous = {k: v for k, v in previous.items() if k != "currentStep"}
+        current_step = None
     status = job_status(
         job,
         previous,
@@ -275,6 +313,20 @@ def reconcile(
     )
     status = lifecycle_status(job, status, life, steps, now)
     job_events = [PodEvent(*life.event)] if life.event else []
+    if claim:
+        written = [p.final_checkpoint for p in ended if p.final_checkpoint is not None]
+        newest = max([*written, durable.checkpoint_step or 0]) or None
+        fields, notes = durable_status(
+            previous,
+            DurableReading(newest, durable.resumed_step, durable.skipped),
+            claim=claim,
+            restarted=restarted,
+            succeeded=finished,
+            steps=steps,
+            now=now,
+        )
+        status.update(fields)
+        job_events += [PodEvent(*note) for note in notes]
     return PodPlan(
         create=create,
         delete=delete,
@@ -284,6 +336,7 @@ def reconcile(
         events=events,
         job_events=job_events,
         delete_job=life.delete_job,
+        claim=checkpoint_claim(job),
     )
 
 

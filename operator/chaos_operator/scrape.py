@@ -1,8 +1,8 @@
 """What the operator reads from its members' `/metrics`, and the figures derived from it.
 
 `scrape_members` is the only I/O here (one GET per running member); everything else is pure:
-`parse_metrics` turns an exposition into a `MemberMetrics`, `latest_step`, `scale_out_delay`
-and `measure_goodput` combine the members' readings.
+`parse_metrics` turns an exposition into a `MemberMetrics`, `latest_step`, `scale_out_delay`,
+`durable_reading` and `measure_goodput` combine the members' readings.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from chaos_operator.durable import DurableReading
 from chaos_operator.pods import ANN_METRICS
 from chaos_operator.reconcile import ObservedPod
 
@@ -32,15 +33,25 @@ class MemberMetrics:
     scale_out_sum: float = 0.0
     scale_out_count: float = 0.0
     """`chaos_scale_out_duration_seconds` sum and count: this member's own joins."""
+    checkpoint_step: int | None = None
+    """`chaos_checkpoint_step`: the newest checkpoint it wrote or resumed from."""
+    resumed_step: int | None = None
+    """`chaos_checkpoint_resumed_step`: the step it resumed at (0: afresh)."""
+    skipped: tuple[str, ...] = ()
+    """`chaos_checkpoint_skipped_info`: `<checkpoint>: <why>` of each one it passed over."""
 
 
 def parse_metrics(text: str, at: float) -> MemberMetrics:
     """The figures in a Prometheus text exposition; ValueError if it is not one."""
     values: dict[str, float] = {}
+    skipped: list[str] = []
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if not sample.labels:
                 values[sample.name] = sample.value
+            elif sample.name == "chaos_checkpoint_skipped_info" and sample.value == 1:
+                labels = sample.labels
+                skipped.append(f"{labels.get('checkpoint', '?')}: {labels.get('reason', '')}")
     step = values.get("chaos_train_step")
     members = values.get("chaos_members")
     return MemberMetrics(
@@ -50,7 +61,15 @@ def parse_metrics(text: str, at: float) -> MemberMetrics:
         members=None if members is None else int(members),
         scale_out_sum=values.get("chaos_scale_out_duration_seconds_sum", 0.0),
         scale_out_count=values.get("chaos_scale_out_duration_seconds_count", 0.0),
+        checkpoint_step=_step(values.get("chaos_checkpoint_step")),
+        resumed_step=_step(values.get("chaos_checkpoint_resumed_step")),
+        skipped=tuple(sorted(skipped, reverse=True)),
     )
+
+
+def _step(value: float | None) -> int | None:
+    """A step gauge's value; None when absent or negative (none)."""
+    return None if value is None or value < 0 else int(value)
 
 
 def scrape_members(pods: Iterable[ObservedPod], timeout_s: float) -> dict[str, MemberMetrics]:
@@ -72,6 +91,20 @@ def scrape_members(pods: Iterable[ObservedPod], timeout_s: float) -> dict[str, M
 def latest_step(scrapes: Iterable[MemberMetrics]) -> int | None:
     """The latest step any member completed, if any reported one."""
     return max((m.step for m in scrapes if m.step is not None), default=None)
+
+
+def durable_reading(scrapes: Iterable[MemberMetrics]) -> DurableReading:
+    """What the members said of the checkpoints: the newest one, and where the resumed
+    writer started and what it skipped (only the writer reports any of it)."""
+    readings = list(scrapes)
+    newest = max(
+        (m.checkpoint_step for m in readings if m.checkpoint_step is not None), default=None
+    )
+    resumed = [m for m in readings if m.resumed_step is not None]
+    if not resumed:
+        return DurableReading(newest)
+    first = max(resumed, key=lambda m: m.resumed_step or 0)
+    return DurableReading(newest, first.resumed_step, first.skipped)
 
 
 def scale_out_delay(

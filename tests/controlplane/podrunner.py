@@ -5,6 +5,7 @@ than a watch and it cannot miss a deletion) and for each new pod:
 
 * lays out a directory per pod and one per volume, and maps the pod's paths into them
   (`chaos_cli.local.localpods`, which the local backend of `chaos run FILE` uses too); a
+  PersistentVolumeClaim is `<workdir>/claims/<claim name>`, shared and kept across pods; a
   `secret` volume gets the Secret's data as files, read once at the start: like the kubelet,
   it starts no pod before every Secret it mounts exists;
 * starts every container's `command + args` as a local process group: `chaos` becomes this
@@ -201,7 +202,7 @@ class PodRunner:
         secrets = self._secrets(body)
         if secrets is None:  # tried again on the next round
             return
-        volumes = localpods.lay_out(body, directory, secrets)
+        volumes = localpods.lay_out(body, directory, secrets, claims=self.workdir / "claims")
         running = RunningPod(
             meta.name,
             meta.uid,

@@ -261,3 +261,38 @@ def test_a_held_slot_is_not_reused_until_let_go() -> None:
     store.publish(14, model, opt)
     store.publish(15, model, opt)
     assert store.get(10) is None
+
+
+def _resume(directory: Path, required: bool):
+    """`Member._resume` of an initial member given `resume_from: directory`."""
+    from types import SimpleNamespace
+
+    from chaos_worker.config import WorkerConfig
+    from chaos_worker.member import Member
+
+    config = WorkerConfig(id="w0", entry="m:f", members={"w0": "127.0.0.1:1"}, dtype="float64",
+                          resume_from=str(directory), resume_required=required)  # fmt: skip
+    model, opt = _job(seed=1, steps=0)
+    return Member._resume(config, SimpleNamespace(model=model, optimizer=opt), CPU)
+
+
+def test_an_optional_resume_starts_afresh_where_nothing_verifies(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        _resume(tmp_path, required=True)
+    assert _resume(tmp_path, required=False) == {"step": 0, "path": None, "skipped": []}
+    path, _ = _write(tmp_path, 10)
+    (path / STATE).write_bytes(b"torn")
+    started = _resume(tmp_path, required=False)
+    assert started["step"] == 0 and started["skipped"][0].startswith("step-00000010: ")
+    _write(tmp_path, 5)
+    assert _resume(tmp_path, required=False)["step"] == 5  # the sound one before
+
+
+def test_the_termination_message_names_the_newest_checkpoint(tmp_path: Path) -> None:
+    from chaos_worker.process import write_termination_log
+
+    log = tmp_path / "termination-log"
+    write_termination_log(str(log), 49, 50)
+    assert json.loads(log.read_text()) == {"step": 49, "checkpoint": 50}
+    write_termination_log(str(log), 9)
+    assert json.loads(log.read_text()) == {"step": 9}

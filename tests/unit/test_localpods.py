@@ -11,6 +11,7 @@ from chaos_cli.errors import UserError
 from chaos_cli.local import localpods
 from chaos_cli.local.churn import ChurnError, ChurnEvent, parse_churn
 from chaos_cli.local.reconciled import load_manifest, pod_churn
+from chaos_operator.api import CheckpointPolicy
 from chaos_operator.pods import ANN_NEXT_MEMBER, Options
 from chaos_operator.reconcile import reconcile
 from chaos_worker.config import WorkerConfig
@@ -60,6 +61,22 @@ def test_a_tls_pod_gets_its_secret_as_files_and_its_paths_mapped(tmp_path) -> No
     # a Secret not given leaves its volume empty (the pod runner waits for it instead)
     empty = localpods.lay_out(pod, tmp_path / "other", {})
     assert not any(empty["tls"].iterdir())
+
+
+def test_a_claim_is_one_directory_shared_by_the_pods_that_mount_it(tmp_path) -> None:
+    job = load_manifest(str(MANIFEST))
+    job.spec.checkpoints = CheckpointPolicy(claim_name="ckpt")
+    options = Options(pod_host="127.0.0.1", base_port=24000, steps=10)
+    writer = reconcile(job, [], now=NOW, options=options).create[0]
+    claims = tmp_path / "claims"
+    first = localpods.lay_out(writer, tmp_path / "digits-w0", claims=claims)
+    again = localpods.lay_out(writer, tmp_path / "digits-w9", claims=claims)
+    assert first["checkpoints"] == again["checkpoints"] == claims / "ckpt"
+    config = json.loads((first["config"] / "config.json").read_text())
+    assert config["checkpoint_dir"] == str(claims / "ckpt")
+    # without `claims` a claim is a directory of the pod, like any other volume
+    alone = localpods.lay_out(writer, tmp_path / "solo")
+    assert alone["checkpoints"] == tmp_path / "solo" / "volumes" / "checkpoints"
 
 
 def test_only_whole_path_components_are_mapped() -> None:

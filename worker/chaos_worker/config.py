@@ -151,10 +151,22 @@ class WorkerConfig(BaseModel):
         None, description="also write one when this many seconds have passed since the last"
     )
     checkpoint_keep: PositiveInt = Field(3, description="checkpoints kept: the newest ones")
+    checkpoint_writer: Literal["root", "self"] = Field(
+        "root",
+        description="root: the root of the view writes (every member has the directory); "
+        "self: this member writes whenever it trains (the operator mounts a party's volume "
+        "in one member only)",
+    )
     resume_from: str | None = Field(
         None,
         description="an initial member starts from this checkpoint, or from the newest one "
         "that verifies in this checkpoint directory, instead of step 0",
+    )
+    resume_required: bool = Field(
+        True,
+        description="False: a resume_from directory without a checkpoint that verifies "
+        "starts at step 0 instead of failing (the operator's initial sets after every member "
+        "was lost, maybe before the first checkpoint)",
     )
     tls: TlsFiles | None = Field(
         None,

@@ -141,9 +141,15 @@ class Member:
         self.progress = progress = Progress()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.resumed = self._resume(config, spec, device) if config.members else None
+        self.checkpoint_step: int | None = None
+        """The newest checkpoint this member wrote or resumed from (its termination message)."""
         if self.resumed is not None:
             progress.step = self.resumed["step"]
             progress.completed = progress.step - 1
+            if self.resumed["path"] is not None:
+                self.checkpoint_step = progress.step
+            if metrics is not None:
+                metrics.observe_resumed(self.resumed["step"], self.resumed["skipped"])
         self.checkpointer = (
             Checkpointer(
                 Path(config.checkpoint_dir),
@@ -324,7 +330,13 @@ class Member:
             log.warning("skipping checkpoint %s: %s", path, why)
             skipped.append(f"{path.name}: {why}")
 
-        path, _ = resolve(Path(config.resume_from), config.max_state_bytes, skip)
+        try:
+            path, _ = resolve(Path(config.resume_from), config.max_state_bytes, skip)
+        except CheckpointError as exc:
+            if config.resume_required:
+                raise
+            log.warning("starting at step 0: %s", exc)
+            return {"step": 0, "path": None, "skipped": skipped}
         manifest = load_checkpoint(path, spec.model, spec.optimizer, device, config.max_state_bytes)
         if manifest.dtype != config.dtype:
             raise CheckpointError(f"{path} holds {manifest.dtype} state, the job is {config.dtype}")
@@ -332,6 +344,9 @@ class Member:
 
     def _on_checkpoint(self, record: dict) -> None:
         """A checkpoint was written (the writer thread): report it from the event loop."""
+        self.checkpoint_step = record["step"]
+        if self.telemetry.metrics is not None:
+            self.telemetry.metrics.checkpoint_step.set(record["step"])
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):

@@ -52,7 +52,9 @@ def run_worker(config: WorkerConfig) -> int:
         return 2
     try:
         asyncio.run(member.run())
-        write_termination_log(config.termination_log, member.progress.completed)
+        write_termination_log(
+            config.termination_log, member.progress.completed, member.checkpoint_step
+        )
     except NonFiniteGradient as exc:
         print(f"chaos worker {config.id}: error: {exc}", file=sys.stderr)
         return 1
@@ -64,14 +66,19 @@ def run_worker(config: WorkerConfig) -> int:
     return 0
 
 
-def write_termination_log(path: str | None, step: int) -> None:
-    """Say the last step completed (`{"step": N}`) where the kubelet copies it into the
-    container's status (`terminated.message`), so the operator learns a finished job's
-    last step even when no scrape saw it; a failure to write is logged, not raised."""
+def write_termination_log(path: str | None, step: int, checkpoint: int | None = None) -> None:
+    """Say the last step completed (`{"step": N}`) and the newest checkpoint this member
+    wrote or resumed from (`"checkpoint": S`, when there is one) where the kubelet copies it
+    into the container's status (`terminated.message`), so the operator learns a finished
+    job's last step and final checkpoint even when no scrape saw them; a failure to write
+    is logged, not raised."""
     if not path or step < 0:  # nowhere to say it, or no step completed
         return
+    message: dict[str, int] = {"step": step}
+    if checkpoint is not None:
+        message["checkpoint"] = checkpoint
     try:
         with open(path, "w", encoding="utf-8") as out:
-            json.dump({"step": step}, out)
+            json.dump(message, out)
     except OSError as exc:
         log.warning("cannot write the termination message to %s: %s", path, exc)

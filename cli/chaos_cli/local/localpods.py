@@ -5,7 +5,9 @@ pod runner (`tests/controlplane/podrunner.py`). Pods are plain dicts in the API'
 (camelCase keys), as `reconcile` builds them and as the API server returns them.
 
 * Every volume becomes a directory `<pod dir>/volumes/<name>` (a `hostPath` is its path
-  on this machine, which is the node): an `emptyDir` stays empty,
+  on this machine, which is the node; a `persistentVolumeClaim` is `<claims>/<claim name>`,
+  shared by the pods that mount it and outliving them, when the caller gives `claims`):
+  an `emptyDir` stays empty,
   a `downwardAPI` volume gets one file per item whose field reference is
   `metadata.annotations['…']`, `metadata.name` or `metadata.namespace`, a `secret` volume
   one file per entry of the Secret's data (which the caller reads), with its `defaultMode`.
@@ -34,10 +36,11 @@ def lay_out(
     pod: Mapping[str, Any],
     directory: Path,
     secrets: Mapping[str, Mapping[str, bytes]] | None = None,
+    claims: Path | None = None,
 ) -> dict[str, Path]:
     """Make the pod's volume directories under `directory` and project its downwardAPI files
     and the data of its Secrets (`secrets`: Secret name -> key -> bytes; a Secret not given
-    leaves its volume empty).
+    leaves its volume empty); with `claims`, a claim's volume is `claims/<claim name>`.
 
     Returns volume name -> directory.
     """
@@ -49,6 +52,9 @@ def lay_out(
             volumes[volume["name"]] = Path(host)
             continue
         path = directory / "volumes" / volume["name"]
+        claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        if claims is not None and claim:
+            path = claims / claim
         path.mkdir(parents=True, exist_ok=True)
         volumes[volume["name"]] = path
     for volume in spec.get("volumes") or ():

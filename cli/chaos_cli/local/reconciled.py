@@ -237,6 +237,9 @@ class LocalPods(PodBackend):
     def ensure_service(self, job: ChaosJob, body: dict[str, Any]) -> None:
         """Nothing to do: members are addressed on 127.0.0.1 with distinct ports."""
 
+    def ensure_claim(self, job: ChaosJob, body: dict[str, Any]) -> None:
+        """Nothing to do: a claim is the directory `<run dir>/claims/<name>` of this run."""
+
     def create(self, job: ChaosJob, body: dict[str, Any]) -> bool:
         name = body["metadata"]["name"]
         config, env = self._trainer_config(body)
@@ -338,7 +341,8 @@ class LocalPods(PodBackend):
         """Lay the pod out; the config its trainer would be started with, and the
         environment its template gives the trainer (paths mapped)."""
         name = body["metadata"]["name"]
-        volumes = localpods.lay_out(body, self.run.run_dir / "pods" / name)
+        run_dir = self.run.run_dir
+        volumes = localpods.lay_out(body, run_dir / "pods" / name, claims=run_dir / "claims")
         trainer = localpods.find_container(body, "trainer")
         argv = localpods.command(trainer, volumes, "chaos")
         if len(argv) != 4 or argv[:3] != ["chaos", "worker", "--config"]:

@@ -13,6 +13,7 @@ from chaos_operator.api.chaosjob import (
     ResourceRequirements,
 )
 from chaos_operator.api.chaospeer import ChaosPeer, ChaosPeerSpec, ChaosPeerStatus, PeerPolicy
+from chaos_operator.api.durable import CheckpointPolicy, CheckpointRef, ResumeStatus
 from chaos_operator.api.meta import API_VERSION, GROUP, VERSION, Condition, ObjectMeta
 
 __all__ = [
@@ -27,8 +28,11 @@ __all__ = [
     "ChaosPeer",
     "ChaosPeerSpec",
     "ChaosPeerStatus",
+    "CheckpointPolicy",
+    "CheckpointRef",
     "Condition",
     "ObjectMeta",
     "PeerPolicy",
     "ResourceRequirements",
+    "ResumeStatus",
 ]

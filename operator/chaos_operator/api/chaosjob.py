@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Literal
 
 from chaos_worker.config import MAX_SEED
-from pydantic import AfterValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from chaos_operator.api.durable import CheckpointPolicy, CheckpointRef, ResumeStatus
 from chaos_operator.api.meta import (
     API_VERSION,
     ApiModel,
     Condition,
     ObjectMeta,
+    Quantity,
     conditions_field,
+    immutable,
 )
 from chaos_operator.api.template import TemplateField
 
@@ -22,47 +24,12 @@ from chaos_operator.api.template import TemplateField
 ENTRY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 #: A DNS-1123 label: usable as a label value and inside object names.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-#: A Kubernetes resource quantity such as `500m`, `2`, `4Gi` or `1e3`.
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
-
-
-def _quantity(value: int | str) -> int | str:
-    if isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
-        raise ValueError(f"must be a resource quantity such as 500m, 2 or 4Gi, not {value!r}")
-    return value
-
-
-#: A resource quantity: an integer or a string such as `500m` (int-or-string in the CRD).
-Quantity = Annotated[
-    int | str,
-    AfterValidator(_quantity),
-    WithJsonSchema(
-        {
-            "description": "A resource quantity, e.g. 500m, 2 or 4Gi.",
-            "x-kubernetes-int-or-string": True,
-            "pattern": QUANTITY_PATTERN,
-        }
-    ),
-]
-
 #: Human summary of a job's state; the conditions carry the details.
 Phase = Literal[
     "Pending", "Running", "Scaling", "Recovering", "Paused", "Suspended", "Succeeded", "Failed"
 ]
 #: Phases a job never leaves.
 TERMINAL_PHASES = ("Succeeded", "Failed")
-
-
-def immutable(field: str) -> dict[str, Any]:
-    """Schema extras for a CEL transition rule that refuses changes of `field`."""
-    return {
-        "x-kubernetes-validations": [
-            {"rule": "self == oldSelf", "message": f"{field} is immutable once the job exists"}
-        ]
-    }
 
 
 class ResourceRequirements(ApiModel):
@@ -262,6 +229,14 @@ class ChaosJobSpec(ApiModel):
         None,
         description="Fail the job when too many members fail; unset: replace them forever.",
     )
+    checkpoints: CheckpointPolicy | None = Field(
+        None,
+        description=(
+            "Durable checkpoints on a PersistentVolumeClaim: one member of this party writes "
+            "them, and after every member was lost the job resumes from the newest one that "
+            "verifies. Unset: no checkpoints (docs/checkpoints.md)."
+        ),
+    )
     autoscaling: AutoscalingPolicy = Field(
         default_factory=AutoscalingPolicy,
         description="Automatic scaling of this party's workers; off by default.",
@@ -345,6 +320,17 @@ class ChaosJobStatus(ApiModel):
     steps: int | None = Field(None, ge=1, description="The job's length (spec.steps) in steps.")
     progress: str | None = Field(
         None, max_length=64, description="Steps completed of the job's steps, e.g. 120/1000."
+    )
+    durable_step: int | None = Field(
+        None,
+        ge=0,
+        description="Step of the newest checkpoint this party's writer wrote or resumed from.",
+    )
+    resumed_from: ResumeStatus | None = Field(
+        None, description="The checkpoint the latest initial set resumed from."
+    )
+    final_checkpoint: CheckpointRef | None = Field(
+        None, description="The checkpoint of the trained job's final state, once it Succeeded."
     )
     start_time: datetime | None = Field(
         None,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 GROUP = "chaos.training.dev"
@@ -19,6 +20,40 @@ CONDITION_TYPE_PATTERN = (
 )
 CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 MAX_CONDITIONS = 32
+#: A Kubernetes resource quantity such as `500m`, `2`, `4Gi` or `1e3`.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
+        raise ValueError(f"must be a resource quantity such as 500m, 2 or 4Gi, not {value!r}")
+    return value
+
+
+#: A resource quantity: an integer or a string such as `500m` (int-or-string in the CRD).
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_quantity),
+    WithJsonSchema(
+        {
+            "description": "A resource quantity, e.g. 500m, 2 or 4Gi.",
+            "x-kubernetes-int-or-string": True,
+            "pattern": QUANTITY_PATTERN,
+        }
+    ),
+]
+
+
+def immutable(field: str) -> dict[str, Any]:
+    """Schema extras for a CEL transition rule that refuses changes of `field`."""
+    return {
+        "x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": f"{field} is immutable once the job exists"}
+        ]
+    }
 
 
 class ApiModel(BaseModel):

@@ -1,10 +1,11 @@
 """`spec.template` of a ChaosJob: a pod template merged with what the operator owns.
 
 The operator owns, in every worker pod: the containers `trainer` and `replicator` (their
-`image`, `command`, `args` and `ports`), the volumes `snapshots`, `config` and `tls` and their
-mount paths, `restartPolicy`, `hostname` and `subdomain`, and the label and annotation keys
-under `chaos.training.dev/`. A template that sets any of these is refused, by the CRD's CEL
-rules on a cluster and by this model for `chaos run FILE`, naming the field. Everything else
+`image`, `command`, `args` and `ports`), the volumes `snapshots`, `config`, `tls` and
+`checkpoints` and their mount paths, `restartPolicy`, `hostname` and `subdomain`, and the
+label and annotation keys under `chaos.training.dev/`. A template that sets any of these is
+refused, by the CRD's CEL rules on a cluster and by this model for `chaos run FILE`, naming
+the field. Everything else
 (resources, nodeSelector, tolerations, affinity, volumes and mounts, env, imagePullSecrets,
 serviceAccountName, priorityClassName, sidecars, ...) is the user's (`pods.merge_template`).
 
@@ -24,11 +25,12 @@ from chaos_operator.api.podschema import template_schema
 SNAPSHOT_DIR = "/snapshots"
 CONFIG_DIR = "/etc/chaos"
 TLS_DIR = "/etc/chaos-tls"
+CHECKPOINT_DIR = "/checkpoints"
 OWNED_CONTAINERS = ("trainer", "replicator")
 OWNED_CONTAINER_FIELDS = ("image", "command", "args", "ports", "terminationMessagePath")
 OWNED_POD_FIELDS = ("restartPolicy", "hostname", "subdomain")
-RESERVED_VOLUMES = ("snapshots", "config", "tls")
-RESERVED_MOUNTS = (SNAPSHOT_DIR, CONFIG_DIR, TLS_DIR)
+RESERVED_VOLUMES = ("snapshots", "config", "tls", "checkpoints")
+RESERVED_MOUNTS = (SNAPSHOT_DIR, CONFIG_DIR, TLS_DIR, CHECKPOINT_DIR)
 RESERVED_PREFIX = "chaos.training.dev/"
 OWNED = "is owned by the operator"
 MAX_CONTAINERS = 32

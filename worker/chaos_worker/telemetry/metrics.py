@@ -30,6 +30,8 @@ SCALE_OUT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300
 EVENT_TYPES = frozenset({"join", "leave", "crash", "link_down", "link_up", "reset"})
 EVICTION_REASONS = frozenset({"removed", "no_decision"})
 DIRECTIONS = frozenset({"sent", "received"})
+MAX_REASON = 256
+"""Longest reason label of `chaos_checkpoint_skipped_info` (characters)."""
 
 
 class _LinkCollector(Collector):
@@ -151,6 +153,24 @@ class WorkerMetrics(Exporter):
         )
         for reason in REASONS:
             self.rejected.labels(reason)
+        self.checkpoint_step = Gauge(
+            "chaos_checkpoint_step",
+            "Step of the newest checkpoint this worker wrote or resumed from (-1: none).",
+            registry=r,
+        )
+        self.checkpoint_step.set(-1)
+        self.resumed_step = Gauge(
+            "chaos_checkpoint_resumed_step",
+            "Step this initial member resumed from (0: started afresh; -1: did not resume).",
+            registry=r,
+        )
+        self.resumed_step.set(-1)
+        self.skipped = Gauge(
+            "chaos_checkpoint_skipped_info",
+            "A newer checkpoint passed over at resume because it did not verify (always 1).",
+            ["checkpoint", "reason"],
+            registry=r,
+        )
         self.add_build_info("worker", version)
         Gauge(
             "chaos_member_info",
@@ -191,6 +211,17 @@ class WorkerMetrics(Exporter):
     def observe_rejected(self, reason: str, count: int = 1) -> None:
         """`count` messages from peers were refused for `reason` (`net.bounds.REASONS`)."""
         self.rejected.labels(reason).inc(count)
+
+    def observe_resumed(self, step: int, skipped: Iterable[str]) -> None:
+        """This initial member resumed from the checkpoint of `step` (0: none was sound),
+        passing over `skipped` (`"<checkpoint>: <why>"` each)."""
+        self.resumed_step.set(step)
+        if step > 0:  # the state holds steps 0 .. step - 1
+            self.checkpoint_step.set(step)
+            self.step.set(step - 1)
+        for entry in skipped:
+            name, _, why = entry.partition(": ")
+            self.skipped.labels(name, why[:MAX_REASON]).set(1)
 
     def observe_scale_out(self, seconds: float) -> None:
         self.scale_out.observe(seconds)

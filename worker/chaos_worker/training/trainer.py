@@ -229,7 +229,8 @@ class Trainer:
                 self._store.publish, progress.step + 1, self._spec.model, self._spec.optimizer
             )
             ckpt = self._checkpointer
-            if ckpt is not None and ckpt.claim(progress.step + 1, view.root == self.me):
+            writer = view.root == self.me or self._cfg.checkpoint_writer == "self"
+            if ckpt is not None and ckpt.claim(progress.step + 1, writer):
                 # same thread, after the publish and before the next: the slot stays put
                 self._publisher.submit(ckpt.capture, self._store, progress.step + 1)
         self._out.report(
