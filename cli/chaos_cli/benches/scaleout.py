@@ -202,7 +202,8 @@ def _join_run(
     state_bytes = sum(per_source.values()) or int(size_mb * 1e6)
     publish = [r["publish_s"] for r in job.timeline.of("progress") if "publish_s" in r]
     ready = {r["worker"]: r["t"] for r in job.timeline.of("standby")}
-    startup = ready.get(newcomer, 0.0) - job.spawned_at.get(newcomer, 0.0)
+    spawned = job.spawned_at.get(newcomer, 0.0)
+    startup = ready.get(newcomer, 0.0) - spawned
     return {
         "state_mb": size_mb,
         "neighbours": len(bandwidths),
@@ -210,6 +211,7 @@ def _join_run(
         "strategy": strategy,
         "scale_out_delay_s": join.scale_out_delay_s if join else None,
         "startup_s": round(startup, 3),
+        "startup_phases_s": startup_phases(job.timeline.records, newcomer, spawned),
         "incumbent_stall_s": join.incumbent_stall_s if join else None,
         "incumbent_slowdown_s": join.incumbent_slowdown_s if join else None,
         "step_time_s": round(report.step_time_s, 5) if report.step_time_s else None,
@@ -219,6 +221,22 @@ def _join_run(
         "pull_s": round(pulled["pull_s"], 4) if "pull_s" in pulled else None,
         "snapshot_publish_s": round(statistics.median(publish), 6) if publish else None,
     }
+
+
+def startup_phases(records: list[dict], worker: str, spawned: float) -> dict[str, float]:
+    """Seconds from `worker`'s spawn to the end of each start-up phase it reported with
+    `ready` (main: interpreter and CLI; imported: torch and the worker; built: the
+    factory; member: its rooms; replicator: its process serves; connected: listening and
+    reporting), and to `standby` if it went into standby."""
+    phases: dict[str, float] = {}
+    for record in records:
+        if record.get("worker") != worker:
+            continue
+        if record.get("kind") == "ready" and isinstance(record.get("phases"), dict):
+            phases.update(record["phases"])
+        elif record.get("kind") == "standby":
+            phases["standby"] = record["t"]
+    return {name: round(t - spawned, 3) for name, t in sorted(phases.items(), key=lambda p: p[1])}
 
 
 def _startup_s(size_mb: int) -> float:
