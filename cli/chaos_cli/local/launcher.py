@@ -139,6 +139,7 @@ class LocalRun:
         self.pool: SparePool | None = None  # the plain run's spares (a subclass: its own)
         self.lost_spares: list[_Proc] = []  # spares that died while waiting
         self._planned: dict[str, str] = {}  # the addresses of the schedule's workers
+        self._stopping = False
 
     async def run(self) -> Report:
         path = self._tmp / "control.sock"
@@ -156,6 +157,10 @@ class LocalRun:
             if not os.environ.get(KEEP_RUN_DIR):
                 shutil.rmtree(self._tmp, ignore_errors=True)
         return self._report()
+
+    def stop(self) -> None:
+        """End the run at the next supervision round (its report is written as usual)."""
+        self._stopping = True
 
     def _start(self) -> None:
         """Start the initial members, and the spares (by default every joiner of the
@@ -314,7 +319,7 @@ class LocalRun:
                     failed=proc.popen.returncode != 2,  # 2: its input (entry, config) is bad
                 )
             running = [p for p in self.procs.values() if p.popen.poll() is None]
-            if not running:
+            if not running or self._stopping:
                 return
             if self._joins_settled():
                 return
