@@ -8,6 +8,11 @@ plan; all of them pull while observing, so incumbents never wait for the transfe
 `checkpoint` is torchrun-style stop-the-world, composed of measured parts: save the state to
 disk, restart every member (the measured worker start-up of the same job), read the file
 through a token bucket at the newcomer's downlink, load it. Its stall is all of that.
+
+`--starts`: the newcomer is a warm spare (started with the job, in standby until the join)
+and/or starts cold at the join step; both report launch to first contributing step, and
+with cold a bare process (torch and the factory, nothing of Chaos) is timed beside the same
+incumbents as the baseline of the cold target.
 """
 
 from __future__ import annotations
