@@ -39,22 +39,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} -h)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand registered."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered (or only the command `only`:
+    a worker process need not import every other command on its way up)."""
     parser = _Parser(
         prog="chaos",
         description="Elastic, self-healing PyTorch training across parties.",
     )
     parser.add_argument("--version", action="version", version=f"chaos {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in command_names():
+    for name in [only] if only else command_names():
         importlib.import_module(f"chaos_cli.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser("worker" if argv[:1] == ["worker"] else None)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()

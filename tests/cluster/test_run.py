@@ -271,7 +271,7 @@ def test_a_member_whose_gradient_is_not_finite_stops_the_run_with_one_line(tmp_p
 def test_members_ports_lie_below_the_ephemeral_range():
     """A port picked for a member stays free until the member binds it only if no
     outgoing connection can take it as its source port meanwhile."""
-    from chaos_cli.local.launcher import LOWEST_PORT, _ephemeral_low, free_ports
+    from chaos_cli.local.ports import LOWEST_PORT, _ephemeral_low, free_ports
 
     ports = free_ports(32, 0)
     assert len(set(ports)) == 32

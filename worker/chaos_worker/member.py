@@ -61,7 +61,7 @@ from chaos_worker.replication.checkpointer import Checkpointer
 from chaos_worker.replication.ledger import REFUSED_FILE, SentReader
 from chaos_worker.replication.private import PrivateDirectory
 from chaos_worker.replication.replicator import Replicator
-from chaos_worker.replication.sidecar import Child, start_child
+from chaos_worker.replication.sidecar import Child, EarlyReplicator, spawn_replicator
 from chaos_worker.replication.snapshot import SnapshotStore, state_digest
 from chaos_worker.telemetry.metrics import WorkerMetrics
 from chaos_worker.telemetry.telemetry import Telemetry
@@ -88,9 +88,14 @@ class Member:
         device: torch.device,
         *,
         transport_factory: TransportFactory | None = None,
+        phases: dict[str, float] | None = None,
+        early: EarlyReplicator | None = None,
     ) -> None:
         """`transport_factory` builds the member's links (default: TCP, with the mutual TLS
-        of `config.tls` if set; `LoopTransport` in one process)."""
+        of `config.tls` if set; `LoopTransport` in one process); `phases`: when the
+        start-up's phases ended so far (monotonic), completed here and sent with `ready`;
+        `early`: the private directory and its replicator process, started already."""
+        self.phases = {} if phases is None else phases
         self.cfg = config
         self.me = me = config.id
         if transport_factory is None:
@@ -120,7 +125,10 @@ class Member:
         self.gate = Gate(verifier, rejections, self._known_views) if verifier else None
         inline = config.replicator == "inline" and not config.replicator_address
         # a private snapshot directory (removed at exit) unless one is configured
-        owned = None if config.snapshot_dir or inline else PrivateDirectory.create(me)
+        if early is not None:
+            owned = early.directory
+        else:
+            owned = None if config.snapshot_dir or inline else PrivateDirectory.create(me)
         self._owned_dir = owned
         directory = owned.path if owned is not None else None
         if config.snapshot_dir:
@@ -261,7 +269,7 @@ class Member:
             if inline
             else None
         )
-        self._child: Child | None = None
+        self._child: Child | None = early.child if early is not None else None
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -272,12 +280,16 @@ class Member:
         # the replicator first: starting a process takes a while, and once this member
         # listens, the others' messages (a probe) need answers on links not yet opened
         self.liveness.replicators[self.me] = await self._start_replicator(host)
+        self.phases["replicator"] = time.monotonic()
         port = await self.transport.listen(host, int(self.cfg.listen.rpartition(":")[2]))
         self.address = self.newcomer.address = f"{host}:{port}"
         await self.control.open()
         metrics = self.telemetry.metrics
         metrics_port = metrics.serve(host, self.cfg.metrics_port) if metrics else None
-        self.outbox.report("ready", address=self.address, metrics_port=metrics_port)
+        self.phases["connected"] = time.monotonic()
+        self.outbox.report(
+            "ready", address=self.address, metrics_port=metrics_port, phases=self.phases
+        )
         self._loop = loop = asyncio.get_running_loop()
         if self.resumed is not None:
             self.outbox.report("resumed", **self.resumed)
@@ -361,14 +373,9 @@ class Member:
         self.telemetry.refused = SentReader(self.store.directory, REFUSED_FILE).news
         if self.cfg.replicator_address:
             return self.cfg.replicator_address
-        self._child = await start_child(
-            self.me,
-            self.store.directory,
-            host,
-            links=self.cfg.links,
-            kernel_shaped=self.cfg.kernel_shaped,
-            tls=self.cfg.tls,
-        )
+        if self._child is None:
+            self._child = spawn_replicator(self.cfg, self.store.directory)
+        await self._child.serving()
         return self._child.address
 
     async def _stop_replicator(self) -> None:

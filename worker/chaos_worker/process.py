@@ -8,8 +8,13 @@ import json
 import logging
 import os
 import sys
+import time
+from typing import TYPE_CHECKING
 
 from chaos_worker.config import WorkerConfig
+
+if TYPE_CHECKING:
+    from chaos_worker.replication.sidecar import EarlyReplicator
 
 log = logging.getLogger("chaos_worker")
 
@@ -23,8 +28,22 @@ def pick_device(name: str):
     return torch.device(name)
 
 
-def run_worker(config: WorkerConfig) -> int:
-    """Run one member until the job's last step; returns the exit code."""
+def run_worker(config: WorkerConfig, phases: dict[str, float] | None = None) -> int:
+    """Run one member until the job's last step; returns the exit code. `phases`: when
+    each phase of the start-up ended (`time.monotonic()`), reported with `ready`."""
+    phases = {} if phases is None else phases
+    from chaos_worker.replication.sidecar import early_replicator
+
+    early = early_replicator(config)  # its interpreter starts while this one imports torch
+    try:
+        code = _run(config, phases, early)
+    finally:
+        if early is not None and early.child.address == "":  # the member never ran
+            early.abandon()
+    return code
+
+
+def _run(config: WorkerConfig, phases: dict[str, float], early: EarlyReplicator | None) -> int:
     import torch
 
     from chaos_worker.member import Member
@@ -37,6 +56,7 @@ def run_worker(config: WorkerConfig) -> int:
         level=os.environ.get("CHAOS_LOG_LEVEL", "WARNING").upper(),
         format=f"%(asctime)s {config.id} %(levelname)s %(message)s",
     )
+    phases["imported"] = time.monotonic()
     torch.set_num_threads(1)
     device = pick_device(config.device)
     dtype = getattr(torch, config.dtype)
@@ -45,11 +65,13 @@ def run_worker(config: WorkerConfig) -> int:
     except FactoryError as exc:
         print(f"chaos worker {config.id}: error: {exc}", file=sys.stderr)
         return 2
+    phases["built"] = time.monotonic()
     try:
-        member = Member(config, spec, device)
+        member = Member(config, spec, device, phases=phases, early=early)
     except (TlsError, CheckpointError) as exc:
         print(f"chaos worker {config.id}: error: {exc}", file=sys.stderr)
         return 2
+    phases["member"] = time.monotonic()
     try:
         asyncio.run(member.run())
         write_termination_log(

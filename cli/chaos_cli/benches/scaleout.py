@@ -8,6 +8,11 @@ plan; all of them pull while observing, so incumbents never wait for the transfe
 `checkpoint` is torchrun-style stop-the-world, composed of measured parts: save the state to
 disk, restart every member (the measured worker start-up of the same job), read the file
 through a token bucket at the newcomer's downlink, load it. Its stall is all of that.
+
+`--starts`: the newcomer is a warm spare (started with the job, in standby until the join)
+and/or starts cold at the join step; both report launch to first contributing step, and
+with cold a bare process (torch and the factory, nothing of Chaos) is timed beside the same
+incumbents as the baseline of the cold target.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
     from chaos_worker.net.shaping import TokenBucket
 
 JOIN_STEP = 30
+STARTS = ("warm", "cold")
 STRATEGIES = ("chaos", "single", "equal", "proportional", "checkpoint")
 PROFILES = {
     "equal": (50e6, 50e6, 50e6, 50e6),
@@ -81,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accelerator time per sample, slept so the host CPU stays free (default 100)",
     )
     parser.add_argument(
+        "--starts",
+        default="warm,cold",
+        help="how the newcomer starts: warm (a spare waiting since the job started) and/or "
+        "cold (spawned at the join step); with cold, a bare process's start (torch and the "
+        "factory) is timed beside the same incumbents as a baseline",
+    )
+    parser.add_argument(
         "--downlink",
         type=float,
         default=400e6,
@@ -94,6 +107,9 @@ def run(args: argparse.Namespace) -> dict:
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    starts = [s.strip() for s in args.starts.split(",") if s.strip()]
+    if not starts or [s for s in starts if s not in STARTS]:
+        raise UserError(f"--starts: choose from {list(STARTS)}")
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise UserError(f"--strategies: unknown {unknown}; choose from {list(STRATEGIES)}")
@@ -119,23 +135,35 @@ def run(args: argparse.Namespace) -> dict:
             for profile in profiles if neighbours > 1 else profiles[:1]:
                 links, bandwidths = profile_links(profile, neighbours)
                 startup: list[float] = []
-                for strategy in [s for s in strategies if s != "checkpoint"]:
-                    label = f"{size} MB, {neighbours} x {profile}, {strategy}"
+                bare = None
+                if "cold" in starts:
+                    print(
+                        f"scaleout: {size} MB, {neighbours} x {profile}, bare process",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    bare = _bare_run(size, links, bandwidths, args)
+                    runs.append(bare | {"profile": profile})
+                for strategy, start in [
+                    (s, start) for s in strategies if s != "checkpoint" for start in starts
+                ]:
+                    label = f"{size} MB, {neighbours} x {profile}, {strategy}, {start}"
                     print(f"scaleout: {label}", file=sys.stderr, flush=True)
                     try:
-                        result = _join_run(size, links, bandwidths, strategy, args)
+                        result = _join_run(size, links, bandwidths, strategy, args, start=start)
                     except LaunchError as exc:  # one failed run must not lose the others
                         runs.append(
                             {
                                 "state_mb": size,
                                 "neighbours": neighbours,
                                 "strategy": strategy,
+                                "start": start,
                                 "error": str(exc),
                             }
                         )
                         continue
                     startup.append(result["startup_s"])
-                    runs.append(result | {"profile": profile})
+                    runs.append(with_target(result, bare) | {"profile": profile})
                 if "checkpoint" in strategies:
                     restart = statistics.median(startup) if startup else _startup_s(size)
                     runs.append(
@@ -165,8 +193,76 @@ def profile_links(profile: str, neighbours: int) -> tuple[str, list[float]]:
     return spec, [float(rate) for rate in rates if rate is not None]
 
 
+def with_target(run: dict, bare: dict | None) -> dict:
+    """`run` with the issue's target for its launch to first contributing step: from a
+    warm spare 1 s + 1.25 x the limit; cold, a bare process's start + 1.25 x the limit."""
+    base = 1.0 if run["start"] == "warm" else (bare or {}).get("bare_start_s")
+    if base is None or run.get("launch_to_first_step_s") is None:
+        return run | {"target_s": None, "met": None}
+    target = round(base + 1.25 * run["limit_s"], 3)
+    return run | {"target_s": target, "met": run["launch_to_first_step_s"] <= target}
+
+
+def _bare_run(size_mb: int, links: str, bandwidths: list[float], args) -> dict:
+    """The baseline: the incumbents train as in a join run, and at the join step a bare
+    process (the interpreter, torch and the factory, nothing of Chaos) starts beside them;
+    its wall time, then the job ends."""
+    import subprocess
+
+    from chaos_worker.examples import EXAMPLES
+    from chaos_worker.examples.bigstate import COMPUTE_ENV, ENV
+
+    from chaos_cli.local.launcher import JobOptions, LocalRun
+
+    os.environ[ENV] = str(size_mb)
+    os.environ[COMPUTE_ENV] = str(args.compute_us)
+    options = JobOptions(
+        entry=EXAMPLES["bigstate"],
+        workers=len(bandwidths),
+        steps=1_000_000,
+        global_batch=args.global_batch,
+        example="bigstate",
+        links=links,
+        failure_timeout_s=5.0,
+        netns=args.netns,
+    )
+    timing: dict[str, float] = {}
+    bare: list[subprocess.Popen] = []
+
+    def watch(job: LocalRun) -> None:
+        if not bare and job.max_step >= JOIN_STEP:
+            timing["start"] = time.monotonic()
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            bare.append(subprocess.Popen([sys.executable, "-c", BARE], env=env))
+        elif bare and bare[0].poll() is not None and "end" not in timing:
+            timing["end"] = time.monotonic()
+            job.stop()
+
+    asyncio.run(LocalRun(options, on_update=watch).run())
+    ok = bare and bare[0].returncode == 0 and "end" in timing
+    return {
+        "state_mb": size_mb,
+        "neighbours": len(bandwidths),
+        "strategy": "bare-process",
+        "bare_start_s": round(timing["end"] - timing["start"], 3) if ok else None,
+    }
+
+
+BARE = (
+    "import torch; torch.set_num_threads(1); from chaos_worker.examples.bigstate import factory;"
+    "factory(seed=0, dtype=torch.float32, device=torch.device('cpu'))"
+)
+"""A bare process of the job: the interpreter, torch and the factory, nothing of Chaos."""
+
+
 def _join_run(
-    size_mb: int, links: str, bandwidths: list[float], strategy: str, args: argparse.Namespace
+    size_mb: int,
+    links: str,
+    bandwidths: list[float],
+    strategy: str,
+    args: argparse.Namespace,
+    *,
+    start: str = "warm",
 ) -> dict:
     from chaos_worker.examples import EXAMPLES
     from chaos_worker.examples.bigstate import COMPUTE_ENV, ENV
@@ -189,6 +285,7 @@ def _join_run(
         downlinks={newcomer: downlink},
         join_strategy=SOLVER[strategy],
         stop_after_join_steps=10,
+        spares=1 if start == "warm" else 0,  # warm: the newcomer waits as a spare from the start
         # five processes share two cores while hundreds of MB move: a 1 s timeout would
         # take a busy member for a crashed one (TorchFT's default is 5 s)
         failure_timeout_s=5.0,
@@ -202,14 +299,21 @@ def _join_run(
     state_bytes = sum(per_source.values()) or int(size_mb * 1e6)
     publish = [r["publish_s"] for r in job.timeline.of("progress") if "publish_s" in r]
     ready = {r["worker"]: r["t"] for r in job.timeline.of("standby")}
-    startup = ready.get(newcomer, 0.0) - job.spawned_at.get(newcomer, 0.0)
+    spawned = job.spawned_at.get(newcomer, 0.0)
+    startup = (ready.get(newcomer) or _connected(job, newcomer)) - spawned
+    launched = next((f.at for f in job.timeline.fired if f.event.kind == "join"), None)
+    joined = [r["t"] for r in job.timeline.of("joined") if r["worker"] == newcomer]
+    first_step = round(min(joined) - launched, 3) if joined and launched is not None else None
     return {
         "state_mb": size_mb,
         "neighbours": len(bandwidths),
         "bandwidths_bytes_per_s": bandwidths,
         "strategy": strategy,
+        "start": start,
+        "launch_to_first_step_s": first_step,
         "scale_out_delay_s": join.scale_out_delay_s if join else None,
         "startup_s": round(startup, 3),
+        "startup_phases_s": startup_phases(job.timeline.records, newcomer, spawned),
         "incumbent_stall_s": join.incumbent_stall_s if join else None,
         "incumbent_slowdown_s": join.incumbent_slowdown_s if join else None,
         "step_time_s": round(report.step_time_s, 5) if report.step_time_s else None,
@@ -219,6 +323,30 @@ def _join_run(
         "pull_s": round(pulled["pull_s"], 4) if "pull_s" in pulled else None,
         "snapshot_publish_s": round(statistics.median(publish), 6) if publish else None,
     }
+
+
+def _connected(job, worker: str) -> float:
+    """When `worker` was started up and connected (a cold newcomer has no standby)."""
+    for record in job.timeline.of("ready"):
+        if record["worker"] == worker:
+            return float((record.get("phases") or {}).get("connected", 0.0))
+    return 0.0
+
+
+def startup_phases(records: list[dict], worker: str, spawned: float) -> dict[str, float]:
+    """Seconds from `worker`'s spawn to the end of each start-up phase it reported with
+    `ready` (main: interpreter and CLI; imported: torch and the worker; built: the
+    factory; member: its rooms; replicator: its process serves; connected: listening and
+    reporting), and to `standby` if it went into standby."""
+    phases: dict[str, float] = {}
+    for record in records:
+        if record.get("worker") != worker:
+            continue
+        if record.get("kind") == "ready" and isinstance(record.get("phases"), dict):
+            phases.update(record["phases"])
+        elif record.get("kind") == "standby":
+            phases["standby"] = record["t"]
+    return {name: round(t - spawned, 3) for name, t in sorted(phases.items(), key=lambda p: p[1])}
 
 
 def _startup_s(size_mb: int) -> float:

@@ -19,6 +19,7 @@ from chaos_cli.errors import RunFailed, UserError
 
 DEFAULT_EXAMPLE = "digits"
 MAX_GLOBAL_BATCH = 1 << 24
+MAX_SPARES = 16
 """The most samples per step: float32 gradients count their samples exactly up to 2**24."""
 DEFAULT_LOAD_TIMEOUT_S = 120.0
 """How long `--load-timeout` gives the entry: importing torch, its module, one factory call."""
@@ -113,6 +114,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["greedy", "single", "equal", "proportional"],
         default="greedy",
         help="shard plan for joins: greedy (planned, default) or a baseline",
+    )
+    parser.add_argument(
+        "--spares",
+        type=int,
+        metavar="N",
+        help="keep N warm spares: workers started ahead that wait imported and connected, "
+        "so a join costs only its transfer; a join with no spare ready starts cold (default: "
+        f"every joiner of the schedule is started ahead; 0..{MAX_SPARES})",
     )
     parser.add_argument(
         "--insecure",
@@ -229,7 +238,14 @@ def options_from(args: argparse.Namespace, job=None):
     from chaos_cli.local.profiles import resolve_links
 
     names = worker_names(workers, churn)
-    if len(names) > MAX_WORKERS:
+    if args.spares is not None and not 0 <= args.spares <= MAX_SPARES:
+        raise UserError(f"--spares must lie in 0..{MAX_SPARES}")
+    if args.spares is not None and job is not None:
+        raise UserError(
+            "--spares does not go with a manifest yet: its run starts a spare for "
+            "every member its schedule makes"
+        )
+    if len(names) + (args.spares or 0) > MAX_WORKERS:
         raise UserError(f"--churn: {len(names)} workers in all; at most {MAX_WORKERS} run locally")
     try:
         links = resolve_links(args.links, names)
@@ -267,6 +283,7 @@ def options_from(args: argparse.Namespace, job=None):
         join_probe_frames=args.join_probe_frames,
         netns=args.netns,
         tls=not args.insecure,
+        spares=args.spares,
         **durable,
     )
 

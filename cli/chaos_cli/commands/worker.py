@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    phases = {"main": time.monotonic()}  # the interpreter is up, the CLI parsed
     from chaos_worker.config import WorkerConfig
     from chaos_worker.priority import exit_at_once
     from chaos_worker.process import run_worker
@@ -30,4 +32,4 @@ def handle(args: argparse.Namespace) -> int:
         raise UserError(f"--config {args.config}: {exc}") from None
     except ValidationError as exc:
         raise UserError(f"--config {args.config}: {describe_validation_error(exc)}") from None
-    exit_at_once(run_worker(config))
+    exit_at_once(run_worker(config, phases))

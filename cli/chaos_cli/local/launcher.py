@@ -17,10 +17,8 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,8 +36,11 @@ from chaos_worker.priority import die_with_parent
 
 from chaos_cli.local import durable
 from chaos_cli.local.churn import PAUSE_TIMEOUTS, ChurnEvent
+from chaos_cli.local.errors import LaunchError
 from chaos_cli.local.netns import NetnsError, NetnsTestbed
+from chaos_cli.local.ports import free_ports
 from chaos_cli.local.report import Report, links_matrix
+from chaos_cli.local.spares import SparePool
 from chaos_cli.local.timeline import Fired, Timeline
 from chaos_cli.local.verdict import EXPLAINED, problems
 
@@ -52,15 +53,6 @@ LOCAL_PARTY = "local"
 """The party named in the certificates of a local run's workers."""
 KEEP_RUN_DIR = "CHAOS_KEEP_RUN_DIR"
 """Set (to anything) to keep the run's directory of worker configs and stderr logs."""
-
-
-class LaunchError(Exception):
-    """The job could not start or a worker failed; the message says why. `failed`: a
-    worker stopped with an error of its own at run time (not a bad input of the run's)."""
-
-    def __init__(self, message: str, *, failed: bool = False) -> None:
-        super().__init__(message)
-        self.failed = failed
 
 
 @dataclass
@@ -93,6 +85,7 @@ class JobOptions:
     checkpoint_keep: int = 3
     resume_from: str | None = None  # the verified checkpoint the initial members start from
     start_step: int = 0  # its step
+    spares: int | None = None  # warm spares kept (None: every joiner of the schedule)
 
     def worker_names(self) -> list[str]:
         return worker_names(self.workers, self.churn)
@@ -111,53 +104,8 @@ class _Proc:
     address: str = ""
     killed: bool = False
     stopped: bool = False
-
-
-def free_ports(count: int, base: int) -> list[int]:
-    """`count` ports to listen on: `base`, `base+1`, ... checked free, or any free ones
-    below the kernel's ephemeral range (`_unclaimed_port`)."""
-    ports: list[int] = []
-    for i in range(count):
-        port = base + i if base else _unclaimed_port(set(ports))
-        if not _bindable(port):
-            raise LaunchError(f"port {port} on 127.0.0.1 is taken")
-        ports.append(port)
-    return ports
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _unclaimed_port(taken: set[int]) -> int:
-    """A free port below the ephemeral range. A port is free between this check and the
-    worker's own bind; one from the ephemeral range (a bind to port 0) could meanwhile
-    become the source port of any outgoing connection on the machine, and the worker then
-    fails with "port is taken"."""
-    low, high = LOWEST_PORT, _ephemeral_low() - 1
-    for _ in range(1000):
-        port = random.randint(low, max(low, high))
-        if port not in taken and _bindable(port):
-            return port
-    raise LaunchError(f"no free port on 127.0.0.1 in {low}..{high}")
-
-
-LOWEST_PORT = 20000
-"""Ports picked for members lie from here to below the ephemeral range."""
-
-
-def _ephemeral_low() -> int:
-    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
+    start: str = "member"  # member (initial), spare (started ahead, in standby) or cold
+    standby: bool = False  # it reported standby (a spare ready to join)
 
 
 class LocalRun:
@@ -188,6 +136,10 @@ class LocalRun:
         self._wakeups: list[asyncio.TimerHandle] = []  # the SIGCONTs of pauses to come
         self._ca: WorkerCA | None = None  # made with the first certificate (tls on)
         self._issued: dict[str, TlsFiles] = {}  # worker -> its certificate files
+        self.pool: SparePool | None = None  # the plain run's spares (a subclass: its own)
+        self.lost_spares: list[_Proc] = []  # spares that died while waiting
+        self._planned: dict[str, str] = {}  # the addresses of the schedule's workers
+        self._stopping = False
 
     async def run(self) -> Report:
         path = self._tmp / "control.sock"
@@ -206,16 +158,49 @@ class LocalRun:
                 shutil.rmtree(self._tmp, ignore_errors=True)
         return self._report()
 
+    def stop(self) -> None:
+        """End the run at the next supervision round (its report is written as usual)."""
+        self._stopping = True
+
     def _start(self) -> None:
-        """Start the initial members, and the joiners in standby."""
-        addresses = self._addresses()
+        """Start the initial members, and the spares (by default every joiner of the
+        schedule, started now and admitted at its step: start-up apart)."""
+        self._planned = addresses = self._addresses()
         initial = self.opts.worker_names()[: self.opts.workers]
         members = {name: addresses[name] for name in initial}
         for name, address in members.items():
             self._spawn(name, listen=address, members=members)
-        for event in self.opts.churn:
-            if event.kind == "join":  # started now, admitted at its step: start-up apart
-                self._spawn(event.worker, listen=addresses[event.worker], standby=True)
+        joiners = [e.worker for e in self.opts.churn if e.kind == "join"]
+        size = len(joiners) if self.opts.spares is None else self.opts.spares
+        fresh = self.opts.spares is not None and not self.opts.netns  # netns: planned names
+        self.pool = SparePool.plan(size, joiners, initial, fresh=fresh)
+        self._keep_spares()
+
+    def _keep_spares(self) -> None:
+        """Restart spares that died while waiting (no event for the trainers: none of them
+        knows a spare), and top the pool up while the job has steps to go."""
+        pool = self.pool
+        if pool is None:
+            return
+        for name in list(pool.waiting):
+            proc = self.procs[name]
+            code = proc.popen.poll()
+            if code is not None and code < 0:  # killed by a signal; an error stays an error
+                proc.killed = True
+                self.lost_spares.append(proc)
+                self._writers.pop(name, None)
+                pool.lose(name)
+        for name in list(pool.joining):
+            if self.procs[name].popen.poll() is not None:
+                pool.joined(name)
+        if self.max_step >= self.opts.steps - 1:
+            return
+        while (name := pool.next_name()) is not None:
+            self._spawn(name, listen=self._address_for(name), standby=True, start="spare")
+            pool.started(name)
+
+    def _address_for(self, name: str) -> str:
+        return self._planned.get(name) or f"127.0.0.1:{free_ports(1, 0)[0]}"
 
     def _addresses(self) -> dict[str, str]:
         """host:port for every worker: free ports on 127.0.0.1, or the testbed's addresses."""
@@ -247,9 +232,14 @@ class LocalRun:
     def _tick(self) -> None:
         """Called on every supervision round (a subclass may reconcile here)."""
 
-    def _spawn(self, name: str, *, listen: str, members=None, standby=False) -> None:
-        config = self.worker_config(name, listen=listen, members=members or {}, standby=standby)
+    def _spawn(
+        self, name: str, *, listen: str, members=None, standby=False, join=None, start="member"
+    ) -> None:
+        config = self.worker_config(
+            name, listen=listen, members=members or {}, standby=standby, join=join
+        )
         self.launch(name, config)
+        self.procs[name].start = start
 
     def worker_config(self, name: str, *, listen: str, **fields) -> WorkerConfig:
         """The configuration of worker `name` from the job options; `fields` override."""
@@ -314,6 +304,7 @@ class LocalRun:
     async def _supervise(self) -> None:
         while True:
             await asyncio.sleep(0.02)
+            self._keep_spares()
             self._fire_due()
             self._tick()
             failed = [
@@ -328,7 +319,7 @@ class LocalRun:
                     failed=proc.popen.returncode != 2,  # 2: its input (entry, config) is bad
                 )
             running = [p for p in self.procs.values() if p.popen.poll() is None]
-            if not running:
+            if not running or self._stopping:
                 return
             if self._joins_settled():
                 return
@@ -355,7 +346,10 @@ class LocalRun:
         return min(counts.values()) >= wanted
 
     def _idle(self, proc: _Proc) -> bool:
-        """A process that will never finish on its own: stopped, or waiting to be admitted."""
+        """A process that will never finish on its own: stopped, a spare (not a member,
+        nothing to finish), or waiting to be admitted."""
+        if self.pool is not None and proc.name in self.pool.waiting:
+            return True
         return proc.stopped or self._waiting(proc.name)
 
     def _waiting(self, name: str) -> bool:
@@ -373,12 +367,18 @@ class LocalRun:
         return state == "waiting"
 
     def _fire_due(self) -> None:
-        standby = {r["worker"] for r in self.timeline.of("standby")}
         while self._pending and self._pending[0].step <= self.max_step:
-            if self._pending[0].kind == "join" and self._pending[0].worker not in standby:
-                return  # the newcomer is still starting up
+            if self._pending[0].kind == "join" and self._starting(self._pending[0].worker):
+                return  # its spare is still starting up
             event = self._pending.pop(0)
             self._fire(event)
+
+    def _starting(self, name: str) -> bool:
+        """A spare is starting under `name` and not yet in standby."""
+        if self.pool is None:  # a subclass' spares: every joiner of the schedule
+            return name not in {r["worker"] for r in self.timeline.of("standby")}
+        proc = self.procs.get(name)
+        return name in self.pool.waiting and proc is not None and not proc.standby
 
     def _fire(self, event: ChurnEvent) -> None:
         self.note_fired(event)
@@ -414,6 +414,10 @@ class LocalRun:
                 self.command(a, {"cmd": cmd, "peer": b, "address": address})
         elif event.kind == "join":
             seeds = self._live_members(newcomer=event.worker)
+            if self.pool is not None and not self.pool.claim(event.worker):  # no spare: cold
+                address = self._address_for(event.worker)
+                self._spawn(event.worker, listen=address, join=seeds[0], start="cold")
+                return
             self.command(event.worker, {"cmd": "join", "seed": seeds[0], "seeds": seeds[1:]})
 
     def _wake(self, proc: _Proc) -> None:
@@ -430,6 +434,7 @@ class LocalRun:
         fired = [f.event for f in self.timeline.fired if f.event.kind != "join"]
         gone = {e.worker for e in fired if e.kind in EXPLAINED}
         gone |= {newcomer} | {e.worker for e in self._pending if e.kind == "join"}
+        gone |= set(self.pool.waiting if self.pool else ())
         touched = {w for e in fired for w in (e.worker, e.peer)}
         live = [
             (name in touched, name, proc.address)
@@ -465,14 +470,19 @@ class LocalRun:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                worker = str(record.get("worker", ""))
-                self._writers.setdefault(worker, writer)
-                self._record(worker, record)
+                if not worker:  # its first record: it replaces a restarted spare's predecessor
+                    worker = str(record.get("worker", ""))
+                    self._writers[worker] = writer
+                self._record(worker, record, current=self._writers.get(worker) is writer)
         self.disconnected.add(worker)  # every record it sent has been taken in
 
-    def _record(self, worker: str, record: dict) -> None:
+    def _record(self, worker: str, record: dict, *, current: bool = True) -> None:
         self.timeline.add(record)
         kind = record.get("kind")
+        if kind == "standby" and current and worker in self.procs:
+            self.procs[worker].standby = True
+        elif kind == "joined" and self.pool is not None:
+            self.pool.joined(worker)
         if kind == "ready" and worker in self.procs:
             self.procs[worker].address = record["address"]
             if record.get("metrics_port"):
@@ -550,14 +560,16 @@ class LocalRun:
             ),
             testbed="netns" if self.opts.netns else "in-process",
             checkpoints=durable.report_section(self.opts, self.timeline),
+            spares=self.pool.report() if self.pool is not None and self.pool.size else None,
             processes=[
                 {
                     "name": p.name,
                     "pid": p.popen.pid,
                     "exit_code": p.popen.returncode,
-                    "state_sha256": self.digests.get(p.name),
+                    "state_sha256": self.digests.get(p.name) if p not in self.lost_spares else None,
+                    "start": p.start,
                 }
                 | ({"metrics_port": self.metrics_ports.get(p.name)} if self.opts.metrics else {})
-                for p in self.procs.values()
+                for p in [*self.lost_spares, *self.procs.values()]
             ],
         )

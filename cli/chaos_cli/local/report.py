@@ -130,6 +130,11 @@ class Report(BaseModel):
         "checkpoint the run resumed from and its step, every checkpoint written (worker, "
         "step, path, bytes, copy and write seconds) and the final one (local/durable.py)",
     )
+    spares: dict | None = Field(
+        None,
+        description="the warm spares (--spares): pool size, those that joined (in order), "
+        "those lost while waiting (restarted; no membership event) and those left unused",
+    )
     joins: list[dict] = Field(
         default_factory=list,
         description="per join: path (observer or stop-and-copy), snapshot step, bytes per "

@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from chaos_worker.config import TlsFiles
+from chaos_worker.config import TlsFiles, WorkerConfig
 from chaos_worker.net.bounds import Rejections
 from chaos_worker.net.shaping import delays_only, parse_links, shape_for
 from chaos_worker.net.signing import Signer
@@ -26,6 +28,7 @@ from chaos_worker.net.tls import LinkTls
 from chaos_worker.net.transport import TcpTransport, parse_address
 from chaos_worker.priority import die_with_parent, exit_at_once, lower_this_thread
 from chaos_worker.replication.ledger import REFUSED_FILE, SentLedger
+from chaos_worker.replication.private import PrivateDirectory
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.snapshot import SnapshotStore
 
@@ -49,10 +52,12 @@ async def serve(
     kernel_shaped: bool = False,
     remove_dir: bool = False,
     tls: TlsFiles | None = None,
+    background: bool = False,
 ) -> None:
     """Serve `directory` on host:port until SIGINT or SIGTERM (`links`: emulated shapes;
     `remove_dir`: delete `directory` on the way out, also when the parent was killed;
-    `tls`: mutual TLS with the member's own certificate, as its trainer's links)."""
+    `tls`: mutual TLS with the member's own certificate, as its trainer's links;
+    `background`: lower this process's priority once it serves)."""
     shapes = parse_links(links)
     wire = delays_only(shapes) if kernel_shaped else shapes
     ledger, refused = SentLedger(directory), SentLedger(directory, REFUSED_FILE)
@@ -67,6 +72,8 @@ async def serve(
     )
     address = await replicator.start(host, port)
     print(f"serving {directory} on {address}", flush=True)
+    if background:  # started at its trainer's priority; serving yields to training
+        lower_this_thread()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -85,27 +92,103 @@ async def serve(
 
 
 class Child:
-    """A trainer's own replicator process; `address` is where it serves."""
+    """A trainer's own replicator process, spawned (`spawn_child`); `serving()` waits
+    until it serves, then `address` says where."""
 
-    def __init__(self, process: asyncio.subprocess.Process, address: str) -> None:
+    def __init__(self, process: subprocess.Popen, member: str) -> None:
         self.process = process
-        self.address = address
+        self.address = ""
+        self._member = member
 
-    async def stop(self) -> None:
-        """Ask the child to exit (SIGTERM); kill it after `STOP_GRACE_S`."""
-        if self.process.returncode is None:
+    async def serving(self) -> Child:
+        """Wait for the child's `serving` line (RuntimeError if it does not come within
+        `START_TIMEOUT_S`: the child is killed)."""
+        assert self.process.stdout is not None
+        reading = asyncio.to_thread(self.process.stdout.readline)
+        try:
+            line = await asyncio.wait_for(reading, START_TIMEOUT_S)
+        except TimeoutError:
+            line = b""
+        if not line.startswith(b"serving "):
+            await self.stop(grace_s=0.0)
+            raise RuntimeError(f"the replicator process of {self._member} did not start")
+        self.address = line.decode().rsplit(" ", 1)[-1].strip()
+        return self
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Ask the child to exit (SIGTERM); kill it after `grace_s`."""
+        if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.terminate()
             try:
-                await asyncio.wait_for(self.process.wait(), STOP_GRACE_S)
-            except TimeoutError:
+                await asyncio.to_thread(self.process.wait, grace_s)
+            except subprocess.TimeoutExpired:
                 self.process.kill()
-                await self.process.wait()
+                await asyncio.to_thread(self.process.wait)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
-def _child_setup() -> None:  # in the child before exec: serving yields to training
-    die_with_parent(signal.SIGTERM)()
-    lower_this_thread()
+def spawn_child(
+    member: str,
+    directory: Path,
+    host: str,
+    *,
+    links: str = "",
+    kernel_shaped: bool = False,
+    tls: TlsFiles | None = None,
+) -> Child:
+    """Start `python -m chaos_worker.replication.sidecar` serving `directory` on `host`
+    (any port) and return at once: its interpreter starts while the trainer builds its
+    model. It runs at normal priority until it serves, then at lower priority."""
+    argv = [sys.executable, "-m", "chaos_worker.replication.sidecar", "--id", member, "--dir"]
+    argv += [str(directory), "--listen", f"{host}:0", "--links", links]
+    argv += ["--remove-dir", "--background"]  # the trainer's private directory, its priority
+    if kernel_shaped:
+        argv.append("--kernel-shaped")
+    if tls is not None:  # paths only: the key stays in its file
+        argv += ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        preexec_fn=die_with_parent(signal.SIGTERM),
+    )
+    return Child(process, member)
+
+
+def spawn_replicator(config: WorkerConfig, directory: Path) -> Child:
+    """`spawn_child` for the member `config` describes, serving `directory`."""
+    host = config.listen.rpartition(":")[0]
+    shaped = config.kernel_shaped
+    return spawn_child(
+        config.id, directory, host, links=config.links, kernel_shaped=shaped, tls=config.tls
+    )
+
+
+@dataclass
+class EarlyReplicator:
+    """A worker's private snapshot directory and its replicator process, started before
+    torch is imported (`early_replicator`), so the two interpreters start side by side."""
+
+    directory: PrivateDirectory
+    child: Child
+
+    def abandon(self) -> None:
+        """The worker will not run: stop the child (it removes the directory too)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.child.process.kill()
+        self.child.process.wait()
+        self.directory.remove()
+
+
+def early_replicator(config: WorkerConfig) -> EarlyReplicator | None:
+    """Start the replicator process of a worker that serves from a process of its own
+    over a private directory (`WorkerConfig.replicator`); None for any other worker."""
+    if config.snapshot_dir or config.replicator_address or config.replicator == "inline":
+        return None
+    directory = PrivateDirectory.create(config.id)
+    return EarlyReplicator(directory, spawn_replicator(config, directory.path))
 
 
 async def start_child(
@@ -117,32 +200,9 @@ async def start_child(
     kernel_shaped: bool = False,
     tls: TlsFiles | None = None,
 ) -> Child:
-    """Start `python -m chaos_worker.replication.sidecar` serving `directory` on `host`
-    (any port)."""
-    argv = [sys.executable, "-m", "chaos_worker.replication.sidecar", "--id", member, "--dir"]
-    argv += [str(directory), "--listen", f"{host}:0", "--links", links]
-    argv.append("--remove-dir")  # the trainer's private directory: gone with both of them
-    if kernel_shaped:
-        argv.append("--kernel-shaped")
-    if tls is not None:  # paths only: the key stays in its file
-        argv += ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        preexec_fn=_child_setup,
-    )
-    assert process.stdout is not None
-    try:
-        line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
-    except TimeoutError:
-        line = b""
-    if not line.startswith(b"serving "):
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-        raise RuntimeError(f"the replicator process of {member} did not start")
-    return Child(process, line.decode().rsplit(" ", 1)[-1].strip())
+    """`spawn_child`, then wait until it serves."""
+    child = spawn_child(member, directory, host, links=links, kernel_shaped=kernel_shaped, tls=tls)
+    return await child.serving()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +225,7 @@ def options(args) -> dict:
         "links": args.links,
         "kernel_shaped": args.kernel_shaped,
         "remove_dir": args.remove_dir,
+        "background": args.background,
         "tls": TlsFiles(cert=files[0], key=files[1], ca=files[2]) if all(files) else None,
     }
 
@@ -183,6 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the rates of --links are enforced by tc (network namespaces): add only delays",
     )
     parser.add_argument("--remove-dir", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tls-cert", metavar="PEM", help="the member's certificate (mutual TLS)")
     parser.add_argument("--tls-key", metavar="PEM", help="its private key")
     parser.add_argument("--tls-ca", metavar="PEM", help="the CA bundle peers must chain to")
