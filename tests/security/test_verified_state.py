@@ -37,6 +37,7 @@ from chaos_worker.net.wire import (
     SnapshotManifest,
     SnapshotRequest,
     StateTransfer,
+    StateWitness,
 )
 from chaos_worker.replication.ledger import REFUSED_FILE, SentReader
 from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
@@ -98,6 +99,14 @@ def admitting(epoch: int = 4) -> Decision:
     )
 
 
+def witness(name: str, ca: WorkerCA, model, optimizer, *, step: int = 20, epoch: int = 4):
+    """`name`'s sealed word on the state of `step` for the decision of `epoch`."""
+    word = StateWitness(
+        sender=name, step=step, epoch=epoch, state_sha256=state_digest(model, optimizer)
+    )
+    return Signer(ca.issue(name), name).seal(word)
+
+
 def test_a_forged_state_transfer_is_refused_counted_and_the_honest_state_taken(
     ca: WorkerCA,
 ) -> None:
@@ -153,6 +162,9 @@ def test_a_forged_state_transfer_is_refused_counted_and_the_honest_state_taken(
             assert outbox.send("w5", state("w0", honest), honest)
             await until(lambda: len(arrived) == 7, "every state")
             assert rejected(metrics) == 6
+            # the state waits for the word of its witness, w1 (the smallest other member)
+            assert inbox.take(decision) is None
+            assert inbox.witness("w1", witness("w1", ca, honest_model, honest_opt))
             message, blob = inbox.take(decision)
             assert message.sender == "w0" and message.seal is not None and blob == honest
             # before the decision is known, a state sealed by a member is held; the
@@ -442,3 +454,37 @@ def test_two_sources_that_seal_different_snapshots_fail_the_pull(ca: WorkerCA) -
     assert isinstance(failed, JoinFailed)
     assert "no 2 sources sealed the same manifest" in str(failed)
     assert puller.manifest is None and not puller.done
+
+
+def test_a_state_source_sealing_its_own_forged_state_fails_its_witness(ca: WorkerCA) -> None:
+    """The decision's state source w0 seals a forged state of its own: every check of the
+    state itself passes, but w1, the witness, vouches for the incumbents' state, and the
+    state loaded is not that one; unsealed or misnamed witnesses are refused."""
+    honest_model, honest_opt = job()
+    forged_model, forged_opt = job(seed=9)
+    decision = admitting()
+    reject, metrics = forged_counter("w5")
+    inbox = StateInbox(Verifier(str(ca.ca_file)), reject)
+    blob = saved(forged_model, forged_opt)
+    digest = hashlib.sha256(blob).hexdigest()
+    sealed = Signer(ca.issue("w0"), "w0").seal(
+        StateTransfer(sender="w0", step=20, epoch=4, sha256=digest)
+    )
+    assert inbox.offer("w0", sealed, blob, decision)
+    word = witness("w1", ca, honest_model, honest_opt)
+    assert not inbox.witness("w9", word)  # relayed by another: refused
+    assert not inbox.witness("w1", word.model_copy(update={"seal": None}))  # unsealed
+    assert rejected(metrics) == 2
+    assert inbox.take(decision) is None  # no witness's word yet
+    assert inbox.witness("w1", witness("w1", ca, honest_model, honest_opt, step=19))
+    assert inbox.take(decision) is None  # a word on another step is not one on this state
+    assert inbox.witness("w1", word)
+    message, taken = inbox.take(decision)
+    assert taken == blob  # every check of the state itself passes
+    loaded_model, loaded_opt = job(seed=5, steps=0)
+    state_dicts = torch.load(io.BytesIO(taken), weights_only=True)
+    loaded_model.load_state_dict(state_dicts["model"])
+    loaded_opt.load_state_dict(state_dicts["optimizer"])
+    vouched = inbox.vouched(decision, message)
+    assert vouched == state_digest(honest_model, honest_opt)
+    assert state_digest(loaded_model, loaded_opt) != vouched  # the newcomer refuses it

@@ -53,6 +53,7 @@ from chaos_worker.net.wire import (
     Pong,
     Proposal,
     StateTransfer,
+    StateWitness,
     WireMessage,
 )
 from chaos_worker.ports import Progress
@@ -255,6 +256,7 @@ class Member:
             JoinPlan: self._on_join_plan,
             ObservedTotal: newcomer.on_total,
             StateTransfer: lambda sender, m, payload, _: newcomer.on_state(sender, m, payload),
+            StateWitness: lambda sender, m, _payload, _: newcomer.on_witness(sender, m),
         }
         self.replicator = (
             Replicator(

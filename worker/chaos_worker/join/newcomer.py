@@ -32,11 +32,19 @@ from chaos_worker.join.state import StateInbox
 from chaos_worker.membership.liveness import Liveness
 from chaos_worker.membership.protocol import Membership
 from chaos_worker.membership.readiness import ask_now, ready_in, step_period, switch_decision
+from chaos_worker.membership.rules import state_witness
 from chaos_worker.net.bounds import Reject
 from chaos_worker.net.shaping import TokenBucket
 from chaos_worker.net.signing import Verifier
 from chaos_worker.net.transport import TcpTransport, TransportFactory
-from chaos_worker.net.wire import Decision, JoinPlan, ObservedTotal, Proposal, StateTransfer
+from chaos_worker.net.wire import (
+    Decision,
+    JoinPlan,
+    ObservedTotal,
+    Proposal,
+    StateTransfer,
+    StateWitness,
+)
 from chaos_worker.ports import Clock, Outbox, Progress, Signal
 from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
 from chaos_worker.replication.snapshot import (
@@ -44,6 +52,7 @@ from chaos_worker.replication.snapshot import (
     copied_by_load,
     load_from,
     loaded_identities,
+    state_digest,
 )
 from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.trainer import Trainer
@@ -398,6 +407,12 @@ class Newcomer:
         state = torch.load(io.BytesIO(blob), map_location=self._device, weights_only=True)
         self._spec.model.load_state_dict(state["model"])
         self._spec.optimizer.load_state_dict(state["optimizer"])
+        vouched = self._states.vouched(decision, message)
+        if vouched is not None and state_digest(self._spec.model, self._spec.optimizer) != vouched:
+            witness = state_witness(decision)
+            detail = f"state of step {step} is not the one {witness} vouched for"
+            self._reject(message.sender, "forged", detail)
+            raise JoinFailed(f"the {detail}")
         self._progress.step = step
         self._progress.completed = step - 1
 
@@ -428,6 +443,11 @@ class Newcomer:
         self._observed_at.append(now)
         self._observed[message.step] = np.frombuffer(payload, dtype=message.dtype).copy()
         self._news.notify()
+
+    def on_witness(self, sender: str, message: StateWitness) -> None:
+        """A second member's sealed digest of the state a `copy` join takes."""
+        if self._states.witness(sender, message):
+            self._news.notify()
 
     def on_state(self, sender: str, message: StateTransfer, payload: bytes) -> None:
         """The full state of a `copy` join (or a rejoin), held once checked."""
@@ -470,14 +490,31 @@ class Newcomer:
         membership = self._membership
         every = REJOIN_EVERY * self._cfg.failure_timeout_s
         asked = self._clock()
-        while (decision := membership.pending) is None or self.me not in decision.view.members:
-            await membership.changed(timeout=max(0.0, asked + every - self._clock()))
-            if self._clock() >= asked + every and membership.pending is None:
-                self._ask_back()
-                asked = self._clock()
-        await self._take_state(decision)
-        membership.install(decision, self._clock(), send_state=False)
-        self._rejoining = None
+        refused: set[str] = set()  # decisions whose state failed its witness's word
+
+        def admitting() -> Decision | None:
+            decision = membership.pending
+            if decision is None or self.me not in decision.view.members:
+                return None
+            return None if decision.id in refused else decision
+
+        while True:
+            while (decision := admitting()) is None:
+                await membership.changed(timeout=max(0.0, asked + every - self._clock()))
+                if self._clock() >= asked + every and admitting() is None:
+                    self._ask_back()
+                    asked = self._clock()
+            try:
+                await self._take_state(decision)
+            except JoinFailed as exc:  # a forged state: gone from that view, ask again
+                refused.add(decision.id)
+                membership.withdraw(decision, self._clock())
+                self._states.clear()
+                self._out.report("join_retry", reason=str(exc), rejoin=True, t=self._clock())
+                continue
+            membership.install(decision, self._clock(), send_state=False)
+            self._rejoining = None
+            return
 
 
 def _settle_from(target: asyncio.Future, source: asyncio.Future) -> None:

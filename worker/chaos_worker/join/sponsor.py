@@ -23,12 +23,19 @@ from chaos_planner.models import Source
 from chaos_worker.config import WorkerConfig
 from chaos_worker.join.plan import shard_plan, source_bandwidths
 from chaos_worker.membership.protocol import Membership
-from chaos_worker.membership.rules import state_source
+from chaos_worker.membership.rules import state_source, state_witness
 from chaos_worker.membership.view import View
 from chaos_worker.net.shaping import LinkShape, shape_for
-from chaos_worker.net.wire import Decision, JoinPlan, ObservedTotal, Proposal, StateTransfer
+from chaos_worker.net.wire import (
+    Decision,
+    JoinPlan,
+    ObservedTotal,
+    Proposal,
+    StateTransfer,
+    StateWitness,
+)
 from chaos_worker.ports import Clock, Outbox, Progress
-from chaos_worker.replication.snapshot import SnapshotStore
+from chaos_worker.replication.snapshot import SnapshotStore, state_digest
 from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.trainspec import TrainSpec
 
@@ -191,6 +198,15 @@ class JoinSponsor:
             for joiner in copying:  # sealed (with TLS) by the outbox, as this member's word
                 self._out.send(joiner, message, blob)
                 self._telemetry.count_replication(joiner, "sent", len(blob))
+        elif send_state and copying and self._cfg.tls and self.me == state_witness(decision):
+            witness = StateWitness(
+                sender=self.me,
+                step=self._progress.step,
+                epoch=decision.view.epoch,
+                state_sha256=state_digest(self._spec.model, self._spec.optimizer),
+            )
+            for joiner in copying:  # a second member's word, so one source cannot forge it
+                self._out.send(joiner, witness)
 
     def release_pins(self, step: int) -> None:
         """Step `step` is applied: free the snapshots pinned until then."""

@@ -8,6 +8,13 @@ before a byte of it is loaded, and the join goes on waiting for the right one (a
 patience it gives up and asks again). Until the decision is known, states that pass the
 seal are held, one per sender and at most `MAX_HELD`. Without TLS the payload is checked
 against the digest it came with, and the latest state is taken, as before.
+
+A hostile state source can seal a forged state of its own. So, with TLS, a second member
+(`rules.state_witness`) sends a sealed `StateWitness`: the `state_digest` of its own state
+at that step, which every member holds alike. A state is handed out only with the
+witness's word for the same epoch and step (`vouched`), and the newcomer loads
+it and compares before it trains with it (`Newcomer`). Without a second member that
+neither joins nor sends, there is no witness, as before.
 """
 
 from __future__ import annotations
@@ -15,10 +22,10 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from chaos_worker.membership.rules import state_source
+from chaos_worker.membership.rules import state_source, state_witness
 from chaos_worker.net.bounds import Reject
 from chaos_worker.net.signing import Verifier
-from chaos_worker.net.wire import Decision, StateTransfer
+from chaos_worker.net.wire import Decision, StateTransfer, StateWitness
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,7 @@ class StateInbox:
         self._verifier = verifier
         self._reject = reject
         self._held: dict[str, tuple[StateTransfer, bytes]] = {}
+        self._witnesses: dict[str, StateWitness] = {}
 
     def offer(
         self, sender: str, message: StateTransfer, payload: bytes, decision: Decision | None
@@ -55,9 +63,26 @@ class StateInbox:
         self._held[sender] = (message, payload)
         return True
 
+    def witness(self, sender: str, message: StateWitness) -> bool:
+        """Hold a second member's sealed digest of the state (with TLS only); True if held."""
+        if self._verifier is None:
+            return False
+        why = self._verifier.check(message)
+        if why is None and message.sender != sender:
+            why = f"it names {message.sender} as its sender"
+        if why is None and sender not in self._witnesses and len(self._witnesses) >= MAX_HELD:
+            self._reject(sender, "unexpected", f"{MAX_HELD} witnesses held already")
+            return False
+        if why is not None:
+            self._reject(sender, "forged", f"witness of step {message.step}: {why}")
+            return False
+        self._witnesses[sender] = message
+        return True
+
     def take(self, decision: Decision) -> tuple[StateTransfer, bytes] | None:
-        """The state to load for `decision` (None: not arrived yet); held states it
-        refuses are counted and dropped, and once one is taken the others are dropped."""
+        """The state to load for `decision` (None: not arrived yet, or its witness's word
+        not yet); held states it refuses are counted and dropped, and once one is taken
+        the others are dropped."""
         if self._verifier is None:
             chosen = next(reversed(self._held), None)  # the latest, as before
         else:
@@ -70,11 +95,27 @@ class StateInbox:
         if chosen is None:
             return None
         taken = self._held[chosen]
+        if self._due(decision) is not None and self.vouched(decision, taken[0]) is None:
+            return None  # its witness's word has not come
         self._held.clear()
         return taken
 
+    def vouched(self, decision: Decision, state: StateTransfer) -> str | None:
+        """The `state_digest` the witness of `decision` sealed for `state`'s step (None:
+        no witness is due, or its word has not come)."""
+        witness = self._due(decision)
+        word = self._witnesses.get(witness) if witness is not None else None
+        if word is None or word.epoch != decision.view.epoch or word.step != state.step:
+            return None
+        return word.state_sha256
+
+    def _due(self, decision: Decision) -> str | None:
+        """The member whose witness the state of `decision` waits for (with TLS only)."""
+        return state_witness(decision) if self._verifier is not None else None
+
     def clear(self) -> None:
         self._held.clear()
+        self._witnesses.clear()
 
     def _forged(
         self, sender: str, message: StateTransfer, payload: bytes, decision: Decision | None

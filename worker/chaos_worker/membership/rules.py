@@ -223,3 +223,11 @@ def state_source(decision: Decision) -> str:
     if view.root not in new:
         return view.root
     return min((m for m in view.members if m not in new), default=decision.origin)
+
+
+def state_witness(decision: Decision) -> str | None:
+    """Who vouches, beside the state source, for the state the `copy` joiners of `decision`
+    take (`StateWitness`): the smallest member that neither joins nor sends the state;
+    None when there is no such member."""
+    others = set(decision.view.members) - joining(decision) - {state_source(decision)}
+    return min(others, default=None)

@@ -15,8 +15,9 @@ sender (who may only have relayed it) is not punished. Without TLS nothing is se
 checked. Gradient chunks are not sealed: they go point to point, on authenticated links.
 
 The same seal vouches for the digests a newcomer checks a state against (`VOUCHED`): a
-copy join's `StateTransfer` and a snapshot's `SnapshotManifest` are sealed by their
-`sender`, the member whose snapshot they describe (its replicator holds its key), so that
+copy join's `StateTransfer`, the `StateWitness` a second member sends beside it, and a
+snapshot's `SnapshotManifest` are sealed by their `sender`, the member whose state they
+describe (its replicator holds its key), so that
 no byte is used unless the digest it matches is that member's word (`join/state.py`,
 `replication/puller.py`).
 """
@@ -50,6 +51,7 @@ from chaos_worker.net.wire import (
     Seal,
     SnapshotManifest,
     StateTransfer,
+    StateWitness,
     WireMessage,
 )
 
@@ -58,8 +60,8 @@ log = logging.getLogger(__name__)
 Signed = Heartbeat | Proposal | MemberStatus | Decision | JoinPlan
 SIGNED = (Heartbeat, Proposal, MemberStatus, Decision, JoinPlan)
 """The messages that name their origin and are flooded: sealed by it."""
-Vouched = StateTransfer | SnapshotManifest
-VOUCHED = (StateTransfer, SnapshotManifest)
+Vouched = StateTransfer | StateWitness | SnapshotManifest
+VOUCHED = (StateTransfer, StateWitness, SnapshotManifest)
 """Point-to-point messages that carry a snapshot's digests: sealed by their `sender`."""
 Sealed = Signed | Vouched
 ALGORITHM = ec.ECDSA(hashes.SHA256())

@@ -296,6 +296,18 @@ class StateTransfer(WireMessage):
     seal: Seal | None = None
 
 
+class StateWitness(WireMessage):
+    """A second member's word on the state a `copy` joiner takes by the decision of `epoch`:
+    the `state_digest` of its own state at `step`; with TLS sealed by `sender`."""
+
+    type: Literal["state_witness"] = "state_witness"
+    sender: str
+    step: Number
+    epoch: Number
+    state_sha256: SHA256
+    seal: Seal | None = None
+
+
 class JoinPlan(WireMessage):
     """The root's shard plan for a newcomer, flooded so every source pins snapshot `step`."""
 
@@ -400,6 +412,7 @@ Message = Annotated[
     | Decision
     | Chunk
     | StateTransfer
+    | StateWitness
     | JoinPlan
     | ObservedTotal
     | SnapshotRequest
