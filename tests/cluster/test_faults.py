@@ -113,7 +113,8 @@ def test_a_worker_paused_past_the_timeout_is_removed_and_rejoins_by_itself(
     # steps left for the rejoin (two members of this job can train the remaining 500 steps
     # in under 2 s, and a sleep of 2.5 s once let the job end before the rejoin's step)
     survivor = run.run_dir() / ("w2.stderr" if worker == "w0" else "w0.stderr")
-    removed = f"'causes': ['crash:{worker}']"
+    # the decision that removes it: both survivors may have suspected it (two causes)
+    removed = f"'causes': ['crash:{worker}'"
     run._wait(lambda: removed in survivor.read_text(errors="replace"), f"{worker} removed")
     os.kill(pid, signal.SIGCONT)
     report, _ = run.finish()
