@@ -17,6 +17,12 @@ Certificates live `days` (30); a Secret checked once is not read again until it 
 that cannot be used is logged and issues nothing: the pods wait (the kubelet reports the
 missing Secret). Key material never reaches a log line, an Event or an annotation.
 
+Federation (`party`): the CA is made for the operator's party (`chaos://<party>/<member
+id>`, `path_length=1`), and `trust` gives, per namespace, the other parties' worker CAs the
+federation sync brought. Each pod's `ca.crt` is then our CA plus each of them cross-certified
+(`WorkerAuthority.bundle`); a pod whose bundle means other trust than that (`trust_of`: a
+party's CA arrived or changed) is issued anew, at the sync the new CA triggers.
+
 RBAC in each watched namespace: `secrets` get, create, update.
 """
 
@@ -26,15 +32,16 @@ import base64
 import datetime as dt
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from cryptography import x509
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from chaos_operator.api import ChaosJob
 from chaos_operator.federation.identity import IdentityError, parse_certificate
-from chaos_operator.federation.workerca import LEEWAY, WorkerAuthority
+from chaos_operator.federation.workerca import LEEWAY, Trust, WorkerAuthority, trust_of
 from chaos_operator.pods import ANN_CONFIG, COMMON_LABELS, job_meta, tls_secret, tls_secret_name
 from chaos_operator.reconcile import ObservedPod
 
@@ -62,10 +69,14 @@ def secret_bytes(secret: client.V1Secret, key: str) -> bytes:
 
 
 def renewal(
-    secret: client.V1Secret | None, pod_uid: str, now: dt.datetime, renew_before: dt.timedelta
+    secret: client.V1Secret | None,
+    pod_uid: str,
+    now: dt.datetime,
+    renew_before: dt.timedelta,
+    trust: Trust | None = None,
 ) -> tuple[str | None, dt.datetime | None]:
     """(why the pod's Secret must be issued anew, or None; the end of the certificate it holds,
-    when it holds one)."""
+    when it holds one). `trust`: what its `ca.crt` must mean (None: not checked)."""
     if secret is None:
         return "missing", None
     owners = (secret.metadata and secret.metadata.owner_references) or ()
@@ -77,6 +88,8 @@ def renewal(
         return "unreadable", None
     if end - now <= renew_before:
         return f"ends {end.isoformat()}", end
+    if trust is not None and trust_of(secret_bytes(secret, "ca.crt")) != trust:
+        return "the trusted parties changed", end
     return None, end
 
 
@@ -105,12 +118,26 @@ class WorkerIdentities:
         *,
         days: float = CERT_DAYS,
         renew_before: dt.timedelta = RENEW_BEFORE,
+        party: str | None = None,
+        trust: Callable[[str], Mapping[str, x509.Certificate]] | None = None,
     ) -> None:
         self.core = core
         self.days = days
         self.renew_before = renew_before
-        self._due: dict[tuple[str, str], dict[str, dt.datetime]] = {}
-        """(namespace, job) -> pod uid -> when its Secret must be looked at again."""
+        self.party = party
+        """The federating operator's party (None: the namespace is the party)."""
+        self.trust = trust
+        """Namespace -> the other parties' worker CAs, by party (the federation's)."""
+        self._due: dict[tuple[str, str], dict[str, tuple[dt.datetime, Trust | None]]] = {}
+        """(namespace, job) -> pod uid -> (when its Secret must be looked at again, the
+        trust its bundle was written with)."""
+        self._authorities: dict[str, WorkerAuthority] = {}
+        """The worker CA of each namespace, as last read (for the bundles and `ca_pem`)."""
+
+    def ca_pem(self, namespace: str) -> bytes | None:
+        """Our worker CA of `namespace` (PEM), once this operator has read or made it."""
+        authority = self._authorities.get(namespace)
+        return authority.cert_pem if authority else None
 
     def forget(self, namespace: str, name: str) -> None:
         """The job is gone: drop what is known of its pods."""
@@ -122,32 +149,55 @@ class WorkerIdentities:
         the next sync."""
         name, namespace, _ = job_meta(job)
         known = self._due.get((namespace, name), {})
-        due: dict[str, dt.datetime] = {}
+        due: dict[str, tuple[dt.datetime, Trust | None]] = {}
         issued: list[str] = []
+        wanting = [pod for pod in pods if wants_identity(pod)]
         authority: WorkerAuthority | None = None
-        for pod in pods:
-            if not wants_identity(pod):
-                continue
-            if pod.uid in known and now < known[pod.uid]:
+        peers = self.trust(namespace) if self.trust else {}
+        try:
+            if wanting and self.party and namespace not in self._authorities:
+                authority = self._authority(namespace, now)  # to publish it to the peers
+            trust = self._bundle(namespace, peers)[1]
+        except IdentityError as exc:
+            log.warning("%s/%s: no certificates issued: %s", namespace, name, exc)
+            return issued
+        for pod in wanting:
+            if pod.uid in known and now < known[pod.uid][0] and known[pod.uid][1] == trust:
                 due[pod.uid] = known[pod.uid]
                 continue
             secret = self._read(namespace, tls_secret_name(pod.name))
-            reason, end = renewal(secret, pod.uid, now, self.renew_before)
+            reason, end = renewal(secret, pod.uid, now, self.renew_before, trust)
             if reason is not None:
                 try:
                     authority = authority or self._authority(namespace, now)
+                    bundle, trust = self._bundle(namespace, peers)
                 except IdentityError as exc:
                     log.warning("%s/%s: no certificates issued: %s", namespace, name, exc)
                     break
-                end = self._issue(authority, namespace, pod, secret, now)
+                assert bundle is not None
+                end = self._issue(authority, namespace, pod, secret, now, bundle)
                 if end is None:
                     continue
                 issued.append(pod.name)
                 log.info("%s/%s: certificate issued (%s)", namespace, pod.name, reason)
             assert end is not None
-            due[pod.uid] = end - self.renew_before
+            due[pod.uid] = (end - self.renew_before, trust)
         self._due[(namespace, name)] = due
         return issued
+
+    def _bundle(
+        self, namespace: str, peers: Mapping[str, x509.Certificate]
+    ) -> tuple[bytes | None, Trust | None]:
+        """The pods' `ca.crt` in `namespace` and what it means; (None, None) while the CA is
+        not known yet (IdentityError: a peer CA that cannot be cross-certified)."""
+        authority = self._authorities.get(namespace)
+        if authority is None:
+            return None, None
+        try:
+            bundle = authority.bundle({p: c for p, c in peers.items() if p != authority.party})
+        except ValueError as exc:
+            raise IdentityError(f"cannot cross-certify the other parties' CAs: {exc}") from None
+        return bundle, trust_of(bundle)
 
     def _issue(
         self,
@@ -156,12 +206,13 @@ class WorkerIdentities:
         pod: ObservedPod,
         existing: client.V1Secret | None,
         now: dt.datetime,
+        bundle: bytes,
     ) -> dt.datetime | None:
         """Write a new certificate of `pod` into its Secret (replacing `existing` as read);
         the certificate's end, or None on a conflict."""
         cert = authority.issue(pod.member, days=self.days, not_before=now - LEEWAY)
         body = tls_secret(namespace, pod.name, pod.uid, pod.labels,
-                          cert=cert.cert, key=cert.key, ca=authority.cert_pem)  # fmt: skip
+                          cert=cert.cert, key=cert.key, ca=bundle)  # fmt: skip
         try:
             if existing is None:
                 self.core.create_namespaced_secret(namespace, body)
@@ -183,22 +234,40 @@ class WorkerIdentities:
             raise
 
     def _authority(self, namespace: str, now: dt.datetime) -> WorkerAuthority:
-        """The namespace's worker CA, made and stored the first time (IdentityError if the
-        stored one cannot be read or ends within `renew_before`)."""
+        """The namespace's worker CA, made and stored the first time, and kept as the one in
+        force (IdentityError if the stored one cannot be read, ends within `renew_before`, or
+        is not of this operator's party or cannot cross-certify while it federates)."""
+        authority = self._read_authority(namespace, now)
+        cached = self._authorities.get(namespace)
+        if cached is None or cached.cert_pem != authority.cert_pem:
+            self._authorities[namespace] = authority
+        return self._authorities[namespace]  # the same one keeps its cross certificates
+
+    def _read_authority(self, namespace: str, now: dt.datetime) -> WorkerAuthority:
+        party = self.party or namespace
         secret = self._read(namespace, CA_SECRET)
         if secret is None:
-            authority = WorkerAuthority.create(namespace, days=CA_DAYS, now=now)
+            authority = WorkerAuthority.create(
+                party, days=CA_DAYS, now=now, path_length=1 if self.party else 0
+            )
             try:
                 self.core.create_namespaced_secret(namespace, ca_secret(namespace, authority))
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-                return self._authority(namespace, now)  # made meanwhile: use that one
+                return self._read_authority(namespace, now)  # made meanwhile: use that one
             log.info("%s: made the worker CA %s (secret %s)", namespace, authority, CA_SECRET)
             return authority
         authority = WorkerAuthority.from_pem(
             secret_bytes(secret, "tls.crt"), secret_bytes(secret, "tls.key")
         )
+        if authority.party != party or (self.party and not authority.cross_certifies):
+            raise IdentityError(
+                f"{namespace}: the worker CA in Secret {CA_SECRET} is for party "
+                f"{authority.party!r}, this operator's is {party!r}"
+                + (" (and federating, it must be able to cross-certify)" if self.party else "")
+                + "; delete it (between jobs) for a new one"
+            )
         if authority.not_after - now <= self.renew_before:
             raise IdentityError(
                 f"{namespace}: the worker CA in Secret {CA_SECRET} ends "

@@ -5,9 +5,10 @@ Kubernetes configuration (in-cluster, else kubeconfig) → one `ApiClient` → `
 `JobController` → with an identity, the `FederationService` → `kopf.operator` (standalone,
 no peering) with `handlers.registry`.
 
-Worker TLS (`Options.worker_tls`) is for one party's workers only: a federating operator
-(`identity`) runs its workers plaintext, as their certificates would not verify at the other
-parties' workers yet (docs/operator.md, "Worker identities").
+Worker TLS (`Options.worker_tls`, off with `--insecure-workers`) holds for a federating
+operator (`identity`) too: its worker CA is made for its party, sent to the peers over the
+federation sync, and the peers' CAs come back and are cross-certified into the pods' trust
+bundles (docs/operator.md, "Worker identities"; docs/security.md).
 """
 
 from __future__ import annotations
@@ -81,16 +82,17 @@ def run_operator(settings: Settings) -> None:
     api = client.ApiClient()
     identity = settings.identity
     options = replace(settings.options, party=identity.party if identity else None)
-    if options.worker_tls and identity:
-        log.warning("federation is on: worker links stay plaintext (no cross-party worker trust)")
-        options = replace(options, worker_tls=False)
     ctx = Context(
         options=options,
         resync_s=settings.resync_s,
         autoscaler=Autoscaler(
             api, prometheus_url=settings.prometheus_url, prometheus_query=settings.prometheus_query
         ),
-        identities=WorkerIdentities(client.CoreV1Api(api)) if options.worker_tls else None,
+        identities=(
+            WorkerIdentities(client.CoreV1Api(api), party=options.party)
+            if options.worker_tls
+            else None
+        ),
     )
     controller = JobController(ctx, KubePods(api, settings.namespaces))
     if settings.metrics_port:
@@ -115,6 +117,9 @@ async def _operate(settings: Settings, api: client.ApiClient, controller: JobCon
             interval_s=settings.federation_interval_s,
             on_change=controller.sync_later,
         )
+        if ctx.identities is not None:  # worker CAs travel with the sync, both ways
+            ctx.federation.worker_ca = ctx.identities.ca_pem
+            ctx.identities.trust = ctx.federation.worker_trust
         try:
             await ctx.federation.start()
         except OSError as exc:

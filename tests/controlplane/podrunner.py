@@ -6,8 +6,9 @@ than a watch and it cannot miss a deletion) and for each new pod:
 * lays out a directory per pod and one per volume, and maps the pod's paths into them
   (`chaos_cli.local.localpods`, which the local backend of `chaos run FILE` uses too); a
   PersistentVolumeClaim is `<workdir>/claims/<claim name>`, shared and kept across pods; a
-  `secret` volume gets the Secret's data as files, read once at the start: like the kubelet,
-  it starts no pod before every Secret it mounts exists;
+  `secret` volume gets the Secret's data as files: like the kubelet, it starts no pod before
+  every Secret it mounts exists, and it updates the files of a running pod when the Secret
+  changes (read again every `SECRET_SYNC_S`, each file swapped in whole by a rename);
 * starts every container's `command + args` as a local process group: `chaos` becomes this
   checkout's `.venv/bin/chaos`;
 * writes the pod status back: phase `Running`, `podIP` 127.0.0.1 (every pod shares the
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos_cli.local import localpods
+from chaos_operator.federation.identity import write_file
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -42,6 +44,7 @@ from tests.controlplane.plane import REPO, _die_with_parent
 
 POD_IP = "127.0.0.1"
 MAX_GRACE_S = 60.0  # the pod's terminationGracePeriodSeconds, capped
+SECRET_SYNC_S = 1.0  # how often a running pod's Secrets are read again
 
 
 @dataclass
@@ -55,6 +58,11 @@ class RunningPod:
     grace_s: float = MAX_GRACE_S
     ended: bool = False
     kill_at: float | None = None
+    secrets: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    """Secret name -> the data its files hold now."""
+    secret_dirs: dict[str, tuple[Path, int]] = field(default_factory=dict)
+    """Secret name -> (the directory of its volume, the files' mode)."""
+    secrets_read_at: float = 0.0
 
     def alive(self) -> list[int]:
         return [p.pid for p in self.processes.values() if p.poll() is None]
@@ -169,6 +177,7 @@ class PodRunner:
                         )
             elif not running.ended:
                 self._check_exit(running)
+                self._refresh_secrets(running)
         for pod in items:
             if pod.metadata.deletion_timestamp is not None or pod.metadata.name in known:
                 continue
@@ -195,6 +204,26 @@ class PodRunner:
             out[name] = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
         return out
 
+    def _refresh_secrets(self, running: RunningPod) -> None:
+        """Update the files of the Secrets a running pod mounts that changed (as the kubelet
+        does, within its sync period)."""
+        if not running.secret_dirs or time.monotonic() - running.secrets_read_at < SECRET_SYNC_S:
+            return
+        running.secrets_read_at = time.monotonic()
+        for name, (directory, mode) in running.secret_dirs.items():
+            try:
+                data = self.core.read_namespaced_secret(name, self.namespace).data or {}
+            except ApiException:
+                continue
+            now = {k: base64.b64decode(v) for k, v in data.items()}
+            if now == running.secrets.get(name):
+                continue
+            for key, value in now.items():
+                fresh = directory / f".{key}.new"
+                write_file(fresh, value, mode)
+                os.replace(fresh, directory / key)
+            running.secrets[name] = now
+
     def _start(self, pod: client.V1Pod) -> None:
         meta, spec = pod.metadata, pod.spec
         directory = self.workdir / meta.name
@@ -209,6 +238,11 @@ class PodRunner:
             directory,
             grace_s=min(float(spec.termination_grace_period_seconds or 30), MAX_GRACE_S),
         )
+        running.secrets = secrets
+        for volume in body["spec"].get("volumes") or ():
+            if name := (volume.get("secret") or {}).get("secretName"):
+                mode = volume["secret"].get("defaultMode", 0o644)
+                running.secret_dirs[name] = (volumes[volume["name"]], mode)
         with self._lock:
             self.pods[meta.name] = running
         for container in body["spec"]["containers"]:

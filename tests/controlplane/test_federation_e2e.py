@@ -5,6 +5,7 @@ with a wrong fingerprint never federates and says why."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import secrets
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 from chaos_operator.federation import identity as ident
+from chaos_worker.net.tls import bound_parties, identity_of
+from cryptography import x509
 
 from tests.controlplane.operatorrun import JobView, OperatorRun, run_operator
 from tests.controlplane.plane import REPO, ControlPlane, free_port, install_crds
@@ -39,6 +42,17 @@ def metric(pod: dict[str, Any], name: str) -> float | None:
         if line.startswith(f"{name} "):
             return float(line.split()[1])
     return None
+
+
+def worker_trust(plane: ControlPlane, ns: str, pod: str) -> tuple[str, set[str]]:
+    """(the URI its certificate names, the parties its trust bundle is bound to besides its
+    own CA) of a pod's `<pod>-tls` Secret."""
+    data = plane.get("secret", f"{pod}-tls", ns)["data"]
+    leaf = x509.load_pem_x509_certificate(base64.b64decode(data["tls.crt"]))
+    who = identity_of(leaf)
+    bundle = x509.load_pem_x509_certificates(base64.b64decode(data["ca.crt"]))
+    bound = {p for cert in bundle for p in (bound_parties(cert) or ())}
+    return f"chaos://{who.party}/{who.member}" if who else "", bound
 
 
 def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -184,7 +198,23 @@ def test_two_parties_train_together_and_each_goes_on_without_the_other(
                 assert config["join"] in addresses, configs
         print(f"initial set formed by {seed}")
 
-        # One training run: beta's member trains in a view of all three members.
+        # Worker links are mutual TLS across parties: each pod's certificate names its party,
+        # and its bundle holds the other party's worker CA, exchanged by the operators and
+        # cross-certified bound to that party.
+        assert all(config.get("tls") for config in configs.values()), configs
+        for plane, party, other, job in (
+            (plane_a, "alpha", "beta", job_a),
+            (plane_b, "beta", "alpha", job_b),
+        ):
+            for pod in job.pods():
+                poll(
+                    lambda plane=plane, pod=pod, party=party, other=other: (
+                        worker_trust(plane, ns, pod) == (f"chaos://{party}/{party}.{pod}", {other})
+                    ),
+                    f"{party}'s {pod} trusts {other}'s workers",
+                )
+
+        # One training run (over TLS): beta's member trains in a view of all three members.
         poll(lambda: (metric(job_b.pods()["digits-w0"], "chaos_train_steps_total") or 0) > 0,
              "beta's member trains")  # fmt: skip
         poll(lambda: metric(job_b.pods()["digits-w0"], "chaos_members") == 3, "3 in beta's view")

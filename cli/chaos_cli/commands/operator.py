@@ -72,8 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--insecure-workers",
         action="store_true",
         help="run worker links plaintext: issue no certificates (default: mutual TLS, each pod "
-        "a certificate in the Secret <pod>-tls from the namespace's chaos-worker-ca; off "
-        "anyway with --identity)",
+        "a certificate in the Secret <pod>-tls from the namespace's chaos-worker-ca; with "
+        "--identity, trusting the other parties' worker CAs the federation brings)",
     )
     parser.add_argument(
         "--metrics-port",

@@ -97,9 +97,10 @@ class NewIdentity:
 
 
 def self_signed_ca(
-    name: x509.Name, not_before: dt.datetime, not_after: dt.datetime
+    name: x509.Name, not_before: dt.datetime, not_after: dt.datetime, path_length: int = 0
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A new P-256 key and a self-signed CA certificate `name` for it (signs leaves only)."""
+    """A new P-256 key and a self-signed CA certificate `name` for it (signs leaves only,
+    unless `path_length` lets it certify that many CAs below it)."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -109,7 +110,7 @@ def self_signed_ca(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())

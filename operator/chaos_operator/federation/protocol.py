@@ -4,7 +4,9 @@ One exchange is `POST /v1/sync` over mutually authenticated TLS: the client send
 `SyncMessage`, the server answers with its own. A message says, per federation name, which
 members the sender runs (id -> data-plane address), how many workers it wants, and whether the
 *receiving* party's workers may join (its `ChaosPeer` policy for the receiver). It is only
-information: nothing in it asks the receiver to create or delete anything.
+information: nothing in it asks the receiver to create or delete anything. It also carries
+the sender's worker CA certificate (public), which the receiver checks and cross-certifies
+for its pods' trust bundles (`workerca`).
 
 Everything is bounded and checked before it is used: the body's size, the counts, every
 string by pattern and length, every number by range; numbers are JSON integers only (strict:
@@ -34,6 +36,7 @@ MAX_BODY_BYTES = 1 << 20
 MAX_MEMBERS = 1000
 MAX_FEDERATIONS = 256
 MAX_WORKERS = 100_000
+MAX_CA_CHARS = 8192
 
 PartyName = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
 MemberId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$", max_length=253)]
@@ -52,6 +55,14 @@ Address = Annotated[
 ]
 """host:port of a trainer: a DNS name or IPv4 address and a port in 1..65535."""
 Count = Annotated[int, Field(ge=0, le=MAX_WORKERS)]
+CertificatePem = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^-----BEGIN CERTIFICATE-----\n[A-Za-z0-9+/=\n]+-----END CERTIFICATE-----\n?$",
+        max_length=MAX_CA_CHARS,
+    ),
+]
+"""One PEM certificate (its contents are checked by `workerca.peer_ca` where it is used)."""
 
 
 class _Message(BaseModel):
@@ -94,6 +105,11 @@ class SyncMessage(_Message):
     version: Literal[1] = VERSION
     party: PartyName = Field(description="The sender; must equal its certificate's party.")
     federations: list[FederationInfo] = Field(default_factory=list, max_length=MAX_FEDERATIONS)
+    worker_ca: CertificatePem | None = Field(
+        None,
+        description="The sender's worker CA (public certificate) for the namespace of the "
+        "receiver's ChaosPeer, which the receiver cross-certifies for its pods; None: none yet.",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> SyncMessage:

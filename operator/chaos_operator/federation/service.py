@@ -10,6 +10,14 @@
 * `publish`/`forget` are called by the reconcile of each ChaosJob with what the job runs;
   `view` gives the reconcile what the job knows of the other parties.
 
+* Worker CAs: each message carries the sender's worker CA of the namespace of the ChaosPeer
+  (`worker_ca`, set by `run_operator`: our own). A received one is checked
+  (`workerca.peer_ca`: one certificate, a CA, within its dates); a bad one is refused with a
+  warning (once per peer and reason), counted in `refused_cas` and ignored, the sync goes on.
+  The last good one of each ChaosPeer is kept (while that peer is trusted; not expired with
+  its record: the party's workers keep running when its operator is away) and `worker_trust`
+  hands them, by party, to the pods' trust bundles (`chaos_operator.identities`).
+
 Either side's request refreshes what we know of a peer, so one working direction is enough;
 what we heard expires after `ttl_s`, so a party that goes away stops counting, and nothing here
 waits for any other party.
@@ -22,18 +30,20 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from chaos_operator.api import GROUP, VERSION, ChaosPeer
 from chaos_operator.federation import tls
-from chaos_operator.federation.identity import Identity
+from chaos_operator.federation.identity import Identity, IdentityError, spki_fingerprint
 from chaos_operator.federation.protocol import MAX_BODY_BYTES, SYNC_PATH, SyncMessage
 from chaos_operator.federation.rules import (
     TRUST_FAILURES,
@@ -48,6 +58,7 @@ from chaos_operator.federation.rules import (
     remote_members_here,
     status_unchanged,
 )
+from chaos_operator.federation.workerca import peer_ca
 from chaos_operator.kube import list_objects, post_event
 
 PEERS = "chaospeers"
@@ -88,11 +99,17 @@ class FederationService:
         self._local: dict[Key, PublishedJob] = {}
         self._records: dict[Key, PeerRecord] = {}
         self._failures: dict[Key, str] = {}
-        self._views: dict[Key, FederationView] = {}
+        self._views: dict[Key, tuple[FederationView, dict[str, str]]] = {}
         self._appeared: dict[Key, float] = {}
         """When each local job was first published (monotonic)."""
         self._refusals: set[str] = set()
         """Reasons for refusing a client already logged (bounded)."""
+        self._worker_cas: dict[Key, tuple[str, x509.Certificate]] = {}
+        """ChaosPeer -> (its party, the last good worker CA it sent)."""
+        self.refused_cas: Counter[str] = Counter()
+        """Worker CAs refused, by party."""
+        self.worker_ca: Callable[[str], bytes | None] | None = None
+        """Our worker CA of a namespace (PEM), to send to the peers there; None: none yet."""
         self._started = time.monotonic()
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task | None = None
@@ -126,6 +143,39 @@ class FederationService:
             ttl_s=self.ttl_s,
             since=max(since or now, self._started),
         )
+
+    def worker_trust(self, namespace: str) -> dict[str, x509.Certificate]:
+        """The other parties' worker CAs our pods in `namespace` trust: party -> its CA (the
+        first ChaosPeer of the namespace naming it, by name)."""
+        with self._lock:
+            cas = sorted((k, v) for k, v in self._worker_cas.items() if k[0] == namespace)
+        trust: dict[str, x509.Certificate] = {}
+        for _, (party, cert) in cas:
+            trust.setdefault(party, cert)
+        return trust
+
+    def _take_ca(self, keys: list[Key], party: str, message: SyncMessage) -> None:
+        """Keep the worker CA `message` carries for the ChaosPeers `keys` of `party`, if it
+        passes `peer_ca`; else log once, count and ignore it."""
+        if message.worker_ca is None or party == self.party:
+            return
+        try:
+            cert = peer_ca(message.worker_ca, datetime.now(UTC))
+        except IdentityError as exc:
+            self.refused_cas[party] += 1
+            self._warn_once(f"federation: ignored the worker CA party {party} sent: {exc}")
+            return
+        with self._lock:
+            for key in keys:
+                self._worker_cas[key] = (party, cert)
+
+    def _outgoing(self, peer: ChaosPeer, local: list[PublishedJob]) -> bytes:
+        """Our message for `peer`, with our worker CA of its namespace."""
+        message = outgoing(self.party, peer, local)
+        own = self.worker_ca(peer_key(peer)[0]) if self.worker_ca else None
+        if own is not None:
+            message = message.model_copy(update={"worker_ca": own.decode()})
+        return message.encode()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,19 +248,24 @@ class FederationService:
             for peer in matched:
                 self._records[peer_key(peer)] = PeerRecord(party, message, now)
             local = list(self._local.values())
+        self._take_ca([peer_key(p) for p in matched], party, message)
         return web.Response(
-            body=outgoing(self.party, matched[0], local).encode(),
+            body=self._outgoing(matched[0], local),
             content_type="application/json",
         )
 
     def _refused(self, remote: str | None, why: str) -> None:
-        """Log a refused client, once per reason (at most 256 reasons remembered)."""
-        if why in self._refusals:
+        """Log a refused client, once per reason."""
+        self._warn_once(f"federation: refused a client at {remote}: {why}")
+
+    def _warn_once(self, text: str) -> None:
+        """Log a warning once (at most 256 remembered)."""
+        if text in self._refusals:
             return
         if len(self._refusals) >= 256:
             self._refusals.clear()
-        self._refusals.add(why)
-        log.warning("federation: refused a client at %s: %s", remote, why)
+        self._refusals.add(text)
+        log.warning("%s", text)
 
     # --------------------------------------------------------------------- client
 
@@ -234,6 +289,8 @@ class FederationService:
             keys = {peer_key(p) for p in peers}
             for stale in set(self._records) - keys:
                 del self._records[stale]
+            for stale in set(self._worker_cas) - keys:
+                del self._worker_cas[stale]
 
     def _trust(self, pem: bytes) -> None:
         with self._lock:
@@ -255,7 +312,7 @@ class FederationService:
                 self.identity,
                 peer,
                 SYNC_PATH,
-                outgoing(self.party, peer, local).encode(),
+                self._outgoing(peer, local),
                 timeout_s=self.timeout_s,
                 max_bytes=MAX_BODY_BYTES,
                 on_verified=self._trust_key if peer.spec.key_fingerprint else None,
@@ -275,6 +332,7 @@ class FederationService:
                 self._failures[key] = exc.reason
                 if exc.reason in TRUST_FAILURES:
                     self._records.pop(key, None)
+                    self._worker_cas.pop(key, None)
             if changed and exc.reason in TRUST_FAILURES:
                 log.warning("federation: ChaosPeer %s/%s distrusted: %s (%s)", *key, exc,
                             exc.reason)  # fmt: skip
@@ -282,6 +340,7 @@ class FederationService:
         with self._lock:
             self._failures.pop(key, None)
             self._records[key] = PeerRecord(answer.party, message, time.monotonic())
+        self._take_ca([key], answer.party, message)
         return ExchangeOutcome(True, "Synced", f"exchanged with party {answer.party}", answer.party)
 
     async def sync_once(self) -> None:
@@ -331,9 +390,10 @@ class FederationService:
         changed = []
         for job in jobs:
             view = self.view(job.namespace, job.federation, job.name)
+            trust = {p: spki_fingerprint(c) for p, c in self.worker_trust(job.namespace).items()}
             key = (job.namespace, job.name)
-            if self._views.get(key) != view:
-                self._views[key] = view
+            if self._views.get(key) != (view, trust):  # a new worker CA: new trust bundles
+                self._views[key] = (view, trust)
                 changed.append(key)
         if self.on_change is not None:
             for namespace, name in changed:

@@ -10,17 +10,26 @@ one.
 and issues each worker pod's certificate into another (`chaos_operator.identities`).
 `WorkerCA` keeps one in a directory: `chaos run` makes one per run in its private directory.
 Files: `ca.crt`, `ca.key` and `<member>.crt`, `<member>.key`, keys mode 0600.
+
+Federation: the worker CAs of the other parties arrive over the federation sync (`peer_ca`
+checks each). A federating party's CA (`path_length=1`) cross-certifies each one
+(`cross_certify`): the other CA's name and public key, signed by ours, with a critical
+NameConstraints extension that permits URIs of that party's host only (RFC 5280 URI
+constraints apply to the host: `chaos://<party>/...`) and no CA below it. The pods' trust
+bundle (`bundle`) is our CA, the only trust anchor, and those cross certificates: a
+certificate of party B's CA then verifies only when it names `chaos://B/...`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from chaos_worker.config import TlsFiles, member_uri
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -29,9 +38,11 @@ from chaos_operator.federation.identity import (
     CA_KEY,
     IdentityError,
     issue,
+    key_usage,
     parse_certificate,
     private_pem,
     self_signed_ca,
+    spki_fingerprint,
     write_file,
 )
 
@@ -59,13 +70,18 @@ class WorkerAuthority:
         self.party = party
         self._key = key
         self.certificate = cert
+        self._cross: dict[tuple[str, str], x509.Certificate] = {}
+        """(party, fingerprint of its CA's key) -> our cross certificate of that CA."""
 
     def __repr__(self) -> str:
         return f"WorkerAuthority(party={self.party!r}, not_after={self.not_after.isoformat()})"
 
     @classmethod
-    def create(cls, party: str, *, days: float, now: dt.datetime | None = None) -> WorkerAuthority:
-        """A new CA valid for `days` from `now` (default: the current time), less `LEEWAY`."""
+    def create(
+        cls, party: str, *, days: float, now: dt.datetime | None = None, path_length: int = 0
+    ) -> WorkerAuthority:
+        """A new CA valid for `days` from `now` (default: the current time), less `LEEWAY`;
+        `path_length` 1 lets it cross-certify other parties' CAs (federation)."""
         start = (now or dt.datetime.now(dt.UTC)) - LEEWAY
         name = x509.Name(
             [
@@ -73,7 +89,8 @@ class WorkerAuthority:
                 x509.NameAttribute(NameOID.COMMON_NAME, f"{party} chaos worker CA"),
             ]
         )
-        key, cert = self_signed_ca(name, start, start + LEEWAY + dt.timedelta(days=days))
+        end = start + LEEWAY + dt.timedelta(days=days)
+        key, cert = self_signed_ca(name, start, end, path_length)
         return cls(party, key, cert)
 
     @classmethod
@@ -105,6 +122,45 @@ class WorkerAuthority:
     def not_after(self) -> dt.datetime:
         return self.certificate.not_valid_after_utc
 
+    @property
+    def cross_certifies(self) -> bool:
+        """Whether this CA may certify other CAs below it (made for federation)."""
+        limit = self.certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+        return limit.value.path_length is None or limit.value.path_length >= 1
+
+    def cross_certify(self, party: str, ca: x509.Certificate) -> x509.Certificate:
+        """Party `party`'s worker CA `ca` certified by this one: may name `chaos://<party>/...`
+        only, and no CA below it; valid while both CAs are (cached per party and key)."""
+        key = (party, spki_fingerprint(ca))
+        if key in self._cross:
+            return self._cross[key]
+        member_uri(party, "x")  # ValueError: no party name
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca.subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(ca.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(max(ca.not_valid_before_utc, self.certificate.not_valid_before_utc))
+            .not_valid_after(min(ca.not_valid_after_utc, self.not_after))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(key_usage(ca=True), critical=True)
+            .add_extension(party_constraint(party), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca.public_key()), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        self._cross[key] = cert
+        return cert
+
+    def bundle(self, peers: Mapping[str, x509.Certificate]) -> bytes:
+        """The pods' `ca.crt`: this CA, then each peer party's CA cross-certified (by party)."""
+        pem = serialization.Encoding.PEM
+        crosses = (self.cross_certify(p, peers[p]).public_bytes(pem) for p in sorted(peers))
+        return self.cert_pem + b"".join(crosses)
+
     def issue(
         self, member: str, *, days: float = 30, not_before: dt.datetime | None = None
     ) -> IssuedCert:
@@ -122,6 +178,57 @@ class WorkerAuthority:
         key, cert = issue(self._key, self.certificate.subject, subject, san, start, end)
         pem = cert.public_bytes(serialization.Encoding.PEM)
         return IssuedCert(pem, private_pem(key), cert.not_valid_after_utc)
+
+
+def party_constraint(party: str) -> x509.NameConstraints:
+    """Certificates below may name members of `party` only (URI host `party`)."""
+    return x509.NameConstraints([x509.UniformResourceIdentifier(party)], None)
+
+
+Trust = frozenset[tuple[str, x509.NameConstraints | None]]
+
+
+def trust_of(bundle: bytes) -> Trust:
+    """What a trust bundle means: each CA's key and the names it is bound to (so bundles that
+    differ only in serials, signatures or order mean the same); empty if unreadable."""
+    try:
+        certs = x509.load_pem_x509_certificates(bundle)
+    except ValueError:
+        return frozenset()
+    trust = set()
+    for cert in certs:
+        try:
+            bound = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            bound = None
+        trust.add((spki_fingerprint(cert), bound))
+    return frozenset(trust)
+
+
+def peer_ca(pem: str | bytes, now: dt.datetime) -> x509.Certificate:
+    """Another party's worker CA as its operator sent it, checked (IdentityError: not one
+    certificate, not a CA that may sign certificates, or outside its dates at `now`)."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise IdentityError(f"not a certificate: {exc}") from None
+    if len(certs) != 1:
+        raise IdentityError(f"{len(certs)} certificates, not one")
+    cert = certs[0]
+    try:
+        limit = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except (x509.ExtensionNotFound, ValueError):
+        raise IdentityError("not a CA (no basic constraints or key usage)") from None
+    if not limit.ca or not usage.key_cert_sign:
+        raise IdentityError("not a CA (basic constraints or key usage say so)")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise IdentityError(
+            f"outside its validity ({cert.not_valid_before_utc.isoformat()} to "
+            f"{cert.not_valid_after_utc.isoformat()})"
+        )
+    return cert
 
 
 class WorkerCA:

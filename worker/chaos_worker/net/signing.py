@@ -40,7 +40,7 @@ from chaos_worker.config import TlsFiles
 from chaos_worker.membership.rules import speaks_for_another, undue_decision, undue_plan
 from chaos_worker.membership.view import View
 from chaos_worker.net.bounds import Reject
-from chaos_worker.net.tls import Stamp, TlsError, identity_of, stamp
+from chaos_worker.net.tls import Stamp, TlsError, identity_of, stamp, within
 from chaos_worker.net.wire import (
     Decision,
     Heartbeat,
@@ -200,12 +200,17 @@ class Verifier:
         now = dt.datetime.now(dt.UTC)
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             return "a certificate outside its validity"
-        if not any(self._issued(cert, ca) for ca in self._cas):
+        ca = next((ca for ca in self._cas if self._issued(cert, ca)), None)
+        if ca is None:
             return "a certificate of no CA of the bundle"
+        if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+            return "a certificate of a CA outside its validity"
         key = cert.public_key()
         identity = identity_of(cert)
         if identity is None or not isinstance(key, ec.EllipticCurvePublicKey):
             return "a certificate that names no member"
+        if not within(ca, identity):
+            return f"a certificate its CA may not issue ({identity.party}/{identity.member})"
         if len(self._known) >= MAX_CERTS:
             self._known.clear()
         self._known[text] = entry = (identity.member, key, cert.not_valid_after_utc)

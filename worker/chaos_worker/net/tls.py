@@ -7,6 +7,13 @@ Member ids are not DNS names, so no host name is checked: a certificate names it
 the URI SAN `chaos://<party>/<member id>` (`chaos_worker.config.member_uri`), and the
 transport compares that id with the peer it expects itself (`peer_of`), after the handshake.
 
+Several parties (a federated job): the bundle holds our own CA, the only trust anchor, and
+for each other party its worker CA cross-certified by ours with a NameConstraints extension
+that permits URIs of that party's host only, so OpenSSL refuses a chain from party B's CA
+whose certificate names `chaos://A/...`. On top of that, a member of another party must be
+named in its own party's name (`<party>.<pod>`, `qualified`): B cannot pose as A's member
+`A.w0` with `chaos://B/A.w0`.
+
 Renewed files (a pod's Secret that the operator re-issued and the kubelet swapped in) are
 taken up by the next connection either way: `LinkTls.client` and the listener's handshakes
 (through its `sni_callback`) first `refresh`, which reloads the files when they changed.
@@ -66,6 +73,37 @@ def identity_of(cert: x509.Certificate | bytes | None) -> PeerIdentity | None:
     if len(found) != 1:
         return None
     return PeerIdentity(found[0]["party"], found[0]["member"])
+
+
+def qualified(identity: PeerIdentity, own_party: str) -> bool:
+    """Whether a peer may be the member it names: one of our own party, or one of another
+    party whose member id is in that party's name (`<party>.<...>`)."""
+    return identity.party == own_party or identity.member.startswith(identity.party + ".")
+
+
+def bound_parties(ca: x509.Certificate) -> frozenset[str] | None:
+    """The parties a CA of the bundle may name: the hosts of the URI subtrees its
+    NameConstraints permit (a cross-certified CA of another party); None: unbound (our own
+    CA). A CA with constraints but no permitted URI may name no party."""
+    try:
+        constraints = ca.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+    permitted = constraints.permitted_subtrees or ()
+    return frozenset(
+        str(name.value).lower()
+        for name in permitted
+        if isinstance(name, x509.UniformResourceIdentifier)
+    )
+
+
+def within(ca: x509.Certificate, identity: PeerIdentity) -> bool:
+    """Whether a certificate `ca` issued may name `identity` (`bound_parties`, `qualified`):
+    what OpenSSL checks of a TLS chain, for certificates checked outside one (seals)."""
+    parties = bound_parties(ca)
+    if parties is None:
+        return True
+    return identity.party in parties and identity.member.startswith(identity.party + ".")
 
 
 def _context(files: TlsFiles, *, server: bool) -> ssl.SSLContext:
@@ -142,6 +180,14 @@ class LinkTls:
         self._stamp = now
         log.info("loaded the renewed certificate %s", self._files.cert)
         return True
+
+    def peer(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> PeerIdentity | None:
+        """The identity of the peer of a completed handshake (`peer_of`), or None if it is a
+        member of another party that is not named in its party's name (`qualified`)."""
+        identity = peer_of(ssl_object)
+        if identity is None or not qualified(identity, self.me.party):
+            return None
+        return identity
 
     def _handshake(
         self, ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext

@@ -46,7 +46,7 @@ from typing import Protocol
 
 from chaos_worker.net.bounds import HELLO_HEADER_BYTES, Guard
 from chaos_worker.net.shaping import LinkShape, TokenBucket
-from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, names, peer_of
+from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, names
 from chaos_worker.net.wire import (
     FRAME,
     MAX_HEADER_BYTES,
@@ -395,7 +395,7 @@ class TcpTransport(QueuedTransport):
                 return writer
             try:
                 await writer.start_tls(self._tls.client, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
-                server = peer_of(writer.get_extra_info("ssl_object"))
+                server = self._tls.peer(writer.get_extra_info("ssl_object"))
                 if names(peer, server):
                     return writer
                 self._warn_once(peer, "names", "the server for %s is %s", peer, server)
@@ -412,7 +412,7 @@ class TcpTransport(QueuedTransport):
         without TLS; with it, only if its certificate names `claimed`."""
         if self._tls is None:
             return True
-        holder = peer_of(writer.get_extra_info("ssl_object"))
+        holder = self._tls.peer(writer.get_extra_info("ssl_object"))
         if holder is not None and holder.member == claimed:
             return True
         self._warn_once(claimed, "hello", "refused a Hello as %s from %s", claimed, holder)
