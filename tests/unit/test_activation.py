@@ -29,7 +29,7 @@ def ordered(**changes: object) -> str:
 
 def test_a_standby_config_needs_somewhere_its_order_comes_from() -> None:
     WorkerConfig.model_validate(STANDBY)
-    with pytest.raises(ValidationError, match="members .* or join"):
+    with pytest.raises(ValidationError, match=r"members .* or join"):
         WorkerConfig.model_validate({k: v for k, v in STANDBY.items() if k != "standby_file"})
 
 
@@ -46,7 +46,7 @@ def test_the_same_config_ending_the_standby_orders_the_join() -> None:
         (ordered(id="digits-w9"), "changes id"),
         (ordered(entry="other.module:factory", seed=3), "changes entry, seed"),
         (ordered(members={"digits-w3": "127.0.0.1:7079"}), "changes members"),
-        (ordered(join=None), "members .* or join"),
+        (ordered(join=None), r"members .* or join"),
         (ordered(steps=0), "greater than 0"),
         (json.dumps({**STANDBY, "bogus": 1}), "Extra inputs"),
     ],
