@@ -25,7 +25,7 @@ PERMISSIONS: list[tuple[str, str, frozenset[str]]] = [
     ("chaos.training.dev", "chaosjobs/finalizers", frozenset({"update"})),
     ("chaos.training.dev", "chaospeers", frozenset({"get", "list", "watch"})),
     ("chaos.training.dev", "chaospeers/status", frozenset({"patch"})),
-    ("", "pods", frozenset({"get", "list", "watch", "create", "delete"})),
+    ("", "pods", frozenset({"get", "list", "watch", "create", "patch", "delete"})),
     ("", "services", frozenset({"create"})),
     ("", "persistentvolumeclaims", frozenset({"create"})),
     ("", "secrets", frozenset({"get", "create", "update"})),

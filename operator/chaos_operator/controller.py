@@ -92,6 +92,11 @@ class PodBackend(Protocol):
         """Delete a pod of the job; False when it was gone already."""
         ...
 
+    def activate(self, job: ChaosJob, name: str, patch: dict[str, Any]) -> bool:
+        """Patch a spare pod of the job (its role label and config annotation) so that it
+        joins as a member; False when it was gone already."""
+        ...
+
     def post_event(self, job: ChaosJob, event: PodEvent) -> None:
         """Tell the job's watchers (best effort)."""
         ...
@@ -107,43 +112,54 @@ class PodBackend(Protocol):
 
 @dataclass(frozen=True)
 class Applied:
-    """The pods `apply_plan` created and deleted (a 409 or 404 is not counted)."""
+    """The pods `apply_plan` created, deleted and made members (a 409 or 404 is not
+    counted)."""
 
     created: list[str]
     deleted: list[str]
+    activated: list[str] = field(default_factory=list)
 
 
 def apply_plan(job: ChaosJob, plan: PodPlan, backend: PodBackend) -> Applied:
     """Carry out `plan` for `job` (as read before the reconcile) on `backend`.
 
-    The next ordinal is remembered before any pod carries it, so no id is ever reused; an Event
-    is posted only for a create or delete that happened, so a repeated plan posts nothing; the
-    status is written only when it changed, and the job's own Events (a phase transition)
-    after it; a job whose TTL ran out is deleted last.
+    The next ordinal is remembered before any pod carries it, so no id is ever reused; spares
+    are made members first (their join is the urgent part); an Event is posted only for a
+    create, delete or activation that happened, so a repeated plan posts nothing; the status
+    is written only when it changed, and the job's own Events (a phase transition) after it;
+    a job whose TTL ran out is deleted last.
     """
     if str(plan.next_member) != job.metadata.annotations.get(ANN_NEXT_MEMBER):
         backend.set_next_member(job, plan.next_member)
     backend.ensure_service(job, plan.service)
     if plan.claim is not None:
         backend.ensure_claim(job, plan.claim)
-    created: list[str] = []
-    deleted: list[str] = []
+    applied = Applied([], [], [])
+    for name, patch in plan.activate.items():
+        if backend.activate(job, name, patch):
+            applied.activated.append(name)
+            _post(backend, job, plan.events.get(name))
     for pod in plan.create:
         name = pod["metadata"]["name"]
         if backend.create(job, pod):
-            created.append(name)
-            backend.post_event(job, plan.events[name])
+            applied.created.append(name)
+            _post(backend, job, plan.events.get(name))
     for name in plan.delete:
         if backend.delete(job, name):
-            deleted.append(name)
-            backend.post_event(job, plan.events[name])
+            applied.deleted.append(name)
+            _post(backend, job, plan.events.get(name))
     if plan.status != (job.status.to_k8s() if job.status else {}):
         backend.patch_status(job, plan.status)
     for event in plan.job_events:
         backend.post_event(job, event)
     if plan.delete_job:
         backend.delete_job(job)
-    return Applied(created, deleted)
+    return applied
+
+
+def _post(backend: PodBackend, job: ChaosJob, event: PodEvent | None) -> None:
+    if event is not None:
+        backend.post_event(job, event)
 
 
 def published_job(job: ChaosJob, pods: list[ObservedPod], plan: PodPlan) -> PublishedJob:
@@ -167,6 +183,7 @@ def describe(plan: PodPlan) -> str:
         {
             "create": [p["metadata"]["name"] for p in plan.create],
             "delete": plan.delete,
+            "activate": list(plan.activate),
             "phase": plan.status.get("phase"),
         }
     )
@@ -254,18 +271,20 @@ class JobController:
         if job is None:
             return None
         pods = self.backend.observe(job)
+        members = [p for p in pods if not p.spare]  # a spare in standby trains nothing
         # A member that ended may have finished the last step: ask the others (who linger a
         # heartbeat or more after it) before deciding it is lost.
-        ended = any(not p.live and not p.deleting for p in pods)
-        scrape = resync or (ended and any(p.live for p in pods))
-        scrapes = scrape_members(pods, self.ctx.scrape_timeout_s) if scrape else {}
+        ended = any(not p.live and not p.deleting for p in members)
+        scrape = resync or (ended and any(p.live for p in members))
+        scrapes = scrape_members(members, self.ctx.scrape_timeout_s) if scrape else {}
         fed = self.ctx.federation
         view = fed.view(namespace, job.spec.federation, name) if fed else None
         return JobObservation(job, pods, scrapes, view, self.clock(), resync)
 
     def _decide(self, seen: JobObservation) -> Decision:
         job, pods, scrapes, now = seen.job, seen.pods, seen.scrapes, seen.now
-        newest_first = [p.name for p in sorted(pods, key=lambda p: -p.ordinal)]
+        members = [p for p in pods if not p.spare]
+        newest_first = [p.name for p in sorted(members, key=lambda p: -p.ordinal)]
         plan = reconcile(
             job,
             pods,
@@ -284,7 +303,7 @@ class JobController:
         stopped = plan.status.get("phase") in ("Suspended", "Succeeded", "Failed")
         if not seen.resync or autoscaler is None or stopped:
             return Decision(plan)
-        scaling = autoscaler.run(job, pods, scrapes, plan.status, now)
+        scaling = autoscaler.run(job, members, scrapes, plan.status, now)
         if scaling is None:
             return Decision(plan)
         status = scaling.merged(plan.status, job.metadata.generation, now)
@@ -294,7 +313,7 @@ class JobController:
         job, plan = seen.job, decision.plan
         if decision.scaled is not None:
             self.backend.post_event(job, decision.scaled)
-        if plan.create or plan.delete:
+        if plan.create or plan.delete or plan.activate:
             log.info("%s/%s: %s", job.metadata.namespace, job.metadata.name, describe(plan))
         applied = apply_plan(job, plan, self.backend)
         self.ctx.metrics.pods_created.inc(len(applied.created))

@@ -182,6 +182,11 @@ class KubePods:
     def delete(self, job: ChaosJob, name: str) -> bool:
         return ignoring(404, self.core.delete_namespaced_pod, name, job_meta(job)[1])
 
+    def activate(self, job: ChaosJob, name: str, patch: dict[str, Any]) -> bool:
+        """A strategic merge patch of the spare's labels and annotations: the kubelet then
+        rewrites its projected config file, which the waiting worker re-reads."""
+        return ignoring(404, self.core.patch_namespaced_pod, name, job_meta(job)[1], patch)
+
     def post_event(self, job: ChaosJob, event: PodEvent) -> None:
         name, namespace, uid = job_meta(job)
         about = {

@@ -37,11 +37,17 @@ from chaos_worker.config import TlsFiles, WorkerConfig
 from chaos_operator.api import API_VERSION, ChaosJob
 from chaos_operator.api.template import CHECKPOINT_DIR, CONFIG_DIR, SNAPSHOT_DIR, TLS_DIR
 
+CONFIG_FILE = f"{CONFIG_DIR}/config.json"
+"""The trainer's config: the projection of the pod's `chaos.training.dev/config`."""
 TERMINATION_LOG = "/dev/termination-log"
 """The trainer's terminationMessagePath: it writes its last step there on exit."""
 
 LABEL_JOB = "chaos.training.dev/job"
 LABEL_MEMBER = "chaos.training.dev/member"
+LABEL_ROLE = "chaos.training.dev/role"
+ROLE_MEMBER = "member"
+ROLE_SPARE = "spare"
+"""A warm spare: started up, in standby, no member of any view (`chaos_operator.spares`)."""
 ANN_ORDINAL = "chaos.training.dev/ordinal"
 ANN_ADDRESS = "chaos.training.dev/address"
 ANN_METRICS = "chaos.training.dev/metrics-port"
@@ -182,9 +188,11 @@ def worker_config(
     join: str | None = None,
     writer: bool = False,
     resume: bool = False,
+    standby: bool = False,
 ) -> WorkerConfig:
-    """The `chaos worker` configuration of one member: an initial one (`members`) or a
-    newcomer (`join`); `writer`: it writes the party's checkpoints, `resume`: it starts
+    """The `chaos worker` configuration of one member: an initial one (`members`), a
+    newcomer (`join`) or a warm spare (`standby`: it waits until its config file names a
+    member to join through); `writer`: it writes the party's checkpoints, `resume`: it starts
     from the newest one (an initial member). Only the fields set here are written to the pod
     (`worker_pod`)."""
     name, namespace, _ = job_meta(job)
@@ -207,6 +215,9 @@ def worker_config(
     }
     if members:
         fields["members"] = dict(sorted(members.items()))
+    elif standby:
+        fields["standby"] = True
+        fields["standby_file"] = CONFIG_FILE
     else:
         fields["join"] = join
     if options.worker_tls:
@@ -236,7 +247,7 @@ def worker_pod(job: ChaosJob, ordinal: int, config: WorkerConfig) -> dict[str, A
     trainer = {
         "name": "trainer",
         "image": job.spec.image,
-        "command": ["chaos", "worker", "--config", f"{CONFIG_DIR}/config.json"],
+        "command": ["chaos", "worker", "--config", CONFIG_FILE],
         "terminationMessagePath": TERMINATION_LOG,
         "ports": [
             {"name": "peers", "containerPort": port},
@@ -306,7 +317,12 @@ def worker_pod(job: ChaosJob, ordinal: int, config: WorkerConfig) -> dict[str, A
         "metadata": {
             "name": pod_name,
             "namespace": namespace,
-            "labels": {**COMMON_LABELS, LABEL_JOB: name, LABEL_MEMBER: config.id},
+            "labels": {
+                **COMMON_LABELS,
+                LABEL_JOB: name,
+                LABEL_MEMBER: config.id,
+                LABEL_ROLE: ROLE_SPARE if config.standby else ROLE_MEMBER,
+            },
             "annotations": annotations,
             "ownerReferences": [owner_reference(job)],
         },

@@ -17,6 +17,10 @@ Rules:
   When no member is live (a new job, or every member lost), the new members form a fresh
   initial set: each starts with `members` = all of them.
 * Scaling down deletes the newest members (the checkpoint writer last).
+* Warm spares (`spec.spares`, `chaos_operator.spares`): spare pods in standby are kept
+  topped up while the job trains; a newcomer (a replacement, a scale-up) is a spare made a
+  member by a patch where one is live, else a new pod. Spares are no members: they are not
+  in `replicas`, their loss is no Event and no failure, and they go when training ends.
 * Checkpoints (`spec.checkpoints`): one live member of the party is the writer (it mounts
   the claim); when none is, the first member created becomes it. An initial set formed
   after every member was lost (ordinals were used before) is the writer alone, resuming
@@ -55,12 +59,9 @@ from chaos_operator.api.conditions import set_condition
 from chaos_operator.durable import DurableReading, durable_status
 from chaos_operator.federation.rules import FederationView, synced_condition
 from chaos_operator.lifecycle import Lifecycle, decide
+from chaos_operator.observed import ObservedPod, PodEvent
 from chaos_operator.pods import (
-    ANN_ADDRESS,
     ANN_NEXT_MEMBER,
-    ANN_ORDINAL,
-    ANN_WRITER,
-    LABEL_MEMBER,
     Options,
     checkpoint_claim,
     claim_name,
@@ -74,73 +75,12 @@ from chaos_operator.pods import (
     worker_config,
     worker_pod,
 )
+from chaos_operator.spares import plan_spares, usable
 
-LIVE_PHASES = frozenset({"Pending", "Running", "Unknown"})
 DEFAULT_OPTIONS = Options()
 NO_READING = DurableReading()
 ConditionState = tuple[str, str, str]
 """(status, reason, message) of one status condition."""
-
-
-@dataclass(frozen=True)
-class ObservedPod:
-    """What the reconcile needs to know about one existing pod of the job."""
-
-    name: str
-    phase: str = "Pending"
-    labels: Mapping[str, str] = field(default_factory=dict)
-    annotations: Mapping[str, str] = field(default_factory=dict)
-    ready: bool = False
-    deleting: bool = False
-    ip: str | None = None
-    """Where the pod's `/metrics` can be scraped (its IP, once it has one)."""
-    unschedulable: bool = False
-    """The scheduler found no node for it (`PodScheduled` False, `Unschedulable`)."""
-    uid: str = ""
-    """The pod's uid (its identity Secret's owner)."""
-    final_step: int | None = None
-    """The last step its ended trainer reported in its termination message, if any."""
-    final_checkpoint: int | None = None
-    """The newest checkpoint its ended trainer wrote or resumed from (termination message)."""
-
-    @property
-    def member(self) -> str:
-        return self.labels.get(LABEL_MEMBER, self.name)
-
-    @property
-    def ordinal(self) -> int:
-        """The member's ordinal (from the annotation, else the name's `-w<n>` suffix)."""
-        raw = self.annotations.get(ANN_ORDINAL) or self.name.rpartition("-w")[2]
-        try:
-            return int(raw)
-        except ValueError:
-            return -1
-
-    @property
-    def writer(self) -> bool:
-        """It mounts the party's checkpoint claim and writes the checkpoints."""
-        return self.annotations.get(ANN_WRITER) == "true"
-
-    @property
-    def live(self) -> bool:
-        return not self.deleting and self.phase in LIVE_PHASES
-
-    @property
-    def running(self) -> bool:
-        return self.live and self.phase == "Running"
-
-    @property
-    def address(self) -> str | None:
-        return self.annotations.get(ANN_ADDRESS)
-
-
-@dataclass(frozen=True)
-class PodEvent:
-    """A Kubernetes Event to post on the job once the action behind it is done."""
-
-    reason: str
-    message: str
-    type: str = "Normal"
 
 
 @dataclass(frozen=True)
@@ -153,18 +93,22 @@ class PodPlan:
     status: dict[str, Any]
     next_member: int
     events: dict[str, PodEvent]
-    """Keyed by the pod name whose creation or deletion the event reports."""
+    """Keyed by the pod name whose creation, deletion or activation the event reports (a
+    spare's deletion has none)."""
     job_events: list[PodEvent] = field(default_factory=list)
     """About the job itself (suspended, resumed, failed, succeeded): posted with the status."""
     delete_job: bool = False
     """Delete the ChaosJob (its TTL after finishing ran out)."""
     claim: dict[str, Any] | None = None
     """The checkpoint claim to create unless it exists (`pods.checkpoint_claim`)."""
+    activate: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Spare pod name -> the patch that makes it a member (`spares.activation`)."""
 
 
 def running_members(pods: Sequence[ObservedPod]) -> dict[str, str]:
-    """Running members that have an address: id -> trainer address (what peers are told)."""
-    return {p.member: p.address for p in pods if p.running and p.address}
+    """Running members that have an address: id -> trainer address (what peers are told);
+    spares are no members."""
+    return {p.member: p.address for p in pods if p.running and p.address and not p.spare}
 
 
 def next_member(job: ChaosJob, pods: Sequence[ObservedPod]) -> int:
@@ -195,7 +139,9 @@ def reconcile(
     waiting: str | None = None
     gave_up: str | None = None
     previous = job.status.to_k8s() if job.status else {}
-    pods = sorted(pods, key=lambda p: (p.ordinal, p.name))
+    ordinal = next_member(job, pods)
+    spares = [p for p in pods if p.spare]
+    pods = sorted((p for p in pods if not p.spare), key=lambda p: (p.ordinal, p.name))
     live = [p for p in pods if p.live]
     ended = [p for p in pods if not p.deleting and not p.live]
     reported = [p.final_step for p in ended if p.final_step is not None]
@@ -216,12 +162,12 @@ def reconcile(
         step_known=step is not None,
     )
     finished = life.phase == "Succeeded"
-    ordinal = next_member(job, pods)
     claim = claim_name(job)
     restarted = False  # a new initial set after every member was lost
     create: list[dict[str, Any]] = []
     delete: list[str] = []
     events: dict[str, PodEvent] = {}
+    activate: dict[str, dict[str, Any]] = {}
 
     if life.stops:
         for pod in [*live, *ended]:
@@ -254,11 +200,20 @@ def reconcile(
             elif waiting:
                 waiting += f" (a wait of at most {options.seed_wait_s:g} s)"
         if missing > 0 and not waiting:
-            new = list(range(ordinal, ordinal + missing))
-            writer = new[0] if claim and not any(p.writer for p in live) else None
             joins = (seeds[0].member, seeds[0].address) if seeds else None
             if remote:
                 joins = (f"{remote[1]} of party {remote[0].party}", remote[2])
+            needs_writer = bool(claim) and not any(p.writer for p in live)
+            # warm spares first, for newcomers only: the writer is a new pod (its claim)
+            taken = usable(spares, joins[1])[: missing - needs_writer] if joins else []
+            for spare, patch in taken:
+                activate[spare.name] = patch
+                events[spare.name] = PodEvent(
+                    "MemberAdded", f"member {spare.member} (a warm spare) joins through {joins[0]}"
+                )
+            missing -= len(taken)
+            new = list(range(ordinal, ordinal + missing))
+            writer = new[0] if needs_writer else None
             initial = [] if joins else new
             restarted = not joins and not live and ordinal > 0
             if restarted and writer is not None:  # the writer resumes; the others join it
@@ -292,6 +247,15 @@ def reconcile(
                 events[member_name(name, n)] = event
             ordinal += missing
 
+    members_added = len(create) + len(activate)
+    training = not life.stops and not finished and not trained
+    spare = plan_spares(
+        job, spares, taken=set(activate), training=training, ordinal=ordinal, options=options
+    )
+    create += spare.create
+    delete += spare.delete
+    events.update(spare.events)
+    ordinal = spare.next_member
     if restarted:  # training starts again (from a checkpoint, or from step 0)
         previous = {k: v for k, v in previous.items() if k != "currentStep"}
         current_step = None
@@ -304,7 +268,7 @@ def reconcile(
         want=want,
         finished=finished,
         trained=trained,
-        creating=len(create),
+        creating=members_added,
         now=now,
         current_step=current_step,
         scale_out_delay_s=scale_out_delay_s,
@@ -312,6 +276,8 @@ def reconcile(
         waiting=waiting,
     )
     status = lifecycle_status(job, status, life, steps, now)
+    if job.spec.spares or spares:
+        status["spares"] = spare.status
     job_events = [PodEvent(*life.event)] if life.event else []
     if claim:
         written = [p.final_checkpoint for p in ended if p.final_checkpoint is not None]
@@ -337,6 +303,7 @@ def reconcile(
         job_events=job_events,
         delete_job=life.delete_job,
         claim=checkpoint_claim(job),
+        activate=activate,
     )
 
 

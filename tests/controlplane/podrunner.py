@@ -9,6 +9,8 @@ than a watch and it cannot miss a deletion) and for each new pod:
   `secret` volume gets the Secret's data as files: like the kubelet, it starts no pod before
   every Secret it mounts exists, and it updates the files of a running pod when the Secret
   changes (read again every `SECRET_SYNC_S`, each file swapped in whole by a rename);
+* projects the downwardAPI files again whenever the pod's annotations change, as the
+  kubelet does (the operator orders a warm spare to join that way);
 * starts every container's `command + args` as a local process group: `chaos` becomes this
   checkout's `.venv/bin/chaos`;
 * writes the pod status back: phase `Running`, `podIP` 127.0.0.1 (every pod shares the
@@ -54,6 +56,9 @@ class RunningPod:
     name: str
     uid: str
     directory: Path
+    volumes: dict[str, Path] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    """As last projected into its downwardAPI files."""
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     grace_s: float = MAX_GRACE_S
     ended: bool = False
@@ -176,6 +181,7 @@ class PodRunner:
                             name, self.namespace, grace_period_seconds=0
                         )
             elif not running.ended:
+                self._refresh(running, pod)
                 self._check_exit(running)
                 self._refresh_secrets(running)
         for pod in items:
@@ -236,6 +242,8 @@ class PodRunner:
             meta.name,
             meta.uid,
             directory,
+            volumes,
+            dict(meta.annotations or {}),
             grace_s=min(float(spec.termination_grace_period_seconds or 30), MAX_GRACE_S),
         )
         running.secrets = secrets
@@ -276,6 +284,16 @@ class PodRunner:
                 "conditions": conditions,
             },
         )
+
+    def _refresh(self, running: RunningPod, pod: client.V1Pod) -> None:
+        """Project the pod's downwardAPI files again when its annotations changed (how the
+        kubelet delivers a warm spare's order to join)."""
+        annotations = dict(pod.metadata.annotations or {})
+        if annotations == running.annotations:
+            return
+        body = self._serializer.sanitize_for_serialization(pod)
+        localpods.project(body, running.directory, running.volumes)
+        running.annotations = annotations
 
     # ------------------------------------------------------------------------ ending
 

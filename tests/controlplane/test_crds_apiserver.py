@@ -121,6 +121,7 @@ INVALID_JOBS = [
         id="bad-quantity",
     ),
     pytest.param({"replica": 2}, "spec.replica", "unknown field", id="unknown-field"),
+    pytest.param({"spares": 17}, "spec.spares", "less than or equal to 16", id="spares-17"),
 ]
 
 
@@ -202,6 +203,7 @@ def test_status_is_kept_and_printed(
         "progress": "43/100",
         "localMembers": 2,
         "remoteMembers": 3,
+        "spares": "1/2",
         "lastScaleOutDelaySeconds": 1.5,
         "observedGeneration": 1,
         "conditions": [
@@ -226,10 +228,13 @@ def test_status_is_kept_and_printed(
     assert ChaosJob.model_validate(stored).status.conditions[0].reason == "WorkersReady"
     table = control_plane.kubectl("get", "chaosjob", "st", "-n", namespace, "-o", "wide").stdout
     header, row = table.splitlines()
-    assert header.split()[:9] == [
-        "NAME", "FEDERATION", "PHASE", "REPLICAS", "READY", "LOCAL", "REMOTE", "STEP", "PROGRESS"
+    assert header.split()[:10] == [
+        "NAME", "FEDERATION", "PHASE", "REPLICAS", "SPARES", "READY", "LOCAL", "REMOTE", "STEP",
+        "PROGRESS",
     ]  # fmt: skip
-    assert row.split()[:9] == ["st", "mnist", "Running", "2", "True", "2", "3", "42", "43/100"]
+    assert row.split()[:10] == [
+        "st", "mnist", "Running", "2", "1/2", "True", "2", "3", "42", "43/100"
+    ]  # fmt: skip
     # A bad condition is refused by the status subresource too.
     bad = {"conditions": [{**status["conditions"][0], "status": "Maybe"}]}
     done = control_plane.kubectl(

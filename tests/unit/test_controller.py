@@ -21,7 +21,7 @@ from chaos_operator.api import ChaosJob
 from chaos_operator.autoscaler import CONDITION, Autoscaler, Scaling
 from chaos_operator.controller import Context, JobController, PodBackend
 from chaos_operator.metrics import OperatorMetrics
-from chaos_operator.pods import ANN_NEXT_MEMBER, LABEL_JOB, Options
+from chaos_operator.pods import ANN_NEXT_MEMBER, LABEL_JOB, LABEL_ROLE, ROLE_MEMBER, Options
 from chaos_operator.reconcile import ObservedPod, PodEvent, PodPlan
 from chaos_operator.scrape import MemberMetrics
 from kubernetes.client.exceptions import ApiException
@@ -92,6 +92,15 @@ class FakePods(PodBackend):
         if self.pods.pop(name, None) is None:
             return False
         self.writes.append(("delete", name))
+        return True
+
+    def activate(self, job: ChaosJob, name: str, patch: dict[str, Any]) -> bool:
+        if name not in self.pods:
+            return False
+        self.writes.append(("activate", name))
+        meta = self.pods[name]["metadata"]
+        for key in ("labels", "annotations"):
+            meta[key] = {**meta[key], **patch["metadata"].get(key, {})}
         return True
 
     def post_event(self, job: ChaosJob, event: PodEvent) -> None:
@@ -186,6 +195,36 @@ def test_surplus_members_are_deleted_and_ended_ones_replaced() -> None:
     assert sorted(pods.pods) == ["digits-w1", "digits-w3"]
     assert counted(c, "chaos_operator_pods_deleted_total") == 2
     assert counted(c, "chaos_operator_pods_created_total") == 4
+
+
+def test_a_spare_is_made_a_member_by_a_patch_and_its_loss_posts_nothing() -> None:
+    job = make_job(2)
+    pods = FakePods(job.model_copy(update={"spec": job.spec.model_copy(update={"spares": 1})}))
+    c = controller_for(pods)
+    c.sync(NS, NAME)
+    pods.run_all()
+    c.sync(NS, NAME)
+    assert pods.statuses[-1]["spares"] == "1/1" and pods.statuses[-1]["replicas"] == 2
+    pods.phases["digits-w1"] = "Failed"
+    c.sync(NS, NAME)  # the spare w2 replaces w1 (first of all), w3 is the new spare
+    assert pods.writes[-7:] == [
+        ("activate", "digits-w2"),
+        ("event", "MemberAdded"),
+        ("create", "digits-w3"),
+        ("event", "SpareAdded"),
+        ("delete", "digits-w1"),
+        ("event", "MemberLost"),
+        ("status", "Recovering"),
+    ]
+    assert pods.pods["digits-w2"]["metadata"]["labels"][LABEL_ROLE] == ROLE_MEMBER
+    pods.run_all()
+    c.sync(NS, NAME)
+    before = len(pods.events)
+    pods.phases["digits-w3"] = "Failed"  # the new spare dies: replaced, no member Event
+    c.sync(NS, NAME)
+    assert [e.reason for e in pods.events[before:]] == ["SpareAdded"]
+    assert ("delete", "digits-w3") in pods.writes and "digits-w4" in pods.pods
+    assert pods.statuses[-1]["phase"] == "Running"
 
 
 def test_a_create_or_delete_that_did_not_happen_posts_no_event() -> None:

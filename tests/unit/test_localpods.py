@@ -12,7 +12,7 @@ from chaos_cli.local import localpods
 from chaos_cli.local.churn import ChurnError, ChurnEvent, parse_churn
 from chaos_cli.local.reconciled import load_manifest, pod_churn
 from chaos_operator.api import CheckpointPolicy
-from chaos_operator.pods import ANN_NEXT_MEMBER, Options
+from chaos_operator.pods import ANN_CONFIG, ANN_NEXT_MEMBER, Options
 from chaos_operator.reconcile import reconcile
 from chaos_worker.config import WorkerConfig
 
@@ -116,3 +116,29 @@ def test_churn_names_become_pod_names_and_replicas_stay_in_bounds() -> None:
         pod_churn(job, leaves)
     with pytest.raises(ChurnError, match=r"'leave:w2@4' leaves no worker"):
         parse_churn("leave:w0@2,leave:w1@3,leave:w2@4", 3, reconciled=True)
+
+
+def test_a_spare_pods_config_is_projected_again_when_its_annotation_changes(tmp_path) -> None:
+    job = load_manifest(str(MANIFEST))
+    job.spec.spares = 1
+    options = Options(pod_host="127.0.0.1", base_port=24000, steps=10)
+    spare = reconcile(job, [], now=NOW, options=options).create[-1]
+    volumes = localpods.lay_out(spare, tmp_path / "spare")
+    path = volumes["config"] / "config.json"
+    standby = json.loads(path.read_text())
+    assert standby["standby"] is True and standby["standby_file"] == str(path)  # mapped
+    ordered = {**json.loads(spare["metadata"]["annotations"][ANN_CONFIG]), "standby": False,
+               "join": "127.0.0.1:24000"}  # fmt: skip
+    spare["metadata"]["annotations"][ANN_CONFIG] = json.dumps(ordered)
+    localpods.project(spare, tmp_path / "spare", volumes)
+    again = json.loads(path.read_text())
+    assert again == {**standby, "standby": False, "join": "127.0.0.1:24000"}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.json"]  # no partial file
+
+
+def test_chaos_run_file_refuses_spares(tmp_path) -> None:
+    text = MANIFEST.read_text().replace("spec:\n", "spec:\n  spares: 1\n", 1)
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=r"spec\.spares: is for the operator"):
+        load_manifest(str(path))

@@ -75,7 +75,15 @@ class WorkerConfig(BaseModel):
         None, description="the launcher's control socket: host:port, or unix:PATH"
     )
     standby: bool = Field(
-        False, description="start up, then wait for the launcher's join command (local runs)"
+        False,
+        description="start up, then wait for the order to join: the launcher's join command "
+        "(local runs), or a new config in standby_file (a spare pod)",
+    )
+    standby_file: str | None = Field(
+        None,
+        max_length=4096,
+        description="a standby re-reads this file (its pod's projected config) until it holds "
+        "the same config with standby false and join set, then joins through that member",
     )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="serve Prometheus /metrics here (0: any port; None: off)"
@@ -176,7 +184,8 @@ class WorkerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _members_or_join(self) -> WorkerConfig:
-        if not self.members and not self.join and not (self.standby and self.control):
+        ordered = self.control or self.standby_file  # where a standby's order comes from
+        if not self.members and not self.join and not (self.standby and ordered):
             raise ValueError("either members (initial worker) or join (newcomer) is required")
         if self.members and self.id not in self.members:
             raise ValueError(f"members must include this worker's id {self.id!r}")

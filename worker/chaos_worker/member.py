@@ -29,6 +29,7 @@ import torch
 
 from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import WorkerConfig
+from chaos_worker.join.activation import watch as watch_order
 from chaos_worker.join.newcomer import SEED, Newcomer
 from chaos_worker.join.sponsor import JoinSponsor
 from chaos_worker.membership.liveness import Liveness
@@ -299,6 +300,9 @@ class Member:
             loop.create_task(self.liveness.heartbeats()),
             loop.create_task(self.liveness.watch()),
         ]
+        if self.cfg.standby and self.cfg.standby_file:  # a spare pod: its order is a new config
+            order = watch_order(self.cfg.standby_file, self.cfg, self.newcomer.order)
+            self._tasks.append(loop.create_task(order))
         if self.cfg.control is None:  # in a pod: deletion (SIGTERM) is a graceful leave
             loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         if self.cfg.members:

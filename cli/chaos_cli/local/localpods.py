@@ -9,7 +9,8 @@ pod runner (`tests/controlplane/podrunner.py`). Pods are plain dicts in the API'
   shared by the pods that mount it and outliving them, when the caller gives `claims`):
   an `emptyDir` stays empty,
   a `downwardAPI` volume gets one file per item whose field reference is
-  `metadata.annotations['…']`, `metadata.name` or `metadata.namespace`, a `secret` volume
+  `metadata.annotations['…']`, `metadata.name` or `metadata.namespace` (`project`, again
+  whenever the annotations change), a `secret` volume
   one file per entry of the Secret's data (which the caller reads), with its `defaultMode`.
 * Each pod has, in effect, its own root: an absolute path under a container's mount point
   (in its command line, its environment's values, and JSON files a downwardAPI volume
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,10 +59,8 @@ def lay_out(
             path = claims / claim
         path.mkdir(parents=True, exist_ok=True)
         volumes[volume["name"]] = path
+    project(pod, directory, volumes)
     for volume in spec.get("volumes") or ():
-        if volume.get("downwardAPI") is not None:
-            where = _paths_of_readers(spec, volume["name"], volumes, directory)
-            _project(pod, volume["downwardAPI"], volumes[volume["name"]], where)
         source = volume.get("secret")
         if source is not None:
             data = (secrets or {}).get(source.get("secretName", ""), {})
@@ -68,6 +68,17 @@ def lay_out(
             for key, value in data.items():
                 write_file(volumes[volume["name"]] / key, value, mode)
     return volumes
+
+
+def project(pod: Mapping[str, Any], directory: Path, volumes: Mapping[str, Path]) -> None:
+    """Write the pod's downwardAPI files from its metadata as it is now: at the start, and
+    again when its annotations change (as the kubelet does; each file replaced atomically,
+    so a reader never sees half of one)."""
+    spec = pod.get("spec") or {}
+    for volume in spec.get("volumes") or ():
+        if volume.get("downwardAPI") is not None:
+            where = _paths_of_readers(spec, volume["name"], volumes, directory)
+            _project(pod, volume["downwardAPI"], volumes[volume["name"]], where)
 
 
 def _paths_of_readers(
@@ -158,4 +169,7 @@ def _project(
             continue
         with contextlib.suppress(json.JSONDecodeError):
             value = json.dumps(map_json(json.loads(value), where))
-        (path / item["path"]).write_text(value)
+        target = path / item["path"]
+        partial = target.with_name(f".{target.name}.new")
+        partial.write_text(value)
+        os.replace(partial, target)

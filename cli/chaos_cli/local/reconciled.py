@@ -103,6 +103,11 @@ def load_manifest(path: str) -> ChaosJob:
             f"{path}: metadata.name: must be a lowercase DNS label of at most {MAX_NAME} "
             f"characters (letters, digits, '-'), not {name!r}"
         )
+    if job.spec.spares:
+        raise UserError(
+            f"{path}: spec.spares: is for the operator; chaos run FILE starts a spare for every "
+            "member its schedule makes already (set it to 0 or leave it out)"
+        )
     if not 1 <= job.spec.replicas <= MAX_WORKERS:
         raise UserError(f"{path}: spec.replicas: must lie in 1..{MAX_WORKERS} to run locally")
     annotations = {k: v for k, v in job.metadata.annotations.items() if k != ANN_NEXT_MEMBER}
@@ -269,6 +274,11 @@ class LocalPods(PodBackend):
             pod.deleting_since = time.monotonic()
             self.run.command(name, {"cmd": "leave"})  # a pod's SIGTERM: leave at an agreed step
         return True
+
+    def activate(self, job: ChaosJob, name: str, patch: dict[str, Any]) -> bool:
+        """Never called: a manifest run has no spare pods (`load_manifest` refuses
+        `spec.spares`; its warm spares are processes, handed pods by `create`)."""
+        return False
 
     def post_event(self, job: ChaosJob, event: PodEvent) -> None:
         self.run.last_event = f"{event.reason}: {event.message}"

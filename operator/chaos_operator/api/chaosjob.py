@@ -28,6 +28,8 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 Phase = Literal[
     "Pending", "Running", "Scaling", "Recovering", "Paused", "Suspended", "Succeeded", "Failed"
 ]
+#: Most warm spares a job may keep (`spec.spares`).
+MAX_SPARES = 16
 #: Phases a job never leaves.
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
@@ -179,6 +181,16 @@ class ChaosJobSpec(ApiModel):
     max_replicas: int = Field(
         ge=1, description="Most workers this party runs (upper bound of replicas)."
     )
+    spares: int = Field(
+        0,
+        ge=0,
+        le=MAX_SPARES,
+        description=(
+            "Warm spares: pods started ahead in standby (same template and resources as a "
+            "worker, so they count against quotas) that replace a lost member or serve a "
+            "scale-up first; a spare trains only once the operator makes it a member."
+        ),
+    )
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements,
         description=(
@@ -307,6 +319,12 @@ class ChaosJobStatus(ApiModel):
         None,
         max_length=1024,
         description="Label selector of this job's worker pods (used by the scale subresource).",
+    )
+    spares: str | None = Field(
+        None,
+        max_length=32,
+        pattern=r"^[0-9]+/[0-9]+$",
+        description="Warm spares ready (pod Running and Ready) / spare pods that exist, e.g. 1/2.",
     )
     local_members: int | None = Field(
         None, ge=0, description="Members of the current training view run by this party."

@@ -111,6 +111,7 @@ KINDS: tuple[CrdKind, ...] = (
             _column("Federation", "string", ".spec.federation", "Federated job."),
             _column("Phase", "string", ".status.phase", "Summary of the job's state."),
             _column("Replicas", "integer", ".spec.replicas", "Desired workers of this party."),
+            _column("Spares", "string", ".status.spares", "Warm spares ready/existing."),
             _column("Ready", "string", _READY, "Ready condition.", priority=1),
             _column("Local", "integer", ".status.localMembers", "Members of this party.", 1),
             _column("Remote", "integer", ".status.remoteMembers", "Members of other parties.", 1),
