@@ -30,6 +30,7 @@ from chaos_worker.net.wire import (
     SnapshotManifest,
     SnapshotRequest,
     StateTransfer,
+    StateWitness,
     WireError,
     WireMessage,
     decode_header,
@@ -76,6 +77,7 @@ MESSAGES: list[WireMessage] = [
     ),
     Chunk(sender="w1", epoch=4, step=12, phase="down", index=2, count=8),
     StateTransfer(sender="w0", step=12, sha256="ab" * 32),
+    StateWitness(sender="w1", step=12, epoch=3, state_sha256="cd" * 32),
     JoinPlan(
         id="j1",
         origin="w0",
