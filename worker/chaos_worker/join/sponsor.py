@@ -196,8 +196,9 @@ class JoinSponsor:
                 sha256=hashlib.sha256(blob).hexdigest(),
             )
             for joiner in copying:  # sealed (with TLS) by the outbox, as this member's word
-                self._out.send(joiner, message, blob)
+                sent = self._out.send(joiner, message, blob)
                 self._telemetry.count_replication(joiner, "sent", len(blob))
+                self._out.report("state_sent", joiner=joiner, step=message.step, queued=sent)
         elif send_state and copying and self._cfg.tls and self.me == state_witness(decision):
             witness = StateWitness(
                 sender=self.me,
@@ -206,7 +207,11 @@ class JoinSponsor:
                 state_sha256=state_digest(self._spec.model, self._spec.optimizer),
             )
             for joiner in copying:  # a second member's word, so one source cannot forge it
-                self._out.send(joiner, witness)
+                # the witness need not be the joiner's overlay neighbour: open the link (a
+                # later trim of links to non-neighbours says goodbye after this frame)
+                self._out.connect(joiner, decision.view.members[joiner])
+                sent = self._out.send(joiner, witness)
+                self._out.report("witness_sent", joiner=joiner, step=witness.step, queued=sent)
 
     def release_pins(self, step: int) -> None:
         """Step `step` is applied: free the snapshots pinned until then."""
