@@ -411,22 +411,20 @@ async def pull_from(ca: WorkerCA, sources: dict[str, Replicator]):
     return outcome, metrics, puller
 
 
+async def pull_with_w9_forging(ca: WorkerCA, honest: list[str], model, opt):
+    """w5 pulls from `honest` sources of (`model`, `opt`) and from w9, which seals a
+    snapshot of a state of its own in its own name."""
+    sources = {name: await replicator(name, ca, model, opt) for name in honest}
+    sources["w9"] = await replicator("w9", ca, *job(seed=9))
+    return await pull_from(ca, sources)
+
+
 def test_a_hostile_source_sealing_its_own_forged_snapshot_is_outvoted(ca: WorkerCA) -> None:
     """w9 seals, in its own name, a manifest of a state of its own whose shards agree with
     it: the seal holds, but w0 and w1 seal the honest digests, so w9's manifest is refused
     as forged, its shards are never placed and the pull ends on the incumbents' state."""
     model, opt = job()
-    forged_model, forged_opt = job(seed=9)
-
-    async def scenario():
-        sources = {
-            "w0": await replicator("w0", ca, model, opt),
-            "w1": await replicator("w1", ca, model, opt),
-            "w9": await replicator("w9", ca, forged_model, forged_opt),
-        }
-        return await pull_from(ca, sources)
-
-    result, metrics, puller = asyncio.run(scenario())
+    result, metrics, puller = asyncio.run(pull_with_w9_forging(ca, ["w0", "w1"], model, opt))
     assert isinstance(result, PullResult), result
     assert rejected(metrics) == 1  # w9's manifest, outvoted
     assert puller.manifest.sender in ("w0", "w1")
@@ -441,16 +439,7 @@ def test_two_sources_that_seal_different_snapshots_fail_the_pull(ca: WorkerCA) -
     one: the pull fails (the join then asks again, by a full copy through another member)
     and places nothing."""
     model, opt = job()
-    forged_model, forged_opt = job(seed=9)
-
-    async def scenario():
-        sources = {
-            "w0": await replicator("w0", ca, model, opt),
-            "w9": await replicator("w9", ca, forged_model, forged_opt),
-        }
-        return await pull_from(ca, sources)
-
-    failed, _, puller = asyncio.run(scenario())
+    failed, _, puller = asyncio.run(pull_with_w9_forging(ca, ["w0"], model, opt))
     assert isinstance(failed, JoinFailed)
     assert "no 2 sources sealed the same manifest" in str(failed)
     assert puller.manifest is None and not puller.done

@@ -209,23 +209,9 @@ def _bare_run(size_mb: int, links: str, bandwidths: list[float], args) -> dict:
     its wall time, then the job ends."""
     import subprocess
 
-    from chaos_worker.examples import EXAMPLES
-    from chaos_worker.examples.bigstate import COMPUTE_ENV, ENV
+    from chaos_cli.local.launcher import LocalRun
 
-    from chaos_cli.local.launcher import JobOptions, LocalRun
-
-    os.environ[ENV] = str(size_mb)
-    os.environ[COMPUTE_ENV] = str(args.compute_us)
-    options = JobOptions(
-        entry=EXAMPLES["bigstate"],
-        workers=len(bandwidths),
-        steps=1_000_000,
-        global_batch=args.global_batch,
-        example="bigstate",
-        links=links,
-        failure_timeout_s=5.0,
-        netns=args.netns,
-    )
+    options = _bigstate_job(size_mb, links, bandwidths, args)
     timing: dict[str, float] = {}
     bare: list[subprocess.Popen] = []
 
@@ -248,6 +234,31 @@ def _bare_run(size_mb: int, links: str, bandwidths: list[float], args) -> dict:
     }
 
 
+def _bigstate_job(size_mb: int, links: str, bandwidths: list[float], args, **extra):
+    """The incumbents' job of every run: `bigstate` of `size_mb` MB on `links`, run until
+    stopped; `extra`: more `JobOptions` (the join, the spares)."""
+    from chaos_worker.examples import EXAMPLES
+    from chaos_worker.examples.bigstate import COMPUTE_ENV, ENV
+
+    from chaos_cli.local.launcher import JobOptions
+
+    os.environ[ENV] = str(size_mb)
+    os.environ[COMPUTE_ENV] = str(args.compute_us)
+    return JobOptions(
+        entry=EXAMPLES["bigstate"],
+        workers=len(bandwidths),
+        steps=1_000_000,
+        global_batch=args.global_batch,
+        example="bigstate",
+        links=links,
+        # five processes share two cores while hundreds of MB move: a 1 s timeout would
+        # take a busy member for a crashed one (TorchFT's default is 5 s)
+        failure_timeout_s=5.0,
+        netns=args.netns,
+        **extra,
+    )
+
+
 BARE = (
     "import torch; torch.set_num_threads(1); from chaos_worker.examples.bigstate import factory;"
     "factory(seed=0, dtype=torch.float32, device=torch.device('cpu'))"
@@ -264,32 +275,21 @@ def _join_run(
     *,
     start: str = "warm",
 ) -> dict:
-    from chaos_worker.examples import EXAMPLES
-    from chaos_worker.examples.bigstate import COMPUTE_ENV, ENV
-
     from chaos_cli.local.churn import parse_churn
-    from chaos_cli.local.launcher import JobOptions, LocalRun
+    from chaos_cli.local.launcher import LocalRun
 
     newcomer = f"w{len(bandwidths)}"
     downlink = args.downlink
-    os.environ[ENV] = str(size_mb)
-    os.environ[COMPUTE_ENV] = str(args.compute_us)
-    options = JobOptions(
-        entry=EXAMPLES["bigstate"],
-        workers=len(bandwidths),
-        steps=1_000_000,
-        global_batch=args.global_batch,
+    options = _bigstate_job(
+        size_mb,
+        links,
+        bandwidths,
+        args,
         churn=parse_churn(f"join@{JOIN_STEP}", len(bandwidths)),
-        example="bigstate",
-        links=links,
         downlinks={newcomer: downlink},
         join_strategy=SOLVER[strategy],
         stop_after_join_steps=10,
         spares=1 if start == "warm" else 0,  # warm: the newcomer waits as a spare from the start
-        # five processes share two cores while hundreds of MB move: a 1 s timeout would
-        # take a busy member for a crashed one (TorchFT's default is 5 s)
-        failure_timeout_s=5.0,
-        netns=args.netns,
     )
     job = LocalRun(options)
     report = asyncio.run(job.run())
