@@ -153,11 +153,13 @@ def test_a_slow_measured_link_gets_proportionally_fewer_shard_bytes(monkeypatch,
         metrics=True,
         join_probe_frames=8,  # the probe is optional (off by default): this test is about it
     )
-    joins, metrics = asyncio.run(_run_and_watch(LocalRun(options), tmp_path))
+    job = LocalRun(options)
+    joins, metrics = asyncio.run(_run_and_watch(job, tmp_path))
 
     (join,) = joins
     assert join["path"] == "observer"
-    assert join["figures"] == {m: "measured" for m in SOURCES}
+    probed = job.timeline.of("downlinks_measured")  # what the probe got, should it fail
+    assert join["figures"] == {m: "measured" for m in SOURCES}, probed
     bandwidths = join["bandwidths"]
     others = [m for m in SOURCES if m != "w1"]
     # the plan used the measurement: w1's figure is the slowest, and not the configured 4 MB/s

@@ -67,6 +67,9 @@ decision, a total, the state) before it gives up and tries again through another
 REJOIN_EVERY = 3.0
 """Failure timeouts between two requests of a paused member to be admitted again."""
 
+PROBE_WAIT_BEATS = 10
+"""Heartbeats per member a probing newcomer hears before it gives up on a replicator that
+was never named (with no heartbeat at all, the join's patience bounds the wait)."""
 SEED = "_seed"
 """The transport's name for the member a newcomer joins through."""
 
@@ -231,18 +234,23 @@ class Newcomer:
 
         A `probe` proposal makes the members connect here, so their heartbeats (which name
         their replicators and the size of their view) arrive; once every member's has (or
-        after ten heartbeat intervals, at least a second), each replicator is probed and the
+        once `PROBE_WAIT_BEATS` heartbeats per member were heard and some member still named
+        none: counted in heartbeats, not seconds, so a loaded machine that slows every
+        member alike does not cut the wait short), each replicator is probed and the
         figures go into the link table, to be sent with the join proposal.
         """
         if self._cfg.join_probe_frames == 0:
             return
         self._ask("probe")
-        deadline = self._clock() + max(1.0, 10 * self._cfg.heartbeat_interval_s)
-        while not self._liveness.knows_every_replicator():
+        liveness = self._liveness
+        start = liveness.beats_heard
+        deadline = self._clock() + JOIN_PATIENCE * self._cfg.failure_timeout_s
+        while not liveness.knows_every_replicator():
+            heard = liveness.beats_heard - start
             left = deadline - self._clock()
-            if left <= 0:
+            if heard >= PROBE_WAIT_BEATS * max(1, liveness.job_size) or left <= 0:
                 break
-            await self._liveness.beats.wait(left)
+            await liveness.beats.wait(left)
         replicators = self._liveness.replicators
         others = {m: a for m, a in replicators.items() if m != self.me}
         downlink = self._cfg.downlink_bytes_per_s

@@ -56,6 +56,8 @@ class Liveness:
         self.job_size = 0
         """The largest view size heard in heartbeats (a newcomer's probe waits for it)."""
         self.beats = Signal()
+        self.beats_heard = 0
+        """Heartbeats of others taken in (each once): a clock that runs as fast as the job."""
         """Notified at every new heartbeat."""
         self._interval = heartbeat_interval_s
         self._timeout = failure_timeout_s
@@ -174,6 +176,7 @@ class Liveness:
         if beat.replicator:
             self.replicators[beat.origin] = beat.replicator
         self.job_size = max(self.job_size, beat.members)
+        self.beats_heard += 1
         self._out.flood(beat)
         self.beats.notify()
 
