@@ -196,3 +196,27 @@ def test_a_reset_tcp_connection_is_reported_and_the_link_opens_again() -> None:
         await close_all(a, b)
 
     asyncio.run(scenario())
+
+
+def test_close_flushes_what_is_queued_before_it_goes(new_factory: NewFactory) -> None:
+    """A member that leaves closes its transport right after its last step, then exits:
+    the totals it queued for its children must be written by then (`close` used to return
+    at once, and a child waited for its last totals for ever), then its goodbye."""
+
+    async def scenario() -> None:
+        factory = new_factory()
+        a, b = await start("a", factory=factory), await start("b", factory=factory)
+        a.transport.connect("b", b.address)
+        payloads = [bytes([i]) * 600_000 for i in range(8)]
+        for index, payload in enumerate(payloads):
+            assert a.transport.send("b", chunk("a", index, count=len(payloads)), payload)
+        pumps = [link.task for link in a.transport._out.values()]  # type: ignore[attr-defined]
+        await a.transport.close()  # at once: nothing has been written yet
+        # what a leaver's process does next is exit: close returns once all is written
+        assert pumps and all(task.done() for task in pumps)
+        await until(lambda: b.gone, "a's goodbye at b")
+        assert b.payloads_from("a") == payloads
+        assert b.gone == [("a", True)]
+        await close_all(b)
+
+    asyncio.run(scenario())

@@ -259,9 +259,11 @@ class QueuedTransport:
     async def close(self) -> None:
         """Say goodbye on every link, flush, and stop."""
         self._closing = True
+        # the links first: `disconnect` forgets them, and their pumps must be awaited to
+        # flush what is queued (a leaver's last totals down the tree, its goodbyes)
+        tasks = [o.task for o in self._out.values() if o.task]
         for peer in list(self._out):
             self.disconnect(peer, goodbye=True)
-        tasks = [o.task for o in self._out.values() if o.task]
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
         await self._stop()
