@@ -23,6 +23,7 @@ from tests.unit.test_membership_protocol import (
     Harness,
     boundary,
     command,
+    decision,
     describe,
     event,
     mesh,
@@ -169,6 +170,33 @@ def test_a_member_no_recovery_decision_reaches_takes_itself_out() -> None:
         (2.1 + patience, boundary(5), ["trainer waits", "hear rejoin"]),
     ])  # fmt: skip
     assert h.membership.view.paused and "w2" not in h.membership.view.members
+
+
+def test_a_member_out_of_patience_says_it_is_gone_in_the_epoch_of_its_pending_view() -> None:
+    """A planned view of epoch 1 is agreed but not in force here when the recovery stalls
+    (the soak's round: a leaver exited before its last totals reached w2). Members already
+    in epoch 1 take a crash made in epoch 0 for stale and would wait for w2 for ever, so
+    its own crash is said in epoch 1."""
+    patience = RECOVERY_PATIENCE * FAILURE_TIMEOUT_S
+    flooded: list[Proposal] = []
+
+    def capture(h: Harness) -> None:
+        log_flood = h.out.flood
+        h.out.flood = lambda m: (flooded.append(m), log_flood(m))  # type: ignore[method-assign]
+
+    run_table("w2", W3, [
+        (0.5, event(capture), None),
+        (1.0, decision(mesh("w0", "w2").model_copy(update={"epoch": 1}), 9), None),
+        (2.0, silent("w1"), None),
+        (2.0, recovery(), None),
+        (2.0 + patience, status("w0", 4), None),
+    ])  # fmt: skip
+    gone = [
+        m
+        for m in flooded
+        if isinstance(m, Proposal) and m.kind == "crash" and m.subject == "w2" and m.confirmed
+    ]
+    assert [m.epoch for m in gone] == [1]
 
 
 # ---------------------------------------------------------------------- resets, majority, zero

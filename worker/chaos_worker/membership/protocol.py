@@ -8,10 +8,9 @@ next view and the aborted step is replayed or redone. Only the side with the maj
 the previous epoch's throughput goes on; a member paused or removed asks to come back.
 The rules in full, with their reasons: `docs/runtime.md`; the pure ones: `rules.py`.
 
-`Membership` holds this member's part of it. It sends through an `Outbox`, reads time from
-a `Clock` (or the `now` a call brings), and tells the other roles what happened through
-`Listeners`; it never touches the transport or the model. Recovery has two halves: the
-protocol decides and installs the view (`recover`), the trainer replays the aborted step.
+`Membership` holds this member's part: it sends through an `Outbox`, reads a `Clock` (or a
+call's `now`), tells the other roles through `Listeners`, and never touches the transport
+or the model. Recovery: the protocol decides and installs (`recover`), the trainer replays.
 """
 
 from __future__ import annotations
@@ -49,14 +48,13 @@ log = logging.getLogger(__name__)
 
 # Decisions are flooded on the same FIFO links as the all-reduce, and forwarded on receipt.
 # One the root sends before the down-pass of step s reaches every member before the totals
-# of s, so it can take effect at s + 1; after that down-pass has begun, at s + 2, which is
-# always in time. (The planner's `switch_step`, which budgets round trips from step time
-# and RTT, is for decisions that travel outside the data path.)
+# of s, so it can take effect at s + 1; after that down-pass has begun, at s + 2 (always in
+# time). The planner's `switch_step` is for decisions that travel outside the data path.
 FIFO_SWITCH_MARGIN = 2
 
 RECOVERY_PATIENCE = 2.0
-"""Failure timeouts a member waits in a recovery round for a decision before it takes
-itself for the one cut off, leaves the view at once and asks to be admitted again."""
+"""Failure timeouts a member waits for a recovery decision before it takes itself for the
+one cut off, leaves the view and asks to be admitted again."""
 
 Admitted = Callable[[Decision, View | None, list[str], bool], None]
 """(decision, the view before it, the members it adds, whether to send them the state)."""
@@ -518,7 +516,9 @@ class Membership:
         that cannot reach them). It tells them it is gone and pauses outside the view
         until admitted again."""
         view = self.view
-        self._gone(view.epoch, now)
+        pending = self.pending  # members already in it take an older epoch's crash for stale
+        ahead = pending is not None and self.me in pending.view.members
+        self._gone(pending.view.epoch if ahead else view.epoch, now)
         others = {m: a for m, a in view.members.items() if m != self.me}
         self._immediate = Decision(
             id=f"out:{self.me}:{view.epoch}",
