@@ -199,6 +199,27 @@ def test_a_member_out_of_patience_says_it_is_gone_in_the_epoch_of_its_pending_vi
     assert [m.epoch for m in gone] == [1]
 
 
+def test_a_paused_member_keeps_the_first_planned_decision_that_admits_it() -> None:
+    """w3, paused in a minority, hears the majority's next decisions in turn: two without
+    it (link ups), the one that admits it back (its state copy is sent for that one), and
+    one that admits another member a step later. It must install the one that admits it:
+    taking the latest instead, it refused the state sent for the earlier one and waited
+    for ever, while the others waited for it (the soak's rounds 2 and 14)."""
+
+    def pause(h: Harness) -> None:
+        h.membership.view = h.membership.view.model_copy(update={"paused": True})
+
+    without, grown = mesh("w0", "w1", "w2"), mesh("w0", "w1", "w2", "w3", "w4")
+    h = run_table("w3", W4, [
+        (0.5, event(pause), None),
+        (1.0, decision(without.model_copy(update={"epoch": 2}), 42), None),
+        (1.1, decision(without.model_copy(update={"epoch": 3}), 43), None),
+        (1.2, decision(W4.model_copy(update={"epoch": 4}), 44), None),
+        (1.3, decision(grown.model_copy(update={"epoch": 5}), 45), None),
+    ])  # fmt: skip
+    assert h.membership.pending is not None and h.membership.pending.view.epoch == 4
+
+
 # ---------------------------------------------------------------------- resets, majority, zero
 
 

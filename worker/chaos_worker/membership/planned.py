@@ -2,8 +2,9 @@
 
 The root decides the next planned change only once it installed the last one, so a member
 still short of one decision's step may already hold the next: both are kept and installed
-in turn. A member with no view in force (a newcomer, a paused member) takes a state copy
-rather than the steps in between, so for it the latest decision replaces the others.
+in turn. A paused member takes a state copy rather than the steps in between, so for it a
+later decision replaces the others until one admits it; that one is kept, since the state
+it is sent is for that decision, and the later ones queue after it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ class Planned:
 
     def all(self) -> list[Decision]:
         return list(self._queue)
+
+    def admits(self, member: str) -> bool:
+        """Whether a queued decision holds `member`: one that takes a state copy keeps the
+        first such (the state it is sent is for that one) and the later ones after it."""
+        return any(member in d.view.members for d in self._queue)
 
     def add(self, decision: Decision, *, replace: bool) -> None:
         """Queue `decision` after the others (`replace`: instead of them). One no later

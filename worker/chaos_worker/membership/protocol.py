@@ -397,8 +397,8 @@ class Membership:
                 if removed and self.view is not None and not self.view.paused:
                     self._begin_abort(now)  # stop contributing at once; recover() installs it
         else:
-            replace = self.view is not None and self.view.paused  # it takes a state copy
-            self._planned.add(decision, replace=replace)
+            copying = self.view is not None and self.view.paused  # from its first admission
+            self._planned.add(decision, replace=copying and not self._planned.admits(self.me))
         self._changed.notify()
 
     def install(self, decision: Decision, now: float, *, send_state: bool = True) -> None:
