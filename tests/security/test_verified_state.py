@@ -224,21 +224,7 @@ def test_a_forged_manifest_or_shard_is_refused_counted_and_the_pull_ends_honest(
         }
         total = sources["w0"].store.get(STEP).layout.total_bytes
         assert sources["w9"].store.get(STEP).layout.total_bytes == total
-        plan = JoinPlan(
-            id="p",
-            origin="w0",
-            joiner="w5",
-            joiner_address="",
-            step=STEP,
-            state_bytes=total,
-            shards=6,
-            assignment={"w9": [0, 1], "w0": [2, 3], "w1": [4, 5]},
-            replicators={s: r.address for s, r in sources.items()},
-            bandwidths={s: 1e8 for s in sources},
-            manifest_from="w9",
-            predicted_s=0.1,
-            strategy="equal",
-        )
+        plan = pull_plan(sources, total)
         reject, metrics = forged_counter("w5")
         puller = Puller(
             "w5",
@@ -371,7 +357,7 @@ def test_a_replicator_process_serves_admitted_newcomers_and_counts_the_others(
     asyncio.run(scenario())
 
 
-def quorum_plan(sources: dict[str, Replicator], total: int) -> JoinPlan:
+def pull_plan(sources: dict[str, Replicator], total: int) -> JoinPlan:
     """w5's pull of snapshot `STEP`, two shards a source, the manifest asked of w9 first."""
     return JoinPlan(
         id="p",
@@ -396,7 +382,7 @@ async def pull_from(ca: WorkerCA, sources: dict[str, Replicator]):
     reject, metrics = forged_counter("w5")
     puller = Puller(
         "w5",
-        quorum_plan(sources, total),
+        pull_plan(sources, total),
         transport_factory=secured(ca.issue("w5"), "w5"),
         verifier=Verifier(str(ca.ca_file)),
         reject=reject,
