@@ -220,6 +220,25 @@ def test_a_paused_member_keeps_the_first_planned_decision_that_admits_it() -> No
     assert h.membership.pending is not None and h.membership.pending.view.epoch == 4
 
 
+def test_a_paused_member_that_withdraws_from_its_admission_can_be_admitted_again() -> None:
+    """The state for the decision that admits w3 never comes (or fails its witness): w3
+    withdraws; that decision leaves its queue, so a later one that admits it is taken."""
+
+    def pause(h: Harness) -> None:
+        h.membership.view = h.membership.view.model_copy(update={"paused": True})
+
+    def withdraw(h: Harness) -> None:
+        h.membership.withdraw(h.membership.pending, h.now)
+
+    h = run_table("w3", W4, [
+        (0.5, event(pause), None),
+        (1.0, decision(W4.model_copy(update={"epoch": 4}), 44), None),
+        (2.0, event(withdraw), None),
+        (2.5, decision(W4.model_copy(update={"epoch": 6}), 60), None),
+    ])  # fmt: skip
+    assert h.membership.pending is not None and h.membership.pending.view.epoch == 6
+
+
 # ---------------------------------------------------------------------- resets, majority, zero
 
 

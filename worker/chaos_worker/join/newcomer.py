@@ -513,8 +513,8 @@ class Newcomer:
                     self._ask_back()
                     asked = self._clock()
             try:
-                await self._take_state(decision)
-            except JoinFailed as exc:  # a forged state: gone from that view, ask again
+                await self._take_state(decision, JOIN_PATIENCE * self._cfg.failure_timeout_s)
+            except JoinFailed as exc:  # a forged state, or none in time: leave it, ask again
                 refused.add(decision.id)
                 membership.withdraw(decision, self._clock())
                 self._states.clear()

@@ -498,9 +498,9 @@ class Membership:
         return decision
 
     def withdraw(self, decision: Decision, now: float) -> None:
-        """A newcomer admitted by `decision` that cannot take its place (its state never
-        came) tells the members it is gone, so that nobody waits for it."""
+        """A member `decision` admits that cannot take its place says it is gone (none waits)."""
         self._gone(decision.view.epoch, now)
+        self._planned.drop_through(decision.view.epoch)  # a later decision may admit it again
         self._out.report("detected", event="crash", subject=self.me, t=now, reason="withdrawn")
 
     def _gone(self, epoch: int, now: float) -> None:
