@@ -56,9 +56,9 @@ class Liveness:
         self.job_size = 0
         """The largest view size heard in heartbeats (a newcomer's probe waits for it)."""
         self.beats = Signal()
+        """Notified at every new heartbeat."""
         self.beats_heard = 0
         """Heartbeats of others taken in (each once): a clock that runs as fast as the job."""
-        """Notified at every new heartbeat."""
         self._interval = heartbeat_interval_s
         self._timeout = failure_timeout_s
         self._membership = membership
