@@ -163,7 +163,7 @@ def test_join_survives_a_source_crash_mid_transfer() -> None:
     joined = asyncio.run(LocalRun(options).run()).model_dump()
     done = joined["steps"]
     assert joined["problems"] == [f"only {done} of 1000000 steps completed"]
-    reference = _stopped_at(replace(options, churn=[], stop_after_join_steps=None), done)
+    reference = stopped_at(replace(options, churn=[], stop_after_join_steps=None), done)
     assert_same_losses(joined["loss_curve"], reference["loss_curve"][:done])
     (join,) = joined["joins"]
     assert join["path"] == "observer"
@@ -173,7 +173,7 @@ def test_join_survives_a_source_crash_mid_transfer() -> None:
     assert [c["added"] for c in joined["membership"] if c["added"]] == [["w5"]]
 
 
-def _stopped_at(options: JobOptions, steps: int) -> dict:
+def stopped_at(options: JobOptions, steps: int) -> dict:
     """The report of `options` run until `steps` steps are complete."""
 
     def stop_when_done(run: LocalRun) -> None:

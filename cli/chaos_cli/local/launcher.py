@@ -336,7 +336,7 @@ class LocalRun:
     def _joins_settled(self) -> bool:
         """With `stop_after_join_steps`: every newcomer has contributed that many steps."""
         wanted = self.opts.stop_after_join_steps
-        joiners = {e.worker for e in self.opts.churn if e.kind == "join"}
+        joiners = self.newcomers()
         if wanted is None or not joiners or self._pending:
             return False
         counts = {j: 0 for j in joiners}
@@ -344,6 +344,10 @@ class LocalRun:
             if record["worker"] in counts:
                 counts[record["worker"]] += 1
         return min(counts.values()) >= wanted
+
+    def newcomers(self) -> set[str]:
+        """The workers the churn makes join this run."""
+        return {e.worker for e in self.opts.churn if e.kind == "join"}
 
     def _idle(self, proc: _Proc) -> bool:
         """A process that will never finish on its own: stopped, a spare (not a member,

@@ -410,6 +410,13 @@ class ReconciledJob(LocalRun):
         job = self.pods.job
         return [member_name(job.metadata.name or "", i) for i in range(self.opts.workers)]
 
+    def newcomers(self) -> set[str]:
+        """The members the reconcile creates after the initial set: one per join and one
+        replacing each crashed member, named in the order it creates them."""
+        first, name = self.opts.workers, self.pods.job.metadata.name or ""
+        added = expected_creations(self.opts.churn)
+        return {member_name(name, i) for i in range(first, first + added)}
+
     def _tick(self) -> None:
         self.pods.tick()
         self._reconcile()
