@@ -109,7 +109,9 @@ class WorkerConfig(BaseModel):
     snapshot_dir: str | None = Field(
         None,
         description="memory-backed directory for snapshots, served by a separate replicator "
-        "(default with `replicator: process`: a private directory in /dev/shm)",
+        "(default with `replicator: process`: a private directory in /dev/shm, or in the "
+        "temporary directory when /dev/shm has no room for the slots); the worker stops "
+        "if it has no room for them",
     )
     replicator: Literal["process", "inline"] = Field(
         "process",

@@ -61,10 +61,10 @@ from chaos_worker.ports import Progress
 from chaos_worker.replication.checkpoint import CheckpointError, load_checkpoint, resolve
 from chaos_worker.replication.checkpointer import Checkpointer
 from chaos_worker.replication.ledger import REFUSED_FILE, SentReader
-from chaos_worker.replication.private import PrivateDirectory
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.sidecar import Child, EarlyReplicator, spawn_replicator
-from chaos_worker.replication.snapshot import SnapshotStore, state_digest
+from chaos_worker.replication.snapshot import state_digest
+from chaos_worker.replication.space import open_store
 from chaos_worker.telemetry.metrics import WorkerMetrics
 from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.trainer import Trainer, reduced_layout
@@ -126,16 +126,10 @@ class Member:
         verifier = Verifier(config.tls.ca) if config.tls else None
         self.gate = Gate(verifier, rejections, self._known_views) if verifier else None
         inline = config.replicator == "inline" and not config.replicator_address
-        # a private snapshot directory (removed at exit) unless one is configured
-        if early is not None:
-            owned = early.directory
-        else:
-            owned = None if config.snapshot_dir or inline else PrivateDirectory.create(me)
-        self._owned_dir = owned
-        directory = owned.path if owned is not None else None
-        if config.snapshot_dir:
-            directory = Path(config.snapshot_dir)
-        self.store = store = SnapshotStore(directory)
+        # slots allocated where they fit; a private directory (removed at exit) unless one
+        # is configured; `early`'s replicator is moved along if its directory has no room
+        store, self._owned_dir = open_store(config, spec, early)
+        self.store = store
         size, dtype = reduced_layout(spec)
         self.collective = collective = TreeAllReduce(
             me,

@@ -49,6 +49,7 @@ def _run(config: WorkerConfig, phases: dict[str, float], early: EarlyReplicator 
     from chaos_worker.member import Member
     from chaos_worker.net.tls import TlsError
     from chaos_worker.replication.checkpoint import CheckpointError
+    from chaos_worker.replication.private import NoRoom
     from chaos_worker.training.compute import NonFiniteGradient
     from chaos_worker.training.trainspec import FactoryError, load_trainspec
 
@@ -71,13 +72,16 @@ def _run(config: WorkerConfig, phases: dict[str, float], early: EarlyReplicator 
     except (TlsError, CheckpointError) as exc:
         print(f"chaos worker {config.id}: error: {exc}", file=sys.stderr)
         return 2
+    except NoRoom as exc:  # the machine's, not the job's fault: exit 1
+        print(f"chaos worker {config.id}: error: {exc}", file=sys.stderr)
+        return 1
     phases["member"] = time.monotonic()
     try:
         asyncio.run(member.run())
         write_termination_log(
             config.termination_log, member.progress.completed, member.checkpoint_step
         )
-    except NonFiniteGradient as exc:
+    except (NonFiniteGradient, NoRoom) as exc:
         print(f"chaos worker {config.id}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -1,7 +1,9 @@
 """Snapshot files only their owner can read, and private directories that do not outlive it.
 
 Snapshot slots hold the whole training state, so they are created with mode 0600 in
-directories of mode 0700 (`write_atomically`, `create_file`, `PrivateDirectory`).
+directories of mode 0700 (`write_atomically`, `create_file`, `PrivateDirectory`). Slot
+files are allocated when created (`create_file`): a full tmpfs refuses them then
+(`NoRoom`) rather than killing with SIGBUS the process that writes to the mapping later.
 
 A worker without a configured snapshot directory makes its own, `chaos-<id>-<pid>-XXXXXXXX`
 in /dev/shm (memory) where it can, and holds an exclusive `flock` on `owner.lock` in it for
@@ -14,6 +16,7 @@ tool's, an older version's) or whose lock is held (a live run's) are left alone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -40,13 +43,39 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
+class NoRoom(Exception):
+    """A filesystem has no room for the snapshot slots (the message is one line)."""
+
+
+def mib(size: int) -> str:
+    """`size` bytes in MiB, for messages."""
+    return f"{size / 2**20:.1f} MiB"
+
+
 def create_file(path: Path, size: int) -> None:
-    """Create (or empty) `path` with mode 0600 and give it `size` bytes (zeros)."""
+    """Create (or empty) `path` with mode 0600 and give it `size` bytes (zeros), allocated
+    now where the filesystem can. NoRoom if it is full: the file is removed then."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         os.ftruncate(fd, size)
+        _allocate(fd, size)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise NoRoom(f"{path.parent} has no room left for {path.name} ({mib(size)})") from None
+        raise
     finally:
         os.close(fd)
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Give the file `fd` its `size` bytes now (`posix_fallocate`), where the filesystem
+    can; one that cannot keeps it sparse, as `ftruncate` left it."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 class PrivateDirectory:

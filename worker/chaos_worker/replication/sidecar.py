@@ -181,6 +181,13 @@ class EarlyReplicator:
         self.child.process.wait()
         self.directory.remove()
 
+    def move(self, directory: PrivateDirectory, config: WorkerConfig) -> None:
+        """Serve `directory` instead (the first had no room for the snapshot slots): the
+        child and the first directory go, a new child starts."""
+        self.abandon()
+        self.directory = directory
+        self.child = spawn_replicator(config, directory.path)
+
 
 def early_replicator(config: WorkerConfig) -> EarlyReplicator | None:
     """Start the replicator process of a worker that serves from a process of its own

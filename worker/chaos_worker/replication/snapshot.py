@@ -7,7 +7,8 @@ and is awaited only before the next optimizer step changes the tensors, so publi
 little of the step time. Two slots alternate; a slot holding a snapshot that a join is
 pulling is pinned and left alone until the join is over, and so is one a checkpoint is
 copying out (`hold`). With a directory (memory-backed in
-a pod, e.g. /dev/shm) the slots are files that `chaos replicator` in another process serves.
+a pod, e.g. /dev/shm) the slots are files that `chaos replicator` in another process serves,
+allocated before training where they fit (`replication.space`).
 
 A snapshot is split into `K` shards by byte range (`shard_bounds`); their SHA-256 digests
 are computed on demand by the member that produced the snapshot and checked by the newcomer.
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from chaos_worker.priority import in_background
 from chaos_worker.replication.admission import Admissions
-from chaos_worker.replication.private import DIR_MODE, create_file, write_atomically
+from chaos_worker.replication.private import DIR_MODE, NoRoom, create_file, write_atomically
 
 if TYPE_CHECKING:  # torch is imported where used: `chaos replicator` runs without it
     import torch
@@ -254,6 +255,11 @@ def _write_json(path: Path, body: dict) -> None:
     write_atomically(path, json.dumps(body).encode())
 
 
+def slot_file(directory: Path, index: int) -> Path:
+    """The file of slot `index` in a snapshot directory."""
+    return directory / f"slot-{index}.bin"
+
+
 def shard_bounds(total_bytes: int, shards: int, index: int) -> tuple[int, int]:
     """Byte range [start, end) of shard `index` of `shards`."""
     return index * total_bytes // shards, (index + 1) * total_bytes // shards
@@ -326,6 +332,20 @@ class SnapshotStore:
         """The newcomers this member's replicator may serve (`replication.admission`)."""
 
     # ------------------------------------------------------------- trainer side
+
+    def reserve(self, total_bytes: int) -> None:
+        """Create both slot files for snapshots of `total_bytes` now, allocated, so that
+        their room is taken before training (`replication.space`). NoRoom if the directory
+        has none; no slot file is left then."""
+        assert self.directory is not None
+        try:
+            for index in (0, 1):
+                self._buffers[index] = _Buffer(total_bytes, slot_file(self.directory, index))
+        except NoRoom:
+            self._buffers = [None, None]
+            for index in (0, 1):
+                slot_file(self.directory, index).unlink(missing_ok=True)
+            raise
 
     def want(self, step: int, shards: int | None = None, joiner: str | None = None) -> None:
         """Pin snapshot `step` as soon as it is published (a join will pull it).
@@ -460,7 +480,7 @@ class SnapshotStore:
         held = entry[1] if entry is not None and entry[0] == layout else None
         buffer = self._buffers[index]
         if buffer is None or buffer.size != layout.total_bytes:
-            path = None if self.directory is None else self.directory / f"slot-{index}.bin"
+            path = None if self.directory is None else slot_file(self.directory, index)
             buffer = self._buffers[index] = _Buffer(layout.total_bytes, path)
             held = None
         self._held[index] = None
@@ -557,7 +577,6 @@ class SnapshotStore:
         for index, meta in self._directory_metas():
             if meta["step"] == step:
                 layout = Layout.model_validate(meta["layout"])
-                path = self.directory / f"slot-{index}.bin"
-                array = np.memmap(path, dtype=np.uint8, mode="r")
+                array = np.memmap(slot_file(self.directory, index), dtype=np.uint8, mode="r")
                 return Snapshot(step, layout, memoryview(array)[: layout.total_bytes])
         return None

@@ -264,11 +264,11 @@ class Trainer:
 
     def settle_publish(self) -> None:
         """Wait for the snapshot copy in flight (before the tensors change); time the wait."""
-        if self._publishing is not None:
+        publishing, self._publishing = self._publishing, None  # a failure is raised once
+        if publishing is not None:
             started = time.perf_counter()
-            self._publishing.result()
+            publishing.result()
             self._publish_s = time.perf_counter() - started
-            self._publishing = None
 
     def close(self) -> None:
         """Settle the last publish and stop the publishing thread."""
