@@ -27,16 +27,17 @@ def test_bench_goodput_measures_both_sides_and_models_the_restarts(capsys) -> No
     assert chaos["problems"] == []
     assert [e["type"] for e in chaos["events"]] == ["leave", "join", "crash"]
     assert 1 <= chaos["mean_members"] <= 2
+    assert set(chaos["step_s_by_members"]) <= {"1", "2"}
+    assert all(step_s > 0 for step_s in chaos["step_s_by_members"].values())
     for side in (chaos, ddp):
         assert side["measured_steps"] == 77  # steps 2..79
         assert side["seconds"] > 0 and side["step_s"] > 0
     for name in ("chaos", "ddp", "torchrun"):
         assert result[f"{name}_samples_per_s"] > 0
     ddp_rate = result["ddp_samples_per_s"]
-    assert result["chaos_over_ddp"] == pytest.approx(result["chaos_samples_per_s"] / ddp_rate, 1e-3)
-    assert result["torchrun_over_ddp"] == pytest.approx(
-        result["torchrun_samples_per_s"] / ddp_rate, 1e-3
-    )
+    for name in ("chaos", "torchrun"):  # ratios rounded to 4 decimals
+        rate = result[f"{name}_samples_per_s"]
+        assert result[f"{name}_over_ddp"] == pytest.approx(rate / ddp_rate, abs=1e-4)
     assert result["met"] is (result["chaos_over_ddp"] >= TARGET)
     assert parts["start_s"] > 0 and parts["rendezvous_s"] > 0
     assert parts["checkpoint_save_s"] > 0 and parts["checkpoint_load_s"] > 0

@@ -8,7 +8,9 @@ from chaos_cli.benches.goodput import (
     RestartParts,
     churn_schedule,
     mean_members,
+    members_at,
     samples_per_s,
+    step_s_by_members,
     torchrun_seconds,
 )
 from chaos_cli.local.churn import parse_churn
@@ -85,3 +87,17 @@ def test_mean_members_holds_each_count_until_the_next_point() -> None:
     assert mean_members(curve, 0, 20) == pytest.approx((10 * 2 + 5 * 1 + 5 * 2) / 20)
     assert mean_members(curve, 10, 15) == 1
     assert mean_members([(5, 3)], 0, 10) == 3  # before the first point: its count
+
+
+def test_members_at_reads_the_count_in_force_at_each_step() -> None:
+    assert members_at([(3, 2), (6, 1)], [0, 3, 5, 6, 9]) == [2, 2, 2, 1, 1]
+    with pytest.raises(ValueError):
+        members_at([], [0])
+
+
+def test_step_times_by_members_split_the_gaps_by_who_trained_them() -> None:
+    times = {0: 0.0, 1: 1.0, 2: 2.0, 3: 2.5, 4: 3.0, 6: 4.0}
+    curve = [(0, 1), (3, 2)]
+    # gaps 1-2 and 0-1 (1 s) by one member; 2-3, 3-4 and 4-6 (0.5 s a step) by two
+    assert step_s_by_members(times, curve, 0) == {1: 1.0, 2: 0.5}
+    assert step_s_by_members(times, curve, 2) == {2: 0.5}

@@ -23,8 +23,9 @@ one run by both sides with `--workers` processes of one torch thread, global bat
 A side's samples/s is its completed steps times the global batch over the wall time from
 its step `--warmup` to its last step (Chaos: the first report of each step; DDP: rank 0's
 stamps). `chaos_over_ddp` is the goodput the target (0.95) is about; `step_s`, the median
-gap between steps, tells the steady pace from what the events cost, and `mean_members`
-the capacity Chaos trained with (the torchrun figure keeps DDP's full-membership pace).
+gap between steps, tells the steady pace from what the events cost; `mean_members` and
+`step_s_by_members` the capacity Chaos trained with and its pace with each member count
+(the torchrun figure keeps DDP's full-membership pace).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from __future__ import annotations
 import argparse
 import bisect
 import itertools
+import statistics
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from chaos_cli.argtypes import positive_int
@@ -130,15 +133,36 @@ def samples_per_s(
     return (last - first) * global_batch / seconds, last - first, seconds
 
 
-def mean_members(curve: list[tuple[int, int]], first: int, last: int) -> float:
-    """Mean member count over steps `first`..`last`-1 of a members curve (step, members),
-    each count holding until the next point (the first one before it)."""
-    if not curve or last <= first:
-        raise ValueError("no steps to average the members over")
+def members_at(curve: list[tuple[int, int]], steps: Iterable[int]) -> list[int]:
+    """Each step's member count in a members curve of (step, members) points: a count
+    holds until the next point (before the first point: the first count)."""
+    if not curve:
+        raise ValueError("an empty members curve")
     points = sorted(curve)
     at = [step for step, _ in points]
-    counts = [points[max(0, bisect.bisect_right(at, step) - 1)][1] for step in range(first, last)]
-    return sum(counts) / len(counts)
+    return [points[max(0, bisect.bisect_right(at, step) - 1)][1] for step in steps]
+
+
+def mean_members(curve: list[tuple[int, int]], first: int, last: int) -> float:
+    """Mean member count over steps `first`..`last`-1."""
+    if last <= first:
+        raise ValueError("no steps to average the members over")
+    return statistics.mean(members_at(curve, range(first, last)))
+
+
+def step_s_by_members(
+    times: dict[int, float], curve: list[tuple[int, int]], warmup: int
+) -> dict[int, float]:
+    """Median seconds per step by the member count that trained it, over the gaps between
+    consecutive reported steps from step `warmup` on (a gap over unreported steps is
+    shared out among them)."""
+    steps = sorted(times)[warmup:]
+    gaps: dict[int, list[float]] = {}
+    for (a, b), members in zip(
+        itertools.pairwise(steps), members_at(curve, steps[1:]), strict=True
+    ):
+        gaps.setdefault(members, []).append((times[b] - times[a]) / (b - a))
+    return {members: statistics.median(g) for members, g in sorted(gaps.items())}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -280,9 +304,13 @@ def _chaos(entry: str, schedule: str, args: argparse.Namespace) -> dict:
     report = asyncio.run(job.run())
     times = job.timeline.step_times()
     side = _side(times, args)
-    first = sorted(times)[args.warmup]
+    first, curve = sorted(times)[args.warmup], report.members_curve
     return side | {
-        "mean_members": round(mean_members(report.members_curve, first, max(times)), 3),
+        "mean_members": round(mean_members(curve, first, max(times)), 3),
+        "step_s_by_members": {
+            str(members): round(step_s, 5)
+            for members, step_s in step_s_by_members(times, curve, args.warmup).items()
+        },
         "events": [
             e.model_dump(
                 include={"type", "worker", "step", "incumbent_stall_s", "steps_lost"}
