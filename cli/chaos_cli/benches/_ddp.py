@@ -8,7 +8,9 @@ sum of its per-sample losses scaled so that DDP's averaging over ranks gives the
 `time.monotonic()` when each step's `optimizer.step()` has returned; the bench takes the
 gaps between consecutive stamps, as the Chaos report takes the gaps between consecutive
 completed steps. Every rank also notes its process's CPU time (`time.process_time()`, all
-threads, gloo's included) at every step.
+threads, gloo's included) at every step, and when it entered the rendezvous
+(`init_process_group`) and came out of it with its DDP model built (the parameters
+broadcast from rank 0).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class DdpResult:
     """rank 0's mean loss over its own slice, per step."""
     cpu_s: list[list[float]]
     """per rank, its process's CPU seconds (every thread) when each step had finished."""
+    rendezvous_s: float
+    """from the last rank entering the rendezvous to the last one leaving it with its DDP
+    model built: what meeting costs once every rank is there (start-up skew left out)."""
 
 
 def train(
@@ -74,8 +79,10 @@ def train(
     errors = [r for r in results.values() if isinstance(r, str)]
     if failed or errors:
         raise RuntimeError(f"DDP baseline failed: {errors or failed}")
-    stamps, losses, _ = results[0]
-    return DdpResult(stamps, losses, [results[r][2] for r in range(workers)])
+    stamps, losses, _, _ = results[0]
+    met = [results[r][3] for r in range(workers)]  # (entered, built) per rank
+    rendezvous_s = max(built for _, built in met) - max(entered for entered, _ in met)
+    return DdpResult(stamps, losses, [results[r][2] for r in range(workers)], rendezvous_s)
 
 
 def _free_port() -> int:
@@ -99,8 +106,10 @@ def _rank(rank, workers, port, entry, steps, global_batch, seed, dtype, device, 
     try:
         where = pick_device(device)
         spec = load_trainspec(entry, seed=seed, dtype=getattr(torch, dtype), device=where)
+        entered = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
         dist.init_process_group("gloo", rank=rank, world_size=workers)
         model = DistributedDataParallel(spec.model)
+        met = (entered, time.monotonic())
         # DDP averages over ranks: scale the summed loss so the gradient is sum / G
         scale = workers / global_batch
         per = [global_batch // workers + (r < global_batch % workers) for r in range(workers)]
@@ -122,7 +131,7 @@ def _rank(rank, workers, port, entry, steps, global_batch, seed, dtype, device, 
             cpu.append(time.process_time())
             losses.append(float(per_sample.detach().mean()))
         dist.barrier()
-        out.send((rank, (stamps, losses, cpu)))
+        out.send((rank, (stamps, losses, cpu, met)))
         dist.destroy_process_group()
     except Exception as exc:  # the parent reports it as one line
         out.send((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))

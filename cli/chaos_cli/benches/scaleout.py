@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +29,12 @@ from typing import TYPE_CHECKING
 from chaos_worker.net.shaping import ShapeError
 
 from chaos_cli.argtypes import positive_ints
+from chaos_cli.benches._measure import (
+    BUSY_FAILURE_TIMEOUT_S,
+    bare_process,
+    bare_start_s,
+    checkpoint_round_trip,
+)
 
 if TYPE_CHECKING:
     from chaos_worker.net.shaping import TokenBucket
@@ -165,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
                     startup.append(result["startup_s"])
                     runs.append(with_target(result, bare) | {"profile": profile})
                 if "checkpoint" in strategies:
-                    restart = statistics.median(startup) if startup else _startup_s(size)
+                    restart = statistics.median(startup) if startup else _bare_start_s(size)
                     runs.append(
                         _checkpoint(size, bandwidths, args.downlink, restart) | {"profile": profile}
                     )
@@ -209,6 +213,8 @@ def _bare_run(size_mb: int, links: str, bandwidths: list[float], args) -> dict:
     its wall time, then the job ends."""
     import subprocess
 
+    from chaos_worker.examples import EXAMPLES
+
     from chaos_cli.local.launcher import LocalRun
 
     options = _bigstate_job(size_mb, links, bandwidths, args)
@@ -218,8 +224,7 @@ def _bare_run(size_mb: int, links: str, bandwidths: list[float], args) -> dict:
     def watch(job: LocalRun) -> None:
         if not bare and job.max_step >= JOIN_STEP:
             timing["start"] = time.monotonic()
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            bare.append(subprocess.Popen([sys.executable, "-c", BARE], env=env))
+            bare.append(bare_process(EXAMPLES["bigstate"]))
         elif bare and bare[0].poll() is not None and "end" not in timing:
             timing["end"] = time.monotonic()
             job.stop()
@@ -251,19 +256,10 @@ def _bigstate_job(size_mb: int, links: str, bandwidths: list[float], args, **ext
         global_batch=args.global_batch,
         example="bigstate",
         links=links,
-        # five processes share two cores while hundreds of MB move: a 1 s timeout would
-        # take a busy member for a crashed one (TorchFT's default is 5 s)
-        failure_timeout_s=5.0,
+        failure_timeout_s=BUSY_FAILURE_TIMEOUT_S,  # five processes share two cores
         netns=args.netns,
         **extra,
     )
-
-
-BARE = (
-    "import torch; torch.set_num_threads(1); from chaos_worker.examples.bigstate import factory;"
-    "factory(seed=0, dtype=torch.float32, device=torch.device('cpu'))"
-)
-"""A bare process of the job: the interpreter, torch and the factory, nothing of Chaos."""
 
 
 def _join_run(
@@ -349,19 +345,12 @@ def startup_phases(records: list[dict], worker: str, spawned: float) -> dict[str
     return {name: round(t - spawned, 3) for name, t in sorted(phases.items(), key=lambda p: p[1])}
 
 
-def _startup_s(size_mb: int) -> float:
-    """Start-up of one worker process of the job (import, build, first snapshot)."""
-    import subprocess
-
+def _bare_start_s(size_mb: int) -> float:
+    """A bare process's start of the job (when no join run measured a start-up)."""
+    from chaos_worker.examples import EXAMPLES
     from chaos_worker.examples.bigstate import ENV
 
-    started = time.monotonic()
-    code = (
-        "import torch; from chaos_worker.examples.bigstate import factory;"
-        "factory(seed=0, dtype=torch.float32, device=torch.device('cpu'))"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, ENV: str(size_mb)})
-    return time.monotonic() - started
+    return bare_start_s(EXAMPLES["bigstate"], {ENV: str(size_mb)})
 
 
 def _checkpoint(size_mb: int, bandwidths: list[float], downlink: float, restart_s: float) -> dict:
@@ -373,17 +362,10 @@ def _checkpoint(size_mb: int, bandwidths: list[float], downlink: float, restart_
     os.environ[ENV] = str(size_mb)
     model, optimizer, _ = factory(seed=0, dtype=torch.float32, device=torch.device("cpu"))
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "checkpoint.pt"
-        started = time.monotonic()
-        torch.save(state, path)
-        os.sync()
-        save_s = time.monotonic() - started
-        size = path.stat().st_size
-        started = time.monotonic()
-        blob = asyncio.run(_shaped_read(path, TokenBucket(downlink)))
-        torch.load(io.BytesIO(blob), weights_only=True)
-        load_s = time.monotonic() - started
+    measured = checkpoint_round_trip(
+        state, read=lambda path: asyncio.run(_shaped_read(path, TokenBucket(downlink)))
+    )
+    save_s, load_s, size = measured.save_s, measured.load_s, measured.bytes
     stop_s = save_s + restart_s + load_s
     return {
         "state_mb": size_mb,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import math
 import os
 import statistics
@@ -27,9 +26,15 @@ import sys
 from pathlib import Path
 
 from chaos_cli.argtypes import positive_int
+from chaos_cli.benches._measure import (
+    BUSY_FAILURE_TIMEOUT_S,
+    example_model,
+    mlp_model,
+    mlp_params,
+    param_count,
+    steady_step_s,
+)
 from chaos_cli.errors import UserError
-
-MLP = "chaos_worker.examples.mlp:factory"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,22 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from chaos_worker.examples import EXAMPLES
-    from chaos_worker.examples.mlp import parse_count
-
     if args.warmup < 0 or args.warmup + 2 > args.steps:
         raise UserError("--warmup: must be >= 0 and leave at least 2 steps of --steps")
-    models: list[tuple[str, str, str | None]] = []  # label, entry, CHAOS_MLP_PARAMS
-    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
-        try:
-            parse_count(size)
-        except ValueError as exc:
-            raise UserError(f"--sizes: {exc}") from None
-        models.append((f"mlp-{size}", MLP, size))
-    for name in [e.strip() for e in args.examples.split(",") if e.strip()]:
-        if name not in EXAMPLES:
-            raise UserError(f"--examples: {name!r} unknown; choose from {sorted(EXAMPLES)}")
-        models.append((name, EXAMPLES[name], None))
+    models: list[tuple[str, str, str | None]] = [mlp_model(s) for s in _names(args.sizes)]
+    models += [example_model(name) for name in _names(args.examples)]  # label, entry, size
     if not models:
         raise UserError("nothing to run: give --sizes or --examples")
     results = [_model(label, entry, size, args) for label, entry, size in models]
@@ -91,26 +84,20 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def _model(label: str, entry: str, size: str | None, args: argparse.Namespace) -> dict:
-    from chaos_worker.examples.mlp import ENV
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
-    saved = os.environ.get(ENV)
-    if size is not None:
-        os.environ[ENV] = size
-    try:
-        params = _params(entry)
-        ddp: list[dict] = []
-        chaos: list[dict] = []
+
+def _model(label: str, entry: str, size: str | None, args: argparse.Namespace) -> dict:
+    ddp: list[dict] = []
+    chaos: list[dict] = []
+    with mlp_params(size):
+        params = param_count(entry)
         for round_ in range(args.rounds):
             order = (("ddp", ddp), ("chaos", chaos))
             for side, into in order if round_ % 2 == 0 else order[::-1]:
                 print(f"throughput: {label} {side} round {round_ + 1}", file=sys.stderr)
                 into.append(_ddp(entry, args) if side == "ddp" else _chaos(entry, args))
-    finally:
-        if saved is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = saved
     ddp_s = statistics.median(r["step_s"] for r in ddp)
     chaos_s = statistics.median(r["step_s"] for r in chaos)
     return {
@@ -142,23 +129,6 @@ def _side(runs: list[dict]) -> dict:
     return out
 
 
-def _params(entry: str) -> int:
-    import torch
-    from chaos_worker.training.trainspec import load_trainspec
-
-    spec = load_trainspec(entry, seed=0, dtype=torch.float32, device=torch.device("cpu"))
-    return sum(p.numel() for p in spec.model.parameters() if p.requires_grad)
-
-
-def _steady(stamps: list[float], warmup: int) -> float:
-    """Median gap between consecutive step stamps, the first `warmup` steps left out."""
-    kept = stamps[warmup:]
-    gaps = [b - a for a, b in itertools.pairwise(kept)]
-    if not gaps:
-        raise UserError("too few steps after the warm-up to take a step time")
-    return statistics.median(gaps)
-
-
 def _ddp(entry: str, args: argparse.Namespace) -> dict:
     from chaos_cli.benches import _ddp
 
@@ -173,7 +143,7 @@ def _ddp(entry: str, args: argparse.Namespace) -> dict:
     w = args.warmup
     cpu = [(c[-1] - c[w]) / (len(c) - 1 - w) for c in result.cpu_s]
     return {
-        "step_s": _steady(result.step_stamps, args.warmup),
+        "step_s": steady_step_s(result.step_stamps, args.warmup),
         "steps": len(result.step_stamps),
         "cpu_s": statistics.median(cpu),
     }
@@ -190,8 +160,7 @@ def _chaos(entry: str, args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         device=args.device,
         tls=not args.insecure,
-        # members share the machine's cores with a busy bench: no false suspicions
-        failure_timeout_s=5.0,
+        failure_timeout_s=BUSY_FAILURE_TIMEOUT_S,
     )
     cpu = _CpuSampler(args.warmup, args.steps - 1)
     job = LocalRun(options, on_update=cpu.sample)
@@ -206,7 +175,7 @@ def _chaos(entry: str, args: argparse.Namespace) -> dict:
         if r["step"] >= args.warmup and r.get("slice") and r.get("samples_per_s")
     ]
     return {
-        "step_s": _steady(stamps, args.warmup),
+        "step_s": steady_step_s(stamps, args.warmup),
         "steps": report.steps,
         "compute_s": statistics.median(compute) if compute else None,
         "cpu_s": cpu.per_step(),
