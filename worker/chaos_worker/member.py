@@ -60,7 +60,7 @@ from chaos_worker.net.wire import (
 from chaos_worker.ports import Progress
 from chaos_worker.replication.checkpoint import CheckpointError, load_checkpoint, resolve
 from chaos_worker.replication.checkpointer import Checkpointer
-from chaos_worker.replication.ledger import REFUSED_FILE, SentReader
+from chaos_worker.replication.ledger import HANDSHAKES_FILE, REFUSED_FILE, SentReader
 from chaos_worker.replication.private import PrivateDirectory
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.sidecar import Child, EarlyReplicator, spawn_replicator
@@ -100,15 +100,16 @@ class Member:
         self.phases = {} if phases is None else phases
         self.cfg = config
         self.me = me = config.id
+        metrics = WorkerMetrics(me) if config.metrics_port is not None else None
         if transport_factory is None:
-            tls = LinkTls(config.tls, me) if config.tls else None
+            count = metrics.observe_refused_handshake if metrics else None
+            tls = LinkTls(config.tls, me, count=count) if config.tls else None
             transport_factory = TcpTransport.secured(tls)
         self.spec = spec
         self.address = config.listen
         shapes = parse_links(config.links)
         wire = delays_only(shapes) if config.kernel_shaped else shapes  # tc shapes the rates
         downlink = config.downlink_bytes_per_s
-        metrics = WorkerMetrics(me) if config.metrics_port is not None else None
         rejections = Rejections(metrics.observe_rejected if metrics else None)
         limits = Limits(chunk_bytes=config.bucket_bytes, state_bytes=config.max_state_bytes)
         self.transport = transport_factory(
@@ -377,6 +378,7 @@ class Member:
         assert self.store.directory is not None
         self.telemetry.served = SentReader(self.store.directory).news
         self.telemetry.refused = SentReader(self.store.directory, REFUSED_FILE).news
+        self.telemetry.refused_handshakes = SentReader(self.store.directory, HANDSHAKES_FILE).news
         if self.cfg.replicator_address:
             return self.cfg.replicator_address
         if self._child is None:
