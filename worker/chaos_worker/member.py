@@ -251,7 +251,7 @@ class Member:
             Heartbeat: lambda _, m, __, now: liveness.on_heartbeat(m, now),
             Ping: liveness.on_ping,
             Pong: lambda sender, m, _, now: telemetry.on_pong(sender, m, now),
-            Proposal: lambda _, m, __, now: membership.on_proposal(m, now),
+            Proposal: self._on_proposal,
             LinkGossip: lambda _, m, __, ___: telemetry.merge_links(m.links, self._known_link),
             MemberStatus: lambda _, m, __, now: membership.on_status(m, now),
             Decision: lambda _, m, __, now: membership.on_decision(m, now),
@@ -413,6 +413,11 @@ class Member:
         if view is None or view.paused:
             return []
         return [view] if pending is None else [view, pending.view]
+
+    def _on_proposal(self, _sender: str, proposal: Proposal, _payload: bytes, now: float) -> None:
+        if proposal.mode == "probe":  # a newcomer's, its seal checked: answer its probe
+            self.sponsor.expect_probe(proposal)
+        self.membership.on_proposal(proposal, now)
 
     def _on_join_plan(self, _sender: str, plan: JoinPlan, _payload: bytes, _now: float) -> None:
         if self.sponsor.on_join_plan(plan):  # new, and for this member's own join

@@ -12,6 +12,9 @@ and serves a snapshot only to a newcomer its member admitted to pull it
 certificate names, and the answer goes back under that name, so only to a server holding
 that certificate. A request of anyone else waits a little for the member to record the
 plan (the newcomer may hear of it first), then is refused (`forged`) and answered nothing.
+A probe is answered, with TLS, only to a newcomer that announced it (a peer no member
+that its member recorded), with at most `PROBE_BUDGET_FRAMES` frames per join attempt
+(over it: `unexpected`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from chaos_worker.net.bounds import Reject, Rejections
 from chaos_worker.net.shaping import LinkShape
@@ -35,6 +38,7 @@ from chaos_worker.net.wire import (
     SnapshotManifest,
     SnapshotRequest,
 )
+from chaos_worker.replication.admission import PROBE_BUDGET_FRAMES, keep_newest
 from chaos_worker.replication.snapshot import Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -83,7 +87,8 @@ class Replicator:
         self._workers: dict[str, asyncio.Task] = {}
         self._cache: dict[int, Snapshot] = {}
         self._manifests: Counter[str] = Counter()  # manifest requests in flight, per peer
-        self._refused: set[tuple[str, int]] = set()  # (peer, step) found not admitted
+        self._refused: set[Hashable] = set()  # (peer, step) or peer found not admitted
+        self._probed: dict[str, tuple[str, int]] = {}  # peer -> (attempt, frames sent)
 
     async def start(self, host: str, port: int = 0) -> str:
         """Listen; returns `host:port`."""
@@ -98,7 +103,7 @@ class Replicator:
 
     def _on_message(self, sender: str, message: Message, _payload: bytes) -> None:
         if isinstance(message, ProbeRequest):
-            self._answer_probe(sender, message)
+            asyncio.get_running_loop().create_task(self._answer_probe(sender, message))
             return
         if not isinstance(message, SnapshotRequest):
             return
@@ -177,8 +182,10 @@ class Replicator:
             if self.on_sent is not None:
                 self.on_sent(peer, len(data))
 
-    def _answer_probe(self, peer: str, request: ProbeRequest) -> None:
+    async def _answer_probe(self, peer: str, request: ProbeRequest) -> None:
         """A newcomer times its downlink from here: a train of zero-filled frames."""
+        if not await self._may_probe(peer, request.frames):
+            return
         self.transport.connect(peer, request.reply_to)
         zeros = bytes(request.frame_bytes)
         for index in range(request.frames):
@@ -200,16 +207,43 @@ class Replicator:
     async def _admitted(self, peer: str, step: int) -> bool:
         """Whether `peer` may pull snapshot `step` (always without TLS), waiting a while
         for this member to record its plan."""
+        admissions = self.store.admissions
+        return await self._recorded((peer, step), lambda: admissions.admits(peer, step))
+
+    async def _may_probe(self, peer: str, frames: int) -> bool:
+        """Whether `peer` may pull `frames` probe frames more (always without TLS): it
+        announced a probe attempt (waiting a while for this member to record it), and its
+        frames of that attempt stay within `PROBE_BUDGET_FRAMES`. Refusals are counted."""
         if self._signer is None:
             return True
         admissions = self.store.admissions
-        waited = (peer, step) in self._refused  # waited once already: not again
+        await self._recorded(peer, lambda: admissions.probing(peer) is not None)
+        attempt = admissions.probing(peer)
+        if attempt is None:
+            self._reject(peer, "forged", "a downlink probe of a peer that announced none")
+            return False
+        last, sent = self._probed.pop(peer, (attempt, 0))
+        sent = sent if last == attempt else 0
+        allowed = sent + frames <= PROBE_BUDGET_FRAMES
+        self._probed[peer] = (attempt, sent + frames if allowed else sent)
+        keep_newest(self._probed)
+        if not allowed:
+            detail = f"{sent + frames} probe frames in one join attempt, over {PROBE_BUDGET_FRAMES}"
+            self._reject(peer, "unexpected", detail)
+        return allowed
+
+    async def _recorded(self, key: Hashable, recorded: Callable[[], bool]) -> bool:
+        """Whether this member recorded `key` (always without TLS), waiting a while for it
+        once per key."""
+        if self._signer is None:
+            return True
+        waited = key in self._refused  # waited once already: not again
         deadline = time.monotonic() + (0.0 if waited else self._admission_wait_s)
-        while not admissions.admits(peer, step):
+        while not recorded():
             if time.monotonic() >= deadline:
                 if len(self._refused) >= MAX_QUEUED:
                     self._refused.clear()
-                self._refused.add((peer, step))
+                self._refused.add(key)
                 return False
             await asyncio.sleep(0.005)
         return True
