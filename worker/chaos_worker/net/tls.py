@@ -120,8 +120,9 @@ def qualified(identity: PeerIdentity, own_party: str) -> bool:
 
 def bound_parties(ca: x509.Certificate) -> frozenset[str] | None:
     """The parties a CA of the bundle may name: the hosts of the URI subtrees its
-    NameConstraints permit (a cross-certified CA of another party); None: unbound (our own
-    CA). A CA with constraints but no permitted URI may name no party."""
+    NameConstraints permit (a cross-certified CA of another party, or our own CA bound to
+    our party); None: unbound (our own CA, federating or made before CAs were bound). A CA
+    with constraints but no permitted URI may name no party."""
     try:
         constraints = ca.extensions.get_extension_for_class(x509.NameConstraints).value
     except x509.ExtensionNotFound:
@@ -136,11 +137,15 @@ def bound_parties(ca: x509.Certificate) -> frozenset[str] | None:
 
 def within(ca: x509.Certificate, identity: PeerIdentity) -> bool:
     """Whether a certificate `ca` issued may name `identity` (`bound_parties`, `qualified`):
-    what OpenSSL checks of a TLS chain, for certificates checked outside one (seals)."""
+    what OpenSSL checks of a TLS chain, for certificates checked outside one (seals). A
+    self-signed CA is a party's own: any member of its party; a cross-certified one only
+    members named in their party's name."""
     parties = bound_parties(ca)
     if parties is None:
         return True
-    return identity.party in parties and identity.member.startswith(identity.party + ".")
+    if identity.party not in parties:
+        return False
+    return ca.issuer == ca.subject or identity.member.startswith(identity.party + ".")
 
 
 def _context(files: TlsFiles, *, server: bool) -> ssl.SSLContext:
