@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 
 from chaos_worker.net.bounds import Reject, Rejections
 from chaos_worker.net.shaping import LinkShape
@@ -51,6 +51,8 @@ MAX_QUEUED = 4096
 """Shard requests of one peer queued at once (a puller keeps a few in flight)."""
 MAX_MANIFESTS = 4
 """Manifest requests of one peer answered at once (a puller asks one per source)."""
+MAX_PROBES = 2
+"""Probe requests of one peer answered at once (a newcomer sends one at a time)."""
 
 
 class Replicator:
@@ -86,7 +88,7 @@ class Replicator:
         self._queues: dict[str, asyncio.Queue[SnapshotRequest]] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._cache: dict[int, Snapshot] = {}
-        self._manifests: Counter[str] = Counter()  # manifest requests in flight, per peer
+        self._in_flight: Counter[tuple[str, str]] = Counter()  # (peer, kind) answered now
         self._refused: set[Hashable] = set()  # (peer, step) or peer found not admitted
         self._probed: dict[str, tuple[str, int]] = {}  # peer -> (attempt, frames sent)
 
@@ -102,18 +104,13 @@ class Replicator:
         await self.transport.close()
 
     def _on_message(self, sender: str, message: Message, _payload: bytes) -> None:
-        if isinstance(message, ProbeRequest):
-            asyncio.get_running_loop().create_task(self._answer_probe(sender, message))
+        if isinstance(message, ProbeRequest):  # may wait for its record: not queued
+            self._start(sender, "probe", MAX_PROBES, lambda: self._answer_probe(sender, message))
             return
         if not isinstance(message, SnapshotRequest):
             return
         if message.index is None:  # a manifest is small but needs hashing: do not queue it
-            if self._manifests[sender] >= MAX_MANIFESTS:
-                self._reject(sender, "unexpected", f"over {MAX_MANIFESTS} manifests asked at once")
-                return
-            self._manifests[sender] += 1
-            task = asyncio.get_running_loop().create_task(self._answer(sender, message))
-            task.add_done_callback(lambda _: self._manifest_done(sender))
+            self._start(sender, "manifest", MAX_MANIFESTS, lambda: self._answer(sender, message))
             return
         queue = self._queues.setdefault(sender, asyncio.Queue(MAX_QUEUED))
         try:
@@ -125,10 +122,23 @@ class Replicator:
         if task is None or task.done():
             self._workers[sender] = asyncio.get_running_loop().create_task(self._serve(sender))
 
-    def _manifest_done(self, peer: str) -> None:
-        self._manifests[peer] -= 1
-        if self._manifests[peer] <= 0:
-            del self._manifests[peer]
+    def _start(
+        self, peer: str, kind: str, limit: int, answer: Callable[[], Coroutine[None, None, None]]
+    ) -> None:
+        """Answer in a task of its own, at most `limit` requests of `kind` per peer at once
+        (over it: refused as `unexpected`)."""
+        key = (peer, kind)
+        if self._in_flight[key] >= limit:
+            self._reject(peer, "unexpected", f"over {limit} {kind} requests at once")
+            return
+        self._in_flight[key] += 1
+        task = asyncio.get_running_loop().create_task(answer())
+        task.add_done_callback(lambda _: self._done(key))
+
+    def _done(self, key: tuple[str, str]) -> None:
+        self._in_flight[key] -= 1
+        if self._in_flight[key] <= 0:
+            del self._in_flight[key]
 
     def _on_disconnect(self, peer: str, _graceful: bool) -> None:
         task = self._workers.pop(peer, None)
