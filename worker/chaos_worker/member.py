@@ -60,7 +60,7 @@ from chaos_worker.net.wire import (
 from chaos_worker.ports import Progress
 from chaos_worker.replication.checkpoint import CheckpointError, load_checkpoint, resolve
 from chaos_worker.replication.checkpointer import Checkpointer
-from chaos_worker.replication.ledger import REFUSED_FILE, SentReader
+from chaos_worker.replication.ledger import HANDSHAKES_FILE, REFUSED_FILE, SentReader
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.sidecar import Child, EarlyReplicator, spawn_replicator
 from chaos_worker.replication.snapshot import state_digest
@@ -100,15 +100,16 @@ class Member:
         self.phases = {} if phases is None else phases
         self.cfg = config
         self.me = me = config.id
+        metrics = WorkerMetrics(me) if config.metrics_port is not None else None
         if transport_factory is None:
-            tls = LinkTls(config.tls, me) if config.tls else None
+            count = metrics.observe_refused_handshake if metrics else None
+            tls = LinkTls(config.tls, me, count=count) if config.tls else None
             transport_factory = TcpTransport.secured(tls)
         self.spec = spec
         self.address = config.listen
         shapes = parse_links(config.links)
         wire = delays_only(shapes) if config.kernel_shaped else shapes  # tc shapes the rates
         downlink = config.downlink_bytes_per_s
-        metrics = WorkerMetrics(me) if config.metrics_port is not None else None
         rejections = Rejections(metrics.observe_rejected if metrics else None)
         limits = Limits(chunk_bytes=config.bucket_bytes, state_bytes=config.max_state_bytes)
         self.transport = transport_factory(
@@ -244,7 +245,7 @@ class Member:
             Heartbeat: lambda _, m, __, now: liveness.on_heartbeat(m, now),
             Ping: liveness.on_ping,
             Pong: lambda sender, m, _, now: telemetry.on_pong(sender, m, now),
-            Proposal: lambda _, m, __, now: membership.on_proposal(m, now),
+            Proposal: self._on_proposal,
             LinkGossip: lambda _, m, __, ___: telemetry.merge_links(m.links, self._known_link),
             MemberStatus: lambda _, m, __, now: membership.on_status(m, now),
             Decision: lambda _, m, __, now: membership.on_decision(m, now),
@@ -371,6 +372,7 @@ class Member:
         assert self.store.directory is not None
         self.telemetry.served = SentReader(self.store.directory).news
         self.telemetry.refused = SentReader(self.store.directory, REFUSED_FILE).news
+        self.telemetry.refused_handshakes = SentReader(self.store.directory, HANDSHAKES_FILE).news
         if self.cfg.replicator_address:
             return self.cfg.replicator_address
         if self._child is None:
@@ -405,6 +407,11 @@ class Member:
         if view is None or view.paused:
             return []
         return [view] if pending is None else [view, pending.view]
+
+    def _on_proposal(self, _sender: str, proposal: Proposal, _payload: bytes, now: float) -> None:
+        if proposal.mode == "probe":  # a newcomer's, its seal checked: answer its probe
+            self.sponsor.expect_probe(proposal)
+        self.membership.on_proposal(proposal, now)
 
     def _on_join_plan(self, _sender: str, plan: JoinPlan, _payload: bytes, _now: float) -> None:
         if self.sponsor.on_join_plan(plan):  # new, and for this member's own join

@@ -97,12 +97,17 @@ class NewIdentity:
 
 
 def self_signed_ca(
-    name: x509.Name, not_before: dt.datetime, not_after: dt.datetime, path_length: int = 0
+    name: x509.Name,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    path_length: int = 0,
+    constraints: x509.NameConstraints | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A new P-256 key and a self-signed CA certificate `name` for it (signs leaves only,
-    unless `path_length` lets it certify that many CAs below it)."""
+    unless `path_length` lets it certify that many CAs below it; with `constraints`, a
+    critical NameConstraints extension binds the names below it)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -113,9 +118,10 @@ def self_signed_ca(
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
     )
-    return key, cert
+    if constraints is not None:
+        builder = builder.add_extension(constraints, critical=True)
+    return key, builder.sign(key, hashes.SHA256())
 
 
 def issue(

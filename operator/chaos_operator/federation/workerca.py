@@ -18,6 +18,14 @@ NameConstraints extension that permits URIs of that party's host only (RFC 5280 
 constraints apply to the host: `chaos://<party>/...`) and no CA below it. The pods' trust
 bundle (`bundle`) is our CA, the only trust anchor, and those cross certificates: a
 certificate of party B's CA then verifies only when it names `chaos://B/...`.
+
+A CA that signs leaves only (`path_length=0`: `chaos run`'s, a non-federating operator's
+per namespace) is bound to its own party the same way, by a critical NameConstraints
+extension of its own: a certificate it signs for `chaos://<other party>/...` fails the
+handshake, so even its leaked key mints no member of another party that a verifier
+accepts. A federating CA cannot be bound so: OpenSSL applies a trust anchor's constraints
+to every chain below it, and the other parties' members are below it, through the cross
+certificates. CAs made before carry no constraint and are used as they are.
 """
 
 from __future__ import annotations
@@ -81,7 +89,8 @@ class WorkerAuthority:
         cls, party: str, *, days: float, now: dt.datetime | None = None, path_length: int = 0
     ) -> WorkerAuthority:
         """A new CA valid for `days` from `now` (default: the current time), less `LEEWAY`;
-        `path_length` 1 lets it cross-certify other parties' CAs (federation)."""
+        `path_length` 1 lets it cross-certify other parties' CAs (federation), 0 binds it
+        to its own party (see the module docstring)."""
         start = (now or dt.datetime.now(dt.UTC)) - LEEWAY
         name = x509.Name(
             [
@@ -90,7 +99,8 @@ class WorkerAuthority:
             ]
         )
         end = start + LEEWAY + dt.timedelta(days=days)
-        key, cert = self_signed_ca(name, start, end, path_length)
+        bound = party_constraint(party) if path_length == 0 else None
+        key, cert = self_signed_ca(name, start, end, path_length, bound)
         return cls(party, key, cert)
 
     @classmethod

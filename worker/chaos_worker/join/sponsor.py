@@ -132,6 +132,18 @@ class JoinSponsor:
             strategy=self._cfg.join_strategy,
         )
 
+    def expect_probe(self, proposal: Proposal) -> None:
+        """A newcomer announced its downlink probe (a `probe` join proposal, sealed by
+        itself): this member's replicator may answer it, unless it is a member of a view
+        this member knows (`replication.admission`)."""
+        if proposal.kind != "join" or proposal.mode != "probe" or proposal.subject == self.me:
+            return
+        pending = self._membership.pending
+        views = (self._membership.view, pending.view if pending is not None else None)
+        if any(view is not None and proposal.subject in view.members for view in views):
+            return
+        self._store.admissions.expect_probe(proposal.subject, proposal.id, self._clock())
+
     def on_join_plan(self, plan: JoinPlan) -> bool:
         """Learn of a join: pass the plan on, pin the snapshot it pulls, and stream to the
         observer. True for a new plan of this member's own join (the newcomer's part)."""

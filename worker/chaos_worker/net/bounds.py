@@ -90,17 +90,26 @@ Reject = Callable[[str, str, str], None]
 class Rejections:
     """Messages refused, counted by reason; each peer and reason is logged once.
 
-    `count(reason)` is called for every one (the worker's Prometheus counter).
+    `count(reason)` is called for every one (the worker's Prometheus counter). `reasons`
+    and `what` serve other refusals alike (TLS handshakes: `net.tls.HANDSHAKE_REASONS`).
     """
 
-    def __init__(self, count: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        count: Callable[[str], None] | None = None,
+        *,
+        reasons: tuple[str, ...] = REASONS,
+        what: str = "a message",
+    ) -> None:
         self.counts: Counter[str] = Counter()
         self._count = count
+        self._reasons = reasons
+        self._what = what
         self._logged: set[tuple[str, str]] = set()
 
     def __call__(self, peer: str, reason: str, detail: str) -> None:
-        """Refuse one message from `peer` for `reason` (one of `REASONS`)."""
-        if reason not in REASONS:
+        """Refuse one message from `peer` for `reason` (one of `reasons`)."""
+        if reason not in self._reasons:
             raise ValueError(f"unknown reason {reason!r}")
         self.counts[reason] += 1
         if self._count is not None:
@@ -109,7 +118,8 @@ class Rejections:
         if key not in self._logged and len(self._logged) < MAX_LOGGED:
             self._logged.add(key)
             log.warning(
-                "refused a message from %r (%s): %s; further ones are only counted",
+                "refused %s from %r (%s): %s; further ones are only counted",
+                self._what,
                 peer,
                 reason,
                 detail,

@@ -18,6 +18,11 @@ Renewed files (a pod's Secret that the operator re-issued and the kubelet swappe
 taken up by the next connection either way: `LinkTls.client` and the listener's handshakes
 (through its `sni_callback`) first `refresh`, which reloads the files when they changed.
 Links already open keep the certificate they were made with.
+
+Every handshake this worker refuses, on any of its links, is counted by reason
+(`HANDSHAKE_REASONS`, `LinkTls.refusals`: `chaos_refused_handshakes_total{reason}`) and
+logged once per peer and reason; one the peer refused (an alert it sent) is the peer's to
+count.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 
 from chaos_worker.config import MEMBER_URI, TlsFiles
+from chaos_worker.net.bounds import Rejections
 
 ANY_MEMBER_PREFIX = "_"
 """A peer name starting with this names a link, not a member (the newcomer's `_seed`): the
@@ -40,6 +47,36 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 """How long a listener waits for a client's handshake before it drops the connection."""
+
+HANDSHAKE_REASONS = ("unknown_ca", "expired", "bad_name", "no_certificate", "other")
+"""Why this worker refused a handshake: a certificate of no CA it trusts; one outside its
+validity dates (or its CA's); one that names nobody, a member it may not name (a name
+constraint, `qualified`) or another member than the link is for; none at all; anything else
+(a client that speaks no TLS 1.3, a certificate OpenSSL finds faulty otherwise)."""
+
+_VERIFY_REASONS = {
+    **dict.fromkeys((2, 7, 18, 19, 20, 21), "unknown_ca"),
+    **dict.fromkeys((9, 10), "expired"),
+    **dict.fromkeys((47, 48, 49, 51, 52, 53), "bad_name"),
+}
+"""OpenSSL's verification codes (`X509_V_ERR_*`, stable across versions) by reason: no
+issuer found or trusted (2, 20, 21), a self-signed certificate (18, 19) or a signature of
+another key (7); not yet or no longer valid (9, 10); a name outside a CA's constraints."""
+
+
+def refusal(error: BaseException) -> str | None:
+    """Why a failed handshake was this worker's refusal (`HANDSHAKE_REASONS`); None if it
+    was not: the peer went away, or refused this worker's certificate (its alert)."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(error.verify_code, "other")
+    if not isinstance(error, ssl.SSLError):
+        return None
+    if isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return None
+    reason = error.reason or ""
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no_certificate"
+    return None if "ALERT" in reason else "other"
 
 
 class TlsError(ValueError):
@@ -83,8 +120,9 @@ def qualified(identity: PeerIdentity, own_party: str) -> bool:
 
 def bound_parties(ca: x509.Certificate) -> frozenset[str] | None:
     """The parties a CA of the bundle may name: the hosts of the URI subtrees its
-    NameConstraints permit (a cross-certified CA of another party); None: unbound (our own
-    CA). A CA with constraints but no permitted URI may name no party."""
+    NameConstraints permit (a cross-certified CA of another party, or our own CA bound to
+    our party); None: unbound (our own CA, federating or made before CAs were bound). A CA
+    with constraints but no permitted URI may name no party."""
     try:
         constraints = ca.extensions.get_extension_for_class(x509.NameConstraints).value
     except x509.ExtensionNotFound:
@@ -99,11 +137,15 @@ def bound_parties(ca: x509.Certificate) -> frozenset[str] | None:
 
 def within(ca: x509.Certificate, identity: PeerIdentity) -> bool:
     """Whether a certificate `ca` issued may name `identity` (`bound_parties`, `qualified`):
-    what OpenSSL checks of a TLS chain, for certificates checked outside one (seals)."""
+    what OpenSSL checks of a TLS chain, for certificates checked outside one (seals). A
+    self-signed CA is a party's own: any member of its party; a cross-certified one only
+    members named in their party's name."""
     parties = bound_parties(ca)
     if parties is None:
         return True
-    return identity.party in parties and identity.member.startswith(identity.party + ".")
+    if identity.party not in parties:
+        return False
+    return ca.issuer == ca.subject or identity.member.startswith(identity.party + ".")
 
 
 def _context(files: TlsFiles, *, server: bool) -> ssl.SSLContext:
@@ -137,9 +179,14 @@ class LinkTls:
     """The server and client contexts of one worker, whose certificate names `me`; renewed
     files are taken up by new connections (see the module docstring)."""
 
-    def __init__(self, files: TlsFiles, me: str) -> None:
+    def __init__(
+        self, files: TlsFiles, me: str, *, count: Callable[[str], None] | None = None
+    ) -> None:
+        """`count(reason)` for every handshake refused (the worker's Prometheus counter)."""
         self._files = files
         self._me = me
+        self.refusals = Rejections(count, reasons=HANDSHAKE_REASONS, what="a TLS handshake")
+        """Handshakes refused, by reason; each peer and reason is logged once."""
         self._stamp = self._refused = stamp(files.cert, files.key, files.ca)
         self.me, self._client, self._server = self._load()
         self.server = self._server
@@ -188,6 +235,14 @@ class LinkTls:
         if identity is None or not qualified(identity, self.me.party):
             return None
         return identity
+
+    def failed(self, peer: str, error: BaseException) -> bool:
+        """A handshake with `peer` raised `error`: counted if it was this worker's refusal
+        (`refusal`); whether it was."""
+        reason = refusal(error)
+        if reason is not None:
+            self.refusals(peer, reason, str(error))
+        return reason is not None
 
     def _handshake(
         self, ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext

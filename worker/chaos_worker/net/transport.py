@@ -29,6 +29,8 @@ delay, see `chaos_worker.net.shaping`) and incoming bytes may share one downlink
 With `tls` (`chaos_worker.net.tls`) every connection is mutual TLS 1.3: an incoming peer is
 the member its certificate names (a Hello that claims another id is refused), and an
 outgoing link carries frames only once the server's certificate names the peer it is for.
+A listener upgrades each accepted connection itself (`start_tls`), so that a handshake it
+refuses is counted (`LinkTls.refusals`), as are the refusals of either direction's names.
 """
 
 from __future__ import annotations
@@ -316,12 +318,7 @@ class TcpTransport(QueuedTransport):
 
     async def listen(self, host: str, port: int) -> int:
         """Start accepting connections; returns the bound port (useful with port 0)."""
-        secure = {}
-        if self._tls is not None:
-            secure = {"ssl": self._tls.server, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S}
-        self._server = await asyncio.start_server(
-            self._serve, host, port, reuse_address=True, **secure
-        )
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
         return self._server.sockets[0].getsockname()[1]
 
     def _drop_incoming(self, peer: str) -> None:
@@ -354,7 +351,9 @@ class TcpTransport(QueuedTransport):
             closed = await asyncio.wait_for(reader.read(1), LINGER_S) == b""
         except TimeoutError:
             closed = False
-        except OSError:
+        except OSError as exc:
+            if self._tls is not None:
+                self._tls.failed(address, exc)
             closed = True
         finally:
             writer.close()
@@ -400,9 +399,10 @@ class TcpTransport(QueuedTransport):
                 server = self._tls.peer(writer.get_extra_info("ssl_object"))
                 if names(peer, server):
                     return writer
-                self._warn_once(peer, "names", "the server for %s is %s", peer, server)
+                self._tls.refusals(peer, "bad_name", f"the server for {peer} is {server}")
             except ssl.SSLError as exc:  # verification failed, one way or the other
-                self._warn_once(peer, "handshake", "TLS to %s failed: %s", peer, exc)
+                if not self._tls.failed(peer, exc):  # the server refused ours (it counts that)
+                    self._warn_once(peer, "handshake", "TLS to %s failed: %s", peer, exc)
             except OSError:  # reset or closed during the handshake: as a failed connect
                 pass
             writer.close()
@@ -417,7 +417,7 @@ class TcpTransport(QueuedTransport):
         holder = self._tls.peer(writer.get_extra_info("ssl_object"))
         if holder is not None and holder.member == claimed:
             return True
-        self._warn_once(claimed, "hello", "refused a Hello as %s from %s", claimed, holder)
+        self._tls.refusals(claimed, "bad_name", f"a Hello as {claimed} from {holder}")
         return False
 
     def _warn_once(self, peer: str, what: str, text: str, *args: object) -> None:
@@ -432,6 +432,8 @@ class TcpTransport(QueuedTransport):
         sender = None
         graceful = False
         try:
+            if self._tls is not None:
+                await self._accept_tls(writer)
             first, _ = await self._read_frame(reader)
             if not isinstance(first, Hello) or first.sender in self._blocked:
                 return
@@ -462,6 +464,16 @@ class TcpTransport(QueuedTransport):
             if sender is not None and writer in self._in.get(sender, ()):
                 self._in[sender].discard(writer)
                 self._report_disconnect(sender, graceful)
+
+    async def _accept_tls(self, writer: asyncio.StreamWriter) -> None:
+        """The server's half of an incoming connection's handshake; a refusal is counted
+        (`LinkTls.failed`) and raises, as a peer that went away does."""
+        assert self._tls is not None
+        try:
+            await writer.start_tls(self._tls.server, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except ssl.SSLError as exc:
+            self._tls.failed(_host_of(writer, "before its handshake"), exc)
+            raise
 
     async def _read_frame(
         self, reader: asyncio.StreamReader, sender: str | None = None
@@ -545,7 +557,7 @@ async def _read_payload(
     return b"".join(pieces)
 
 
-def _host_of(writer: asyncio.StreamWriter) -> str:
+def _host_of(writer: asyncio.StreamWriter, when: str = "before hello") -> str:
     """The remote host of a connection that has not named itself (logged once per host)."""
     peer = writer.get_extra_info("peername")
-    return f"{peer[0]} (before hello)" if peer else "unknown peer (before hello)"
+    return f"{peer[0]} ({when})" if peer else f"unknown peer ({when})"

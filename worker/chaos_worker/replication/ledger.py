@@ -5,7 +5,8 @@ a trainer starts) shares only the snapshot directory with its trainer. It keeps 
 there (`SentLedger`), and the trainer turns them into its
 `chaos_replication_bytes_total{direction="sent"}` counter (`SentReader`), so a pod's one
 metrics endpoint counts what its sidecar served. The requests it refused are kept the same
-way, per reason (`REFUSED_FILE`), for `chaos_rejected_messages_total`.
+way, per reason (`REFUSED_FILE`), for `chaos_rejected_messages_total`, and the TLS
+handshakes it refused (`HANDSHAKES_FILE`), for `chaos_refused_handshakes_total`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from chaos_worker.replication.private import write_atomically
 LEDGER_FILE = "sent.json"
 REFUSED_FILE = "refused.json"
 """Requests a replicator process refused, per reason (`net.bounds.REASONS`)."""
+HANDSHAKES_FILE = "handshakes.json"
+"""Handshakes a replicator process refused, per reason (`net.tls.HANDSHAKE_REASONS`)."""
 WRITE_EVERY_S = 0.2
 """How often a replicator rewrites its ledger while it grows."""
 

@@ -12,6 +12,9 @@ and serves a snapshot only to a newcomer its member admitted to pull it
 certificate names, and the answer goes back under that name, so only to a server holding
 that certificate. A request of anyone else waits a little for the member to record the
 plan (the newcomer may hear of it first), then is refused (`forged`) and answered nothing.
+A probe is answered, with TLS, only to a newcomer that announced it (a peer no member
+that its member recorded), with at most `PROBE_BUDGET_FRAMES` frames per join attempt
+(over it: `unexpected`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Hashable
 
 from chaos_worker.net.bounds import Reject, Rejections
 from chaos_worker.net.shaping import LinkShape
@@ -35,6 +38,7 @@ from chaos_worker.net.wire import (
     SnapshotManifest,
     SnapshotRequest,
 )
+from chaos_worker.replication.admission import PROBE_BUDGET_FRAMES, keep_newest
 from chaos_worker.replication.snapshot import Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,8 @@ MAX_QUEUED = 4096
 """Shard requests of one peer queued at once (a puller keeps a few in flight)."""
 MAX_MANIFESTS = 4
 """Manifest requests of one peer answered at once (a puller asks one per source)."""
+MAX_PROBES = 2
+"""Probe requests of one peer answered at once (a newcomer sends one at a time)."""
 
 
 class Replicator:
@@ -82,8 +88,9 @@ class Replicator:
         self._queues: dict[str, asyncio.Queue[SnapshotRequest]] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._cache: dict[int, Snapshot] = {}
-        self._manifests: Counter[str] = Counter()  # manifest requests in flight, per peer
-        self._refused: set[tuple[str, int]] = set()  # (peer, step) found not admitted
+        self._in_flight: Counter[tuple[str, str]] = Counter()  # (peer, kind) answered now
+        self._refused: set[Hashable] = set()  # (peer, step) or peer found not admitted
+        self._probed: dict[str, tuple[str, int]] = {}  # peer -> (attempt, frames sent)
 
     async def start(self, host: str, port: int = 0) -> str:
         """Listen; returns `host:port`."""
@@ -97,18 +104,13 @@ class Replicator:
         await self.transport.close()
 
     def _on_message(self, sender: str, message: Message, _payload: bytes) -> None:
-        if isinstance(message, ProbeRequest):
-            self._answer_probe(sender, message)
+        if isinstance(message, ProbeRequest):  # may wait for its record: not queued
+            self._start(sender, "probe", MAX_PROBES, lambda: self._answer_probe(sender, message))
             return
         if not isinstance(message, SnapshotRequest):
             return
         if message.index is None:  # a manifest is small but needs hashing: do not queue it
-            if self._manifests[sender] >= MAX_MANIFESTS:
-                self._reject(sender, "unexpected", f"over {MAX_MANIFESTS} manifests asked at once")
-                return
-            self._manifests[sender] += 1
-            task = asyncio.get_running_loop().create_task(self._answer(sender, message))
-            task.add_done_callback(lambda _: self._manifest_done(sender))
+            self._start(sender, "manifest", MAX_MANIFESTS, lambda: self._answer(sender, message))
             return
         queue = self._queues.setdefault(sender, asyncio.Queue(MAX_QUEUED))
         try:
@@ -120,10 +122,23 @@ class Replicator:
         if task is None or task.done():
             self._workers[sender] = asyncio.get_running_loop().create_task(self._serve(sender))
 
-    def _manifest_done(self, peer: str) -> None:
-        self._manifests[peer] -= 1
-        if self._manifests[peer] <= 0:
-            del self._manifests[peer]
+    def _start(
+        self, peer: str, kind: str, limit: int, answer: Callable[[], Coroutine[None, None, None]]
+    ) -> None:
+        """Answer in a task of its own, at most `limit` requests of `kind` per peer at once
+        (over it: refused as `unexpected`)."""
+        key = (peer, kind)
+        if self._in_flight[key] >= limit:
+            self._reject(peer, "unexpected", f"over {limit} {kind} requests at once")
+            return
+        self._in_flight[key] += 1
+        task = asyncio.get_running_loop().create_task(answer())
+        task.add_done_callback(lambda _: self._done(key))
+
+    def _done(self, key: tuple[str, str]) -> None:
+        self._in_flight[key] -= 1
+        if self._in_flight[key] <= 0:
+            del self._in_flight[key]
 
     def _on_disconnect(self, peer: str, _graceful: bool) -> None:
         task = self._workers.pop(peer, None)
@@ -177,8 +192,10 @@ class Replicator:
             if self.on_sent is not None:
                 self.on_sent(peer, len(data))
 
-    def _answer_probe(self, peer: str, request: ProbeRequest) -> None:
+    async def _answer_probe(self, peer: str, request: ProbeRequest) -> None:
         """A newcomer times its downlink from here: a train of zero-filled frames."""
+        if not await self._may_probe(peer, request.frames):
+            return
         self.transport.connect(peer, request.reply_to)
         zeros = bytes(request.frame_bytes)
         for index in range(request.frames):
@@ -200,16 +217,43 @@ class Replicator:
     async def _admitted(self, peer: str, step: int) -> bool:
         """Whether `peer` may pull snapshot `step` (always without TLS), waiting a while
         for this member to record its plan."""
+        admissions = self.store.admissions
+        return await self._recorded((peer, step), lambda: admissions.admits(peer, step))
+
+    async def _may_probe(self, peer: str, frames: int) -> bool:
+        """Whether `peer` may pull `frames` probe frames more (always without TLS): it
+        announced a probe attempt (waiting a while for this member to record it), and its
+        frames of that attempt stay within `PROBE_BUDGET_FRAMES`. Refusals are counted."""
         if self._signer is None:
             return True
         admissions = self.store.admissions
-        waited = (peer, step) in self._refused  # waited once already: not again
+        await self._recorded(peer, lambda: admissions.probing(peer) is not None)
+        attempt = admissions.probing(peer)
+        if attempt is None:
+            self._reject(peer, "forged", "a downlink probe of a peer that announced none")
+            return False
+        last, sent = self._probed.pop(peer, (attempt, 0))
+        sent = sent if last == attempt else 0
+        allowed = sent + frames <= PROBE_BUDGET_FRAMES
+        self._probed[peer] = (attempt, sent + frames if allowed else sent)
+        keep_newest(self._probed)
+        if not allowed:
+            detail = f"{sent + frames} probe frames in one join attempt, over {PROBE_BUDGET_FRAMES}"
+            self._reject(peer, "unexpected", detail)
+        return allowed
+
+    async def _recorded(self, key: Hashable, recorded: Callable[[], bool]) -> bool:
+        """Whether this member recorded `key` (always without TLS), waiting a while for it
+        once per key."""
+        if self._signer is None:
+            return True
+        waited = key in self._refused  # waited once already: not again
         deadline = time.monotonic() + (0.0 if waited else self._admission_wait_s)
-        while not admissions.admits(peer, step):
+        while not recorded():
             if time.monotonic() >= deadline:
                 if len(self._refused) >= MAX_QUEUED:
                     self._refused.clear()
-                self._refused.add((peer, step))
+                self._refused.add(key)
                 return False
             await asyncio.sleep(0.005)
         return True

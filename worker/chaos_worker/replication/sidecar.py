@@ -27,7 +27,7 @@ from chaos_worker.net.signing import Signer
 from chaos_worker.net.tls import LinkTls
 from chaos_worker.net.transport import TcpTransport, parse_address
 from chaos_worker.priority import die_with_parent, exit_at_once, lower_this_thread
-from chaos_worker.replication.ledger import REFUSED_FILE, SentLedger
+from chaos_worker.replication.ledger import HANDSHAKES_FILE, REFUSED_FILE, SentLedger
 from chaos_worker.replication.private import PrivateDirectory
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.snapshot import SnapshotStore
@@ -61,12 +61,14 @@ async def serve(
     shapes = parse_links(links)
     wire = delays_only(shapes) if kernel_shaped else shapes
     ledger, refused = SentLedger(directory), SentLedger(directory, REFUSED_FILE)
+    handshakes = SentLedger(directory, HANDSHAKES_FILE)
+    link_tls = LinkTls(tls, member, count=lambda r: handshakes.add(r, 1)) if tls else None
     replicator = Replicator(
         member,
         SnapshotStore(directory),
         shape=lambda peer: shape_for(wire, member, peer),
         on_sent=ledger.add,
-        transport_factory=TcpTransport.secured(LinkTls(tls, member) if tls else None),
+        transport_factory=TcpTransport.secured(link_tls),
         signer=Signer(tls, member) if tls else None,
         reject=Rejections(lambda reason: refused.add(reason, 1)),
     )
@@ -78,7 +80,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    writers = [loop.create_task(kept.keep_written()) for kept in (ledger, refused)]
+    writers = [loop.create_task(kept.keep_written()) for kept in (ledger, refused, handshakes)]
     try:
         await stop.wait()
     finally:

@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from chaos_worker.net.bounds import REASONS
+from chaos_worker.net.tls import HANDSHAKE_REASONS
 from chaos_worker.telemetry.exporter import STEP_BUCKETS, Exporter
 from chaos_worker.telemetry.linktable import LinkReading, LinkTable
 
@@ -147,12 +148,21 @@ class WorkerMetrics(Exporter):
         self.rejected = Counter(
             "chaos_rejected_messages",
             "Messages from peers refused and dropped alone (the link goes on), by reason: "
-            "oversize, malformed, nonfinite, stale, unexpected.",
+            "oversize, malformed, nonfinite, stale, unexpected, forged.",
             ["reason"],
             registry=r,
         )
         for reason in REASONS:
             self.rejected.labels(reason)
+        self.refused_handshakes = Counter(
+            "chaos_refused_handshakes",
+            "TLS handshakes of peers this worker refused (trainer and replicator), by reason: "
+            "unknown_ca, expired, bad_name, no_certificate, other.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in HANDSHAKE_REASONS:
+            self.refused_handshakes.labels(reason)
         self.checkpoint_step = Gauge(
             "chaos_checkpoint_step",
             "Step of the newest checkpoint this worker wrote or resumed from (-1: none).",
@@ -211,6 +221,10 @@ class WorkerMetrics(Exporter):
     def observe_rejected(self, reason: str, count: int = 1) -> None:
         """`count` messages from peers were refused for `reason` (`net.bounds.REASONS`)."""
         self.rejected.labels(reason).inc(count)
+
+    def observe_refused_handshake(self, reason: str, count: int = 1) -> None:
+        """`count` TLS handshakes were refused for `reason` (`net.tls.HANDSHAKE_REASONS`)."""
+        self.refused_handshakes.labels(reason).inc(count)
 
     def observe_resumed(self, step: int, skipped: Iterable[str]) -> None:
         """This initial member resumed from the checkpoint of `step` (0: none was sound),

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from chaos_worker.net.bounds import REASONS
+from chaos_worker.net.tls import HANDSHAKE_REASONS
 from chaos_worker.net.wire import Decision, LinkGossip, Ping, Pong
 from chaos_worker.ports import Clock, Outbox
 from chaos_worker.telemetry.metrics import WorkerMetrics
@@ -33,6 +34,8 @@ class Telemetry:
         """What a replicator process (sidecar or child) sent since the last look."""
         self.refused: Callable[[], dict[str, int]] | None = None
         """Requests it refused since the last look, per reason (`net.bounds.REASONS`)."""
+        self.refused_handshakes: Callable[[], dict[str, int]] | None = None
+        """Handshakes it refused since the last look, per reason (`net.tls`)."""
         self._out = outbox
         self._clock = clock
         self._scale_out_from: float | None = None  # a newcomer's join request, until it steps
@@ -102,6 +105,10 @@ class Telemetry:
             for reason, count in self.refused().items():
                 if reason in REASONS:  # the file is the replicator's, still checked
                     self.metrics.observe_rejected(reason, count)
+        if self.refused_handshakes is not None:
+            for reason, count in self.refused_handshakes().items():
+                if reason in HANDSHAKE_REASONS:
+                    self.metrics.observe_refused_handshake(reason, count)
 
     def count_replication(self, peer: str, direction: str, nbytes: int) -> None:
         if self.metrics is not None and nbytes:
