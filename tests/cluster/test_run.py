@@ -8,12 +8,16 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from chaos_cli.commands.run import options_from
 from chaos_cli.local.churn import parse_churn
-from chaos_cli.local.launcher import JobOptions, LocalRun
+from chaos_cli.local.launcher import KEEP_RUN_DIR, JobOptions, LocalRun
+from chaos_cli.main import build_parser
 from chaos_worker.examples import EXAMPLES
 
 pytestmark = pytest.mark.cluster
@@ -171,6 +175,18 @@ def test_join_survives_a_source_crash_mid_transfer() -> None:
     assert join["bytes_per_source"]["w1"] == 0  # w1's shards came from the others
     assert [c["removed"] for c in joined["membership"] if c["removed"]] == [["w1"]]
     assert [c["added"] for c in joined["membership"] if c["added"]] == [["w5"]]
+
+
+def run_until_joined(tmp_path: Path, argv: list[str], joined_steps: int = 10) -> dict:
+    """The report of `chaos run ARGV`, run in this process with its run directory kept
+    under `tmp_path`, ended once every newcomer trained `joined_steps` steps: the trainers
+    do not wait for a join, so a run of a fixed number of steps could end before it did
+    on a loaded machine. ARGV's `--steps` is only an upper bound."""
+    options = options_from(build_parser().parse_args(argv))
+    options = replace(options, stop_after_join_steps=joined_steps)
+    env = {"TMPDIR": str(tmp_path), KEEP_RUN_DIR: "1"}
+    with mock.patch.dict(os.environ, env), mock.patch.object(tempfile, "tempdir", None):
+        return asyncio.run(LocalRun(options).run()).model_dump()
 
 
 def stopped_at(options: JobOptions, steps: int) -> dict:
