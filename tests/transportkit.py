@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chaos_worker.net.bounds import Guard, Limits
+from chaos_worker.net.shaping import LinkShape
 from chaos_worker.net.transport import TcpTransport, Transport, TransportFactory
 from chaos_worker.net.wire import Chunk, Message
 
@@ -31,7 +32,11 @@ class Node:
 
 
 async def start(
-    name: str, *, max_payload: int = 1 << 30, factory: TransportFactory = TcpTransport
+    name: str,
+    *,
+    max_payload: int = 1 << 30,
+    factory: TransportFactory = TcpTransport,
+    shape: Callable[[str], LinkShape] | None = None,
 ) -> Node:
     got: list[tuple[str, Message, bytes]] = []
     gone: list[tuple[str, bool]] = []
@@ -40,6 +45,7 @@ async def start(
         lambda sender, message, payload: got.append((sender, message, payload)),
         lambda peer, graceful: gone.append((peer, graceful)),
         max_payload=max_payload,
+        shape=shape,
     )
     # the kit's frames are chunks of any size: each type may carry up to `max_payload`
     transport.guard = Guard(Limits(chunk_bytes=max_payload, state_bytes=max_payload))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import pytest
 from chaos_worker.net.loop import LoopNetwork
+from chaos_worker.net.shaping import LinkShape
 from chaos_worker.net.transport import TcpTransport, TransportFactory
 from chaos_worker.net.wire import Ping
 
@@ -216,6 +217,33 @@ def test_close_flushes_what_is_queued_before_it_goes(new_factory: NewFactory) ->
         assert pumps and all(task.done() for task in pumps)
         await until(lambda: b.gone, "a's goodbye at b")
         assert b.payloads_from("a") == payloads
+        assert b.gone == [("a", True)]
+        await close_all(b)
+
+    asyncio.run(scenario())
+
+
+def test_close_flushes_links_dropped_with_a_goodbye_before_it(new_factory: NewFactory) -> None:
+    """A leaver installs the view without itself first, which drops its links with a
+    goodbye (queued behind its last totals), then closes its transport and exits. Over a
+    link with a delay those frames are still waiting when `close` is called: it used to see
+    only the links still held, return at once, and the child took the closed link for a
+    crash and never got its last total (the soak's stall after a root's leave)."""
+
+    async def scenario() -> None:
+        factory = new_factory()
+        delayed = LinkShape(delay_s=0.05)
+        a = await start("a", factory=factory, shape=lambda _peer: delayed)
+        b = await start("b", factory=factory)
+        a.transport.connect("b", b.address)
+        assert a.transport.send("b", chunk("a", 0, count=1), b"last total")
+        pumps = [link.task for link in a.transport._out.values()]  # type: ignore[attr-defined]
+        a.transport.disconnect("b", goodbye=True)  # the leaver's new view has no links
+        await a.transport.close()
+        # what a leaver's process does next is exit: close returns once all is written
+        assert pumps and all(task.done() for task in pumps)
+        await until(lambda: b.gone, "a's goodbye at b")
+        assert b.payloads_from("a") == [b"last total"]
         assert b.gone == [("a", True)]
         await close_all(b)
 

@@ -203,6 +203,7 @@ class QueuedTransport:
         self._max_payload = max_payload
         self.guard = Guard()
         self._out: dict[str, OutgoingLink] = {}
+        self._draining: set[asyncio.Task] = set()  # links dropped with a goodbye, flushing
         self._blocked: set[str] = set()
         self._closing = False
 
@@ -225,6 +226,8 @@ class QueuedTransport:
         if goodbye:
             out.put(encode(Goodbye(sender=self.me)))
             out.put(None)
+            self._draining.add(out.task)
+            out.task.add_done_callback(self._draining.discard)
         else:
             out.task.cancel()
 
@@ -261,13 +264,12 @@ class QueuedTransport:
     async def close(self) -> None:
         """Say goodbye on every link, flush, and stop."""
         self._closing = True
-        # the links first: `disconnect` forgets them, and their pumps must be awaited to
-        # flush what is queued (a leaver's last totals down the tree, its goodbyes)
-        tasks = [o.task for o in self._out.values() if o.task]
+        # every pump still flushing is awaited (a leaver's last totals down the tree, its
+        # goodbyes), also those of links dropped before, as a leaver's new view drops all
         for peer in list(self._out):
             self.disconnect(peer, goodbye=True)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
+            await asyncio.wait_for(asyncio.gather(*self._draining, return_exceptions=True), 1.0)
         await self._stop()
 
     def _report_disconnect(self, peer: str, graceful: bool) -> None:
