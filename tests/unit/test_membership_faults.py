@@ -214,8 +214,29 @@ def test_a_paused_member_keeps_the_first_planned_decision_that_admits_it() -> No
         (0.5, event(pause), None),
         (1.0, decision(without.model_copy(update={"epoch": 2}), 42), None),
         (1.1, decision(without.model_copy(update={"epoch": 3}), 43), None),
-        (1.2, decision(W4.model_copy(update={"epoch": 4}), 44), None),
-        (1.3, decision(grown.model_copy(update={"epoch": 5}), 45), None),
+        (1.2, decision(W4.model_copy(update={"epoch": 4}), 44, joins=("w3",)), None),
+        (1.3, decision(grown.model_copy(update={"epoch": 5}), 45, joins=("w4",)), None),
+    ])  # fmt: skip
+    assert h.membership.pending is not None and h.membership.pending.view.epoch == 4
+
+
+def test_a_decision_agreed_before_a_member_paused_does_not_admit_it() -> None:
+    """w3 agreed the root's leave (epoch 2, w3 still a member) but never reached its step:
+    its parent left before passing the last total down, and w3 paused itself out. The
+    decision that joins it back (epoch 4) is the one it takes its state copy for: it used
+    to wait for a state for the leave, which holds it but sends it nothing, and refuse the
+    one sent for its join as meant for another decision (the soak's stall after a root's
+    leave)."""
+
+    def pause(h: Harness) -> None:
+        h.membership.view = h.membership.view.model_copy(update={"paused": True})
+
+    leave = mesh("w1", "w2", "w3")
+    h = run_table("w3", W4, [
+        (0.4, decision(leave.model_copy(update={"epoch": 2}), 40), None),
+        (0.5, event(pause), None),
+        (1.0, decision(W4.model_copy(update={"epoch": 4}), 44, joins=("w3",)), None),
+        (1.1, decision(W4.model_copy(update={"epoch": 5}), 45), None),
     ])  # fmt: skip
     assert h.membership.pending is not None and h.membership.pending.view.epoch == 4
 
@@ -232,9 +253,9 @@ def test_a_paused_member_that_withdraws_from_its_admission_can_be_admitted_again
 
     h = run_table("w3", W4, [
         (0.5, event(pause), None),
-        (1.0, decision(W4.model_copy(update={"epoch": 4}), 44), None),
+        (1.0, decision(W4.model_copy(update={"epoch": 4}), 44, joins=("w3",)), None),
         (2.0, event(withdraw), None),
-        (2.5, decision(W4.model_copy(update={"epoch": 6}), 60), None),
+        (2.5, decision(W4.model_copy(update={"epoch": 6}), 60, joins=("w3",)), None),
     ])  # fmt: skip
     assert h.membership.pending is not None and h.membership.pending.view.epoch == 6
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from chaos_worker.membership.protocol import Listeners, Membership
 from chaos_worker.membership.view import View, full_mesh, initial_view
-from chaos_worker.net.wire import Decision, MemberStatus, Proposal, WireMessage
+from chaos_worker.net.wire import Cause, Decision, MemberStatus, Proposal, WireMessage
 from chaos_worker.ports import Progress
 from chaos_worker.telemetry.telemetry import Telemetry
 
@@ -196,14 +196,19 @@ def status(origin: str, completed: int, round: int = 1) -> Event:
     return event(lambda h: h.membership.on_status(message, h.now))
 
 
-def decision(view: View, effective_step: int, *, immediate: bool = False) -> Event:
-    """A decision flooded to the member under test (from the root, w0)."""
+def decision(
+    view: View, effective_step: int, *, immediate: bool = False, joins: tuple[str, ...] = ()
+) -> Event:
+    """A decision flooded to the member under test (from the root, w0), admitting the
+    members `joins` (a copy join each)."""
+    causes = [Cause(id=f"join:{m}", kind="join", subject=m, detected_at=0.0) for m in joins]
     message = Decision(
         id=f"d{view.epoch}",
         origin="w0",
         view=view,
         effective_step=effective_step,
         immediate=immediate,
+        causes=causes,
     )
 
     def take(h: Harness) -> None:

@@ -32,7 +32,7 @@ from chaos_worker.join.state import StateInbox
 from chaos_worker.membership.liveness import Liveness
 from chaos_worker.membership.protocol import Membership
 from chaos_worker.membership.readiness import ask_now, ready_in, step_period, switch_decision
-from chaos_worker.membership.rules import state_witness
+from chaos_worker.membership.rules import joining, state_witness
 from chaos_worker.net.bounds import Reject
 from chaos_worker.net.shaping import TokenBucket
 from chaos_worker.net.signing import Verifier
@@ -460,7 +460,7 @@ class Newcomer:
     def on_state(self, sender: str, message: StateTransfer, payload: bytes) -> None:
         """The full state of a `copy` join (or a rejoin), held once checked."""
         decision = self._decision if self._membership.view is None else self._membership.pending
-        if decision is not None and self.me not in decision.view.members:
+        if decision is not None and self.me not in joining(decision):
             decision = None  # not the one admitting this member: judged when that one is
         if self._states.offer(sender, message, payload, decision):
             self._news.notify()
@@ -501,8 +501,8 @@ class Newcomer:
         refused: set[str] = set()  # decisions whose state failed its witness's word
 
         def admitting() -> Decision | None:
-            decision = membership.pending
-            if decision is None or self.me not in decision.view.members:
+            decision = membership.pending  # one agreed before the pause holds us, not joins
+            if decision is None or self.me not in joining(decision):
                 return None
             return None if decision.id in refused else decision
 

@@ -3,12 +3,13 @@
 The root decides the next planned change only once it installed the last one, so a member
 still short of one decision's step may already hold the next: both are kept and installed
 in turn. A paused member takes a state copy rather than the steps in between, so for it a
-later decision replaces the others until one admits it; that one is kept, since the state
+later decision replaces the others until one admits it (joins it); that one is kept, since the state
 it is sent is for that decision, and the later ones queue after it.
 """
 
 from __future__ import annotations
 
+from chaos_worker.membership.rules import joining
 from chaos_worker.net.wire import Decision
 
 
@@ -27,9 +28,11 @@ class Planned:
         return list(self._queue)
 
     def admits(self, member: str) -> bool:
-        """Whether a queued decision holds `member`: one that takes a state copy keeps the
-        first such (the state it is sent is for that one) and the later ones after it."""
-        return any(member in d.view.members for d in self._queue)
+        """Whether a queued decision joins `member` (a cause of it admits `member`): one
+        that takes a state copy keeps the first such (the state it is sent is for that
+        one) and the later ones after it. A decision that merely holds a paused member,
+        agreed before it was paused, admits it no more: it has no state for its step."""
+        return any(member in joining(d) for d in self._queue)
 
     def add(self, decision: Decision, *, replace: bool) -> None:
         """Queue `decision` after the others (`replace`: instead of them). One no later
