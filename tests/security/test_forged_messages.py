@@ -104,11 +104,6 @@ async def guarded_node(name: str, ca: WorkerCA, known: list[View]) -> Guarded:
     return guarded
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> WorkerCA:
-    return WorkerCA(tmp_path / "run-ca", "local")
-
-
 def test_forgeries_of_an_authenticated_member_are_refused_counted_and_not_forwarded(
     ca: WorkerCA,
 ) -> None:

@@ -34,16 +34,6 @@ from tests.transportkit import DEADLINE_S, Node, close_all, start, until
 pytestmark = pytest.mark.security
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> WorkerCA:
-    return WorkerCA(tmp_path / "run-ca", "local")
-
-
-@pytest.fixture
-def other_ca(tmp_path: Path) -> WorkerCA:
-    return WorkerCA(tmp_path / "other-ca", "local")
-
-
 async def secure(name: str, files: TlsFiles) -> Node:
     """A listening TcpTransport `name` with mutual TLS from `files`."""
     return await start(name, factory=TcpTransport.secured(LinkTls(files, name)))

@@ -45,11 +45,6 @@ from tests.transportkit import close_all, until
 pytestmark = pytest.mark.security
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> WorkerCA:
-    return WorkerCA(tmp_path / "run-ca", "local")
-
-
 def minted(ca: WorkerCA, party: str, member: str) -> TlsFiles:
     """A leaf for `chaos://<party>/<member>` signed with the CA's own key, as whoever holds
     a leaked `ca.key` would make it."""

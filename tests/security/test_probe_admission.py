@@ -37,11 +37,6 @@ pytestmark = pytest.mark.security
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> WorkerCA:
-    return WorkerCA(tmp_path / "run-ca", "local")
-
-
 def announce(ca: WorkerCA, name: str, address: str) -> Proposal:
     """`name`'s sealed `probe` proposal, as a newcomer's `_measure_downlinks` sends it."""
     proposal = Proposal(

@@ -29,16 +29,6 @@ from tests.transportkit import Node, close_all, start, until
 pytestmark = pytest.mark.security
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> WorkerCA:
-    return WorkerCA(tmp_path / "run-ca", "local")
-
-
-@pytest.fixture
-def other_ca(tmp_path: Path) -> WorkerCA:
-    return WorkerCA(tmp_path / "other-ca", "local")
-
-
 def refused(metrics: WorkerMetrics) -> dict[str, float]:
     """`chaos_refused_handshakes_total` by reason, as a scrape reads it (zeros left out)."""
     values = {

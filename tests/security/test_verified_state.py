@@ -53,11 +53,6 @@ pytestmark = pytest.mark.security
 STEP = 3
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> WorkerCA:
-    return WorkerCA(tmp_path / "run-ca", "local")
-
-
 def job(seed: int = 0, steps: int = 2) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
