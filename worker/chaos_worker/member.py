@@ -201,6 +201,7 @@ class Member:
             shapes=shapes,
             store=store,
             telemetry=telemetry,
+            totals_sent=lambda: collective.down_sent,
             **common,
         )
         self.trainer = trainer = Trainer(

@@ -3,7 +3,10 @@ totals to observers, and the full-state copy of a `copy` join.
 
 A newcomer that asks to observe gets a `JoinPlan` from the root: which member's replicator
 serves which shards of snapshot `step` (planned from the link figures, `join/plan.py`).
-The plan is flooded; every source pins that snapshot until the step in which the newcomer
+Members publish only the snapshots a join or a checkpoint asks for (`Trainer.apply`), so
+`step` is one whose total has not left the root yet: the plan, flooded ahead of that
+total on every path (ADR 0001), reaches every member before it could publish the
+snapshot. Every source publishes it and pins it until the step in which the newcomer
 switches in is reduced, and the root streams the total of every step from `step` on to the
 newcomer, which replays them. A `copy` join gets the whole state in one `StateTransfer`
 from one member, at the step the newcomer switches in.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -35,7 +38,7 @@ from chaos_worker.net.wire import (
     StateWitness,
 )
 from chaos_worker.ports import Clock, Outbox, Progress
-from chaos_worker.replication.snapshot import SnapshotStore, state_digest
+from chaos_worker.replication.snapshot import SnapshotStore, layout_of, state_digest
 from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.trainspec import TrainSpec
 
@@ -57,10 +60,13 @@ class JoinSponsor:
         shapes: dict[str, LinkShape],
         store: SnapshotStore,
         telemetry: Telemetry,
+        totals_sent: Callable[[], tuple[int, int] | None],
         outbox: Outbox,
         progress: Progress,
         clock: Clock,
     ) -> None:
+        """`totals_sent()`: (epoch, step) of the last all-reduce whose totals this member,
+        as root, began to send down (`TreeAllReduce.down_sent`)."""
         self.me = me
         self.observers: dict[str, JoinPlan] = {}
         """Newcomers pulling a planned snapshot, until they switch in."""
@@ -71,6 +77,7 @@ class JoinSponsor:
         self._shapes = shapes
         self._store = store
         self._telemetry = telemetry
+        self._totals_sent = totals_sent
         self._out = outbox
         self._progress = progress
         self._clock = clock
@@ -79,7 +86,7 @@ class JoinSponsor:
 
     def plan_join(self, proposal: Proposal, view: View, leaving: Iterable[str]) -> bool:
         """As root, give a newcomer that asked to observe its shard plan (once); False
-        while no snapshot has been published here to plan from."""
+        before the first step is applied (the state's size is known from then on)."""
         if proposal.subject in self.observers:
             return True
         plan = self._make_plan(proposal, view, set(leaving))
@@ -91,14 +98,15 @@ class JoinSponsor:
     def _make_plan(self, proposal: Proposal, view: View, leaving: set[str]) -> JoinPlan | None:
         """Shards of snapshot `step` per source, from the planner and link figures.
 
-        The root has not finished step `step`, so it streams that step's total and every
-        later one; every source still holds or will publish that snapshot. Its size is
-        taken from the newest snapshot published here.
+        `step` follows the first step whose totals have not left this root: the plan goes
+        out ahead of them, so every source learns of it before it publishes snapshot
+        `step`, and the root streams that step's total and every later one. Its size is
+        the current state's (the same from the first optimizer step on).
         """
-        latest = self._store.latest_step()
-        snap = None if latest is None else self._store.get(latest)
-        if snap is None:
+        if self._progress.completed < 0:
             return None
+        view_step = (view.epoch, self._progress.step)
+        step = self._progress.step + (2 if self._totals_sent() == view_step else 1)
         candidates = [m for m in sorted(view.members) if m in self._replicators]
         figures = source_bandwidths(
             [m for m in candidates if m not in leaving],
@@ -112,7 +120,7 @@ class JoinSponsor:
             Source(id=m, bandwidth_bytes_per_s=bw, latency_s=self._cfg.shard_overhead_s)
             for m, (bw, _) in figures.items()
         ]
-        state_bytes = max(1, snap.layout.total_bytes)
+        state_bytes = max(1, layout_of(self._spec.model, self._spec.optimizer)[0].total_bytes)
         plan = shard_plan(state_bytes, sources, self._cfg.join_strategy)
         assignment = plan.shard_indices()
         return JoinPlan(
@@ -120,7 +128,7 @@ class JoinSponsor:
             origin=self.me,
             joiner=proposal.subject,
             joiner_address=proposal.address,
-            step=self._progress.step,
+            step=step,
             state_bytes=state_bytes,
             shards=plan.shards,
             assignment=assignment,

@@ -1,10 +1,11 @@
 """Per-step in-memory snapshots of the training state, double-buffered and shardable.
 
-After every optimizer step a member publishes snapshot `s` (the state in force at the start
-of step `s`: parameters, buffers, optimizer state). The tensors are copied into one flat
-byte buffer laid out by a `Layout`; the copy runs in a thread while the next step computes
-and is awaited only before the next optimizer step changes the tensors, so publishing costs
-little of the step time. Two slots alternate; a slot holding a snapshot that a join is
+After the optimizer step of step `s - 1`, a member publishes snapshot `s` (the state in
+force at the start of step `s`: parameters, buffers, optimizer state) when a join will pull
+it (`want`, from the join's plan) or a checkpoint is due there; other steps copy nothing.
+The tensors are copied into one flat byte buffer laid out by a `Layout`; the copy runs in a
+thread while the next step computes and is awaited only before the next optimizer step
+changes the tensors. Two slots alternate; a slot holding a snapshot that a join is
 pulling is pinned and left alone until the join is over, and so is one a checkpoint is
 copying out (`hold`). With a directory (memory-backed in
 a pod, e.g. /dev/shm) the slots are files that `chaos replicator` in another process serves,
@@ -362,6 +363,11 @@ class SnapshotStore:
                 self._pinned.add(step)
         if held and shards:
             threading.Thread(target=self._prehash, args=(step,), daemon=True).start()
+
+    def wanted(self, step: int) -> bool:
+        """Whether a join will pull snapshot `step` (`want`)."""
+        with self._lock:
+            return step in self._wanted
 
     def release(self, step: int) -> None:
         """The join that pulled `step` is over: its slot may be reused, and its newcomers

@@ -193,7 +193,8 @@ class Trainer:
 
     def apply(self, total: np.ndarray, *, observed: bool = False) -> None:
         """Divide the reduced sum by the global batch, step the optimizer, and publish the
-        snapshot of the next step (`observed`: a newcomer replaying, which publishes none).
+        snapshot of the next step where one is wanted (`observed`: a newcomer replaying,
+        which publishes none).
 
         The order matters: `on_reduced` first (a newcomer's first step waits for the
         total), and the publish in flight settles before `optimizer.step()` changes the
@@ -224,15 +225,7 @@ class Trainer:
             return
         self._on_stepped(progress.step)
         view = self._membership.view
-        if self._store.ready():
-            self._publishing = self._publisher.submit(
-                self._store.publish, progress.step + 1, self._spec.model, self._spec.optimizer
-            )
-            ckpt = self._checkpointer
-            writer = view.root == self.me or self._cfg.checkpoint_writer == "self"
-            if ckpt is not None and ckpt.claim(progress.step + 1, writer):
-                # same thread, after the publish and before the next: the slot stays put
-                self._publisher.submit(ckpt.capture, self._store, progress.step + 1)
+        self._publish(progress.step + 1, view.root == self.me)
         self._out.report(
             "progress",
             step=progress.step,
@@ -247,6 +240,22 @@ class Trainer:
             t=self._clock(),
         )
         progress.step += 1
+
+    def _publish(self, step: int, root: bool) -> None:
+        """Copy the state into snapshot `step` if a join will pull it or a checkpoint is
+        due there: no other step costs a copy of the state."""
+        if not self._store.ready():
+            return
+        ckpt = self._checkpointer
+        writer = root or self._cfg.checkpoint_writer == "self"
+        checkpoint = ckpt is not None and ckpt.claim(step, writer)
+        if checkpoint or self._store.wanted(step):
+            self._publishing = self._publisher.submit(
+                self._store.publish, step, self._spec.model, self._spec.optimizer
+            )
+        if checkpoint:
+            # same thread, after the publish and before the next: the slot stays put
+            self._publisher.submit(ckpt.capture, self._store, step)
 
     async def replay(self, decision: Decision) -> None:
         """The data half of a recovery: when some member holds the total of the aborted
