@@ -11,7 +11,6 @@ from chaos_worker.replication.snapshot import (
     copied_by_load,
     layout_of,
     load_from,
-    loaded_identities,
     shard_bounds,
     state_digest,
 )
@@ -130,44 +129,6 @@ def _with_table(model: torch.nn.Module, start: float) -> torch.nn.Parameter:
     table = torch.nn.Parameter(torch.arange(start, start + 1000.0), requires_grad=False)
     model.register_parameter("table", table)
     return table
-
-
-@pytest.mark.parametrize("directory", [False, True])
-def test_slots_filled_from_the_pulled_bytes_give_the_same_snapshots(
-    directory: bool, tmp_path
-) -> None:
-    """A newcomer fills its slots from the pulled bytes after loading the state from them
-    and adopts what they held at load time: its later snapshots are those of a store that
-    did none of it, and a frozen tensor adopted is not copied again (a change that
-    bypasses the version counter shows that)."""
-    source_model, source_opt = _job("adam")
-    _with_table(source_model, 0.0)
-    source_model.register_buffer("stats", torch.ones(10))
-    source = SnapshotStore()
-    source.publish(5, source_model, source_opt)
-    model, opt = _job("adam", seed=1)
-    frozen = _with_table(model, 5000.0)
-    model.register_buffer("stats", torch.zeros(10))
-    pulled = source.get(5)
-    store = SnapshotStore(tmp_path if directory else None)
-    data = bytearray(pulled.data)
-    load_from(data, pulled.layout, model, opt, torch.device("cpu"))
-    loaded = loaded_identities(model, opt)  # at load time, before any step
-    opt.zero_grad()
-    model[0](torch.randn(4, 6)).square().sum().backward()
-    opt.step()  # trained tensors change after the load: they are copied at publish
-    model.stats.add_(1.0)  # a buffer changed in place (running statistics): copied too
-    store.fill(memoryview(data), pulled.layout)  # later, at low priority
-    store.adopt(loaded)
-    assert store.latest_step() is None  # filling publishes nothing
-    frozen.data.view(-1)[0] = -1.0  # untracked: an adopted slot keeps what it was filled with
-    for step in (7, 8):
-        store.publish(step, model, opt)
-    frozen.data.view(-1)[0] = 0.0
-    reference = SnapshotStore()
-    reference.publish(7, model, opt)
-    for step in (7, 8):
-        assert bytes(store.get(step).data) == bytes(reference.get(7).data)
 
 
 def test_loading_adopts_buffers_without_copying_them() -> None:

@@ -12,7 +12,6 @@ thread starts) and keeps its event loop and its training at normal priority.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import logging
@@ -21,10 +20,9 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import NoReturn
 
 BACKGROUND_NICENESS = 10
-T = TypeVar("T")
 
 
 def lower_this_thread(niceness: int = BACKGROUND_NICENESS) -> None:
@@ -32,33 +30,6 @@ def lower_this_thread(niceness: int = BACKGROUND_NICENESS) -> None:
     with contextlib.suppress(OSError, AttributeError):
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
-
-
-async def in_background(fn: Callable[[], T]) -> T:
-    """Run `fn` in a new thread at lower priority and await its result."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def run() -> None:
-        lower_this_thread()
-        try:
-            result = fn()
-        except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(_settle, done, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, done, result, None)
-
-    threading.Thread(target=run, name="chaos-background", daemon=True).start()
-    return await done
-
-
-def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:

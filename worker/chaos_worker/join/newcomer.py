@@ -51,7 +51,6 @@ from chaos_worker.replication.snapshot import (
     SnapshotStore,
     copied_by_load,
     load_from,
-    loaded_identities,
     state_digest,
 )
 from chaos_worker.telemetry.telemetry import Telemetry
@@ -338,8 +337,6 @@ class Newcomer:
         await asyncio.to_thread(
             load_from, result.data, result.layout, model, optimizer, self._device
         )
-        loaded = loaded_identities(model, optimizer)
-        self._store.fill_in_background(result.data, result.layout, loaded)
         self._progress.step = plan.step
         self._progress.completed = plan.step - 1
         self._out.report(

@@ -19,7 +19,6 @@ Sampler and RNG state need no saving: sample ids and randomness are pure functio
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import hashlib
 import json
@@ -32,7 +31,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from chaos_worker.priority import in_background
 from chaos_worker.replication.admission import Admissions
 from chaos_worker.replication.private import DIR_MODE, NoRoom, create_file, write_atomically
 
@@ -200,17 +198,6 @@ def load_from(
     optimizer.load_state_dict({"state": optim_state, "param_groups": layout.param_groups})
 
 
-def loaded_identities(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[Layout, list[tuple[int, int] | None]]:
-    """The layout and what `SnapshotStore.adopt` may take as already in a filled slot: the
-    identity of every tensor that training does not change (None for the trainable ones).
-    Take it right after `load_from`, before a step can change a buffer."""
-    layout, tensors = layout_of(model, optimizer)
-    always = _always_copied(model, optimizer)
-    return layout, [None if _identity(t)[0] in always else _identity(t) for t in tensors]
-
-
 def copied_by_load(model: torch.nn.Module, state_bytes: int, device: torch.device) -> int:
     """Bytes `load_from` copies for a state of `state_bytes`: into the parameters on a
     CPU (buffers and optimizer state become views of the pulled bytes), all of it onto
@@ -322,13 +309,11 @@ class SnapshotStore:
         # per slot: the layout its bytes follow and the identity of each tensor copied there
         self._held: list[tuple[Layout, list[tuple[int, int] | None]] | None] = [None, None]
         self._meta: list[tuple[int, Layout] | None] = [None, None]
-        self._filled: dict[int, Layout] = {}  # slots `fill` wrote, until `adopt`
         self._snapshots: dict[int, Snapshot] = {}
         self._pinned: set[int] = set()
         self._holding: collections.Counter[int] = collections.Counter()  # `hold` counts
         self._wanted: dict[int, int | None] = {}
         self._lock = threading.Lock()
-        self._preparing: asyncio.Future | None = None  # a newcomer filling its slots
         self.admissions = Admissions(directory)
         """The newcomers this member's replicator may serve (`replication.admission`)."""
 
@@ -415,67 +400,6 @@ class SnapshotStore:
             self._write_meta(index, (step, layout))
         if wanted and self._wanted.get(step):
             self._prehash(step)
-
-    def fill(self, data: memoryview | np.ndarray, layout: Layout) -> None:
-        """Copy a pulled snapshot (`data` in `layout`) into the slots that hold none, so
-        that a newcomer's first snapshots copy only what training changes once `adopt` has
-        said which tensors the slots hold. No publish may run meanwhile (the member
-        publishes nothing until its slots are ready); the copy releases the GIL."""
-        import torch
-
-        if not layout.total_bytes:
-            return
-        source = torch.frombuffer(data, dtype=torch.uint8, count=layout.total_bytes)
-        for index in (0, 1):
-            with self._lock:
-                if self._meta[index] is not None:
-                    continue
-                buffer, _ = self._claim(index, layout)
-            torch.frombuffer(buffer.view, dtype=torch.uint8).copy_(source)
-            with self._lock:
-                if self._meta[index] is None:
-                    self._filled[index] = layout
-
-    def adopt(self, loaded: tuple[Layout, list[tuple[int, int] | None]]) -> None:
-        """After `fill`: the filled slots hold the tensors of `loaded` (`loaded_identities`,
-        taken when the state was loaded from the same bytes), so publishing copies only
-        what changed since. Trainable tensors are copied at every publish anyway."""
-        layout, held = loaded
-        with self._lock:
-            for index, filled in self._filled.items():
-                if self._meta[index] is None and filled == layout:
-                    self._held[index] = (layout, held)
-            self._filled.clear()
-
-    def fill_in_background(
-        self,
-        data: memoryview | np.ndarray,
-        layout: Layout,
-        loaded: tuple[Layout, list[tuple[int, int] | None]],
-    ) -> None:
-        """`fill` then `adopt(loaded)` at low priority, off the critical path (their pages
-        cost more than the copy: 0.7 s of CPU for two 256 MB slots on two cores), so that a
-        newcomer's snapshots then copy only what training changes. Until `ready()` the
-        member publishes none; a join planned meanwhile fetches from the others (a source
-        without the snapshot says so and is re-planned)."""
-
-        def prepare() -> None:
-            self.fill(data, layout)
-            self.adopt(loaded)
-
-        self._preparing = asyncio.ensure_future(in_background(prepare))
-
-    def ready(self) -> bool:
-        """False while `fill_in_background` runs: no snapshot may be published yet."""
-        preparing = self._preparing
-        if preparing is None:
-            return True
-        if not preparing.done():
-            return False
-        self._preparing = None
-        if preparing.exception() is not None:  # the first publishes then copy everything
-            log.warning("preparing the snapshot slots failed: %s", preparing.exception())
-        return True
 
     def _claim(
         self, index: int, layout: Layout

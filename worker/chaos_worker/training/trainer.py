@@ -244,8 +244,6 @@ class Trainer:
     def _publish(self, step: int, root: bool) -> None:
         """Copy the state into snapshot `step` if a join will pull it or a checkpoint is
         due there: no other step costs a copy of the state."""
-        if not self._store.ready():
-            return
         ckpt = self._checkpointer
         writer = root or self._cfg.checkpoint_writer == "self"
         checkpoint = ckpt is not None and ckpt.claim(step, writer)
