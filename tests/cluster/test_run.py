@@ -177,6 +177,44 @@ def test_join_survives_a_source_crash_mid_transfer() -> None:
     assert [c["added"] for c in joined["membership"] if c["added"]] == [["w5"]]
 
 
+class _ShortBacklog(LocalRun):
+    """A run whose newcomers may hold only `BACKLOG` observed totals: a real setting of
+    the worker config (`observer_max_backlog`), small so that a pull of a few seconds
+    always outlasts it."""
+
+    BACKLOG = 5
+
+    def worker_config(self, name: str, *, listen: str, **fields):
+        return super().worker_config(
+            name, listen=listen, observer_max_backlog=self.BACKLOG, **fields
+        )
+
+
+def test_a_newcomer_whose_stream_overflows_falls_back_without_stalling_anyone() -> None:
+    """w1's link to the newcomer is slow and w1 serves an equal share, so the root (w0)
+    streams more totals than the newcomer may hold while it pulls. A total it had to refuse is one it can never replay: it must not ask
+    for a switch step (the members would wait there for a member that cannot come, until
+    its join's patience ran out and it withdrew, a crash in the report), but fall back to
+    a stop-and-copy join at once. The losses stay those of the churn-free run."""
+    options = JobOptions(
+        entry=EXAMPLES["digits"],
+        example="digits",
+        workers=3,
+        steps=1_000_000,
+        dtype="float64",
+        churn=parse_churn("join@10", 3),
+        links="w1-w3=5KB/s",
+        join_strategy="equal",
+        stop_after_join_steps=10,
+    )
+    joined = asyncio.run(_ShortBacklog(options).run()).model_dump()
+    done = joined["steps"]
+    reference = stopped_at(replace(options, churn=[], stop_after_join_steps=None), done)
+    assert_same_losses(joined["loss_curve"], reference["loss_curve"][:done])
+    assert [j["path"] for j in joined["joins"]] == ["stop-and-copy"]
+    assert [e["type"] for e in joined["events"]] == ["join"]  # no withdrawal, no crash
+
+
 def run_until_joined(tmp_path: Path, argv: list[str], joined_steps: int = 10) -> dict:
     """The report of `chaos run ARGV`, run in this process with its run directory kept
     under `tmp_path`, ended once every newcomer trained `joined_steps` steps: the trainers

@@ -122,6 +122,8 @@ class Newcomer:
         self._decision: Decision | None = None  # the decision this newcomer switches in at
         self._observed: dict[int, np.ndarray] = {}
         self._observed_at: deque[float] = deque(maxlen=8)  # arrivals: the step period
+        self._gap: int | None = None
+        """The first step whose total was refused for the backlog: replay cannot pass it."""
         self._asked_ready = False
         self._states = StateInbox(verifier, reject)  # full-state copies offered
         self._rejoining: asyncio.Task | None = None
@@ -208,6 +210,7 @@ class Newcomer:
         self._plan = None
         self._decision = None
         self._observed.clear()
+        self._gap = None
         self._asked_ready = False
         self._states.clear()
 
@@ -327,10 +330,16 @@ class Newcomer:
             await asyncio.wait({pulled}, timeout=0.005)
             remaining = pullers[0].remaining_s(self._clock()) if pullers else float("inf")
             period = step_period(self._observed_at)
-            if not self._asked_ready and ask_now(remaining, load_bytes, period):
+            # never a switch step once the stream has a gap: the members would wait for us
+            if (
+                not self._asked_ready
+                and self._gap is None
+                and ask_now(remaining, load_bytes, period)
+            ):
                 self._ask_ready(remaining, load_bytes)
         result = pulled.result()
         self._telemetry.observe_pull(result.bytes_per_source, result.transfers)
+        self._check_gap()
         if not self._asked_ready:
             self._ask_ready(0.0, load_bytes)
         # in a thread: this loop sends the `ready` proposal and takes observed totals meanwhile
@@ -354,6 +363,18 @@ class Newcomer:
         )
         await self._catch_up(patience)
 
+    def _check_gap(self) -> None:
+        """JoinFailed once a total this member needs was refused for the backlog (one
+        before the switch step, or before any is agreed): the stream cannot be replayed
+        past it, and waiting would make the members wait at the switch for a member that
+        cannot come (until the join's patience ran out)."""
+        gap, decision = self._gap, self._decision
+        if gap is not None and (decision is None or decision.effective_step > gap):
+            raise JoinFailed(
+                f"the gradient stream ran {self._cfg.observer_max_backlog} steps ahead of "
+                f"replay (the total of step {self._gap} was refused)"
+            )
+
     def _ask_ready(self, remaining_s: float, load_bytes: int) -> None:
         self._asked_ready = True
         wait = ready_in(remaining_s, load_bytes)
@@ -376,6 +397,7 @@ class Newcomer:
                 self._trainer.apply(self._observed.pop(progress.step), observed=True)
             for step in [s for s in self._observed if s < progress.step]:
                 del self._observed[step]
+            self._check_gap()
             decision = self._decision
             if decision is not None and decision.effective_step <= progress.step:
                 self._out.disconnect(SEED)
@@ -442,6 +464,9 @@ class Newcomer:
         fault = self._collective.check_total(message.dtype, payload)
         if fault is None and len(self._observed) > self._cfg.observer_max_backlog:
             fault = "unexpected", f"{len(self._observed)} totals held already"
+            if self._gap is None:
+                self._gap = message.step
+                self._news.notify()
         if fault is not None:
             self._reject(sender, fault[0], f"total of step {message.step}: {fault[1]}")
             return
