@@ -65,7 +65,7 @@ class Admission(BaseModel):
     proposals; every member checks it (`membership.joiners`) against the CA it trusts for
     that party, the joiner's certificate and its own job."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     job: str = Field(pattern=rf"^{JOB}$")
     party: str = Field(max_length=63, pattern=rf"^{PARTY}$")
