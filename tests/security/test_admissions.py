@@ -5,7 +5,7 @@ Issuing and checking (`chaos_worker.config.Admission`, `membership/joiners.py`) 
 CAs, a federation's cross-certified bundle included; the admission's bounds at decode; a
 worker whose own admission is bad stops at once; a real `Member` over real TLS refuses a
 relayed unadmitted join without blaming the relay; and a live 3-worker `chaos run`
-(float64) that five authenticated joiners without a valid admission ask to join trains as
+(float64) that six authenticated joiners without a valid admission ask to join trains as
 one nobody asked, each refusal counted at the member asked. The admitted join is the one
 of `tests/cluster/test_run.py -k join`, whose newcomers carry their run's admissions.
 """
@@ -38,6 +38,8 @@ from chaos_worker.net.tls import PeerIdentity, TlsError
 from chaos_worker.net.wire import Proposal, WireError, decode_header
 from chaos_worker.training.trainspec import load_trainspec
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from tests.cluster.test_run import assert_same_losses
 from tests.security.test_verified_state import rejected, secured
@@ -337,12 +339,15 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 async def _attack(run: LocalRun, tmp: Path, seen: dict) -> None:
-    """Five authenticated joiners (certificates of the run's CA) ask w0 to join, each twice:
-    with no admission, one to another job, one of another member, an expired one, and
-    one a stranger CA signed; `seen` gets w0's, w1's and w2's refusal counts after."""
+    """Six authenticated joiners (certificates of the run's CA) ask w0 to join, each twice:
+    with no admission, one to another job, one of another member, an expired one, one a
+    stranger CA of the run's party name signed, and one another party's CA signed in the
+    run's party's name; `seen` gets w0's, w1's and w2's refusal counts after."""
     tls = run.run_dir / "tls"
     ca = WorkerAuthority.from_pem((tls / CA_CERT).read_bytes(), (tls / CA_KEY).read_bytes())
     stranger = WorkerAuthority.create("local", days=1)
+    beta = load_pem_private_key(WorkerAuthority.create("beta", days=1).key_pem, None)
+    assert isinstance(beta, ec.EllipticCurvePrivateKey)
     job, now = run.run_dir.name, int(time.time())
     window = _dates(now - HOUR, now + HOUR)
     attempts = {
@@ -351,6 +356,9 @@ async def _attack(run: LocalRun, tmp: Path, seen: dict) -> None:
         "w9": ca.admit(job, "w3", *window),
         "w10": ca.admit(job, "w10", *_dates(now - 2 * HOUR, now - HOUR)),
         "w11": stranger.admit(job, "w11", *window),
+        "w12": Admission(
+            job=job, party="local", member="w12", not_before=now - HOUR, not_after=now + HOUR
+        ).sign(beta),
     }
     nodes = []
     try:
@@ -367,7 +375,7 @@ async def _attack(run: LocalRun, tmp: Path, seen: dict) -> None:
                 assert node.transport.send("w0", join(files, name, admission, node.address))
         ports = run.metrics_ports
         deadline = time.monotonic() + 60
-        while _scrape(ports["w0"]).get("unadmitted", 0) < 10 and time.monotonic() < deadline:
+        while _scrape(ports["w0"]).get("unadmitted", 0) < 12 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)  # anything flooded on would have reached w1 and w2 by now
         seen.update({w: _scrape(ports[w]) for w in ("w0", "w1", "w2")})
@@ -406,7 +414,7 @@ def test_joiners_without_a_valid_admission_are_refused_and_the_run_trains_as_wit
     attacked, seen, log = _live_run(tmp_path / "attacked", attack=True)
     clean, _, _ = _live_run(tmp_path / "clean", attack=False)
     # every attempt refused and counted at w0, none forwarded, nothing else refused
-    assert seen["w0"].get("unadmitted") == 10
+    assert seen["w0"].get("unadmitted") == 12
     assert seen["w0"].get("forged", 0) == 0
     assert all(seen[w].get("unadmitted", 0) == 0 for w in ("w1", "w2"))
     for name, why in [
@@ -415,6 +423,7 @@ def test_joiners_without_a_valid_admission_are_refused_and_the_run_trains_as_wit
         ("w9", "an admission of local/w3"),
         ("w10", "valid from"),
         ("w11", "not signed by the CA of party local"),
+        ("w12", "not signed by the CA of party local"),
     ]:  # logged once per joiner, though each asked twice
         lines = [line for line in log.splitlines() if f"from '{name}' (unadmitted)" in line]
         assert len(lines) == 1 and why in lines[0], (name, lines)
