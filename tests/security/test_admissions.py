@@ -40,6 +40,8 @@ from chaos_worker.training.trainspec import load_trainspec
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.cluster.test_run import assert_same_losses
 from tests.security.test_verified_state import rejected, secured
@@ -194,6 +196,38 @@ def test_the_admission_field_is_bounded_and_strict_at_decode(tmp_path: Path) -> 
         read_admission(str(broken))
     with pytest.raises(ValueError, match="cannot read the admission"):
         read_admission(str(tmp_path / "missing.json"))
+
+
+FIELDS = st.one_of(
+    st.text(max_size=8),
+    st.integers(-(2**60), 2**60),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.none(),
+    st.sampled_from(["", "A", "====", "w5", "local", JOB, "_seed", "A" * 200]),
+)
+
+
+FUZZ_CA = WorkerAuthority.create("local", days=1)
+FUZZ_BASE = FUZZ_CA.admit(JOB, "w5", *_dates(int(time.time()) - HOUR, int(time.time()) + HOUR))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(Admission.model_fields)), FIELDS), st.binary())
+def test_any_admission_a_peer_sends_decodes_or_is_refused_and_never_breaks_the_check(
+    fields: dict, junk: bytes
+) -> None:
+    """Whatever a joiner puts in its admission (a genuine one with fields replaced, or junk),
+    decoding gives a valid one or `WireError`, and checking a valid one gives a reason or
+    None (only the genuine one), never an exception."""
+    w5, cas = PeerIdentity("local", "w5"), [FUZZ_CA.certificate]
+    for header in (_join_header({**FUZZ_BASE.model_dump(), **fields}), junk):
+        try:
+            proposal = decode_header(header)
+        except WireError:
+            continue
+        assert isinstance(proposal, Proposal)
+        why = unadmitted(proposal.admission, w5, JOB, "local", cas, time.time())
+        assert (why is None) == (proposal.admission == FUZZ_BASE), why
 
 
 # ---------------------------------------------------------------------- own admission
