@@ -9,10 +9,16 @@ so it is no more than the namespace's Secrets hold already: every member's key.
 
 Every live pod whose config has `tls` (`Options.worker_tls`) gets the Secret `<pod>-tls`
 (`pods.tls_secret`), owned by the pod so that the garbage collector removes it with the pod.
+Beside the certificate it holds the member's admission to its job (`admission.json`,
+`chaos_worker.config.Admission`, signed by the same CA and valid as long as the
+certificate; `admitted_job`: the ChaosJob's name, or its federation's when federating),
+without which the job's workers refuse its join (`chaos_worker.membership.joiners`).
 `WorkerIdentities.ensure` is level-based, like the reconcile: on every sync of a job it
-issues a certificate for each pod whose Secret is missing, belongs to an earlier pod of the
-same name, cannot be read, or ends within `renew_before`; the kubelet then updates the files
-of a running pod, whose trainer and replicator take them up at their next connection.
+issues a certificate and admission for each pod whose Secret is missing, belongs to an
+earlier pod of the same name, cannot be read, ends within `renew_before`, or holds no
+admission of that member to that job (one written before admissions); the kubelet then
+updates the files of a running pod, whose trainer and replicator take them up at their next
+connection (and its next join proposal, the admission).
 Certificates live `days` (30); a Secret checked once is not read again until it is due. A CA
 that cannot be used is logged and issues nothing: the pods wait (the kubelet reports the
 missing Secret). Key material never reaches a log line, an Event or an annotation.
@@ -35,6 +41,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from chaos_worker.config import Admission
 from cryptography import x509
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -42,7 +49,14 @@ from kubernetes.client.exceptions import ApiException
 from chaos_operator.api import ChaosJob
 from chaos_operator.federation.identity import IdentityError, parse_certificate
 from chaos_operator.federation.workerca import LEEWAY, Trust, WorkerAuthority, trust_of
-from chaos_operator.pods import ANN_CONFIG, COMMON_LABELS, job_meta, tls_secret, tls_secret_name
+from chaos_operator.pods import (
+    ADMISSION_KEY,
+    ANN_CONFIG,
+    COMMON_LABELS,
+    job_meta,
+    tls_secret,
+    tls_secret_name,
+)
 from chaos_operator.reconcile import ObservedPod
 
 CA_SECRET = "chaos-worker-ca"
@@ -68,15 +82,33 @@ def secret_bytes(secret: client.V1Secret, key: str) -> bytes:
     return base64.b64decode((secret.data or {}).get(key) or "")
 
 
+def admitted_job(job: ChaosJob, party: str | None) -> str:
+    """The job a pod's admission names: the federation's name when federating (every party
+    names the job alike), else the ChaosJob's (the namespace is the party)."""
+    return job.spec.federation if party else job_meta(job)[0]
+
+
+def admits(secret: client.V1Secret, job: str, member: str) -> bool:
+    """Whether the Secret holds an admission of `member` to `job` (its signature is ours:
+    only this operator writes it)."""
+    try:
+        admission = Admission.model_validate_json(secret_bytes(secret, ADMISSION_KEY))
+    except (ValueError, TypeError):
+        return False
+    return admission.job == job and admission.member == member
+
+
 def renewal(
     secret: client.V1Secret | None,
     pod_uid: str,
     now: dt.datetime,
     renew_before: dt.timedelta,
     trust: Trust | None = None,
+    admission: tuple[str, str] | None = None,
 ) -> tuple[str | None, dt.datetime | None]:
     """(why the pod's Secret must be issued anew, or None; the end of the certificate it holds,
-    when it holds one). `trust`: what its `ca.crt` must mean (None: not checked)."""
+    when it holds one). `trust`: what its `ca.crt` must mean; `admission`: the (job, member)
+    its admission must name (None: either not checked)."""
     if secret is None:
         return "missing", None
     owners = (secret.metadata and secret.metadata.owner_references) or ()
@@ -90,6 +122,8 @@ def renewal(
         return f"ends {end.isoformat()}", end
     if trust is not None and trust_of(secret_bytes(secret, "ca.crt")) != trust:
         return "the trusted parties changed", end
+    if admission is not None and not admits(secret, *admission):
+        return "no admission to the job", end
     return None, end
 
 
@@ -166,7 +200,8 @@ class WorkerIdentities:
                 due[pod.uid] = known[pod.uid]
                 continue
             secret = self._read(namespace, tls_secret_name(pod.name))
-            reason, end = renewal(secret, pod.uid, now, self.renew_before, trust)
+            admission = (admitted_job(job, self.party), pod.member)
+            reason, end = renewal(secret, pod.uid, now, self.renew_before, trust, admission)
             if reason is not None:
                 try:
                     authority = authority or self._authority(namespace, now)
@@ -175,7 +210,8 @@ class WorkerIdentities:
                     log.warning("%s/%s: no certificates issued: %s", namespace, name, exc)
                     break
                 assert bundle is not None
-                end = self._issue(authority, namespace, pod, secret, now, bundle)
+                issued_to = (namespace, admission[0])
+                end = self._issue(authority, issued_to, pod, secret, now, bundle)
                 if end is None:
                     continue
                 issued.append(pod.name)
@@ -202,17 +238,19 @@ class WorkerIdentities:
     def _issue(
         self,
         authority: WorkerAuthority,
-        namespace: str,
+        to: tuple[str, str],
         pod: ObservedPod,
         existing: client.V1Secret | None,
         now: dt.datetime,
         bundle: bytes,
     ) -> dt.datetime | None:
-        """Write a new certificate of `pod` into its Secret (replacing `existing` as read);
-        the certificate's end, or None on a conflict."""
-        cert = authority.issue(pod.member, days=self.days, not_before=now - LEEWAY)
-        body = tls_secret(namespace, pod.name, pod.uid, pod.labels,
-                          cert=cert.cert, key=cert.key, ca=bundle)  # fmt: skip
+        """Write a new certificate of `pod` and its admission to the job into its Secret in
+        the namespace (`to`: namespace, job), replacing `existing` as read; the certificate's
+        end, or None on a conflict."""
+        namespace, job = to
+        cert = authority.issue(pod.member, days=self.days, not_before=now - LEEWAY, job=job)
+        body = tls_secret(namespace, pod.name, pod.uid, pod.labels, cert=cert.cert,
+                          key=cert.key, ca=bundle, admission=cert.admission)  # fmt: skip
         try:
             if existing is None:
                 self.core.create_namespaced_secret(namespace, body)

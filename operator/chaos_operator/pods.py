@@ -20,7 +20,8 @@ annotated `chaos.training.dev/checkpoint-writer`. A resuming writer also reads i
 
 Identity (`Options.worker_tls`): the config's `tls` names files under `/etc/chaos-tls`, where
 the trainer and the replicator mount the Secret `<pod>-tls` read-only (`tls_secret`: the
-member's certificate and key and the CA bundle, owned by the pod). The operator issues it
+member's certificate and key, the CA bundle and its admission to the job, owned by the pod).
+The operator issues it
 (`chaos_operator.identities`); paths only ever reach the pod's annotations and arguments.
 """
 
@@ -59,7 +60,14 @@ COMMON_LABELS = {
     "app.kubernetes.io/part-of": "chaos",
     "app.kubernetes.io/component": "worker",
 }
-TLS_FILES = TlsFiles(cert=f"{TLS_DIR}/tls.crt", key=f"{TLS_DIR}/tls.key", ca=f"{TLS_DIR}/ca.crt")
+ADMISSION_KEY = "admission.json"
+"""The Secret's entry holding the member's admission to its job (`chaos_worker.config`)."""
+TLS_FILES = TlsFiles(
+    cert=f"{TLS_DIR}/tls.crt",
+    key=f"{TLS_DIR}/tls.key",
+    ca=f"{TLS_DIR}/ca.crt",
+    admission=f"{TLS_DIR}/{ADMISSION_KEY}",
+)
 TLS_MODE = 0o444
 """The Secret's files are readable by the pod's processes whatever user the job's image runs
 as (the operator cannot know it); nothing outside the pod sees them."""
@@ -396,10 +404,14 @@ def tls_secret(
     cert: bytes,
     key: bytes,
     ca: bytes,
+    admission: bytes | None = None,
 ) -> dict[str, Any]:
     """The `kubernetes.io/tls` Secret `<pod>-tls` with a member's certificate, key and CA
-    bundle (PEM), labelled `labels` (the pod's) and owned by the pod: it goes with it."""
+    bundle (PEM), and its admission to its job (`ADMISSION_KEY`), labelled `labels` (the
+    pod's) and owned by the pod: it goes with it."""
     data = {"tls.crt": cert, "tls.key": key, "ca.crt": ca}
+    if admission is not None:
+        data[ADMISSION_KEY] = admission
     return {
         "apiVersion": "v1",
         "kind": "Secret",

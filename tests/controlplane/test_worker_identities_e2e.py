@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from chaos_worker.config import Admission
 from chaos_worker.net.tls import PeerIdentity, identity_of
 from cryptography import x509
 
@@ -108,11 +109,16 @@ def test_worker_pods_get_identities_train_over_tls_and_lose_them_with_the_job(
             cert = x509.load_pem_x509_certificate(files["tls.crt"])
             cert.verify_directly_issued_by(ca_cert)
             assert identity_of(cert) == PeerIdentity(ns, name)
+            # its admission to the job, signed by the same CA: what the others check
+            admission = Admission.model_validate_json(files["admission.json"])
+            assert (admission.job, admission.party, admission.member) == ("digits", ns, name)
+            assert admission.signed_by(ca_cert.public_key())  # type: ignore[arg-type]
             config = json.loads(pod["metadata"]["annotations"]["chaos.training.dev/config"])
             assert config["tls"] == {
                 "cert": "/etc/chaos-tls/tls.crt",
                 "key": "/etc/chaos-tls/tls.key",
                 "ca": "/etc/chaos-tls/ca.crt",
+                "admission": "/etc/chaos-tls/admission.json",
             }
             assert "PRIVATE KEY" not in json.dumps(pod)
 
@@ -127,7 +133,8 @@ def test_worker_pods_get_identities_train_over_tls_and_lose_them_with_the_job(
             # ...and refuse a client without a certificate
             assert connect(address, None, ca["tls.crt"], tmp_path, wait_s=30)[1], address
 
-        # A newcomer pulls its state through the TLS replicators and trains on.
+        # A newcomer, admitted by its Secret's admission, pulls its state through the TLS
+        # replicators and trains on.
         plane.kubectl("scale", "chaosjob/digits", "--replicas=3", "-n", ns)
         run.expect(lambda: "digits-w2" in job.running(), "scaled-up member")
         run.expect(lambda: job.steps_of(job.pods()["digits-w2"]) > 0, "the newcomer trains")

@@ -48,13 +48,13 @@ def test_a_tls_pod_gets_its_secret_as_files_and_its_paths_mapped(tmp_path) -> No
     job = load_manifest(str(MANIFEST))
     options = Options(pod_host="127.0.0.1", base_port=24000, steps=10, worker_tls=True)
     pod = reconcile(job, [], now=NOW, options=options).create[0]
-    data = {"tls.crt": b"CERT", "tls.key": b"KEY", "ca.crt": b"CA"}
+    data = {"tls.crt": b"CERT", "tls.key": b"KEY", "ca.crt": b"CA", "admission.json": b"{}"}
     volumes = localpods.lay_out(pod, tmp_path / "digits-w0", {"digits-w0-tls": data})
     tls = volumes["tls"]
     assert {p.name: p.read_bytes() for p in tls.iterdir()} == data
     assert {(p.stat().st_mode & 0o777) for p in tls.iterdir()} == {0o444}
     config = json.loads((volumes["config"] / "config.json").read_text())
-    files = {"cert": "tls.crt", "key": "tls.key", "ca": "ca.crt"}
+    files = {"cert": "tls.crt", "key": "tls.key", "ca": "ca.crt", "admission": "admission.json"}
     assert config["tls"] == {k: str(tls / f) for k, f in files.items()}
     replicator = localpods.command(localpods.find_container(pod, "replicator"), volumes, "chaos")
     assert replicator[replicator.index("--tls-key") + 1] == str(tls / "tls.key")

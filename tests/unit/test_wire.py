@@ -6,6 +6,7 @@ import contextlib
 import json
 
 import pytest
+from chaos_worker.config import Admission
 from chaos_worker.membership.view import View
 from chaos_worker.net.wire import (
     FRAME,
@@ -56,6 +57,22 @@ MESSAGES: list[WireMessage] = [
         address="127.0.0.1:9000",
         detected_at=2.0,
         epoch=3,
+    ),
+    Proposal(
+        id="p2",
+        origin="w4",
+        kind="join",
+        subject="w4",
+        detected_at=2.0,
+        epoch=-1,
+        admission=Admission(
+            job="run-1",
+            party="local",
+            member="w4",
+            not_before=1_700_000_000,
+            not_after=1_702_592_000,
+            sig="MEUCIQ" + "A" * 90,
+        ),
     ),
     MemberStatus(id="s1", origin="w2", epoch=3, round=5, completed=4),
     Decision(

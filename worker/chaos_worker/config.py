@@ -1,12 +1,26 @@
-"""Configuration of one worker process (`chaos worker --config FILE`), and the identity a
-worker's certificate carries (`member_uri`), which whoever issues the certificates shares."""
+"""Configuration of one worker process (`chaos worker --config FILE`), the identity a
+worker's certificate carries (`member_uri`), and the admission its party's worker CA signs
+(`Admission`): whoever issues certificates and admissions (the operator, `chaos run`) and the
+worker that checks them share these."""
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 MAX_SEED = 2**53 - 1
 """The largest seed: the largest integer every JSON reader (the API server's schema bounds
@@ -17,7 +31,9 @@ MAX_STATE_BYTES = 16 << 30
 
 MEMBER_ID = r"[A-Za-z0-9_.-]+"
 PARTY = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-MEMBER_URI = re.compile(rf"chaos://(?P<party>{PARTY})/(?P<member>[A-Za-z0-9.-][A-Za-z0-9_.-]*)")
+NAMED_MEMBER = r"[A-Za-z0-9.-][A-Za-z0-9_.-]*"
+"""A member id a certificate (or an admission) may name: none that starts with `_`."""
+MEMBER_URI = re.compile(rf"chaos://(?P<party>{PARTY})/(?P<member>{NAMED_MEMBER})")
 """A worker certificate's identity: the URI SAN `chaos://<party>/<member id>`. No certificate
 names an id that starts with `_`: such names label links, not members (`net/tls.py`)."""
 
@@ -30,14 +46,87 @@ def member_uri(party: str, member: str) -> str:
     return uri
 
 
+SIGNATURE = ec.ECDSA(hashes.SHA256())
+"""How seals (`net.signing`) and admissions are signed: ECDSA P-256 with SHA-256."""
+JOB = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}"
+"""A job's name in an admission: the ChaosJob's (or its federation's), or a local run's."""
+ADMISSION_DOMAIN = b"chaos admission v1\n"
+"""Prefixed to the bytes an admission signs, so that no other signature of a worker CA's
+key (a certificate's) can pass for one."""
+MAX_ADMISSION_BYTES = 4096
+"""The largest admission file read (one is about 300 bytes)."""
+MAX_WALL_S = 2**53 - 1
+
+
+class Admission(BaseModel):
+    """Its party's word that `member` may join `job`, from `not_before` to `not_after`
+    (Unix seconds): signed (`sig`, base64 DER ECDSA) by the worker CA of `party`, the
+    operator's for pods, the run's for `chaos run`. A joiner carries it in its join
+    proposals; every member checks it (`membership.joiners`) against the CA it trusts for
+    that party, the joiner's certificate and its own job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    job: str = Field(pattern=rf"^{JOB}$")
+    party: str = Field(max_length=63, pattern=rf"^{PARTY}$")
+    member: str = Field(max_length=253, pattern=rf"^{NAMED_MEMBER}$")
+    not_before: int = Field(ge=0, le=MAX_WALL_S)
+    not_after: int = Field(ge=0, le=MAX_WALL_S)
+    sig: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9+/=]*$")
+
+    def signed_bytes(self) -> bytes:
+        """What the CA signs: a domain prefix, then the admission's JSON without `sig`
+        (deterministic for a model, so a receiver computes the same bytes)."""
+        return ADMISSION_DOMAIN + self.model_dump_json(exclude={"sig"}).encode()
+
+    def sign(self, key: ec.EllipticCurvePrivateKey) -> Admission:
+        """This admission signed by the worker CA's `key`."""
+        sig = base64.b64encode(key.sign(self.signed_bytes(), SIGNATURE)).decode()
+        return self.model_copy(update={"sig": sig})
+
+    def signed_by(self, key: ec.EllipticCurvePublicKey) -> bool:
+        """Whether `sig` is the signature of the CA whose public key is `key`."""
+        try:
+            key.verify(base64.b64decode(self.sig, validate=True), self.signed_bytes(), SIGNATURE)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+    def valid_at(self, now: float) -> bool:
+        return self.not_before <= now <= self.not_after
+
+
+def read_admission(path: str) -> Admission:
+    """The admission in file `path` (ValueError, saying why, if it cannot be read or is none)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_ADMISSION_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read the admission {path}: {exc.strerror}") from None
+    if len(data) > MAX_ADMISSION_BYTES:
+        raise ValueError(f"the admission {path} is over {MAX_ADMISSION_BYTES} bytes")
+    try:
+        return Admission.model_validate_json(data)
+    except ValidationError as exc:
+        fields = sorted({".".join(map(str, e["loc"])) or "(file)" for e in exc.errors()})
+        raise ValueError(f"{path} is no admission (bad {', '.join(fields)})") from None
+
+
 class TlsFiles(BaseModel):
-    """PEM files of a worker's mutual TLS (`chaos_worker.net.tls`)."""
+    """PEM files of a worker's mutual TLS (`chaos_worker.net.tls`), and its admission."""
 
     model_config = ConfigDict(extra="forbid")
 
     cert: str = Field(description="this worker's certificate (URI SAN chaos://PARTY/ID)")
     key: str = Field(description="its private key")
     ca: str = Field(description="the CA bundle every peer's certificate must chain to")
+    admission: str | None = Field(
+        None,
+        max_length=4096,
+        description="this worker's admission (JSON, `Admission`) signed by its party's worker "
+        "CA: carried in its join proposals, and its job is the one joiners must be admitted "
+        "to (None: a config of before admissions; joiners are then not checked)",
+    )
 
 
 class WorkerConfig(BaseModel):

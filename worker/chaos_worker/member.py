@@ -32,6 +32,7 @@ from chaos_worker.config import WorkerConfig
 from chaos_worker.join.activation import watch as watch_order
 from chaos_worker.join.newcomer import SEED, Newcomer
 from chaos_worker.join.sponsor import JoinSponsor
+from chaos_worker.membership.joiners import JoinerCheck, OwnAdmission
 from chaos_worker.membership.liveness import Liveness
 from chaos_worker.membership.protocol import Listeners, Membership
 from chaos_worker.membership.view import View, full_mesh, initial_view
@@ -126,6 +127,12 @@ class Member:
         self.outbox = outbox = LinkOutbox(me, self.transport, self.control, signer)
         verifier = Verifier(config.tls.ca) if config.tls else None
         self.gate = Gate(verifier, rejections, self._known_views) if verifier else None
+        own: OwnAdmission | None = None
+        if verifier is not None and config.tls is not None and config.tls.admission:
+            own = OwnAdmission(config.tls, verifier)
+        elif verifier is not None:
+            log.warning("no admission in the TLS files: joiners are not checked for one")
+        self.joiners = JoinerCheck(own, verifier, rejections) if own and verifier else None
         inline = config.replicator == "inline" and not config.replicator_address
         # slots allocated where they fit; a private directory (removed at exit) unless one
         # is configured; `early`'s replicator is moved along if its directory has no room
@@ -232,6 +239,7 @@ class Member:
             reject=rejections,
             transport_factory=transport_factory,
             verifier=verifier,
+            admission=own.current if own else None,
             **common,
         )
         membership.silence = liveness.silence
@@ -398,6 +406,8 @@ class Member:
         self.liveness.heard_from(sender, now)
         if self.gate is not None and not self.gate.admit(sender, message):
             return  # forged: neither acted on nor forwarded
+        if self.joiners is not None and not self.joiners.admit(message):
+            return  # a join its party did not admit to this job: changes nothing
         handler = self._handlers.get(type(message))
         if handler is not None:
             handler(sender, message, payload, now)

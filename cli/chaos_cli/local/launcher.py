@@ -8,7 +8,9 @@ joins), shows live progress and writes the report. Worker processes die with the
 network namespace of its own, with links shaped by tc (`chaos_cli.local.netns`), torn down at
 the end. Unless `tls` is off, the run makes a CA in its private directory and gives every
 worker a certificate of its own (`chaos_operator.federation.workerca`): each worker link is
-then mutual TLS, a peer being the member its certificate names.
+then mutual TLS, a peer being the member its certificate names. Each worker also gets its
+admission to the run (named after its private directory), which the run's CA signs: a
+certificate of the run's CA alone does not let a process join (`membership/joiners.py`).
 """
 
 from __future__ import annotations
@@ -274,7 +276,8 @@ class LocalRun:
         """Worker `name`'s certificate files, issued once, in this run's private directory."""
         if name not in self._issued:
             if self._ca is None:
-                self._ca = WorkerCA(self._tmp / "tls", LOCAL_PARTY)
+                # the run is the job its workers' admissions name: its private directory's
+                self._ca = WorkerCA(self._tmp / "tls", LOCAL_PARTY, job=self._tmp.name)
             self._issued[name] = self._ca.issue(name)
         return self._issued[name]
 

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from chaos_worker.config import TlsFiles, member_uri
+from chaos_worker.config import Admission, TlsFiles, member_uri
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -60,11 +60,13 @@ LEEWAY = dt.timedelta(minutes=5)
 
 @dataclass(frozen=True)
 class IssuedCert:
-    """A member's new certificate and key (PEM) and the end of its validity."""
+    """A member's new certificate and key (PEM), the end of its validity, and its admission
+    to a job (JSON, `chaos_worker.config.Admission`) when one was asked for."""
 
     cert: bytes
     key: bytes
     not_after: dt.datetime
+    admission: bytes | None = None
 
     def __repr__(self) -> str:  # never the key, not even in a traceback
         return f"IssuedCert(not_after={self.not_after.isoformat()})"
@@ -171,11 +173,30 @@ class WorkerAuthority:
         crosses = (self.cross_certify(p, peers[p]).public_bytes(pem) for p in sorted(peers))
         return self.cert_pem + b"".join(crosses)
 
+    def admit(
+        self, job: str, member: str, not_before: dt.datetime, not_after: dt.datetime
+    ) -> Admission:
+        """This party's signed word that `member` may join `job` within those dates
+        (ValueError: a name that is not valid)."""
+        return Admission(
+            job=job,
+            party=self.party,
+            member=member,
+            not_before=int(not_before.timestamp()),
+            not_after=int(not_after.timestamp()),
+        ).sign(self._key)
+
     def issue(
-        self, member: str, *, days: float = 30, not_before: dt.datetime | None = None
+        self,
+        member: str,
+        *,
+        days: float = 30,
+        not_before: dt.datetime | None = None,
+        job: str | None = None,
     ) -> IssuedCert:
         """A certificate for `member`, valid for `days` from `not_before` (default: now, less
-        `LEEWAY`), but never past the CA's own end."""
+        `LEEWAY`), but never past the CA's own end; with `job`, also its admission to that
+        job, valid as long as the certificate."""
         start = not_before or dt.datetime.now(dt.UTC) - LEEWAY
         subject = x509.Name(
             [
@@ -187,7 +208,11 @@ class WorkerAuthority:
         end = min(start + dt.timedelta(days=days), self.not_after)
         key, cert = issue(self._key, self.certificate.subject, subject, san, start, end)
         pem = cert.public_bytes(serialization.Encoding.PEM)
-        return IssuedCert(pem, private_pem(key), cert.not_valid_after_utc)
+        end = cert.not_valid_after_utc
+        admission = None
+        if job is not None:
+            admission = self.admit(job, member, start, end).model_dump_json().encode()
+        return IssuedCert(pem, private_pem(key), end, admission)
 
 
 def party_constraint(party: str) -> x509.NameConstraints:
@@ -244,8 +269,12 @@ def peer_ca(pem: str | bytes, now: dt.datetime) -> x509.Certificate:
 class WorkerCA:
     """A new CA for the workers of `party`, kept in `directory` (see the module docstring)."""
 
-    def __init__(self, directory: Path, party: str, *, days: int = 30) -> None:
+    def __init__(
+        self, directory: Path, party: str, *, days: int = 30, job: str | None = None
+    ) -> None:
+        """`job`: each member issued also gets its admission to that job."""
         self.authority = WorkerAuthority.create(party, days=days)
+        self.job = job
         self.directory = directory
         self.party = party
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -256,10 +285,15 @@ class WorkerCA:
     def issue(
         self, member: str, *, days: float = 30, not_before: dt.datetime | None = None
     ) -> TlsFiles:
-        """Write `<member>.crt` and `<member>.key` (see `WorkerAuthority.issue`); the paths
-        as a worker's `tls`."""
-        issued = self.authority.issue(member, days=days, not_before=not_before)
+        """Write `<member>.crt`, `<member>.key` and, for a CA of a job, `<member>.admission`
+        (see `WorkerAuthority.issue`); the paths as a worker's `tls`."""
+        issued = self.authority.issue(member, days=days, not_before=not_before, job=self.job)
         cert_file, key_file = self.directory / f"{member}.crt", self.directory / f"{member}.key"
         write_file(cert_file, issued.cert, 0o644)
         write_file(key_file, issued.key, 0o600)
-        return TlsFiles(cert=str(cert_file), key=str(key_file), ca=str(self.ca_file))
+        files = TlsFiles(cert=str(cert_file), key=str(key_file), ca=str(self.ca_file))
+        if issued.admission is None:
+            return files
+        admission_file = self.directory / f"{member}.admission"
+        write_file(admission_file, issued.admission, 0o644)
+        return files.model_copy(update={"admission": str(admission_file)})

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from chaos_worker.collective import TreeAllReduce
-from chaos_worker.config import WorkerConfig
+from chaos_worker.config import Admission, WorkerConfig
 from chaos_worker.join.probe import probe_downlinks
 from chaos_worker.join.state import StateInbox
 from chaos_worker.membership.liveness import Liveness
@@ -95,9 +95,12 @@ class Newcomer:
         reject: Reject,
         transport_factory: TransportFactory = TcpTransport,
         verifier: Verifier | None = None,
+        admission: Callable[[], Admission] | None = None,
     ) -> None:
         """`collective` checks the totals streamed here; `reject` counts those refused;
-        `verifier` (with TLS) checks the seals on states and manifests."""
+        `verifier` (with TLS) checks the seals on states and manifests; `admission` gives
+        this worker's admission (`membership.joiners`) for its join proposals."""
+        self._admission = admission
         self.me = me
         self._transport_factory = transport_factory
         self.address = config.listen
@@ -228,6 +231,7 @@ class Newcomer:
             mode=mode,
             links={kind: entries for kind, entries in links.items() if entries},
             ready_in_s=ready_in_s,
+            admission=self._admission() if self._admission else None,
         )
         self._membership.announce(proposal)
 
@@ -511,6 +515,7 @@ class Newcomer:
             address=self.address,
             detected_at=self._clock(),
             epoch=view.epoch if view is not None else -1,
+            admission=self._admission() if self._admission else None,
         )
         membership.announce(proposal)
         self._out.report("join_requested", t=proposal.detected_at, rejoin=True)

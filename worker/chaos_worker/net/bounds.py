@@ -37,11 +37,12 @@ from chaos_worker.net.wire import (
 
 log = logging.getLogger(__name__)
 
-REASONS = ("oversize", "malformed", "nonfinite", "stale", "unexpected", "forged")
+REASONS = ("oversize", "malformed", "nonfinite", "stale", "unexpected", "forged", "unadmitted")
 """Why a message was refused: over a size limit; not a valid message (or a gradient of the
 wrong length); a NaN or an infinity; from an epoch long gone; not expected here (e.g. a
 gradient chunk far ahead of any operation this member knows of); not sealed by its origin,
-or said by one that may not say it (`net.signing`)."""
+or said by one that may not say it (`net.signing`); a join without a valid admission of the
+joiner's party for this job (`membership.joiners`)."""
 
 HELLO_HEADER_BYTES = 4096
 """The largest first frame of a connection (a `Hello`, with no payload)."""

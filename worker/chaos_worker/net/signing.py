@@ -33,10 +33,10 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from chaos_worker.config import TlsFiles
+from chaos_worker.config import SIGNATURE, TlsFiles
 from chaos_worker.membership.rules import speaks_for_another, undue_decision, undue_plan
 from chaos_worker.membership.view import View
 from chaos_worker.net.bounds import Reject
@@ -64,7 +64,7 @@ Vouched = StateTransfer | StateWitness | SnapshotManifest
 VOUCHED = (StateTransfer, StateWitness, SnapshotManifest)
 """Point-to-point messages that carry a snapshot's digests: sealed by their `sender`."""
 Sealed = Signed | Vouched
-ALGORITHM = ec.ECDSA(hashes.SHA256())
+ALGORITHM = SIGNATURE
 MAX_CERTS = 4096
 """Verified certificates cached (past it the cache starts afresh)."""
 MAX_VERIFIED = 4096
@@ -161,6 +161,11 @@ class Verifier:
             log.warning("keeping the CA bundle loaded before: %s", exc)
             return
         self._known.clear()  # trust changed: every certificate is verified again
+
+    def bundle(self) -> list[x509.Certificate]:
+        """The CAs of the bundle as loaded last (reloaded first if the file changed)."""
+        self._refresh()
+        return self._cas
 
     def check(self, message: Sealed) -> str | None:
         """Why `message`'s seal is not its signer's (`signer_of`; None: it is)."""

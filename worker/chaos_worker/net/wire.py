@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from chaos_worker.config import Admission
 from chaos_worker.membership.view import View
 from chaos_worker.telemetry.linktable import plausible
 
@@ -200,6 +201,8 @@ class Proposal(WireMessage):
     confirmed: bool = False
     """A crash: the subject's address refused a connection, so it is known to be dead
     (not merely cut off), and the majority rule does not count it."""
+    admission: Admission | None = None
+    """A join: the joiner's admission, signed by its party's worker CA (with TLS)."""
     seal: Seal | None = None
 
 

@@ -1,0 +1,183 @@
+"""Who may ask to join: a joiner whose party's worker CA admitted it to this job.
+
+A certificate of a CA the job trusts says who a joiner is, not that its party's operator
+decided to add it to this job. So with TLS every worker carries an `Admission`
+(`chaos_worker.config`; `WorkerConfig.tls.admission`) signed by its party's worker CA (the
+operator's for pods, the run's for `chaos run`): it names the job, the party, the member id
+and a validity window. A worker's own admission says which job it is in (`OwnAdmission`); a
+newcomer, or a paused member that rejoins, carries it in its join proposals.
+
+Every member checks a join proposal (`JoinerCheck`), after its seal (`net.signing.Gate`) and
+before recording, flooding or planning it: the admission is signed by the CA this worker
+trusts for its party (our own CA for our party; another party's CA as our bundle
+cross-certifies it, bound to that party), names the party and member of the joiner's
+certificate (the seal's), and this worker's job, and is valid now. A proposal that fails
+changes nothing: it is counted as `unadmitted` in `chaos_rejected_messages_total` and
+logged once per joiner, and the member that forwarded it is not blamed.
+
+A config of before admissions (`tls` without `admission`) checks no joiner; without TLS
+there are no identities, so no admissions either.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from chaos_worker.config import Admission, TlsFiles, read_admission
+from chaos_worker.net.bounds import Reject
+from chaos_worker.net.signing import Verifier
+from chaos_worker.net.tls import PeerIdentity, Stamp, TlsError, bound_parties, identity_of, stamp
+from chaos_worker.net.wire import Message, Proposal
+
+log = logging.getLogger(__name__)
+
+Wall = Callable[[], float]
+"""Seconds since the epoch (admissions' windows are Unix seconds)."""
+
+
+def party_key(
+    cas: list[x509.Certificate], party: str, own_party: str, now: dt.datetime
+) -> ec.EllipticCurvePublicKey | None:
+    """The key of the worker CA this worker trusts for `party` (None: none, or not within its
+    dates): a CA of the bundle bound to exactly that party (our own CA bound to our party, or
+    another party's CA as our cross certificate binds it), or our own unbound CA (a
+    federating party's) for our own party."""
+    for ca in cas:
+        if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+            continue
+        parties = bound_parties(ca)
+        own_anchor = parties is None and ca.issuer == ca.subject and party == own_party
+        key = ca.public_key()
+        if (own_anchor or parties == {party}) and isinstance(key, ec.EllipticCurvePublicKey):
+            return key
+    return None
+
+
+def unadmitted(
+    admission: Admission | None,
+    joiner: PeerIdentity,
+    job: str,
+    own_party: str,
+    cas: list[x509.Certificate],
+    now: float,
+    *,
+    window: bool = True,
+) -> str | None:
+    """Why `admission` does not let `joiner` (as its certificate names it) into `job` at
+    `now` (None: it does); `window` False: whatever its validity window says."""
+    if admission is None:
+        return "no admission"
+    if admission.member != joiner.member or admission.party != joiner.party:
+        return f"an admission of {admission.party}/{admission.member}"
+    if admission.job != job:
+        return f"an admission to job {admission.job!r}, not {job!r}"
+    if window and not admission.valid_at(now):
+        return f"an admission valid from {admission.not_before} to {admission.not_after}"
+    key = party_key(cas, admission.party, own_party, dt.datetime.fromtimestamp(now, dt.UTC))
+    if key is None:
+        return f"no CA trusted for party {admission.party}"
+    if not admission.signed_by(key):
+        return f"an admission not signed by the CA of party {admission.party}"
+    return None
+
+
+class OwnAdmission:
+    """This worker's admission, read from `files.admission` and checked like a joiner's
+    (but for its window: a worker whose admission ran out still trains, it only cannot
+    join); renewed files are taken up when they change, unless they name another job or
+    member (the admission read before stays)."""
+
+    def __init__(self, files: TlsFiles, verifier: Verifier, *, wall: Wall = time.time) -> None:
+        """TlsError, saying why, if the file is missing, is no admission, or does not admit
+        this worker's certificate."""
+        assert files.admission is not None
+        self._path = files.admission
+        self._cert = files.cert
+        self._verifier = verifier
+        self._wall = wall
+        self._stamp: Stamp | None = stamp(self._path)
+        self.admission = self._load(None)
+        self.job = self.admission.job
+        """The job this worker is in: the one a joiner's admission must name."""
+        self.party = self.admission.party
+
+    def _load(self, job: str | None) -> Admission:
+        """The admission in the file, if it admits this worker (to `job`, once known)."""
+        try:
+            admission = read_admission(self._path)
+            own = identity_of(x509.load_pem_x509_certificate(Path(self._cert).read_bytes()))
+        except (OSError, ValueError) as exc:
+            raise TlsError(str(exc)) from None
+        if own is None:
+            raise TlsError(f"{self._cert} names no member")
+        cas = self._verifier.bundle()
+        job = job or admission.job
+        why = unadmitted(admission, own, job, own.party, cas, self._wall(), window=False)
+        if why is not None:
+            raise TlsError(f"{self._path} does not admit {own.party}/{own.member}: {why}")
+        if not admission.valid_at(self._wall()):
+            log.warning("%s is not valid now: this worker cannot join", self._path)
+        return admission
+
+    def current(self) -> Admission:
+        """The admission to carry in a join proposal (reloaded if the file changed)."""
+        now = stamp(self._path)
+        if now is not None and now != self._stamp:
+            self._stamp = now
+            try:
+                self.admission = self._load(self.job)
+            except TlsError as exc:
+                log.warning("keeping the admission read before: %s", exc)
+        return self.admission
+
+
+class JoinerCheck:
+    """Lets in the join proposals whose joiner is admitted to this worker's job (see the
+    module docstring); the others are refused as `unadmitted`."""
+
+    def __init__(
+        self, own: OwnAdmission, verifier: Verifier, reject: Reject, *, wall: Wall = time.time
+    ) -> None:
+        self._own = own
+        self._verifier = verifier
+        self._reject = reject
+        self._wall = wall
+
+    def admit(self, message: Message) -> bool:
+        """Whether `message` (its seal already checked) may be acted on and forwarded."""
+        if not isinstance(message, Proposal) or message.kind != "join":
+            return True
+        why = self.why(message)
+        if why is None:
+            return True
+        detail = f"the join of {message.subject} carries {why}"
+        self._reject(message.subject, "unadmitted", detail)  # the joiner's, not the sender's
+        return False
+
+    def why(self, proposal: Proposal) -> str | None:
+        """Why `proposal`'s joiner is not admitted here (None: it is)."""
+        joiner = _sealer(proposal)
+        if joiner is None or joiner.member != proposal.subject:
+            return "no certificate naming the joiner"
+        own = self._own
+        cas = self._verifier.bundle()
+        return unadmitted(proposal.admission, joiner, own.job, own.party, cas, self._wall())
+
+
+def _sealer(proposal: Proposal) -> PeerIdentity | None:
+    """Who the certificate of `proposal`'s seal names (the gate verified it)."""
+    if proposal.seal is None:
+        return None
+    try:
+        return identity_of(base64.b64decode(proposal.seal.cert, validate=True))
+    except (binascii.Error, ValueError):
+        return None
