@@ -192,10 +192,11 @@ class _ShortBacklog(LocalRun):
 
 def test_a_newcomer_whose_stream_overflows_falls_back_without_stalling_anyone() -> None:
     """w1's link to the newcomer is slow and w1 serves an equal share, so the root (w0)
-    streams more totals than the newcomer may hold while it pulls. A total it had to refuse is one it can never replay: it must not ask
-    for a switch step (the members would wait there for a member that cannot come, until
-    its join's patience ran out and it withdrew, a crash in the report), but fall back to
-    a stop-and-copy join at once. The losses stay those of the churn-free run."""
+    streams more totals than the newcomer may hold while it pulls. A total it had to
+    refuse is one it can never replay: it must not ask for a switch step (the members
+    would wait there for a member that cannot come, until its join's patience ran out and
+    it withdrew, a crash in the report), but fall back to a stop-and-copy join at once.
+    The losses stay those of the churn-free run."""
     options = JobOptions(
         entry=EXAMPLES["digits"],
         example="digits",
@@ -235,6 +236,20 @@ def stopped_at(options: JobOptions, steps: int) -> dict:
             run.stop()
 
     return asyncio.run(LocalRun(options, on_update=stop_when_done).run()).model_dump()
+
+
+def test_a_run_under_a_tmpdir_too_deep_for_a_unix_socket(tmp_path):
+    """The run directory under TMPDIR holds the control socket, unless that path is longer
+    than a Unix socket's (107 bytes): then the socket gets a private directory of its own
+    under /tmp, removed with the run."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    before = set(Path("/tmp").glob("chaos-ctl-*"))
+    report = run_job(
+        deep, "deep", "--workers", "2", "--steps", "5", "--churn", "none", env=in_tmp(deep)
+    )
+    assert report["steps"] == 5
+    assert set(Path("/tmp").glob("chaos-ctl-*")) <= before
 
 
 def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):

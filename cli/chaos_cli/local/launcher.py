@@ -40,7 +40,7 @@ from chaos_cli.local import durable
 from chaos_cli.local.churn import PAUSE_TIMEOUTS, ChurnEvent
 from chaos_cli.local.errors import LaunchError
 from chaos_cli.local.netns import NetnsError, NetnsTestbed
-from chaos_cli.local.ports import free_ports
+from chaos_cli.local.ports import control_socket, free_ports
 from chaos_cli.local.report import Report, links_matrix
 from chaos_cli.local.spares import SparePool
 from chaos_cli.local.timeline import Fired, Timeline
@@ -144,7 +144,7 @@ class LocalRun:
         self._stopping = False
 
     async def run(self) -> Report:
-        path = self._tmp / "control.sock"
+        path = control_socket(self._tmp)
         server = await asyncio.start_unix_server(self._serve, path=str(path))
         self._control = f"{UNIX}{path}"
         try:
@@ -156,6 +156,8 @@ class LocalRun:
                 wakeup.cancel()  # _reap wakes every stopped process
             self._reap()
             self._remove_testbed()
+            if path.parent != self._tmp:
+                shutil.rmtree(path.parent, ignore_errors=True)
             if not os.environ.get(KEEP_RUN_DIR):
                 shutil.rmtree(self._tmp, ignore_errors=True)
         return self._report()

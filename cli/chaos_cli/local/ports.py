@@ -1,9 +1,11 @@
-"""Ports for the members of a local run on 127.0.0.1."""
+"""Addresses of a local run: ports for its members on 127.0.0.1, and its control socket."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+import tempfile
 from pathlib import Path
 
 from chaos_cli.local.errors import LaunchError
@@ -54,3 +56,17 @@ def _ephemeral_low() -> int:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
+
+
+UNIX_PATH_MAX = 107
+"""Bytes of a Unix socket's path (`sun_path` holds 108 with the terminating NUL)."""
+
+
+def control_socket(run_dir: Path) -> Path:
+    """Where the run's control socket listens: `control.sock` in `run_dir`, or, when that
+    path is too long for a Unix socket (a deep TMPDIR), in a private directory of its own
+    under /tmp (mode 0700, as `run_dir`), which the caller removes with the run."""
+    path = run_dir / "control.sock"
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        return path
+    return Path(tempfile.mkdtemp(prefix="chaos-ctl-", dir="/tmp")) / "control.sock"
