@@ -59,7 +59,7 @@ def _plan_at(
         id="plan",
         origin="s0",
         joiner="new",
-        joiner_address="",
+        joiner_address="127.0.0.1:1",  # never connected to here
         step=3,
         state_bytes=total,
         shards=plan.shards,

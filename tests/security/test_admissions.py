@@ -155,6 +155,7 @@ def _join_header(admission: dict | None) -> bytes:
         "origin": "w5",
         "kind": "join",
         "subject": "w5",
+        "address": "127.0.0.1:1",
         "detected_at": 1.0,
         "epoch": -1,
         "admission": admission,
@@ -288,7 +289,9 @@ def test_a_renewed_own_admission_is_taken_up_unless_it_names_another_job(
 # --------------------------------------------------------------- a real member, relayed
 
 
-def join(files: TlsFiles, name: str, admission: Admission | None, address: str = "") -> Proposal:
+def join(
+    files: TlsFiles, name: str, admission: Admission | None, address: str = "127.0.0.1:1"
+) -> Proposal:
     """`name`'s sealed join proposal carrying `admission`."""
     proposal = Proposal(
         id=uuid.uuid4().hex,

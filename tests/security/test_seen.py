@@ -30,7 +30,16 @@ def _view(epoch: int) -> View:
 
 
 def _proposal(key: str, epoch: int, kind: str = "leave", origin: str = "w1") -> Proposal:
-    return Proposal(id=key, origin=origin, kind=kind, subject=origin, detected_at=0.0, epoch=epoch)
+    address = "127.0.0.1:1" if kind == "join" else ""
+    return Proposal(
+        id=key,
+        origin=origin,
+        kind=kind,
+        subject=origin,
+        address=address,
+        detected_at=0.0,
+        epoch=epoch,
+    )
 
 
 def test_ids_are_kept_for_seen_epochs_and_then_forgotten() -> None:

@@ -358,7 +358,7 @@ def pull_plan(sources: dict[str, Replicator], total: int) -> JoinPlan:
         id="p",
         origin="w0",
         joiner="w5",
-        joiner_address="",
+        joiner_address="127.0.0.1:1",  # never connected to here
         step=STEP,
         state_bytes=total,
         shards=2 * len(sources),

@@ -85,6 +85,7 @@ def test_a_join_proposal_carries_validated_figures_too() -> None:
         origin="w4",
         kind="join",
         subject="w4",
+        address="127.0.0.1:9004",
         detected_at=1.0,
         epoch=-1,
         mode="observe",

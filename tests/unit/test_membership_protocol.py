@@ -391,7 +391,7 @@ def test_a_join_that_arrives_during_a_recovery_waits_for_the_next_planned_decisi
     ])  # fmt: skip
     h = run_table("w0", W4, [
         rows[0],
-        (2.0, proposal("join", "w4", address="h:w4"), ["connect w4", "flood join w4"]),
+        (2.0, proposal("join", "w4", address="h:14"), ["connect w4", "flood join w4"]),
         *rows[1:],
         (2.3, boundary(5), [
             "trainer waits",
@@ -539,7 +539,7 @@ def test_the_majority_goes_on_without_the_cut_off_member_then_admits_it_again() 
             f"flood decision e2 w0,w1,w2 root=w0 {STAR3} down=w0|w3,w2|w3 T=6",
             "report agreed 2 6",
         ]),
-        (2.0, proposal("join", "w3", address="h:w3"), ["connect w3", "flood join w3"]),
+        (2.0, proposal("join", "w3", address="h:13"), ["connect w3", "flood join w3"]),
         (2.1, boundary(6), [  # the link first, then the rejoin: one decision at a time
             "trainer waits",
             "hear admitted -", "hear installed", "report installed 2 6 False",
@@ -563,8 +563,8 @@ def test_two_joins_that_arrive_while_a_decision_is_pending_are_decided_together(
             "flood decision e1 w0,w1 root=w0 tree=w1:w0 T=6",
             "report agreed 1 6",
         ]),
-        (1.1, proposal("join", "w3", address="h:w3"), ["connect w3", "flood join w3"]),
-        (1.2, proposal("join", "w4", address="h:w4"), ["connect w4", "flood join w4"]),
+        (1.1, proposal("join", "w3", address="h:13"), ["connect w3", "flood join w3"]),
+        (1.2, proposal("join", "w4", address="h:14"), ["connect w4", "flood join w4"]),
         (1.3, boundary(6), [
             "trainer waits",
             "hear admitted -", "hear installed", "report installed 1 6 False",

@@ -63,6 +63,7 @@ MESSAGES: list[WireMessage] = [
         origin="w4",
         kind="join",
         subject="w4",
+        address="127.0.0.1:9004",
         detected_at=2.0,
         epoch=-1,
         admission=Admission(
@@ -239,6 +240,30 @@ def test_malformed_json_is_rejected(raw: bytes) -> None:
 def test_unknown_type_and_bad_fields_are_rejected(header: dict) -> None:
     with pytest.raises(WireError):
         decode_header(json.dumps(header).encode())
+
+
+def _join(address: str | None) -> dict:
+    header = {
+        "type": "proposal",
+        "id": "p",
+        "origin": "w4",
+        "kind": "join",
+        "subject": "w4",
+        "detected_at": 1.0,
+        "epoch": -1,
+    }
+    return header if address is None else {**header, "address": address}
+
+
+@pytest.mark.parametrize(
+    "address", [None, "", "w4", ":9000", "h:x", "h:70000", "h:-1", "h" * 300 + ":1"]
+)
+def test_a_join_names_a_host_port_address(address: str | None) -> None:
+    """The address a newcomer gives is connected to by every member that plans for it: one
+    that is missing or malformed is refused at decode, not where it is dialled."""
+    with pytest.raises(WireError):
+        decode_header(json.dumps(_join(address)).encode())
+    assert decode_header(json.dumps(_join("node-4.svc:9000")).encode()) is not None
 
 
 @settings(max_examples=300, deadline=None)

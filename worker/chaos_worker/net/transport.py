@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from chaos_worker.net.address import parse_address
 from chaos_worker.net.bounds import HELLO_HEADER_BYTES, Guard
 from chaos_worker.net.shaping import LinkShape, TokenBucket
 from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, names
@@ -153,14 +154,6 @@ async def _write_frame(
             await bucket.consume(chunk.nbytes)
         writer.write(chunk)
         await writer.drain()
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """`host:port` -> (host, port)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    return host, int(port)
 
 
 @dataclass

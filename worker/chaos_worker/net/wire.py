@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from chaos_worker.config import Admission
 from chaos_worker.membership.view import View
+from chaos_worker.net.address import Address
 from chaos_worker.telemetry.linktable import plausible
 
 FRAME = struct.Struct("!II")
@@ -191,7 +192,7 @@ class Proposal(WireMessage):
     kind: ProposalKind
     subject: str
     peer: str = ""
-    address: str = ""
+    address: Address | Literal[""] = ""
     detected_at: float
     epoch: Number
     mode: Literal["observe", "copy", "ready", "probe"] = "copy"
@@ -204,6 +205,12 @@ class Proposal(WireMessage):
     admission: Admission | None = None
     """A join: the joiner's admission, signed by its party's worker CA (with TLS)."""
     seal: Seal | None = None
+
+    @model_validator(mode="after")
+    def _join_names_its_address(self) -> Proposal:
+        if self.kind == "join" and not self.address:
+            raise ValueError("a join proposal names the joiner's address")
+        return self
 
 
 class LinkGossip(WireMessage):
@@ -318,12 +325,12 @@ class JoinPlan(WireMessage):
     id: str
     origin: str
     joiner: str
-    joiner_address: str
+    joiner_address: Address
     step: Number
     state_bytes: Count
     shards: Count
     assignment: dict[str, list[Count]]
-    replicators: dict[str, str]
+    replicators: dict[str, Address]
     bandwidths: dict[str, NonNegative]
     manifest_from: str
     predicted_s: NonNegative
