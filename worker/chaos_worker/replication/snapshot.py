@@ -347,7 +347,7 @@ class SnapshotStore:
             if held:
                 self._pinned.add(step)
         if held and shards:
-            threading.Thread(target=self._prehash, args=(step,), daemon=True).start()
+            self._prehash_aside(step)
 
     def wanted(self, step: int) -> bool:
         """Whether a join will pull snapshot `step` (`want`)."""
@@ -399,7 +399,7 @@ class SnapshotStore:
                 self._pinned.add(step)
             self._write_meta(index, (step, layout))
         if wanted and self._wanted.get(step):
-            self._prehash(step)
+            self._prehash_aside(step)  # not on this thread: the trainer settles its publish
 
     def _claim(
         self, index: int, layout: Layout
@@ -415,6 +415,10 @@ class SnapshotStore:
             held = None
         self._held[index] = None
         return buffer, held
+
+    def _prehash_aside(self, step: int) -> None:
+        """`_prehash(step)` in a thread of its own, so that nothing waits for it."""
+        threading.Thread(target=self._prehash, args=(step,), daemon=True).start()
 
     def _prehash(self, step: int) -> None:
         """Hash the shards of pinned snapshot `step` for the manifest; with a directory,
