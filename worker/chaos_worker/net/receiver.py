@@ -38,7 +38,9 @@ Payload = bytes | memoryview
 """What a receiver hands on: `b""`, or a read-only view of a buffer of its own."""
 
 BUFFER_BYTES = 1 << 16
-"""The internal buffer: prefixes, headers, small payloads, and the read-ahead of a link."""
+"""The internal buffer: prefixes, headers, small payloads, and the read-ahead of a link.
+Before its first frame (the `Hello`) a link has one of that frame's largest size only."""
+_FIRST_BYTES = FRAME.size + HELLO_HEADER_BYTES
 PIECE = 1 << 20
 """The largest piece of a payload written at once, or waiting for a shaped link's tokens."""
 _DIRECT_BYTES = 1 << 14
@@ -59,7 +61,7 @@ class IncomingLink(asyncio.BufferedProtocol):
         self.transport: asyncio.BaseTransport | None = None
         self.task: asyncio.Task[None] | None = None
         self.received = 0
-        self._buffer = memoryview(bytearray(BUFFER_BYTES))
+        self._buffer = memoryview(bytearray(_FIRST_BYTES))
         self._start = self._end = 0  # what is buffered and not read yet
         self._target: memoryview | None = None  # a read that wants its bytes straight in
         self._filled = 0
@@ -137,6 +139,13 @@ class IncomingLink(asyncio.BufferedProtocol):
             transport, self, context, server_side=True, ssl_handshake_timeout=timeout
         )
         self._paused = False
+
+    def widen(self) -> None:
+        """The first frame is read: from now on, the full internal buffer."""
+        held = self._end - self._start
+        buffer = memoryview(bytearray(BUFFER_BYTES))
+        buffer[:held] = self._buffer[self._start : self._end]
+        self._buffer, self._start, self._end = buffer, 0, held
 
     async def read(self, size: int, timeout: float) -> bytes | bytearray:
         """Exactly `size` bytes (a prefix, a header), all of them within `timeout`."""
@@ -245,7 +254,9 @@ async def read_frame(
     if downlink is not None:
         await downlink.consume(FRAME.size + header_len)
     if first:
-        return decode_header(header), b""
+        message = decode_header(header)
+        link.widen()
+        return message, b""
     message = guard.admit(sender, header, payload_len)
     if not payload_len:
         return message, b""
