@@ -123,15 +123,12 @@ def _note(runs: list[dict]) -> str:
     slow = [r["size_mb"] for r in runs if r["ratio"] > 2]
     if slow:
         note += (
-            f" TcpTransport is below 50% of raw throughput at {slow} MiB: its receiver copies "
-            "every 256 KiB recv() into the StreamReader buffer, copies it out again, and joins "
-            "the pieces into a fresh bytes object whose pages fault in on every message, with "
-            "an event-loop wakeup per recv; raw recv_into() writes straight into a buffer that "
-            "is allocated and touched once. TcpTransport writes and reads payloads over 1 MiB in "
-            "1 MiB pieces, so neither the whole-frame join of writelines nor the regrowing "
-            "buffer of readexactly is left; what remains is mostly the cost of returning "
-            "fresh `bytes` (plain sockets that recv() 256 KiB pieces and join them measure "
-            "about 4x slower than recv_into() here too)."
+            f" TcpTransport is below 50% of raw throughput at {slow} MiB. Its receiver reads "
+            "a payload straight into one buffer of its size (recv_into, or under TLS the "
+            "decryption, as the raw receiver does, net/receiver.py); what is left is mostly "
+            "on the sending side: 1 MiB writes through asyncio's write buffer (what the "
+            "socket does not take at once is copied there), a drain after each, and the "
+            "per-message work of a frame (header, queue, task switches)."
         )
     return note
 

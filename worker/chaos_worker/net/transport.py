@@ -5,7 +5,9 @@ layer; they take a `TransportFactory` (default `TcpTransport`) so that another
 implementation (`chaos_worker.net.loop.LoopTransport`, in memory) can stand in. The contract,
 checked for both by `tests/unit/test_transport_contract.py`:
 
-- frames from one sender reach a receiver in the order they were sent (FIFO per peer);
+- frames from one sender reach a receiver in the order they were sent (FIFO per peer), each
+  payload as a read-only buffer of the receiver's own (`receiver.Payload`: `bytes`, or a
+  read-only memoryview), which nothing may change;
 - `disconnect(peer, goodbye=True)` delivers everything queued, then the receiver's
   `on_disconnect(sender, True)`; a link that ends otherwise reports `graceful=False`;
 - a blocked link sends nothing and delivers nothing, in both directions, and reports no
@@ -22,7 +24,8 @@ checked for both by `tests/unit/test_transport_contract.py`:
 
 `TcpTransport`: one outgoing connection per peer carries this worker's frames to it in FIFO
 order (the membership protocol relies on that order); incoming connections deliver the peer's
-frames to `on_message` in arrival order. Links can be blocked to emulate a link going down: a
+frames to `on_message` in arrival order, read by `chaos_worker.net.receiver` straight into
+the buffer each payload is handed on in. Links can be blocked to emulate a link going down: a
 blocked link neither sends nor accepts frames. Outgoing links may be shaped (rate and added
 delay, see `chaos_worker.net.shaping`) and incoming bytes may share one downlink bucket.
 
@@ -47,25 +50,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from chaos_worker.net.address import parse_address
-from chaos_worker.net.bounds import HELLO_HEADER_BYTES, Guard
+from chaos_worker.net.bounds import Guard
+from chaos_worker.net.receiver import PIECE, IncomingLink, Payload, read_frame
 from chaos_worker.net.shaping import LinkShape, TokenBucket
 from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, names
-from chaos_worker.net.wire import (
-    FRAME,
-    MAX_HEADER_BYTES,
-    Goodbye,
-    Hello,
-    Message,
-    WireError,
-    WireMessage,
-    decode_header,
-    encode,
-    parse_lengths,
-)
+from chaos_worker.net.wire import Goodbye, Hello, Message, WireError, WireMessage, encode
 
 log = logging.getLogger(__name__)
 
-OnMessage = Callable[[str, Message, bytes], None]
+OnMessage = Callable[[str, Message, Payload], None]
 OnDisconnect = Callable[[str, bool], None]
 
 
@@ -120,11 +113,6 @@ TransportFactory = Callable[..., Transport]
 max_payload, shape=None, downlink=None)` (TLS is bound beforehand: `TcpTransport.secured`)."""
 
 
-# Payloads above this size are written and read in pieces: `writelines` would join the
-# whole frame into a new buffer and `readexactly` grows (and recopies) one buffer to the
-# full payload; a piece at a time keeps both copies small and cache-hot.
-_PIECE = 1 << 20
-
 LINGER_S = 0.05
 """How long `TcpTransport.reachable` watches an accepted connection for a reset."""
 
@@ -138,7 +126,7 @@ async def _write_frame(
     """
     prefix, header, payload = frame
     view = memoryview(payload)
-    piece = _PIECE if bucket is None else min(_PIECE, int(bucket.burst))
+    piece = PIECE if bucket is None else min(PIECE, int(bucket.burst))
     if view.nbytes <= piece:
         if bucket is not None:
             await bucket.consume(len(prefix) + len(header) + view.nbytes)
@@ -303,7 +291,7 @@ class TcpTransport(QueuedTransport):
         self._downlink = downlink
         self._tls = tls
         self._warned: set[tuple[str, str]] = set()  # (peer, what): refusals logged once
-        self._in: dict[str, set[asyncio.StreamWriter]] = {}  # a sender may have several
+        self._in: dict[str, set[IncomingLink]] = {}  # a sender may have several
         self._server: asyncio.Server | None = None
 
     @classmethod
@@ -313,19 +301,22 @@ class TcpTransport(QueuedTransport):
 
     async def listen(self, host: str, port: int) -> int:
         """Start accepting connections; returns the bound port (useful with port 0)."""
-        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: IncomingLink(self._serve), host, port, reuse_address=True
+        )
         return self._server.sockets[0].getsockname()[1]
 
     def _drop_incoming(self, peer: str) -> None:
-        for writer in self._in.pop(peer, ()):
-            writer.close()
+        for link in self._in.pop(peer, ()):
+            link.close()
 
     async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for writers in self._in.values():
-            for writer in writers:
-                writer.close()
+        for links in self._in.values():
+            for link in links:
+                link.close()
 
     async def reachable(self, address: str, timeout: float) -> bool | None:
         """A connection that is accepted and then stays open for `LINGER_S` shows a live
@@ -404,12 +395,12 @@ class TcpTransport(QueuedTransport):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def _authentic(self, claimed: str, writer: asyncio.StreamWriter) -> bool:
+    def _authentic(self, claimed: str, link: IncomingLink) -> bool:
         """Whether an incoming peer that says Hello as `claimed` is that member: always
         without TLS; with it, only if its certificate names `claimed`."""
         if self._tls is None:
             return True
-        holder = self._tls.peer(writer.get_extra_info("ssl_object"))
+        holder = self._tls.peer(link.get_extra_info("ssl_object"))
         if holder is not None and holder.member == claimed:
             return True
         self._tls.refusals(claimed, "bad_name", f"a Hello as {claimed} from {holder}")
@@ -420,24 +411,24 @@ class TcpTransport(QueuedTransport):
             self._warned.add((peer, what))
             log.warning(text, *args)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
+    async def _serve(self, link: IncomingLink) -> None:
+        sock = link.get_extra_info("socket")
+        if isinstance(sock, socket.socket):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sender = None
         graceful = False
         try:
             if self._tls is not None:
-                await self._accept_tls(writer)
-            first, _ = await self._read_frame(reader)
+                await self._accept_tls(link)
+            first, _ = await self._read_frame(link)
             if not isinstance(first, Hello) or first.sender in self._blocked:
                 return
-            if not self._authentic(first.sender, writer):
+            if not self._authentic(first.sender, link):
                 return
             sender = first.sender
-            self._in.setdefault(sender, set()).add(writer)
+            self._in.setdefault(sender, set()).add(link)
             while True:
-                message, payload = await self._read_frame(reader, sender)
+                message, payload = await self._read_frame(link, sender)
                 if sender in self._blocked:
                     return
                 if message is None:  # refused alone (counted): the link goes on
@@ -452,56 +443,29 @@ class TcpTransport(QueuedTransport):
         except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.CancelledError):
             pass
         except WireError as exc:  # framing lost, or no valid Hello: the connection goes
-            peer = sender or _host_of(writer)
+            peer = sender or _host_of(link)
             self.guard.rejections(peer, exc.reason, f"dropping the connection: {exc}")
         finally:
-            writer.close()
-            if sender is not None and writer in self._in.get(sender, ()):
-                self._in[sender].discard(writer)
+            link.close()
+            if sender is not None and link in self._in.get(sender, ()):
+                self._in[sender].discard(link)
                 self._report_disconnect(sender, graceful)
 
-    async def _accept_tls(self, writer: asyncio.StreamWriter) -> None:
+    async def _accept_tls(self, link: IncomingLink) -> None:
         """The server's half of an incoming connection's handshake; a refusal is counted
         (`LinkTls.failed`) and raises, as a peer that went away does."""
         assert self._tls is not None
         try:
-            await writer.start_tls(self._tls.server, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            await link.start_tls(self._tls.server, HANDSHAKE_TIMEOUT_S)
         except ssl.SSLError as exc:
-            self._tls.failed(_host_of(writer, "before its handshake"), exc)
+            self._tls.failed(_host_of(link, "before its handshake"), exc)
             raise
 
     async def _read_frame(
-        self, reader: asyncio.StreamReader, sender: str | None = None
-    ) -> tuple[Message | None, bytes]:
-        """The next frame of a connection; its message is None when refused alone (its
-        payload is read to nothing, never held). Without `sender` it is the first frame:
-        small, no payload, within the handshake timeout, and any fault raises."""
-        limits = self.guard.limits
-        first = sender is None
-        timeout = limits.handshake_timeout_s if first else limits.idle_timeout_s
-        try:
-            async with asyncio.timeout(timeout):
-                prefix = await reader.readexactly(FRAME.size)
-        except TimeoutError:
-            what = "no hello" if first else "nothing"
-            log.info("closing the link from %s: %s for %g s", sender, what, timeout)
-            raise
-        header_len, payload_len = parse_lengths(
-            prefix,
-            0 if first else self._max_payload,
-            HELLO_HEADER_BYTES if first else MAX_HEADER_BYTES,
-        )
-        async with asyncio.timeout(timeout):
-            header = await reader.readexactly(header_len)
-        if self._downlink is not None:
-            await self._downlink.consume(FRAME.size + header_len)
-        if first:
-            return decode_header(header), b""
-        message = self.guard.admit(sender, header, payload_len)
-        payload = await _read_payload(
-            reader, payload_len, self._downlink, timeout, keep=message is not None
-        )
-        return message, payload
+        self, link: IncomingLink, sender: str | None = None
+    ) -> tuple[Message | None, Payload]:
+        """`receiver.read_frame` with this transport's guard, hard limit and downlink."""
+        return await read_frame(link, self.guard, self._max_payload, self._downlink, sender)
 
 
 async def _open(host: str, port: int) -> asyncio.StreamWriter:
@@ -520,39 +484,7 @@ async def _open(host: str, port: int) -> asyncio.StreamWriter:
         return writer
 
 
-async def _read_payload(
-    reader: asyncio.StreamReader,
-    size: int,
-    bucket: TokenBucket | None = None,
-    timeout: float | None = None,
-    *,
-    keep: bool = True,
-) -> bytes:
-    """Exactly `size` bytes from `reader`, as pieces joined once; no piece waits longer than
-    `timeout` for its first byte. `keep=False` reads them to nothing (a refused message's
-    payload: nothing of its size is ever allocated).
-
-    With a `bucket` (the receiver's shaped downlink), each piece waits for its tokens.
-    """
-    if not size:
-        return b""
-    step = _PIECE if bucket is None else min(_PIECE, int(bucket.burst))
-    pieces = []
-    left = size
-    while left:
-        async with asyncio.timeout(timeout):
-            piece = await reader.read(min(left, step))
-        if not piece:
-            raise asyncio.IncompleteReadError(b"".join(pieces), size)
-        if bucket is not None:
-            await bucket.consume(len(piece))
-        if keep:
-            pieces.append(piece)
-        left -= len(piece)
-    return b"".join(pieces)
-
-
-def _host_of(writer: asyncio.StreamWriter, when: str = "before hello") -> str:
+def _host_of(link: IncomingLink, when: str = "before hello") -> str:
     """The remote host of a connection that has not named itself (logged once per host)."""
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]} ({when})" if peer else f"unknown peer ({when})"
+    peer = link.get_extra_info("peername")
+    return f"{peer[0]} ({when})" if isinstance(peer, tuple) else f"unknown peer ({when})"
