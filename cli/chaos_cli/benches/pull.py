@@ -100,7 +100,7 @@ async def _pull(size_mb: int, neighbours: int, profile: str, strategy: str, down
                 id="bench",
                 origin="w0",
                 joiner=newcomer,
-                joiner_address="",
+                joiner_address="127.0.0.1:0",  # nobody dials the puller
                 step=1,
                 state_bytes=total,
                 shards=plan.shards,
