@@ -151,7 +151,10 @@ def test_a_slow_measured_link_gets_proportionally_fewer_shard_bytes(monkeypatch,
         churn=parse_churn("join@15", 4),
         links=LINKS,
         metrics=True,
-        join_probe_frames=8,  # the probe is optional (off by default): this test is about it
+        # the probe is optional (off by default): this test is about it. 32 frames (2 MiB,
+        # 64 ms at 32 MB/s): with 8, a fast link's probe lasted 16 ms, less than a time
+        # slice of a loaded machine, and once measured 3.1 MB/s against w1's 3.5 (CI, load 9)
+        join_probe_frames=32,
     )
     job = LocalRun(options)
     joins, metrics = asyncio.run(_run_and_watch(job, tmp_path))
