@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 from chaos_operator.federation.workerca import WorkerCA
+from chaos_worker.config import SIGNATURE
 from chaos_worker.member import LinkOutbox
 from chaos_worker.membership.rules import undue_decision
 from chaos_worker.membership.view import View, full_mesh, initial_view
 from chaos_worker.net.bounds import Rejections
-from chaos_worker.net.signing import ALGORITHM, Gate, Signer, Verifier, canonical
+from chaos_worker.net.signing import Gate, Signer, Verifier, canonical
 from chaos_worker.net.tls import LinkTls
 from chaos_worker.net.transport import TcpTransport
 from chaos_worker.net.wire import Decision, Heartbeat, Message, Proposal, Seal, WireMessage
@@ -64,7 +65,7 @@ def sealed_by(files, message: WireMessage) -> WireMessage:
     key = serialization.load_pem_private_key(Path(files.key).read_bytes(), None)
     cert = x509.load_pem_x509_certificate(Path(files.cert).read_bytes())
     der = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
-    sig = base64.b64encode(key.sign(canonical(message), ALGORITHM)).decode()
+    sig = base64.b64encode(key.sign(canonical(message), SIGNATURE)).decode()
     return message.model_copy(update={"seal": Seal(cert=der, sig=sig)})
 
 

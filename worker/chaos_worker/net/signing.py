@@ -64,7 +64,6 @@ Vouched = StateTransfer | StateWitness | SnapshotManifest
 VOUCHED = (StateTransfer, StateWitness, SnapshotManifest)
 """Point-to-point messages that carry a snapshot's digests: sealed by their `sender`."""
 Sealed = Signed | Vouched
-ALGORITHM = SIGNATURE
 MAX_CERTS = 4096
 """Verified certificates cached (past it the cache starts afresh)."""
 MAX_VERIFIED = 4096
@@ -130,7 +129,7 @@ class Signer:
         if not _sealable(message) or signer_of(message) != self.me:
             return message
         self._refresh()
-        signature = self._key.sign(canonical(message), ALGORITHM)
+        signature = self._key.sign(canonical(message), SIGNATURE)
         seal = Seal(cert=self._cert, sig=base64.b64encode(signature).decode())
         return message.model_copy(update={"seal": seal})
 
@@ -187,7 +186,7 @@ class Verifier:
         if digest in self._verified:
             return None
         try:
-            key.verify(base64.b64decode(seal.sig), data, ALGORITHM)
+            key.verify(base64.b64decode(seal.sig), data, SIGNATURE)
         except (InvalidSignature, ValueError):
             return f"the signature is not {member}'s"
         if len(self._verified) >= MAX_VERIFIED:
