@@ -230,6 +230,7 @@ def worker_config(
         fields["join"] = join
     if options.worker_tls:
         fields["tls"] = TLS_FILES
+        fields["state_quorum"] = job.spec.state_quorum
     policy = job.spec.checkpoints
     if writer and policy is not None:
         fields["checkpoint_dir"] = CHECKPOINT_DIR

@@ -115,6 +115,8 @@ def live_digests(report: dict) -> dict[str, str]:
 def test_join_keeps_the_trajectory_and_the_state_bit_identical(baseline, tmp_path, mode):
     # Plans use measured links: over loopback-fast links the greedy rightly pulls the
     # ~80 kB state from one source, so the links are shaped to make a split worth it.
+    # A state quorum of 2 changes nothing for an honest job of five incumbents: the pull
+    # has two sources that seal the same manifest, the copy a witness.
     joined = run_job(
         tmp_path,
         "join",
@@ -125,6 +127,8 @@ def test_join_keeps_the_trajectory_and_the_state_bit_identical(baseline, tmp_pat
         mode,
         "--links",
         "*=8MB/s",
+        "--state-quorum",
+        "2",
     )
     assert_same_losses(joined["loss_curve"], baseline["loss_curve"])
     (event,) = joined["events"]

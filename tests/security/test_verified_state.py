@@ -84,13 +84,14 @@ def secured(files: TlsFiles, name: str):
     return TcpTransport.secured(LinkTls(files, name))
 
 
-def admitting(epoch: int = 4) -> Decision:
-    """w0's decision that admits w5 by a copy: its view's root w0 sends the state."""
-    members = {m: f"127.0.0.1:{9000 + i}" for i, m in enumerate(("w0", "w1", "w5", "w9"))}
-    view = initial_view(members, full_mesh(members)).model_copy(update={"epoch": epoch})
+def admitting(epoch: int = 4, members: tuple[str, ...] = ("w0", "w1", "w5", "w9")) -> Decision:
+    """The decision of the view of `members` that admits w5 by a copy: its root (w0 by
+    default) sends the state."""
+    addresses = {m: f"127.0.0.1:{9000 + i}" for i, m in enumerate(members)}
+    view = initial_view(addresses, full_mesh(addresses)).model_copy(update={"epoch": epoch})
     join = Cause(id="j5", kind="join", mode="copy", subject="w5", detected_at=1.0)
     return Decision(
-        id="d4", origin="w0", view=view, effective_step=20, immediate=False, causes=[join]
+        id="d4", origin=view.root, view=view, effective_step=20, immediate=False, causes=[join]
     )
 
 
@@ -371,8 +372,9 @@ def pull_plan(sources: dict[str, Replicator], total: int) -> JoinPlan:
     )
 
 
-async def pull_from(ca: WorkerCA, sources: dict[str, Replicator]):
-    """w5 pulls from `sources` over TLS; (the result or the JoinFailed, metrics, puller)."""
+async def pull_from(ca: WorkerCA, sources: dict[str, Replicator], quorum: int = 1):
+    """w5 pulls from `sources` over TLS, with that state quorum; (the result or the
+    JoinFailed, metrics, puller)."""
     total = next(iter(sources.values())).store.get(STEP).layout.total_bytes
     reject, metrics = forged_counter("w5")
     puller = Puller(
@@ -381,6 +383,7 @@ async def pull_from(ca: WorkerCA, sources: dict[str, Replicator]):
         transport_factory=secured(ca.issue("w5"), "w5"),
         verifier=Verifier(str(ca.ca_file)),
         reject=reject,
+        quorum=quorum,
     )
     try:
         outcome: PullResult | JoinFailed = await puller.run()
@@ -458,3 +461,37 @@ def test_a_state_source_sealing_its_own_forged_state_fails_its_witness(ca: Worke
     vouched = inbox.vouched(decision, message)
     assert vouched == state_digest(honest_model, honest_opt)
     assert state_digest(loaded_model, loaded_opt) != vouched  # the newcomer refuses it
+
+
+@pytest.mark.parametrize("quorum", [1, 2])
+def test_a_quorum_of_two_believes_no_lone_source(ca: WorkerCA, quorum: int) -> None:
+    """w9, in a decision it sealed itself, names itself the only source of a snapshot of a
+    state of its own: a newcomer cannot tell that plan from an honest one of a job with a
+    single incumbent. With the default quorum it takes w9's state (the limit
+    `docs/security.md` states); with a quorum of 2 the pull fails and places nothing."""
+
+    async def lone_w9():
+        return await pull_from(ca, {"w9": await replicator("w9", ca, *job(seed=9))}, quorum)
+
+    outcome, _, puller = asyncio.run(lone_w9())
+    if quorum == 1:
+        assert isinstance(outcome, PullResult), outcome
+        fresh_model, fresh_opt = job(seed=5, steps=0)
+        load_from(outcome.data, outcome.layout, fresh_model, fresh_opt, torch.device("cpu"))
+        assert state_digest(fresh_model, fresh_opt) == state_digest(*job(seed=9))
+    else:
+        assert isinstance(outcome, JoinFailed)
+        assert "no 2 sources sealed the same manifest" in str(outcome)
+        assert puller.manifest is None and not puller.done
+
+
+def test_a_quorum_of_two_takes_no_copy_that_nobody_else_can_vouch_for(ca: WorkerCA) -> None:
+    """A copy decision whose view holds no member beside its state source and the joiner
+    (a single incumbent, or w9's forged view of itself) has no witness: a quorum of 2
+    refuses it before any state is waited for; a view with a witness is taken as before."""
+    verifier = Verifier(str(ca.ca_file))
+    lone = admitting(members=("w9", "w5"))
+    strict = StateInbox(verifier, forged_counter("w5")[0], quorum=2)
+    assert "names no member beside w9 to vouch for the state" in strict.unvouched(lone)
+    assert strict.unvouched(admitting()) is None  # w1 is its witness
+    assert StateInbox(verifier, forged_counter("w5")[0]).unvouched(lone) is None

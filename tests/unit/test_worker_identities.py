@@ -74,6 +74,15 @@ def test_a_tls_pod_mounts_its_secret_read_only_and_names_only_paths() -> None:
     assert "PRIVATE KEY" not in json.dumps(pod)
 
 
+def test_a_tls_pod_asks_for_the_state_quorum_its_job_sets() -> None:
+    job = make_job(1)
+    assert config_of(reconcile(job, [], now=NOW, options=TLS).create[0])["state_quorum"] == 1
+    job.spec.state_quorum = 2
+    assert config_of(reconcile(job, [], now=NOW, options=TLS).create[0])["state_quorum"] == 2
+    # without identities nothing is sealed, so there is nothing to count
+    assert "state_quorum" not in config_of(reconcile(job, [], now=NOW, options=Options()).create[0])
+
+
 def test_without_worker_tls_the_pod_has_no_identity() -> None:
     pod = planned_pods(Options(steps=100))[0]
     assert "tls" not in config_of(pod)

@@ -235,6 +235,15 @@ class WorkerConfig(BaseModel):
         "before asking to join (0, the default: no probe; the root plans with measured, "
         "shaped or default rates and the pull re-plans from the rates it measures)",
     )
+    state_quorum: int = Field(
+        1,
+        ge=1,
+        le=2,
+        description="members whose seals must agree on the state a newcomer takes (with "
+        "TLS): 1, as many as the join has, up to two; 2, always two, so that one hostile "
+        "member can never hand a newcomer its own state, and a job with a single incumbent "
+        "admits no newcomer",
+    )
     observer_max_backlog: PositiveInt = Field(
         200, description="observed steps a newcomer may lag before it falls back to a copy"
     )

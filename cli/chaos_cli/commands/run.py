@@ -116,6 +116,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="shard plan for joins: greedy (planned, default) or a baseline",
     )
     parser.add_argument(
+        "--state-quorum",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="members whose seals must agree on a newcomer's state: 1, as many as a join "
+        "has, up to two (default); 2, always two, so one hostile member cannot hand a "
+        "newcomer a forged state, and a job down to one member admits no newcomer",
+    )
+    parser.add_argument(
         "--spares",
         type=int,
         metavar="N",
@@ -281,6 +290,7 @@ def options_from(args: argparse.Namespace, job=None):
         join_mode=args.join_mode,
         join_strategy=args.join_strategy,
         join_probe_frames=args.join_probe_frames,
+        state_quorum=args.state_quorum,
         netns=args.netns,
         tls=not args.insecure,
         spares=args.spares,

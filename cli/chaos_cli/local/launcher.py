@@ -77,6 +77,7 @@ class JobOptions:
     join_mode: str = "observe"
     join_strategy: str = "greedy"
     join_probe_frames: int = 0  # frames of a newcomer's downlink probe (0: none)
+    state_quorum: int = 1  # members whose seals must agree on a newcomer's state
     # end the job once every newcomer has contributed this many steps (benchmarks)
     stop_after_join_steps: int | None = None
     netns: bool = False  # every worker in its own network namespace, rates shaped by tc
@@ -265,6 +266,7 @@ class LocalRun:
             join_mode=self.opts.join_mode,
             join_strategy=self.opts.join_strategy,
             join_probe_frames=self.opts.join_probe_frames,
+            state_quorum=self.opts.state_quorum,
             **durable.worker_fields(self.opts),
         )
         values.update(fields)

@@ -210,6 +210,17 @@ class ChaosJobSpec(ApiModel):
         ),
         json_schema_extra=immutable("steps"),
     )
+    state_quorum: int = Field(
+        1,
+        ge=1,
+        le=2,
+        description=(
+            "Members whose seals must agree on the state a newcomer of this party takes "
+            "(with worker TLS): 1, as many as the join has, up to two; 2, always two, so "
+            "that one hostile member can never hand our newcomers a forged state, at the "
+            "price that a job down to a single member admits no newcomer."
+        ),
+    )
     template: TemplateField | None = Field(
         None,
         description=(

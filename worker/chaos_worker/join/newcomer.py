@@ -128,7 +128,7 @@ class Newcomer:
         self._gap: int | None = None
         """The first step whose total was refused for the backlog: replay cannot pass it."""
         self._asked_ready = False
-        self._states = StateInbox(verifier, reject)  # full-state copies offered
+        self._states = StateInbox(verifier, reject, config.state_quorum)  # copies offered
         self._rejoining: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ joining
@@ -318,6 +318,7 @@ class Newcomer:
                     # a verifier of its own thread; refusals are counted on this loop
                     verifier=Verifier(tls.ca) if tls else None,
                     reject=lambda *a: loop.call_soon_threadsafe(self._reject, *a),
+                    quorum=self._cfg.state_quorum,
                 )
                 pullers.append(puller)
                 return await puller.run()
@@ -424,6 +425,9 @@ class Newcomer:
     async def _take_state(self, decision: Decision, patience: float | None = None) -> None:
         """Wait for the full-state copy `decision` admits this member with (JoinFailed
         after `patience` seconds) and load it."""
+        unvouched = self._states.unvouched(decision)
+        if unvouched is not None:
+            raise JoinFailed(unvouched)
         taken: list[tuple[StateTransfer, bytes]] = []
 
         def arrived() -> bool:

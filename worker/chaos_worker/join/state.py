@@ -14,7 +14,8 @@ A hostile state source can seal a forged state of its own. So, with TLS, a secon
 at that step, which every member holds alike. A state is handed out only with the
 witness's word for the same epoch and step (`vouched`), and the newcomer loads
 it and compares before it trains with it (`Newcomer`). Without a second member that
-neither joins nor sends, there is no witness, as before.
+neither joins nor sends, there is no witness: the source's seal is all there is, unless
+the quorum is 2 (`WorkerConfig.state_quorum`), which refuses such a decision outright.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ MAX_HELD = 4
 class StateInbox:
     """The states offered to this member, checked; see the module docstring."""
 
-    def __init__(self, verifier: Verifier | None, reject: Reject) -> None:
+    def __init__(self, verifier: Verifier | None, reject: Reject, quorum: int = 1) -> None:
         self._verifier = verifier
         self._reject = reject
+        self._quorum = quorum
         self._held: dict[str, tuple[StateTransfer, bytes]] = {}
         self._witnesses: dict[str, StateWitness] = {}
 
@@ -108,6 +110,17 @@ class StateInbox:
         if word is None or word.epoch != decision.view.epoch or word.step != state.step:
             return None
         return word.state_sha256
+
+    def unvouched(self, decision: Decision) -> str | None:
+        """Why no state `decision` admits this member with can be taken at all: with TLS
+        and a quorum of 2, a decision whose view has no second member to vouch for the
+        state (a single incumbent, or a hostile member's forged view of itself alone)."""
+        if self._verifier is None or self._quorum < 2 or state_witness(decision) is not None:
+            return None
+        return (
+            f"decision {decision.id} names no member beside {state_source(decision)} to vouch "
+            f"for the state, and the state quorum is {self._quorum}"
+        )
 
     def _due(self, decision: Decision) -> str | None:
         """The member whose witness the state of `decision` waits for (with TLS only)."""

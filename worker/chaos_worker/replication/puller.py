@@ -146,11 +146,14 @@ class Puller:
         transport_factory: TransportFactory = TcpTransport,
         verifier: Verifier | None = None,
         reject: Reject | None = None,
+        quorum: int = 1,
     ) -> None:
         """`verifier` (with TLS) checks the manifest's seal; `reject` counts what is
-        refused as forged."""
+        refused as forged; `quorum`: sources that must seal the same manifest even when
+        fewer are live (`WorkerConfig.state_quorum`)."""
         self.me = me
         self._verifier = verifier
+        self._quorum = quorum
         self._reject = reject if reject is not None else Rejections()
         self.on_result = on_result
         self.plan = plan
@@ -240,11 +243,12 @@ class Puller:
         )
 
     def _needed(self) -> int:
-        """Sources that must seal the same manifest: two while two can (with TLS)."""
+        """Sources that must seal the same manifest (with TLS): two while two can, and
+        never fewer than the quorum (with fewer able, the pull fails)."""
         if self._verifier is None:
             return 1
         able = {s.id for s in self.sources.values() if s.alive} | set(self._votes.by_sender)
-        return min(AGREEING, len(able))
+        return max(self._quorum, min(AGREEING, len(able)))
 
     def _settle_manifest(self) -> None:
         """Use the manifest enough sources agree on, or ask more sources for theirs (the
