@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from chaos_operator.federation.workerca import WorkerCA
 from chaos_worker.net.bounds import Guard, Limits
-from chaos_worker.net.receiver import BUFFER_BYTES, PIECE
+from chaos_worker.net.receiver import BUFFER_BYTES
 from chaos_worker.net.shaping import TokenBucket
 from chaos_worker.net.tls import LinkTls
 from chaos_worker.net.transport import TcpTransport, parse_address
@@ -166,7 +166,7 @@ def test_a_shaped_downlink_reads_no_further_than_its_tokens_allow() -> None:
             assert a.transport.send("b", chunk("a", index, count=4), payload)
         await until(lambda: node.transport._in.get("a"), "the link")  # type: ignore[attr-defined]
         (link,) = node.transport._in["a"]  # type: ignore[attr-defined]
-        piece = min(PIECE, int(bucket.burst))
+        piece = bucket.piece
         ahead = 0
         while len(node.got) < len(payloads):
             ahead = max(ahead, link.received - sum(bucket.taken))

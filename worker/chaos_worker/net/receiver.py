@@ -41,8 +41,6 @@ BUFFER_BYTES = 1 << 16
 """The internal buffer: prefixes, headers, small payloads, and the read-ahead of a link.
 Before its first frame (the `Hello`) a link has one of that frame's largest size only."""
 _FIRST_BYTES = FRAME.size + HELLO_HEADER_BYTES
-PIECE = 1 << 20
-"""The largest piece of a payload written at once, or waiting for a shaped link's tokens."""
 _DIRECT_BYTES = 1 << 14
 """Reads of at least this many bytes go straight into their buffer; smaller ones are
 copied out of the internal buffer (one `recv` serves many small frames)."""
@@ -267,7 +265,7 @@ async def read_frame(
         except MemoryError:
             detail = f"no memory for a payload of {payload_len} bytes"
             raise FrameError(detail, "oversize") from None
-    step = payload_len if downlink is None else min(PIECE, int(downlink.burst))
+    step = payload_len if downlink is None else downlink.piece
     for start in range(0, payload_len, step):
         size = min(step, payload_len - start)
         piece = None if into is None else into[start : start + size]

@@ -33,6 +33,11 @@ class LinkShape:
     delay_s: float = 0.0
 
 
+PIECE = 1 << 20
+"""The largest piece of a payload moved at once: written at once, or waiting for a shaped
+link's tokens."""
+
+
 class TokenBucket:
     """Bytes may pass at `rate` per second on average, in bursts of at most `burst` bytes."""
 
@@ -46,6 +51,11 @@ class TokenBucket:
         self._tokens = self.burst
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
+
+    @property
+    def piece(self) -> int:
+        """The largest piece of a payload that waits for tokens at once (a burst at most)."""
+        return min(PIECE, int(self.burst))
 
     def _refill(self, now: float) -> None:
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)

@@ -51,8 +51,8 @@ from typing import Protocol
 
 from chaos_worker.net.address import parse_address
 from chaos_worker.net.bounds import Guard
-from chaos_worker.net.receiver import PIECE, IncomingLink, Payload, read_frame
-from chaos_worker.net.shaping import LinkShape, TokenBucket
+from chaos_worker.net.receiver import IncomingLink, Payload, read_frame
+from chaos_worker.net.shaping import PIECE, LinkShape, TokenBucket
 from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, names
 from chaos_worker.net.wire import Goodbye, Hello, Message, WireError, WireMessage, encode
 
@@ -126,7 +126,7 @@ async def _write_frame(
     """
     prefix, header, payload = frame
     view = memoryview(payload)
-    piece = PIECE if bucket is None else min(PIECE, int(bucket.burst))
+    piece = PIECE if bucket is None else bucket.piece
     if view.nbytes <= piece:
         if bucket is not None:
             await bucket.consume(len(prefix) + len(header) + view.nbytes)
