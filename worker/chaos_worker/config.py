@@ -6,12 +6,15 @@ worker that checks them share these."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from typing import Literal
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -48,6 +51,20 @@ def member_uri(party: str, member: str) -> str:
 
 SIGNATURE = ec.ECDSA(hashes.SHA256())
 """How seals (`net.signing`) and admissions are signed: ECDSA P-256 with SHA-256."""
+
+
+def key_sha256(key: x509.Certificate | PublicKeyTypes) -> str:
+    """The SHA-256 (hex) of the DER SubjectPublicKeyInfo of `key`, or of a certificate's key:
+    the key an admission is bound to (`Admission.key_sha256`); a party's pinned operator key
+    is this with `sha256:` before it (`chaos_operator.federation.identity`)."""
+    if isinstance(key, x509.Certificate):
+        key = key.public_key()
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
 JOB = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}"
 """A job's name in an admission: the ChaosJob's (or its federation's), or a local run's."""
 ADMISSION_DOMAIN = b"chaos admission v1\n"
