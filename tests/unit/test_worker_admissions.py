@@ -14,7 +14,7 @@ import pytest
 from chaos_operator.federation.workerca import WorkerAuthority
 from chaos_operator.identities import CA_SECRET, WorkerIdentities, renewal
 from chaos_operator.pods import ADMISSION_KEY, TLS_FILES, Options, tls_secret
-from chaos_worker.config import Admission, TlsFiles
+from chaos_worker.config import Admission, TlsFiles, key_sha256
 from chaos_worker.membership.joiners import OwnAdmission, unadmitted
 from chaos_worker.net.signing import Verifier
 from chaos_worker.net.tls import identity_of
@@ -71,7 +71,8 @@ def test_the_pod_secret_carries_its_admission_to_the_job_renewed_with_the_certif
     assert w1 is not None
     cas = x509.load_pem_x509_certificates(Path(w0.ca).read_bytes())
     w1_admission = admission_in(secrets, "digits-w1")
-    assert unadmitted(w1_admission, w1, own.job, "ns", cas, NOW.timestamp()) is None
+    w1_key = key_sha256(cert_of(secrets.data("digits-w1-tls")["tls.crt"]))
+    assert unadmitted(w1_admission, w1, w1_key, own.job, "ns", cas, NOW.timestamp()) is None
     # not renewed before the certificate is; then with it, for the new certificate's window
     assert ids.ensure(job, pods, NOW + 19 * DAY) == []
     assert ids.ensure(job, pods, NOW + 21 * DAY) == ["digits-w0", "digits-w1"]
@@ -90,7 +91,9 @@ def test_a_secret_without_an_admission_of_its_member_to_its_job_is_issued_anew()
         secrets.data(CA_SECRET)["tls.crt"], secrets.data(CA_SECRET)["tls.key"]
     )
     issued = authority.issue("digits-w0", not_before=NOW)
-    for admission in (None, authority.admit("another-job", "digits-w0", NOW, issued.not_after)):
+    key = key_sha256(cert_of(issued.cert))
+    another_job = authority.admit("another-job", "digits-w0", NOW, issued.not_after, key=key)
+    for admission in (None, another_job):
         written = admission.model_dump_json().encode() if admission else None
         ca = secrets.data(CA_SECRET)["tls.crt"]
         body = tls_secret("ns", "digits-w0", "uid-0", {}, cert=issued.cert, key=issued.key,
