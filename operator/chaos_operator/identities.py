@@ -10,15 +10,17 @@ so it is no more than the namespace's Secrets hold already: every member's key.
 Every live pod whose config has `tls` (`Options.worker_tls`) gets the Secret `<pod>-tls`
 (`pods.tls_secret`), owned by the pod so that the garbage collector removes it with the pod.
 Beside the certificate it holds the member's admission to its job (`admission.json`,
-`chaos_worker.config.Admission`, signed by the same CA and valid as long as the
-certificate; `admitted_job`: the ChaosJob's name, or its federation's when federating),
-without which the job's workers refuse its join (`chaos_worker.membership.joiners`).
-`WorkerIdentities.ensure` is level-based, like the reconcile: on every sync of a job it
-issues a certificate and admission for each pod whose Secret is missing, belongs to an
-earlier pod of the same name, cannot be read, ends within `renew_before`, or holds no
-admission of that member to that job (one written before admissions); the kubelet then
-updates the files of a running pod, whose trainer and replicator take them up at their next
-connection (and its next join proposal, the admission).
+`chaos_worker.config.Admission`, signed by the same CA, bound to the certificate's key and
+valid as long as the certificate; `admitted_job`: the ChaosJob's name, or its federation's
+when federating), without which the job's workers refuse its join
+(`chaos_worker.membership.joiners`). `WorkerIdentities.ensure` is level-based, like the
+reconcile: on every sync of a job it issues a certificate and admission for each pod whose
+Secret is missing, belongs to an earlier pod of the same name, cannot be read, ends within
+`renew_before`, or holds no admission of that member to that job for the key of its
+certificate (one written before admissions, or before their key binding, is none).
+Certificate, key and admission are always written together, in one update of the Secret;
+the kubelet then updates the files of a running pod, whose trainer and replicator take them
+up at their next connection (and its next join proposal, the admission).
 Certificates live `days` (30); a Secret checked once is not read again until it is due. A CA
 that cannot be used is logged and issues nothing: the pods wait (the kubelet reports the
 missing Secret). Key material never reaches a log line, an Event or an annotation.
@@ -41,7 +43,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from chaos_worker.config import Admission
+from chaos_worker.config import Admission, key_sha256
 from cryptography import x509
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -88,14 +90,16 @@ def admitted_job(job: ChaosJob, party: str | None) -> str:
     return job.spec.federation if party else job_meta(job)[0]
 
 
-def admits(secret: client.V1Secret, job: str, member: str) -> bool:
-    """Whether the Secret holds an admission of `member` to `job` (its signature is ours:
-    only this operator writes it)."""
+def admits(secret: client.V1Secret, job: str, member: str, cert: x509.Certificate) -> bool:
+    """Whether the Secret holds an admission of `member` to `job` for the key of `cert`, its
+    certificate (its signature is ours: only this operator writes it). One of before the key
+    binding is none: it does not parse."""
     try:
         admission = Admission.model_validate_json(secret_bytes(secret, ADMISSION_KEY))
     except (ValueError, TypeError):
         return False
-    return admission.job == job and admission.member == member
+    named = admission.job == job and admission.member == member
+    return named and admission.key_sha256 == key_sha256(cert)
 
 
 def renewal(
@@ -115,15 +119,16 @@ def renewal(
     if not any(ref.uid == pod_uid for ref in owners):
         return "left by an earlier pod of that name", None
     try:
-        end = parse_certificate(secret_bytes(secret, "tls.crt")).not_valid_after_utc
+        cert = parse_certificate(secret_bytes(secret, "tls.crt"))
     except ValueError:
         return "unreadable", None
+    end = cert.not_valid_after_utc
     if end - now <= renew_before:
         return f"ends {end.isoformat()}", end
     if trust is not None and trust_of(secret_bytes(secret, "ca.crt")) != trust:
         return "the trusted parties changed", end
-    if admission is not None and not admits(secret, *admission):
-        return "no admission to the job", end
+    if admission is not None and not admits(secret, *admission, cert):
+        return "no admission of its key to the job", end
     return None, end
 
 

@@ -70,6 +70,7 @@ MESSAGES: list[WireMessage] = [
             job="run-1",
             party="local",
             member="w4",
+            key_sha256="5e" * 32,
             not_before=1_700_000_000,
             not_after=1_702_592_000,
             sig="MEUCIQ" + "A" * 90,

@@ -6,12 +6,15 @@ worker that checks them share these."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from typing import Literal
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -48,28 +51,45 @@ def member_uri(party: str, member: str) -> str:
 
 SIGNATURE = ec.ECDSA(hashes.SHA256())
 """How seals (`net.signing`) and admissions are signed: ECDSA P-256 with SHA-256."""
+
+
+def key_sha256(key: x509.Certificate | PublicKeyTypes) -> str:
+    """The SHA-256 (hex) of the DER SubjectPublicKeyInfo of `key`, or of a certificate's key:
+    the key an admission is bound to (`Admission.key_sha256`); a party's pinned operator key
+    is this with `sha256:` before it (`chaos_operator.federation.identity`)."""
+    if isinstance(key, x509.Certificate):
+        key = key.public_key()
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
 JOB = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}"
 """A job's name in an admission: the ChaosJob's (or its federation's), or a local run's."""
 ADMISSION_DOMAIN = b"chaos admission v1\n"
 """Prefixed to the bytes an admission signs, so that no other signature of a worker CA's
 key (a certificate's) can pass for one."""
 MAX_ADMISSION_BYTES = 4096
-"""The largest admission file read (one is about 300 bytes)."""
+"""The largest admission file read (one is about 400 bytes)."""
 MAX_WALL_S = 2**53 - 1
 
 
 class Admission(BaseModel):
-    """Its party's word that `member` may join `job`, from `not_before` to `not_after`
-    (Unix seconds): signed (`sig`, base64 DER ECDSA) by the worker CA of `party`, the
-    operator's for pods, the run's for `chaos run`. A joiner carries it in its join
-    proposals; every member checks it (`membership.joiners`) against the CA it trusts for
-    that party, the joiner's certificate and its own job."""
+    """Its party's word that `member`, holding the key whose SubjectPublicKeyInfo hashes to
+    `key_sha256` (`key_sha256()`: the key of the certificate issued with it), may join `job`
+    from `not_before` to `not_after` (Unix seconds): signed (`sig`, base64 DER ECDSA) by the
+    worker CA of `party`, the operator's for pods, the run's for `chaos run`. A joiner
+    carries it in its join proposals; every member checks it (`membership.joiners`) against
+    the CA it trusts for that party, the joiner's certificate (names and key) and its own
+    job. Every field is required: an admission of before the key binding is none."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     job: str = Field(pattern=rf"^{JOB}$")
     party: str = Field(max_length=63, pattern=rf"^{PARTY}$")
     member: str = Field(max_length=253, pattern=rf"^{NAMED_MEMBER}$")
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     not_before: int = Field(ge=0, le=MAX_WALL_S)
     not_after: int = Field(ge=0, le=MAX_WALL_S)
     sig: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9+/=]*$")

@@ -10,13 +10,13 @@ its common name is the party name. Other parties pin it in a `ChaosPeer` by `caB
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import ipaddress
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from chaos_worker.config import key_sha256
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,12 +34,7 @@ class IdentityError(ValueError):
 
 def spki_fingerprint(cert: x509.Certificate | bytes) -> str:
     """`sha256:<hex>` of a certificate's DER SubjectPublicKeyInfo (PEM/DER bytes or parsed)."""
-    if isinstance(cert, bytes):
-        cert = parse_certificate(cert)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return "sha256:" + hashlib.sha256(spki).hexdigest()
+    return "sha256:" + key_sha256(parse_certificate(cert) if isinstance(cert, bytes) else cert)
 
 
 def parse_certificate(data: bytes) -> x509.Certificate:
@@ -271,10 +266,7 @@ def load(directory: Path) -> Identity:
     except (OSError, ValueError, TypeError) as exc:
         # The message of a key parser never contains key material.
         raise IdentityError(f"{directory}: cannot read the identity: {exc}") from None
-    own = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    if "sha256:" + hashlib.sha256(own).hexdigest() != spki_fingerprint(cert):
+    if key_sha256(key.public_key()) != key_sha256(cert):
         raise IdentityError(f"{directory}: tls.key does not belong to tls.crt")
     party = party_of(cert)
     if party is None:

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from chaos_worker.config import Admission, TlsFiles, member_uri
+from chaos_worker.config import Admission, TlsFiles, key_sha256, member_uri
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -61,7 +61,8 @@ LEEWAY = dt.timedelta(minutes=5)
 @dataclass(frozen=True)
 class IssuedCert:
     """A member's new certificate and key (PEM), the end of its validity, and its admission
-    to a job (JSON, `chaos_worker.config.Admission`) when one was asked for."""
+    to a job (JSON, `chaos_worker.config.Admission`, bound to that key) when one was asked
+    for."""
 
     cert: bytes
     key: bytes
@@ -174,14 +175,16 @@ class WorkerAuthority:
         return self.cert_pem + b"".join(crosses)
 
     def admit(
-        self, job: str, member: str, not_before: dt.datetime, not_after: dt.datetime
+        self, job: str, member: str, not_before: dt.datetime, not_after: dt.datetime, *, key: str
     ) -> Admission:
-        """This party's signed word that `member` may join `job` within those dates
-        (ValueError: a name that is not valid)."""
+        """This party's signed word that `member`, holding the key `key` (`key_sha256` of its
+        certificate), may join `job` within those dates (ValueError: a name or key that is
+        not valid)."""
         return Admission(
             job=job,
             party=self.party,
             member=member,
+            key_sha256=key,
             not_before=int(not_before.timestamp()),
             not_after=int(not_after.timestamp()),
         ).sign(self._key)
@@ -196,7 +199,7 @@ class WorkerAuthority:
     ) -> IssuedCert:
         """A certificate for `member`, valid for `days` from `not_before` (default: now, less
         `LEEWAY`), but never past the CA's own end; with `job`, also its admission to that
-        job, valid as long as the certificate."""
+        job, for the certificate's key and valid as long as the certificate."""
         start = not_before or dt.datetime.now(dt.UTC) - LEEWAY
         subject = x509.Name(
             [
@@ -211,7 +214,8 @@ class WorkerAuthority:
         end = cert.not_valid_after_utc
         admission = None
         if job is not None:
-            admission = self.admit(job, member, start, end).model_dump_json().encode()
+            admitted = self.admit(job, member, start, end, key=key_sha256(cert))
+            admission = admitted.model_dump_json().encode()
         return IssuedCert(pem, private_pem(key), end, admission)
 
 

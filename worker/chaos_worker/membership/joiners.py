@@ -3,17 +3,21 @@
 A certificate of a CA the job trusts says who a joiner is, not that its party's operator
 decided to add it to this job. So with TLS every worker carries an `Admission`
 (`chaos_worker.config`; `WorkerConfig.tls.admission`) signed by its party's worker CA (the
-operator's for pods, the run's for `chaos run`): it names the job, the party, the member id
-and a validity window. A worker's own admission says which job it is in (`OwnAdmission`); a
-newcomer, or a paused member that rejoins, carries it in its join proposals.
+operator's for pods, the run's for `chaos run`): it names the job, the party, the member id,
+the key of the certificate issued with it and a validity window. A worker's own admission
+says which job it is in (`OwnAdmission`); a newcomer, or a paused member that rejoins,
+carries it in its join proposals.
 
 Every member checks a join proposal (`JoinerCheck`), after its seal (`net.signing.Gate`) and
 before recording, flooding or planning it: the admission is signed by the CA this worker
 trusts for its party (our own CA for our party; another party's CA as our bundle
-cross-certifies it, bound to that party), names the party and member of the joiner's
-certificate (the seal's), and this worker's job, and is valid now. A proposal that fails
-changes nothing: it is counted as `unadmitted` in `chaos_rejected_messages_total` and
-logged once per joiner, and the member that forwarded it is not blamed.
+cross-certifies it, bound to that party), names the party, member and key of the joiner's
+certificate (the seal's, whoever relayed the proposal), and this worker's job, and is valid
+now. The key binding stops a valid admission (not secret: every member floods and records
+it) from serving another certificate of that name, an older pod's whose key leaked say. A
+proposal that fails changes nothing: it is counted as `unadmitted` in
+`chaos_rejected_messages_total` and logged once per joiner, and the member that forwarded it
+is not blamed.
 
 A config of before admissions (`tls` without `admission`) checks no joiner; without TLS
 there are no identities, so no admissions either.
@@ -32,7 +36,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from chaos_worker.config import Admission, TlsFiles, read_admission
+from chaos_worker.config import Admission, TlsFiles, key_sha256, read_admission
 from chaos_worker.net.bounds import Reject
 from chaos_worker.net.signing import Verifier
 from chaos_worker.net.tls import PeerIdentity, Stamp, TlsError, bound_parties, identity_of, stamp
@@ -65,6 +69,7 @@ def party_key(
 def unadmitted(
     admission: Admission | None,
     joiner: PeerIdentity,
+    key: str,
     job: str,
     own_party: str,
     cas: list[x509.Certificate],
@@ -72,12 +77,18 @@ def unadmitted(
     *,
     window: bool = True,
 ) -> str | None:
-    """Why `admission` does not let `joiner` (as its certificate names it) into `job` at
-    `now` (None: it does); `window` False: whatever its validity window says."""
+    """Why `admission` does not let `joiner`, as its certificate names it and holding the key
+    `key` (`key_sha256` of that certificate), into `job` at `now` (None: it does); `window`
+    False: whatever its validity window says."""
     if admission is None:
         return "no admission"
     if admission.member != joiner.member or admission.party != joiner.party:
         return f"an admission of {admission.party}/{admission.member}"
+    if admission.key_sha256 != key:
+        return (
+            f"an admission for another key than its certificate's (key sha256 "
+            f"{admission.key_sha256[:16]}…, the certificate's {key[:16]}…)"
+        )
     if admission.job != job:
         return f"an admission to job {admission.job!r}, not {job!r}"
     if window and not admission.valid_at(now):
@@ -104,7 +115,7 @@ class OwnAdmission:
         self._cert = files.cert
         self._verifier = verifier
         self._wall = wall
-        self._stamp: Stamp | None = stamp(self._path)
+        self._stamp: Stamp | None = stamp(self._path, self._cert)
         self.admission = self._load(None)
         self.job = self.admission.job
         """The job this worker is in: the one a joiner's admission must name."""
@@ -114,23 +125,27 @@ class OwnAdmission:
         """The admission in the file, if it admits this worker (to `job`, once known)."""
         try:
             admission = read_admission(self._path)
-            own = identity_of(x509.load_pem_x509_certificate(Path(self._cert).read_bytes()))
+            cert = x509.load_pem_x509_certificate(Path(self._cert).read_bytes())
         except (OSError, ValueError) as exc:
             raise TlsError(str(exc)) from None
+        own = identity_of(cert)
         if own is None:
             raise TlsError(f"{self._cert} names no member")
-        cas = self._verifier.bundle()
+        cas, key = self._verifier.bundle(), key_sha256(cert)
         job = job or admission.job
-        why = unadmitted(admission, own, job, own.party, cas, self._wall(), window=False)
+        why = unadmitted(admission, own, key, job, own.party, cas, self._wall(), window=False)
         if why is not None:
-            raise TlsError(f"{self._path} does not admit {own.party}/{own.member}: {why}")
+            raise TlsError(
+                f"{self._path} does not admit {own.party}/{own.member} of {self._cert}: {why}"
+            )
         if not admission.valid_at(self._wall()):
             log.warning("%s is not valid now: this worker cannot join", self._path)
         return admission
 
     def current(self) -> Admission:
-        """The admission to carry in a join proposal (reloaded if the file changed)."""
-        now = stamp(self._path)
+        """The admission to carry in a join proposal (reloaded if it or the certificate
+        changed: a renewal brings both, the new admission for the new key)."""
+        now = stamp(self._path, self._cert)
         if now is not None and now != self._stamp:
             self._stamp = now
             try:
@@ -165,19 +180,21 @@ class JoinerCheck:
 
     def why(self, proposal: Proposal) -> str | None:
         """Why `proposal`'s joiner is not admitted here (None: it is)."""
-        joiner = _sealer(proposal)
-        if joiner is None or joiner.member != proposal.subject:
+        cert = _sealer(proposal)
+        joiner = identity_of(cert)
+        if cert is None or joiner is None or joiner.member != proposal.subject:
             return "no certificate naming the joiner"
-        own = self._own
+        own, key = self._own, key_sha256(cert)
         cas = self._verifier.bundle()
-        return unadmitted(proposal.admission, joiner, own.job, own.party, cas, self._wall())
+        return unadmitted(proposal.admission, joiner, key, own.job, own.party, cas, self._wall())
 
 
-def _sealer(proposal: Proposal) -> PeerIdentity | None:
-    """Who the certificate of `proposal`'s seal names (the gate verified it)."""
+def _sealer(proposal: Proposal) -> x509.Certificate | None:
+    """The certificate of `proposal`'s seal (the gate verified it and the seal's signature by
+    its key), not the relaying link's."""
     if proposal.seal is None:
         return None
     try:
-        return identity_of(base64.b64decode(proposal.seal.cert, validate=True))
+        return x509.load_der_x509_certificate(base64.b64decode(proposal.seal.cert, validate=True))
     except (binascii.Error, ValueError):
         return None

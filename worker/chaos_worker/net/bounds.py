@@ -42,7 +42,7 @@ REASONS = ("oversize", "malformed", "nonfinite", "stale", "unexpected", "forged"
 wrong length); a NaN or an infinity; from an epoch long gone; not expected here (e.g. a
 gradient chunk far ahead of any operation this member knows of); not sealed by its origin,
 or said by one that may not say it (`net.signing`); a join without a valid admission of the
-joiner's party for this job (`membership.joiners`)."""
+joiner's party for this job and the joiner's certificate key (`membership.joiners`)."""
 
 HELLO_HEADER_BYTES = 4096
 """The largest first frame of a connection (a `Hello`, with no payload)."""
