@@ -14,11 +14,6 @@ import torch
 from chaos_worker.training.trainspec import TrainSpec
 
 
-class NonFiniteGradient(RuntimeError):
-    """This member's own contribution to a step is not finite: it stops, loudly, rather
-    than send what every receiver refuses."""
-
-
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters that get gradients, in the order of the flat buffer."""
     return [p for p in model.parameters() if p.requires_grad]

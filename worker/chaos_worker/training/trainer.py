@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from chaos_worker.collective import TreeAllReduce
+from chaos_worker.collective import NonFiniteGradient, TreeAllReduce
 from chaos_worker.config import WorkerConfig
 from chaos_worker.membership.protocol import Membership
 from chaos_worker.net.wire import Decision
@@ -28,7 +28,6 @@ from chaos_worker.replication.snapshot import SnapshotStore
 from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.compute import (
     FlatGradients,
-    NonFiniteGradient,
     apply_flat_grads,
     flatten_grads,
     gradient_sum,
@@ -172,7 +171,7 @@ class Trainer:
 
     def _reduced(self, loss: float, samples: int) -> np.ndarray:
         """This step's buffer to all-reduce: the flat gradient, the loss, the sample count.
-        It is reused every step (the collective copies it when the operation begins)."""
+        It is reused every step: the collective reads it until the operation ends."""
         buf = self._buf
         if self._grads is None:
             flat = flatten_grads(self._spec.model).detach().cpu().numpy()
