@@ -111,13 +111,14 @@ class Trainer:
                 bucket_elements=collective.bucket_elements,
                 buckets=collective.buckets,
             )
-            if self._grads is not None and device.type == "cpu"
+            if self._grads is not None and device.type == "cpu" and collective.buckets > 1
             else None
         )
         """Where backward's gradients fall in the buckets, to release them while it runs;
         None where that cannot work (see `overlap.py`): mixed dtypes (no `FlatGradients`:
         the buffer is filled after the compute) and a GPU (a hook fires when the kernel is
-        queued, not done): there the whole buffer is released after the compute."""
+        queued, not done); and where it gains nothing: one bucket, final only when the
+        compute ends. There the whole buffer is released after the compute."""
 
     def cancel_step(self) -> None:
         """Abort the all-reduce in flight (the protocol began an abort)."""
