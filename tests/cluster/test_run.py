@@ -106,6 +106,36 @@ def test_churn_gives_the_same_losses_without_lost_steps_or_restarts(baseline, tm
     assert not [p for p in churned["processes"] if Path(f"/proc/{p['pid']}").exists()]
 
 
+class _SmallBuckets(LocalRun):
+    """Buckets of 4 KiB and micro-batches of 5 samples (real settings of the worker config,
+    `bucket_bytes` and `micro_batch`): the bundled examples fit one 4 MiB bucket, which the
+    trainer releases whole after the compute; the digits in float64 (38 kB) make 10 here,
+    released by the last micro-batch's backward while it runs (`training/overlap.py`)."""
+
+    def worker_config(self, name: str, *, listen: str, **fields):
+        return super().worker_config(
+            name, listen=listen, bucket_bytes=4096, micro_batch=5, **fields
+        )
+
+
+def test_buckets_released_during_backward_keep_the_losses_through_churn(baseline):
+    options = JobOptions(
+        entry=EXAMPLES["digits"],
+        example="digits",
+        workers=5,
+        steps=80,
+        dtype="float64",
+        churn=parse_churn(f"{CHURN},join@40", 5),
+    )
+    churned = asyncio.run(_SmallBuckets(options).run()).model_dump()
+    assert churned["problems"] == []
+    assert [s for s, _ in churned["loss_curve"]] == list(range(80)), "a step was lost"
+    assert_same_losses(churned["loss_curve"], baseline["loss_curve"])
+    assert [e["type"] for e in churned["events"]] == [
+        "leave", "crash", "link_down", "link_up", "join"
+    ]  # fmt: skip
+
+
 def live_digests(report: dict) -> dict[str, str]:
     """Final state SHA-256 of every worker that trained to the end."""
     return {p["name"]: p["state_sha256"] for p in report["processes"] if p["state_sha256"]}

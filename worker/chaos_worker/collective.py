@@ -1,9 +1,12 @@
 """Tree all-reduce over the overlay: partial sums flow up to the root, totals flow down.
 
 The flat buffer is cut into buckets; a member forwards bucket `i` as soon as it holds
-bucket `i` from every child, and the root starts sending totals of bucket `i` down before
-later buckets have arrived, so a large model streams through the tree instead of waiting
-for the whole gradient at every hop. Cancelling the awaiting task aborts the operation.
+bucket `i` of its own (`Contribution.ready`) and from every child, and the root starts
+sending totals of bucket `i` down before later buckets have arrived, so a large model
+streams through the tree instead of waiting for the whole gradient at every hop. Every
+member takes the buckets in descending index order, the order in which backward makes
+them final (it runs from the last layer), so a member's first buckets can travel while
+its backward still runs. Cancelling the awaiting task aborts the operation.
 
 Every buffer of a job has the same size and dtype, so every bucket has a known length. A
 bucket that arrives is checked before it is held: one of the wrong length or count, with
@@ -38,9 +41,42 @@ BAD_CONTRIBUTION = ("malformed", "nonfinite")
 """Refusals that show a sender's bucket for the operation in progress unusable: `on_bad`
 hears of them, and the member has the step redone without that sender."""
 
+
 MAX_AHEAD_OPS = 8
 """Operations (epoch, step) whose buckets may be held before they begin here: in practice
 the next step, and the first step of a view decided but not yet in force."""
+
+
+class NonFiniteGradient(RuntimeError):
+    """This member's own contribution to a step is not finite: it stops, loudly, rather
+    than send what every receiver refuses."""
+
+
+class Contribution:
+    """This member's buffer for one all-reduce, handed over bucket by bucket: the operation
+    reads bucket `i` of `buf` only once `ready(i)` has been called, so whoever writes `buf`
+    (backward, in another thread) releases each bucket as it becomes final.
+
+    `ready` runs on the event loop's thread (from another: `loop.call_soon_threadsafe`);
+    it may come more than once, and after the operation is over or cancelled, to no effect.
+    """
+
+    def __init__(self, buf: np.ndarray, buckets: int) -> None:
+        self.buf = buf
+        self._ready = [asyncio.Event() for _ in range(buckets)]
+
+    def ready(self, index: int) -> None:
+        """Bucket `index` of `buf` is final."""
+        self._ready[index].set()
+
+    def ready_all(self) -> None:
+        """All of `buf` is final."""
+        for event in self._ready:
+            event.set()
+
+    async def wait(self, index: int) -> None:
+        """Until bucket `index` is final."""
+        await self._ready[index].wait()
 
 
 class TreeAllReduce:
@@ -76,6 +112,16 @@ class TreeAllReduce:
         self.down_sent: tuple[int, int] | None = None
         """(epoch, step) of the last all-reduce whose totals this member, as root, began
         to send down: anything it sends before that precedes the totals on every path."""
+
+    @property
+    def buckets(self) -> int:
+        """Buckets a buffer is cut into."""
+        return self._count
+
+    @property
+    def bucket_elements(self) -> int:
+        """Elements in every bucket but the last."""
+        return self._per
 
     @property
     def held(self) -> int:
@@ -131,18 +177,40 @@ class TreeAllReduce:
         for op in [op for op in self._inbox if op < self._at]:
             del self._inbox[op]
 
-    async def allreduce(self, view: View, step: int, buf: np.ndarray) -> np.ndarray:
-        """Sum `buf` over the members of `view`; every member gets the same total."""
+    def contribution(self, buf: np.ndarray) -> Contribution:
+        """`buf`, which must be of this job's size and dtype, as a contribution with no
+        bucket final yet."""
+        _check(buf, self.size, self.dtype)
+        return Contribution(buf, self._count)
+
+    async def allreduce(self, view: View, step: int, mine: np.ndarray | Contribution) -> np.ndarray:
+        """Sum this member's buffer over the members of `view`; every member gets the same
+        total, a new array. A plain array counts as final at once; either is read bucket
+        by bucket, in descending index order, while the operation runs. A bucket of this
+        member's own that is not finite raises `NonFiniteGradient` before it is sent."""
+        if isinstance(mine, np.ndarray):
+            mine = self.contribution(mine)
+            mine.ready_all()
         tree = view.tree()
         parent = tree.parent[self.me]
         children = tree.children(self.me)
-        total = self._own(buf)
+        total = np.empty(self.size, self.dtype)
         slices = self._slices(total)
+        own = self._slices(mine.buf)
+        order = range(self._count - 1, -1, -1)
         self.forget_before(view.epoch, step)
         op = (view.epoch, step)
 
         async def up() -> None:
-            for index, part in enumerate(slices):
+            for index in order:
+                part = slices[index]
+                await mine.wait(index)
+                part[:] = own[index]
+                if not np.isfinite(part.sum()):  # one NaN or infinity makes the sum one
+                    raise NonFiniteGradient(
+                        f"step {step}: this member's loss or gradient is not finite "
+                        "(training diverged, or a sample holds a NaN); the others refuse it"
+                    )
                 for child in children:
                     data = await self._receive(op, ("up", index, child))
                     part += np.frombuffer(data, dtype=total.dtype)
@@ -153,15 +221,20 @@ class TreeAllReduce:
                     self._post(parent, view.epoch, step, "up", index, len(slices), part)
 
         async def down() -> None:
-            for index, part in enumerate(slices):
+            for index in order:
                 data = await self._receive(op, ("down", index, parent))
-                part[:] = np.frombuffer(data, dtype=total.dtype)
+                slices[index][:] = np.frombuffer(data, dtype=total.dtype)
                 self._fan_out(children, view.epoch, step, "down", index, len(slices), data)
 
         if parent is None:
             await up()
-        else:
-            await asyncio.gather(up(), down())
+            return total
+        downward = asyncio.ensure_future(down())
+        try:  # the way up may stop (a bucket of this member's is not finite): so does down
+            await up()
+            await downward
+        finally:
+            downward.cancel()
         return total
 
     async def broadcast(self, view: View, step: int, buf: np.ndarray | None) -> np.ndarray:
@@ -182,8 +255,7 @@ class TreeAllReduce:
 
     def _own(self, buf: np.ndarray) -> np.ndarray:
         """A copy of `buf`, which must be of this job's size and dtype."""
-        if buf.shape != (self.size,) or buf.dtype != self.dtype:
-            raise ValueError(f"buffer {buf.shape} {buf.dtype}, not ({self.size},) {self.dtype}")
+        _check(buf, self.size, self.dtype)
         return buf.copy()
 
     def _slices(self, flat: np.ndarray) -> list[np.ndarray]:
@@ -213,6 +285,11 @@ class TreeAllReduce:
             return await future
         finally:
             self._waiting.pop((op, bucket), None)
+
+
+def _check(buf: np.ndarray, size: int, dtype: np.dtype) -> None:
+    if buf.shape != (size,) or buf.dtype != dtype:
+        raise ValueError(f"buffer {buf.shape} {buf.dtype}, not ({size},) {dtype}")
 
 
 def _numbers_fault(payload: bytes, elements: int, dtype: np.dtype) -> tuple[str, str] | None:

@@ -46,11 +46,11 @@ def run_worker(config: WorkerConfig, phases: dict[str, float] | None = None) -> 
 def _run(config: WorkerConfig, phases: dict[str, float], early: EarlyReplicator | None) -> int:
     import torch
 
+    from chaos_worker.collective import NonFiniteGradient
     from chaos_worker.member import Member
     from chaos_worker.net.tls import TlsError
     from chaos_worker.replication.checkpoint import CheckpointError
     from chaos_worker.replication.private import NoRoom
-    from chaos_worker.training.compute import NonFiniteGradient
     from chaos_worker.training.trainspec import FactoryError, load_trainspec
 
     logging.basicConfig(

@@ -7,16 +7,16 @@ parameters with ``requires_grad`` take part, in ``model.parameters()`` order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from chaos_worker.training.trainspec import TrainSpec
 
-
-class NonFiniteGradient(RuntimeError):
-    """This member's own contribution to a step is not finite: it stops, loudly, rather
-    than send what every receiver refuses."""
+LastBackward = Callable[[float], AbstractContextManager[object]]
+"""Entered around the last micro-batch's backward with the summed loss of all samples
+(known once its forward is done): see `training/overlap.py`."""
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -111,13 +111,15 @@ def gradient_sum(
     *,
     micro_batch: int = 64,
     grads: FlatGradients | None = None,
+    last_backward: LastBackward | None = None,
 ) -> float:
     """Set ``.grad`` to the gradient of the summed per-sample loss over ``sample_ids``.
 
     Works in micro-batches of at most ``micro_batch`` samples, accumulating gradients.
     Every trainable parameter ends up with a ``.grad`` tensor (zeros when there are no
-    samples); with ``grads``, the views of its flat vector. Returns the summed loss as a
-    Python float.
+    samples); with ``grads``, the views of its flat vector. The last micro-batch's
+    backward runs inside ``last_backward(loss)`` where one is given (never without
+    samples). Returns the summed loss as a Python float.
     """
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
@@ -142,8 +144,10 @@ def gradient_sum(
                 f"got {list(per_sample.shape)}"
             )
         loss = per_sample.sum()
-        loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
+        last = last_backward is not None and start + micro_batch >= len(sample_ids)
+        with last_backward(float(total)) if last else nullcontext():
+            loss.backward()
     return 0.0 if total is None else float(total)
 
 

@@ -2,8 +2,10 @@
 
 Every step, at its boundary, the protocol installs what takes effect there; then the
 member computes the gradient sum of its samples (split by the view's speeds), all-reduces
-it over the view's tree, and applies the total. After an abort the protocol decides the
-recovery view and this loop replays the aborted step (`replay`) before going on.
+it over the view's tree, and applies the total. The all-reduce begins with the compute
+and takes each bucket as backward finishes it (`overlap.py`). After an abort the protocol
+decides the recovery view and this loop replays the aborted step (`replay`) before going
+on.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from chaos_worker.collective import TreeAllReduce
+from chaos_worker.collective import Contribution, TreeAllReduce
 from chaos_worker.config import WorkerConfig
 from chaos_worker.membership.protocol import Membership
 from chaos_worker.net.wire import Decision
@@ -28,11 +30,12 @@ from chaos_worker.replication.snapshot import SnapshotStore
 from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.compute import (
     FlatGradients,
-    NonFiniteGradient,
     apply_flat_grads,
     flatten_grads,
     gradient_sum,
+    trainable_parameters,
 )
+from chaos_worker.training.overlap import BucketMap, Release, signal_to
 from chaos_worker.training.sampling import split_by_throughput, step_sample_ids
 from chaos_worker.training.trainspec import TrainSpec
 
@@ -102,6 +105,20 @@ class Trainer:
         """What every step all-reduces (`reduced_layout`), reused: on a CPU the gradients
         are views of it (`FlatGradients`), so backward writes it in place."""
         self._grads = _flat_gradients(spec.model, self._buf, device)
+        self._buckets = (
+            BucketMap(
+                trainable_parameters(spec.model),
+                bucket_elements=collective.bucket_elements,
+                buckets=collective.buckets,
+            )
+            if self._grads is not None and device.type == "cpu" and collective.buckets > 1
+            else None
+        )
+        """Where backward's gradients fall in the buckets, to release them while it runs;
+        None where that cannot work (see `overlap.py`): mixed dtypes (no `FlatGradients`:
+        the buffer is filled after the compute) and a GPU (a hook fires when the kernel is
+        queued, not done); and where it gains nothing: one bucket, final only when the
+        compute ends. There the whole buffer is released after the compute."""
 
     def cancel_step(self) -> None:
         """Abort the all-reduce in flight (the protocol began an abort)."""
@@ -134,25 +151,31 @@ class Trainer:
             # where this member's slice starts in the step's sample list (sorted id order)
             self._slice = (sum(len(v) for m, v in split.items() if m < self.me), len(mine))
             log.debug("step %d epoch %d: %d samples", progress.step, view.epoch, len(mine))
-            compute = functools.partial(gradient_sum, grads=self._grads)
-            loss, cpu_s = await asyncio.to_thread(
-                _on_cpu_clock, compute, self._spec, mine, self._cfg.micro_batch
+            if membership.aborting:  # it began at the boundary: recover, send nothing
+                continue
+            contribution = self._collective.contribution(self._buf)
+            release = self._release(contribution, len(mine))
+            reduce = self._collective.allreduce(view, progress.step, contribution)
+            self._op = op = asyncio.ensure_future(reduce)
+            compute = functools.partial(
+                gradient_sum,
+                grads=self._grads,
+                last_backward=None if release is None else release.last_backward,
             )
+            try:
+                loss, cpu_s = await asyncio.to_thread(
+                    _on_cpu_clock, compute, self._spec, mine, self._cfg.micro_batch
+                )
+            except BaseException:
+                op.cancel()
+                raise
             compute_s = time.perf_counter() - started
             self._ready_t = self._clock()  # this member's gradient is ready to reduce
             progress.computed(len(mine), cpu_s if self._measure_cpu else compute_s)
-            if membership.aborting:
-                continue
-            buf = self._reduced(loss, len(mine))
-            if not np.isfinite(buf.sum()):  # one NaN or infinity makes the sum one
-                raise NonFiniteGradient(
-                    f"step {progress.step}: this member's loss or gradient is not finite "
-                    "(training diverged, or a sample holds a NaN); the others refuse it"
-                )
-            reduce = self._collective.allreduce(membership.view, progress.step, buf)
-            self._op = asyncio.ensure_future(reduce)
+            if not membership.aborting:  # else `cancel_step` cancelled the operation
+                self._hand_over(contribution, release, loss, len(mine))
             try:
-                total = await self._op
+                total = await op
             except asyncio.CancelledError:
                 if not membership.aborting:
                     raise
@@ -170,9 +193,23 @@ class Trainer:
                 step=progress.completed,
             )
 
-    def _reduced(self, loss: float, samples: int) -> np.ndarray:
-        """This step's buffer to all-reduce: the flat gradient, the loss, the sample count.
-        It is reused every step (the collective copies it when the operation begins)."""
+    def _release(self, contribution: Contribution, samples: int) -> Release | None:
+        """The step's release of `contribution`'s buckets from its backward, or None
+        without overlap (then `_hand_over` fills the whole buffer after the compute)."""
+        if self._buckets is None:
+            return None
+        signal = signal_to(asyncio.get_running_loop(), contribution)
+        return self._buckets.step(contribution.buf, samples, signal)
+
+    def _hand_over(
+        self, contribution: Contribution, release: Release | None, loss: float, samples: int
+    ) -> None:
+        """The compute returned: release what its backward did not. Without overlap, fill
+        the whole buffer first (the flat gradient, the loss, the sample count). The buffer
+        is reused every step: the collective reads it until the operation ends."""
+        if release is not None:
+            release.finish(loss)
+            return
         buf = self._buf
         if self._grads is None:
             flat = flatten_grads(self._spec.model).detach().cpu().numpy()
@@ -181,7 +218,7 @@ class Trainer:
             torch.from_numpy(buf[:-2]).copy_(self._grads.flat)
         buf[-2] = loss
         buf[-1] = samples
-        return buf
+        contribution.ready_all()
 
     def _probe_links(self) -> None:
         """This member's bandwidth probes of the current round (see `probes.py`); none
