@@ -68,7 +68,8 @@ from chaos_worker.replication.snapshot import state_digest
 from chaos_worker.replication.space import open_store
 from chaos_worker.telemetry.metrics import WorkerMetrics
 from chaos_worker.telemetry.telemetry import Telemetry
-from chaos_worker.training.trainer import Trainer, reduced_layout
+from chaos_worker.training.sync import GradientSync, gradient_layout
+from chaos_worker.training.trainer import Trainer
 from chaos_worker.training.trainspec import TrainSpec
 
 LINGER_TIMEOUTS = 2
@@ -138,7 +139,7 @@ class Member:
         # is configured; `early`'s replicator is moved along if its directory has no room
         store, self._owned_dir = open_store(config, spec, early)
         self.store = store
-        size, dtype = reduced_layout(spec)
+        size, dtype = gradient_layout(spec)
         self.collective = collective = TreeAllReduce(
             me,
             self.transport.send,
@@ -211,11 +212,19 @@ class Member:
             totals_sent=lambda: collective.down_sent,
             **common,
         )
+        sync = GradientSync(
+            config,
+            spec,
+            device,
+            buckets=collective.buckets,
+            bucket_elements=collective.bucket_elements,
+        )
         self.trainer = trainer = Trainer(
             me,
             config,
             spec,
             device,
+            sync=sync,
             membership=membership,
             collective=collective,
             store=store,

@@ -1,26 +1,26 @@
 """The step loop: compute this member's share of a step, all-reduce, apply, publish.
 
 Every step, at its boundary, the protocol installs what takes effect there; then the
-member computes the gradient sum of its samples (split by the view's speeds), all-reduces
-it over the view's tree, and applies the total. The all-reduce begins with the compute
-and takes each bucket as backward finishes it (`overlap.py`). After an abort the protocol
-decides the recovery view and this loop replays the aborted step (`replay`) before going
-on.
+member computes its contribution for its samples (split by the view's speeds), all-reduces
+it over the view's tree, and applies the total. What a step computes and what its total
+changes is the `Sync`'s (`sync.py`: today the gradient sum and an optimizer step). The
+all-reduce begins with the compute and takes each bucket as it becomes final
+(`overlap.py`). After an abort the protocol decides the recovery view and this loop
+replays the aborted step (`replay`) before going on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from chaos_worker.collective import Contribution, TreeAllReduce
+from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import WorkerConfig
 from chaos_worker.membership.protocol import Membership
 from chaos_worker.net.wire import Decision
@@ -28,25 +28,12 @@ from chaos_worker.ports import Clock, Outbox, Progress
 from chaos_worker.replication.checkpointer import Checkpointer
 from chaos_worker.replication.snapshot import SnapshotStore
 from chaos_worker.telemetry.telemetry import Telemetry
-from chaos_worker.training.compute import (
-    FlatGradients,
-    apply_flat_grads,
-    flatten_grads,
-    gradient_sum,
-    trainable_parameters,
-)
-from chaos_worker.training.overlap import BucketMap, Release, signal_to
-from chaos_worker.training.sampling import split_by_throughput, step_sample_ids
+from chaos_worker.training.overlap import Release
+from chaos_worker.training.sampling import split_by_throughput
+from chaos_worker.training.sync import Sync
 from chaos_worker.training.trainspec import TrainSpec
 
 log = logging.getLogger(__name__)
-
-
-def reduced_layout(spec: TrainSpec) -> tuple[int, np.dtype]:
-    """Elements and dtype of what every step all-reduces: the flat gradient of the
-    trainable parameters, then the loss and the sample count (`Trainer.run`)."""
-    flat = flatten_grads(spec.model).detach().cpu().numpy()
-    return flat.size + 2, flat.dtype
 
 
 class Trainer:
@@ -59,6 +46,7 @@ class Trainer:
         spec: TrainSpec,
         device: torch.device,
         *,
+        sync: Sync,
         membership: Membership,
         collective: TreeAllReduce,
         store: SnapshotStore,
@@ -70,7 +58,8 @@ class Trainer:
         on_stepped: Callable[[int], None],
         checkpointer: Checkpointer | None = None,
     ) -> None:
-        """`on_reduced(step, total)` runs first when a total is applied (the root streams
+        """`sync` says what a step computes and what its total changes (`sync.py`);
+        `on_reduced(step, total)` runs first when a total is applied (the root streams
         it to observers); `on_stepped(step)` after the optimizer step of a step this
         member trained (not replayed), before its snapshot is published; `checkpointer`
         copies the due snapshots out on the snapshot thread, after their publish."""
@@ -79,7 +68,6 @@ class Trainer:
         self.loss_curve: list[tuple[int, float]] = []
         self._cfg = config
         self._spec = spec
-        self._device = device
         # one torch thread on a CPU: the computing thread's own CPU time is the work, and
         # members sharing cores (a `chaos run` on one machine) do not measure each other's
         # load; elsewhere (a GPU, several intra-op threads) wall time is
@@ -101,24 +89,7 @@ class Trainer:
         self._ready_t = 0.0
         self._slice: tuple[int, int] | None = None
         """(offset, count) of this member's samples in the step's sample list."""
-        self._buf = np.zeros(collective.size, collective.dtype)
-        """What every step all-reduces (`reduced_layout`), reused: on a CPU the gradients
-        are views of it (`FlatGradients`), so backward writes it in place."""
-        self._grads = _flat_gradients(spec.model, self._buf, device)
-        self._buckets = (
-            BucketMap(
-                trainable_parameters(spec.model),
-                bucket_elements=collective.bucket_elements,
-                buckets=collective.buckets,
-            )
-            if self._grads is not None and device.type == "cpu" and collective.buckets > 1
-            else None
-        )
-        """Where backward's gradients fall in the buckets, to release them while it runs;
-        None where that cannot work (see `overlap.py`): mixed dtypes (no `FlatGradients`:
-        the buffer is filled after the compute) and a GPU (a hook fires when the kernel is
-        queued, not done); and where it gains nothing: one bucket, final only when the
-        compute ends. There the whole buffer is released after the compute."""
+        self._sync = sync
 
     def cancel_step(self) -> None:
         """Abort the all-reduce in flight (the protocol began an abort)."""
@@ -141,9 +112,7 @@ class Trainer:
             self._probe_links()
             started = time.perf_counter()
             progress.started = self._clock()
-            ids = step_sample_ids(
-                self._cfg.seed, progress.step, self._cfg.global_batch, len(self._spec.dataset)
-            )
+            ids = self._sync.sample_ids(progress.step)
             view = membership.view
             shares = view.shares(first_step=progress.step == membership.view_step)
             split = split_by_throughput(ids, shares)
@@ -153,18 +122,13 @@ class Trainer:
             log.debug("step %d epoch %d: %d samples", progress.step, view.epoch, len(mine))
             if membership.aborting:  # it began at the boundary: recover, send nothing
                 continue
-            contribution = self._collective.contribution(self._buf)
-            release = self._release(contribution, len(mine))
+            contribution = self._collective.contribution(self._sync.buf)
+            release = self._sync.start(contribution, len(mine))
             reduce = self._collective.allreduce(view, progress.step, contribution)
             self._op = op = asyncio.ensure_future(reduce)
-            compute = functools.partial(
-                gradient_sum,
-                grads=self._grads,
-                last_backward=None if release is None else release.last_backward,
-            )
             try:
                 loss, cpu_s = await asyncio.to_thread(
-                    _on_cpu_clock, compute, self._spec, mine, self._cfg.micro_batch
+                    _on_cpu_clock, self._sync.compute, mine, release
                 )
             except BaseException:
                 op.cancel()
@@ -173,7 +137,7 @@ class Trainer:
             self._ready_t = self._clock()  # this member's gradient is ready to reduce
             progress.computed(len(mine), cpu_s if self._measure_cpu else compute_s)
             if not membership.aborting:  # else `cancel_step` cancelled the operation
-                self._hand_over(contribution, release, loss, len(mine))
+                self._sync.stage(contribution, release, loss, len(mine))
             try:
                 total = await op
             except asyncio.CancelledError:
@@ -193,33 +157,6 @@ class Trainer:
                 step=progress.completed,
             )
 
-    def _release(self, contribution: Contribution, samples: int) -> Release | None:
-        """The step's release of `contribution`'s buckets from its backward, or None
-        without overlap (then `_hand_over` fills the whole buffer after the compute)."""
-        if self._buckets is None:
-            return None
-        signal = signal_to(asyncio.get_running_loop(), contribution)
-        return self._buckets.step(contribution.buf, samples, signal)
-
-    def _hand_over(
-        self, contribution: Contribution, release: Release | None, loss: float, samples: int
-    ) -> None:
-        """The compute returned: release what its backward did not. Without overlap, fill
-        the whole buffer first (the flat gradient, the loss, the sample count). The buffer
-        is reused every step: the collective reads it until the operation ends."""
-        if release is not None:
-            release.finish(loss)
-            return
-        buf = self._buf
-        if self._grads is None:
-            flat = flatten_grads(self._spec.model).detach().cpu().numpy()
-            buf[:-2] = flat
-        elif self._grads.flat.device.type != "cpu":
-            torch.from_numpy(buf[:-2]).copy_(self._grads.flat)
-        buf[-2] = loss
-        buf[-1] = samples
-        contribution.ready_all()
-
     def _probe_links(self) -> None:
         """This member's bandwidth probes of the current round (see `probes.py`); none
         while a membership change is pending, so probes never load its switch steps."""
@@ -229,31 +166,19 @@ class Trainer:
         self._telemetry.probe_links(view.overlay, view.down, view.members, self._progress.step)
 
     def apply(self, total: np.ndarray, *, observed: bool = False) -> None:
-        """Divide the reduced sum by the global batch, step the optimizer, and publish the
-        snapshot of the next step where one is wanted (`observed`: a newcomer replaying,
-        which publishes none).
+        """Apply the reduced total (`Sync.update`) and publish the snapshot of the next
+        step where one is wanted (`observed`: a newcomer replaying, which publishes none).
 
         The order matters: `on_reduced` first (a newcomer's first step waits for the
-        total), and the publish in flight settles before `optimizer.step()` changes the
-        tensors it copies.
+        total), and the publish in flight settles before the update changes the tensors
+        it copies.
         """
         progress = self._progress
         self._on_reduced(progress.step, total)
-        scale = 1.0 / self._cfg.global_batch
-        gradient = total[:-2] if total.flags.writeable else total[:-2].copy()
-        if self._grads is not None:
-            self._grads.assign(torch.from_numpy(gradient), scale)
-        else:
-            grads = torch.from_numpy(gradient.copy()).to(self._device)
-            apply_flat_grads(self._spec.model, grads, scale)
-        self.settle_publish()
-        self._spec.optimizer.step()
-        loss = float(total[-2]) / self._cfg.global_batch
-        if round(float(total[-1])) != self._cfg.global_batch:
-            raise RuntimeError(
-                f"step {progress.step} reduced {total[-1]} samples, "
-                f"expected {self._cfg.global_batch}"
-            )
+        try:
+            loss = self._sync.update(total, self.settle_publish)
+        except RuntimeError as exc:
+            raise RuntimeError(f"step {progress.step}: {exc}") from None
         self.last_total = total
         progress.completed = progress.step
         self.loss_curve.append((progress.step, loss))
@@ -320,23 +245,12 @@ class Trainer:
         self._publisher.shutdown()
 
 
-def _flat_gradients(
-    model: torch.nn.Module, buf: np.ndarray, device: torch.device
-) -> FlatGradients | None:
-    """The model's gradients as views of `buf` (on a CPU) or of one vector on `device`;
-    None when the parameters' dtypes or devices differ (then each step flattens them)."""
-    host = torch.from_numpy(buf[:-2])
-    flat = host if device.type == "cpu" else torch.zeros_like(host, device=device)
-    return FlatGradients(model, flat) if FlatGradients.fits(model, flat) else None
-
-
 def _on_cpu_clock(
-    compute: Callable[..., float],
-    spec: TrainSpec,
+    compute: Callable[[Sequence[int], Release | None], float],
     ids: list[int],
-    micro_batch: int,
+    release: Release | None,
 ) -> tuple[float, float]:
-    """`compute(spec, ids, micro_batch)` and the CPU seconds the calling thread spent on it."""
+    """`compute(ids, release)` and the CPU seconds the calling thread spent on it."""
     before = time.thread_time()
-    loss = compute(spec, ids, micro_batch=micro_batch)
+    loss = compute(ids, release)
     return loss, time.thread_time() - before
