@@ -10,7 +10,7 @@ forward is done. When the compute returns, `finish` releases what no hook did: b
 parameters that got no gradient in the last micro-batch, or all of them without samples.
 The hooks are removed as the backward ends, so none outlives a step.
 
-Only on a CPU, with `FlatGradients` and more than one bucket (`Trainer` decides): on a GPU
+Only on a CPU, with `FlatGradients` and more than one bucket (`sync.GradientSync` decides): on a GPU
 a hook fires when the accumulating kernel is queued, not done; with mixed dtypes the buffer
 is only filled after the compute; a single bucket is final only when backward ends. There
 the whole buffer is released after the compute.
