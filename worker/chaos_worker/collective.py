@@ -2,7 +2,7 @@
 
 The flat buffer is cut into buckets; a member forwards bucket `i` as soon as it holds
 bucket `i` of its own (`Contribution.ready`) and from every child, and the root starts
-sending totals of bucket `i` down before later buckets have arrived, so a large model
+sending totals of bucket `i` down before other buckets have arrived, so a large model
 streams through the tree instead of waiting for the whole gradient at every hop. Every
 member takes the buckets in descending index order, the order in which backward makes
 them final (it runs from the last layer), so a member's first buckets can travel while
@@ -40,7 +40,6 @@ Expects = Callable[[str, int, int], bool]
 BAD_CONTRIBUTION = ("malformed", "nonfinite")
 """Refusals that show a sender's bucket for the operation in progress unusable: `on_bad`
 hears of them, and the member has the step redone without that sender."""
-
 
 MAX_AHEAD_OPS = 8
 """Operations (epoch, step) whose buckets may be held before they begin here: in practice
