@@ -106,19 +106,23 @@ def test_churn_gives_the_same_losses_without_lost_steps_or_restarts(baseline, tm
     assert not [p for p in churned["processes"] if Path(f"/proc/{p['pid']}").exists()]
 
 
-class _SmallBuckets(LocalRun):
-    """Buckets of 4 KiB and micro-batches of 5 samples (real settings of the worker config,
-    `bucket_bytes` and `micro_batch`): the bundled examples fit one 4 MiB bucket, which the
-    trainer releases whole after the compute; the digits in float64 (38 kB) make 10 here,
-    released by the last micro-batch's backward while it runs (`training/overlap.py`)."""
+class _Settings(LocalRun):
+    """A run whose workers get `settings`: real fields of the worker config that `chaos
+    run` does not expose (a test's seam, not a mock)."""
+
+    def __init__(self, options: JobOptions, **settings) -> None:
+        super().__init__(options)
+        self.settings = settings
 
     def worker_config(self, name: str, *, listen: str, **fields):
-        return super().worker_config(
-            name, listen=listen, bucket_bytes=4096, micro_batch=5, **fields
-        )
+        return super().worker_config(name, listen=listen, **self.settings, **fields)
 
 
 def test_buckets_released_during_backward_keep_the_losses_through_churn(baseline):
+    """Buckets of 4 KiB and micro-batches of 5 samples: the bundled examples fit one 4 MiB
+    bucket, which the trainer releases whole after the compute; the digits in float64
+    (38 kB) make 10 here, released by the last micro-batch's backward while it runs
+    (`training/overlap.py`)."""
     options = JobOptions(
         entry=EXAMPLES["digits"],
         example="digits",
@@ -127,7 +131,7 @@ def test_buckets_released_during_backward_keep_the_losses_through_churn(baseline
         dtype="float64",
         churn=parse_churn(f"{CHURN},join@40", 5),
     )
-    churned = asyncio.run(_SmallBuckets(options).run()).model_dump()
+    churned = asyncio.run(_Settings(options, bucket_bytes=4096, micro_batch=5).run()).model_dump()
     assert churned["problems"] == []
     assert [s for s, _ in churned["loss_curve"]] == list(range(80)), "a step was lost"
     assert_same_losses(churned["loss_curve"], baseline["loss_curve"])
@@ -201,7 +205,7 @@ def test_join_survives_a_source_crash_mid_transfer() -> None:
     # the digits example trains 200 steps (the default backlog) in about a second on a
     # quiet machine, less than the pull's re-plan after the crash: then the newcomer
     # rightly falls back to a copy (CI5), which is not what this test is about
-    joined = asyncio.run(_Backlog(options, 100_000).run()).model_dump()
+    joined = asyncio.run(_Settings(options, observer_max_backlog=100_000).run()).model_dump()
     done = joined["steps"]
     assert joined["problems"] == [f"only {done} of 1000000 steps completed"]
     reference = stopped_at(replace(options, churn=[], stop_after_join_steps=None), done)
@@ -212,20 +216,6 @@ def test_join_survives_a_source_crash_mid_transfer() -> None:
     assert join["bytes_per_source"]["w1"] == 0  # w1's shards came from the others
     assert [c["removed"] for c in joined["membership"] if c["removed"]] == [["w1"]]
     assert [c["added"] for c in joined["membership"] if c["added"]] == [["w5"]]
-
-
-class _Backlog(LocalRun):
-    """A run whose newcomers may hold `backlog` observed totals: a real setting of the
-    worker config (`observer_max_backlog`, 200 by default)."""
-
-    def __init__(self, options: JobOptions, backlog: int) -> None:
-        super().__init__(options)
-        self.backlog = backlog
-
-    def worker_config(self, name: str, *, listen: str, **fields):
-        return super().worker_config(
-            name, listen=listen, observer_max_backlog=self.backlog, **fields
-        )
 
 
 def test_a_newcomer_whose_stream_overflows_falls_back_without_stalling_anyone() -> None:
@@ -247,7 +237,7 @@ def test_a_newcomer_whose_stream_overflows_falls_back_without_stalling_anyone() 
         stop_after_join_steps=10,
     )
     # 5 totals: a pull of a few seconds always outlasts them
-    joined = asyncio.run(_Backlog(options, 5).run()).model_dump()
+    joined = asyncio.run(_Settings(options, observer_max_backlog=5).run()).model_dump()
     done = joined["steps"]
     reference = stopped_at(replace(options, churn=[], stop_after_join_steps=None), done)
     assert_same_losses(joined["loss_curve"], reference["loss_curve"][:done])
