@@ -98,7 +98,7 @@ def test_a_total_of_another_batch_size_changes_nothing() -> None:
     before = [p.detach().clone() for p in model.model.parameters()]
     total = np.zeros_like(sync.buf)
     total[-1] = BATCH - 1
-    with pytest.raises(RuntimeError, match=r"reduced 15\.0 samples, expected 16"):
+    with pytest.raises(ValueError, match=r"reduced 15\.0 samples, expected 16"):
         sync.update(total, lambda: None)
     after = list(model.model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))

@@ -72,7 +72,8 @@ class Sync(Protocol):
 
     def update(self, total: np.ndarray, before_change: Callable[[], None]) -> float:
         """Apply the reduced `total` to the state, calling `before_change()` just before
-        the state's tensors change; returns the step's mean loss."""
+        the state's tensors change; returns the step's mean loss. ValueError, changing
+        nothing, for a total that is not one of this strategy's steps."""
         ...
 
 
@@ -157,7 +158,7 @@ class GradientSync:
     def update(self, total: np.ndarray, before_change: Callable[[], None]) -> float:
         batch = self._cfg.global_batch
         if round(float(total[-1])) != batch:
-            raise RuntimeError(f"the step reduced {total[-1]} samples, expected {batch}")
+            raise ValueError(f"the step reduced {total[-1]} samples, expected {batch}")
         gradient = total[:-2] if total.flags.writeable else total[:-2].copy()
         if self._grads is not None:
             self._grads.assign(torch.from_numpy(gradient), 1.0 / batch)

@@ -177,8 +177,8 @@ class Trainer:
         self._on_reduced(progress.step, total)
         try:
             loss = self._sync.update(total, self.settle_publish)
-        except RuntimeError as exc:
-            raise RuntimeError(f"step {progress.step}: {exc}") from None
+        except ValueError as exc:  # not a total of this job's steps: stop, saying where
+            raise RuntimeError(f"step {progress.step}: {exc}") from exc
         self.last_total = total
         progress.completed = progress.step
         self.loss_curve.append((progress.step, loss))
