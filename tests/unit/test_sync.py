@@ -73,13 +73,7 @@ def test_gradient_sync_keeps_the_trajectory_of_a_plain_step(micro_batch: int) ->
     ours, reference = spec(), spec()
     size, dtype = gradient_layout(ours)
     collective = TreeAllReduce("w0", lambda *a: None, size=size, dtype=dtype, bucket_bytes=64)
-    sync = GradientSync(
-        config(micro_batch),
-        ours,
-        torch.device("cpu"),
-        buckets=collective.buckets,
-        bucket_elements=collective.bucket_elements,
-    )
+    sync = GradientSync(config(micro_batch), ours, torch.device("cpu"), collective)
     assert collective.buckets > 3  # the overlap path, with several buckets
     for step in range(10):
         loss, changes = one_member_step(sync, collective.buckets, step)
@@ -92,9 +86,9 @@ def test_gradient_sync_keeps_the_trajectory_of_a_plain_step(micro_batch: int) ->
 
 def test_a_total_of_another_batch_size_changes_nothing() -> None:
     model = spec()
-    sync = GradientSync(
-        config(BATCH), model, torch.device("cpu"), buckets=1, bucket_elements=1 << 20
-    )
+    size, dtype = gradient_layout(model)
+    collective = TreeAllReduce("w0", lambda *a: None, size=size, dtype=dtype, bucket_bytes=1 << 20)
+    sync = GradientSync(config(BATCH), model, torch.device("cpu"), collective)
     before = [p.detach().clone() for p in model.model.parameters()]
     total = np.zeros_like(sync.buf)
     total[-1] = BATCH - 1

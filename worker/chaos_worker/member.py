@@ -212,13 +212,7 @@ class Member:
             totals_sent=lambda: collective.down_sent,
             **common,
         )
-        sync = GradientSync(
-            config,
-            spec,
-            device,
-            buckets=collective.buckets,
-            bucket_elements=collective.bucket_elements,
-        )
+        sync = GradientSync(config, spec, device, collective)
         self.trainer = trainer = Trainer(
             me,
             config,

@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from chaos_worker.collective import Contribution
+from chaos_worker.collective import Contribution, TreeAllReduce
 from chaos_worker.config import WorkerConfig
 from chaos_worker.training.compute import (
     FlatGradients,
@@ -101,23 +101,21 @@ class GradientSync:
         config: WorkerConfig,
         spec: TrainSpec,
         device: torch.device,
-        *,
-        buckets: int,
-        bucket_elements: int,
+        collective: TreeAllReduce,
     ) -> None:
-        size, dtype = gradient_layout(spec)
+        """`collective`, sized by `gradient_layout(spec)`, says the buffer and its buckets."""
         self._cfg = config
         self._spec = spec
         self._device = device
-        self.buf = np.zeros(size, dtype)
+        self.buf = np.zeros(collective.size, collective.dtype)
         self._grads = _flat_gradients(spec.model, self.buf, device)
         self._buckets = (
             BucketMap(
                 trainable_parameters(spec.model),
-                bucket_elements=bucket_elements,
-                buckets=buckets,
+                bucket_elements=collective.bucket_elements,
+                buckets=collective.buckets,
             )
-            if self._grads is not None and device.type == "cpu" and buckets > 1
+            if self._grads is not None and device.type == "cpu" and collective.buckets > 1
             else None
         )
 
