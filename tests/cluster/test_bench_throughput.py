@@ -13,11 +13,12 @@ pytestmark = pytest.mark.cluster
 def test_bench_throughput_trains_both_sides_the_same_steps(capsys) -> None:
     argv = ["bench", "throughput", "--sizes", "20K", "--examples", ""]
     # enough steps after warm-up for the CPU figures (read in 1/100 s ticks) to move
-    argv += ["--steps", "40", "--warmup", "2", "--workers", "2"]
+    argv += ["--steps", "40", "--warmup", "2", "--workers", "2", "--bucket-mb", "0.25"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert (result["workers"], result["global_batch"], result["steps"]) == (2, 64, 40)
     assert result["tls"] is True
+    assert result["bucket_bytes"] == 1 << 18
     (model,) = result["models"]
     assert model["model"] == "mlp-20K"
     assert 15_000 < model["params"] < 25_000

@@ -25,7 +25,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from chaos_cli.argtypes import positive_int
+from chaos_worker.config import BUCKET_BYTES
+
+from chaos_cli.argtypes import mebibytes, positive_int
 from chaos_cli.benches._measure import (
     BUSY_FAILURE_TIMEOUT_S,
     example_model,
@@ -62,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds", type=positive_int, default=1, help="runs of each side per model (default 1)"
     )
     parser.add_argument("--insecure", action="store_true", help="Chaos links in plain TCP")
+    parser.add_argument(
+        "--bucket-mb",
+        type=mebibytes,
+        dest="bucket_bytes",
+        metavar="MIB",
+        help="Chaos's all-reduce bucket in MiB (default: the worker's, 4)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -80,6 +89,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": args.device,
         "dtype": args.dtype,
         "tls": not args.insecure,
+        "bucket_bytes": args.bucket_bytes or BUCKET_BYTES,
         "models": results,
     }
 
@@ -161,6 +171,7 @@ def _chaos(entry: str, args: argparse.Namespace) -> dict:
         device=args.device,
         tls=not args.insecure,
         failure_timeout_s=BUSY_FAILURE_TIMEOUT_S,
+        bucket_bytes=args.bucket_bytes,
     )
     cpu = _CpuSampler(args.warmup, args.steps - 1)
     job = LocalRun(options, on_update=cpu.sample)

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from chaos_cli.argtypes import mebibytes
 from chaos_cli.errors import RunFailed, UserError
 
 DEFAULT_EXAMPLE = "digits"
@@ -131,6 +132,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep N warm spares: workers started ahead that wait imported and connected, "
         "so a join costs only its transfer; a join with no spare ready starts cold (default: "
         f"every joiner of the schedule is started ahead; 0..{MAX_SPARES})",
+    )
+    parser.add_argument(
+        "--bucket-mb",
+        type=mebibytes,
+        dest="bucket_bytes",
+        metavar="MIB",
+        help="all-reduce bucket in MiB, as DDP's bucket_cap_mb (default 4); smaller buckets "
+        "start sending while backward still runs, larger ones cost fewer messages",
     )
     parser.add_argument(
         "--insecure",
@@ -294,6 +303,7 @@ def options_from(args: argparse.Namespace, job=None):
         netns=args.netns,
         tls=not args.insecure,
         spares=args.spares,
+        bucket_bytes=args.bucket_bytes,
         **durable,
     )
 

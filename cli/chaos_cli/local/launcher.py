@@ -89,6 +89,7 @@ class JobOptions:
     resume_from: str | None = None  # the verified checkpoint the initial members start from
     start_step: int = 0  # its step
     spares: int | None = None  # warm spares kept (None: every joiner of the schedule)
+    bucket_bytes: int | None = None  # all-reduce bucket (None: the worker's default)
 
     def worker_names(self) -> list[str]:
         return worker_names(self.workers, self.churn)
@@ -269,6 +270,8 @@ class LocalRun:
             state_quorum=self.opts.state_quorum,
             **durable.worker_fields(self.opts),
         )
+        if self.opts.bucket_bytes is not None:
+            values["bucket_bytes"] = self.opts.bucket_bytes
         values.update(fields)
         if self.opts.tls and values.get("tls") is None:
             values["tls"] = self._certificate(name)
