@@ -202,17 +202,20 @@ class TreeAllReduce:
 
         async def up() -> None:
             for index in order:
-                part = slices[index]
+                part, mine_part = slices[index], own[index]
                 await mine.wait(index)
-                part[:] = own[index]
-                if not np.isfinite(part.sum()):  # one NaN or infinity makes the sum one
+                if not np.isfinite(mine_part.sum()):  # one NaN or infinity makes the sum one
                     raise NonFiniteGradient(
                         f"step {step}: this member's loss or gradient is not finite "
                         "(training diverged, or a sample holds a NaN); the others refuse it"
                     )
+                addend = mine_part  # own + first child in one pass, then += the others
                 for child in children:
                     data = await self._receive(op, ("up", index, child))
-                    part += np.frombuffer(data, dtype=total.dtype)
+                    np.add(addend, np.frombuffer(data, dtype=total.dtype), out=part)
+                    addend = part
+                if addend is mine_part:  # no children
+                    part[:] = mine_part
                 if parent is None:
                     self.down_sent = op
                     self._fan_out(children, view.epoch, step, "down", index, len(slices), part)
