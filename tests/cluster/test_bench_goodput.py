@@ -56,6 +56,18 @@ def test_bench_goodput_measures_both_sides_and_models_the_restarts(capsys) -> No
     )
     assert result["torchrun"]["seconds"] == pytest.approx(modelled, rel=1e-2)
     assert result["torchrun_over_ddp"] < 1  # every term the model adds is a cost
+    matched, short = result["matched"], result["matched"]["ddp_short"]
+    assert short["ranks"] == 1 and short["measured_steps"] == 77 and short["samples_per_s"] > 0
+    # DDP at Chaos's membership: between one-rank and two-rank DDP's rates
+    low, high = sorted((ddp_rate, short["samples_per_s"]))
+    assert low * 0.999 <= matched["ddp_samples_per_s"] <= high * 1.001
+    assert matched["capacity"] == pytest.approx(matched["ddp_samples_per_s"] / ddp_rate, abs=1e-3)
+    chaos_rate = result["chaos_samples_per_s"]
+    assert matched["chaos_over_ddp"] == pytest.approx(
+        chaos_rate / matched["ddp_samples_per_s"], abs=1e-3
+    )
+    assert matched["met"] is (matched["chaos_over_ddp"] >= TARGET)
+    assert matched["torchrun_over_ddp"] < 1
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import pytest
 from chaos_cli.benches.goodput import (
     RestartParts,
     churn_schedule,
+    matched_seconds,
     mean_members,
     members_at,
     samples_per_s,
@@ -101,3 +102,16 @@ def test_step_times_by_members_split_the_gaps_by_who_trained_them() -> None:
     # gaps 1-2 and 0-1 (1 s) by one member; 2-3, 3-4 and 4-6 (0.5 s a step) by two
     assert step_s_by_members(times, curve, 0) == {1: 1.0, 2: 0.5}
     assert step_s_by_members(times, curve, 2) == {2: 0.5}
+
+
+def test_matched_seconds_price_each_step_at_its_member_count() -> None:
+    curve = [(0, 2), (20, 1), (40, 2)]  # a leave at 20, a join at 40
+    pace = {2: 0.1, 1: 0.3}
+    # steps 11..50: 9 with two members, 20 with one, 11 with two again
+    assert matched_seconds(curve, 10, 50, pace) == pytest.approx(20 * 0.1 + 20 * 0.3)
+    assert matched_seconds([(0, 2)], 10, 50, pace) == pytest.approx(40 * 0.1)
+
+
+def test_matched_seconds_need_a_pace_for_every_member_count() -> None:
+    with pytest.raises(ValueError, match=r"no DDP pace for \[3\] ranks"):
+        matched_seconds([(0, 2), (5, 3)], 0, 10, {2: 0.1})

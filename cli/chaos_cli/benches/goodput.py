@@ -26,6 +26,13 @@ stamps). `chaos_over_ddp` is the goodput the target (0.95) is about; `step_s`, t
 gap between steps, tells the steady pace from what the events cost; `mean_members` and
 `step_s_by_members` the capacity Chaos trained with and its pace with each member count
 (the torchrun figure keeps DDP's full-membership pace).
+
+A departure takes a worker's hardware away until the next join, which no system can make
+up for: `matched` compares against DDP at the membership Chaos had. DDP also runs churn-free
+with `--workers` - 1 ranks; `matched.ddp_samples_per_s` is the rate of DDP at each step's
+member count (`matched_seconds`), `matched.capacity` that rate over full DDP's (the best
+any system could reach on this schedule), `matched.chaos_over_ddp` Chaos's fraction of it,
+and `matched.torchrun_over_ddp` the torchrun-style model restarting at each member count.
 """
 
 from __future__ import annotations
@@ -150,6 +157,18 @@ def mean_members(curve: list[tuple[int, int]], first: int, last: int) -> float:
     return statistics.mean(members_at(curve, range(first, last)))
 
 
+def matched_seconds(
+    curve: list[tuple[int, int]], first: int, last: int, step_s: dict[int, float]
+) -> float:
+    """Seconds DDP takes for steps `first`+1..`last` at the member count of each (a
+    members curve of (step, members) points), from its seconds per step by rank count."""
+    counts = members_at(curve, range(first + 1, last + 1))
+    missing = sorted(set(counts) - set(step_s))
+    if missing:
+        raise ValueError(f"no DDP pace for {missing} ranks")
+    return sum(step_s[count] for count in counts)
+
+
 def step_s_by_members(
     times: dict[int, float], curve: list[tuple[int, int]], warmup: int
 ) -> dict[int, float]:
@@ -194,20 +213,32 @@ def run(args: argparse.Namespace) -> dict:
         saved = checkpoint_round_trip(_trained_state(entry, args.dtype))
         start_s = bare_start_s(entry, dtype=args.dtype)
         _say(f"{label}: DDP, no churn")
-        ddp, rendezvous_s = _ddp(entry, args)
+        ddp, rendezvous_s = _ddp(entry, args, args.workers)
+        _say(f"{label}: DDP, no churn, {args.workers - 1} ranks")
+        short, _ = _ddp(entry, args, args.workers - 1)
         _say(f"{label}: Chaos, {schedule}")
-        chaos = _chaos(entry, schedule, args)
+        chaos, span = _chaos(entry, schedule, args)
     parts = RestartParts(start_s, rendezvous_s, saved.save_s, saved.load_s)
     ddp_rate, chaos_rate = ddp.pop("samples_per_s"), chaos.pop("samples_per_s")
+    short_rate = short.pop("samples_per_s")
     steps = ddp["measured_steps"]
-    torchrun_s = torchrun_seconds(
-        steps=steps,
-        step_s=args.global_batch / ddp_rate,
-        events=events,
-        checkpoint_every=args.checkpoint_every,
-        parts=parts,
-    )
-    torchrun_rate = steps * args.global_batch / torchrun_s
+
+    def torchrun_rate(step_s: float) -> float:
+        seconds = torchrun_seconds(
+            steps=steps,
+            step_s=step_s,
+            events=events,
+            checkpoint_every=args.checkpoint_every,
+            parts=parts,
+        )
+        return steps * args.global_batch / seconds
+
+    full_step_s = args.global_batch / ddp_rate
+    pace = {args.workers: full_step_s, args.workers - 1: args.global_batch / short_rate}
+    curve, first, last = span
+    matched_rate = (last - first) * args.global_batch / matched_seconds(curve, first, last, pace)
+    torchrun_full = torchrun_rate(full_step_s)
+    torchrun_matched = torchrun_rate(args.global_batch / matched_rate)
     return {
         "model": FORMULA,
         "job": {
@@ -227,15 +258,23 @@ def run(args: argparse.Namespace) -> dict:
         "events": events,
         "chaos_samples_per_s": round(chaos_rate, 2),
         "ddp_samples_per_s": round(ddp_rate, 2),
-        "torchrun_samples_per_s": round(torchrun_rate, 2),
+        "torchrun_samples_per_s": round(torchrun_full, 2),
         "chaos_over_ddp": round(chaos_rate / ddp_rate, 4),
-        "torchrun_over_ddp": round(torchrun_rate / ddp_rate, 4),
+        "torchrun_over_ddp": round(torchrun_full / ddp_rate, 4),
         "target": TARGET,
         "met": chaos_rate / ddp_rate >= TARGET,
+        "matched": {
+            "ddp_samples_per_s": round(matched_rate, 2),
+            "capacity": round(matched_rate / ddp_rate, 4),
+            "chaos_over_ddp": round(chaos_rate / matched_rate, 4),
+            "torchrun_over_ddp": round(torchrun_matched / matched_rate, 4),
+            "met": chaos_rate / matched_rate >= TARGET,
+            "ddp_short": short | {"ranks": args.workers - 1, "samples_per_s": round(short_rate, 2)},
+        },
         "chaos": chaos,
         "ddp": ddp,
         "torchrun": {
-            "seconds": round(torchrun_s, 3),
+            "seconds": round(steps * args.global_batch / torchrun_full, 3),
             "restart_s": round(parts.restart_s, 4),
             "lost_steps_per_event": args.checkpoint_every / 2,
             "checkpoint_s_per_step": round(parts.save_s / args.checkpoint_every, 6),
@@ -269,13 +308,13 @@ def _trained_state(entry: str, dtype: str) -> dict:
     return {"model": spec.model.state_dict(), "optimizer": spec.optimizer.state_dict()}
 
 
-def _ddp(entry: str, args: argparse.Namespace) -> tuple[dict, float]:
-    """DDP's side, and its measured rendezvous."""
+def _ddp(entry: str, args: argparse.Namespace, workers: int) -> tuple[dict, float]:
+    """DDP's side with `workers` ranks, and its measured rendezvous."""
     from chaos_cli.benches import _ddp
 
     result = _ddp.train(
         entry,
-        workers=args.workers,
+        workers=workers,
         steps=args.steps,
         global_batch=args.global_batch,
         dtype=args.dtype,
@@ -283,7 +322,10 @@ def _ddp(entry: str, args: argparse.Namespace) -> tuple[dict, float]:
     return _side(dict(enumerate(result.step_stamps)), args), result.rendezvous_s
 
 
-def _chaos(entry: str, schedule: str, args: argparse.Namespace) -> dict:
+def _chaos(
+    entry: str, schedule: str, args: argparse.Namespace
+) -> tuple[dict, tuple[list[tuple[int, int]], int, int]]:
+    """Chaos's side, and its members curve with the first and last step measured."""
     import asyncio
 
     from chaos_cli.benches._measure import BUSY_FAILURE_TIMEOUT_S
@@ -319,7 +361,7 @@ def _chaos(entry: str, schedule: str, args: argparse.Namespace) -> dict:
             for e in report.events
         ],
         "problems": report.problems,
-    }
+    }, (curve, first, max(times))
 
 
 def _side(times: dict[int, float], args: argparse.Namespace) -> dict:
