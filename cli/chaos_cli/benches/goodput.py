@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
         start_s = bare_start_s(entry, dtype=args.dtype)
         _say(f"{label}: DDP, no churn")
         ddp, rendezvous_s = _ddp(entry, args, args.workers)
-        _say(f"{label}: DDP, no churn, {args.workers - 1} ranks")
+        _say(f"{label}: DDP, no churn, one rank fewer ({args.workers - 1})")
         short, _ = _ddp(entry, args, args.workers - 1)
         _say(f"{label}: Chaos, {schedule}")
         chaos, span = _chaos(entry, schedule, args)
