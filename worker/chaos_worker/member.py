@@ -59,6 +59,7 @@ from chaos_worker.net.wire import (
     WireMessage,
 )
 from chaos_worker.ports import Progress
+from chaos_worker.priority import ignore_from_now
 from chaos_worker.replication.checkpoint import CheckpointError, load_checkpoint, resolve
 from chaos_worker.replication.checkpointer import Checkpointer
 from chaos_worker.replication.ledger import HANDSHAKES_FILE, REFUSED_FILE, SentReader
@@ -325,6 +326,8 @@ class Member:
                 patience = LINGER_TIMEOUTS * self.cfg.failure_timeout_s
                 await self.liveness.finished(view.members, self.cfg.steps, patience)
         finally:
+            if self.cfg.control is None:
+                ignore_from_now(loop, [signal.SIGTERM])
             for task in self._tasks:
                 task.cancel()
             self.trainer.close()

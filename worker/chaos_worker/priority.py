@@ -1,5 +1,5 @@
-"""OS helpers for processes and threads: lower CPU priority, die with the parent, exit
-at once.
+"""OS helpers for processes and threads: lower CPU priority, die with the parent, stop
+listening for signals, exit at once.
 
 Lower CPU priority is for work that must not slow the training steps around it.
 
@@ -12,6 +12,7 @@ thread starts) and keeps its event loop and its training at normal priority.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import logging
@@ -19,7 +20,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 BACKGROUND_NICENESS = 10
@@ -40,6 +41,17 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
 
     return preexec
+
+
+def ignore_from_now(loop: asyncio.AbstractEventLoop, signals: Iterable[int]) -> None:
+    """Stopping already: `signals` that `loop` handled are ignored from now on, so a second
+    one (a parent's death signal, a second SIGTERM) neither cuts the cleanup short nor
+    reaches the loop's wakeup fd, which asyncio closes before it removes its handlers (a
+    signal in between prints "Exception ignored when trying to write to the signal wakeup
+    fd" with a traceback)."""
+    for sig in signals:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def exit_at_once(code: int) -> NoReturn:

@@ -26,7 +26,12 @@ from chaos_worker.net.shaping import delays_only, parse_links, shape_for
 from chaos_worker.net.signing import Signer
 from chaos_worker.net.tls import LinkTls
 from chaos_worker.net.transport import TcpTransport, parse_address
-from chaos_worker.priority import die_with_parent, exit_at_once, lower_this_thread
+from chaos_worker.priority import (
+    die_with_parent,
+    exit_at_once,
+    ignore_from_now,
+    lower_this_thread,
+)
 from chaos_worker.replication.ledger import HANDSHAKES_FILE, REFUSED_FILE, SentLedger
 from chaos_worker.replication.private import PrivateDirectory
 from chaos_worker.replication.replicator import Replicator
@@ -78,12 +83,14 @@ async def serve(
         lower_this_thread()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     writers = [loop.create_task(kept.keep_written()) for kept in (ledger, refused, handshakes)]
     try:
         await stop.wait()
     finally:
+        ignore_from_now(loop, signals)  # the trainer's death signal may follow its SIGTERM
         await replicator.close()
         for writer in writers:
             writer.cancel()
