@@ -406,3 +406,14 @@ def test_members_ports_lie_below_the_ephemeral_range():
     ports = free_ports(32, 0)
     assert len(set(ports)) == 32
     assert all(LOWEST_PORT <= p < _ephemeral_low() for p in ports), ports
+
+
+def test_ports_drawn_one_at_a_time_are_never_the_same_before_they_are_bound():
+    """A joiner's address or a metrics port is drawn after the members' and bound later;
+    so are two operators' ports in a test. 600 single draws from the ~12,800 ports below
+    the ephemeral range would repeat one almost surely (the birthday bound) unless the
+    ports handed out are kept apart."""
+    from chaos_cli.local.ports import free_ports
+
+    ports = [free_ports(1, 0)[0] for _ in range(600)]
+    assert len(set(ports)) == len(ports)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import socket
@@ -34,17 +35,24 @@ def _bindable(port: int) -> bool:
 
 
 def _unclaimed_port(taken: set[int]) -> int:
-    """A free port below the ephemeral range. A port is free between this check and the
-    worker's own bind; one from the ephemeral range (a bind to port 0) could meanwhile
-    become the source port of any outgoing connection on the machine, and the worker then
-    fails with "port is taken"."""
+    """A free port below the ephemeral range, and none handed out lately in this process.
+
+    A port is free between this check and the worker's own bind; one from the ephemeral
+    range (a bind to port 0) could meanwhile become the source port of any outgoing
+    connection on the machine, and the worker then fails with "port is taken". Two draws
+    before either port is bound (a member's address, then a joiner's or a metrics port; two
+    operators of a test) could also pick the same port: `_HANDED_OUT` keeps them apart."""
     low, high = LOWEST_PORT, _ephemeral_low() - 1
     for _ in range(1000):
         port = random.randint(low, max(low, high))
-        if port not in taken and _bindable(port):
+        if port not in taken and port not in _HANDED_OUT and _bindable(port):
+            _HANDED_OUT.append(port)
             return port
     raise LaunchError(f"no free port on 127.0.0.1 in {low}..{high}")
 
+
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=1024)
+"""The ports `_unclaimed_port` gave out last in this process, not given out again."""
 
 LOWEST_PORT = 20000
 """Ports picked for members lie from here to below the ephemeral range."""
