@@ -2,16 +2,19 @@
 # One-shot check of Chaos on a machine with an NVIDIA GPU (written for one H200, 16 cores,
 # no internet). Everything it finds goes under $OUT (default ./gpu-check-out):
 #   nvidia-smi.txt, env.json           the driver, Python, torch, CUDA and the device
-#   run-*.json (+ .png)                 `chaos run` reports: no churn on the device; the
-#                                       default churn in float64 on the device and on cpu
-#   bench-*.json                        `chaos bench` results (small sizes)
+#   run-*.json (+ .png)                 `chaos run` reports, float64, 4 workers: no churn and
+#                                       the default churn on the device, the churn on cpu
+#   bench-*.json                        `chaos bench` results: throughput on the device against
+#                                       torch DDP, scale-out, then the others as time allows
 #   logs/<step>/<run dir>/              worker configs and stderr of every run
 #   <step>.out, <step>.err              each step's stdout and stderr
-#   summary.json                        per step: command, rc, wall seconds, key figures;
-#                                       the float64 device-vs-cpu max relative loss difference
+#   summary.json                        per step: command, rc, wall seconds, key figures; the
+#                                       float64 churn-vs-no-churn and device-vs-cpu max
+#                                       relative loss differences
 # Every step runs under `timeout` and the whole script keeps to a budget (GPU_CHECK_BUDGET_S,
-# default 450 s); a failing step is recorded and the next one runs. Exit 0 when every step
-# passed, 1 otherwise, 2 when no Python could run Chaos at all.
+# default 300 s), the steps the issue asks for first; a failing step is recorded and the
+# next one runs. Exit 0 when every step passed, 1 otherwise, 2 when no Python could run
+# Chaos at all.
 #   bash scripts/gpu-check.sh           on the GPU (device cuda, full sizes)
 #   bash scripts/gpu-check.sh --cpu     the same steps on cpu with small sizes (also:
 #                                       GPU_CHECK_DEVICE=cpu); a dry run for a machine without one
@@ -24,7 +27,7 @@ cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd -P)
 
 device=${GPU_CHECK_DEVICE:-cuda}
-budget=${GPU_CHECK_BUDGET_S:-450}
+budget=${GPU_CHECK_BUDGET_S:-300}
 while (($#)); do
   case "$1" in
     --cpu) device=cpu ;;
@@ -53,16 +56,18 @@ export PYTHONUNBUFFERED=1
 
 # Sizes: the GPU check proper, or a quick dry run on a small cpu machine.
 if [[ "$device" == cuda ]]; then
-  nochurn_steps=200 churn_workers=4 churn_steps=300
-  t_run=120 t_churn=150 t_churn_cpu=180
+  churn_workers=4 churn_steps=120 # the run the issue found hanging with churn on an H200
+  t_churn=120 t_churn_cpu=120 t_throughput=150
+  b_throughput=(throughput --device cuda --sizes 50M --examples chartransformer --steps 30 --warmup 5)
   b_events=(events --repeats 1)
   b_transport=(transport --sizes "1,16,64" --repeats 3)
   b_pull=(pull --sizes 64 --neighbours "3,4")
   b_scaleout=(scaleout --sizes 64 --neighbours 2 --strategies "chaos,checkpoint" --profiles equal)
   b_planner=(planner --sources "10,100,1000" --repeats 3 --milp-max-sources 10)
 else
-  nochurn_steps=40 churn_workers=4 churn_steps=60
-  t_run=90 t_churn=120 t_churn_cpu=120
+  churn_workers=4 churn_steps=60
+  t_churn=120 t_churn_cpu=120 t_throughput=90
+  b_throughput=(throughput --device cpu --sizes 1M --examples '' --steps 20 --warmup 5)
   b_events=(events --repeats 1 --steps 110)
   b_transport=(transport --sizes "1,16" --repeats 2)
   b_pull=(pull --sizes 16 --neighbours 3 --profiles equal)
@@ -211,26 +216,27 @@ PYEOF
   step env probe 90 env.json "$PY" "$WORK/env.py" "$OUT/env.json" "$device"
   step bench-list probe 60 bench-list.out "${chaos[@]}" bench --help
 
-  # --- 2. no churn on the device --------------------------------------------------------------
-  common=(--example chartransformer --quiet --seed 0)
-  step run-nochurn run "$t_run" run-nochurn.json "${chaos[@]}" run --device "$device" \
-    --workers 2 --steps "$nochurn_steps" --churn none "${common[@]}" --report "$OUT/run-nochurn.json"
-
-  # --- 3. default churn, float64, on the device and on cpu: the loss curves must agree ----------
+  # --- 2. float64 on the device, no churn and the default churn: the losses must agree ---------
+  common=(--example chartransformer --quiet --seed 0 --dtype float64 --workers "$churn_workers")
+  common+=(--steps "$churn_steps")
+  step run-nochurn-f64-device run "$t_churn" run-nochurn-f64-device.json "${chaos[@]}" run \
+    --device "$device" --churn none "${common[@]}" --report "$OUT/run-nochurn-f64-device.json"
   step run-churn-f64-device run "$t_churn" run-churn-f64-device.json "${chaos[@]}" run \
-    --device "$device" --dtype float64 --workers "$churn_workers" --steps "$churn_steps" \
-    --churn default "${common[@]}" --report "$OUT/run-churn-f64-device.json"
-  step run-churn-f64-cpu run "$t_churn_cpu" run-churn-f64-cpu.json "${chaos[@]}" run \
-    --device cpu --dtype float64 --workers "$churn_workers" --steps "$churn_steps" \
-    --churn default "${common[@]}" --report "$OUT/run-churn-f64-cpu.json"
+    --device "$device" --churn default "${common[@]}" --report "$OUT/run-churn-f64-device.json"
 
-  # --- 4. benches (none takes a device or compares with torch DDP; testbed needs netns/root) ----
+  # --- 3. Chaos against torch DDP on the device, and a scale-out ---------------------------------
+  step bench-throughput bench "$t_throughput" bench-throughput.json "${chaos[@]}" bench \
+    "${b_throughput[@]}"
+  step bench-scaleout bench 90 bench-scaleout.json "${chaos[@]}" bench "${b_scaleout[@]}"
+
+  # --- 4. as the budget allows: the churn on cpu (device vs cpu), the other benches ------------
+  step run-churn-f64-cpu run "$t_churn_cpu" run-churn-f64-cpu.json "${chaos[@]}" run \
+    --device cpu --churn default "${common[@]}" --report "$OUT/run-churn-f64-cpu.json"
   step bench-events bench 100 bench-events.json "${chaos[@]}" bench "${b_events[@]}"
   step bench-transport bench 60 bench-transport.json "${chaos[@]}" bench "${b_transport[@]}"
   step bench-pull bench 60 bench-pull.json "${chaos[@]}" bench "${b_pull[@]}"
-  step bench-scaleout bench 90 bench-scaleout.json "${chaos[@]}" bench "${b_scaleout[@]}"
   step bench-planner bench 45 bench-planner.json "${chaos[@]}" bench "${b_planner[@]}"
-  for b in events transport pull scaleout planner; do
+  for b in throughput events transport pull scaleout planner; do
     cp "$OUT/bench-$b.out" "$OUT/bench-$b.json" 2>/dev/null
   done
 fi
@@ -283,6 +289,10 @@ def bench_figures(name, b):
     if name == "bench-scaleout":
         return [{k: x.get(k) for k in ("state_mb", "neighbours", "strategy", "scale_out_delay_s",
                                        "incumbent_stall_s", "step_time_s", "startup_s")} for x in runs]
+    if name == "bench-throughput":
+        return [{"model": m.get("model"), "ddp_step_s": m.get("ddp", {}).get("step_s"),
+                 "chaos_step_s": m.get("chaos", {}).get("step_s"), "ratio": m.get("ratio"),
+                 "cpu_ratio": m.get("cpu_ratio")} for m in b.get("models", [])]
     if name == "bench-planner":
         return [{k: x.get(k) for k in ("sources", "greedy_ms", "milp_ms", "speedup")} for x in runs]
     if name == "bench-events":
@@ -313,26 +323,30 @@ with open(os.path.join(out, "steps.tsv")) as f:
             entry["figures"] = bench_figures(name, data)
         steps.append(entry)
 
-dev, cpu = load("run-churn-f64-device.json"), load("run-churn-f64-cpu.json")
-compare = {"device_report": "run-churn-f64-device.json", "cpu_report": "run-churn-f64-cpu.json"}
-if dev and cpu:
-    a, b = curve(dev), curve(cpu)
+def compare(name_a, name_b, tolerance=None):
+    """The loss curves of two run reports, step by step: the largest relative difference."""
+    ra, rb = load(name_a), load(name_b)
+    result = {"reports": [name_a, name_b]}
+    if not (ra and rb):
+        return result | {"error": "a report is missing (see its step)"}
+    a, b = curve(ra), curve(rb)
     common = sorted(set(a) & set(b))
     rel = [(abs(a[s] - b[s]) / max(abs(b[s]), 1e-30), s) for s in common]
     worst = max(rel) if rel else (None, None)
-    compare.update(
+    result.update(
         common_steps=len(common), steps_only_in_one=sorted(set(a) ^ set(b))[:20],
         max_rel_diff=worst[0], at_step=worst[1],
         max_abs_diff=max((abs(a[s] - b[s]) for s in common), default=None),
-        final_loss_device=dev.get("final_loss"), final_loss_cpu=cpu.get("final_loss"),
-        events_device=[e.get("type") + "@" + str(e.get("step")) for e in dev.get("events", [])],
-        events_cpu=[e.get("type") + "@" + str(e.get("step")) for e in cpu.get("events", [])],
-        state_sha256_equal=(
-            {p.get("state_sha256") for p in dev.get("processes", []) if p.get("state_sha256")}
-            == {p.get("state_sha256") for p in cpu.get("processes", []) if p.get("state_sha256")}),
+        final_losses=[ra.get("final_loss"), rb.get("final_loss")],
+        events=[[e.get("type") + "@" + str(e.get("step")) for e in r.get("events", [])] for r in (ra, rb)],
     )
-else:
-    compare["error"] = "a report is missing (see the run-churn-f64-* steps)"
+    if tolerance is not None:
+        result.update(tolerance=tolerance, within=worst[0] is not None and worst[0] <= tolerance
+                      and not result["steps_only_in_one"])
+    return result
+
+churn_vs_nochurn = compare("run-churn-f64-device.json", "run-nochurn-f64-device.json", 1e-9)
+device_vs_cpu = compare("run-churn-f64-device.json", "run-churn-f64-cpu.json")
 
 benches = []
 try:
@@ -343,17 +357,19 @@ except Exception:
 summary = {
     "device": device, "python": py or None, "env": load("env.json"),
     "budget_s": budget, "wall_s": elapsed,
-    "ok": all(s["status"] == "ok" for s in steps if s["kind"] != "info"),
+    "ok": all(s["status"] == "ok" for s in steps if s["kind"] != "info")
+    and churn_vs_nochurn.get("within", False),
     "failed_steps": [s["name"] for s in steps if s["status"] != "ok" and s["kind"] != "info"],
-    "float64_device_vs_cpu": compare,
+    "float64_churn_vs_nochurn": churn_vs_nochurn,
+    "float64_device_vs_cpu": device_vs_cpu,
     "benches_available": benches,
-    "ddp_comparison": "no `chaos bench` compares against torch DDP; none takes a device",
     "steps": steps,
 }
 with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
 print(json.dumps({k: summary[k] for k in ("device", "ok", "failed_steps", "wall_s")}))
-print("float64 device vs cpu: max_rel_diff", compare.get("max_rel_diff"))
+print("float64 churn vs no churn: max_rel_diff", churn_vs_nochurn.get("max_rel_diff"))
+print("float64 device vs cpu: max_rel_diff", device_vs_cpu.get("max_rel_diff"))
 sys.exit(0 if summary["ok"] else 1)
 PYEOF
 rc=$?
