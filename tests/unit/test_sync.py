@@ -84,6 +84,47 @@ def test_gradient_sync_keeps_the_trajectory_of_a_plain_step(micro_batch: int) ->
         assert torch.equal(a, b)
 
 
+class _Mixed(nn.Module):
+    """Parameters of two dtypes: their gradients cannot be views of one flat buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 3).double()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.gain.double()
+
+
+def mixed_spec() -> TrainSpec:
+    torch.manual_seed(5)
+    model = _Mixed()
+    data = PairDataset(torch.randn(64, 6, dtype=torch.float64), torch.arange(64) % 3)
+    return TrainSpec(model, torch.optim.AdamW(model.parameters(), lr=0.01), data)
+
+
+def test_mixed_dtypes_take_the_flattening_path_and_keep_the_trajectory() -> None:
+    """No `FlatGradients` (two dtypes): the gradient is flattened after the compute and the
+    total written back parameter by parameter, here from a read-only total (as a newcomer's
+    replay hands one over), and the total itself is left as it was."""
+    ours, reference = mixed_spec(), mixed_spec()
+    size, dtype = gradient_layout(ours)
+    collective = TreeAllReduce("w0", lambda *a: None, size=size, dtype=dtype, bucket_bytes=64)
+    sync = GradientSync(config(BATCH), ours, torch.device("cpu"), collective)
+    for step in range(5):
+        ids = sync.sample_ids(step)
+        contribution = Contribution(sync.buf, collective.buckets)
+        loss = sync.compute(ids, sync.start(contribution, len(ids)))
+        sync.stage(contribution, None, loss, len(ids))
+        total = sync.buf.copy()
+        total.setflags(write=False)
+        kept = total.copy()
+        assert sync.update(total, lambda: None) == local_step(reference, ids, BATCH)
+        assert np.array_equal(total, kept)
+    for a, b in zip(ours.model.parameters(), reference.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_total_of_another_batch_size_changes_nothing() -> None:
     model = spec()
     size, dtype = gradient_layout(model)

@@ -157,12 +157,12 @@ class GradientSync:
         batch = self._cfg.global_batch
         if round(float(total[-1])) != batch:
             raise ValueError(f"the step reduced {total[-1]} samples, expected {batch}")
-        gradient = total[:-2] if total.flags.writeable else total[:-2].copy()
+        # both only read it (torch wants a writable array even so)
+        gradient = torch.from_numpy(total[:-2] if total.flags.writeable else total[:-2].copy())
         if self._grads is not None:
-            self._grads.assign(torch.from_numpy(gradient), 1.0 / batch)
+            self._grads.assign(gradient, 1.0 / batch)
         else:
-            grads = torch.from_numpy(gradient.copy()).to(self._device)
-            apply_flat_grads(self._spec.model, grads, 1.0 / batch)
+            apply_flat_grads(self._spec.model, gradient.to(self._device), 1.0 / batch)
         before_change()
         self._spec.optimizer.step()
         return float(total[-2]) / batch
