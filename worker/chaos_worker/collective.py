@@ -214,7 +214,7 @@ class TreeAllReduce:
                     data = await self._receive(op, ("up", index, child))
                     np.add(addend, np.frombuffer(data, dtype=total.dtype), out=part)
                     addend = part
-                if addend is mine_part:  # no children
+                if not children:
                     part[:] = mine_part
                 if parent is None:
                     self.down_sent = op
