@@ -221,6 +221,8 @@ def worker_config(
         # the pod's `replicator` container serves the snapshots (see worker_pod)
         "replicator_address": f"{address.rpartition(':')[0]}:{port + 2}",
     }
+    if job.spec.bucket_kib is not None:
+        fields["bucket_bytes"] = job.spec.bucket_kib << 10
     if members:
         fields["members"] = dict(sorted(members.items()))
     elif standby:

@@ -102,6 +102,8 @@ def _manifest(tmp_path: Path, old: str, new: str) -> str:
         (("seed: 0", "seed: !!int zero"), [], "not valid YAML: ValueError"),
         (("globalBatch: 64", "globalBatch: 99999999"), [], "spec.globalBatch: must lie in 1.."),
         (("s: 3\n  minReplicas: 1\n  maxReplicas: 5", "s: 99\n  maxReplicas: 99"), [], "1..64"),
+        (("seed: 0", "seed: 0\n  bucketKiB: 0"), [], "spec.bucketKiB"),
+        (("seed: 0", "seed: 0\n  bucketKiB: 64"), ["--bucket-mb", "1"], "sets spec.bucketKiB"),
         (None, ["--workers", "3"], "--workers"),
         (None, ["--churn", "join@2,join@3,join@4"], "maxReplicas"),
         (None, ["--churn", "join:w7@2"], "join@2"),
@@ -119,6 +121,14 @@ def test_a_bad_manifest_is_one_line_and_starts_nothing(tmp_path, edit, args, nee
     assert leftover_workers(tmp_path) == []
     assert not (tmp_path / "chaos-report.json").exists()
     assert not list(tmp_path.glob("chaos-run-*")), "the run directory was left behind"
+
+
+def test_the_manifests_bucket_reaches_the_run(tmp_path):
+    path = _manifest(tmp_path, "seed: 0", "seed: 0\n  bucketKiB: 256")
+    args = build_parser().parse_args(["run", path])
+    assert options_from(args, load_manifest(path)).bucket_bytes == 256 * 1024
+    args = build_parser().parse_args(["run", str(MANIFEST), "--bucket-mb", "0.5"])
+    assert options_from(args, load_manifest(str(MANIFEST))).bucket_bytes == 512 * 1024
 
 
 def test_a_missing_manifest_is_one_line(tmp_path):

@@ -122,6 +122,7 @@ INVALID_JOBS = [
     ),
     pytest.param({"replica": 2}, "spec.replica", "unknown field", id="unknown-field"),
     pytest.param({"spares": 17}, "spec.spares", "less than or equal to 16", id="spares-17"),
+    pytest.param({"bucketKiB": 0}, "spec.bucketKiB", "greater than or equal to 1", id="bucket-0"),
 ]
 
 
@@ -141,8 +142,8 @@ def test_invalid_job_is_rejected_naming_the_field(
 def test_immutable_fields_cannot_change(
     control_plane: ControlPlane, crds: list[str], namespace: str
 ) -> None:
-    create(control_plane, job("fixed", namespace), check=True)
-    for field, value in (("globalBatch", 128), ("seed", 7), ("entry", "m:f")):
+    create(control_plane, job("fixed", namespace, bucketKiB=1024), check=True)
+    for field, value in (("globalBatch", 128), ("seed", 7), ("entry", "m:f"), ("bucketKiB", 512)):
         done = control_plane.kubectl(
             "patch", "chaosjob", "fixed", "-n", namespace, "--type=merge",
             "-p", json.dumps({"spec": {field: value}}), check=False,

@@ -126,11 +126,11 @@ def test_a_job_that_reaches_its_steps_succeeds_for_good(
     # first one ended say the last step was done (the operator asks them then).
     with run_operator(plane, ns, tmp_path) as run:
         job = JobView(plane, ns, "short")
-        plane.apply(manifest("short", ns, steps=25))
+        plane.apply(manifest("short", ns, steps=25, bucketKiB=16))  # buckets of 16 KiB
         run.expect(lambda: job.running() == {"short-w0", "short-w1"}, "2 pods")
         configs = [json.loads(p["metadata"]["annotations"]["chaos.training.dev/config"])
                    for p in job.pods().values()]  # fmt: skip
-        assert {c["steps"] for c in configs} == {25}
+        assert {(c["steps"], c["bucket_bytes"]) for c in configs} == {(25, 16 << 10)}
         run.expect(lambda: job.status().get("phase") == "Succeeded", "phase Succeeded")
         status = job.status()
         assert conditions(job)["Complete"] == ("True", "TrainingFinished")

@@ -102,6 +102,16 @@ def test_spec_steps_reach_the_workers_and_the_status() -> None:
     assert json.loads(default.create[0]["metadata"]["annotations"][ANN_CONFIG])["steps"] == 77
 
 
+def test_spec_bucket_kib_reaches_every_worker_config_in_bytes() -> None:
+    def buckets(job: ChaosJob) -> set[int | None]:
+        plan = reconcile(job, [], now=NOW)
+        configs = [json.loads(p["metadata"]["annotations"][ANN_CONFIG]) for p in plan.create]
+        return {c.get("bucket_bytes") for c in configs}
+
+    assert buckets(make_job(bucketKiB=256)) == {256 * 1024}
+    assert buckets(make_job()) == {None}  # unset: the worker's default (4 MiB)
+
+
 def test_the_last_step_reduced_and_the_members_ended_is_success_for_good() -> None:
     job = make_job(steps=10)
     plan = reconcile(job, [], now=NOW)

@@ -29,6 +29,7 @@ MAX_SEED = 2**53 - 1
 """The largest seed: the largest integer every JSON reader (the API server's schema bounds
 included) holds exactly; torch seeds with 64 bits."""
 BUCKET_BYTES = 4 << 20
+MAX_BUCKET_BYTES = 1 << 30
 MAX_STATE_BYTES = 16 << 30
 
 
@@ -165,8 +166,11 @@ class WorkerConfig(BaseModel):
     micro_batch: PositiveInt = 64
     heartbeat_interval_s: PositiveFloat = 0.1
     failure_timeout_s: PositiveFloat = 1.0
-    bucket_bytes: PositiveInt = Field(
-        BUCKET_BYTES, description="all-reduce bucket; also the largest gradient chunk accepted"
+    bucket_bytes: int = Field(
+        BUCKET_BYTES,
+        ge=1024,
+        le=MAX_BUCKET_BYTES,
+        description="all-reduce bucket; also the largest gradient chunk accepted",
     )
     max_state_bytes: PositiveInt = Field(
         MAX_STATE_BYTES,

@@ -196,6 +196,10 @@ def options_from(args: argparse.Namespace, job=None):
 
         fixed = run_options(job)
         args.steps = fixed.get("steps", args.steps)  # spec.steps, when the manifest says
+        if "bucket_bytes" in fixed:
+            if args.bucket_bytes is not None:
+                raise UserError("--bucket-mb does not go with a manifest that sets spec.bucketKiB")
+            args.bucket_bytes = fixed["bucket_bytes"]
         entry = fixed["entry"]
         example = next((k for k, v in EXAMPLES.items() if v == entry), entry)
     else:

@@ -459,4 +459,5 @@ def run_options(job: ChaosJob) -> dict[str, Any]:
         "global_batch": job.spec.global_batch,
         "seed": job.spec.seed,
         **({"steps": job.spec.steps} if job.spec.steps is not None else {}),
+        **({"bucket_bytes": job.spec.bucket_kib << 10} if job.spec.bucket_kib else {}),
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from chaos_worker.config import MAX_SEED
+from chaos_worker.config import MAX_BUCKET_BYTES, MAX_SEED
 from pydantic import ConfigDict, Field, model_validator
 
 from chaos_operator.api.durable import CheckpointPolicy, CheckpointRef, ResumeStatus
@@ -30,6 +30,7 @@ Phase = Literal[
 ]
 #: Most warm spares a job may keep (`spec.spares`).
 MAX_SPARES = 16
+MAX_BUCKET_KIB = MAX_BUCKET_BYTES >> 10
 #: Phases a job never leaves.
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
@@ -166,6 +167,19 @@ class ChaosJobSpec(ApiModel):
         le=MAX_SEED,
         description="Seed of the model initialisation and the sample order. Immutable.",
         json_schema_extra=immutable("seed"),
+    )
+    bucket_kib: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_BUCKET_KIB,
+        alias="bucketKiB",
+        description=(
+            "Size of the gradient buckets the all-reduce sends, in KiB (DDP's bucket_cap_mb): "
+            "a bucket travels as soon as backward has finished it, so several buckets overlap "
+            "the reduction with backward. Unset: 4096 (4 MiB). Every party of a federation "
+            "must give the same value: buckets cut another way are refused. Immutable."
+        ),
+        json_schema_extra=immutable("bucketKiB"),
     )
     replicas: int = Field(
         1,
