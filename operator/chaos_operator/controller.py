@@ -39,7 +39,7 @@ from chaos_operator.api import ChaosJob
 from chaos_operator.autoscaler import Autoscaler
 from chaos_operator.federation.rules import FederationView, PublishedJob
 from chaos_operator.metrics import OperatorMetrics
-from chaos_operator.pods import ANN_NEXT_MEMBER, Options
+from chaos_operator.pods import ANN_NEXT_MEMBER, Options, job_bucket_bytes
 from chaos_operator.reconcile import ObservedPod, PodEvent, PodPlan, reconcile, running_members
 from chaos_operator.scrape import (
     MemberMetrics,
@@ -174,6 +174,7 @@ def published_job(job: ChaosJob, pods: list[ObservedPod], plan: PodPlan) -> Publ
         replicas=job.spec.replicas,
         starting=max(0, int(plan.status.get("replicas", 0)) - len(members)),
         steps=plan.status.get("steps"),
+        bucket_bytes=job_bucket_bytes(job),
     )
 
 

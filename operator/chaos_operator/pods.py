@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from chaos_worker.config import TlsFiles, WorkerConfig
+from chaos_worker.config import BUCKET_BYTES, TlsFiles, WorkerConfig
 
 from chaos_operator.api import API_VERSION, ChaosJob
 from chaos_operator.api.template import CHECKPOINT_DIR, CONFIG_DIR, SNAPSHOT_DIR, TLS_DIR
@@ -97,6 +97,11 @@ class Options:
 def job_steps(job: ChaosJob, options: Options) -> int:
     """The job's length: `spec.steps`, else the operator's default."""
     return job.spec.steps if job.spec.steps is not None else options.steps
+
+
+def job_bucket_bytes(job: ChaosJob) -> int:
+    """The job's all-reduce bucket: `spec.bucketKiB`, else the workers' default."""
+    return job.spec.bucket_kib << 10 if job.spec.bucket_kib is not None else BUCKET_BYTES
 
 
 def job_meta(job: ChaosJob) -> tuple[str, str, str]:
@@ -222,7 +227,7 @@ def worker_config(
         "replicator_address": f"{address.rpartition(':')[0]}:{port + 2}",
     }
     if job.spec.bucket_kib is not None:
-        fields["bucket_bytes"] = job.spec.bucket_kib << 10
+        fields["bucket_bytes"] = job_bucket_bytes(job)
     if members:
         fields["members"] = dict(sorted(members.items()))
     elif standby:

@@ -66,6 +66,7 @@ from chaos_operator.pods import (
     checkpoint_claim,
     claim_name,
     headless_service,
+    job_bucket_bytes,
     job_meta,
     job_steps,
     member_address,
@@ -151,7 +152,7 @@ def reconcile(
     steps = job_steps(job, options)
     trained = step is not None and step >= steps - 1
     if federation is not None:  # parties that train another length are left out
-        federation = federation.agreeing(steps)
+        federation = federation.agreeing(steps, job_bucket_bytes(job))
     life = decide(
         job,
         previous,

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from chaos_operator.api import ChaosJob, ChaosPeer, podschema
 from chaos_operator.controller import apply_plan
+from chaos_operator.federation.protocol import SyncMessage
 from chaos_operator.federation.rules import FederationView, PublishedJob, RemoteParty, outgoing
 from chaos_operator.pods import ANN_CONFIG, ANN_NEXT_MEMBER, Options
 from chaos_operator.reconcile import ObservedPod, PodEvent, PodPlan, reconcile
@@ -390,6 +391,33 @@ def test_a_party_training_another_length_is_left_out_and_reported() -> None:
         assert condition(agreed, "FederationSynced")[0] == "True"
 
 
+def test_a_party_cutting_other_buckets_is_left_out_and_reported() -> None:
+    beta = RemoteParty("beta", {"beta.digits-w0": "10.0.0.9:7070"}, 1, True, bucket_bytes=1 << 20)
+    view = FederationView("alpha", remotes=(beta,), peers=1)
+    plan = reconcile(make_job(), [], now=NOW, federation=view)  # unset: 4 MiB
+    assert all("members" in json.loads(p["metadata"]["annotations"][ANN_CONFIG])
+               for p in plan.create)  # fmt: skip
+    assert condition(plan, "FederationSynced") == ("False", "BucketMismatch")
+    message = next(
+        c["message"] for c in plan.status["conditions"] if c["type"] == "FederationSynced"
+    )
+    assert "party beta reduces buckets of 1048576 bytes, this job 4194304" in message
+    # the same size, said as spec.bucketKiB or by default, or not said at all, agrees
+    for job, said in (
+        (make_job(bucketKiB=1024), 1 << 20),
+        (make_job(), 4 << 20),
+        (make_job(), None),
+    ):
+        same = replace(view, remotes=(replace(beta, bucket_bytes=said),))
+        agreed = reconcile(job, [], now=NOW, federation=same)
+        assert json.loads(agreed.create[0]["metadata"]["annotations"][ANN_CONFIG])["join"]
+        assert condition(agreed, "FederationSynced")[0] == "True"
+    # another length as well: the length is the reason named
+    both = replace(view, remotes=(replace(beta, steps=900),))
+    plan = reconcile(make_job(steps=1000), [], now=NOW, federation=both)
+    assert condition(plan, "FederationSynced") == ("False", "StepsMismatch")
+
+
 def test_the_job_length_is_published_to_peers() -> None:
     peer = ChaosPeer.model_validate(
         {
@@ -401,9 +429,14 @@ def test_the_job_length_is_published_to_peers() -> None:
             },
         }
     )
-    job = PublishedJob("ns", "digits", "mnist", {}, 2, steps=1000)
+    job = PublishedJob("ns", "digits", "mnist", {}, 2, steps=1000, bucket_bytes=1 << 20)
     (info,) = outgoing("alpha", peer, [job]).federations
-    assert info.steps == 1000
+    assert (info.steps, info.bucket_bytes) == (1000, 1 << 20)
+    encoded = outgoing("alpha", peer, [job]).encode()
+    assert b'"bucketBytes":1048576' in encoded
+    for bad in (b'"bucketBytes":512', b'"bucketBytes":"big"', b'"bucketBytes":2147483648'):
+        with pytest.raises(ValidationError):  # bounded before anything reads it
+            SyncMessage.decode(encoded.replace(b'"bucketBytes":1048576', bad))
 
 
 # ---------------------------------------------------------------------------- chaos run FILE

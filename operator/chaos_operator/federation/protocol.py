@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from chaos_worker.config import MAX_BUCKET_BYTES
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -96,6 +97,11 @@ class FederationInfo(_Message):
     steps: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = Field(
         None,
         description="The job's length (ChaosJob spec.steps); parties must agree. None: unsaid.",
+    )
+    bucket_bytes: Annotated[int, Field(ge=1024, le=MAX_BUCKET_BYTES)] | None = Field(
+        None,
+        description="The job's all-reduce bucket in bytes (ChaosJob spec.bucketKiB, else the "
+        "workers' default); parties must agree. None: unsaid.",
     )
 
 

@@ -16,7 +16,10 @@ or remove only its own workers:
 * `steps`: the length of the sender's job. Every party must train the same number of steps
   (the job ends at the same reduced step everywhere); a party that says another number is
   left out of the job's view (`FederationView.agreeing`): we neither join through it nor
-  wait for it, and `FederationSynced` is False with reason `StepsMismatch`.
+  wait for it, and `FederationSynced` is False with reason `StepsMismatch`;
+* `bucketBytes`: the size of the sender's all-reduce buckets. Workers refuse buckets cut
+  another way, so a party that says another size is left out in the same way, with reason
+  `BucketMismatch`.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class PublishedJob:
     """Members created (or being created) that do not run yet."""
     steps: int | None = None
     """The job's length (its `spec.steps`, else the operator's default)."""
+    bucket_bytes: int | None = None
+    """The job's all-reduce bucket (its `spec.bucketKiB`, else the workers' default)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class RemoteParty:
     starting: int = 0
     steps: int | None = None
     """The length of that party's job; None: it did not say (an older operator)."""
+    bucket_bytes: int | None = None
+    """The all-reduce bucket of that party's job; None: it did not say."""
 
     def admits(self, workers: int) -> bool:
         """Whether the party admits `workers` workers of ours (its decision, for its side)."""
@@ -104,20 +111,31 @@ class FederationView:
     ignored: tuple[str, ...] = ()
     """What remote parties sent that they may not decide (for the job's status)."""
     disagreeing: tuple[str, ...] = ()
-    """Parties left out because their job's length differs (`agreeing`)."""
+    """Parties left out because their job's length or buckets differ (`agreeing`)."""
+    mismatch: str = ""
+    """The reason they were left out for: `StepsMismatch` (if any trains another length),
+    else `BucketMismatch`."""
 
-    def agreeing(self, steps: int) -> FederationView:
-        """This view without the parties whose job trains another number of steps."""
-        off = [r for r in self.remotes if r.steps is not None and r.steps != steps]
-        if not off:
+    def agreeing(self, steps: int, bucket_bytes: int) -> FederationView:
+        """This view without the parties whose job trains another number of steps or cuts
+        its all-reduce into other buckets (what a party did not say is taken as agreed)."""
+        reasons: dict[str, str] = {}
+        for r in sorted(self.remotes, key=lambda r: r.party):
+            if r.steps is not None and r.steps != steps:
+                reasons[r.party] = f"party {r.party} trains {r.steps} steps, this job {steps}"
+            elif r.bucket_bytes is not None and r.bucket_bytes != bucket_bytes:
+                reasons[r.party] = (
+                    f"party {r.party} reduces buckets of {r.bucket_bytes} bytes, "
+                    f"this job {bucket_bytes}"
+                )
+        if not reasons:
             return self
+        length = any(r.steps is not None and r.steps != steps for r in self.remotes)
         return replace(
             self,
-            remotes=tuple(r for r in self.remotes if r not in off),
-            disagreeing=tuple(
-                f"party {r.party} trains {r.steps} steps, this job {steps}"
-                for r in sorted(off, key=lambda r: r.party)
-            ),
+            remotes=tuple(r for r in self.remotes if r.party not in reasons),
+            disagreeing=tuple(reasons.values()),
+            mismatch="StepsMismatch" if length else "BucketMismatch",
         )
 
     def seed(self, workers: int) -> tuple[RemoteParty, str, str] | None:
@@ -162,6 +180,7 @@ def outgoing(party: str, peer: ChaosPeer, jobs: Iterable[PublishedJob]) -> SyncM
     policy = peer.spec.policy
     merged: dict[str, tuple[dict[str, str], int, int]] = {}
     steps: dict[str, int | None] = {}
+    buckets: dict[str, int | None] = {}
     for job in sorted(jobs, key=lambda j: (j.namespace, j.name)):
         if job.namespace != peer.metadata.namespace:
             continue
@@ -169,6 +188,7 @@ def outgoing(party: str, peer: ChaosPeer, jobs: Iterable[PublishedJob]) -> SyncM
         members.update(job.members)
         merged[job.federation] = (members, replicas + job.replicas, starting + job.starting)
         steps.setdefault(job.federation, job.steps)
+        buckets.setdefault(job.federation, job.bucket_bytes)
     return SyncMessage(
         party=party,
         federations=[
@@ -180,6 +200,7 @@ def outgoing(party: str, peer: ChaosPeer, jobs: Iterable[PublishedJob]) -> SyncM
                 admitted=policy.may_contribute_workers,
                 max_workers=policy.max_workers,
                 steps=steps[name],
+                bucket_bytes=buckets[name],
             )
             for name, (members, replicas, starting) in sorted(merged.items())
         ],
@@ -244,6 +265,7 @@ def job_view(
             we_admit=peer.spec.policy.may_contribute_workers,
             starting=info.starting,
             steps=info.steps,
+            bucket_bytes=info.bucket_bytes,
         )
     return FederationView(
         party=party,
@@ -258,7 +280,7 @@ def job_view(
 def synced_condition(view: FederationView) -> tuple[str, str, str]:
     """(status, reason, message) of a job's `FederationSynced` condition."""
     if view.disagreeing:
-        return "False", "StepsMismatch", "; ".join(view.disagreeing) + " (left out)"
+        return "False", view.mismatch, "; ".join(view.disagreeing) + " (left out)"
     if view.unsynced:
         return "False", "PeersNotSynced", "no recent exchange with " + ", ".join(view.unsynced)
     if not view.peers:
