@@ -402,11 +402,12 @@ def test_a_party_cutting_other_buckets_is_left_out_and_reported() -> None:
         c["message"] for c in plan.status["conditions"] if c["type"] == "FederationSynced"
     )
     assert "party beta reduces buckets of 1048576 bytes, this job 4194304" in message
-    # the same size, said as spec.bucketKiB or by default, or not said at all, agrees
+    # the same size agrees, said or not (unsaid: the workers' default, 4 MiB)
     for job, said in (
         (make_job(bucketKiB=1024), 1 << 20),
         (make_job(), 4 << 20),
         (make_job(), None),
+        (make_job(bucketKiB=4096), None),
     ):
         same = replace(view, remotes=(replace(beta, bucket_bytes=said),))
         agreed = reconcile(job, [], now=NOW, federation=same)
@@ -416,6 +417,10 @@ def test_a_party_cutting_other_buckets_is_left_out_and_reported() -> None:
     both = replace(view, remotes=(replace(beta, steps=900),))
     plan = reconcile(make_job(steps=1000), [], now=NOW, federation=both)
     assert condition(plan, "FederationSynced") == ("False", "StepsMismatch")
+    # a party that says nothing (an operator older than the field) cuts 4 MiB buckets
+    silent = replace(view, remotes=(replace(beta, bucket_bytes=None),))
+    plan = reconcile(make_job(bucketKiB=1024), [], now=NOW, federation=silent)
+    assert condition(plan, "FederationSynced") == ("False", "BucketMismatch")
 
 
 def test_the_job_length_is_published_to_peers() -> None:
@@ -434,6 +439,9 @@ def test_the_job_length_is_published_to_peers() -> None:
     assert (info.steps, info.bucket_bytes) == (1000, 1 << 20)
     encoded = outgoing("alpha", peer, [job]).encode()
     assert b'"bucketBytes":1048576' in encoded
+    # the default is never said, so operators that know no such field still parse it
+    default = PublishedJob("ns", "digits", "mnist", {}, 2, steps=1000, bucket_bytes=4 << 20)
+    assert b"bucketBytes" not in outgoing("alpha", peer, [default]).encode()
     for bad in (b'"bucketBytes":512', b'"bucketBytes":"big"', b'"bucketBytes":2147483648'):
         with pytest.raises(ValidationError):  # bounded before anything reads it
             SyncMessage.decode(encoded.replace(b'"bucketBytes":1048576', bad))

@@ -100,8 +100,8 @@ class FederationInfo(_Message):
     )
     bucket_bytes: Annotated[int, Field(ge=1024, le=MAX_BUCKET_BYTES)] | None = Field(
         None,
-        description="The job's all-reduce bucket in bytes (ChaosJob spec.bucketKiB, else the "
-        "workers' default); parties must agree. None: unsaid.",
+        description="The job's all-reduce bucket in bytes (ChaosJob spec.bucketKiB); parties "
+        "must agree. None: the workers' default (4 MiB), which is never said.",
     )
 
 
@@ -128,7 +128,9 @@ class SyncMessage(_Message):
         return next((f for f in self.federations if f.name == name), None)
 
     def encode(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode()
+        """JSON in camelCase, fields that are None left out: an operator that predates an
+        optional field still parses what we send while that field is unset."""
+        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> SyncMessage:

@@ -17,8 +17,10 @@ or remove only its own workers:
   (the job ends at the same reduced step everywhere); a party that says another number is
   left out of the job's view (`FederationView.agreeing`): we neither join through it nor
   wait for it, and `FederationSynced` is False with reason `StepsMismatch`;
-* `bucketBytes`: the size of the sender's all-reduce buckets. Workers refuse buckets cut
-  another way, so a party that says another size is left out in the same way, with reason
+* `bucketBytes`: the size of the sender's all-reduce buckets, said only when it is not the
+  workers' default (so operators that know no such field still parse the message, and
+  their silence means the default their workers use). Workers refuse buckets cut another
+  way, so a party whose size differs is left out in the same way, with reason
   `BucketMismatch`.
 """
 
@@ -28,6 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
+
+from chaos_worker.config import BUCKET_BYTES
 
 from chaos_operator.api import ChaosPeer
 from chaos_operator.api.conditions import set_condition
@@ -81,7 +85,7 @@ class RemoteParty:
     steps: int | None = None
     """The length of that party's job; None: it did not say (an older operator)."""
     bucket_bytes: int | None = None
-    """The all-reduce bucket of that party's job; None: it did not say."""
+    """The all-reduce bucket of that party's job; None: it did not say, so the default."""
 
     def admits(self, workers: int) -> bool:
         """Whether the party admits `workers` workers of ours (its decision, for its side)."""
@@ -118,15 +122,16 @@ class FederationView:
 
     def agreeing(self, steps: int, bucket_bytes: int) -> FederationView:
         """This view without the parties whose job trains another number of steps or cuts
-        its all-reduce into other buckets (what a party did not say is taken as agreed)."""
+        its all-reduce into other buckets (a length unsaid is taken as agreed, a bucket
+        unsaid as the workers' default)."""
         reasons: dict[str, str] = {}
         for r in sorted(self.remotes, key=lambda r: r.party):
+            theirs = r.bucket_bytes or BUCKET_BYTES
             if r.steps is not None and r.steps != steps:
                 reasons[r.party] = f"party {r.party} trains {r.steps} steps, this job {steps}"
-            elif r.bucket_bytes is not None and r.bucket_bytes != bucket_bytes:
+            elif theirs != bucket_bytes:
                 reasons[r.party] = (
-                    f"party {r.party} reduces buckets of {r.bucket_bytes} bytes, "
-                    f"this job {bucket_bytes}"
+                    f"party {r.party} reduces buckets of {theirs} bytes, this job {bucket_bytes}"
                 )
         if not reasons:
             return self
@@ -200,7 +205,7 @@ def outgoing(party: str, peer: ChaosPeer, jobs: Iterable[PublishedJob]) -> SyncM
                 admitted=policy.may_contribute_workers,
                 max_workers=policy.max_workers,
                 steps=steps[name],
-                bucket_bytes=buckets[name],
+                bucket_bytes=None if buckets[name] == BUCKET_BYTES else buckets[name],
             )
             for name, (members, replicas, starting) in sorted(merged.items())
         ],
