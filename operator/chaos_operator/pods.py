@@ -228,6 +228,8 @@ def worker_config(
     }
     if job.spec.bucket_kib is not None:
         fields["bucket_bytes"] = job_bucket_bytes(job)
+    if job.spec.micro_batch is not None:
+        fields["micro_batch"] = job.spec.micro_batch
     if members:
         fields["members"] = dict(sorted(members.items()))
     elif standby:

@@ -18,7 +18,7 @@ from chaos_cli.commands.run import options_from
 from chaos_cli.local.churn import parse_churn
 from chaos_cli.local.launcher import KEEP_RUN_DIR, JobOptions, LocalRun
 from chaos_cli.main import build_parser
-from chaos_worker.config import BUCKET_BYTES
+from chaos_worker.config import BUCKET_BYTES, WorkerConfig
 from chaos_worker.examples import EXAMPLES
 
 pytestmark = pytest.mark.cluster
@@ -132,8 +132,9 @@ def test_buckets_released_during_backward_keep_the_losses_through_churn(baseline
         dtype="float64",
         churn=parse_churn(f"{CHURN},join@40", 5),
         bucket_bytes=4096,  # what `chaos run --bucket-mb 0.00390625` sets
+        micro_batch=5,  # `--micro-batch 5`
     )
-    churned = asyncio.run(_Settings(options, micro_batch=5).run()).model_dump()
+    churned = asyncio.run(LocalRun(options).run()).model_dump()
     assert churned["problems"] == []
     assert [s for s, _ in churned["loss_curve"]] == list(range(80)), "a step was lost"
     assert_same_losses(churned["loss_curve"], baseline["loss_curve"])
@@ -142,13 +143,15 @@ def test_buckets_released_during_backward_keep_the_losses_through_churn(baseline
     ]  # fmt: skip
 
 
-def test_the_bucket_option_reaches_every_worker_config() -> None:
-    def bucket(**options) -> int:
+def test_the_bucket_and_micro_batch_options_reach_every_worker_config() -> None:
+    def config(**options) -> WorkerConfig:
         run = LocalRun(JobOptions(entry=EXAMPLES["digits"], tls=False, **options))
-        return run.worker_config("w0", listen="127.0.0.1:1", members={"w0": "x:1"}).bucket_bytes
+        return run.worker_config("w0", listen="127.0.0.1:1", members={"w0": "x:1"})
 
-    assert bucket(bucket_bytes=4096) == 4096
-    assert bucket() == BUCKET_BYTES
+    chosen = config(bucket_bytes=4096, micro_batch=8)
+    assert (chosen.bucket_bytes, chosen.micro_batch) == (4096, 8)
+    default = config()
+    assert (default.bucket_bytes, default.micro_batch) == (BUCKET_BYTES, 64)
 
 
 def live_digests(report: dict) -> dict[str, str]:
@@ -347,6 +350,8 @@ def test_silent_crash_is_found_by_heartbeat_timeout(baseline, tmp_path):
         (["--failure-timeout", "inf"], "finite"),
         (["--bucket-mb", "0"], "argument --bucket-mb: must be 1/1024 (1 KiB) to 1024 MiB, got 0"),
         (["--bucket-mb", "four"], "argument --bucket-mb: expected MiB such as 4 or 0.5"),
+        (["--micro-batch", "0"], "argument --micro-batch: must be >= 1, got 0"),
+        (["--micro-batch", str(1 << 30)], "--micro-batch must lie in 1..16777216"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_nothing(args, needle, tmp_path):

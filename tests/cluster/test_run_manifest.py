@@ -104,6 +104,8 @@ def _manifest(tmp_path: Path, old: str, new: str) -> str:
         (("s: 3\n  minReplicas: 1\n  maxReplicas: 5", "s: 99\n  maxReplicas: 99"), [], "1..64"),
         (("seed: 0", "seed: 0\n  bucketKiB: 0"), [], "spec.bucketKiB"),
         (("seed: 0", "seed: 0\n  bucketKiB: 64"), ["--bucket-mb", "1"], "sets spec.bucketKiB"),
+        (("seed: 0", "seed: 0\n  microBatch: 0"), [], "spec.microBatch"),
+        (("seed: 0", "seed: 0\n  microBatch: 8"), ["--micro-batch", "4"], "sets spec.microBatch"),
         (None, ["--workers", "3"], "--workers"),
         (None, ["--churn", "join@2,join@3,join@4"], "maxReplicas"),
         (None, ["--churn", "join:w7@2"], "join@2"),
@@ -123,12 +125,14 @@ def test_a_bad_manifest_is_one_line_and_starts_nothing(tmp_path, edit, args, nee
     assert not list(tmp_path.glob("chaos-run-*")), "the run directory was left behind"
 
 
-def test_the_manifests_bucket_reaches_the_run(tmp_path):
-    path = _manifest(tmp_path, "seed: 0", "seed: 0\n  bucketKiB: 256")
-    args = build_parser().parse_args(["run", path])
-    assert options_from(args, load_manifest(path)).bucket_bytes == 256 * 1024
-    args = build_parser().parse_args(["run", str(MANIFEST), "--bucket-mb", "0.5"])
-    assert options_from(args, load_manifest(str(MANIFEST))).bucket_bytes == 512 * 1024
+def test_the_manifests_bucket_and_micro_batch_reach_the_run(tmp_path):
+    path = _manifest(tmp_path, "seed: 0", "seed: 0\n  bucketKiB: 256\n  microBatch: 8")
+    options = options_from(build_parser().parse_args(["run", path]), load_manifest(path))
+    assert (options.bucket_bytes, options.micro_batch) == (256 * 1024, 8)
+    # a manifest that sets neither leaves them to the flags
+    flags = ["run", str(MANIFEST), "--bucket-mb", "0.5", "--micro-batch", "4"]
+    options = options_from(build_parser().parse_args(flags), load_manifest(str(MANIFEST)))
+    assert (options.bucket_bytes, options.micro_batch) == (512 * 1024, 4)
 
 
 def test_a_missing_manifest_is_one_line(tmp_path):

@@ -123,6 +123,7 @@ INVALID_JOBS = [
     pytest.param({"replica": 2}, "spec.replica", "unknown field", id="unknown-field"),
     pytest.param({"spares": 17}, "spec.spares", "less than or equal to 16", id="spares-17"),
     pytest.param({"bucketKiB": 0}, "spec.bucketKiB", "greater than or equal to 1", id="bucket-0"),
+    pytest.param({"microBatch": 0}, "spec.microBatch", "greater than or equal to 1", id="micro-0"),
 ]
 
 

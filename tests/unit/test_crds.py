@@ -167,6 +167,7 @@ def test_valid_job_round_trips_with_defaults() -> None:
         ({"replica": 2}, "spec.replica", "not a known field"),
         ({"bucketKiB": 0}, "spec.bucketKiB", "greater than or equal to 1"),
         ({"bucketKiB": 2**20 + 1}, "spec.bucketKiB", "less than or equal to 1048576"),
+        ({"microBatch": 0}, "spec.microBatch", "greater than or equal to 1"),
     ],
 )
 def test_invalid_job_is_rejected_naming_the_field(spec, field: str, words: str) -> None:

@@ -103,14 +103,14 @@ def test_spec_steps_reach_the_workers_and_the_status() -> None:
     assert json.loads(default.create[0]["metadata"]["annotations"][ANN_CONFIG])["steps"] == 77
 
 
-def test_spec_bucket_kib_reaches_every_worker_config_in_bytes() -> None:
-    def buckets(job: ChaosJob) -> set[int | None]:
+def test_spec_bucket_and_micro_batch_reach_every_worker_config() -> None:
+    def chosen(job: ChaosJob) -> set[tuple[int | None, int | None]]:
         plan = reconcile(job, [], now=NOW)
         configs = [json.loads(p["metadata"]["annotations"][ANN_CONFIG]) for p in plan.create]
-        return {c.get("bucket_bytes") for c in configs}
+        return {(c.get("bucket_bytes"), c.get("micro_batch")) for c in configs}
 
-    assert buckets(make_job(bucketKiB=256)) == {256 * 1024}
-    assert buckets(make_job()) == {None}  # unset: the worker's default (4 MiB)
+    assert chosen(make_job(bucketKiB=256, microBatch=8)) == {(256 * 1024, 8)}
+    assert chosen(make_job()) == {(None, None)}  # unset: the worker's defaults
 
 
 def test_the_last_step_reduced_and_the_members_ended_is_success_for_good() -> None:

@@ -30,6 +30,7 @@ MAX_SEED = 2**53 - 1
 included) holds exactly; torch seeds with 64 bits."""
 BUCKET_BYTES = 4 << 20
 MAX_BUCKET_BYTES = 1 << 30
+MAX_MICRO_BATCH = 1 << 24
 MAX_STATE_BYTES = 16 << 30
 
 
@@ -163,7 +164,14 @@ class WorkerConfig(BaseModel):
     steps: PositiveInt = 100
     dtype: Literal["float32", "float64"] = "float32"
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    micro_batch: PositiveInt = 64
+    micro_batch: int = Field(
+        64,
+        ge=1,
+        le=MAX_MICRO_BATCH,
+        description="most samples one forward and backward pass takes; a member's share of a "
+        "step is cut into micro-batches of this size and their gradients summed (memory only: "
+        "the step's gradient is the same)",
+    )
     heartbeat_interval_s: PositiveFloat = 0.1
     failure_timeout_s: PositiveFloat = 1.0
     bucket_bytes: int = Field(

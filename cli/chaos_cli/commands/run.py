@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from chaos_cli.argtypes import mebibytes
+from chaos_cli.argtypes import mebibytes, positive_int
 from chaos_cli.errors import RunFailed, UserError
 
 DEFAULT_EXAMPLE = "digits"
@@ -142,6 +142,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "start sending while backward still runs, larger ones cost fewer messages",
     )
     parser.add_argument(
+        "--micro-batch",
+        type=positive_int,
+        metavar="N",
+        help="most samples a worker puts through one forward and backward pass; its share of "
+        "a step is cut into micro-batches of N (memory only; default 64)",
+    )
+    parser.add_argument(
         "--insecure",
         action="store_true",
         help="plaintext worker links that anyone may connect to (default: mutual TLS 1.3, "
@@ -177,12 +184,19 @@ MANIFEST_SETS = {
 }
 
 
+MANIFEST_MAY_SET = {
+    "bucket_bytes": ("--bucket-mb", "spec.bucketKiB"),
+    "micro_batch": ("--micro-batch", "spec.microBatch"),
+}
+"""Options a manifest may set; the flag is refused beside a manifest that does."""
+
+
 def options_from(args: argparse.Namespace, job=None):
     """Validate the command line (and the manifest's job) into launcher options.
 
     UserError on bad input.
     """
-    from chaos_worker.config import MAX_SEED
+    from chaos_worker.config import MAX_MICRO_BATCH, MAX_SEED
     from chaos_worker.examples import EXAMPLES
 
     from chaos_cli.local.churn import ChurnError, default_churn, parse_churn
@@ -196,10 +210,11 @@ def options_from(args: argparse.Namespace, job=None):
 
         fixed = run_options(job)
         args.steps = fixed.get("steps", args.steps)  # spec.steps, when the manifest says
-        if "bucket_bytes" in fixed:
-            if args.bucket_bytes is not None:
-                raise UserError("--bucket-mb does not go with a manifest that sets spec.bucketKiB")
-            args.bucket_bytes = fixed["bucket_bytes"]
+        for dest, (flag, field) in MANIFEST_MAY_SET.items():
+            if dest in fixed:
+                if getattr(args, dest) is not None:
+                    raise UserError(f"{flag} does not go with a manifest that sets {field}")
+                setattr(args, dest, fixed[dest])
         entry = fixed["entry"]
         example = next((k for k, v in EXAMPLES.items() if v == entry), entry)
     else:
@@ -210,6 +225,8 @@ def options_from(args: argparse.Namespace, job=None):
         }
         example = args.entry or args.example or DEFAULT_EXAMPLE
         entry = args.entry or EXAMPLES.get(example)
+    if args.micro_batch is not None and args.micro_batch > MAX_MICRO_BATCH:
+        raise UserError(f"--micro-batch must lie in 1..{MAX_MICRO_BATCH} (2**24)")
     workers = fixed["workers"]
     if not 1 <= workers <= MAX_WORKERS:
         raise UserError(f"--workers must lie in 1..{MAX_WORKERS}")
@@ -308,6 +325,7 @@ def options_from(args: argparse.Namespace, job=None):
         tls=not args.insecure,
         spares=args.spares,
         bucket_bytes=args.bucket_bytes,
+        micro_batch=args.micro_batch,
         **durable,
     )
 

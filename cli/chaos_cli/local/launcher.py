@@ -90,6 +90,7 @@ class JobOptions:
     start_step: int = 0  # its step
     spares: int | None = None  # warm spares kept (None: every joiner of the schedule)
     bucket_bytes: int | None = None  # all-reduce bucket (None: the worker's default)
+    micro_batch: int | None = None  # samples per forward/backward (None: the worker's default)
 
     def worker_names(self) -> list[str]:
         return worker_names(self.workers, self.churn)
@@ -272,6 +273,8 @@ class LocalRun:
         )
         if self.opts.bucket_bytes is not None:
             values["bucket_bytes"] = self.opts.bucket_bytes
+        if self.opts.micro_batch is not None:
+            values["micro_batch"] = self.opts.micro_batch
         values.update(fields)
         if self.opts.tls and values.get("tls") is None:
             values["tls"] = self._certificate(name)

@@ -460,4 +460,5 @@ def run_options(job: ChaosJob) -> dict[str, Any]:
         "seed": job.spec.seed,
         **({"steps": job.spec.steps} if job.spec.steps is not None else {}),
         **({"bucket_bytes": job.spec.bucket_kib << 10} if job.spec.bucket_kib else {}),
+        **({"micro_batch": job.spec.micro_batch} if job.spec.micro_batch else {}),
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from chaos_worker.config import MAX_BUCKET_BYTES, MAX_SEED
+from chaos_worker.config import MAX_BUCKET_BYTES, MAX_MICRO_BATCH, MAX_SEED
 from pydantic import ConfigDict, Field, model_validator
 
 from chaos_operator.api.durable import CheckpointPolicy, CheckpointRef, ResumeStatus
@@ -180,6 +180,17 @@ class ChaosJobSpec(ApiModel):
             "must give the same value: buckets cut another way are refused. Immutable."
         ),
         json_schema_extra=immutable("bucketKiB"),
+    )
+    micro_batch: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_MICRO_BATCH,
+        description=(
+            "Most samples a worker of this party puts through one forward and backward pass: "
+            "its share of a step is cut into micro-batches of this size and their gradients "
+            "summed, which bounds its memory and leaves the step's gradient as it is. Unset: "
+            "64. Each party may choose its own; it applies to workers created after a change."
+        ),
     )
     replicas: int = Field(
         1,
