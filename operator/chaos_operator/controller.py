@@ -37,9 +37,9 @@ from kubernetes.client.exceptions import ApiException
 
 from chaos_operator.api import ChaosJob
 from chaos_operator.autoscaler import Autoscaler
-from chaos_operator.federation.rules import FederationView, PublishedJob
+from chaos_operator.federation.rules import FederationView, PublishedJob, job_terms
 from chaos_operator.metrics import OperatorMetrics
-from chaos_operator.pods import ANN_NEXT_MEMBER, Options, job_bucket_bytes
+from chaos_operator.pods import ANN_NEXT_MEMBER, Options
 from chaos_operator.reconcile import ObservedPod, PodEvent, PodPlan, reconcile, running_members
 from chaos_operator.scrape import (
     MemberMetrics,
@@ -173,8 +173,7 @@ def published_job(job: ChaosJob, pods: list[ObservedPod], plan: PodPlan) -> Publ
         members=members,
         replicas=job.spec.replicas,
         starting=max(0, int(plan.status.get("replicas", 0)) - len(members)),
-        steps=plan.status.get("steps"),
-        bucket_bytes=job_bucket_bytes(job),
+        terms=job_terms(job, plan.status.get("steps")),
     )
 
 

@@ -57,7 +57,7 @@ from typing import Any
 from chaos_operator.api import ChaosJob
 from chaos_operator.api.conditions import set_condition
 from chaos_operator.durable import DurableReading, durable_status
-from chaos_operator.federation.rules import FederationView, synced_condition
+from chaos_operator.federation.rules import FederationView, job_terms, synced_condition
 from chaos_operator.lifecycle import Lifecycle, decide
 from chaos_operator.observed import ObservedPod, PodEvent
 from chaos_operator.pods import (
@@ -66,7 +66,6 @@ from chaos_operator.pods import (
     checkpoint_claim,
     claim_name,
     headless_service,
-    job_bucket_bytes,
     job_meta,
     job_steps,
     member_address,
@@ -152,7 +151,7 @@ def reconcile(
     steps = job_steps(job, options)
     trained = step is not None and step >= steps - 1
     if federation is not None:  # parties that train another length are left out
-        federation = federation.agreeing(steps, job_bucket_bytes(job))
+        federation = federation.agreeing(job_terms(job, steps))
     life = decide(
         job,
         previous,

@@ -14,7 +14,13 @@ import yaml
 from chaos_operator.api import ChaosJob, ChaosPeer, podschema
 from chaos_operator.controller import apply_plan
 from chaos_operator.federation.protocol import SyncMessage
-from chaos_operator.federation.rules import FederationView, PublishedJob, RemoteParty, outgoing
+from chaos_operator.federation.rules import (
+    FederationView,
+    JobTerms,
+    PublishedJob,
+    RemoteParty,
+    outgoing,
+)
 from chaos_operator.pods import ANN_CONFIG, ANN_NEXT_MEMBER, Options
 from chaos_operator.reconcile import ObservedPod, PodEvent, PodPlan, reconcile
 from pydantic import ValidationError
@@ -375,7 +381,9 @@ def test_the_pod_schema_types_quantities_and_int_or_string() -> None:
 
 
 def test_a_party_training_another_length_is_left_out_and_reported() -> None:
-    remote = RemoteParty("beta", {"beta.digits-w0": "10.0.0.9:7070"}, 1, True, steps=900)
+    remote = RemoteParty(
+        "beta", {"beta.digits-w0": "10.0.0.9:7070"}, 1, True, terms=JobTerms(steps=900)
+    )
     view = FederationView("alpha", remotes=(remote,), peers=1)
     plan = reconcile(make_job(steps=1000), [], now=NOW, federation=view)
     configs = [json.loads(p["metadata"]["annotations"][ANN_CONFIG]) for p in plan.create]
@@ -383,7 +391,7 @@ def test_a_party_training_another_length_is_left_out_and_reported() -> None:
     assert condition(plan, "FederationSynced") == ("False", "StepsMismatch")
     # the same length (or none said, an older operator) is a party like any other
     for steps in (1000, None):
-        same = replace(remote, steps=steps)
+        same = replace(remote, terms=JobTerms(steps=steps))
         agreed = reconcile(
             make_job(steps=1000), [], now=NOW, federation=replace(view, remotes=(same,))
         )
@@ -392,7 +400,9 @@ def test_a_party_training_another_length_is_left_out_and_reported() -> None:
 
 
 def test_a_party_cutting_other_buckets_is_left_out_and_reported() -> None:
-    beta = RemoteParty("beta", {"beta.digits-w0": "10.0.0.9:7070"}, 1, True, bucket_bytes=1 << 20)
+    beta = RemoteParty(
+        "beta", {"beta.digits-w0": "10.0.0.9:7070"}, 1, True, terms=JobTerms(bucket_bytes=1 << 20)
+    )
     view = FederationView("alpha", remotes=(beta,), peers=1)
     plan = reconcile(make_job(), [], now=NOW, federation=view)  # unset: 4 MiB
     assert all("members" in json.loads(p["metadata"]["annotations"][ANN_CONFIG])
@@ -409,18 +419,48 @@ def test_a_party_cutting_other_buckets_is_left_out_and_reported() -> None:
         (make_job(), None),
         (make_job(bucketKiB=4096), None),
     ):
-        same = replace(view, remotes=(replace(beta, bucket_bytes=said),))
+        same = replace(view, remotes=(replace(beta, terms=JobTerms(bucket_bytes=said)),))
         agreed = reconcile(job, [], now=NOW, federation=same)
         assert json.loads(agreed.create[0]["metadata"]["annotations"][ANN_CONFIG])["join"]
         assert condition(agreed, "FederationSynced")[0] == "True"
     # another length as well: the length is the reason named
-    both = replace(view, remotes=(replace(beta, steps=900),))
+    both = replace(view, remotes=(replace(beta, terms=replace(beta.terms, steps=900)),))
     plan = reconcile(make_job(steps=1000), [], now=NOW, federation=both)
     assert condition(plan, "FederationSynced") == ("False", "StepsMismatch")
     # a party that says nothing (an operator older than the field) cuts 4 MiB buckets
-    silent = replace(view, remotes=(replace(beta, bucket_bytes=None),))
+    silent = replace(view, remotes=(replace(beta, terms=JobTerms()),))
     plan = reconcile(make_job(bucketKiB=1024), [], now=NOW, federation=silent)
     assert condition(plan, "FederationSynced") == ("False", "BucketMismatch")
+
+
+@pytest.mark.parametrize(
+    ("said", "reason", "words"),
+    [
+        ({"entry": "other.model:f"}, "EntryMismatch", "party beta trains other.model:f, this job "),
+        ({"global_batch": 64}, "GlobalBatchMismatch", "has a global batch of 64, this job 32"),
+        ({"seed": 7}, "SeedMismatch", "party beta has seed 7, this job 0"),
+        ({"seed": 7, "global_batch": 64}, "GlobalBatchMismatch", "; party beta has seed 7"),
+    ],
+)  # fmt: skip
+def test_a_party_training_something_else_is_left_out_naming_it(said, reason, words) -> None:
+    """Another model, batch or seed would make every member compute another step: the
+    totals would be wrong without a word, so such a party is never joined through."""
+    beta = RemoteParty("beta", {"beta.digits-w0": "10.0.0.9:7070"}, 1, True, terms=JobTerms(**said))
+    view = FederationView("alpha", remotes=(beta,), peers=1)
+    plan = reconcile(make_job(), [], now=NOW, federation=view)
+    assert all("members" in json.loads(p["metadata"]["annotations"][ANN_CONFIG])
+               for p in plan.create)  # fmt: skip
+    assert condition(plan, "FederationSynced") == ("False", reason)
+    message = next(
+        c["message"] for c in plan.status["conditions"] if c["type"] == "FederationSynced"
+    )
+    assert words in message
+    # the same terms, all said, agree
+    ours = JobTerms(10**9, "chaos_worker.examples.digits:factory", 32, 0, 4 << 20)
+    agreed = reconcile(
+        make_job(), [], now=NOW, federation=replace(view, remotes=(replace(beta, terms=ours),))
+    )
+    assert condition(agreed, "FederationSynced")[0] == "True"
 
 
 def test_the_job_length_is_published_to_peers() -> None:
@@ -434,13 +474,16 @@ def test_the_job_length_is_published_to_peers() -> None:
             },
         }
     )
-    job = PublishedJob("ns", "digits", "mnist", {}, 2, steps=1000, bucket_bytes=1 << 20)
+    job = PublishedJob("ns", "digits", "mnist", {}, 2, terms=JobTerms(1000, bucket_bytes=1 << 20))
     (info,) = outgoing("alpha", peer, [job]).federations
     assert (info.steps, info.bucket_bytes) == (1000, 1 << 20)
+    assert JobTerms.heard(info) == job.terms  # what a peer makes of it
     encoded = outgoing("alpha", peer, [job]).encode()
     assert b'"bucketBytes":1048576' in encoded
     # the default is never said, so operators that know no such field still parse it
-    default = PublishedJob("ns", "digits", "mnist", {}, 2, steps=1000, bucket_bytes=4 << 20)
+    default = PublishedJob(
+        "ns", "digits", "mnist", {}, 2, terms=JobTerms(1000, bucket_bytes=4 << 20)
+    )
     assert b"bucketBytes" not in outgoing("alpha", peer, [default]).encode()
     for bad in (b'"bucketBytes":512', b'"bucketBytes":"big"', b'"bucketBytes":2147483648'):
         with pytest.raises(ValidationError):  # bounded before anything reads it

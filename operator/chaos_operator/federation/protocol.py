@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from chaos_worker.config import MAX_BUCKET_BYTES
+from chaos_worker.config import MAX_BUCKET_BYTES, MAX_SEED
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from chaos_operator.api.chaosjob import NAME_PATTERN
+from chaos_operator.api.chaosjob import ENTRY_PATTERN, NAME_PATTERN
 
 VERSION = 1
 SYNC_PATH = "/v1/sync"
@@ -97,6 +97,15 @@ class FederationInfo(_Message):
     steps: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = Field(
         None,
         description="The job's length (ChaosJob spec.steps); parties must agree. None: unsaid.",
+    )
+    entry: Annotated[str, Field(max_length=512, pattern=ENTRY_PATTERN)] | None = Field(
+        None, description="What the job trains (ChaosJob spec.entry); parties must agree."
+    )
+    global_batch: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = Field(
+        None, description="The job's global batch (ChaosJob spec.globalBatch); parties must agree."
+    )
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
+        None, description="The job's seed (ChaosJob spec.seed); parties must agree."
     )
     bucket_bytes: Annotated[int, Field(ge=1024, le=MAX_BUCKET_BYTES)] | None = Field(
         None,

@@ -13,34 +13,89 @@ or remove only its own workers:
   `spec.replicas` alone decides our pods;
 * `replicas`, `starting`: the sender's own plans; they can make our new job wait for its
   initial set, and the reconcile bounds that wait;
-* `steps`: the length of the sender's job. Every party must train the same number of steps
-  (the job ends at the same reduced step everywhere); a party that says another number is
-  left out of the job's view (`FederationView.agreeing`): we neither join through it nor
-  wait for it, and `FederationSynced` is False with reason `StepsMismatch`;
-* `bucketBytes`: the size of the sender's all-reduce buckets, said only when it is not the
-  workers' default (so operators that know no such field still parse the message, and
-  their silence means the default their workers use). Workers refuse buckets cut another
-  way, so a party whose size differs is left out in the same way, with reason
-  `BucketMismatch`.
+* the terms of the sender's job (`JobTerms`: `steps`, `entry`, `globalBatch`, `seed`,
+  `bucketBytes`). Every party must give the same: the job ends at the same reduced step
+  everywhere, every member computes the same model on the same sample order, and workers
+  refuse buckets cut another way. A party whose terms differ from ours is left out of the
+  job's view (`FederationView.agreeing`): we neither join through it nor wait for it, and
+  `FederationSynced` is False with a reason naming the first difference (`StepsMismatch`,
+  `EntryMismatch`, `GlobalBatchMismatch`, `SeedMismatch`, `BucketMismatch`). A term not
+  said (an older operator) is taken as agreed; the bucket is said only when it is not the
+  workers' default, so operators that predate it still parse the message, and its silence
+  means that default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
 from chaos_worker.config import BUCKET_BYTES
 
-from chaos_operator.api import ChaosPeer
+from chaos_operator.api import ChaosJob, ChaosPeer
 from chaos_operator.api.conditions import set_condition
 from chaos_operator.federation.protocol import FederationInfo, SyncMessage
+from chaos_operator.pods import job_bucket_bytes
 
 #: Reasons of a `Federated` condition that is False because trust failed (not the network).
 TRUST_FAILURES = frozenset(
     {"FingerprintMismatch", "CertificateInvalid", "Rejected", "PartyMismatch", "HandshakeFailed"}
 )
+
+
+@dataclass(frozen=True)
+class JobTerms:
+    """What every party of a federation must give the same: its length, what it trains and
+    how its workers reduce. None: not said (an older operator; a bucket said only when it
+    is not the workers' default)."""
+
+    steps: int | None = None
+    entry: str | None = None
+    global_batch: int | None = None
+    seed: int | None = None
+    bucket_bytes: int | None = None
+
+    def said(self) -> dict[str, Any]:
+        """These terms as `FederationInfo` fields: the bucket only when it is not the
+        workers' default, so operators that predate the field still parse the message."""
+        said = asdict(self)
+        if said["bucket_bytes"] == BUCKET_BYTES:
+            said["bucket_bytes"] = None
+        return said
+
+    @classmethod
+    def heard(cls, info: FederationInfo) -> JobTerms:
+        """The terms another party said in `info`."""
+        return cls(**{f.name: getattr(info, f.name) for f in fields(cls)})
+
+    def differences(self, ours: JobTerms, party: str) -> list[tuple[str, str]]:
+        """(condition reason, message) for each of these terms, said by `party`, that is not
+        `ours` (all said); the most telling first."""
+        theirs = replace(self, bucket_bytes=self.bucket_bytes or BUCKET_BYTES)
+        found = []
+        for name, reason, what in _TERMS:
+            said, mine = getattr(theirs, name), getattr(ours, name)
+            if said is not None and said != mine:
+                found.append((reason, f"party {party} {what.format(said)}, this job {mine}"))
+        return found
+
+
+def job_terms(job: ChaosJob, steps: int | None) -> JobTerms:
+    """The terms of our `job`, which trains `steps` steps (`job_steps`)."""
+    spec = job.spec
+    return JobTerms(steps, spec.entry, spec.global_batch, spec.seed, job_bucket_bytes(job))
+
+
+_TERMS = (
+    ("steps", "StepsMismatch", "trains {} steps"),
+    ("entry", "EntryMismatch", "trains {}"),
+    ("global_batch", "GlobalBatchMismatch", "has a global batch of {}"),
+    ("seed", "SeedMismatch", "has seed {}"),
+    ("bucket_bytes", "BucketMismatch", "reduces buckets of {} bytes"),
+)
+"""(field, reason, wording) of every term, in the order a condition names them."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +110,8 @@ class PublishedJob:
     replicas: int
     starting: int = 0
     """Members created (or being created) that do not run yet."""
-    steps: int | None = None
-    """The job's length (its `spec.steps`, else the operator's default)."""
-    bucket_bytes: int | None = None
-    """The job's all-reduce bucket (its `spec.bucketKiB`, else the workers' default)."""
+    terms: JobTerms = JobTerms()
+    """What the other parties' jobs must agree with (`job_terms`)."""
 
 
 @dataclass(frozen=True)
@@ -82,10 +135,8 @@ class RemoteParty:
     max_workers: int | None = None
     we_admit: bool = True
     starting: int = 0
-    steps: int | None = None
-    """The length of that party's job; None: it did not say (an older operator)."""
-    bucket_bytes: int | None = None
-    """The all-reduce bucket of that party's job; None: it did not say, so the default."""
+    terms: JobTerms = JobTerms()
+    """What that party said of its job's terms."""
 
     def admits(self, workers: int) -> bool:
         """Whether the party admits `workers` workers of ours (its decision, for its side)."""
@@ -115,32 +166,23 @@ class FederationView:
     ignored: tuple[str, ...] = ()
     """What remote parties sent that they may not decide (for the job's status)."""
     disagreeing: tuple[str, ...] = ()
-    """Parties left out because their job's length or buckets differ (`agreeing`)."""
+    """Why parties were left out: their job's terms differ from ours (`agreeing`)."""
     mismatch: str = ""
-    """The reason they were left out for: `StepsMismatch` (if any trains another length),
-    else `BucketMismatch`."""
+    """The condition reason of the most telling difference (`_TERMS`' order)."""
 
-    def agreeing(self, steps: int, bucket_bytes: int) -> FederationView:
-        """This view without the parties whose job trains another number of steps or cuts
-        its all-reduce into other buckets (a length unsaid is taken as agreed, a bucket
-        unsaid as the workers' default)."""
-        reasons: dict[str, str] = {}
-        for r in sorted(self.remotes, key=lambda r: r.party):
-            theirs = r.bucket_bytes or BUCKET_BYTES
-            if r.steps is not None and r.steps != steps:
-                reasons[r.party] = f"party {r.party} trains {r.steps} steps, this job {steps}"
-            elif theirs != bucket_bytes:
-                reasons[r.party] = (
-                    f"party {r.party} reduces buckets of {theirs} bytes, this job {bucket_bytes}"
-                )
-        if not reasons:
+    def agreeing(self, ours: JobTerms) -> FederationView:
+        """This view without the parties whose job's terms differ from `ours`."""
+        found = {r.party: r.terms.differences(ours, r.party) for r in self.remotes}
+        found = {party: diffs for party, diffs in sorted(found.items()) if diffs}
+        if not found:
             return self
-        length = any(r.steps is not None and r.steps != steps for r in self.remotes)
+        order = [reason for _, reason, _ in _TERMS]
+        reasons = {reason for diffs in found.values() for reason, _ in diffs}
         return replace(
             self,
-            remotes=tuple(r for r in self.remotes if r.party not in reasons),
-            disagreeing=tuple(reasons.values()),
-            mismatch="StepsMismatch" if length else "BucketMismatch",
+            remotes=tuple(r for r in self.remotes if r.party not in found),
+            disagreeing=tuple(text for diffs in found.values() for _, text in diffs),
+            mismatch=min(reasons, key=order.index),
         )
 
     def seed(self, workers: int) -> tuple[RemoteParty, str, str] | None:
@@ -184,16 +226,14 @@ def outgoing(party: str, peer: ChaosPeer, jobs: Iterable[PublishedJob]) -> SyncM
     """Our message for `peer`: our jobs in the peer's namespace, and its admission there."""
     policy = peer.spec.policy
     merged: dict[str, tuple[dict[str, str], int, int]] = {}
-    steps: dict[str, int | None] = {}
-    buckets: dict[str, int | None] = {}
+    terms: dict[str, JobTerms] = {}
     for job in sorted(jobs, key=lambda j: (j.namespace, j.name)):
         if job.namespace != peer.metadata.namespace:
             continue
         members, replicas, starting = merged.setdefault(job.federation, ({}, 0, 0))
         members.update(job.members)
         merged[job.federation] = (members, replicas + job.replicas, starting + job.starting)
-        steps.setdefault(job.federation, job.steps)
-        buckets.setdefault(job.federation, job.bucket_bytes)
+        terms.setdefault(job.federation, job.terms)
     return SyncMessage(
         party=party,
         federations=[
@@ -204,8 +244,7 @@ def outgoing(party: str, peer: ChaosPeer, jobs: Iterable[PublishedJob]) -> SyncM
                 starting=starting,
                 admitted=policy.may_contribute_workers,
                 max_workers=policy.max_workers,
-                steps=steps[name],
-                bucket_bytes=None if buckets[name] == BUCKET_BYTES else buckets[name],
+                **terms[name].said(),
             )
             for name, (members, replicas, starting) in sorted(merged.items())
         ],
@@ -269,8 +308,7 @@ def job_view(
             max_workers=info.max_workers,
             we_admit=peer.spec.policy.may_contribute_workers,
             starting=info.starting,
-            steps=info.steps,
-            bucket_bytes=info.bucket_bytes,
+            terms=JobTerms.heard(info),
         )
     return FederationView(
         party=party,
