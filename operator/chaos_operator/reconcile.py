@@ -150,7 +150,7 @@ def reconcile(
     step = current_step if current_step is not None else previous.get("currentStep")
     steps = job_steps(job, options)
     trained = step is not None and step >= steps - 1
-    if federation is not None:  # parties that train another length are left out
+    if federation is not None:  # parties whose job has other terms are left out
         federation = federation.agreeing(job_terms(job, steps))
     life = decide(
         job,
