@@ -305,8 +305,8 @@ def _numbers_fault(payload: bytes, elements: int, dtype: np.dtype) -> tuple[str,
 
 def all_finite(numbers: np.ndarray) -> bool:
     """Whether `numbers` holds no NaN and no infinity. One of either makes the sum one, and
-    a sum reads the numbers once, writing nothing (half the time of `isfinite().all()`);
-    only a sum that is not finite (those, or finite numbers too large to add) is looked at
-    number by number."""
+    a sum reads the numbers once, writing nothing (a little faster than `isfinite().all()`
+    on a bucket in cache, twice as fast out of it); only a sum that is not finite (those,
+    or finite numbers too large to add) is looked at number by number."""
     with np.errstate(over="ignore", invalid="ignore"):  # what the sum may meet
         return bool(np.isfinite(numbers.sum()) or np.isfinite(numbers).all())
