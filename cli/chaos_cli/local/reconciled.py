@@ -53,6 +53,7 @@ from chaos_operator.pods import (
     ANN_NEXT_MEMBER,
     PORTS_PER_MEMBER,
     Options,
+    job_bucket_bytes,
     job_meta,
     member_name,
     merge_template,
@@ -459,6 +460,6 @@ def run_options(job: ChaosJob) -> dict[str, Any]:
         "global_batch": job.spec.global_batch,
         "seed": job.spec.seed,
         **({"steps": job.spec.steps} if job.spec.steps is not None else {}),
-        **({"bucket_bytes": job.spec.bucket_kib << 10} if job.spec.bucket_kib else {}),
-        **({"micro_batch": job.spec.micro_batch} if job.spec.micro_batch else {}),
+        **({"bucket_bytes": job_bucket_bytes(job)} if job.spec.bucket_kib is not None else {}),
+        **({"micro_batch": job.spec.micro_batch} if job.spec.micro_batch is not None else {}),
     }

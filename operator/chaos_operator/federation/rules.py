@@ -165,10 +165,9 @@ class FederationView:
     """Peers not exchanged with since the job appeared (a bounded wait)."""
     ignored: tuple[str, ...] = ()
     """What remote parties sent that they may not decide (for the job's status)."""
-    disagreeing: tuple[str, ...] = ()
-    """Why parties were left out: their job's terms differ from ours (`agreeing`)."""
-    mismatch: str = ""
-    """The condition reason of the most telling difference (`_TERMS`' order)."""
+    disagreeing: tuple[tuple[str, str], ...] = ()
+    """(reason, message) of each term by which a party left out differs from ours
+    (`agreeing`)."""
 
     def agreeing(self, ours: JobTerms) -> FederationView:
         """This view without the parties whose job's terms differ from `ours`."""
@@ -176,13 +175,10 @@ class FederationView:
         found = {party: diffs for party, diffs in sorted(found.items()) if diffs}
         if not found:
             return self
-        order = [reason for _, reason, _ in _TERMS]
-        reasons = {reason for diffs in found.values() for reason, _ in diffs}
         return replace(
             self,
             remotes=tuple(r for r in self.remotes if r.party not in found),
-            disagreeing=tuple(text for diffs in found.values() for _, text in diffs),
-            mismatch=min(reasons, key=order.index),
+            disagreeing=tuple(diff for diffs in found.values() for diff in diffs),
         )
 
     def seed(self, workers: int) -> tuple[RemoteParty, str, str] | None:
@@ -323,7 +319,10 @@ def job_view(
 def synced_condition(view: FederationView) -> tuple[str, str, str]:
     """(status, reason, message) of a job's `FederationSynced` condition."""
     if view.disagreeing:
-        return "False", view.mismatch, "; ".join(view.disagreeing) + " (left out)"
+        order = [reason for _, reason, _ in _TERMS]  # the most telling difference names it
+        reason = min((reason for reason, _ in view.disagreeing), key=order.index)
+        texts = [text for _, text in view.disagreeing]
+        return "False", reason, "; ".join(texts) + " (left out)"
     if view.unsynced:
         return "False", "PeersNotSynced", "no recent exchange with " + ", ".join(view.unsynced)
     if not view.peers:
