@@ -47,6 +47,7 @@ def _run(config: WorkerConfig, phases: dict[str, float], early: EarlyReplicator 
     import torch
 
     from chaos_worker.collective import NonFiniteGradient
+    from chaos_worker.heap import keep_freed_memory
     from chaos_worker.member import Member
     from chaos_worker.net.tls import TlsError
     from chaos_worker.replication.checkpoint import CheckpointError
@@ -58,6 +59,7 @@ def _run(config: WorkerConfig, phases: dict[str, float], early: EarlyReplicator 
         format=f"%(asctime)s {config.id} %(levelname)s %(message)s",
     )
     phases["imported"] = time.monotonic()
+    keep_freed_memory()
     torch.set_num_threads(1)
     device = pick_device(config.device)
     dtype = getattr(torch, config.dtype)

@@ -1,5 +1,6 @@
 """The baseline of `chaos bench throughput`: torch DistributedDataParallel over gloo on
-loopback, one spawned process per rank, one torch thread each.
+loopback, one spawned process per rank, one torch thread each, keeping the memory it
+frees as a Chaos worker does (`chaos_worker.heap`), so the two differ in their data planes.
 
 Every rank loads the same `module:factory` entry as a Chaos worker, takes the same sample
 ids per step (`step_sample_ids`) and an even contiguous slice of them, backpropagates the
@@ -97,11 +98,13 @@ def _rank(rank, workers, port, entry, steps, global_batch, seed, dtype, device, 
 
     import torch
     import torch.distributed as dist
+    from chaos_worker.heap import keep_freed_memory
     from chaos_worker.process import pick_device
     from chaos_worker.training.sampling import step_sample_ids
     from chaos_worker.training.trainspec import load_trainspec
     from torch.nn.parallel import DistributedDataParallel
 
+    keep_freed_memory()  # as a Chaos worker does: the two differ in their data planes only
     torch.set_num_threads(1)
     try:
         where = pick_device(device)
