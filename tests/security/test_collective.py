@@ -42,7 +42,7 @@ VIEW = View(
 
 
 @dataclass
-class Root:
+class Reducer:
     transport: TcpTransport
     collective: TreeAllReduce
     metrics: WorkerMetrics
@@ -60,8 +60,10 @@ class Root:
         return sum(self.rejected(r) for r in ("malformed", "nonfinite", "unexpected", "stale"))
 
 
-async def _root(*, expects_everything: bool = False) -> Root:
-    metrics = WorkerMetrics("w0")
+async def _member(*, expects_everything: bool = False, me: str = "w0") -> Reducer:
+    """A member `me` of `VIEW` (the root `w0`, or its child `w1`) on a real transport; a
+    child reads totals straight into its result (`place`), as a `Member` has it do."""
+    metrics = WorkerMetrics(me)
     rejections = Rejections(metrics.observe_rejected)
     box: list[TreeAllReduce] = []
     blamed: list[str] = []
@@ -71,14 +73,14 @@ async def _root(*, expects_everything: bool = False) -> Root:
             box[0].deliver(sender, message, payload)
 
     limits = Limits(chunk_bytes=BUCKET)
-    transport = TcpTransport("w0", on_message, lambda *_: None, max_payload=limits.largest)
+    transport = TcpTransport(me, on_message, lambda *_: None, max_payload=limits.largest)
     transport.guard = Guard(limits, rejections)
 
     def expects(sender: str, epoch: int, step: int) -> bool:
         return expects_everything or expected(VIEW, [], STEP, sender, (epoch, step))
 
     collective = TreeAllReduce(
-        "w0",
+        me,
         transport.send,
         size=SIZE,
         dtype=np.float64,
@@ -88,28 +90,35 @@ async def _root(*, expects_everything: bool = False) -> Root:
         on_bad=blamed.append,
     )
     box.append(collective)
+    if me != VIEW.root:
+        transport.place = lambda sender, m, nbytes: (
+            collective.place(sender, m, nbytes) if isinstance(m, Chunk) else None
+        )
     port = await transport.listen("127.0.0.1", 0)
-    return Root(transport, collective, metrics, port, blamed)
+    return Reducer(transport, collective, metrics, port, blamed)
 
 
-def _chunk(index: int, *, epoch: int = EPOCH, step: int = STEP, count: int = 3) -> Chunk:
-    return Chunk(sender="w1", epoch=epoch, step=step, phase="up", index=index, count=count)
+def _chunk(
+    index: int, *, epoch: int = EPOCH, step: int = STEP, count: int = 3, sender: str = "w1"
+) -> Chunk:
+    phase = "up" if sender == "w1" else "down"
+    return Chunk(sender=sender, epoch=epoch, step=step, phase=phase, index=index, count=count)
 
 
 def _bucket(index: int, value: float = 2.0) -> bytes:
     return np.full(SPANS[index], value, dtype=np.float64).tobytes()
 
 
-async def _as_w1(root: Root) -> asyncio.StreamWriter:
-    """A raw connection to the root that says it is its child `w1`."""
+async def _as_w1(root: Reducer, name: str = "w1") -> asyncio.StreamWriter:
+    """A raw connection to the root that says it is its child `w1` (or another `name`)."""
     _, writer = await asyncio.open_connection("127.0.0.1", root.port)
-    writer.write(frame(Hello(sender="w1")))
+    writer.write(frame(Hello(sender=name)))
     return writer
 
 
 def test_bad_buckets_are_refused_and_the_step_completes_with_the_valid_ones() -> None:
     async def scenario() -> None:
-        root = await _root()
+        root = await _member()
         mine = np.arange(SIZE, dtype=np.float64)
         reduce = asyncio.ensure_future(root.collective.allreduce(VIEW, STEP, mine))
         writer = await _as_w1(root)
@@ -144,12 +153,75 @@ def test_bad_buckets_are_refused_and_the_step_completes_with_the_valid_ones() ->
     asyncio.run(scenario())
 
 
+def test_a_child_reads_totals_into_its_result_and_a_bad_one_is_overwritten() -> None:
+    """Below the root, a total is read straight into the slice of the result it ends in
+    (`TreeAllReduce.place`), once per bucket: a NaN read there is refused and blamed as any
+    bucket is, the valid one after it (read to a buffer of its own) is copied over it, and
+    the result is the sum. The child handed its own buckets to the link to the root as they
+    were: its contribution says so (`lent`), so the trainer gives that buffer up if the
+    step aborts."""
+
+    async def scenario() -> None:
+        child = await _member(me="w1")
+        placed: list[int] = []
+        place = child.collective.place
+
+        def counting(sender: str, chunk: Chunk, nbytes: int) -> memoryview | None:
+            where = place(sender, chunk, nbytes)
+            if where is not None:
+                placed.append(chunk.index)
+            return where
+
+        child.collective.place = counting
+        mine = child.collective.contribution(np.arange(SIZE, dtype=np.float64))
+        mine.ready_all()
+        reduce = asyncio.ensure_future(child.collective.allreduce(VIEW, STEP, mine))
+        writer = await _as_w1(child, "w0")
+        nan = np.full(2, np.nan).tobytes()
+        writer.write(frame(_chunk(2, sender="w0"), nan))
+        for index in (2, 1, 0):
+            writer.write(frame(_chunk(index, sender="w0"), _bucket(index, 7.0)))
+        await writer.drain()
+        total = await asyncio.wait_for(reduce, 30)
+        np.testing.assert_array_equal(total, np.full(SIZE, 7.0))
+        assert placed == [2, 1, 0]  # the NaN took bucket 2's place; its valid one did not
+        assert child.rejected("nonfinite") == 1
+        assert child.blamed == ["w0"]
+        assert mine.lent
+        writer.close()
+        await child.transport.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_root_lends_nothing_and_reads_no_total_in_place() -> None:
+    """The root sends totals it computed, never its own buffer, and awaits no totals."""
+
+    async def scenario() -> None:
+        root = await _member()
+        mine = root.collective.contribution(np.arange(SIZE, dtype=np.float64))
+        mine.ready_all()
+        reduce = asyncio.ensure_future(root.collective.allreduce(VIEW, STEP, mine))
+        writer = await _as_w1(root)
+        for index in range(3):
+            writer.write(frame(_chunk(index), _bucket(index)))
+        await writer.drain()
+        total = await asyncio.wait_for(reduce, 30)
+        np.testing.assert_array_equal(total, np.arange(SIZE) + 2.0)
+        assert not mine.lent
+        assert root.transport.place is None
+        writer.close()
+        await root.transport.close()
+
+    asyncio.run(scenario())
+
+
 def test_buckets_nobody_expects_are_not_held() -> None:
     """Buckets far ahead (a later epoch, a step far on) or from a sender in no known view
     are refused, never buffered; the next step's are held, as a fast child sends them."""
 
     async def scenario() -> None:
-        root = await _root()
+        root = await _member()
         writer = await _as_w1(root)
         far = [
             _chunk(0, epoch=EPOCH + 1),
@@ -179,7 +251,7 @@ def test_at_most_max_ahead_ops_operations_are_held() -> None:
     admitted again), buckets of at most `MAX_AHEAD_OPS` operations ahead are held."""
 
     async def scenario() -> None:
-        root = await _root(expects_everything=True)
+        root = await _member(expects_everything=True)
         writer = await _as_w1(root)
         sent = 3 * MAX_AHEAD_OPS
         for step in range(STEP + 1, STEP + 1 + sent):
@@ -196,7 +268,7 @@ def test_at_most_max_ahead_ops_operations_are_held() -> None:
 
 def test_a_bucket_over_the_bucket_size_is_refused_at_the_transport() -> None:
     async def scenario() -> None:
-        root = await _root()
+        root = await _member()
         writer = await _as_w1(root)
         writer.write(frame(_chunk(0), bytes(BUCKET + 8)))
         writer.write(frame(_chunk(0, step=STEP + 1), _bucket(0)))
@@ -213,7 +285,7 @@ def test_a_total_streamed_to_a_newcomer_is_checked_as_a_bucket_is() -> None:
     """What `Newcomer.on_total` refuses: another dtype, another length, a NaN."""
 
     async def scenario() -> None:
-        root = await _root()
+        root = await _member()
         good = np.ones(SIZE, dtype=np.float64)
         nan = good.copy()
         nan[-1] = np.nan

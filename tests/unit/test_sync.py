@@ -125,6 +125,31 @@ def test_mixed_dtypes_take_the_flattening_path_and_keep_the_trajectory() -> None
         assert torch.equal(a, b)
 
 
+def test_a_renewed_buffer_takes_the_gradients_and_the_old_one_is_never_written() -> None:
+    """After an abandoned all-reduce that lent `buf` to the links (`Contribution.lent`),
+    `renew` gives the sync a fresh buffer: the next steps write their gradients there, the
+    old buffer keeps what it held, and the trajectory is that of `local_step`."""
+    ours, reference = spec(), spec()
+    size, dtype = gradient_layout(ours)
+    collective = TreeAllReduce("w0", lambda *a: None, size=size, dtype=dtype, bucket_bytes=64)
+    sync = GradientSync(config(BATCH), ours, torch.device("cpu"), collective)
+    for step in range(2):
+        loss, _ = one_member_step(sync, collective.buckets, step)
+        assert loss == local_step(reference, sync.sample_ids(step), BATCH)
+    old = sync.buf
+    kept = old.copy()
+    sync.renew()
+    assert sync.buf is not old
+    for step in range(2, 5):
+        loss, _ = one_member_step(sync, collective.buckets, step)
+        assert loss == local_step(reference, sync.sample_ids(step), BATCH)
+        grads = [p.grad for p in ours.model.parameters()]
+        assert all(np.shares_memory(g.numpy(), sync.buf) for g in grads)
+    assert np.array_equal(old, kept)
+    for a, b in zip(ours.model.parameters(), reference.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_total_of_another_batch_size_changes_nothing() -> None:
     model = spec()
     size, dtype = gradient_layout(model)

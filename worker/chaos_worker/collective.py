@@ -8,6 +8,11 @@ member takes the buckets in descending index order, the order in which backward 
 them final (it runs from the last layer), so a member's first buckets can travel while
 its backward still runs. Cancelling the awaiting task aborts the operation.
 
+A leaf sends its own buckets as they are (`Contribution.lent`: the owner must not write
+that buffer again once an operation on it was abandoned, since a link may still hold its
+frames), and a member below the root has each total read straight into its slice of the
+result where the transport can (`place`), so neither copies its buffer.
+
 Every buffer of a job has the same size and dtype, so every bucket has a known length. A
 bucket that arrives is checked before it is held: one of the wrong length or count, with
 a NaN or an infinity, or for an operation this member does not expect (`expects`: from a
@@ -63,6 +68,9 @@ class Contribution:
     def __init__(self, buf: np.ndarray, buckets: int) -> None:
         self.buf = buf
         self._ready = [asyncio.Event() for _ in range(buckets)]
+        self.lent = False
+        """Whether a bucket of `buf` itself (not a copy) was handed to the transport: if the
+        operation is abandoned, a link may read `buf` later, so it must not be written."""
 
     def ready(self, index: int) -> None:
         """Bucket `index` of `buf` is final."""
@@ -108,6 +116,8 @@ class TreeAllReduce:
         """The operation begun last: buckets of earlier ones are over here."""
         self._inbox: dict[Op, dict[Bucket, bytes]] = {}
         self._waiting: dict[tuple[Op, Bucket], asyncio.Future] = {}
+        self._sinks: dict[tuple[Op, Bucket], np.ndarray] = {}
+        """Slices of a result that awaited buckets may be read straight into (`place`)."""
         self.down_sent: tuple[int, int] | None = None
         """(epoch, step) of the last all-reduce whose totals this member, as root, began
         to send down: anything it sends before that precedes the totals on every path."""
@@ -146,6 +156,18 @@ class TreeAllReduce:
         else:
             self._inbox.setdefault(op, {}).setdefault(bucket, payload)  # the first one holds
 
+    def place(self, sender: str, chunk: Chunk, nbytes: int) -> memoryview | None:
+        """Where the transport may read the `nbytes` of payload of `chunk` from `sender`: the
+        slice of the result this member awaits it for, once, when it is of that slice's
+        size; else None (a buffer of the transport's own). What is read there is checked by
+        `deliver` as any bucket is, and a refused one is overwritten by the valid one."""
+        key = ((chunk.epoch, chunk.step), (chunk.phase, chunk.index, sender))
+        sink = self._sinks.get(key)
+        if sink is None or sink.nbytes != nbytes:
+            return None
+        del self._sinks[key]  # the first one holds: a second is read to a buffer of its own
+        return memoryview(sink).cast("B")
+
     def _fault(self, sender: str, chunk: Chunk, payload: bytes) -> tuple[str, str] | None:
         """(reason, detail) when `chunk` with `payload` is refused, else None."""
         op = (chunk.epoch, chunk.step)
@@ -175,6 +197,8 @@ class TreeAllReduce:
         self._at = max(self._at, (epoch, step))
         for op in [op for op in self._inbox if op < self._at]:
             del self._inbox[op]
+        for key in [key for key in self._sinks if key[0] < self._at]:
+            del self._sinks[key]
 
     def contribution(self, buf: np.ndarray) -> Contribution:
         """`buf`, which must be of this job's size and dtype, as a contribution with no
@@ -185,8 +209,9 @@ class TreeAllReduce:
     async def allreduce(self, view: View, step: int, mine: np.ndarray | Contribution) -> np.ndarray:
         """Sum this member's buffer over the members of `view`; every member gets the same
         total, a new array. A plain array counts as final at once; either is read bucket
-        by bucket, in descending index order, while the operation runs. A bucket of this
-        member's own that is not finite raises `NonFiniteGradient` before it is sent."""
+        by bucket, in descending index order, while the operation runs (and, at a leaf,
+        sent as it is: see `Contribution.lent`). A bucket of this member's own that is not
+        finite raises `NonFiniteGradient` before it is sent."""
         if isinstance(mine, np.ndarray):
             mine = self.contribution(mine)
             mine.ready_all()
@@ -214,29 +239,38 @@ class TreeAllReduce:
                     data = await self._receive(op, ("up", index, child))
                     np.add(addend, np.frombuffer(data, dtype=total.dtype), out=part)
                     addend = part
-                if not children:
-                    part[:] = mine_part
                 if parent is None:
+                    if not children:
+                        part[:] = mine_part  # a lone member: the total is its own buffer
                     self.down_sent = op
                     self._fan_out(children, view.epoch, step, "down", index, len(slices), part)
-                else:
+                elif children:
                     self._post(parent, view.epoch, step, "up", index, len(slices), part)
+                else:  # a leaf: its own bucket as it is, read by the link while it waits
+                    mine.lent = True
+                    self._post(parent, view.epoch, step, "up", index, len(slices), mine_part)
 
         async def down() -> None:
             for index in order:
                 data = await self._receive(op, ("down", index, parent))
-                slices[index][:] = np.frombuffer(data, dtype=total.dtype)
+                received = np.frombuffer(data, dtype=total.dtype)
+                if not _same_memory(received, slices[index]):  # not read into it: copy
+                    slices[index][:] = received
                 self._fan_out(children, view.epoch, step, "down", index, len(slices), data)
 
         if parent is None:
             await up()
             return total
+        for index in order:
+            self._sinks[(op, ("down", index, parent))] = slices[index]
         downward = asyncio.ensure_future(down())
         try:  # the way up may stop (a bucket of this member's is not finite): so does down
             await up()
             await downward
         finally:
             downward.cancel()
+            for index in order:
+                self._sinks.pop((op, ("down", index, parent)), None)
         return total
 
     async def broadcast(self, view: View, step: int, buf: np.ndarray | None) -> np.ndarray:
@@ -287,6 +321,11 @@ class TreeAllReduce:
             return await future
         finally:
             self._waiting.pop((op, bucket), None)
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether `a` and `b` are the same numbers in memory (start and length)."""
+    return a.nbytes == b.nbytes and a.ctypes.data == b.ctypes.data
 
 
 def _check(buf: np.ndarray, size: int, dtype: np.dtype) -> None:

@@ -5,11 +5,11 @@ A `TcpTransport` listener gives each accepted connection an `IncomingLink`, an
 writes into the buffer that `get_buffer` hands out. Prefixes, headers and small payloads go
 through a small internal buffer (`BUFFER_BYTES`); an admitted payload goes into one buffer
 of exactly its size, allocated only once `read_frame` has checked its length and admitted
-its message, and is handed on as a read-only memoryview of it (no `bytes` is built, no piece
-is joined). A refused payload is read to nothing through the internal buffer. When no read
-is waiting and the internal buffer is full, the link pauses reading: a peer can make it hold
-no more than that buffer and the frame being read (`docs/security.md`, "Bounded
-everything").
+its message (or one its receiver names for it: `Place`), and is handed on as a read-only
+memoryview of it (no `bytes` is built, no piece is joined). A refused payload is read to
+nothing through the internal buffer. When no read is waiting and the internal buffer is
+full, the link pauses reading: a peer can make it hold no more than that buffer and the
+frame being read (`docs/security.md`, "Bounded everything").
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 Payload = bytes | memoryview
 """What a receiver hands on: `b""`, or a read-only view of a buffer of its own."""
+Place = Callable[[str, Message, int], memoryview | None]
+"""Where the receiver wants the payload of an admitted message from a sender read:
+`place(sender, message, nbytes)` gives a writable buffer of exactly `nbytes`, or None for
+a new one (the collective reads a total straight into its result)."""
 
 BUFFER_BYTES = 1 << 16
 """The internal buffer: prefixes, headers, small payloads, and the read-ahead of a link.
@@ -227,6 +231,7 @@ async def read_frame(
     max_payload: int,
     downlink: TokenBucket | None,
     sender: str | None = None,
+    place: Place | None = None,
 ) -> tuple[Message | None, Payload]:
     """The next frame of `link`; its message is None when refused alone (its payload read to
     nothing, never held). Without `sender` it is the first frame: small, no payload, within
@@ -234,7 +239,8 @@ async def read_frame(
     admitted by `guard`, before anything of their size is allocated.
 
     With a `downlink` (the receiver's shaped downlink), the prefix and header, then each
-    piece of the payload, wait for their tokens.
+    piece of the payload, wait for their tokens. With `place`, an admitted payload is read
+    where it says (see `Place`).
     """
     limits = guard.limits
     first = sender is None
@@ -258,8 +264,8 @@ async def read_frame(
     message = guard.admit(sender, header, payload_len)
     if not payload_len:
         return message, b""
-    into = None
-    if message is not None:
+    into = None if message is None or place is None else place(sender, message, payload_len)
+    if message is not None and into is None:
         try:
             into = memoryview(np.empty(payload_len, np.uint8))  # not touched: committed as read
         except MemoryError:

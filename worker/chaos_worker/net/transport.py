@@ -7,7 +7,7 @@ checked for both by `tests/unit/test_transport_contract.py`:
 
 - frames from one sender reach a receiver in the order they were sent (FIFO per peer), each
   payload as a read-only buffer of the receiver's own (`receiver.Payload`: `bytes`, or a
-  read-only memoryview), which nothing may change;
+  read-only memoryview), which nothing may change, or of the one its owner's `place` named;
 - `disconnect(peer, goodbye=True)` delivers everything queued, then the receiver's
   `on_disconnect(sender, True)`; a link that ends otherwise reports `graceful=False`;
 - a blocked link sends nothing and delivers nothing, in both directions, and reports no
@@ -51,7 +51,7 @@ from typing import Protocol
 
 from chaos_worker.net.address import parse_address
 from chaos_worker.net.bounds import Guard
-from chaos_worker.net.receiver import IncomingLink, Payload, read_frame
+from chaos_worker.net.receiver import IncomingLink, Payload, Place, read_frame
 from chaos_worker.net.shaping import PIECE, LinkShape, TokenBucket
 from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, names
 from chaos_worker.net.wire import Goodbye, Hello, Message, WireError, WireMessage, encode
@@ -69,6 +69,9 @@ class Transport(Protocol):
     guard: Guard
     """What it lets in from peers (limits, timeouts) and the count of what it refused; its
     owner may replace it before listening."""
+    place: Place | None
+    """Where its owner wants admitted payloads read (`receiver.Place`); a transport may
+    ignore it and hand on buffers of its own."""
 
     async def listen(self, host: str, port: int) -> int:
         """Start accepting links; the bound port (useful with port 0)."""
@@ -183,6 +186,9 @@ class QueuedTransport:
         self._on_disconnect = on_disconnect
         self._max_payload = max_payload
         self.guard = Guard()
+        self.place: Place | None = None
+        """Where admitted payloads are read, if not to buffers of their own (`Place`; only
+        `TcpTransport` reads payloads from sockets and asks)."""
         self._out: dict[str, OutgoingLink] = {}
         self._draining: set[asyncio.Task] = set()  # links dropped with a goodbye, flushing
         self._blocked: set[str] = set()
@@ -464,8 +470,10 @@ class TcpTransport(QueuedTransport):
     async def _read_frame(
         self, link: IncomingLink, sender: str | None = None
     ) -> tuple[Message | None, Payload]:
-        """`receiver.read_frame` with this transport's guard, hard limit and downlink."""
-        return await read_frame(link, self.guard, self._max_payload, self._downlink, sender)
+        """`receiver.read_frame` with this transport's guard, hard limit, downlink and place."""
+        return await read_frame(
+            link, self.guard, self._max_payload, self._downlink, sender, self.place
+        )
 
 
 async def _open(host: str, port: int) -> asyncio.StreamWriter:

@@ -10,6 +10,8 @@ and reporting. What a step computes and what its total does to the state is its 
   buffer every member all-reduces, of one size and dtype for the whole job) and handed to
   the all-reduce bucket by bucket: `start` on the event loop before the compute, `compute`
   on the compute thread, `stage` on the loop once it returned;
+- `renew()`: an all-reduce that had `buf` itself on its way (`Contribution.lent`) was
+  abandoned: `buf` becomes a fresh buffer, the old one is never written again;
 - `update(total, before_change)`: apply the reduced total. Every member (and every
   newcomer replaying totals) applies the same totals in the same order, so all hold the
   same state after each step: that is what joins, replays and checkpoints rely on.
@@ -70,6 +72,10 @@ class Sync(Protocol):
         """On the event loop, after `compute` returned: release what it has not."""
         ...
 
+    def renew(self) -> None:
+        """Take a fresh `buf`: the old one may still be read by a link (`Contribution.lent`)."""
+        ...
+
     def update(self, total: np.ndarray, before_change: Callable[[], None]) -> float:
         """Apply the reduced `total` to the state, calling `before_change()` just before
         the state's tensors change; returns the step's mean loss. ValueError, changing
@@ -118,6 +124,10 @@ class GradientSync:
             if self._grads is not None and device.type == "cpu" and collective.buckets > 1
             else None
         )
+
+    def renew(self) -> None:
+        self.buf = np.zeros_like(self.buf)
+        self._grads = _flat_gradients(self._spec.model, self.buf, self._device)
 
     def sample_ids(self, step: int) -> list[int]:
         cfg = self._cfg

@@ -143,6 +143,8 @@ class Trainer:
             except asyncio.CancelledError:
                 if not membership.aborting:
                     raise
+                if contribution.lent:  # its frames may still wait in a link's queue
+                    self._sync.renew()
                 continue
             finally:
                 self._op = None
