@@ -4,9 +4,9 @@ Every step allocates and frees the same large arrays: autograd's and AdamW's tem
 the all-reduce's total, each received bucket. glibc's malloc serves blocks above its mmap
 threshold (at most 32 MiB) with fresh `mmap`s and gives them back on `free`, and trims
 the heap's top once more than twice that lies free there, so the next step's arrays are
-new pages again: faulted in and zeroed by the kernel, one 4 KiB page at a time. A 10M
-parameter mlp worker took 10,000 to 18,000 page faults a step that way, about a sixth of
-its step time (ADR 0003, *The heap*). With `mmap` off and no trimming, freed blocks stay in
+new pages again: faulted in and zeroed by the kernel, page by page. A 10M parameter mlp
+worker took 10,000 to 18,000 page faults a step that way, about a fifth of its step time
+(ADR 0003, *The heap*). With `mmap` off and no trimming, freed blocks stay in
 the heap and the next step reuses them; the process's resident memory stays at its peak,
 as PyTorch's CUDA caching allocator keeps device memory. Blocks larger than a thread
 arena's heap (64 MiB) are still mapped and unmapped by glibc.
