@@ -194,6 +194,39 @@ def test_a_child_reads_totals_into_its_result_and_a_bad_one_is_overwritten() -> 
     asyncio.run(scenario())
 
 
+def test_a_second_copy_is_refused_while_the_first_is_read_into_the_result() -> None:
+    """A hostile parent starts a total on one connection (read straight into the result)
+    and sends another copy of it, NaN, whole, on a second: taking that copy would let the
+    first frame go on writing the result after it was checked. The copy is refused; the
+    first, once finished, is checked and used."""
+
+    async def scenario() -> None:
+        child = await _member(me="w1")
+        mine = np.zeros(SIZE, dtype=np.float64)
+        reduce = asyncio.ensure_future(child.collective.allreduce(VIEW, STEP, mine))
+        first = await _as_w1(child, "w0")
+        for index in (1, 0):
+            first.write(frame(_chunk(index, sender="w0"), _bucket(index, 3.0)))
+        whole = frame(_chunk(2, sender="w0"), _bucket(2, 5.0))
+        first.write(whole[:-8])  # all but the last number of bucket 2
+        await first.drain()
+        second = await _as_w1(child, "w0")
+        second.write(frame(_chunk(2, sender="w0"), np.full(2, np.nan).tobytes()))
+        await second.drain()
+        await until(lambda: child.rejected("unexpected") == 1, "the second copy refused")
+        assert not reduce.done()
+        first.write(whole[-8:])
+        await first.drain()
+        total = await asyncio.wait_for(reduce, 30)
+        np.testing.assert_array_equal(total, [3.0] * 8 + [5.0] * 2)
+        assert child.rejected("nonfinite") == 0  # the NaN was never read as a bucket
+        first.close()
+        second.close()
+        await child.transport.close()
+
+    asyncio.run(scenario())
+
+
 def test_the_root_lends_nothing_and_reads_no_total_in_place() -> None:
     """The root sends totals it computed, never its own buffer, and awaits no totals."""
 

@@ -118,6 +118,8 @@ class TreeAllReduce:
         self._waiting: dict[tuple[Op, Bucket], asyncio.Future] = {}
         self._sinks: dict[tuple[Op, Bucket], np.ndarray] = {}
         """Slices of a result that awaited buckets may be read straight into (`place`)."""
+        self._placed: dict[tuple[Op, Bucket], np.ndarray] = {}
+        """Slices given to a frame that is still being read into them (`place`)."""
         self.down_sent: tuple[int, int] | None = None
         """(epoch, step) of the last all-reduce whose totals this member, as root, began
         to send down: anything it sends before that precedes the totals on every path."""
@@ -143,13 +145,22 @@ class TreeAllReduce:
         op = (chunk.epoch, chunk.step)
         if op < self._at:
             return  # an earlier operation's (normal after an abort): it is over here
+        bucket = (chunk.phase, chunk.index, sender)
+        placed = self._placed.get((op, bucket))
+        if placed is not None:
+            if not _same_memory(np.frombuffer(payload, np.uint8), placed.view(np.uint8)):
+                # another copy while the placed frame is still being written into the result:
+                # taking it would let that frame change the result once it was checked
+                where = f"bucket {chunk.index} ({chunk.phase}) of epoch {op[0]} step {op[1]}"
+                self._reject(sender, "unexpected", f"{where}: a second copy of it")
+                return
+            del self._placed[(op, bucket)]
         fault = self._fault(sender, chunk, payload)
         if fault is not None:
             self._reject(sender, *fault)
             if fault[0] in BAD_CONTRIBUTION and op == self._at and self._on_bad is not None:
                 self._on_bad(sender)  # the operation in progress cannot use it: redo it
             return
-        bucket = (chunk.phase, chunk.index, sender)
         future = self._waiting.pop((op, bucket), None)
         if future is not None and not future.done():
             future.set_result(payload)
@@ -160,12 +171,15 @@ class TreeAllReduce:
         """Where the transport may read the `nbytes` of payload of `chunk` from `sender`: the
         slice of the result this member awaits it for, once, when it is of that slice's
         size; else None (a buffer of the transport's own). What is read there is checked by
-        `deliver` as any bucket is, and a refused one is overwritten by the valid one."""
+        `deliver` as any bucket is, and a refused one is overwritten by the valid one; until
+        it is delivered, another copy of that bucket is refused (its frame may still be
+        writing the slice)."""
         key = ((chunk.epoch, chunk.step), (chunk.phase, chunk.index, sender))
         sink = self._sinks.get(key)
         if sink is None or sink.nbytes != nbytes:
             return None
         del self._sinks[key]  # the first one holds: a second is read to a buffer of its own
+        self._placed[key] = sink
         return memoryview(sink).cast("B")
 
     def _fault(self, sender: str, chunk: Chunk, payload: bytes) -> tuple[str, str] | None:
@@ -197,8 +211,9 @@ class TreeAllReduce:
         self._at = max(self._at, (epoch, step))
         for op in [op for op in self._inbox if op < self._at]:
             del self._inbox[op]
-        for key in [key for key in self._sinks if key[0] < self._at]:
-            del self._sinks[key]
+        for held in (self._sinks, self._placed):
+            for key in [key for key in held if key[0] < self._at]:
+                del held[key]
 
     def contribution(self, buf: np.ndarray) -> Contribution:
         """`buf`, which must be of this job's size and dtype, as a contribution with no
