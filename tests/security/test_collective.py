@@ -91,9 +91,7 @@ async def _member(*, expects_everything: bool = False, me: str = "w0") -> Reduce
     )
     box.append(collective)
     if me != VIEW.root:
-        transport.place = lambda sender, m, nbytes: (
-            collective.place(sender, m, nbytes) if isinstance(m, Chunk) else None
-        )
+        transport.place = collective.place
     port = await transport.listen("127.0.0.1", 0)
     return Reducer(transport, collective, metrics, port, blamed)
 
@@ -172,7 +170,7 @@ def test_a_child_reads_totals_into_its_result_and_a_bad_one_is_overwritten() -> 
                 placed.append(chunk.index)
             return where
 
-        child.collective.place = counting
+        child.transport.place = counting
         mine = child.collective.contribution(np.arange(SIZE, dtype=np.float64))
         mine.ready_all()
         reduce = asyncio.ensure_future(child.collective.allreduce(VIEW, STEP, mine))

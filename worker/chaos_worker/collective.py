@@ -34,7 +34,7 @@ import numpy as np
 
 from chaos_worker.membership.view import View
 from chaos_worker.net.bounds import Reject, Rejections
-from chaos_worker.net.wire import Chunk
+from chaos_worker.net.wire import Chunk, Message
 
 Op = tuple[int, int]  # epoch, step
 Bucket = tuple[str, int, str]  # phase, bucket index, sender
@@ -148,11 +148,10 @@ class TreeAllReduce:
         bucket = (chunk.phase, chunk.index, sender)
         placed = self._placed.get((op, bucket))
         if placed is not None:
-            if not _same_memory(np.frombuffer(payload, np.uint8), placed.view(np.uint8)):
+            if not _same_memory(np.frombuffer(payload, np.uint8), placed):
                 # another copy while the placed frame is still being written into the result:
                 # taking it would let that frame change the result once it was checked
-                where = f"bucket {chunk.index} ({chunk.phase}) of epoch {op[0]} step {op[1]}"
-                self._reject(sender, "unexpected", f"{where}: a second copy of it")
+                self._reject(sender, "unexpected", f"{_where(chunk)}: a second copy of it")
                 return
             del self._placed[(op, bucket)]
         fault = self._fault(sender, chunk, payload)
@@ -167,14 +166,16 @@ class TreeAllReduce:
         else:
             self._inbox.setdefault(op, {}).setdefault(bucket, payload)  # the first one holds
 
-    def place(self, sender: str, chunk: Chunk, nbytes: int) -> memoryview | None:
-        """Where the transport may read the `nbytes` of payload of `chunk` from `sender`: the
-        slice of the result this member awaits it for, once, when it is of that slice's
-        size; else None (a buffer of the transport's own). What is read there is checked by
-        `deliver` as any bucket is, and a refused one is overwritten by the valid one; until
-        it is delivered, another copy of that bucket is refused (its frame may still be
-        writing the slice)."""
-        key = ((chunk.epoch, chunk.step), (chunk.phase, chunk.index, sender))
+    def place(self, sender: str, message: Message, nbytes: int) -> memoryview | None:
+        """Where the transport may read the `nbytes` of payload of `message` from `sender`
+        (a `receiver.Place`): for a bucket, the slice of the result this member awaits it
+        for, once, when it is of that slice's size; else None (a buffer of the transport's
+        own). What is read there is checked by `deliver` as any bucket is, and a refused one
+        is overwritten by the valid one; until it is delivered, another copy of that bucket
+        is refused (its frame may still be writing the slice)."""
+        if not isinstance(message, Chunk):
+            return None
+        key = ((message.epoch, message.step), (message.phase, message.index, sender))
         sink = self._sinks.get(key)
         if sink is None or sink.nbytes != nbytes:
             return None
@@ -185,7 +186,7 @@ class TreeAllReduce:
     def _fault(self, sender: str, chunk: Chunk, payload: bytes) -> tuple[str, str] | None:
         """(reason, detail) when `chunk` with `payload` is refused, else None."""
         op = (chunk.epoch, chunk.step)
-        where = f"bucket {chunk.index} ({chunk.phase}) of epoch {op[0]} step {op[1]}"
+        where = _where(chunk)
         if chunk.count != self._count:
             return "malformed", f"{where}: {chunk.count} buckets, not {self._count}"
         if not self._expects(sender, *op):
@@ -336,6 +337,11 @@ class TreeAllReduce:
             return await future
         finally:
             self._waiting.pop((op, bucket), None)
+
+
+def _where(chunk: Chunk) -> str:
+    """The bucket `chunk` carries, in words."""
+    return f"bucket {chunk.index} ({chunk.phase}) of epoch {chunk.epoch} step {chunk.step}"
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:

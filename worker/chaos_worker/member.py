@@ -151,9 +151,7 @@ class Member:
             reject=rejections,
             on_bad=self._on_bad_contribution,
         )
-        self.transport.place = lambda sender, m, nbytes: (
-            collective.place(sender, m, nbytes) if isinstance(m, Chunk) else None
-        )
+        self.transport.place = collective.place
         clock = time.monotonic
         self.progress = progress = Progress()
         self._loop: asyncio.AbstractEventLoop | None = None
