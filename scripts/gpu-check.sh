@@ -4,6 +4,7 @@
 #   nvidia-smi.txt, env.json           the driver, Python, torch, CUDA and the device
 #   run-*.json (+ .png)                 `chaos run` reports, float64, 4 workers: no churn and
 #                                       the default churn on the device, the churn on cpu
+#   unit-device.out                     the unit tests that need the device (pinned staging)
 #   bench-*.json                        `chaos bench` results: throughput on the device against
 #                                       torch DDP, scale-out, then the others as time allows
 #   logs/<step>/<run dir>/              worker configs and stderr of every run
@@ -215,6 +216,11 @@ print(json.dumps(out))
 PYEOF
   step env probe 90 env.json "$PY" "$WORK/env.py" "$OUT/env.json" "$device"
   step bench-list probe 60 bench-list.out "${chaos[@]}" bench --help
+  # the device's own unit tests (pinned staging), where this Python has pytest
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    step unit-device probe 60 unit-device.out "$PY" -m pytest -q -p no:cacheprovider \
+      tests/unit/test_staging.py
+  fi
 
   # --- 2. float64 on the device, no churn and the default churn: the losses must agree ---------
   common=(--example chartransformer --quiet --seed 0 --dtype float64 --workers "$churn_workers")

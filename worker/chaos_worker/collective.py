@@ -41,6 +41,9 @@ Bucket = tuple[str, int, str]  # phase, bucket index, sender
 Send = Callable[[str, Chunk, bytes | memoryview], bool]
 Expects = Callable[[str, int, int], bool]
 """Whether a bucket from `sender` for the all-reduce of (epoch, step) may come."""
+Alloc = Callable[[int, np.dtype], np.ndarray]
+"""An uninitialised array of (elements, dtype): where totals and contributions live
+(`np.empty`; page-locked memory for a model on a GPU, `training/staging.py`)."""
 
 BAD_CONTRIBUTION = ("malformed", "nonfinite")
 """Refusals that show a sender's bucket for the operation in progress unusable: `on_bad`
@@ -101,6 +104,7 @@ class TreeAllReduce:
         expects: Expects = lambda _sender, _epoch, _step: True,
         reject: Reject | None = None,
         on_bad: Callable[[str], None] | None = None,
+        alloc: Alloc = np.empty,
     ) -> None:
         self.me = me
         self._send = send
@@ -112,6 +116,7 @@ class TreeAllReduce:
         self._expects = expects
         self._reject = reject or Rejections()
         self._on_bad = on_bad
+        self._alloc = alloc
         self._at: Op = (-1, -1)
         """The operation begun last: buckets of earlier ones are over here."""
         self._inbox: dict[Op, dict[Bucket, bytes]] = {}
@@ -234,7 +239,7 @@ class TreeAllReduce:
         tree = view.tree()
         parent = tree.parent[self.me]
         children = tree.children(self.me)
-        total = np.empty(self.size, self.dtype)
+        total = self.empty()
         slices = self._slices(total)
         own = self._slices(mine.buf)
         order = range(self._count - 1, -1, -1)
@@ -295,7 +300,7 @@ class TreeAllReduce:
         tree = view.tree()
         parent = tree.parent[self.me]
         children = tree.children(self.me)
-        out = np.zeros(self.size, self.dtype) if buf is None else self._own(buf)
+        out = self.zeros() if buf is None else self._own(buf)
         slices = self._slices(out)
         self.forget_before(view.epoch, step)
         for index, part in enumerate(slices):
@@ -305,10 +310,22 @@ class TreeAllReduce:
             self._fan_out(children, view.epoch, step, "down", index, len(slices), part)
         return out
 
+    def empty(self) -> np.ndarray:
+        """A new uninitialised buffer of this job's size and dtype, from `alloc`."""
+        return self._alloc(self.size, self.dtype)
+
+    def zeros(self) -> np.ndarray:
+        """A new buffer of this job's size and dtype, from `alloc`, all zeros."""
+        buf = self.empty()
+        buf.fill(0)
+        return buf
+
     def _own(self, buf: np.ndarray) -> np.ndarray:
         """A copy of `buf`, which must be of this job's size and dtype."""
         _check(buf, self.size, self.dtype)
-        return buf.copy()
+        own = self.empty()
+        own[:] = buf
+        return own
 
     def _slices(self, flat: np.ndarray) -> list[np.ndarray]:
         return [flat[i * self._per : (i + 1) * self._per] for i in range(self._count)]

@@ -69,6 +69,7 @@ from chaos_worker.replication.snapshot import state_digest
 from chaos_worker.replication.space import open_store
 from chaos_worker.telemetry.metrics import WorkerMetrics
 from chaos_worker.telemetry.telemetry import Telemetry
+from chaos_worker.training.staging import host_alloc
 from chaos_worker.training.sync import GradientSync, gradient_layout
 from chaos_worker.training.trainer import Trainer
 from chaos_worker.training.trainspec import TrainSpec
@@ -150,6 +151,7 @@ class Member:
             expects=lambda sender, epoch, step: membership.expects(sender, epoch, step),
             reject=rejections,
             on_bad=self._on_bad_contribution,
+            alloc=host_alloc(device),
         )
         self.transport.place = collective.place
         clock = time.monotonic

@@ -113,7 +113,8 @@ class GradientSync:
         self._cfg = config
         self._spec = spec
         self._device = device
-        self.buf = np.zeros(collective.size, collective.dtype)
+        self._collective = collective
+        self.buf = collective.zeros()  # pinned on a GPU, as its totals (`staging.py`)
         self._grads = _flat_gradients(spec.model, self.buf, device)
         self._buckets = (
             BucketMap(
@@ -126,7 +127,7 @@ class GradientSync:
         )
 
     def renew(self) -> None:
-        self.buf = np.zeros_like(self.buf)
+        self.buf = self._collective.zeros()
         self._grads = _flat_gradients(self._spec.model, self.buf, self._device)
 
     def sample_ids(self, step: int) -> list[int]:
