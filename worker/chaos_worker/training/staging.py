@@ -7,8 +7,10 @@ of a job on a GPU copies its flat gradient to the host (the contribution every m
 all-reduces) and the reduced total back, so both live in pinned memory there.
 
 Pinned buffers come from torch's caching host allocator: a freed one is kept and handed out
-again, so a total allocated every step costs no page-locking after the first. On a CPU a
-buffer is a plain numpy array.
+again, so a total allocated every step costs no page-locking after the first. That
+allocator rounds each block up to a power of two, so a job holds up to twice the
+page-locked memory its buffers need: the contribution, the total being formed, the last
+one applied, and any still queued to a newcomer. On a CPU a buffer is a plain numpy array.
 """
 
 from __future__ import annotations
