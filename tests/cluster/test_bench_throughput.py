@@ -30,6 +30,7 @@ def test_bench_throughput_trains_both_sides_the_same_steps(capsys) -> None:
     assert model["chaos"]["cpu_s"] > 0 and model["ddp"]["cpu_s"] > 0
     assert model["cpu_ratio"] > 0
     assert model["ratio"] == pytest.approx(model["chaos"]["step_s"] / model["ddp"]["step_s"], 0.01)
+    assert model["ratios_by_round"] == [pytest.approx(model["ratio"], abs=0.001)]
 
 
 def test_bench_throughput_refuses_bad_input(capsys) -> None:

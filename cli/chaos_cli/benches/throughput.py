@@ -12,7 +12,10 @@ report's `step_time_s`; DDP: rank 0's stamps after `optimizer.step()`), the firs
 samples/s), so `step_s - compute_s` is about what the all-reduce and apply add.
 `cpu_s` is the CPU seconds a process spends per step over the same steps (every thread;
 the median over processes): on a machine shared with other load, wall times swing with
-that load, the CPU each side spends per step much less (`cpu_ratio`).
+that load, the CPU each side spends per step much less (`cpu_ratio`). `ratios_by_round`
+pairs each round's two sides, which ran back to back: on a shared machine their spread
+can exceed the difference being measured (two one-round runs of one configuration gave
+1.16 and 1.54 on a shared 2-core VM), so compare medians of five rounds or more.
 """
 
 from __future__ import annotations
@@ -117,6 +120,10 @@ def _model(label: str, entry: str, size: str | None, args: argparse.Namespace) -
         "chaos": _side(chaos),
         "ratio": round(chaos_s / ddp_s, 3),
         "cpu_ratio": _ratio(_side(chaos)["cpu_s"], _side(ddp)["cpu_s"]),
+        # each round's two sides ran back to back: their spread shows the machine's noise
+        "ratios_by_round": [
+            round(c["step_s"] / d["step_s"], 3) for d, c in zip(ddp, chaos, strict=True)
+        ],
     }
 
 
