@@ -1,5 +1,6 @@
 """TcpTransport over real loopback sockets, beyond the shared contract
-(tests/unit/test_transport_contract.py): big payloads written in pieces, a killed peer process.
+(tests/unit/test_transport_contract.py): big payloads written in pieces, mid-sized ones
+written as they are after their header, a killed peer process.
 
 Every test drives its own event loop with `asyncio.run`. Waits poll a condition with a
 generous deadline that only turns a hang into a failure; nothing asserts on time.
@@ -27,17 +28,20 @@ def test_32_mb_payload_arrives_intact_between_small_frames() -> None:
         a.transport.connect("b", b.address)
         big = random.Random(1).randbytes(32 << 20)
         floats = array.array("d", range(1 << 20))  # 8 MiB, memoryview format "d"
-        assert a.transport.send("b", chunk("a", 0), b"before")
-        assert a.transport.send("b", chunk("a", 1), big)
-        assert a.transport.send("b", chunk("a", 2), memoryview(floats))
-        assert a.transport.send("b", chunk("a", 3), b"after")
-        await until(lambda: len(b.got) == 4, "four frames at b")
-        assert [m.index for m in b.messages_from("a")] == [0, 1, 2, 3]
-        before, got_big, got_floats, after = b.payloads_from("a")
+        mid = random.Random(2).randbytes(300 << 10)  # over JOIN_BYTES, under a piece
+        mid_floats = array.array("d", range(1 << 14))  # 128 KiB, format "d"
+        payloads = [b"before", big, memoryview(floats), mid, memoryview(mid_floats), b"after"]
+        for index, payload in enumerate(payloads):
+            assert a.transport.send("b", chunk("a", index), payload)
+        await until(lambda: len(b.got) == len(payloads), "every frame at b")
+        assert [m.index for m in b.messages_from("a")] == list(range(len(payloads)))
+        before, got_big, got_floats, got_mid, got_mid_floats, after = b.payloads_from("a")
         assert (before, after) == (b"before", b"after")
         assert len(got_big) == len(big)
         assert hashlib.sha256(got_big).hexdigest() == hashlib.sha256(big).hexdigest()
         assert got_floats == floats.tobytes()
+        assert got_mid == mid
+        assert got_mid_floats == mid_floats.tobytes()
         await close_all(a, b)
 
     asyncio.run(scenario())

@@ -120,6 +120,11 @@ LINGER_S = 0.05
 """How long `TcpTransport.reachable` watches an accepted connection for a reset."""
 
 
+JOIN_BYTES = 1 << 16
+"""Frames whose payload is smaller are joined into one write (one syscall); larger payloads
+are written as they are, after their prefix and header."""
+
+
 async def _write_frame(
     writer: asyncio.StreamWriter, frame: list[bytes | memoryview], bucket: TokenBucket | None
 ) -> None:
@@ -133,7 +138,11 @@ async def _write_frame(
     if view.nbytes <= piece:
         if bucket is not None:
             await bucket.consume(len(prefix) + len(header) + view.nbytes)
-        writer.writelines(frame)
+        if view.nbytes < JOIN_BYTES:
+            writer.writelines(frame)
+        else:  # the payload as it is: `writelines` (Python 3.11) would join it all first
+            writer.write(bytes(prefix) + bytes(header))
+            writer.write(view.cast("B"))
         return
     view = view.cast("B")
     if bucket is not None:
