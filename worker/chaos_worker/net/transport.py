@@ -121,28 +121,26 @@ LINGER_S = 0.05
 
 
 JOIN_BYTES = 1 << 16
-"""Frames whose payload is smaller are joined into one write (one syscall); larger payloads
-are written as they are, after their prefix and header."""
+"""Frames whose payload is smaller (and within a piece) are joined into one write, one
+syscall; a larger payload is written as it is, after its prefix and header."""
 
 
 async def _write_frame(
     writer: asyncio.StreamWriter, frame: list[bytes | memoryview], bucket: TokenBucket | None
 ) -> None:
-    """Write one encoded frame; a large payload goes a piece at a time, never copied whole.
+    """Write one encoded frame: a small one in one joined write; a larger one as its prefix
+    and header, then its payload a piece at a time, never copied (Python 3.11's
+    `writelines` joins what it is given into one new `bytes`).
 
-    With a `bucket`, every piece waits for its tokens first (shaped link).
+    With a `bucket`, every write waits for its tokens first (shaped link).
     """
     prefix, header, payload = frame
     view = memoryview(payload)
     piece = PIECE if bucket is None else bucket.piece
-    if view.nbytes <= piece:
+    if view.nbytes < JOIN_BYTES and view.nbytes <= piece:
         if bucket is not None:
             await bucket.consume(len(prefix) + len(header) + view.nbytes)
-        if view.nbytes < JOIN_BYTES:
-            writer.writelines(frame)
-        else:  # the payload as it is: `writelines` (Python 3.11) would join it all first
-            writer.write(bytes(prefix) + bytes(header))
-            writer.write(view.cast("B"))
+        writer.writelines(frame)
         return
     view = view.cast("B")
     if bucket is not None:

@@ -114,8 +114,7 @@ class GradientSync:
         self._spec = spec
         self._device = device
         self._collective = collective
-        self.buf = collective.zeros()  # pinned on a GPU, as its totals (`staging.py`)
-        self._grads = _flat_gradients(spec.model, self.buf, device)
+        self.renew()  # the first `buf`: the collective's (pinned on a GPU, `staging.py`)
         self._buckets = (
             BucketMap(
                 trainable_parameters(spec.model),
