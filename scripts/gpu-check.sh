@@ -4,7 +4,7 @@
 #   nvidia-smi.txt, env.json           the driver, Python, torch, CUDA and the device
 #   run-*.json (+ .png)                 `chaos run` reports, float64, 4 workers: no churn and
 #                                       the default churn on the device, the churn on cpu
-#   unit-device.out                     the unit tests that need the device (pinned staging)
+#   unit-device.out                     the unit tests that need the device (pinned staging, per-bucket side-stream copies)
 #   bench-*.json                        `chaos bench` results: throughput on the device against
 #                                       torch DDP, scale-out, then the others as time allows
 #   logs/<step>/<run dir>/              worker configs and stderr of every run

@@ -1,8 +1,10 @@
-"""Where a step's host buffers come from (`training/staging.py`): the collective's allocator
-makes every contribution and total, so a job on a GPU stages through pinned memory.
+"""Where a step's host buffers come from and how the gradient reaches them
+(`training/staging.py`): the collective's allocator makes every contribution and total, so a
+job on a GPU stages through pinned memory, and a gradient kept apart from the buffer is
+copied into it bucket by bucket, each released only once copied.
 
-The allocator is real numpy and torch; the GPU test runs only where CUDA is
-(`scripts/gpu-check.sh` runs this file on the device).
+The allocator is real numpy and torch, the backward real; the GPU tests run only where
+CUDA is (`scripts/gpu-check.sh` runs this file on the device).
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import WorkerConfig
 from chaos_worker.examples.digits import PairDataset
 from chaos_worker.membership.view import View
-from chaos_worker.training.compute import local_step
-from chaos_worker.training.staging import host_alloc, pinned_empty
+from chaos_worker.training.compute import (
+    FlatGradients,
+    gradient_sum,
+    local_step,
+    trainable_parameters,
+)
+from chaos_worker.training.overlap import BucketMap
+from chaos_worker.training.staging import BucketStaging, host_alloc, pinned_empty
 from chaos_worker.training.sync import GradientSync, gradient_layout
 from chaos_worker.training.trainspec import TrainSpec
 from torch import nn
@@ -114,16 +122,64 @@ def test_contributions_and_totals_come_from_the_collectives_allocator() -> None:
     assert not zeros.any()
 
 
+def _staged(device: torch.device, per: int) -> tuple[TrainSpec, torch.Tensor, np.ndarray]:
+    """A model on `device` whose gradients are views of a vector there, and a host buffer
+    of NaN (what no released bucket may show) for them, the loss and the count."""
+    spec = _spec(device)
+    count = sum(p.numel() for p in trainable_parameters(spec.model))
+    flat = torch.zeros(count, dtype=torch.float64, device=device)
+    return spec, flat, np.full(count + 2, np.nan)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_each_staged_bucket_is_released_once_after_its_copy(device: str) -> None:
+    """Buckets final to the hooks are copied from the gradient's own vector and released
+    by `computed` on the compute thread, each once, holding its final values, the last
+    layer's first; the loop's `finish` afterwards releases nothing more."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    per = 8
+    spec, flat, buf = _staged(torch.device(device), per)
+    grads = FlatGradients(spec.model, flat)
+    params = trainable_parameters(spec.model)
+    buckets = BucketMap(params, bucket_elements=per, buckets=-(-buf.size // per))
+    released: list[tuple[int, np.ndarray]] = []
+    copies = BucketStaging(torch.device(device), per).step(
+        flat, buf, lambda i: released.append((i, buf[i * per : (i + 1) * per].copy()))
+    )
+    release = buckets.step(buf, 12, copies, copies.drain)
+    ids = list(range(12))
+    loss = gradient_sum(spec, ids, micro_batch=5, grads=grads, last_backward=release.last_backward)
+    assert released == []  # nothing before its copy is known to be done
+    release.computed(loss)
+    order = [index for index, _ in released]
+    assert sorted(order) == list(range(len(buckets.needs)))
+    assert order.index(len(order) - 1) < order.index(0)  # the last layer's before the first's
+    for index, values in released:
+        np.testing.assert_array_equal(values, buf[index * per : (index + 1) * per])
+    np.testing.assert_array_equal(buf[:-2], flat.cpu().numpy())
+    assert tuple(buf[-2:]) == (loss, 12.0)
+    release.finish(loss)
+    assert len(released) == len(order)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_a_gpu_buffers_are_pinned_and_the_trajectory_kept() -> None:
+@pytest.mark.parametrize("bucket_bytes", [4 << 20, 64])
+def test_on_a_gpu_buffers_are_pinned_and_the_trajectory_kept(bucket_bytes: int) -> None:
     """A model on a GPU: the contribution and every total live in page-locked memory, and
-    the steps equal `local_step` on the same device."""
+    the steps equal `local_step` on the same device, with one bucket (copied after the
+    compute) and with many (copied on the side stream while backward runs)."""
     device = torch.device("cuda")
     assert torch.from_numpy(pinned_empty(10, np.float32)).is_pinned()
     ours, reference = _spec(device), _spec(device)
     size, dtype = gradient_layout(ours)
     collective = TreeAllReduce(
-        "w0", lambda *a: None, size=size, dtype=dtype, alloc=host_alloc(device)
+        "w0",
+        lambda *a: None,
+        size=size,
+        dtype=dtype,
+        bucket_bytes=bucket_bytes,
+        alloc=host_alloc(device),
     )
     sync = GradientSync(_config(), ours, device, collective)
     assert torch.from_numpy(sync.buf).is_pinned()
@@ -132,3 +188,7 @@ def test_on_a_gpu_buffers_are_pinned_and_the_trajectory_kept() -> None:
         assert torch.from_numpy(total).is_pinned()
         expected = local_step(reference, sync.sample_ids(step), BATCH)
         assert loss == pytest.approx(expected, rel=1e-12)
+    for ours_p, reference_p in zip(
+        ours.model.parameters(), reference.model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(ours_p, reference_p, rtol=1e-12, atol=1e-14)

@@ -10,10 +10,13 @@ forward is done. When the compute returns, `finish` releases what no hook did: b
 parameters that got no gradient in the last micro-batch, or all of them without samples.
 The hooks are removed as the backward ends, so none outlives a step.
 
-Only on a CPU, with `FlatGradients` and more than one bucket (`sync.GradientSync` decides): on a GPU
-a hook fires when the accumulating kernel is queued, not done; with mixed dtypes the buffer
-is only filled after the compute; a single bucket is final only when backward ends. There
-the whole buffer is released after the compute.
+On a GPU a hook fires when the accumulating kernel is queued, not done: there the signal
+starts the bucket's copy to the host (`staging.BucketCopies`), and the compute thread,
+once it has queued the step (`Release.computed`), releases each bucket as its copy lands.
+
+Only with `FlatGradients` and more than one bucket (`sync.GradientSync` decides): with
+mixed dtypes the buffer is only filled after the compute; a single bucket is final only
+when backward ends. There the whole buffer is released after the compute.
 """
 
 from __future__ import annotations
@@ -57,19 +60,34 @@ class BucketMap:
             for bucket in span:
                 self.needs[bucket] += 1
 
-    def step(self, buf: np.ndarray, samples: int, signal: Signal) -> Release:
-        """The release of one step's buckets of `buf`, `samples` computed here."""
-        return Release(self, buf, samples, signal)
+    def step(
+        self,
+        buf: np.ndarray,
+        samples: int,
+        signal: Signal,
+        settle: Callable[[], None] | None = None,
+    ) -> Release:
+        """The release of one step's buckets of `buf`, `samples` computed here; `settle`:
+        see `Release.computed`."""
+        return Release(self, buf, samples, signal, settle)
 
 
 class Release:
     """One step: releases each bucket once, when the last of what it waits for is final."""
 
-    def __init__(self, buckets: BucketMap, buf: np.ndarray, samples: int, signal: Signal) -> None:
+    def __init__(
+        self,
+        buckets: BucketMap,
+        buf: np.ndarray,
+        samples: int,
+        signal: Signal,
+        settle: Callable[[], None] | None = None,
+    ) -> None:
         self._map = buckets
         self._buf = buf
         self._samples = samples
         self._signal = signal
+        self._settle = settle
         self._pending = list(buckets.needs)
         self._final: set[int] = set()  # indices into the map's spans
         self._lock = threading.Lock()
@@ -88,6 +106,15 @@ class Release:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def computed(self, loss: float) -> None:
+        """On the compute thread, as it returns. Where `signal` only starts work whose end
+        `settle` waits for (a bucket's copy from a device), it releases the rest and calls
+        `settle`, so the event loop never waits for a device; elsewhere nothing (`finish`,
+        on the loop, releases the rest)."""
+        if self._settle is not None:
+            self.finish(loss)
+            self._settle()
 
     def finish(self, loss: float) -> None:
         """The compute returned: release every bucket not released yet."""

@@ -43,6 +43,7 @@ from chaos_worker.training.compute import (
 )
 from chaos_worker.training.overlap import BucketMap, Release, signal_to
 from chaos_worker.training.sampling import step_sample_ids
+from chaos_worker.training.staging import BucketStaging
 from chaos_worker.training.trainspec import TrainSpec
 
 
@@ -96,10 +97,11 @@ class GradientSync:
 
     On a CPU the gradients are views of `buf` (`FlatGradients`), so backward writes the
     contribution in place and releases each bucket as the last backward finishes it
-    (`overlap.py`). Where that cannot work, the whole buffer is filled and released after
-    the compute: with mixed dtypes (no `FlatGradients`), and on a GPU (a hook fires when
-    the kernel is queued, not done; the gradient is staged to the host once computed);
-    so it is where it gains nothing, with one bucket (final only when backward ends).
+    (`overlap.py`). On a GPU they are views of one vector on the device, and each bucket
+    final to the hooks is copied to `buf` on a side stream and released once copied
+    (`staging.BucketStaging`). Where that cannot work, the whole buffer is filled and
+    released after the compute: with mixed dtypes (no `FlatGradients`); so it is where it
+    gains nothing, with one bucket (final only when backward ends).
     """
 
     def __init__(
@@ -121,8 +123,11 @@ class GradientSync:
                 bucket_elements=collective.bucket_elements,
                 buckets=collective.buckets,
             )
-            if self._grads is not None and device.type == "cpu" and collective.buckets > 1
+            if self._grads is not None and collective.buckets > 1
             else None
+        )
+        self._staging = (
+            BucketStaging(device, collective.bucket_elements) if device.type != "cpu" else None
         )
 
     def renew(self) -> None:
@@ -137,16 +142,22 @@ class GradientSync:
         if self._buckets is None:
             return None
         signal = signal_to(asyncio.get_running_loop(), contribution)
-        return self._buckets.step(contribution.buf, samples, signal)
+        if self._staging is None or self._grads is None:
+            return self._buckets.step(contribution.buf, samples, signal)
+        copies = self._staging.step(self._grads.flat, contribution.buf, signal)
+        return self._buckets.step(contribution.buf, samples, copies, copies.drain)
 
     def compute(self, ids: Sequence[int], release: Release | None) -> float:
-        return gradient_sum(
+        loss = gradient_sum(
             self._spec,
             ids,
             micro_batch=self._cfg.micro_batch,
             grads=self._grads,
             last_backward=None if release is None else release.last_backward,
         )
+        if release is not None:
+            release.computed(loss)
+        return loss
 
     def stage(
         self, contribution: Contribution, release: Release | None, loss: float, samples: int
