@@ -6,6 +6,7 @@ lost, the losses of the churn-free run, equal final states, and every member bac
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -30,12 +31,13 @@ class Watched:
     """A `chaos run` in the background whose workers log their progress (INFO) into a
     run directory kept under `tmp_path`, so that a test can act at a given step."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.report = tmp_path / "faulted.json"
         self._tmp = tmp_path / "runs"
         self._tmp.mkdir()
         env = {
             **os.environ,
+            **(env or {}),
             "TMPDIR": str(self._tmp),
             "CHAOS_KEEP_RUN_DIR": "1",
             "CHAOS_LOG_LEVEL": "INFO",
@@ -122,6 +124,51 @@ def test_a_worker_paused_past_the_timeout_is_removed_and_rejoins_by_itself(
     changes = [(c["removed"], c["added"]) for c in report["membership"]]
     assert changes == [([worker], []), ([], [worker])]  # out, then back by itself
     assert report["events"] == []  # nothing was injected
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to reset sockets")
+def test_a_member_stuck_in_its_compute_still_reports_to_a_recovery(
+    baseline: dict, tmp_path: Path
+) -> None:
+    """w1's compute thread is held in the middle of a step (its event loop runs on) when
+    the kernel resets every connection into w2. The abort cancels w1's all-reduce, so w1
+    can no longer complete that step and tells the coordinator how far it got at once,
+    not once its compute returns: the recovery keeps everyone and is agreed while w1 is
+    still held. (Before, w1 spoke only once its compute returned: nobody decided, since
+    the coordinator does not suspect a member it still hears from, and after twice the
+    failure timeout every member took itself for the one cut off and paused.)"""
+    if os.geteuid() != 0:
+        pytest.skip("ss -K needs root")
+    held = tmp_path / "held"
+    held.mkdir()
+    env = {
+        "CHAOS_STUCK_DIR": str(held),
+        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
+    }
+    entry = ("--entry", "tests.cluster.stuckfactory:factory")
+    run = Watched(tmp_path, *LIKE, *entry, "--failure-timeout", "1", env=env)
+    run.at_step("w1", 100)
+    (held / "stuck-w1").touch()
+    run._wait(lambda: (held / "held-w1").exists(), "w1's compute to be held")
+    port = run.address("w2").rpartition(":")[2]
+    subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], check=True)
+    w0 = run.run_dir() / "w0.stderr"
+    members = run._wait(lambda: _recovery_members(w0.read_text(errors="replace")), "a recovery")
+    still_held = (held / "stuck-w1").exists()
+    (held / "stuck-w1").unlink()
+    report, _ = run.finish()
+    assert members == ["w0", "w1", "w2"]
+    assert still_held
+    assert_whole(report, baseline)
+    assert report["membership"] == []  # nobody was removed
+
+
+def _recovery_members(log: str) -> list[str] | None:
+    """The members of the first decision a worker's log says it agreed on after a reset."""
+    for line in log.splitlines():
+        if " agreed {" in line and "'causes': ['reset:" in line:
+            return ast.literal_eval(line.split(" agreed ", 1)[1])["members"]
+    return None
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to reset sockets")

@@ -366,6 +366,30 @@ def test_a_crash_mid_step_is_replayed_from_a_member_that_holds_its_total() -> No
     assert h.membership.view.root == "w1"
 
 
+def reported() -> Event:
+    """The trainer's early word: the abort cancelled its all-reduce while its compute of
+    the step still runs, so its completed steps can no longer change."""
+    return event(lambda h: h.membership.report_status())
+
+
+def test_the_coordinator_decides_on_the_last_status_while_its_compute_still_runs() -> None:
+    """The decision goes out as the last status comes in, not once the coordinator's own
+    trainer is back from its compute; `recover` then installs it without a second status."""
+    h = run_table("w0", W4, [
+        (2.0, silent("w2"), ["report detected crash w2", "flood crash w2", "hear abort"]),
+        (2.0, reported(), ["flood status w0 done=4"]),
+        (2.1, status("w1", 4), ["flood status w1 done=4"]),
+        (2.2, status("w3", 4), [
+            "flood status w3 done=4",
+            "connect w1", "connect w3",
+            "flood decision e1 w0,w1,w3 root=w0 tree=w1:w0,w3:w0 T=5",
+            "report agreed 1 5",
+        ]),
+        (2.3, recovery(), ["hear installed", "trainer redoes", "report installed 1 5 False"]),
+    ])  # fmt: skip
+    assert not h.membership.aborting and sorted(h.membership.view.members) == ["w0", "w1", "w3"]
+
+
 def test_a_member_that_never_reports_is_suspected_after_the_failure_timeout() -> None:
     rows = crash_rows({"w1": 4, "w3": 4}, [])[:3]
     h = run_table("w0", W4, [

@@ -455,10 +455,10 @@ class Membership:
             aborting()
         self._changed.notify()
 
-    async def recover(self) -> Decision:
-        """Report progress to the coordinator, wait for the recovery decision and install
-        its view; the trainer then replays the aborted step (`Trainer.replay`) and calls
-        `recovered`."""
+    def report_status(self) -> None:
+        """Tell the coordinator how far this member got (once per recovery round): the
+        trainer calls it as soon as its completed steps can no longer change, which may
+        be before the compute of the aborted step has returned; `recover` calls it too."""
         epoch = self.view.epoch
         status = MemberStatus(
             id=f"status:{self.me}:{epoch}:{len(self.suspects)}",
@@ -468,6 +468,13 @@ class Membership:
             completed=self._progress.completed,
         )
         self.on_status(status, self._clock())
+
+    async def recover(self) -> Decision:
+        """Report progress to the coordinator (unless already reported this round), wait
+        for the recovery decision and install its view; the trainer then replays the
+        aborted step (`Trainer.replay`) and calls `recovered`."""
+        epoch = self.view.epoch
+        self.report_status()
         give_up = self._clock() + RECOVERY_PATIENCE * self._failure_timeout_s
         while self._immediate is None or self._immediate.view.epoch <= epoch:
             change = self._changed.next()  # before acting: a change made here counts too
@@ -557,6 +564,9 @@ class Membership:
             self._recovery = _Recovery(started=now)
         self._recovery.statuses[status.origin] = status.completed
         self._changed.notify()
+        # as coordinator, decide once the last status is in, even while this member's own
+        # compute of the aborted step still runs (its trainer is not in `recover` yet)
+        self.try_decide_recovery(now)
 
     def try_decide_recovery(self, now: float) -> None:
         """As coordinator, decide the recovery view once every live member has reported

@@ -126,12 +126,20 @@ class Trainer:
             release = self._sync.start(contribution, len(mine))
             reduce = self._collective.allreduce(view, progress.step, contribution)
             self._op = op = asyncio.ensure_future(reduce)
+            computing = asyncio.ensure_future(
+                asyncio.to_thread(_on_cpu_clock, self._sync.compute, mine, release)
+            )
             try:
-                loss, cpu_s = await asyncio.to_thread(
-                    _on_cpu_clock, self._sync.compute, mine, release
-                )
+                await asyncio.wait((computing, op), return_when=asyncio.FIRST_COMPLETED)
+                if op.cancelled() and membership.aborting:
+                    # aborted while computing: this step will not be applied, so the
+                    # coordinator may hear now how far this member got, not only once
+                    # the compute thread returns (it cannot be stopped mid-backward)
+                    membership.report_status()
+                loss, cpu_s = await computing
             except BaseException:
                 op.cancel()
+                computing.cancel()  # the thread runs on; nothing waits for its result
                 raise
             compute_s = time.perf_counter() - started
             self._ready_t = self._clock()  # this member's gradient is ready to reduce
