@@ -116,6 +116,7 @@ class GradientSync:
         self._spec = spec
         self._device = device
         self._collective = collective
+        self._grads: FlatGradients | None = None
         self.renew()  # the first `buf`: the collective's (pinned on a GPU, `staging.py`)
         self._buckets = (
             BucketMap(
@@ -132,7 +133,10 @@ class GradientSync:
 
     def renew(self) -> None:
         self.buf = self._collective.zeros()
-        self._grads = _flat_gradients(self._spec.model, self.buf, self._device)
+        # on a CPU the gradients are views of `buf`; on a GPU of a vector there that no
+        # link reads, so it is kept
+        if self._device.type == "cpu" or self._grads is None:
+            self._grads = _flat_gradients(self._spec.model, self.buf, self._device)
 
     def sample_ids(self, step: int) -> list[int]:
         cfg = self._cfg
