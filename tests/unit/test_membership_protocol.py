@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from chaos_worker.membership.protocol import Listeners, Membership
+from chaos_worker.membership.listeners import Listeners
+from chaos_worker.membership.protocol import Membership
 from chaos_worker.membership.view import View, full_mesh, initial_view
 from chaos_worker.net.wire import Cause, Decision, MemberStatus, Proposal, WireMessage
 from chaos_worker.ports import Progress

@@ -33,8 +33,9 @@ from chaos_worker.join.activation import watch as watch_order
 from chaos_worker.join.newcomer import SEED, Newcomer
 from chaos_worker.join.sponsor import JoinSponsor
 from chaos_worker.membership.joiners import JoinerCheck, OwnAdmission
+from chaos_worker.membership.listeners import Listeners
 from chaos_worker.membership.liveness import Liveness
-from chaos_worker.membership.protocol import Listeners, Membership
+from chaos_worker.membership.protocol import Membership
 from chaos_worker.membership.view import View, full_mesh, initial_view
 from chaos_worker.net.bounds import Guard, Limits, Rejections
 from chaos_worker.net.control import ControlLink
