@@ -12,9 +12,9 @@ allocator rounds each block up to a power of two, so a job holds up to twice the
 page-locked memory its buffers need: the contribution, the total being formed, the last
 one applied, and any still queued to a newcomer. On a CPU a buffer is a plain numpy array.
 
-The flat gradient reaches the contribution bucket by bucket while backward runs
-(`BucketStaging`), copied on a side stream, so the all-reduce of the last layers' buckets
-overlaps the backward of the first ones, as it does on a CPU.
+Where the gradient spans several buckets, it reaches the contribution bucket by bucket
+while backward runs (`BucketStaging`), copied on a side stream, so the all-reduce of the
+last layers' buckets overlaps the backward of the first ones, as it does on a CPU.
 """
 
 from __future__ import annotations
