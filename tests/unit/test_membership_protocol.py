@@ -391,6 +391,22 @@ def test_the_coordinator_decides_on_the_last_status_while_its_compute_still_runs
     assert not h.membership.aborting and sorted(h.membership.view.members) == ["w0", "w1", "w3"]
 
 
+def test_a_member_left_out_by_a_recovery_it_holds_decides_none_of_its_own() -> None:
+    """w0 was paused: the others removed it in epoch 1. Woken, it holds that decision, and
+    their statuses and its own (its trainer's early word) come in: it must not decide a
+    second epoch 1 of its own, which would split the job."""
+    without = mesh("w1", "w2").model_copy(update={"epoch": 1})
+    h = run_table("w0", W3, [
+        (1.0, decision(without, 5, immediate=True), None),
+        (1.0, reported(), ["flood status w0 done=4"]),
+        (1.1, status("w1", 4), ["flood status w1 done=4"]),
+        (1.2, status("w2", 4), ["flood status w2 done=4"]),
+        (1.3, watch(), []),
+    ])  # fmt: skip
+    decisions = [line for line in h.out.log if line.startswith("flood decision")]
+    assert decisions == ["flood decision e1 w1,w2 root=w1 tree=w2:w1 T=5"]  # theirs, forwarded
+
+
 def test_a_member_that_never_reports_is_suspected_after_the_failure_timeout() -> None:
     rows = crash_rows({"w1": 4, "w3": 4}, [])[:3]
     h = run_table("w0", W4, [
@@ -497,6 +513,37 @@ def test_a_link_down_on_the_tree_aborts_and_the_tree_is_repaired_around_it() -> 
         ]),
     ])  # fmt: skip
     assert h.membership.view.parent["w1"] == "w2"
+
+
+def test_an_abort_of_the_next_epoch_that_comes_while_recovering_is_not_forgotten() -> None:
+    """w1 still recovers from epoch 0 (its compute was slow) when w2, already in epoch 1,
+    floods a reset of epoch 1 and its status for that round. Once w1 installs epoch 1 it
+    aborts again and reports, and as coordinator (w0 is gone) it decides with w2's status
+    kept from before: the others aborted epoch 1 and wait for it."""
+    reset = Proposal(
+        id="reset:w1|w2:1", origin="w2", kind="reset", subject="w2", peer="w1",
+        detected_at=0.0, epoch=1,
+    )  # fmt: skip
+    ahead = MemberStatus(id="status:w2:1:0", origin="w2", epoch=1, round=0, completed=4)
+    h = run_table("w1", W3, [
+        (2.0, silent("w0"), ["report detected crash w0", "flood crash w0", "hear abort"]),
+        (2.0, reported(), ["flood status w1 done=4"]),
+        (2.1, status("w2", 4), None),  # w1 decides epoch 1 and floods it
+        (2.2, event(lambda h: h.membership.on_proposal(reset, h.now)), [
+            "flood reset w2-w1", "hear abort",
+        ]),
+        (2.2, event(lambda h: h.membership.on_status(ahead, h.now)), [
+            "flood status w2 done=4",
+        ]),
+        (2.3, recovery(), None),
+        (2.4, recovery(), None),  # the trainer, back at the top of its loop, aborting
+    ])  # fmt: skip
+    log = h.out.log
+    assert describe(h.membership.view) == "e2 w1,w2 root=w1 tree=w2:w1"
+    again = log[log.index("hear installed") :]  # from epoch 1 on
+    assert "hear abort" in again  # the reset of epoch 1 aborts it once in epoch 1
+    assert "flood status w1 done=4" in again  # its status for that round
+    assert any(line.startswith("flood decision e2") for line in again)  # w2's status kept
 
 
 # ---------------------------------------------------------------------- partition

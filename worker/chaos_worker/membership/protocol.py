@@ -19,13 +19,14 @@ import logging
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from chaos_worker.membership.listeners import Listeners
 from chaos_worker.membership.planned import Planned
 from chaos_worker.membership.readiness import switch_steps
+from chaos_worker.membership.recovery import RecoveryRound
 from chaos_worker.membership.rules import (
+    IMMEDIATE,
     change_of,
     crash_change,
     expected,
@@ -56,15 +57,6 @@ FIFO_SWITCH_MARGIN = 2
 RECOVERY_PATIENCE = 2.0
 """Failure timeouts a member waits for a recovery decision before it takes itself for the
 one cut off, leaves the view and asks to be admitted again."""
-
-
-@dataclass
-class _Recovery:
-    """What this member knows about the recovery round of its current epoch."""
-
-    started: float
-    statuses: dict[str, int] = field(default_factory=dict)
-    decided: bool = False
 
 
 class Membership:
@@ -109,7 +101,7 @@ class Membership:
         self._open: dict[str, Proposal] = {}
         self._received_at: dict[str, float] = {}  # proposal id -> when it arrived here
         self._immediate: Decision | None = None
-        self._recovery: _Recovery | None = None
+        self._recovery: RecoveryRound | None = None
         self._floor_epoch = 0
         self._asked_back = False
         self.addresses: dict[str, str] = {}
@@ -228,6 +220,10 @@ class Membership:
             return  # falsely suspected: the others' recovery view leaves us out, we rejoin
         self._open[proposal.id] = proposal
         self._received_at[proposal.id] = now
+        self._take(proposal, now)
+
+    def _take(self, proposal: Proposal, now: float) -> None:
+        """Act on an open proposal: an immediate change aborts, a planned one may be decided."""
         if proposal.kind == "crash":
             self.suspects.add(proposal.subject)
             if proposal.confirmed:
@@ -240,6 +236,13 @@ class Membership:
         else:
             self._maybe_decide(now)
         self._changed.notify()
+
+    def _abort_again(self, now: float) -> None:
+        """Just recovered into a new epoch: abort it for each immediate proposal made in it
+        that came while this member still recovered (the others, already in it, did)."""
+        for proposal in list(self._open.values()):
+            if proposal.kind in IMMEDIATE and not fenced(self.view, self.suspects, proposal):
+                self._take(proposal, now)
 
     # ------------------------------------------------------------------ planned changes
 
@@ -430,15 +433,17 @@ class Membership:
         self._telemetry.stall.change_started()
         if not self.aborting:
             self.aborting = True
-            self._recovery = _Recovery(started=now)
+            if self._recovery is None or self._recovery.decided:
+                self._recovery = RecoveryRound(started=now)
+            else:  # statuses came first, from members ahead: kept, the timeout counts anew
+                self._recovery.started = now
         for aborting in self.listeners.aborting:
             aborting()
         self._changed.notify()
 
     def report_status(self) -> None:
-        """Tell the coordinator how far this member got (once per recovery round): the
-        trainer calls it as soon as its completed steps can no longer change, which may
-        be before the compute of the aborted step has returned; `recover` calls it too."""
+        """Tell the coordinator how far this member got (once a round): the trainer calls
+        it once its completed steps cannot change, maybe before its compute has returned."""
         epoch = self.view.epoch
         status = MemberStatus(
             id=f"status:{self.me}:{epoch}:{len(self.suspects)}",
@@ -476,12 +481,14 @@ class Membership:
         self.suspects.clear()
         self.confirmed.clear()
         self._planned.drop_through(view.epoch)  # planned before the abort: recovery replaces it
-        self._recovery = None
+        now = self._clock()
+        self._recovery = self._recovery.ahead(view.epoch, now) if self._recovery else None
         self.aborting = False
         self._floor_epoch = view.epoch
         self.view = view
         self.view_step = decision.effective_step
         self._view_installed()
+        self._abort_again(now)
         return decision
 
     def withdraw(self, decision: Decision, now: float) -> None:
@@ -541,17 +548,20 @@ class Membership:
         if self.view is None or status.epoch < self._floor_epoch:
             return
         if self._recovery is None:
-            self._recovery = _Recovery(started=now)
+            self._recovery = RecoveryRound(started=now)
         self._recovery.statuses[status.origin] = status.completed
+        self._recovery.epochs[status.origin] = status.epoch
         self._changed.notify()
-        # as coordinator, decide once the last status is in, even while this member's own
-        # compute of the aborted step still runs (its trainer is not in `recover` yet)
-        self.try_decide_recovery(now)
+        if self.aborting:  # as coordinator, decide once the last status is in, even while
+            self.try_decide_recovery(now)  # its own compute still runs (not in `recover`)
 
     def try_decide_recovery(self, now: float) -> None:
         """As coordinator, decide the recovery view once every live member has reported
-        (or suspect those that have not within the failure timeout)."""
+        (or suspect those that have not within the failure timeout); not once it holds
+        a recovery decision of a later epoch (one that may leave it out)."""
         if self._recovery is None or self.view is None or self._recovery.decided:
+            return
+        if self._immediate is not None and self._immediate.view.epoch > self.view.epoch:
             return
         statuses = self._recovery.statuses
         latest = max(statuses.values(), default=self._progress.completed)
