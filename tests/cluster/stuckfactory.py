@@ -25,7 +25,7 @@ def _worker_id() -> str:
 
 
 def factory(*, seed: int, dtype: torch.dtype, device: torch.device):
-    model, optimizer, dataset = digits.factory(seed=seed, dtype=dtype, device=device)[:3]
+    model, optimizer, dataset = digits.factory(seed=seed, dtype=dtype, device=device)
     here = Path(os.environ["CHAOS_STUCK_DIR"])
     me = _worker_id()
     stuck, held = here / f"stuck-{me}", here / f"held-{me}"

@@ -122,7 +122,7 @@ def test_contributions_and_totals_come_from_the_collectives_allocator() -> None:
     assert not zeros.any()
 
 
-def _staged(device: torch.device, per: int) -> tuple[TrainSpec, torch.Tensor, np.ndarray]:
+def _staged(device: torch.device) -> tuple[TrainSpec, torch.Tensor, np.ndarray]:
     """A model on `device` whose gradients are views of a vector there, and a host buffer
     of NaN (what no released bucket may show) for them, the loss and the count."""
     spec = _spec(device)
@@ -139,7 +139,7 @@ def test_each_staged_bucket_is_released_once_after_its_copy(device: str) -> None
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     per = 8
-    spec, flat, buf = _staged(torch.device(device), per)
+    spec, flat, buf = _staged(torch.device(device))
     grads = FlatGradients(spec.model, flat)
     params = trainable_parameters(spec.model)
     buckets = BucketMap(params, bucket_elements=per, buckets=-(-buf.size // per))
