@@ -24,12 +24,11 @@ from chaos_operator.federation.workerca import WorkerAuthority
 from chaos_worker.config import TlsFiles
 from chaos_worker.net.signing import Signer, Verifier
 from chaos_worker.net.tls import LinkTls
-from chaos_worker.net.transport import parse_address
 from chaos_worker.net.wire import Hello, Ping
 from cryptography.hazmat.primitives import serialization
 
 from tests.security.test_forged_messages import heartbeat
-from tests.security.test_identities import client_context, frames, secure, send_raw
+from tests.security.test_identities import client_context, frames, open_link, secure, send_raw
 from tests.transportkit import DEADLINE_S, close_all, until
 from tests.unit.test_federation_tls import Party, make_identity, peer
 
@@ -149,9 +148,7 @@ def test_a_party_cannot_mint_a_member_of_another_party(synced: dict) -> None:
         assert refused.value.verify_message == "permitted subtree violation"
         # control: beta's CA naming its own member, in beta's name, is heard
         ok = frames(Hello(sender="beta.w2"), Ping(sender="beta.w2", sent_at=2.0))
-        _, writer = await asyncio.open_connection(
-            *parse_address(a0.address), ssl=client_context(str(alpha_bundle), honest)
-        )
+        writer = await open_link(a0.address, client_context(str(alpha_bundle), honest))
         writer.write(ok)
         await until(lambda: len(a0.got) == 1, "beta.w2's ping")
         assert [(s, m.sent_at) for s, m, _ in a0.got] == [("beta.w2", 2.0)]

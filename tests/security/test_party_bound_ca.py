@@ -32,13 +32,12 @@ from chaos_operator.federation.workerca import (
 from chaos_worker.config import TlsFiles, member_uri
 from chaos_worker.net.signing import Signer, Verifier
 from chaos_worker.net.tls import LinkTls, bound_parties
-from chaos_worker.net.transport import parse_address
 from chaos_worker.net.wire import Hello, Ping, StateWitness
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from tests.security.test_identities import client_context, frames, send_raw
+from tests.security.test_identities import client_context, frames, open_link, send_raw
 from tests.security.test_refused_handshakes import HELLO_PING, refused, worker
 from tests.transportkit import close_all, until
 
@@ -84,7 +83,7 @@ def test_a_leaked_key_mints_no_member_of_another_party_that_a_handshake_accepts(
         w0, metrics = await worker("w0", ca.issue("w0"))
         # the run's own member is accepted, its frames delivered
         w1 = client_context(str(ca.ca_file), ca.issue("w1"))
-        _, writer = await asyncio.open_connection(*parse_address(w0.address), ssl=w1)
+        writer = await open_link(w0.address, w1)
         writer.write(HELLO_PING)
         await until(lambda: len(w0.got) == 1, "w1's ping")
         writer.close()
@@ -140,7 +139,7 @@ def test_a_ca_made_before_cas_were_bound_still_works(tmp_path: Path) -> None:
     async def scenario() -> None:
         w0, metrics = await worker("w0", old.issue("w0"))
         w1 = client_context(str(old.ca_file), old.issue("w1"))
-        _, writer = await asyncio.open_connection(*parse_address(w0.address), ssl=w1)
+        writer = await open_link(w0.address, w1)
         writer.write(HELLO_PING)
         await until(lambda: len(w0.got) == 1, "w1's ping")
         writer.close()

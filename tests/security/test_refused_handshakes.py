@@ -16,14 +16,14 @@ import pytest
 from chaos_operator.federation.workerca import WorkerCA
 from chaos_worker.config import TlsFiles
 from chaos_worker.net.tls import HANDSHAKE_REASONS, LinkTls
-from chaos_worker.net.transport import TcpTransport, parse_address
+from chaos_worker.net.transport import TcpTransport
 from chaos_worker.net.wire import Hello, Ping
 from chaos_worker.replication.ledger import HANDSHAKES_FILE, SentReader
 from chaos_worker.replication.sidecar import start_child
 from chaos_worker.replication.snapshot import SnapshotStore
 from chaos_worker.telemetry.metrics import WorkerMetrics
 
-from tests.security.test_identities import client_context, frames, send_raw
+from tests.security.test_identities import client_context, frames, open_link, send_raw
 from tests.transportkit import Node, close_all, start, until
 
 pytestmark = pytest.mark.security
@@ -71,7 +71,7 @@ def test_a_certificate_of_an_untrusted_ca_is_counted_as_unknown_ca(
         assert w0.got == []
         # an authenticated member's handshake is not counted, and its frames arrive
         w1_tls = client_context(str(ca.ca_file), ca.issue("w1"))
-        _, writer = await asyncio.open_connection(*parse_address(w0.address), ssl=w1_tls)
+        writer = await open_link(w0.address, w1_tls)
         writer.write(HELLO_PING)
         await until(lambda: len(w0.got) == 1, "w1's ping")
         writer.close()

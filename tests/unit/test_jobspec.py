@@ -362,8 +362,12 @@ def test_owned_template_fields_are_refused_naming_the_field(template, field: str
 def test_the_committed_pod_schema_is_the_generators() -> None:
     committed = podschema.committed()
     generated = podschema.generate()
-    if committed["x-chaos-generated-from"] != generated["x-chaos-generated-from"]:
-        pytest.skip(f"committed from {committed['x-chaos-generated-from']}; another client here")
+    source = committed.pop("x-chaos-generated-from")
+    here = generated.pop("x-chaos-generated-from")
+    # another client release may model pods differently: only then is a difference news
+    # about the client, not about the generator
+    if committed != generated and source != here:
+        pytest.skip(f"committed from {source}; {here} here generates another schema")
     assert committed == generated, "regenerate operator/chaos_operator/api/podtemplate.schema.json"
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from chaos_operator.federation.workerca import WorkerCA
+from chaos_worker.net import sealed
 from chaos_worker.net.bounds import Guard, Limits
 from chaos_worker.net.receiver import BUFFER_BYTES
 from chaos_worker.net.shaping import TokenBucket
@@ -32,6 +33,28 @@ from tests.transportkit import Node, chunk, close_all, start, until
 pytestmark = pytest.mark.cluster  # real sockets, as the contract's TCP cases
 
 
+class _Sealed:
+    """A sealed link's writer, with what its records would put on the wire (`wire`)."""
+
+    def __init__(self, bare: asyncio.StreamWriter, writer: asyncio.StreamWriter | None) -> None:
+        assert writer is not None
+        self.bare, self._writer = bare, writer
+
+    def __getattr__(self, name: str):
+        return getattr(self._writer, name)
+
+    def wire(self, data: bytes) -> bytes:
+        """The records `data` is sealed into, not sent."""
+        out: list[bytes] = []
+        transport = self.bare.transport
+        transport.write = lambda record: out.append(bytes(record))  # type: ignore[method-assign]
+        try:
+            self._writer.write(data)
+        finally:
+            del transport.write  # the class's own again
+        return b"".join(out)
+
+
 def _frame(message, payload: bytes = b"") -> bytes:
     return b"".join(bytes(part) for part in encode(message, payload))
 
@@ -43,8 +66,11 @@ async def _receiver(tls: LinkTls | None, **limits: int | float) -> Node:
 
 
 async def _said_hello(node: Node, address: str, ctx: ssl.SSLContext | None, name: str):
-    """A raw connection to `node` that said Hello as `name`, and the receiver's link."""
-    reader, writer = await asyncio.open_connection(*parse_address(address), ssl=ctx)
+    """A raw connection to `node` (sealed with `ctx`: `sealed.connect`) that said Hello as
+    `name`, and the receiver's link."""
+    reader, writer = await asyncio.open_connection(*parse_address(address))
+    if ctx is not None:
+        writer = _Sealed(writer, await sealed.connect(reader, writer, ctx))
     writer.write(_frame(Hello(sender=name)))
     await writer.drain()
     incoming = node.transport._in  # type: ignore[attr-defined]
@@ -70,6 +96,9 @@ def test_a_payload_that_arrives_in_many_small_pieces_is_delivered_whole(
         payloads = [rng.randbytes(200_000), rng.randbytes(3000)]
         data = b"".join(_frame(chunk("a", i, count=2), p) for i, p in enumerate(payloads))
         data += _frame(Ping(sender="a", sent_at=1.0))
+        sealing = writer  # held: a writer collected closes its connection
+        if secure:  # the records cut anywhere, as their bytes cross the wire
+            data, writer = sealing.wire(data), sealing.bare
         before, at, cuts = link.received, 0, [1, 2, 5]  # the first prefix a few bytes at once
         while at < len(data):
             size = cuts.pop(0) if cuts else rng.choice([1, 7, 100, 1500, 9000, 40_000])
@@ -81,7 +110,7 @@ def test_a_payload_that_arrives_in_many_small_pieces_is_delivered_whole(
         assert node.payloads_from("a")[:2] == payloads
         assert all(memoryview(p).readonly for p in node.payloads_from("a")[:2])
         assert isinstance(node.got[2][1], Ping) and node.got[2][2] == b""
-        writer.close()
+        sealing.close()
         await close_all(node)
 
     asyncio.run(scenario())

@@ -1,23 +1,25 @@
 """The accepting side of a link: frames read straight into the buffers they end in.
 
 A `TcpTransport` listener gives each accepted connection an `IncomingLink`, an
-`asyncio.BufferedProtocol`: the socket (`recv_into`) or, under TLS, `sslproto`'s decryption
-writes into the buffer that `get_buffer` hands out. Prefixes, headers and small payloads go
-through a small internal buffer (`BUFFER_BYTES`); an admitted payload goes into one buffer
-of exactly its size, allocated only once `read_frame` has checked its length and admitted
-its message (or one its receiver names for it: `Place`), and is handed on as a read-only
-memoryview of it (no `bytes` is built, no piece is joined). A refused payload is read to
-nothing through the internal buffer. When no read is waiting and the internal buffer is
-full, the link pauses reading: a peer can make it hold no more than that buffer and the
-frame being read (`docs/security.md`, "Bounded everything").
+`asyncio.BufferedProtocol`: the socket (`recv_into`) writes into the buffer that
+`get_buffer` hands out. Under TLS the link's frames are read through its records
+(`sealed.OpenedLink`, a `FrameStream` too), each decrypted into the buffer a read names.
+Prefixes, headers and small payloads go through a small internal buffer (`BUFFER_BYTES`);
+an admitted payload goes into one buffer of exactly its size, allocated only once
+`read_frame` has checked its length and admitted its message (or one its receiver names
+for it: `Place`), and is handed on as a read-only memoryview of it (no `bytes` is built,
+no piece is joined). A refused payload is read to nothing through the internal buffer.
+When no read is waiting and the internal buffer is full, the link pauses reading: a peer
+can make it hold no more than that buffer and the frame being read (`docs/security.md`,
+"Bounded everything").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Callable, Coroutine
+from typing import Protocol
 
 import numpy as np
 
@@ -50,6 +52,20 @@ _DIRECT_BYTES = 1 << 14
 copied out of the internal buffer (one `recv` serves many small frames)."""
 
 
+class FrameStream(Protocol):
+    """The bytes of one incoming link as `read_frame` reads them."""
+
+    async def read(self, size: int, timeout: float) -> bytes | bytearray: ...
+
+    async def readinto(
+        self, view: memoryview | None, timeout: float, *, size: int = 0, idle: bool = False
+    ) -> None: ...
+
+    def widen(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: object = None) -> object: ...
+
+
 class IncomingLink(asyncio.BufferedProtocol):
     """One accepted connection: its bytes, read on demand by the task `serve` runs for it.
 
@@ -78,7 +94,7 @@ class IncomingLink(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        self._pause()  # until a read waits (a TLS handshake must find the bytes unread)
+        self._pause()  # until a read waits
         self.task = self._loop.create_task(self._serve(self))
         self.task.add_done_callback(self._served)
 
@@ -130,17 +146,6 @@ class IncomingLink(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
-        """The server's half of the TLS handshake; later bytes are decrypted into the
-        buffers reads hand out (`sslproto` reads a `BufferedProtocol` that way)."""
-        assert self.transport is not None and self._start == self._end
-        transport = self.transport
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = await self._loop.start_tls(
-            transport, self, context, server_side=True, ssl_handshake_timeout=timeout
-        )
-        self._paused = False
 
     def widen(self) -> None:
         """The first frame is read: from now on, the full internal buffer."""
@@ -226,7 +231,7 @@ class IncomingLink(asyncio.BufferedProtocol):
 
 
 async def read_frame(
-    link: IncomingLink,
+    link: FrameStream,
     guard: Guard,
     max_payload: int,
     downlink: TokenBucket | None,

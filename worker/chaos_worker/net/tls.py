@@ -73,7 +73,7 @@ def refusal(error: BaseException) -> str | None:
         return None
     if isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return None
-    reason = error.reason or ""
+    reason = getattr(error, "reason", None) or ""  # none on one raised in Python
     if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
         return "no_certificate"
     return None if "ALERT" in reason else "other"
@@ -153,6 +153,8 @@ def _context(files: TlsFiles, *, server: bool) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False  # member ids are no host names: `peer_of` checks the id
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if server:  # no resumption: a sealed link's client reads nothing after its handshake
+        ctx.num_tickets = 0
     try:
         ctx.load_cert_chain(files.cert, files.key)
         ctx.load_verify_locations(cafile=files.ca)

@@ -29,11 +29,13 @@ the buffer each payload is handed on in. Links can be blocked to emulate a link 
 blocked link neither sends nor accepts frames. Outgoing links may be shaped (rate and added
 delay, see `chaos_worker.net.shaping`) and incoming bytes may share one downlink bucket.
 
-With `tls` (`chaos_worker.net.tls`) every connection is mutual TLS 1.3: an incoming peer is
-the member its certificate names (a Hello that claims another id is refused), and an
-outgoing link carries frames only once the server's certificate names the peer it is for.
-A listener upgrades each accepted connection itself (`start_tls`), so that a handshake it
-refuses is counted (`LinkTls.refusals`), as are the refusals of either direction's names.
+With `tls` (`chaos_worker.net.tls`) every connection begins with a mutual TLS 1.3 handshake
+and then carries its frames sealed under a key that handshake protected
+(`chaos_worker.net.sealed`): an incoming peer is the member its certificate names (a Hello
+that claims another id is refused), and an outgoing link carries frames only once the
+server's certificate names the peer it is for. A listener runs each accepted connection's
+handshake itself, so that a handshake it refuses is counted (`LinkTls.refusals`), as are
+the refusals of either direction's names.
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from chaos_worker.net import sealed
 from chaos_worker.net.address import parse_address
 from chaos_worker.net.bounds import Guard
-from chaos_worker.net.receiver import IncomingLink, Payload, Place, read_frame
+from chaos_worker.net.receiver import FrameStream, IncomingLink, Payload, Place, read_frame
 from chaos_worker.net.shaping import PIECE, LinkShape, TokenBucket
-from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, names
+from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, PeerIdentity, names
 from chaos_worker.net.wire import Goodbye, Hello, Message, WireError, WireMessage, encode
 
 log = logging.getLogger(__name__)
@@ -386,29 +389,33 @@ class TcpTransport(QueuedTransport):
                 writer.close()
 
     async def _open_to(self, peer: str, host: str, port: int) -> asyncio.StreamWriter:
-        """`_open`'s connection; with TLS, retried (backing off to 0.5 s) until the handshake
-        succeeds and the server's certificate names `peer` (see `tls.names`)."""
+        """`_open`'s connection; with TLS, sealed (`sealed.connect`) and retried (backing
+        off to 0.5 s) until the handshake succeeds and the server's certificate names
+        `peer` (see `tls.names`)."""
         delay = 0.01
         while True:
-            writer = await _open(host, port)
+            reader, writer = await _open(host, port)
             if self._tls is None:
                 return writer
+            tls = self._tls
+            served: list[PeerIdentity | None] = []  # who the server's certificate names
+            named = functools.partial(_serves, tls, peer, served)
             try:
-                await writer.start_tls(self._tls.client, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
-                server = self._tls.peer(writer.get_extra_info("ssl_object"))
-                if names(peer, server):
-                    return writer
-                self._tls.refusals(peer, "bad_name", f"the server for {peer} is {server}")
+                connecting = sealed.connect(reader, writer, tls.client, named)
+                sealing = await asyncio.wait_for(connecting, HANDSHAKE_TIMEOUT_S)
+                if sealing is not None:
+                    return sealing
+                tls.refusals(peer, "bad_name", f"the server for {peer} is {served[0]}")
             except ssl.SSLError as exc:  # verification failed, one way or the other
                 if not self._tls.failed(peer, exc):  # the server refused ours (it counts that)
                     self._warn_once(peer, "handshake", "TLS to %s failed: %s", peer, exc)
-            except OSError:  # reset or closed during the handshake: as a failed connect
-                pass
+            except (OSError, asyncio.IncompleteReadError):  # reset, closed or timed out
+                pass  # during the handshake: as a failed connect
             writer.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def _authentic(self, claimed: str, link: IncomingLink) -> bool:
+    def _authentic(self, claimed: str, link: FrameStream) -> bool:
         """Whether an incoming peer that says Hello as `claimed` is that member: always
         without TLS; with it, only if its certificate names `claimed`."""
         if self._tls is None:
@@ -431,17 +438,16 @@ class TcpTransport(QueuedTransport):
         sender = None
         graceful = False
         try:
-            if self._tls is not None:
-                await self._accept_tls(link)
-            first, _ = await self._read_frame(link)
+            stream: FrameStream = link if self._tls is None else await self._accept_tls(link)
+            first, _ = await self._read_frame(stream)
             if not isinstance(first, Hello) or first.sender in self._blocked:
                 return
-            if not self._authentic(first.sender, link):
+            if not self._authentic(first.sender, stream):
                 return
             sender = first.sender
             self._in.setdefault(sender, set()).add(link)
             while True:
-                message, payload = await self._read_frame(link, sender)
+                message, payload = await self._read_frame(stream, sender)
                 if sender in self._blocked:
                     return
                 if message is None:  # refused alone (counted): the link goes on
@@ -464,18 +470,19 @@ class TcpTransport(QueuedTransport):
                 self._in[sender].discard(link)
                 self._report_disconnect(sender, graceful)
 
-    async def _accept_tls(self, link: IncomingLink) -> None:
-        """The server's half of an incoming connection's handshake; a refusal is counted
+    async def _accept_tls(self, link: IncomingLink) -> sealed.OpenedLink:
+        """The server's half of an incoming connection's handshake, and the link's frames
+        read through its records (`sealed.accept`); a refusal is counted
         (`LinkTls.failed`) and raises, as a peer that went away does."""
         assert self._tls is not None
         try:
-            await link.start_tls(self._tls.server, HANDSHAKE_TIMEOUT_S)
+            return await sealed.accept(link, self._tls.server, HANDSHAKE_TIMEOUT_S)
         except ssl.SSLError as exc:
             self._tls.failed(_host_of(link, "before its handshake"), exc)
             raise
 
     async def _read_frame(
-        self, link: IncomingLink, sender: str | None = None
+        self, link: FrameStream, sender: str | None = None
     ) -> tuple[Message | None, Payload]:
         """`receiver.read_frame` with this transport's guard, hard limit, downlink and place."""
         return await read_frame(
@@ -483,12 +490,12 @@ class TcpTransport(QueuedTransport):
         )
 
 
-async def _open(host: str, port: int) -> asyncio.StreamWriter:
+async def _open(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection to `host:port`, retried (backing off to 0.5 s) until it is accepted."""
     delay = 0.01
     while True:
         try:
-            _, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port)
         except OSError:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
@@ -496,7 +503,16 @@ async def _open(host: str, port: int) -> asyncio.StreamWriter:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return writer
+        return reader, writer
+
+
+def _serves(
+    tls: LinkTls, peer: str, served: list[PeerIdentity | None], server: ssl.SSLObject
+) -> bool:
+    """Whether `server`'s certificate names `peer` (`tls.names`); who it names is appended
+    to `served`."""
+    served.append(tls.peer(server))
+    return names(peer, served[-1])
 
 
 def _host_of(link: IncomingLink, when: str = "before hello") -> str:

@@ -1,0 +1,131 @@
+"""Sealed links (`chaos_worker.net.sealed`): after the TLS handshake a link's frames travel
+as AES-256-GCM records on the bare socket. A real worker listener and a real client over
+TLS; the man in the middle is played by changing what the client's socket is given after
+its records are sealed (the bytes on the wire), which is what one on the path could do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+
+from chaos_operator.federation.workerca import WorkerCA
+from chaos_worker.net import sealed
+from chaos_worker.net.transport import parse_address
+from chaos_worker.net.wire import Hello, Ping
+
+from tests.security.test_identities import client_context, frames, secure
+from tests.transportkit import DEADLINE_S, close_all, until
+
+MARK = 31415.9265
+
+
+Wire = Callable[[bytes], None]
+
+
+async def tapped(
+    address: str, ctx: ssl.SSLContext, change: Callable[[bytes], bytes]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list[bytes], Wire]:
+    """A sealed link to `address` whose every record goes out through `change`; returns
+    its reader, its writer, the bytes that went out, and a write of raw bytes."""
+    reader, bare = await asyncio.open_connection(*parse_address(address))
+    writer = await sealed.connect(reader, bare, ctx)
+    assert writer is not None
+    wire: list[bytes] = []
+    send = bare.transport.write
+
+    def on_the_wire(data: bytes | bytearray | memoryview) -> None:
+        out = change(bytes(data))
+        wire.append(out)
+        send(out)
+
+    bare.transport.write = on_the_wire  # type: ignore[method-assign]
+    return reader, writer, wire, send
+
+
+async def ends(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closes the link (it sends nothing on a sealed one)."""
+    try:
+        while await asyncio.wait_for(reader.read(1 << 16), DEADLINE_S):
+            pass
+    except ConnectionError:
+        pass
+    return True
+
+
+def test_frames_cross_sealed_and_arrive_whole(ca: WorkerCA) -> None:
+    async def scenario() -> None:
+        w0 = await secure("w0", ca.issue("w0"))
+        ctx = client_context(str(ca.ca_file), ca.issue("w1"))
+        _, writer, wire, _ = await tapped(w0.address, ctx, lambda data: data)
+        writer.write(frames(Hello(sender="w1"), Ping(sender="w1", sent_at=MARK)))
+        await until(lambda: len(w0.got) == 1, "w1's ping")
+        assert w0.got[0][1].sent_at == MARK
+        # what crossed the wire does not show the header's contents
+        assert str(MARK).encode() not in b"".join(wire) and b"w1" not in b"".join(wire)
+        writer.close()
+        await close_all(w0)
+
+    asyncio.run(scenario())
+
+
+def test_a_changed_record_is_refused_and_drops_the_link(ca: WorkerCA) -> None:
+    def flip_last(data: bytes) -> bytes:  # a bit of the tag of the second record
+        return data[:-1] + bytes([data[-1] ^ 1]) if flip_last.count else data
+
+    flip_last.count = 0
+
+    async def scenario() -> None:
+        w0 = await secure("w0", ca.issue("w0"))
+        ctx = client_context(str(ca.ca_file), ca.issue("w1"))
+        reader, writer, _, _ = await tapped(w0.address, ctx, flip_last)
+        writer.write(frames(Hello(sender="w1"), Ping(sender="w1", sent_at=1.0)))
+        await until(lambda: len(w0.got) == 1, "the first ping")
+        flip_last.count = 1
+        writer.write(frames(Ping(sender="w1", sent_at=2.0)))
+        assert await ends(reader)
+        assert w0.transport.guard.rejections.counts["forged"] == 1
+        assert [m.sent_at for _, m, _ in w0.got] == [1.0]
+        await close_all(w0)
+
+    asyncio.run(scenario())
+
+
+def test_a_record_replayed_on_its_link_is_refused(ca: WorkerCA) -> None:
+    sent: list[bytes] = []
+
+    def keep(data: bytes) -> bytes:
+        sent.append(data)
+        return data
+
+    async def scenario() -> None:
+        w0 = await secure("w0", ca.issue("w0"))
+        ctx = client_context(str(ca.ca_file), ca.issue("w1"))
+        reader, writer, _, send = await tapped(w0.address, ctx, keep)
+        writer.write(frames(Hello(sender="w1"), Ping(sender="w1", sent_at=1.0)))
+        await until(lambda: len(w0.got) == 1, "the first ping")
+        assert len(sent) == 1  # one record: the Hello and the Ping
+        send(sent[0])  # the same record again
+        assert await ends(reader)
+        assert w0.transport.guard.rejections.counts["forged"] == 1
+        assert len(w0.got) == 1
+        await close_all(w0)
+
+    asyncio.run(scenario())
+
+
+def test_a_record_length_out_of_bounds_is_refused_before_it_is_read(ca: WorkerCA) -> None:
+    async def scenario() -> None:
+        w0 = await secure("w0", ca.issue("w0"))
+        ctx = client_context(str(ca.ca_file), ca.issue("w1"))
+        reader, writer, _, send = await tapped(w0.address, ctx, lambda data: data)
+        writer.write(frames(Hello(sender="w1"), Ping(sender="w1", sent_at=1.0)))
+        await until(lambda: len(w0.got) == 1, "the first ping")
+        # 4 GiB announced; nothing follows, so a reader that waited for it would hang
+        send(b"\xff\xff\xff\xff")
+        assert await ends(reader)
+        assert w0.transport.guard.rejections.counts["oversize"] == 1
+        await close_all(w0)
+
+    asyncio.run(scenario())
