@@ -129,3 +129,21 @@ def test_a_record_length_out_of_bounds_is_refused_before_it_is_read(ca: WorkerCA
         await close_all(w0)
 
     asyncio.run(scenario())
+
+
+def test_both_sides_replace_the_key_in_step() -> None:
+    """Every `rekey_every` records the key changes (`next_key`) on both sides alike: the
+    records open across the change, and one sealed under the old key no longer does."""
+    key = bytes(range(32))
+    writer, reader = sealed._Records(key, rekey_every=2), sealed._Records(key, rekey_every=2)
+    stale = sealed._Records(key, rekey_every=1 << 30)
+    for n in range(5):
+        plain = memoryview(bytes([n]) * 100)
+        record = writer.seal(plain)
+        old = stale.seal(plain)
+        length, body = bytes(record[:4]), record[4:]
+        into = memoryview(bytearray(100))
+        reader.open(length, body, into)
+        assert bytes(into) == bytes(plain)
+        assert (bytes(old) == bytes(record)) == (n < 2)  # the same until the first change
+    assert sealed.next_key(key) != key and len(sealed.next_key(key)) == sealed.KEY_BYTES

@@ -14,6 +14,7 @@ connecting side writes only records:
                 link's key; nonce: the record's number on the link (0, 1, ...), 96 bits;
                 associated data: the length
 
+(every `REKEY_RECORDS` records both sides replace the key by `next_key` of it)
 and the accepting side reads them, decrypting each straight into the buffer its frame
 is read into (`OpenedLink`). The numbering is implicit, so a record dropped, repeated,
 reordered or changed fails its tag, as does one sealed for another link (another key):
@@ -32,7 +33,9 @@ from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from chaos_worker.net.receiver import IncomingLink
 from chaos_worker.net.shaping import PIECE
@@ -43,6 +46,9 @@ TAG_BYTES = 16
 LENGTH_BYTES = 4
 RECORD_BYTES = PIECE
 """The most plaintext one record seals: a piece of a payload, as the writer cuts them."""
+REKEY_RECORDS = 1 << 14
+"""Records sealed under one key, at most (16 GiB of full records): far inside the margin
+TLS 1.3 keeps for AES-GCM (RFC 8446, 5.5: 2^24.5 records of 16 KiB, about 380 GB)."""
 _TLS_HEADER = 5
 _TLS_RECORD_MAX = (1 << 14) + 256
 """The largest TLS 1.3 record body (RFC 8446, 5.2): what a handshake record may hold."""
@@ -55,13 +61,19 @@ ReadExactly = Callable[[int], Awaitable[bytes | bytearray]]
 
 
 class _Records:
-    """One direction's AES-256-GCM under one key; the nonce is the record's number."""
+    """One direction's AES-256-GCM; the nonce is the record's number, and every
+    `rekey_every` records the key is replaced by one derived from it (`REKEY_RECORDS`)."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, rekey_every: int = 0) -> None:
+        self._key = key
         self._aead = AESGCM(key)
         self._count = 0
+        self._rekey_every = rekey_every or REKEY_RECORDS
 
     def _nonce(self) -> bytes:
+        if self._count and self._count % self._rekey_every == 0:
+            self._key = next_key(self._key)
+            self._aead = AESGCM(self._key)
         nonce = self._count.to_bytes(12, "big")
         self._count += 1
         return nonce
@@ -73,15 +85,24 @@ class _Records:
         length = size.to_bytes(LENGTH_BYTES, "big")
         record[:LENGTH_BYTES] = np.frombuffer(length, np.uint8)
         sealed = memoryview(record)
-        self._aead.encrypt_into(self._nonce(), plain, length, sealed[LENGTH_BYTES:])
+        nonce = self._nonce()  # first: it may change the key
+        self._aead.encrypt_into(nonce, plain, length, sealed[LENGTH_BYTES:])
         return sealed
 
     def open(self, length: bytes, sealed: memoryview, into: memoryview) -> None:
         """Decrypt `sealed` into `into` (its plaintext's size), or refuse it (`forged`)."""
+        nonce = self._nonce()  # first: it may change the key
         try:
-            self._aead.decrypt_into(self._nonce(), sealed, length, into)
+            self._aead.decrypt_into(nonce, sealed, length, into)
         except InvalidTag:
             raise FrameError("a sealed record failed its authentication", "forged") from None
+
+
+def next_key(key: bytes) -> bytes:
+    """The key that follows `key` on a link (HKDF-SHA256): one-way, so a key found later
+    opens none of the records sealed before it."""
+    info = b"chaos sealed link: next key"
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(key)
 
 
 class _Handshake:
