@@ -16,7 +16,7 @@ from chaos_worker.net.transport import parse_address
 from chaos_worker.net.wire import Hello, Ping
 
 from tests.security.test_identities import client_context, frames, secure
-from tests.transportkit import DEADLINE_S, close_all, until
+from tests.transportkit import DEADLINE_S, Node, close_all, until
 
 MARK = 31415.9265
 
@@ -42,6 +42,20 @@ async def tapped(
 
     bare.transport.write = on_the_wire  # type: ignore[method-assign]
     return reader, writer, wire, send
+
+
+async def first_ping(
+    ca: WorkerCA, change: Callable[[bytes], bytes]
+) -> tuple[Node, asyncio.StreamReader, asyncio.StreamWriter, Wire]:
+    """A listening w0 and a sealed link from w1 through `change` (`tapped`) that said
+    Hello and sent one Ping, which w0 has. Hold the writer: one collected closes its
+    connection."""
+    w0 = await secure("w0", ca.issue("w0"))
+    ctx = client_context(str(ca.ca_file), ca.issue("w1"))
+    reader, writer, _, send = await tapped(w0.address, ctx, change)
+    writer.write(frames(Hello(sender="w1"), Ping(sender="w1", sent_at=1.0)))
+    await until(lambda: len(w0.got) == 1, "the first ping")
+    return w0, reader, writer, send
 
 
 async def ends(reader: asyncio.StreamReader) -> bool:
@@ -77,11 +91,7 @@ def test_a_changed_record_is_refused_and_drops_the_link(ca: WorkerCA) -> None:
     flip_last.count = 0
 
     async def scenario() -> None:
-        w0 = await secure("w0", ca.issue("w0"))
-        ctx = client_context(str(ca.ca_file), ca.issue("w1"))
-        reader, writer, _, _ = await tapped(w0.address, ctx, flip_last)
-        writer.write(frames(Hello(sender="w1"), Ping(sender="w1", sent_at=1.0)))
-        await until(lambda: len(w0.got) == 1, "the first ping")
+        w0, reader, writer, _ = await first_ping(ca, flip_last)
         flip_last.count = 1
         writer.write(frames(Ping(sender="w1", sent_at=2.0)))
         assert await ends(reader)
@@ -100,16 +110,13 @@ def test_a_record_replayed_on_its_link_is_refused(ca: WorkerCA) -> None:
         return data
 
     async def scenario() -> None:
-        w0 = await secure("w0", ca.issue("w0"))
-        ctx = client_context(str(ca.ca_file), ca.issue("w1"))
-        reader, writer, _, send = await tapped(w0.address, ctx, keep)
-        writer.write(frames(Hello(sender="w1"), Ping(sender="w1", sent_at=1.0)))
-        await until(lambda: len(w0.got) == 1, "the first ping")
+        w0, reader, writer, send = await first_ping(ca, keep)  # held: see `first_ping`
         assert len(sent) == 1  # one record: the Hello and the Ping
         send(sent[0])  # the same record again
         assert await ends(reader)
         assert w0.transport.guard.rejections.counts["forged"] == 1
         assert len(w0.got) == 1
+        writer.close()
         await close_all(w0)
 
     asyncio.run(scenario())
@@ -117,15 +124,12 @@ def test_a_record_replayed_on_its_link_is_refused(ca: WorkerCA) -> None:
 
 def test_a_record_length_out_of_bounds_is_refused_before_it_is_read(ca: WorkerCA) -> None:
     async def scenario() -> None:
-        w0 = await secure("w0", ca.issue("w0"))
-        ctx = client_context(str(ca.ca_file), ca.issue("w1"))
-        reader, writer, _, send = await tapped(w0.address, ctx, lambda data: data)
-        writer.write(frames(Hello(sender="w1"), Ping(sender="w1", sent_at=1.0)))
-        await until(lambda: len(w0.got) == 1, "the first ping")
+        w0, reader, writer, send = await first_ping(ca, lambda data: data)  # held
         # 4 GiB announced; nothing follows, so a reader that waited for it would hang
         send(b"\xff\xff\xff\xff")
         assert await ends(reader)
         assert w0.transport.guard.rejections.counts["oversize"] == 1
+        writer.close()
         await close_all(w0)
 
     asyncio.run(scenario())

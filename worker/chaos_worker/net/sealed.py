@@ -314,11 +314,7 @@ class OpenedLink:
 
     async def read(self, size: int, timeout: float) -> bytes | bytearray:
         """Exactly `size` bytes of the stream, all of them within `timeout`."""
-        if len(self._plain) >= size:
-            data = bytes(self._plain[:size])
-            self._plain = self._plain[size:]
-            return data
-        into = bytearray(size)
+        into = bytearray(size)  # taken from the opened record without a wait if it has them
         await self.readinto(memoryview(into), timeout)
         return into
 
