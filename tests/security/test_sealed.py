@@ -30,7 +30,7 @@ async def tapped(
     """A sealed link to `address` whose every record goes out through `change`; returns
     its reader, its writer, the bytes that went out, and a write of raw bytes."""
     reader, bare = await asyncio.open_connection(*parse_address(address))
-    writer = await sealed.connect(reader, bare, ctx)
+    writer = (await sealed.connect(reader, bare, ctx)).seal()
     assert writer is not None
     wire: list[bytes] = []
     send = bare.transport.write

@@ -70,7 +70,7 @@ async def _said_hello(node: Node, address: str, ctx: ssl.SSLContext | None, name
     `name`, and the receiver's link."""
     reader, writer = await asyncio.open_connection(*parse_address(address))
     if ctx is not None:
-        writer = _Sealed(writer, await sealed.connect(reader, writer, ctx))
+        writer = _Sealed(writer, (await sealed.connect(reader, writer, ctx)).seal())
     writer.write(_frame(Hello(sender=name)))
     await writer.drain()
     incoming = node.transport._in  # type: ignore[attr-defined]

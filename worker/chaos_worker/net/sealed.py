@@ -165,25 +165,45 @@ class _Handshake:
             self._write(self._out.read())
 
 
+class ClientHandshake:
+    """The connecting side of a sealed link once its handshake is done (`connect`): the
+    server is verified, and no key has been sent yet."""
+
+    def __init__(
+        self,
+        handshake: _Handshake,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self._handshake = handshake
+        self._reader = reader
+        self._writer = writer
+
+    @property
+    def server(self) -> ssl.SSLObject:
+        """The TLS session: the server's verified certificate (`getpeercert`)."""
+        return self._handshake.tls
+
+    def seal(self) -> asyncio.StreamWriter:
+        """Send a fresh link key; returns a writer whose every write is sealed under it
+        (its `ssl_object` is `server`)."""
+        key = os.urandom(KEY_BYTES)
+        self._handshake.send(key)
+        sealing = SealingTransport(self._writer, self._handshake.tls, key)
+        loop = asyncio.get_running_loop()
+        return asyncio.StreamWriter(sealing, sealing.get_protocol(), self._reader, loop)
+
+
 async def connect(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    context: ssl.SSLContext,
-    server_ok: Callable[[ssl.SSLObject], bool] = lambda _: True,
-) -> asyncio.StreamWriter | None:
-    """The connecting side: the handshake over `writer`'s connection, then the link key;
-    returns a writer whose every write is sealed (its `ssl_object` names the server), or
-    None, having sent nothing, if `server_ok` refuses the server. `ssl.SSLError` when the
-    handshake fails, `OSError` or `IncompleteReadError` when the connection does."""
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext
+) -> ClientHandshake:
+    """The connecting side's handshake over `writer`'s connection; the caller checks whom
+    the server's certificate names, then seals the link (`ClientHandshake.seal`) or drops
+    it, having sent it nothing. `ssl.SSLError` when the handshake fails, `OSError` or
+    `IncompleteReadError` when the connection does."""
     handshake = _Handshake(context, False, reader.readexactly, writer.write)
     await handshake.run()
-    if not server_ok(handshake.tls):
-        return None
-    key = os.urandom(KEY_BYTES)
-    handshake.send(key)
-    sealing = SealingTransport(writer, handshake.tls, key)
-    loop = asyncio.get_running_loop()
-    return asyncio.StreamWriter(sealing, sealing.get_protocol(), reader, loop)
+    return ClientHandshake(handshake, reader, writer)
 
 
 async def open_sealed(
@@ -193,12 +213,11 @@ async def open_sealed(
     a bare one; what a worker's listener expects of a client under TLS."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        sealing = await connect(reader, writer, context)
+        client = await connect(reader, writer, context)
     except BaseException:
         writer.close()
         raise
-    assert sealing is not None  # no `server_ok`: every verified server
-    return reader, sealing
+    return reader, client.seal()
 
 
 async def accept(link: IncomingLink, context: ssl.SSLContext, timeout: float) -> OpenedLink:

@@ -56,7 +56,7 @@ from chaos_worker.net.address import parse_address
 from chaos_worker.net.bounds import Guard
 from chaos_worker.net.receiver import FrameStream, IncomingLink, Payload, Place, read_frame
 from chaos_worker.net.shaping import PIECE, LinkShape, TokenBucket
-from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, PeerIdentity, names
+from chaos_worker.net.tls import HANDSHAKE_TIMEOUT_S, LinkTls, names
 from chaos_worker.net.wire import Goodbye, Hello, Message, WireError, WireMessage, encode
 
 log = logging.getLogger(__name__)
@@ -398,14 +398,13 @@ class TcpTransport(QueuedTransport):
             if self._tls is None:
                 return writer
             tls = self._tls
-            served: list[PeerIdentity | None] = []  # who the server's certificate names
-            named = functools.partial(_serves, tls, peer, served)
             try:
-                connecting = sealed.connect(reader, writer, tls.client, named)
-                sealing = await asyncio.wait_for(connecting, HANDSHAKE_TIMEOUT_S)
-                if sealing is not None:
-                    return sealing
-                tls.refusals(peer, "bad_name", f"the server for {peer} is {served[0]}")
+                connecting = sealed.connect(reader, writer, tls.client)
+                client = await asyncio.wait_for(connecting, HANDSHAKE_TIMEOUT_S)
+                server = tls.peer(client.server)
+                if names(peer, server):
+                    return client.seal()
+                tls.refusals(peer, "bad_name", f"the server for {peer} is {server}")
             except ssl.SSLError as exc:  # verification failed, one way or the other
                 if not self._tls.failed(peer, exc):  # the server refused ours (it counts that)
                     self._warn_once(peer, "handshake", "TLS to %s failed: %s", peer, exc)
@@ -504,15 +503,6 @@ async def _open(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.Str
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return reader, writer
-
-
-def _serves(
-    tls: LinkTls, peer: str, served: list[PeerIdentity | None], server: ssl.SSLObject
-) -> bool:
-    """Whether `server`'s certificate names `peer` (`tls.names`); who it names is appended
-    to `served`."""
-    served.append(tls.peer(server))
-    return names(peer, served[-1])
 
 
 def _host_of(link: IncomingLink, when: str = "before hello") -> str:
