@@ -61,8 +61,9 @@ class Reducer:
 
 
 async def _member(*, expects_everything: bool = False, me: str = "w0") -> Reducer:
-    """A member `me` of `VIEW` (the root `w0`, or its child `w1`) on a real transport; a
-    child reads totals straight into its result (`place`), as a `Member` has it do."""
+    """A member `me` of `VIEW` (the root `w0`, or its child `w1`) on a real transport; it
+    reads buckets straight into its result (`place`), as a `Member` has it do: a child its
+    totals, the root its child's partial sums."""
     metrics = WorkerMetrics(me)
     rejections = Rejections(metrics.observe_rejected)
     box: list[TreeAllReduce] = []
@@ -90,8 +91,7 @@ async def _member(*, expects_everything: bool = False, me: str = "w0") -> Reduce
         on_bad=blamed.append,
     )
     box.append(collective)
-    if me != VIEW.root:
-        transport.place = collective.place
+    transport.place = collective.place
     port = await transport.listen("127.0.0.1", 0)
     return Reducer(transport, collective, metrics, port, blamed)
 
@@ -225,22 +225,38 @@ def test_a_second_copy_is_refused_while_the_first_is_read_into_the_result() -> N
     asyncio.run(scenario())
 
 
-def test_the_root_lends_nothing_and_reads_no_total_in_place() -> None:
-    """The root sends totals it computed, never its own buffer, and awaits no totals."""
+def test_the_root_lends_nothing_and_adds_its_own_where_its_childs_sums_were_read() -> None:
+    """The root sends totals it computed, never its own buffer. Its child's partial sums
+    are read straight into the result (`place`), once per bucket, and the root adds its
+    own there: a NaN read into a bucket's place is refused and blamed, and the valid copy
+    after it (read to a buffer of its own) replaces it in the sum."""
 
     async def scenario() -> None:
         root = await _member()
+        placed: list[int] = []
+        place = root.collective.place
+
+        def counting(sender: str, chunk: Chunk, nbytes: int) -> memoryview | None:
+            where = place(sender, chunk, nbytes)
+            if where is not None:
+                placed.append(chunk.index)
+            return where
+
+        root.transport.place = counting
         mine = root.collective.contribution(np.arange(SIZE, dtype=np.float64))
         mine.ready_all()
         reduce = asyncio.ensure_future(root.collective.allreduce(VIEW, STEP, mine))
         writer = await _as_w1(root)
-        for index in range(3):
+        writer.write(frame(_chunk(2), np.full(2, np.nan).tobytes()))
+        for index in (2, 1, 0):
             writer.write(frame(_chunk(index), _bucket(index)))
         await writer.drain()
         total = await asyncio.wait_for(reduce, 30)
         np.testing.assert_array_equal(total, np.arange(SIZE) + 2.0)
+        assert placed == [2, 1, 0]  # the NaN took bucket 2's place; its valid one did not
+        assert root.rejected("nonfinite") == 1
+        assert root.blamed == ["w1"]
         assert not mine.lent
-        assert root.transport.place is None
         writer.close()
         await root.transport.close()
 

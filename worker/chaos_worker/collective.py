@@ -11,7 +11,9 @@ its backward still runs. Cancelling the awaiting task aborts the operation.
 A leaf sends its own buckets as they are (`Contribution.lent`: the owner must not write
 that buffer again once an operation on it was abandoned, since a link may still hold its
 frames), and a member below the root has each total read straight into its slice of the
-result where the transport can (`place`), so neither copies its buffer.
+result where the transport can (`place`), so neither copies its buffer. A member with
+children has its first child's partial sums read into the result the same way, and adds
+its own to them there (in place, one pass fewer than into a third buffer).
 
 Every buffer of a job has the same size and dtype, so every bucket has a known length. A
 bucket that arrives is checked before it is held: one of the wrong length or count, with
@@ -258,7 +260,11 @@ class TreeAllReduce:
                 addend = mine_part  # own + first child in one pass, then += the others
                 for child in children:
                     data = await self._receive(op, ("up", index, child))
-                    np.add(addend, np.frombuffer(data, dtype=total.dtype), out=part)
+                    received = np.frombuffer(data, dtype=total.dtype)
+                    if _same_memory(received, part):  # read into the total: add to it there
+                        np.add(part, addend, out=part)
+                    else:
+                        np.add(addend, received, out=part)
                     addend = part
                 if parent is None:
                     if not children:
@@ -279,19 +285,23 @@ class TreeAllReduce:
                     slices[index][:] = received
                 self._fan_out(children, view.epoch, step, "down", index, len(slices), data)
 
-        if parent is None:
-            await up()
-            return total
+        sinks: dict[tuple[Op, Bucket], np.ndarray] = {}  # buckets read straight into the total
         for index in order:
-            self._sinks[(op, ("down", index, parent))] = slices[index]
-        downward = asyncio.ensure_future(down())
+            if children:  # the first child's partial sums
+                sinks[(op, ("up", index, children[0]))] = slices[index]
+            if parent is not None:  # the totals
+                sinks[(op, ("down", index, parent))] = slices[index]
+        self._sinks.update(sinks)
+        downward = None if parent is None else asyncio.ensure_future(down())
         try:  # the way up may stop (a bucket of this member's is not finite): so does down
             await up()
-            await downward
+            if downward is not None:
+                await downward
         finally:
-            downward.cancel()
-            for index in order:
-                self._sinks.pop((op, ("down", index, parent)), None)
+            if downward is not None:
+                downward.cancel()
+            for key in sinks:
+                self._sinks.pop(key, None)
         return total
 
     async def broadcast(self, view: View, step: int, buf: np.ndarray | None) -> np.ndarray:
@@ -381,9 +391,11 @@ def _numbers_fault(payload: bytes, elements: int, dtype: np.dtype) -> tuple[str,
 
 
 def all_finite(numbers: np.ndarray) -> bool:
-    """Whether `numbers` holds no NaN and no infinity. One of either makes the sum one, and
-    a sum reads the numbers once, writing nothing (a little faster than `isfinite().all()`
-    on a bucket in cache, twice as fast out of it); only a sum that is not finite (those,
-    or finite numbers too large to add) is looked at number by number."""
-    with np.errstate(over="ignore", invalid="ignore"):  # what the sum may meet
-        return bool(np.isfinite(numbers.sum()) or np.isfinite(numbers).all())
+    """Whether `numbers` holds no NaN and no infinity. One of either makes the numbers' dot
+    product with themselves one (squares are never negative: no two infinities cancel),
+    and BLAS reads the numbers once, writing nothing: about twice as fast as numpy's
+    pairwise `sum`, on which these checks spent 6 % of a 10M mlp step's CPU. Only a
+    product that is not finite (those, or finite numbers whose squares overflow) is looked
+    at number by number."""
+    with np.errstate(over="ignore", invalid="ignore"):  # what the product may meet
+        return bool(np.isfinite(np.dot(numbers, numbers)) or np.isfinite(numbers).all())
