@@ -96,6 +96,22 @@ async def _member(*, expects_everything: bool = False, me: str = "w0") -> Reduce
     return Reducer(transport, collective, metrics, port, blamed)
 
 
+def _placed(member: Reducer) -> list[int]:
+    """The buckets `member` reads straight into its result (`place`), by index, as they
+    come."""
+    placed: list[int] = []
+    place = member.collective.place
+
+    def counting(sender: str, chunk: Chunk, nbytes: int) -> memoryview | None:
+        where = place(sender, chunk, nbytes)
+        if where is not None:
+            placed.append(chunk.index)
+        return where
+
+    member.transport.place = counting
+    return placed
+
+
 def _chunk(
     index: int, *, epoch: int = EPOCH, step: int = STEP, count: int = 3, sender: str = "w1"
 ) -> Chunk:
@@ -161,16 +177,7 @@ def test_a_child_reads_totals_into_its_result_and_a_bad_one_is_overwritten() -> 
 
     async def scenario() -> None:
         child = await _member(me="w1")
-        placed: list[int] = []
-        place = child.collective.place
-
-        def counting(sender: str, chunk: Chunk, nbytes: int) -> memoryview | None:
-            where = place(sender, chunk, nbytes)
-            if where is not None:
-                placed.append(chunk.index)
-            return where
-
-        child.transport.place = counting
+        placed = _placed(child)
         mine = child.collective.contribution(np.arange(SIZE, dtype=np.float64))
         mine.ready_all()
         reduce = asyncio.ensure_future(child.collective.allreduce(VIEW, STEP, mine))
@@ -233,16 +240,7 @@ def test_the_root_lends_nothing_and_adds_its_own_where_its_childs_sums_were_read
 
     async def scenario() -> None:
         root = await _member()
-        placed: list[int] = []
-        place = root.collective.place
-
-        def counting(sender: str, chunk: Chunk, nbytes: int) -> memoryview | None:
-            where = place(sender, chunk, nbytes)
-            if where is not None:
-                placed.append(chunk.index)
-            return where
-
-        root.transport.place = counting
+        placed = _placed(root)
         mine = root.collective.contribution(np.arange(SIZE, dtype=np.float64))
         mine.ready_all()
         reduce = asyncio.ensure_future(root.collective.allreduce(VIEW, STEP, mine))
