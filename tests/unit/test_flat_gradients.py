@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from chaos_worker.examples import EXAMPLES
+from chaos_worker.examples.digits import PairDataset
 from chaos_worker.training.compute import (
     FlatGradients,
     apply_flat_grads,
@@ -13,6 +14,7 @@ from chaos_worker.training.compute import (
     trainable_parameters,
 )
 from chaos_worker.training.trainspec import TrainSpec, load_trainspec
+from torch import nn
 
 pytestmark = pytest.mark.unit
 
@@ -77,3 +79,36 @@ def test_a_buffer_that_does_not_fit_is_refused() -> None:
     grads = FlatGradients(spec.model, torch.zeros(count, dtype=torch.float64))
     with pytest.raises(ValueError):
         grads.assign(torch.zeros(count + 1, dtype=torch.float64), 1.0)
+
+
+class _Lookup(nn.Module):
+    """An embedding with sparse gradients, then a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(x))
+
+
+@pytest.mark.parametrize("micro_batch", [8, 20])
+def test_sparse_gradients_fill_their_views_as_dense_ones(micro_batch: int) -> None:
+    """An `Embedding(sparse=True)` hands autograd sparse gradients: its view holds the
+    dense gradient they stand for, one micro-batch or several, as on the plain path."""
+    specs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = _Lookup().double()
+        data = PairDataset(torch.arange(20) % 10, torch.arange(20) % 3)
+        specs.append(TrainSpec(model, torch.optim.SGD(model.parameters(), lr=0.1), data))
+    plain, viewed = specs
+    count = sum(p.numel() for p in trainable_parameters(viewed.model))
+    grads = FlatGradients(viewed.model, torch.full((count,), 7.0, dtype=torch.float64))
+    ids = list(range(20))
+    assert gradient_sum(viewed, ids, micro_batch=micro_batch, grads=grads) == gradient_sum(
+        plain, ids, micro_batch=micro_batch
+    )
+    expected = torch.cat([p.grad.to_dense().reshape(-1) for p in plain.model.parameters()])
+    assert torch.equal(grads.flat, expected)
+    assert all(not p.grad.is_sparse for p in viewed.model.parameters())

@@ -65,7 +65,7 @@ class FlatGradients:
             if grad is view or (grad is not None and _same_memory(grad, view)):
                 continue
             if grad is not None:
-                view.copy_(grad)
+                _copy_into(view, grad)
             else:
                 view.zero_()
             p.grad = view
@@ -113,11 +113,19 @@ def _adopt(view: torch.Tensor, param: torch.Tensor) -> None:
     grad = param.grad
     if grad is view or grad is None or _same_memory(grad, view):
         return
-    view.copy_(grad)
+    _copy_into(view, grad)
     param.grad = view
 
 
+def _copy_into(view: torch.Tensor, grad: torch.Tensor) -> None:
+    """`grad`'s values into `view`; a sparse gradient (an `Embedding(sparse=True)`'s) as
+    the dense one it stands for, which later micro-batches add to."""
+    view.copy_(grad if grad.layout == torch.strided else grad.to_dense())
+
+
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.layout != torch.strided or b.layout != torch.strided:
+        return False  # a sparse tensor has no one block of memory
     return (
         a.data_ptr() == b.data_ptr()
         and a.shape == b.shape
