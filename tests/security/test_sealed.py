@@ -31,7 +31,6 @@ async def tapped(
     its reader, its writer, the bytes that went out, and a write of raw bytes."""
     reader, bare = await asyncio.open_connection(*parse_address(address))
     writer = (await sealed.connect(reader, bare, ctx)).seal()
-    assert writer is not None
     wire: list[bytes] = []
     send = bare.transport.write
 

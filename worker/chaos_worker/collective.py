@@ -257,7 +257,7 @@ class TreeAllReduce:
                         f"step {step}: this member's loss or gradient is not finite "
                         "(training diverged, or a sample holds a NaN); the others refuse it"
                     )
-                addend = mine_part  # own + first child in one pass, then += the others
+                addend = mine_part  # own + first child's into the total, then += the others
                 for child in children:
                     data = await self._receive(op, ("up", index, child))
                     received = np.frombuffer(data, dtype=total.dtype)

@@ -61,14 +61,7 @@ class FlatGradients:
     def bind(self) -> None:
         """Make every parameter's `.grad` its view again (values kept)."""
         for p, view in zip(self._params, self._views, strict=True):
-            grad = p.grad
-            if grad is view or (grad is not None and _same_memory(grad, view)):
-                continue
-            if grad is not None:
-                _copy_into(view, grad)
-            else:
-                view.zero_()
-            p.grad = view
+            _bind(view, p)
 
     @contextmanager
     def filling(self) -> Iterator[None]:
@@ -82,7 +75,7 @@ class FlatGradients:
         for p in self._params:
             p.grad = None
         handles = [
-            p.register_post_accumulate_grad_hook(functools.partial(_adopt, view))
+            p.register_post_accumulate_grad_hook(functools.partial(_bind, view))
             for p, view in zip(self._params, self._views, strict=True)
         ]
         try:
@@ -107,20 +100,18 @@ class FlatGradients:
             self.flat.mul_(scale)
 
 
-def _adopt(view: torch.Tensor, param: torch.Tensor) -> None:
-    """After autograd accumulated into `param.grad`: make `view` the `.grad`, with its
-    values (a post-accumulate-grad hook of `FlatGradients.filling`)."""
+def _bind(view: torch.Tensor, param: torch.Tensor) -> None:
+    """Make `view` the `.grad` of `param`, with the values of the `.grad` it replaces
+    (zeros for none; a sparse gradient, an `Embedding(sparse=True)`'s, as the dense one
+    it stands for). Also the post-accumulate-grad hook of `FlatGradients.filling`."""
     grad = param.grad
-    if grad is view or grad is None or _same_memory(grad, view):
+    if grad is view or (grad is not None and _same_memory(grad, view)):
         return
-    _copy_into(view, grad)
+    if grad is None:
+        view.zero_()
+    else:
+        view.copy_(grad if grad.layout == torch.strided else grad.to_dense())
     param.grad = view
-
-
-def _copy_into(view: torch.Tensor, grad: torch.Tensor) -> None:
-    """`grad`'s values into `view`; a sparse gradient (an `Embedding(sparse=True)`'s) as
-    the dense one it stands for, which later micro-batches add to."""
-    view.copy_(grad if grad.layout == torch.strided else grad.to_dense())
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
