@@ -44,3 +44,18 @@ def test_bench_helpers_are_not_benches(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "_ddp"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_ddp_baseline_returns_every_ranks_stamps_of_a_long_run() -> None:
+    """Each rank's result is over 16 KiB here, which `Connection.send` writes in two parts:
+    on one pipe shared by the ranks, those parts interleaved and the reader failed to
+    unpickle them (`chaos bench throughput --steps 1500`)."""
+    from chaos_cli.benches import _ddp
+    from chaos_cli.benches._measure import mlp_model, mlp_params
+
+    steps = 1000
+    _, entry, size = mlp_model("20K")
+    with mlp_params(size):
+        result = _ddp.train(entry, workers=2, steps=steps, global_batch=64)
+    assert len(result.step_stamps) == len(result.losses) == steps
+    assert [len(cpu) for cpu in result.cpu_s] == [steps, steps]

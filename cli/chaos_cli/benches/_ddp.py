@@ -17,6 +17,7 @@ broadcast from rank 0).
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
 from dataclasses import dataclass
@@ -49,26 +50,35 @@ def train(
     """Train `steps` steps of `entry` with `workers` DDP ranks; rank 0's stamps."""
     context = multiprocessing.get_context("spawn")
     port = _free_port()
-    rx, tx = context.Pipe(duplex=False)
+    # a pipe per rank: several writers on one pipe interleave any message over PIPE_BUF
+    # (4 KiB; a few hundred steps of stamps), and the reader then unpickles garbage
+    pipes = [context.Pipe(duplex=False) for _ in range(workers)]
     procs = [
         context.Process(
             target=_rank,
             args=(rank, workers, port, entry, steps, global_batch, seed, dtype, device, tx),
             daemon=True,
         )
-        for rank in range(workers)
+        for rank, (_, tx) in enumerate(pipes)
     ]
     for proc in procs:
         proc.start()
-    tx.close()
+    for _, tx in pipes:
+        tx.close()
+    waiting = {rx: rank for rank, (rx, _) in enumerate(pipes)}
     results: dict[int, object] = {}
     try:
-        while len(results) < workers:
-            if not rx.poll(timeout_s):
+        while waiting:
+            ready = multiprocessing.connection.wait(list(waiting), timeout_s)
+            if not ready:
                 raise RuntimeError(f"DDP baseline: no result within {timeout_s:.0f} s")
-            rank, got = rx.recv()
-            results[rank] = got
-            if isinstance(got, str):
+            for rx in ready:
+                rank = waiting.pop(rx)
+                try:
+                    _, results[rank] = rx.recv()
+                except EOFError:
+                    results[rank] = f"rank {rank} exited without a result"
+            if any(isinstance(got, str) for got in results.values()):
                 break
     finally:
         for proc in procs:
