@@ -303,3 +303,32 @@ def test_when_every_member_leaves_the_view_is_empty_and_everybody_stops() -> Non
     ])  # fmt: skip
     assert h.membership.view.members == {} and h.membership.view.root == ""
     assert h.out.log[-1] == "trainer stops"
+
+
+def test_a_training_member_a_paused_minority_left_out_goes_on_without_it() -> None:
+    """w1 took w0, whose loop was busy (not dead), for crashed: alone, w1 is a minority of
+    two and paused itself. w0 hears that view: taking it would leave nobody training and
+    nobody to admit anybody (the job stood still for good). w0 goes on without w1, which
+    asks back as any paused member does."""
+    pair = mesh("w0", "w1")
+    lonely = next_view(pair, [Change("suspect", "w0")], side_of="w1")
+    assert lonely.view.paused and not lonely.majority
+    theirs = recovered(lonely.view, "w1", 5)
+    h = run_table("w0", pair, [
+        (2.0, arrives(theirs), [
+            "flood decision e1 w1 root=w1 tree= paused T=5",  # the others judge it alike
+            "report agreed 1 5",
+            "report detected crash w1",  # heard lately, but it paused: gone from this side
+            "flood crash w1",
+            "hear abort",
+        ]),
+        (2.0, recovery(), [
+            "flood status w0 done=4",
+            "flood decision e1 w0 root=w0 tree= T=5",
+            "report agreed 1 5",
+            "hear installed", "trainer redoes", "report installed 1 5 False",
+        ]),
+        (2.1, boundary(5), ["trainer waits", "trainer trains"]),
+    ])  # fmt: skip
+    assert describe(h.membership.view) == "e1 w0 root=w0 tree="
+    assert not h.membership.view.paused

@@ -5,12 +5,12 @@ down off the tree) are decided by the epoch's root and flooded ahead of the tota
 must precede. Immediate changes (crash, reset, link down on the tree) abort the step in
 flight; the recovery coordinator (the smallest id not suspected on its side) decides the
 next view and the aborted step is replayed or redone. Only the side with the majority of
-the previous epoch's throughput goes on; a member paused or removed asks to come back.
-The rules in full, with their reasons: `docs/runtime.md`; the pure ones: `rules.py`.
+the previous epoch's throughput goes on, never a paused minority's view (`outvoted`); a
+member paused or removed asks back. The rules and reasons: `docs/runtime.md` (`rules.py`).
 
 `Membership` holds this member's part: it sends through an `Outbox`, reads a `Clock` (or a
-call's `now`), tells the other roles through `Listeners`, and never touches the transport
-or the model. Recovery: the protocol decides and installs (`recover`), the trainer replays.
+call's `now`), tells the others through `Listeners`, and never touches the transport or the
+model. Recovery: it decides and installs (`recover`); the trainer replays.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from chaos_worker.membership.rules import (
     fenced,
     moot,
     on_tree,
+    outvoted,
     preferred,
     reachable,
     ready_wait,
@@ -79,16 +80,13 @@ class Membership:
         as root, began to send down (`TreeAllReduce.down_sent`)."""
         self.me = me
         self.view: View | None = None
-        self.view_step = -1
-        """The step the view in force took effect at (`View.shares`)."""
+        self.view_step = -1  # the step the view in force took effect at (`View.shares`)
         self._planned = Planned()
         self.aborting = False
         self.leaving = False
         self.suspects: set[str] = set()
-        self.confirmed: set[str] = set()
-        """Suspects known to be dead (`Proposal.confirmed`)."""
-        self.speeds: dict[str, float] = {}
-        """The compute speed each member announced in its latest heartbeat."""
+        self.confirmed: set[str] = set()  # suspects known to be dead (`Proposal.confirmed`)
+        self.speeds: dict[str, float] = {}  # member -> speed its latest heartbeat announced
         self.listeners = listeners or Listeners()
         self._out = outbox
         self._clock = clock
@@ -104,8 +102,7 @@ class Membership:
         self._recovery: RecoveryRound | None = None
         self._floor_epoch = 0
         self._asked_back = False
-        self.addresses: dict[str, str] = {}
-        """Every member address seen in a view: where to ask to be admitted again."""
+        self.addresses: dict[str, str] = {}  # member -> address seen: where to ask back
         self.silence: Callable[[str, float], float] = lambda _member, _now: math.inf
         """Seconds since this member last heard from another (set by `Liveness`)."""
 
@@ -374,7 +371,10 @@ class Membership:
         else:
             self._telemetry.stall.change_started()
         if decision.immediate:
-            if self.view is None or view.epoch > self.view.epoch:
+            if outvoted(self.view, decision, self.me) and not self.leaving:
+                for member in view.members:  # paused: none will train or report a status
+                    self.suspect(member, now, confirmed=True)
+            elif self.view is None or view.epoch > self.view.epoch:
                 self._immediate = preferred(self._immediate, decision)
                 removed = self.me not in self._immediate.view.members and not self.leaving
                 if removed and self.view is not None and not self.view.paused:

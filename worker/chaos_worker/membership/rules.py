@@ -150,6 +150,17 @@ def preferred(held: Decision | None, new: Decision) -> Decision:
     return min(held, new, key=rank)
 
 
+def outvoted(held: View | None, decision: Decision, me: str) -> bool:
+    """Whether `decision` is a minority's recovery that paused it and left out `me`,
+    whose view (`held`) trains: taking it would stop both sides, and nobody would be left
+    to admit anybody again. The minority has stopped training, so `me` takes its members
+    for gone (a confirmed crash) and its side recovers without them; they ask back as any
+    paused member does."""
+    if held is None or held.paused or decision.view.epoch <= held.epoch:
+        return False
+    return decision.immediate and decision.view.paused and me not in decision.view.members
+
+
 def on_tree(view: View, a: str, b: str) -> bool:
     return view.parent.get(a) == b or view.parent.get(b) == a
 
