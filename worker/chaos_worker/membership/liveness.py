@@ -5,13 +5,15 @@ replicator address) on every link; a member not heard from over any path for
 `failure_timeout_s` is suspected crashed (one never heard from gets `STARTUP_TIMEOUT_S`:
 it is still starting). A neighbour heard through others but not over its own link for
 `LINK_SILENCE` timeouts has a silent link: that link is reported down, and the overlay
-routes around it.
+routes around it. A member whose own event loop was held gives the others a whole timeout
+from when it runs again (`watch`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections.abc import Iterable
 
 from chaos_worker.membership.protocol import Membership
@@ -73,6 +75,7 @@ class Liveness:
         self._link_since: dict[str, float] = {}  # neighbour -> when its link was added
         self._cut: set[tuple[int, str]] = set()  # (epoch, neighbour) links reported down
         self._born = clock()
+        self._woke = -math.inf  # when the detector last found its own loop had been held
         self._ping_read: dict[str, float] = {}  # peer -> when its last empty Ping was read
         self._steps: dict[str, int] = {}  # member -> the step its latest heartbeat named
 
@@ -104,11 +107,20 @@ class Liveness:
             await asyncio.sleep(self._interval)
 
     async def watch(self) -> None:
-        """Failure detector: members not heard from within the timeout are suspected."""
+        """Failure detector: members not heard from within the timeout are suspected.
+
+        A look that comes over half a timeout late shows this member's own event loop
+        held (a long synchronous stretch, a GC or VM pause): it read nobody meanwhile, and
+        their frames still wait in its sockets. Silences then count from that look on
+        (`_woke`): taking the others for dead would pause a job that lost nobody."""
         membership = self._membership
+        looked = self._clock()
         while True:
             await asyncio.sleep(self._interval / 2)
             now = self._clock()
+            if now - looked > self._timeout / 2:
+                self._woke = now
+            looked = now
             view = membership.view
             if view is None or view.paused:
                 continue
@@ -136,7 +148,7 @@ class Liveness:
             last = self._link_heard.get(peer)
             if last is None or last < self._link_since[peer] or (view.epoch, peer) in self._cut:
                 continue
-            quiet = now - last > LINK_SILENCE * self._timeout
+            quiet = now - max(last, self._woke) > LINK_SILENCE * self._timeout
             if quiet and not self._silent(peer, now):
                 self._cut.add((view.epoch, peer))
                 self._membership.propose("link_down", self.me, now, peer=peer)
@@ -146,7 +158,7 @@ class Liveness:
         heard from is still starting (importing torch, loading the job): it gets the
         start-up allowance."""
         last = self._heard.get(member)
-        silent = now - (last if last is not None else self._born)
+        silent = now - (max(last, self._woke) if last is not None else self._born)
         return silent > (self._timeout if last is not None else STARTUP_TIMEOUT_S)
 
     def silence(self, member: str, now: float) -> float:
