@@ -399,7 +399,7 @@ class Newcomer:
         heard = self._clock()
         while True:
             while progress.step in self._observed:
-                self._trainer.apply(self._observed.pop(progress.step), observed=True)
+                await self._trainer.apply(self._observed.pop(progress.step), observed=True)
             for step in [s for s in self._observed if s < progress.step]:
                 del self._observed[step]
             self._check_gap()

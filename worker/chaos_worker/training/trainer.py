@@ -156,7 +156,7 @@ class Trainer:
                 continue
             finally:
                 self._op = None
-            self.apply(total)
+            await self.apply(total)
             progress.step_times.append(time.perf_counter() - started)
             self._telemetry.observe_step(
                 len(mine),
@@ -175,18 +175,28 @@ class Trainer:
             return
         self._telemetry.probe_links(view.overlay, view.down, view.members, self._progress.step)
 
-    def apply(self, total: np.ndarray, *, observed: bool = False) -> None:
+    async def apply(self, total: np.ndarray, *, observed: bool = False) -> None:
         """Apply the reduced total (`Sync.update`) and publish the snapshot of the next
         step where one is wanted (`observed`: a newcomer replaying, which publishes none).
 
         The order matters: `on_reduced` first (a newcomer's first step waits for the
         total), and the publish in flight settles before the update changes the tensors
-        it copies.
+        it copies. The update runs on a worker thread: the optimizer step of a large
+        model takes long enough on a CPU (0.2 s at 50M parameters, the first one more)
+        that an event loop held by it sent no heartbeats, and the others took this
+        member for dead. Nothing else changes or reads the state meanwhile: the trainer
+        is the state's only writer, and what copies it waits for the trainer's turn.
         """
         progress = self._progress
         self._on_reduced(progress.step, total)
+        updating = asyncio.ensure_future(
+            asyncio.to_thread(self._sync.update, total, self.settle_publish)
+        )
         try:
-            loss = self._sync.update(total, self.settle_publish)
+            loss = await asyncio.shield(updating)
+        except asyncio.CancelledError:
+            await asyncio.wait([updating])  # the state stays this thread's until it is done
+            raise
         except ValueError as exc:  # not a total of this job's steps: stop, saying where
             raise RuntimeError(f"step {progress.step}: {exc}") from exc
         self.last_total = total
@@ -237,7 +247,7 @@ class Trainer:
             total = await self._collective.broadcast(view, decision.replay_step, self.last_total)
             if progress.completed < decision.replay_step:
                 self._slice = None  # the total of others' attempt: nothing computed here
-                self.apply(total)
+                await self.apply(total)
         if self.me in view.members:
             progress.step = decision.effective_step
 
