@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -34,6 +35,14 @@ from chaos_worker.training.sync import Sync
 from chaos_worker.training.trainspec import TrainSpec
 
 log = logging.getLogger(__name__)
+
+
+INLINE_UPDATE_S = 0.02
+"""An update (the optimizer step) that took less runs on the event loop next time; the
+first, and any after a longer one, on a worker thread. On a CPU the 50M mlp's held the
+loop 0.2 s a step (the first much longer), long enough to go unheard past the failure
+timeout; a small model's few milliseconds cost less than the thread's hand-over (the 1M
+mlp's steps took 2-6 ms more CPU with every update on a thread)."""
 
 
 class Trainer:
@@ -90,6 +99,7 @@ class Trainer:
         self._slice: tuple[int, int] | None = None
         """(offset, count) of this member's samples in the step's sample list."""
         self._sync = sync
+        self._update_s = math.inf  # how long the last update took (`INLINE_UPDATE_S`)
 
     def cancel_step(self) -> None:
         """Abort the all-reduce in flight (the protocol began an abort)."""
@@ -181,24 +191,19 @@ class Trainer:
 
         The order matters: `on_reduced` first (a newcomer's first step waits for the
         total), and the publish in flight settles before the update changes the tensors
-        it copies. The update runs on a worker thread: the optimizer step of a large
-        model takes long enough on a CPU (0.2 s at 50M parameters, the first one more)
-        that an event loop held by it sent no heartbeats, and the others took this
-        member for dead. Nothing else changes or reads the state meanwhile: the trainer
-        is the state's only writer, and what copies it waits for the trainer's turn.
+        it copies. A long update runs on a worker thread (`INLINE_UPDATE_S`).
         """
         progress = self._progress
         self._on_reduced(progress.step, total)
-        updating = asyncio.ensure_future(
-            asyncio.to_thread(self._sync.update, total, self.settle_publish)
-        )
+        started = time.perf_counter()
         try:
-            loss = await asyncio.shield(updating)
-        except asyncio.CancelledError:
-            await asyncio.wait([updating])  # the state stays this thread's until it is done
-            raise
+            if self._update_s < INLINE_UPDATE_S:
+                loss = self._sync.update(total, self.settle_publish)
+            else:
+                loss = await self._update_off_loop(total)
         except ValueError as exc:  # not a total of this job's steps: stop, saying where
             raise RuntimeError(f"step {progress.step}: {exc}") from exc
+        self._update_s = time.perf_counter() - started
         self.last_total = total
         progress.completed = progress.step
         self.loss_curve.append((progress.step, loss))
@@ -222,6 +227,20 @@ class Trainer:
             t=self._clock(),
         )
         progress.step += 1
+
+    async def _update_off_loop(self, total: np.ndarray) -> float:
+        """`Sync.update` on a worker thread, awaited to its end even if cancelled (the
+        state is that thread's until then). Nothing else writes or reads the state
+        meanwhile: the trainer is its only writer, and what copies it waits for the
+        trainer's turn."""
+        updating = asyncio.ensure_future(
+            asyncio.to_thread(self._sync.update, total, self.settle_publish)
+        )
+        try:
+            return await asyncio.shield(updating)
+        except asyncio.CancelledError:
+            await asyncio.wait([updating])
+            raise
 
     def _publish(self, step: int, root: bool) -> None:
         """Copy the state into snapshot `step` if a join will pull it or a checkpoint is
