@@ -50,8 +50,8 @@ def train(
     """Train `steps` steps of `entry` with `workers` DDP ranks; rank 0's stamps."""
     context = multiprocessing.get_context("spawn")
     port = _free_port()
-    # a pipe per rank: several writers on one pipe interleave any message over PIPE_BUF
-    # (4 KiB; a few hundred steps of stamps), and the reader then unpickles garbage
+    # a pipe per rank: `Connection.send` writes a message over 16 KiB (about 600 steps of
+    # stamps) as two writes, so ranks sharing a pipe interleaved and the reader failed
     pipes = [context.Pipe(duplex=False) for _ in range(workers)]
     procs = [
         context.Process(
