@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from chaos_operator.federation.workerca import WorkerCA
@@ -43,7 +43,14 @@ from chaos_worker.replication.ledger import REFUSED_FILE, SentReader
 from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
 from chaos_worker.replication.replicator import Replicator
 from chaos_worker.replication.sidecar import start_child
-from chaos_worker.replication.snapshot import SnapshotStore, load_from, state_digest
+from chaos_worker.replication.snapshot import (
+    Layout,
+    SnapshotStore,
+    copy_into,
+    layout_of,
+    load_from,
+    state_digest,
+)
 from chaos_worker.telemetry.metrics import WorkerMetrics
 
 from tests.transportkit import Node, close_all, start, until
@@ -64,10 +71,16 @@ def job(seed: int = 0, steps: int = 2) -> tuple[torch.nn.Module, torch.optim.Opt
 
 
 def saved(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bytes:
-    """A copy join's payload, as `JoinSponsor` makes it."""
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    return buffer.getvalue()
+    """A copy join's payload, as `JoinSponsor` makes it: the flat state."""
+    layout, tensors = layout_of(model, optimizer)
+    state = np.empty(layout.total_bytes, np.uint8)
+    copy_into(state, layout, tensors)
+    return state.tobytes()
+
+
+def layout_json(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The layout a copy join's message carries for `saved(model, optimizer)`."""
+    return layout_of(model, optimizer)[0].model_dump()
 
 
 def forged_counter(name: str) -> tuple[Rejections, WorkerMetrics]:
@@ -118,7 +131,7 @@ def test_a_forged_state_transfer_is_refused_counted_and_the_honest_state_taken(
 
         def on_message(sender: str, message: Message, payload: bytes) -> None:
             if isinstance(message, StateTransfer):
-                inbox.offer(sender, message, payload, known[0])
+                inbox.offer(sender, message, payload, hashlib.sha256(payload).hexdigest(), known[0])
                 arrived.append(sender)
 
         w5_files = ca.issue("w5")
@@ -136,7 +149,10 @@ def test_a_forged_state_transfer_is_refused_counted_and_the_honest_state_taken(
 
             def state(sender: str, blob: bytes, epoch: int = 4) -> StateTransfer:
                 digest = hashlib.sha256(blob).hexdigest()  # the sender's own digest
-                return StateTransfer(sender=sender, step=20, epoch=epoch, sha256=digest)
+                layout = layout_json(honest_model, honest_opt)  # the same model's, both
+                return StateTransfer(
+                    sender=sender, step=20, epoch=epoch, layout=layout, sha256=digest
+                )
 
             genuine = w0_seal(state("w0", honest))
             by_w9 = [
@@ -175,9 +191,8 @@ def test_a_forged_state_transfer_is_refused_counted_and_the_honest_state_taken(
             await w5.close()
             await close_all(w0, w9)
         loaded_model, loaded_opt = job(seed=5, steps=0)
-        state_dicts = torch.load(io.BytesIO(blob), weights_only=True)
-        loaded_model.load_state_dict(state_dicts["model"])
-        loaded_opt.load_state_dict(state_dicts["optimizer"])
+        layout = Layout.model_validate(message.layout)
+        load_from(blob, layout, loaded_model, loaded_opt, torch.device("cpu"))
         assert state_digest(loaded_model, loaded_opt) == state_digest(honest_model, honest_opt)
 
     asyncio.run(scenario())
@@ -441,9 +456,15 @@ def test_a_state_source_sealing_its_own_forged_state_fails_its_witness(ca: Worke
     blob = saved(forged_model, forged_opt)
     digest = hashlib.sha256(blob).hexdigest()
     sealed = Signer(ca.issue("w0"), "w0").seal(
-        StateTransfer(sender="w0", step=20, epoch=4, sha256=digest)
+        StateTransfer(
+            sender="w0",
+            step=20,
+            epoch=4,
+            layout=layout_json(forged_model, forged_opt),
+            sha256=digest,
+        )
     )
-    assert inbox.offer("w0", sealed, blob, decision)
+    assert inbox.offer("w0", sealed, blob, digest, decision)
     word = witness("w1", ca, honest_model, honest_opt)
     assert not inbox.witness("w9", word)  # relayed by another: refused
     assert not inbox.witness("w1", word.model_copy(update={"seal": None}))  # unsealed
@@ -455,9 +476,8 @@ def test_a_state_source_sealing_its_own_forged_state_fails_its_witness(ca: Worke
     message, taken = inbox.take(decision)
     assert taken == blob  # every check of the state itself passes
     loaded_model, loaded_opt = job(seed=5, steps=0)
-    state_dicts = torch.load(io.BytesIO(taken), weights_only=True)
-    loaded_model.load_state_dict(state_dicts["model"])
-    loaded_opt.load_state_dict(state_dicts["optimizer"])
+    layout = Layout.model_validate(message.layout)
+    load_from(taken, layout, loaded_model, loaded_opt, torch.device("cpu"))
     vouched = inbox.vouched(decision, message)
     assert vouched == state_digest(honest_model, honest_opt)
     assert state_digest(loaded_model, loaded_opt) != vouched  # the newcomer refuses it

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import pytest
 import torch
 from chaos_worker.replication.snapshot import (
+    Layout,
     SnapshotStore,
     copied_by_load,
+    copy_into,
+    layout_fault,
     layout_of,
     load_from,
     shard_bounds,
@@ -178,3 +182,63 @@ def test_what_loading_copies_is_the_parameters_on_a_cpu() -> None:
     assert copied_by_load(model, 10**6, torch.device("cpu")) == params
     assert copied_by_load(model, 100, torch.device("cpu")) == 100  # never more than the state
     assert copied_by_load(model, 10**6, torch.device("cuda")) == 10**6  # all of it, over PCIe
+
+
+def test_a_read_only_payload_loads_into_bytes_of_the_states_own() -> None:
+    """A received payload is read-only: the optimizer's moments, which keep views of the
+    loaded bytes, get a copy, so the next step writes there and not into the payload."""
+    model, opt = _job("adam")
+    store = SnapshotStore()
+    store.publish(5, model, opt)
+    snap = store.get(5)
+    payload = memoryview(bytes(snap.data))
+    fresh, fresh_opt = _job("adam", seed=1, steps=0)
+    load_from(payload, snap.layout, fresh, fresh_opt, torch.device("cpu"))
+    assert state_digest(fresh, fresh_opt) == state_digest(model, opt)
+    before = bytes(payload)
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        o.zero_grad()
+        m(torch.ones(2, 6)).sum().backward()
+        o.step()
+    assert state_digest(fresh, fresh_opt) == state_digest(model, opt)
+    assert bytes(payload) == before
+
+
+def test_the_digest_is_the_flat_buffers_with_its_padding() -> None:
+    """`state_digest` hashes the tensors where they lie; it equals the digest of the flat
+    buffer (zero padding between slots included) followed by the layout."""
+    model, opt = _job("adam")
+    layout, tensors = layout_of(model, opt)
+    assert any(s.nbytes % 64 for s in layout.slots)  # there is padding to hash
+    flat = bytearray(layout.total_bytes)
+    copy_into(memoryview(flat), layout, tensors)
+    expected = hashlib.sha256(flat + layout.model_dump_json().encode()).hexdigest()
+    assert state_digest(model, opt) == expected
+
+
+def _forged(layout: Layout, index: int, **changes) -> Layout:
+    slots = list(layout.slots)
+    slots[index] = slots[index].model_copy(update=changes)
+    return layout.model_copy(update={"slots": slots})
+
+
+def test_a_layout_a_load_cannot_read_is_refused_before_loading() -> None:
+    """A state's layout comes from another member: every slot must lie in the payload,
+    hold its shape's bytes, name a dtype and a model or optimizer entry."""
+    model, opt = _job("adam")
+    layout, _ = layout_of(model, opt)
+    size = layout.total_bytes
+    assert layout_fault(layout, size) is None
+    last = len(layout.slots) - 1
+    end = layout.slots[last].offset
+    forged = {
+        "size": (layout, size - 64),
+        "past the end": (_forged(layout, last, offset=end + 64), size),
+        "bytes for shape": (_forged(layout, 0, nbytes=layout.slots[0].nbytes * 2), size),
+        "no dtype": (_forged(layout, 0, dtype="Tensor"), size),
+        "negative shape": (_forged(layout, 0, shape=[-5, -6]), size),
+        "not a model": (_forged(layout, 0, key=["sampler", "seed"]), size),
+        "negative offset": (_forged(layout, 0, offset=-64), size),
+    }
+    for name, (bad, claimed) in forged.items():
+        assert layout_fault(bad, claimed) is not None, name

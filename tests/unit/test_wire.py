@@ -95,7 +95,7 @@ MESSAGES: list[WireMessage] = [
         causes=[Cause(id="crash:w2:3", kind="crash", subject="w2", detected_at=2.5)],
     ),
     Chunk(sender="w1", epoch=4, step=12, phase="down", index=2, count=8),
-    StateTransfer(sender="w0", step=12, sha256="ab" * 32),
+    StateTransfer(sender="w0", step=12, layout={"slots": [], "total_bytes": 0}, sha256="ab" * 32),
     StateWitness(sender="w1", step=12, epoch=3, state_sha256="cd" * 32),
     JoinPlan(
         id="j1",

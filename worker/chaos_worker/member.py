@@ -71,6 +71,7 @@ from chaos_worker.replication.space import open_store
 from chaos_worker.telemetry.metrics import WorkerMetrics
 from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.staging import host_alloc
+from chaos_worker.training.state_thread import StateThread
 from chaos_worker.training.sync import GradientSync, gradient_layout
 from chaos_worker.training.trainer import Trainer
 from chaos_worker.training.trainspec import TrainSpec
@@ -205,6 +206,7 @@ class Member:
             telemetry=telemetry,
             **common,
         )
+        state_thread = StateThread()  # whole-state copies, off the event loop
         self.sponsor = sponsor = JoinSponsor(
             me,
             config,
@@ -215,6 +217,7 @@ class Member:
             store=store,
             telemetry=telemetry,
             totals_sent=lambda: collective.down_sent,
+            state_thread=state_thread,
             **common,
         )
         sync = GradientSync(config, spec, device, collective)
@@ -230,6 +233,7 @@ class Member:
             telemetry=telemetry,
             on_reduced=sponsor.stream_to_observers,
             on_stepped=sponsor.release_pins,
+            state_thread=state_thread,
             checkpointer=self.checkpointer,
             **common,
         )
@@ -243,6 +247,7 @@ class Member:
             trainer=trainer,
             collective=collective,
             store=store,
+            state_thread=state_thread,
             telemetry=telemetry,
             reject=rejections,
             transport_factory=transport_factory,

@@ -15,15 +15,17 @@ snapshot it is (`join/state.py`, `replication/puller.py`); what fails is refused
 from __future__ import annotations
 
 import asyncio
-import io
+import hashlib
 import itertools
 import logging
 import uuid
 from collections import deque
 from collections.abc import Callable
+from typing import NoReturn
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import Admission, WorkerConfig
@@ -34,6 +36,7 @@ from chaos_worker.membership.protocol import Membership
 from chaos_worker.membership.readiness import ask_now, ready_in, step_period, switch_decision
 from chaos_worker.membership.rules import joining, state_witness
 from chaos_worker.net.bounds import Reject
+from chaos_worker.net.receiver import Payload
 from chaos_worker.net.shaping import TokenBucket
 from chaos_worker.net.signing import Verifier
 from chaos_worker.net.transport import TcpTransport, TransportFactory
@@ -48,12 +51,15 @@ from chaos_worker.net.wire import (
 from chaos_worker.ports import Clock, Outbox, Progress, Signal
 from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
 from chaos_worker.replication.snapshot import (
+    Layout,
     SnapshotStore,
     copied_by_load,
+    layout_fault,
     load_from,
     state_digest,
 )
 from chaos_worker.telemetry.telemetry import Telemetry
+from chaos_worker.training.state_thread import StateThread
 from chaos_worker.training.trainer import Trainer
 from chaos_worker.training.trainspec import TrainSpec
 
@@ -88,6 +94,7 @@ class Newcomer:
         trainer: Trainer,
         collective: TreeAllReduce,
         store: SnapshotStore,
+        state_thread: StateThread,
         telemetry: Telemetry,
         outbox: Outbox,
         progress: Progress,
@@ -99,7 +106,8 @@ class Newcomer:
     ) -> None:
         """`collective` checks the totals streamed here; `reject` counts those refused;
         `verifier` (with TLS) checks the seals on states and manifests; `admission` gives
-        this worker's admission (`membership.joiners`) for its join proposals."""
+        this worker's admission (`membership.joiners`) for its join proposals;
+        `state_thread` loads a `copy` join's state, after the copies of the old one."""
         self._admission = admission
         self.me = me
         self._transport_factory = transport_factory
@@ -114,6 +122,7 @@ class Newcomer:
         self._collective = collective
         self._reject = reject
         self._store = store
+        self._state_thread = state_thread
         self._telemetry = telemetry
         self._out = outbox
         self._progress = progress
@@ -130,6 +139,7 @@ class Newcomer:
         self._asked_ready = False
         self._states = StateInbox(verifier, reject, config.state_quorum)  # copies offered
         self._rejoining: asyncio.Task | None = None
+        self._checking: set[asyncio.Task] = set()  # states arrived, being hashed
 
     # ------------------------------------------------------------------ joining
 
@@ -348,7 +358,7 @@ class Newcomer:
         if not self._asked_ready:
             self._ask_ready(0.0, load_bytes)
         # in a thread: this loop sends the `ready` proposal and takes observed totals meanwhile
-        await asyncio.to_thread(
+        await self._state_thread.run(
             load_from, result.data, result.layout, model, optimizer, self._device
         )
         self._progress.step = plan.step
@@ -439,17 +449,33 @@ class Newcomer:
         message, blob = taken[0]
         step = message.step
         self._telemetry.count_replication(message.sender, "received", len(blob))
-        state = torch.load(io.BytesIO(blob), map_location=self._device, weights_only=True)
-        self._spec.model.load_state_dict(state["model"])
-        self._spec.optimizer.load_state_dict(state["optimizer"])
+        try:
+            layout = Layout.model_validate(message.layout)
+        except ValidationError as exc:
+            self._refuse(message, f"its layout is not one ({exc.error_count()} errors)")
+        fault = layout_fault(layout, len(blob))
+        if fault is not None:
+            self._refuse(message, fault)
+        try:  # on the state thread: this loop goes on beating and taking messages meanwhile
+            digest = await self._state_thread.run(self._load_state, layout, blob)
+        except (RuntimeError, ValueError, KeyError) as exc:  # a layout this model refuses
+            self._refuse(message, f"it does not load: {exc}")
         vouched = self._states.vouched(decision, message)
-        if vouched is not None and state_digest(self._spec.model, self._spec.optimizer) != vouched:
-            witness = state_witness(decision)
-            detail = f"state of step {step} is not the one {witness} vouched for"
-            self._reject(message.sender, "forged", detail)
-            raise JoinFailed(f"the {detail}")
+        if vouched is not None and digest != vouched:
+            self._refuse(message, f"it is not the one {state_witness(decision)} vouched for")
         self._progress.step = step
         self._progress.completed = step - 1
+
+    def _load_state(self, layout: Layout, blob: Payload) -> str:
+        """Load a `copy` join's flat state and return its `state_digest`."""
+        load_from(blob, layout, self._spec.model, self._spec.optimizer, self._device)
+        return state_digest(self._spec.model, self._spec.optimizer)
+
+    def _refuse(self, message: StateTransfer, why: str) -> NoReturn:
+        """Count the state `message` brought as forged and fail this attempt to join."""
+        detail = f"state of step {message.step} from {message.sender}: {why}"
+        self._reject(message.sender, "forged", detail)
+        raise JoinFailed(f"the {detail}")
 
     # ------------------------------------------------------------------ messages
 
@@ -489,10 +515,17 @@ class Newcomer:
 
     def on_state(self, sender: str, message: StateTransfer, payload: bytes) -> None:
         """The full state of a `copy` join (or a rejoin), held once checked."""
+        task = asyncio.get_running_loop().create_task(self._check_state(sender, message, payload))
+        self._checking.add(task)
+        task.add_done_callback(self._checking.discard)
+
+    async def _check_state(self, sender: str, message: StateTransfer, payload: bytes) -> None:
+        """Hash the state off the event loop (half a second at 600 MB), then offer it."""
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(payload).hexdigest())
         decision = self._decision if self._membership.view is None else self._membership.pending
         if decision is not None and self.me not in joining(decision):
             decision = None  # not the one admitting this member: judged when that one is
-        if self._states.offer(sender, message, payload, decision):
+        if self._states.offer(sender, message, payload, digest, decision):
             self._news.notify()
 
     # ------------------------------------------------------------------ rejoining

@@ -14,13 +14,13 @@ from one member, at the step the newcomer switches in.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import io
+import logging
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 
 import numpy as np
-import torch
 from chaos_planner.models import Source
 
 from chaos_worker.config import WorkerConfig
@@ -38,9 +38,18 @@ from chaos_worker.net.wire import (
     StateWitness,
 )
 from chaos_worker.ports import Clock, Outbox, Progress
-from chaos_worker.replication.snapshot import SnapshotStore, layout_of, state_digest
+from chaos_worker.replication.snapshot import (
+    Layout,
+    SnapshotStore,
+    copy_into,
+    layout_of,
+    state_digest,
+)
 from chaos_worker.telemetry.telemetry import Telemetry
+from chaos_worker.training.state_thread import StateThread
 from chaos_worker.training.trainspec import TrainSpec
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BANDWIDTH = 1e9
 """Bytes/s assumed for a link nobody has measured or shaped (loopback-like)."""
@@ -61,12 +70,14 @@ class JoinSponsor:
         store: SnapshotStore,
         telemetry: Telemetry,
         totals_sent: Callable[[], tuple[int, int] | None],
+        state_thread: StateThread,
         outbox: Outbox,
         progress: Progress,
         clock: Clock,
     ) -> None:
         """`totals_sent()`: (epoch, step) of the last all-reduce whose totals this member,
-        as root, began to send down (`TreeAllReduce.down_sent`)."""
+        as root, began to send down (`TreeAllReduce.down_sent`); `state_thread` saves and
+        digests the state a `copy` joiner gets, off the event loop."""
         self.me = me
         self.observers: dict[str, JoinPlan] = {}
         """Newcomers pulling a planned snapshot, until they switch in."""
@@ -83,6 +94,8 @@ class JoinSponsor:
         self._clock = clock
         self._seen: set[str] = set()
         self._unpin_after: dict[int, int] = {}  # pinned snapshot -> step whose end frees it
+        self._state_thread = state_thread
+        self._copies: set[asyncio.Task] = set()  # states and witnesses on their way out
 
     def plan_join(self, proposal: Proposal, view: View, leaving: Iterable[str]) -> bool:
         """As root, give a newcomer that asked to observe its shard plan (once); False
@@ -198,7 +211,8 @@ class JoinSponsor:
         self, decision: Decision, old: View | None, joiners: list[str], send_state: bool
     ) -> None:
         """The planned view of `decision` admits `joiners`: they observe no longer, and a
-        `copy` joiner gets the state from one member (unless `send_state` is False)."""
+        `copy` joiner gets the state from one member (unless `send_state` is False), saved
+        on the state thread and sent once saved (with TLS, a second member's digest too)."""
         for member in joiners:
             plan = self.observers.pop(member, None)
             if plan is not None:
@@ -207,31 +221,59 @@ class JoinSponsor:
                 self._unpin_after[plan.step] = self._progress.step
         copying = {c.subject for c in decision.causes if c.kind == "join" and c.mode == "copy"}
         copying = [m for m in joiners if m in copying]
-        if send_state and copying and self.me == state_source(decision):
-            blob = self._save_state()
-            message = StateTransfer(
-                sender=self.me,
-                step=self._progress.step,
-                epoch=decision.view.epoch,
-                sha256=hashlib.sha256(blob).hexdigest(),
-            )
-            for joiner in copying:  # sealed (with TLS) by the outbox, as this member's word
-                sent = self._out.send(joiner, message, blob)
-                self._telemetry.count_replication(joiner, "sent", len(blob))
-                self._out.report("state_sent", joiner=joiner, step=message.step, queued=sent)
-        elif send_state and copying and self._cfg.tls and self.me == state_witness(decision):
-            witness = StateWitness(
-                sender=self.me,
-                step=self._progress.step,
-                epoch=decision.view.epoch,
-                state_sha256=state_digest(self._spec.model, self._spec.optimizer),
-            )
-            for joiner in copying:  # a second member's word, so one source cannot forge it
+        if not (send_state and copying):
+            return
+        step, epoch = self._progress.step, decision.view.epoch
+        if self.me == state_source(decision):
+            saving = self._state_thread.run(self._save_state)
+            self._spawn(self._send_state(saving, copying, step, epoch))
+        elif self._cfg.tls and self.me == state_witness(decision):
+            for joiner in copying:
                 # the witness need not be the joiner's overlay neighbour: open the link (a
                 # later trim of links to non-neighbours says goodbye after this frame)
                 self._out.connect(joiner, decision.view.members[joiner])
-                sent = self._out.send(joiner, witness)
-                self._out.report("witness_sent", joiner=joiner, step=witness.step, queued=sent)
+            model, optimizer = self._spec.model, self._spec.optimizer
+            digesting = self._state_thread.run(state_digest, model, optimizer)
+            self._spawn(self._send_witness(digesting, copying, step, epoch))
+
+    async def _send_state(
+        self,
+        saving: asyncio.Future[tuple[Layout, np.ndarray, str]],
+        joiners: list[str],
+        step: int,
+        epoch: int,
+    ) -> None:
+        """Send the state saved on the state thread to the `copy` joiners, once saved."""
+        layout, state, digest = await saving
+        message = StateTransfer(
+            sender=self.me, step=step, epoch=epoch, layout=layout.model_dump(), sha256=digest
+        )
+        for joiner in joiners:  # sealed (with TLS) by the outbox, as this member's word
+            sent = self._out.send(joiner, message, state.data)
+            self._telemetry.count_replication(joiner, "sent", state.nbytes)
+            self._out.report("state_sent", joiner=joiner, step=step, queued=sent)
+
+    async def _send_witness(
+        self, digesting: asyncio.Future[str], joiners: list[str], step: int, epoch: int
+    ) -> None:
+        """Vouch for the state the `copy` joiners get: a second member's word, so one
+        source cannot forge it."""
+        witness = StateWitness(sender=self.me, step=step, epoch=epoch, state_sha256=await digesting)
+        for joiner in joiners:
+            sent = self._out.send(joiner, witness)
+            self._out.report("witness_sent", joiner=joiner, step=step, queued=sent)
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        """Run `work` as a task held until it ends; a failure is logged (the joiner waits
+        in vain, gives up and asks again)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._copies.add(task)
+        task.add_done_callback(self._copy_done)
+
+    def _copy_done(self, task: asyncio.Task) -> None:
+        self._copies.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("state copy for a joiner failed: %r", task.exception())
 
     def release_pins(self, step: int) -> None:
         """Step `step` is applied: free the snapshots pinned until then."""
@@ -239,12 +281,10 @@ class JoinSponsor:
             self._store.release(pinned)
             del self._unpin_after[pinned]
 
-    def _save_state(self) -> bytes:
-        buffer = io.BytesIO()
-        state = {
-            "model": self._spec.model.state_dict(),
-            "optimizer": self._spec.optimizer.state_dict(),
-            "step": self._progress.step,
-        }
-        torch.save(state, buffer)
-        return buffer.getvalue()
+    def _save_state(self) -> tuple[Layout, np.ndarray, str]:
+        """The flat state, its layout and the SHA-256 of its bytes (on the state thread;
+        the copy and the hash leave the GIL to the event loop)."""
+        layout, tensors = layout_of(self._spec.model, self._spec.optimizer)
+        state = np.empty(layout.total_bytes, np.uint8)
+        copy_into(state, layout, tensors)
+        return layout, state, hashlib.sha256(state.data).hexdigest()

@@ -20,7 +20,6 @@ the quorum is 2 (`WorkerConfig.state_quorum`), which refuses such a decision out
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 from chaos_worker.membership.rules import state_source, state_witness
@@ -45,16 +44,22 @@ class StateInbox:
         self._witnesses: dict[str, StateWitness] = {}
 
     def offer(
-        self, sender: str, message: StateTransfer, payload: bytes, decision: Decision | None
+        self,
+        sender: str,
+        message: StateTransfer,
+        payload: bytes,
+        digest: str,
+        decision: Decision | None,
     ) -> bool:
         """Hold the state `sender` sent unless it is refused (judged by `decision`, the one
-        admitting this member, if known); True if held."""
+        admitting this member, if known); `digest` is the payload's SHA-256 (hex), hashed
+        by the caller off the event loop. True if held."""
         if self._verifier is None:
-            if hashlib.sha256(payload).hexdigest() != message.sha256:
+            if digest != message.sha256:
                 log.warning("state from %s failed its checksum; ignored", sender)
                 return False
         else:
-            why = self._forged(sender, message, payload, decision)
+            why = self._forged(sender, message, digest, decision)
             if why is not None:
                 self._reject(sender, "forged", f"state of step {message.step}: {why}")
                 return False
@@ -131,7 +136,7 @@ class StateInbox:
         self._witnesses.clear()
 
     def _forged(
-        self, sender: str, message: StateTransfer, payload: bytes, decision: Decision | None
+        self, sender: str, message: StateTransfer, digest: str, decision: Decision | None
     ) -> str | None:
         """Why the state `sender` sent is not its sealed word, or not for `decision`."""
         assert self._verifier is not None
@@ -140,7 +145,7 @@ class StateInbox:
         why = self._verifier.check(message)
         if why is not None:
             return why
-        if hashlib.sha256(payload).hexdigest() != message.sha256:
+        if digest != message.sha256:
             return "its bytes do not match the digest sealed"
         return None if decision is None else self._undue(message, decision)
 

@@ -294,14 +294,15 @@ SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class StateTransfer(WireMessage):
-    """Full training state for a newcomer (payload: torch.save bytes, weights only); with
-    TLS sealed by `sender`, whose state it is (`net.signing`)."""
+    """Full training state for a newcomer (payload: the flat state, as a snapshot holds it,
+    laid out by `layout`); with TLS sealed by `sender`, whose state it is (`net.signing`)."""
 
     type: Literal["state"] = "state"
     sender: str
     step: Number
     epoch: Number = -1
     """The epoch of the decision that admits the newcomer (-1: not said)."""
+    layout: BoundedJson
     sha256: SHA256
     seal: Seal | None = None
 

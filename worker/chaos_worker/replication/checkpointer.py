@@ -99,7 +99,7 @@ class Checkpointer:
 
     def claim(self, step: int, writer: bool) -> bool:
         """`due`, and if so taken at once (the trainer then queues `capture`): the next
-        steps are not due again while the copy waits on the snapshot thread. A capture
+        steps are not due again while the copy waits on the state thread. A capture
         that finds no snapshot gives the claim back."""
         with self._cond:
             if not self.due(step, writer):

@@ -47,7 +47,7 @@ from chaos_worker.net.wire import (
     SnapshotRequest,
 )
 from chaos_worker.replication.quorum import AGREEING, ManifestVotes
-from chaos_worker.replication.snapshot import Layout, shard_bounds
+from chaos_worker.replication.snapshot import Layout, layout_fault, shard_bounds
 
 log = logging.getLogger(__name__)
 
@@ -550,8 +550,9 @@ class Puller:
 
 
 def _layout(raw: dict) -> Layout | None:
-    """A manifest's layout, or None when it is not one."""
+    """A manifest's layout, or None when it is not one a load can read."""
     try:
-        return Layout.model_validate(raw)
+        layout = Layout.model_validate(raw)
     except ValidationError:
         return None
+    return layout if layout_fault(layout, layout.total_bytes) is None else None

@@ -23,6 +23,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,11 +169,10 @@ def load_from(
     """
     import torch
 
-    flat = torch.frombuffer(
-        bytearray(buffer) if isinstance(buffer, bytes) else buffer,
-        dtype=torch.uint8,
-        count=layout.total_bytes,
-    )
+    array = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, np.uint8)
+    if not array.flags.writeable:  # the optimizer state keeps views: give it its own bytes
+        array = array.copy()  # numpy copies without the GIL
+    flat = torch.from_numpy(array.reshape(-1).view(np.uint8))[: layout.total_bytes]
     model_state: dict[str, torch.Tensor] = {}
     optim_state: dict[int, dict] = {}
     for slot in layout.slots:
@@ -196,6 +196,30 @@ def load_from(
             f"unexpected {sorted(unexpected)}"
         )
     optimizer.load_state_dict({"state": optim_state, "param_groups": layout.param_groups})
+
+
+def layout_fault(layout: Layout, size: int) -> str | None:
+    """Why `layout` does not describe a state of `size` bytes that `load_from` can read
+    (None: it does): every slot a known dtype and within the buffer, its bytes its shape's."""
+    import torch
+
+    if layout.total_bytes != size:
+        return f"its layout says {layout.total_bytes} bytes, not {size}"
+    for slot in layout.slots:
+        dtype = getattr(torch, slot.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            return f"{slot.key}: no dtype {slot.dtype!r}"
+        if any(n < 0 for n in slot.shape) or len(slot.shape) > 64:
+            return f"{slot.key}: shape {slot.shape}"
+        if slot.nbytes != math.prod(slot.shape) * dtype.itemsize:
+            return f"{slot.key}: {slot.nbytes} bytes for shape {slot.shape} of {slot.dtype}"
+        if slot.offset < 0 or slot.offset + slot.nbytes > size:
+            return f"{slot.key}: bytes {slot.offset}+{slot.nbytes} past {size}"
+        if slot.key[0] != "model" and not (
+            slot.key[0] == "optim" and len(slot.key) == 3 and isinstance(slot.key[1], int)
+        ):
+            return f"{slot.key}: not a model or optimizer entry"
+    return None
 
 
 def copied_by_load(model: torch.nn.Module, state_bytes: int, device: torch.device) -> int:
@@ -229,11 +253,23 @@ def _adopt_buffers(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> se
 
 
 def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
-    """SHA-256 of the flat state: equal on two members exactly when their states are equal."""
+    """SHA-256 of the flat state: equal on two members exactly when their states are equal.
+
+    The tensors are hashed where they lie, slot by slot with the buffer's zero padding
+    between them (the digest of the flat buffer, without a copy of the whole state);
+    `hashlib` releases the GIL for the data."""
+    import torch
+
     layout, tensors = layout_of(model, optimizer)
-    buffer = bytearray(layout.total_bytes)
-    copy_into(memoryview(buffer), layout, tensors)
-    digest = hashlib.sha256(buffer)
+    digest = hashlib.sha256()
+    end = 0
+    for slot, tensor in zip(layout.slots, tensors, strict=True):
+        digest.update(bytes(slot.offset - end))
+        if slot.nbytes:
+            flat = tensor.detach().reshape(-1).view(torch.uint8)
+            digest.update(flat.cpu().numpy().data)
+        end = slot.offset + slot.nbytes
+    digest.update(bytes(layout.total_bytes - end))
     digest.update(layout.model_dump_json().encode())
     return digest.hexdigest()
 

@@ -12,7 +12,6 @@ replays the aborted step (`replay`) before going on.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import math
 import time
@@ -31,6 +30,7 @@ from chaos_worker.replication.snapshot import SnapshotStore
 from chaos_worker.telemetry.telemetry import Telemetry
 from chaos_worker.training.overlap import Release
 from chaos_worker.training.sampling import split_by_throughput
+from chaos_worker.training.state_thread import StateThread
 from chaos_worker.training.sync import Sync
 from chaos_worker.training.trainspec import TrainSpec
 
@@ -65,13 +65,15 @@ class Trainer:
         clock: Clock,
         on_reduced: Callable[[int, np.ndarray], None],
         on_stepped: Callable[[int], None],
+        state_thread: StateThread,
         checkpointer: Checkpointer | None = None,
     ) -> None:
         """`sync` says what a step computes and what its total changes (`sync.py`);
         `on_reduced(step, total)` runs first when a total is applied (the root streams
         it to observers); `on_stepped(step)` after the optimizer step of a step this
-        member trained (not replayed), before its snapshot is published; `checkpointer`
-        copies the due snapshots out on the snapshot thread, after their publish."""
+        member trained (not replayed), before its snapshot is published; `state_thread`
+        copies the state into snapshots (and the due ones out, with `checkpointer`), and
+        every update waits for what it was asked to do before."""
         self.me = me
         self.last_total: np.ndarray | None = None
         self.loss_curve: list[tuple[int, float]] = []
@@ -92,8 +94,7 @@ class Trainer:
         self._on_stepped = on_stepped
         self._checkpointer = checkpointer
         self._op: asyncio.Future | None = None  # the all-reduce in flight
-        self._publisher = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
-        self._publishing: concurrent.futures.Future | None = None
+        self._state_thread = state_thread
         self._publish_s = 0.0
         self._ready_t = 0.0
         self._slice: tuple[int, int] | None = None
@@ -249,12 +250,12 @@ class Trainer:
         writer = root or self._cfg.checkpoint_writer == "self"
         checkpoint = ckpt is not None and ckpt.claim(step, writer)
         if checkpoint or self._store.wanted(step):
-            self._publishing = self._publisher.submit(
+            self._state_thread.submit(
                 self._store.publish, step, self._spec.model, self._spec.optimizer
             )
         if checkpoint:
             # same thread, after the publish and before the next: the slot stays put
-            self._publisher.submit(ckpt.capture, self._store, step)
+            self._state_thread.submit(ckpt.capture, self._store, step)
 
     async def replay(self, decision: Decision) -> None:
         """The data half of a recovery: when some member holds the total of the aborted
@@ -271,17 +272,14 @@ class Trainer:
             progress.step = decision.effective_step
 
     def settle_publish(self) -> None:
-        """Wait for the snapshot copy in flight (before the tensors change); time the wait."""
-        publishing, self._publishing = self._publishing, None  # a failure is raised once
-        if publishing is not None:
-            started = time.perf_counter()
-            publishing.result()
-            self._publish_s = time.perf_counter() - started
+        """Wait for the state copies in flight (before the tensors change); time the wait."""
+        waited = self._state_thread.settle()
+        self._publish_s = self._publish_s if waited is None else waited
 
     def close(self) -> None:
-        """Settle the last publish and stop the publishing thread."""
+        """Settle the last copies and stop the state thread."""
         self.settle_publish()
-        self._publisher.shutdown()
+        self._state_thread.close()
 
 
 def _on_cpu_clock(
