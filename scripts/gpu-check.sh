@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check of Chaos on a machine with an NVIDIA GPU (written for one H200, 16 cores,
-# no internet). Everything it finds goes under $OUT (default ./gpu-check-out):
+# no internet). Everything it finds goes under the folder given as its argument (else $OUT,
+# else ./gpu-check-out):
 #   nvidia-smi.txt, env.json           the driver, Python, torch, CUDA and the device
 #   run-*.json (+ .png)                 `chaos run` reports, float64, 4 workers: no churn and
 #                                       the default churn on the device, the churn on cpu
@@ -16,14 +17,15 @@
 # default 300 s), the steps the issue asks for first; a failing step is recorded and the
 # next one runs. Exit 0 when every step passed, 1 otherwise, 2 when no Python could run
 # Chaos at all.
-#   bash scripts/gpu-check.sh           on the GPU (device cuda, full sizes)
-#   bash scripts/gpu-check.sh --cpu     the same steps on cpu with small sizes (also:
-#                                       GPU_CHECK_DEVICE=cpu); a dry run for a machine without one
+#   bash scripts/gpu-check.sh [DIR]        on the GPU (device cuda, full sizes)
+#   bash scripts/gpu-check.sh --cpu [DIR]  the same steps on cpu with small sizes (also:
+#                                          GPU_CHECK_DEVICE=cpu); a dry run for a machine without one
 # Python: .venv/bin/python if it runs Chaos, else a python3 that imports torch (with the
 # sources on PYTHONPATH), else that python3 with the wheels in gpu-wheels/ (made elsewhere
 # by scripts/gpu-wheels.sh, for a machine without registries), else `bash
 # scripts/install.sh` (needs package registries).
 set -u
+CALLER_PWD=$PWD # a relative output folder is the caller's
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd -P)
 
@@ -33,14 +35,19 @@ while (($#)); do
   case "$1" in
     --cpu) device=cpu ;;
     --budget) budget=${2:?--budget needs seconds}; shift ;;
-    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
-    *) echo "gpu-check: unknown argument $1 (--cpu, --budget S)" >&2; exit 2 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -*) echo "gpu-check: unknown option $1 (--cpu, --budget S, then the output folder)" >&2; exit 2 ;;
+    *)
+      [[ -z "${out_arg:-}" ]] || { echo "gpu-check: one output folder, not $out_arg and $1" >&2; exit 2; }
+      out_arg=$1
+      [[ "$out_arg" == /* ]] || out_arg="$CALLER_PWD/$out_arg"
+      ;;
   esac
   shift
 done
 [[ "$device" == cpu || "$device" == cuda ]] || { echo "gpu-check: device must be cpu or cuda" >&2; exit 2; }
 
-OUT=${OUT:-./gpu-check-out}
+OUT=${out_arg:-${OUT:-./gpu-check-out}}
 mkdir -p "$OUT/logs" || exit 2
 OUT=$(cd "$OUT" && pwd -P)
 # Run directories hold the launcher's Unix socket: keep their path short (108-byte limit).
