@@ -515,3 +515,54 @@ def test_a_quorum_of_two_takes_no_copy_that_nobody_else_can_vouch_for(ca: Worker
     assert "names no member beside w9 to vouch for the state" in strict.unvouched(lone)
     assert strict.unvouched(admitting()) is None  # w1 is its witness
     assert StateInbox(verifier, forged_counter("w5")[0]).unvouched(lone) is None
+
+
+def test_a_state_is_read_into_a_buffer_of_the_inboxs_own_and_loads_in_place(
+    ca: WorkerCA,
+) -> None:
+    """Over a real TLS link, the receiver reads a state's payload into the inbox's buffer
+    (`StateInbox.place`); the newcomer loads that writable buffer in place, with no copy of
+    a read-only payload. A payload read anywhere else is handed on as it came."""
+    model, opt = job()
+    blob = saved(model, opt)
+    layout = layout_json(model, opt)
+    message = StateTransfer(
+        sender="w0", step=20, epoch=4, layout=layout, sha256=hashlib.sha256(blob).hexdigest()
+    )
+    inbox = StateInbox(Verifier(str(ca.ca_file)), forged_counter("w5")[0])
+    got: list[object] = []
+
+    async def scenario() -> None:
+        w5_files, w0_files = ca.issue("w5"), ca.issue("w0")
+
+        def on_message(sender: str, received: Message, payload: bytes) -> None:
+            if isinstance(received, StateTransfer):
+                got.append(inbox.writable(sender, received, payload))
+
+        w5 = TcpTransport(
+            "w5", on_message, lambda *_: None, max_payload=1 << 24, tls=LinkTls(w5_files, "w5")
+        )
+        w5.place = lambda sender, received, nbytes: inbox.place(sender, received, nbytes)
+        address = f"127.0.0.1:{await w5.listen('127.0.0.1', 0)}"
+        w0 = await start("w0", factory=secured(w0_files, "w0"))
+        try:
+            w0.transport.connect("w5", address)
+            assert w0.transport.send("w5", message, blob)
+            await until(lambda: len(got) == 1, "the state")
+        finally:
+            await w5.close()
+            await close_all(w0)
+
+    asyncio.run(scenario())
+    placed = got[0]
+    assert isinstance(placed, np.ndarray) and placed.flags.writeable
+    assert placed.tobytes() == blob
+    elsewhere = memoryview(blob)  # read to the transport's own buffer: handed on as it came
+    assert inbox.writable("w0", message, elsewhere) is elsewhere
+    inbox.place("w0", message, len(blob))
+    assert inbox.writable("w0", message, elsewhere) is elsewhere  # not the placed buffer
+    fresh, fresh_opt = job(seed=5, steps=0)
+    load_from(placed, Layout.model_validate(layout), fresh, fresh_opt, torch.device("cpu"))
+    moment = fresh_opt.state[fresh_opt.param_groups[0]["params"][0]]["exp_avg"]
+    assert np.shares_memory(moment.numpy(), placed)  # loaded in place
+    assert state_digest(fresh, fresh_opt) == state_digest(model, opt)

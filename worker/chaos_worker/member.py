@@ -155,7 +155,6 @@ class Member:
             on_bad=self._on_bad_contribution,
             alloc=host_alloc(device),
         )
-        self.transport.place = collective.place
         clock = time.monotonic
         self.progress = progress = Progress()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -262,6 +261,11 @@ class Member:
         hooks.joining.append(newcomer.on_decision)
         hooks.rejoin.append(newcomer.rejoin)
         hooks.plan_join = sponsor.plan_join
+        self.transport.place = lambda sender, message, nbytes: (
+            newcomer.place_state(sender, message, nbytes)
+            if isinstance(message, StateTransfer)
+            else collective.place(sender, message, nbytes)
+        )
         self._handlers: dict[type, Handler] = {
             Chunk: lambda sender, m, payload, _: collective.deliver(sender, m, payload),
             Heartbeat: lambda _, m, __, now: liveness.on_heartbeat(m, now),

@@ -138,6 +138,7 @@ class Newcomer:
         """The first step whose total was refused for the backlog: replay cannot pass it."""
         self._asked_ready = False
         self._states = StateInbox(verifier, reject, config.state_quorum)  # copies offered
+        self.place_state = self._states.place
         self._rejoining: asyncio.Task | None = None
         self._checking: set[asyncio.Task] = set()  # states arrived, being hashed
 
@@ -438,7 +439,7 @@ class Newcomer:
         unvouched = self._states.unvouched(decision)
         if unvouched is not None:
             raise JoinFailed(unvouched)
-        taken: list[tuple[StateTransfer, bytes]] = []
+        taken: list[tuple[StateTransfer, Payload | np.ndarray]] = []
 
         def arrived() -> bool:
             state = self._states.take(decision)
@@ -466,7 +467,7 @@ class Newcomer:
         self._progress.step = step
         self._progress.completed = step - 1
 
-    def _load_state(self, layout: Layout, blob: Payload) -> str:
+    def _load_state(self, layout: Layout, blob: Payload | np.ndarray) -> str:
         """Load a `copy` join's flat state and return its `state_digest`."""
         load_from(blob, layout, self._spec.model, self._spec.optimizer, self._device)
         return state_digest(self._spec.model, self._spec.optimizer)
@@ -521,11 +522,12 @@ class Newcomer:
 
     async def _check_state(self, sender: str, message: StateTransfer, payload: bytes) -> None:
         """Hash the state off the event loop (half a second at 600 MB), then offer it."""
+        state = self._states.writable(sender, message, payload)
         digest = await asyncio.to_thread(lambda: hashlib.sha256(payload).hexdigest())
         decision = self._decision if self._membership.view is None else self._membership.pending
         if decision is not None and self.me not in joining(decision):
             decision = None  # not the one admitting this member: judged when that one is
-        if self._states.offer(sender, message, payload, digest, decision):
+        if self._states.offer(sender, message, state, digest, decision):
             self._news.notify()
 
     # ------------------------------------------------------------------ rejoining

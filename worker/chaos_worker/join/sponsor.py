@@ -42,6 +42,7 @@ from chaos_worker.replication.snapshot import (
     Layout,
     SnapshotStore,
     copy_into,
+    fresh_bytes,
     layout_of,
     state_digest,
 )
@@ -285,6 +286,6 @@ class JoinSponsor:
         """The flat state, its layout and the SHA-256 of its bytes (on the state thread;
         the copy and the hash leave the GIL to the event loop)."""
         layout, tensors = layout_of(self._spec.model, self._spec.optimizer)
-        state = np.empty(layout.total_bytes, np.uint8)
+        state = fresh_bytes(layout.total_bytes)
         copy_into(state, layout, tensors)
         return layout, state, hashlib.sha256(state.data).hexdigest()

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from chaos_worker.membership.rules import state_source, state_witness
 from chaos_worker.net.bounds import Reject
+from chaos_worker.net.receiver import Payload
 from chaos_worker.net.signing import Verifier
 from chaos_worker.net.wire import Decision, StateTransfer, StateWitness
+from chaos_worker.replication.snapshot import fresh_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,40 @@ class StateInbox:
         self._verifier = verifier
         self._reject = reject
         self._quorum = quorum
-        self._held: dict[str, tuple[StateTransfer, bytes]] = {}
+        self._held: dict[str, tuple[StateTransfer, Payload | np.ndarray]] = {}
         self._witnesses: dict[str, StateWitness] = {}
+        self._placed: dict[str, tuple[StateTransfer, np.ndarray]] = {}
+        """Per sender, the buffer of this inbox's own its state is being read into."""
+
+    def place(self, sender: str, message: StateTransfer, nbytes: int) -> memoryview | None:
+        """A buffer for the payload of the state `sender` sends (a `receiver.Place`): this
+        inbox's own, so the state loads in place (the optimizer's moments keep views of
+        it) instead of as a copy of a read-only one. One per sender: a frame cut short
+        leaves at most one behind."""
+        try:
+            buffer = fresh_bytes(nbytes)
+        except (MemoryError, RuntimeError):  # torch's allocator says RuntimeError
+            return None  # the receiver refuses the frame as oversize
+        self._placed[sender] = (message, buffer)
+        return memoryview(buffer)
+
+    def writable(
+        self, sender: str, message: StateTransfer, payload: Payload
+    ) -> Payload | np.ndarray:
+        """The writable buffer of `place` that `payload` (read-only) views, if it is one."""
+        placed = self._placed.get(sender)
+        if placed is None or placed[0] != message:
+            return payload
+        del self._placed[sender]
+        view = np.frombuffer(payload, np.uint8)
+        same = view.size == placed[1].size and np.shares_memory(view, placed[1])
+        return placed[1] if same else payload
 
     def offer(
         self,
         sender: str,
         message: StateTransfer,
-        payload: bytes,
+        payload: Payload | np.ndarray,
         digest: str,
         decision: Decision | None,
     ) -> bool:
@@ -86,7 +116,7 @@ class StateInbox:
         self._witnesses[sender] = message
         return True
 
-    def take(self, decision: Decision) -> tuple[StateTransfer, bytes] | None:
+    def take(self, decision: Decision) -> tuple[StateTransfer, Payload | np.ndarray] | None:
         """The state to load for `decision` (None: not arrived yet, or its witness's word
         not yet); held states it refuses are counted and dropped, and once one is taken
         the others are dropped."""
@@ -134,6 +164,7 @@ class StateInbox:
     def clear(self) -> None:
         self._held.clear()
         self._witnesses.clear()
+        self._placed.clear()
 
     def _forged(
         self, sender: str, message: StateTransfer, digest: str, decision: Decision | None
