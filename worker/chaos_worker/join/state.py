@@ -46,32 +46,32 @@ class StateInbox:
         self._quorum = quorum
         self._held: dict[str, tuple[StateTransfer, Payload | np.ndarray]] = {}
         self._witnesses: dict[str, StateWitness] = {}
-        self._placed: dict[str, tuple[StateTransfer, np.ndarray]] = {}
-        """Per sender, the buffer of this inbox's own its state is being read into."""
+        self._placed: tuple[str, StateTransfer, np.ndarray] | None = None
+        """The last buffer of this inbox's own a state was read into, not yet handed on."""
 
     def place(self, sender: str, message: StateTransfer, nbytes: int) -> memoryview | None:
         """A buffer for the payload of the state `sender` sends (a `receiver.Place`): this
         inbox's own, so the state loads in place (the optimizer's moments keep views of
-        it) instead of as a copy of a read-only one. One per sender: a frame cut short
-        leaves at most one behind."""
+        it) instead of as a copy of a read-only one. Only the last one is remembered: a
+        frame cut short, or refused after it was read, leaves none behind."""
         try:
             buffer = fresh_bytes(nbytes)
         except (MemoryError, RuntimeError):  # torch's allocator says RuntimeError
             return None  # the receiver refuses the frame as oversize
-        self._placed[sender] = (message, buffer)
+        self._placed = (sender, message, buffer)
         return memoryview(buffer)
 
     def writable(
         self, sender: str, message: StateTransfer, payload: Payload
     ) -> Payload | np.ndarray:
-        """The writable buffer of `place` that `payload` (read-only) views, if it is one."""
-        placed = self._placed.get(sender)
-        if placed is None or placed[0] != message:
+        """The writable buffer of `place` that `payload` (read-only) views, if it is one
+        (else `payload`, which a load copies)."""
+        if self._placed is None or self._placed[:2] != (sender, message):
             return payload
-        del self._placed[sender]
+        buffer, self._placed = self._placed[2], None
         view = np.frombuffer(payload, np.uint8)
-        same = view.size == placed[1].size and np.shares_memory(view, placed[1])
-        return placed[1] if same else payload
+        same = view.size == buffer.size and np.shares_memory(view, buffer)
+        return buffer if same else payload
 
     def offer(
         self,
@@ -164,7 +164,7 @@ class StateInbox:
     def clear(self) -> None:
         self._held.clear()
         self._witnesses.clear()
-        self._placed.clear()
+        self._placed = None
 
     def _forged(
         self, sender: str, message: StateTransfer, digest: str, decision: Decision | None
