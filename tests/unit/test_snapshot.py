@@ -10,6 +10,7 @@ import torch
 from chaos_worker.replication.snapshot import (
     Layout,
     SnapshotStore,
+    checked_layout,
     copied_by_load,
     copy_into,
     layout_fault,
@@ -242,3 +243,18 @@ def test_a_layout_a_load_cannot_read_is_refused_before_loading() -> None:
     }
     for name, (bad, claimed) in forged.items():
         assert layout_fault(bad, claimed) is not None, name
+
+
+def test_another_members_layout_is_checked_before_it_is_used() -> None:
+    """`checked_layout`, as the newcomer and the puller read a layout off the wire."""
+    model, opt = _job("adam")
+    layout, _ = layout_of(model, opt)
+    raw = layout.model_dump()
+    assert checked_layout(raw) == layout
+    assert checked_layout(raw, layout.total_bytes) == layout
+    with pytest.raises(ValueError, match="not a layout"):
+        checked_layout({"slots": "many"})
+    with pytest.raises(ValueError, match="bytes, not"):
+        checked_layout(raw, layout.total_bytes + 64)  # a payload of another size
+    with pytest.raises(ValueError, match="past"):
+        checked_layout(_forged(layout, 0, offset=layout.total_bytes).model_dump())

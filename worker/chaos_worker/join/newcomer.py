@@ -25,7 +25,6 @@ from typing import NoReturn
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
 from chaos_worker.collective import TreeAllReduce
 from chaos_worker.config import Admission, WorkerConfig
@@ -53,8 +52,8 @@ from chaos_worker.replication.puller import JoinFailed, Puller, PullResult
 from chaos_worker.replication.snapshot import (
     Layout,
     SnapshotStore,
+    checked_layout,
     copied_by_load,
-    layout_fault,
     load_from,
     state_digest,
 )
@@ -451,12 +450,9 @@ class Newcomer:
         step = message.step
         self._telemetry.count_replication(message.sender, "received", len(blob))
         try:
-            layout = Layout.model_validate(message.layout)
-        except ValidationError as exc:
-            self._refuse(message, f"its layout is not one ({exc.error_count()} errors)")
-        fault = layout_fault(layout, len(blob))
-        if fault is not None:
-            self._refuse(message, fault)
+            layout = checked_layout(message.layout, len(blob))
+        except ValueError as exc:
+            self._refuse(message, f"its layout: {exc}")
         try:  # on the state thread: this loop goes on beating and taking messages meanwhile
             digest = await self._state_thread.run(self._load_state, layout, blob)
         except (RuntimeError, ValueError, KeyError) as exc:  # a layout this model refuses

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from chaos_planner.greedy import greedy_assignment
 from chaos_planner.models import Source
-from pydantic import ValidationError
 
 from chaos_worker.net.bounds import Guard, Limits, Reject, Rejections
 from chaos_worker.net.shaping import TokenBucket
@@ -47,7 +46,7 @@ from chaos_worker.net.wire import (
     SnapshotRequest,
 )
 from chaos_worker.replication.quorum import AGREEING, ManifestVotes
-from chaos_worker.replication.snapshot import Layout, layout_fault, shard_bounds
+from chaos_worker.replication.snapshot import Layout, checked_layout, shard_bounds
 
 log = logging.getLogger(__name__)
 
@@ -552,7 +551,6 @@ class Puller:
 def _layout(raw: dict) -> Layout | None:
     """A manifest's layout, or None when it is not one a load can read."""
     try:
-        layout = Layout.model_validate(raw)
-    except ValidationError:
+        return checked_layout(raw)
+    except ValueError:
         return None
-    return layout if layout_fault(layout, layout.total_bytes) is None else None

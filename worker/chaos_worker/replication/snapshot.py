@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from chaos_worker.replication.admission import Admissions
 from chaos_worker.replication.private import DIR_MODE, NoRoom, create_file, write_atomically
@@ -230,6 +230,19 @@ def layout_fault(layout: Layout, size: int) -> str | None:
         ):
             return f"{slot.key}: not a model or optimizer entry"
     return None
+
+
+def checked_layout(raw: dict, size: int | None = None) -> Layout:
+    """Another member's layout, as one `load_from` can read from `size` bytes (its own
+    total when None); ValueError saying why not."""
+    try:
+        layout = Layout.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"not a layout ({exc.error_count()} errors)") from None
+    fault = layout_fault(layout, layout.total_bytes if size is None else size)
+    if fault is not None:
+        raise ValueError(fault)
+    return layout
 
 
 def copied_by_load(model: torch.nn.Module, state_bytes: int, device: torch.device) -> int:

@@ -1,12 +1,13 @@
 """The one thread that reads or replaces the whole training state beside the trainer.
 
 Copying a large state takes long: at 50M parameters (600 MB with AdamW's moments) a
-`torch.save` takes about half a second, a digest or a load as long. On the event loop that
-silences the member past the failure timeout, so the others suspect it. Every such copy
-runs here instead, in the order it was asked for: a snapshot publish, a checkpoint
-capture, the state a `copy` joiner gets, a witness's digest, a rejoiner's load. The
-trainer is the state's only other user; before an update changes the tensors it waits
-for what was asked of this thread so far (`settle`), so each copy sees one step's state.
+copy, a hash or a load takes from a tenth of a second to several on two busy cores. On
+the event loop that silences the member past the failure timeout, so the others suspect
+it. Every such copy runs here instead, in the order it was asked for: a snapshot
+publish, a checkpoint capture, the state a `copy` joiner gets, a witness's digest, a
+rejoiner's load. The trainer is the state's only other user; before an update changes
+the tensors it waits for what was asked of this thread so far (`settle`), so each copy
+sees one step's state.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ class StateThread:
 
     def __init__(self) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "state")
-        self._pending: list[tuple[concurrent.futures.Future, bool]] = []
+        self._pending: list[tuple[concurrent.futures.Future, bool]] = []  # (copy, owned)
 
-    def submit(self, fn: Callable[..., T], *args: object, owned: bool = True) -> None:
-        """Run `fn(*args)` after what was asked before; with `owned`, its failure is raised
-        by the next `settle` (the trainer's own copies: a publish, a capture)."""
-        self._pending.append((self._pool.submit(fn, *args), owned))
+    def submit(self, fn: Callable[..., T], *args: object) -> None:
+        """Run `fn(*args)` after what was asked before; its failure is raised by the next
+        `settle` (the trainer's own copies: a publish, a capture)."""
+        self._pending.append((self._pool.submit(fn, *args), True))
 
     def run(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """Run `fn(*args)` after what was asked before; its outcome is the caller's to await
