@@ -107,6 +107,35 @@ def test_churn_gives_the_same_losses_without_lost_steps_or_restarts(baseline, tm
     assert not [p for p in churned["processes"] if Path(f"/proc/{p['pid']}").exists()]
 
 
+def test_members_that_start_as_on_a_gpu_train_through_churn_and_a_join(baseline, tmp_path):
+    """Every process takes 2 s more to load and its first step 1.5 s more, longer than the
+    failure timeout (the GIL free, as while CUDA loads kernels: `slowstartfactory.py`),
+    the newcomer's first step included: the issue's GPU run with churn did not finish.
+    Here the losses are the churn-free run's and nobody is taken for crashed."""
+    churned = run_job(
+        tmp_path,
+        "slowstart",
+        *LIKE_BASELINE,
+        "--entry",
+        "tests.cluster.slowstartfactory:factory",
+        "--churn",
+        f"{CHURN},join@40",
+        env={
+            "CHAOS_SLOW_LOAD_S": "2",
+            "CHAOS_SLOW_FIRST_STEP_S": "1.5",
+            "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
+        },
+    )
+    assert churned["problems"] == []
+    assert [s for s, _ in churned["loss_curve"]] == list(range(80)), "a step was lost"
+    assert_same_losses(churned["loss_curve"], baseline["loss_curve"])
+    assert [e["type"] for e in churned["events"]] == [
+        "leave", "crash", "link_down", "link_up", "join"
+    ]  # fmt: skip
+    assert [c["removed"] for c in churned["membership"] if "w5" in c["removed"]] == []
+    assert "w5" in churned["membership"][-1]["members"]
+
+
 class _Settings(LocalRun):
     """A run whose workers get `settings`: real fields of the worker config that `chaos
     run` does not expose (a test's seam, not a mock)."""
