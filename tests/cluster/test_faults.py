@@ -136,7 +136,10 @@ def test_a_member_stuck_in_its_compute_still_reports_to_a_recovery(
     not once its compute returns: the recovery keeps everyone and is agreed while w1 is
     still held. (Before, w1 spoke only once its compute returned: nobody decided, since
     the coordinator does not suspect a member it still hears from, and after twice the
-    failure timeout every member took itself for the one cut off and paused.)"""
+    failure timeout every member took itself for the one cut off and paused.) Buckets of
+    4 KiB keep the compute on its thread (backward's hooks release the digits' 38 kB): a
+    short one-bucket compute runs on the event loop (`INLINE_COMPUTE_S`; see the test
+    after this one)."""
     if os.geteuid() != 0:
         pytest.skip("ss -K needs root")
     held = tmp_path / "held"
@@ -146,7 +149,8 @@ def test_a_member_stuck_in_its_compute_still_reports_to_a_recovery(
         "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
     }
     entry = ("--entry", "tests.cluster.stuckfactory:factory")
-    run = Watched(tmp_path, *LIKE, *entry, "--failure-timeout", "1", env=env)
+    buckets = ("--bucket-mb", "0.00390625")
+    run = Watched(tmp_path, *LIKE, *entry, *buckets, "--failure-timeout", "1", env=env)
     run.at_step("w1", 100)
     (held / "stuck-w1").touch()
     run._wait(lambda: (held / "held-w1").exists(), "w1's compute to be held")
@@ -161,6 +165,34 @@ def test_a_member_stuck_in_its_compute_still_reports_to_a_recovery(
     assert still_held
     assert_whole(report, baseline)
     assert report["membership"] == []  # nobody was removed
+
+
+def test_a_member_whose_short_compute_stalls_on_its_event_loop_is_taken_for_hung(
+    baseline: dict, tmp_path: Path
+) -> None:
+    """The digits' one-bucket compute takes milliseconds, so after the first step it runs
+    on the event loop (`INLINE_COMPUTE_S`). Held there past the failure timeout, it leaves
+    w1 silent: the others remove it as they would a paused process, and it comes back as
+    a newcomer by itself once its compute returns."""
+    held = tmp_path / "held"
+    held.mkdir()
+    env = {
+        "CHAOS_STUCK_DIR": str(held),
+        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
+    }
+    entry = ("--entry", "tests.cluster.stuckfactory:factory")
+    run = Watched(tmp_path, *LIKE, *entry, "--failure-timeout", "1", env=env)
+    run.at_step("w1", 100)
+    (held / "stuck-w1").touch()
+    run._wait(lambda: (held / "held-w1").exists(), "w1's compute to be held")
+    survivor = run.run_dir() / "w0.stderr"
+    removed = "'causes': ['crash:w1'"
+    run._wait(lambda: removed in survivor.read_text(errors="replace"), "w1 removed")
+    (held / "stuck-w1").unlink()
+    report, _ = run.finish()
+    assert_whole(report, baseline)
+    changes = [(c["removed"], c["added"]) for c in report["membership"]]
+    assert changes == [(["w1"], []), ([], ["w1"])]  # out, then back by itself
 
 
 def _recovery_members(log: str) -> list[str] | None:

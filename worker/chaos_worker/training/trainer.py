@@ -45,6 +45,16 @@ timeout; a small model's few milliseconds cost less than the thread's hand-over 
 mlp's steps took 2-6 ms more CPU with every update on a thread)."""
 
 
+INLINE_COMPUTE_S = 0.01
+"""A compute (forward and backward) that took less, and releases the gradient whole after
+it (one bucket: no hooks to overlap), runs on the event loop next time; the first, and any
+after a longer one, on a worker thread. On two cores the hand-over to the thread and back
+cost the 1M mlp about 3 ms of a 15 ms step (`chaos bench throughput`: Chaos over DDP 1.36-1.39
+threaded, 1.08-1.13 inline, over TLS). Short, so that a membership change waits at most
+that long for the loop; a compute held longer than the failure timeout on the loop makes
+this member silent, and it is taken for hung (removed, and back as a newcomer)."""
+
+
 class Trainer:
     """Trains this member's share of every step until the job's last step."""
 
@@ -101,6 +111,7 @@ class Trainer:
         """(offset, count) of this member's samples in the step's sample list."""
         self._sync = sync
         self._update_s = math.inf  # how long the last update took (`INLINE_UPDATE_S`)
+        self._compute_s = math.inf  # how long the last compute took (`INLINE_COMPUTE_S`)
 
     def cancel_step(self) -> None:
         """Abort the all-reduce in flight (the protocol began an abort)."""
@@ -137,9 +148,7 @@ class Trainer:
             release = self._sync.start(contribution, len(mine))
             reduce = self._collective.allreduce(view, progress.step, contribution)
             self._op = op = asyncio.ensure_future(reduce)
-            computing = asyncio.ensure_future(
-                asyncio.to_thread(_on_cpu_clock, self._sync.compute, mine, release)
-            )
+            computing = self._compute(mine, release)
             try:
                 await asyncio.wait((computing, op), return_when=asyncio.FIRST_COMPLETED)
                 if op.cancelled() and membership.aborting:
@@ -153,6 +162,7 @@ class Trainer:
                 computing.cancel()  # the thread runs on; nothing waits for its result
                 raise
             compute_s = time.perf_counter() - started
+            self._compute_s = compute_s
             self._ready_t = self._clock()  # this member's gradient is ready to reduce
             progress.computed(len(mine), cpu_s if self._measure_cpu else compute_s)
             if not membership.aborting:  # else `cancel_step` cancelled the operation
@@ -177,6 +187,21 @@ class Trainer:
                 members=len(membership.view.members),
                 step=progress.completed,
             )
+
+    def _compute(self, ids: list[int], release: Release | None) -> asyncio.Future:
+        """This member's share of the step, (loss, CPU seconds) when done: on the event loop
+        when it is short and has no buckets to release as it goes (`INLINE_COMPUTE_S`),
+        else on a worker thread."""
+        if release is not None or self._compute_s >= INLINE_COMPUTE_S:
+            return asyncio.ensure_future(
+                asyncio.to_thread(_on_cpu_clock, self._sync.compute, ids, release)
+            )
+        done = asyncio.get_running_loop().create_future()
+        try:
+            done.set_result(_on_cpu_clock(self._sync.compute, ids, release))
+        except Exception as exc:  # raised where a thread's would be: awaiting it
+            done.set_exception(exc)
+        return done
 
     def _probe_links(self) -> None:
         """This member's bandwidth probes of the current round (see `probes.py`); none
