@@ -126,6 +126,23 @@ def test_a_worker_paused_past_the_timeout_is_removed_and_rejoins_by_itself(
     assert report["events"] == []  # nothing was injected
 
 
+def _held_at_step_100(tmp_path: Path, *extra: str) -> tuple[Watched, Path]:
+    """A run of `stuckfactory` (with `extra` options) whose w1 has its compute held in the
+    step after step 100; the directory whose `stuck-w1` holds it."""
+    held = tmp_path / "held"
+    held.mkdir()
+    env = {
+        "CHAOS_STUCK_DIR": str(held),
+        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
+    }
+    entry = ("--entry", "tests.cluster.stuckfactory:factory")
+    run = Watched(tmp_path, *LIKE, *entry, *extra, "--failure-timeout", "1", env=env)
+    run.at_step("w1", 100)
+    (held / "stuck-w1").touch()
+    run._wait(lambda: (held / "held-w1").exists(), "w1's compute to be held")
+    return run, held
+
+
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to reset sockets")
 def test_a_member_stuck_in_its_compute_still_reports_to_a_recovery(
     baseline: dict, tmp_path: Path
@@ -142,18 +159,7 @@ def test_a_member_stuck_in_its_compute_still_reports_to_a_recovery(
     after this one)."""
     if os.geteuid() != 0:
         pytest.skip("ss -K needs root")
-    held = tmp_path / "held"
-    held.mkdir()
-    env = {
-        "CHAOS_STUCK_DIR": str(held),
-        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
-    }
-    entry = ("--entry", "tests.cluster.stuckfactory:factory")
-    buckets = ("--bucket-mb", "0.00390625")
-    run = Watched(tmp_path, *LIKE, *entry, *buckets, "--failure-timeout", "1", env=env)
-    run.at_step("w1", 100)
-    (held / "stuck-w1").touch()
-    run._wait(lambda: (held / "held-w1").exists(), "w1's compute to be held")
+    run, held = _held_at_step_100(tmp_path, "--bucket-mb", "0.00390625")
     port = run.address("w2").rpartition(":")[2]
     subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], check=True)
     w0 = run.run_dir() / "w0.stderr"
@@ -174,17 +180,7 @@ def test_a_member_whose_short_compute_stalls_on_its_event_loop_is_taken_for_hung
     on the event loop (`INLINE_COMPUTE_S`). Held there past the failure timeout, it leaves
     w1 silent: the others remove it as they would a paused process, and it comes back as
     a newcomer by itself once its compute returns."""
-    held = tmp_path / "held"
-    held.mkdir()
-    env = {
-        "CHAOS_STUCK_DIR": str(held),
-        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
-    }
-    entry = ("--entry", "tests.cluster.stuckfactory:factory")
-    run = Watched(tmp_path, *LIKE, *entry, "--failure-timeout", "1", env=env)
-    run.at_step("w1", 100)
-    (held / "stuck-w1").touch()
-    run._wait(lambda: (held / "held-w1").exists(), "w1's compute to be held")
+    run, held = _held_at_step_100(tmp_path)
     survivor = run.run_dir() / "w0.stderr"
     removed = "'causes': ['crash:w1'"
     run._wait(lambda: removed in survivor.read_text(errors="replace"), "w1 removed")

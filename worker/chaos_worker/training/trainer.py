@@ -49,10 +49,11 @@ INLINE_COMPUTE_S = 0.01
 """A compute (forward and backward) that took less, and releases the gradient whole after
 it (one bucket: no hooks to overlap), runs on the event loop next time; the first, and any
 after a longer one, on a worker thread. On two cores the hand-over to the thread and back
-cost the 1M mlp about 3 ms of a 15 ms step (`chaos bench throughput`: Chaos over DDP 1.36-1.39
-threaded, 1.08-1.13 inline, over TLS). Short, so that a membership change waits at most
-that long for the loop; a compute held longer than the failure timeout on the loop makes
-this member silent, and it is taken for hung (removed, and back as a newcomer)."""
+cost the 1M mlp about 3 ms of a 15 ms step (`chaos bench throughput` over TLS, Chaos over
+DDP: 1.36-1.41 threaded, 1.08-1.22 inline; ADR 0003). Short, so that a membership change
+waits at most that long for the loop; a compute held longer than the failure timeout on
+the loop makes this member silent, and it is taken for hung (removed, and back as a
+newcomer)."""
 
 
 class Trainer:
